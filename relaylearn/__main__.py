@@ -1,0 +1,3 @@
+from relaylearn.cli import main
+
+raise SystemExit(main())

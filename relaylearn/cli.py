@@ -1,0 +1,248 @@
+"""The one entry point: ``relaylearn <command>`` (also ``python -m relaylearn``). DESIGN.md §2.
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 3 a bundle failed
+verification; 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from relaylearn import __version__
+from relaylearn.errors import RelayError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="config path, or name under configs/ without .yaml (e.g. fundus/relay)")
+    p.add_argument("-n", "--name", "--note", dest="name", required=True, help="run name (folder under exps/<config>/)")
+    p.add_argument("-g", "--gpus", default=None, help="GPU ids (0 or 0,1) or 'cpu'; default: GPU 0 if present, else CPU")
+    p.add_argument("--data-root", default=None, help="replace the dataset root of every site")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a key of the config's common section (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relaylearn", description="Relay Learning: train one model across hospitals that never connect.")
+    parser.add_argument("--version", action="version", version=f"relaylearn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    synth = data_sub.add_parser("synth", help="write the embedded synthetic multi-site fundus benchmark (DoFE layout)")
+    synth.add_argument("out_dir")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true")
+
+    train = sub.add_parser("train", help="train the config's tasks in order (the whole relay, or one hospital's step)")
+    _add_run_args(train)
+    train.add_argument("--in", dest="in_bundle", default=None, help="bundle that arrived from the previous site")
+    train.add_argument("--out", dest="out_bundle", default=None, help="where to write the outgoing bundle")
+    train.add_argument("--key", default=None, help="this site's private key (signs the outgoing bundle)")
+    train.add_argument("--trust", default=None, help="folder of trusted public keys (*.pub)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last local checkpoint")
+    train.add_argument("--insecure-unsigned", action="store_true", help="accept an unsigned incoming bundle (testing only; prints a warning)")
+
+    test = sub.add_parser("test", help="evaluate saved weights on the configured test sites")
+    _add_run_args(test)
+    test.add_argument("--bundle", default=None, help="bundle to evaluate (default: the run's bundle of each task)")
+    test.add_argument("--trust", default=None, help="verify the bundle's signature against these public keys")
+
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for a site")
+    keygen.add_argument("out_dir")
+    keygen.add_argument("--site", required=True)
+
+    verify = sub.add_parser("verify", help="verify a bundle (exit 0, or 3 with the reason)")
+    verify.add_argument("bundle")
+    verify.add_argument("--trust", required=True)
+
+    inspect = sub.add_parser("inspect", help="show a bundle's hop chain, strategy, config and sizes (no trust needed)")
+    inspect.add_argument("bundle")
+    inspect.add_argument("--json", action="store_true")
+
+    predict = sub.add_parser("predict", help="segment new images with a bundle's model")
+    predict.add_argument("--bundle", required=True)
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--trust", default=None)
+    predict.add_argument("-g", "--gpus", default=None)
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+
+    export = sub.add_parser("export", help="export the segmentation model (never the generators)")
+    export.add_argument("--bundle", required=True)
+    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--trust", default=None)
+
+    report = sub.add_parser("report", help="write report.html for a run folder")
+    report.add_argument("run_dir")
+
+    compare = sub.add_parser("compare", help="run several strategies over site orders and seeds; one table")
+    compare.add_argument("-c", "--configs", nargs="+", required=True)
+    compare.add_argument("-n", "--name", required=True)
+    compare.add_argument("--orders", type=int, default=2)
+    compare.add_argument("--seeds", type=int, default=1)
+    compare.add_argument("--data-root", default=None)
+    compare.add_argument("--set", dest="sets", action="append", default=[])
+    compare.add_argument("-g", "--gpus", default=None)
+    compare.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+# ----- commands ----------------------------------------------------------------------------------
+def cmd_data(args) -> int:
+    from relaylearn.data import write_synthetic_benchmark
+
+    if args.size < 32 or args.size > 2048:
+        raise UserError(f"--size {args.size}: expected 32..2048 pixels")
+    t0 = time.time()
+    summary = write_synthetic_benchmark(Path(args.out_dir), size=args.size, seed=args.seed, progress=True, overwrite=args.overwrite)
+    print(f"wrote the synthetic benchmark to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
+    return 0
+
+
+def _name(value: str) -> str:
+    return value.lstrip("=")
+
+
+def cmd_train(args) -> int:
+    from relaylearn.config import load_config
+    from relaylearn.runner import TrainOptions, run_training
+
+    cfg = load_config(_name(args.config), args.sets, args.data_root)
+    opts = TrainOptions(
+        devices=args.gpus, in_bundle=args.in_bundle, out_bundle=args.out_bundle, key=args.key, trust=args.trust,
+        resume=args.resume, quiet=args.quiet, insecure_unsigned=args.insecure_unsigned,
+    )
+    result = run_training(cfg, _name(args.name), opts)
+    print_matrix(result.matrix)
+    print(f"run folder: {result.run_dir}  ({result.wall_seconds:.0f} s)")
+    if result.bundles:
+        print(f"bundle: {args.out_bundle or result.bundles[-1]}")
+    _auto_report(result.run_dir, args.quiet)
+    return 0
+
+
+def _auto_report(run_dir: Path, quiet: bool) -> None:
+    try:
+        from relaylearn.report import write_report
+    except ImportError:
+        return
+    path = write_report(run_dir)
+    print(f"report: {path}")
+
+
+def print_matrix(matrix: dict) -> None:
+    sites = matrix["sites"]
+    width = max(10, *(len(s) for s in sites))
+    print("R (rows: after training through site; columns: test site; sample-wise Dice)")
+    print(" " * (width + 2) + "".join(f"{s:>{width}}" for s in sites))
+    for name, row in zip(matrix["trained"], matrix["R"]):
+        print(f"{name[:width]:>{width}}  " + "".join(f"{v:>{width}.3f}" for v in row))
+    if "acc" in matrix:
+        print(f"ACC={matrix['acc']:.3f}  BWT={matrix['bwt']:+.3f}  forgetting={matrix['forgetting']:.3f}")
+
+
+def cmd_test(args) -> int:
+    from relaylearn.config import load_config
+    from relaylearn.evaluate import run_test
+
+    cfg = load_config(_name(args.config), args.sets, args.data_root)
+    out = run_test(cfg, _name(args.name), bundle=args.bundle, trust=args.trust, devices=args.gpus)
+    print(f"test results: {out}")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from relaylearn.keys import generate_keypair
+
+    priv, pub = generate_keypair(Path(args.out_dir), args.site)
+    print(f"private key (keep at this site, never share): {priv}\npublic key (give to every other site's trust folder): {pub}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from relaylearn.bundle import verify_bundle
+    from relaylearn.keys import load_trust_dir
+
+    bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust))
+    hops = bundle.manifest.get("hops", [])
+    print(f"OK: {args.bundle} signed by {bundle.signed_by}; {len(hops)} hop(s): " + " -> ".join(h["site"] for h in hops))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from relaylearn.bundle import format_inspect, inspect_bundle
+
+    info = inspect_bundle(Path(args.bundle))
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from relaylearn.predict import run_predict
+
+    run_predict(args.bundle, args.out, args.inputs, trust=args.trust, devices=args.gpus)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from relaylearn.export import run_export
+
+    run_export(args.bundle, args.format, args.out, trust=args.trust)
+    print(f"exported {args.format}: {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from relaylearn.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError("run folder not found", run_dir)
+    print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from relaylearn.compare import run_compare
+
+    out = run_compare(args)
+    print(f"comparison: {out}")
+    return 0
+
+
+COMMANDS = {
+    "data": cmd_data, "train": cmd_train, "test": cmd_test, "keygen": cmd_keygen, "verify": cmd_verify,
+    "inspect": cmd_inspect, "predict": cmd_predict, "export": cmd_export, "report": cmd_report, "compare": cmd_compare,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except RelayError as exc:
+        print(f"relaylearn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("relaylearn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
+        if os.environ.get("RELAYLEARN_DEBUG"):
+            raise
+        print(f"relaylearn: internal error: {type(exc).__name__}: {exc} (set RELAYLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

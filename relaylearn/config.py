@@ -1,0 +1,316 @@
+"""Config files: YAML loading, ``--set`` overrides, merging and validation (DESIGN.md §3).
+
+The original's format is kept: ``common`` (everything shared), ``all_tasks_datasets`` (one partial
+dataset block per site, merged over ``common.dataset``), ``current_tasks.task_ids`` (training
+order) and ``current_tasks.task_confs[id]`` (per-site overrides, merged over ``common``).
+Unknown keys and wrong types are errors naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from relaylearn.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----- schema ---------------------------------------------------------------------------------
+class DatasetKwargs(Strict):
+    """One site's data. ``root_path``/``img_folder`` locate it; the rest is preprocessing."""
+
+    root_path: Union[str, dict[str, str]] = Field("data/synth", description="Dataset root; may be a dict keyed by OS name (Linux/Windows/Darwin).")
+    img_folder: Union[str, list[str], None] = Field(None, description="Site folder(s) under root_path; a list merges several folders into one site.")
+    task_id: Optional[int] = Field(None, description="Integer id of the site (1-based, defines the relay order in the original).")
+    task_name: Optional[str] = Field(None, description="Unique site name (pseudonymous name in bundles, conditioning key for the replay GAN).")
+    use_roi: bool = Field(True, description="DoFE layout: read images from the ROIs/ sub-folder.")
+    img_size: tuple[int, int] = Field((64, 64), description="Training resolution (H, W) in pixels.")
+    out_range: tuple[float, float] = Field((-1.0, 1.0), description="Intensity range images are scaled to.")
+    num_classes: int = Field(3, ge=2, description="Number of label classes including background.")
+    channels: int = Field(3, ge=1, description="Image channels (3 for RGB fundus).")
+    num_replica: int = Field(1, ge=1, description="Each epoch visits every training image this many times.")
+    augment: Union[str, dict[str, Any], None] = Field(None, description="Augmentation of REAL training images: none | light | original (the original never augments real data).")
+
+
+class DatasetConfig(Strict):
+    name: Literal["fundus", "folder", "nifti"] = Field("fundus", description="Data layout (DESIGN.md §5).")
+    kwargs: DatasetKwargs = DatasetKwargs()
+
+    @property
+    def root(self) -> str:
+        root = self.kwargs.root_path
+        if isinstance(root, dict):
+            system = platform.system()
+            if system not in root:
+                raise ConfigError(f"dataset.kwargs.root_path has no entry for this OS '{system}'")
+            return root[system]
+        return root
+
+    @property
+    def site(self) -> str:
+        k = self.kwargs
+        if k.task_name:
+            return k.task_name
+        if isinstance(k.img_folder, str):
+            return k.img_folder
+        return f"task_{k.task_id}"
+
+
+class NamedKwargs(Strict):
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
+class ModelConfig(Strict):
+    name: Literal["unet"] = Field("unet", description="Segmentation network ('unet': U-Net with a ResNet-18 encoder).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="in_channels, num_classes (default: from the dataset), bilinear, pretrained_path (a LOCAL ImageNet ResNet-18 state dict; site 1 only).")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adam"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    fused: Optional[bool] = Field(None, description="Use the fused Adam kernel (GPU); None = automatic.")
+
+
+class LossConfig(Strict):
+    name: Literal["explog"] = "explog"
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="ExpLogLoss options (see relaylearn.losses).")
+
+
+class LightningConfig(Strict):
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, ...")
+    num_nodes: int = Field(1, ge=1)
+    devices: Union[int, str, None] = Field(None, description="Devices when -g is not given (e.g. 2 CPU processes for DDP on the CPU).")
+
+
+class TrainConfig(Strict):
+    num_epochs: Optional[int] = Field(None, ge=1, description="Epochs per site (exactly one of num_epochs / num_mimgs / num_steps).")
+    num_mimgs: Optional[float] = Field(None, gt=0, description="Millions of real training images drawn per site (the original's budget).")
+    num_steps: Optional[int] = Field(None, ge=1, description="Batches per site (handy for tiny runs).")
+    batch_size: int = Field(128, ge=1, description="Batch size per device.")
+    precision: Literal["32", "bf16-mixed", "16-mixed", "32-true"] = "32"
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    gradient_clip: float = Field(0.0, ge=0)
+    check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs; validation = test split, see README.")
+    checkpoint_every_n_steps: int = Field(200, ge=1, description="Local resume checkpoint interval in batches (never shipped).")
+    log_every_n_steps: int = Field(10, ge=1)
+    channels_last: bool = Field(False, description="Use channels_last memory format (faster convolutions on GPUs).")
+    compile: bool = Field(False, description="torch.compile the solver.")
+    lightning: LightningConfig = LightningConfig()
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("num_epochs", "num_mimgs", "num_steps") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of num_epochs / num_mimgs / num_steps must be set (got {given or 'none'})")
+        return self
+
+
+class TestConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    bootstrap: int = Field(5000, ge=100, description="Bootstrap resamples for the 95 % intervals.")
+    save_predictions: bool = False
+
+
+class BundleConfig(Strict):
+    include_metrics: bool = Field(False, description="Opt in: write this site's test metrics into the bundle.")
+    include_counts: bool = Field(False, description="Opt in: write this site's image count into the bundle.")
+
+
+class CommonConfig(Strict):
+    random_seed: int = 1314
+    num_workers: int = Field(0, ge=0)
+    dataset: DatasetConfig = DatasetConfig()
+    strategy: NamedKwargs = NamedKwargs(name="sequential")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig
+    test: TestConfig = TestConfig()
+    bundle: BundleConfig = BundleConfig()
+
+
+class CheckpointSave(Strict):
+    dir: str
+
+
+class CheckpointConfig(Strict):
+    load: Optional[str] = Field(None, description="Bundle of the previous site (path relative to the run folder, or absolute).")
+    save: Optional[CheckpointSave] = None
+    resume: Optional[str] = None
+
+
+class TaskConfig(CommonConfig):
+    """A fully resolved per-site config."""
+
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+class CurrentTasks(Strict):
+    task_ids: list[int] = Field(min_length=1)
+    task_confs: dict[int, dict[str, Any]] = {}
+
+
+class PartialDataset(Strict):
+    name: Optional[Literal["fundus", "folder", "nifti"]] = None
+    kwargs: dict[str, Any] = {}
+
+
+class RawConfig(Strict):
+    common: dict[str, Any]
+    all_tasks_datasets: list[PartialDataset] = Field(min_length=1)
+    current_tasks: CurrentTasks
+
+
+class RunConfig(BaseModel):
+    """What the runner needs: the resolved tasks in order and every test site."""
+
+    name: str  # config name, e.g. "fundus/relay"
+    path: Path
+    raw: dict[str, Any]
+    tasks: list[TaskConfig]
+    test_datasets: list[DatasetConfig]
+
+    @property
+    def common(self) -> TaskConfig:
+        return self.tasks[0]
+
+
+# ----- helpers --------------------------------------------------------------------------------
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursive merge where ``override`` wins; dicts merge key by key, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config_path(spec: str) -> tuple[str, Path]:
+    """``-c`` takes a path or a name under configs/ without .yaml. Returns (name, path)."""
+    spec = spec.lstrip("=")
+    candidates = [Path(spec), Path(spec + ".yaml"), CONFIG_DIR / spec, CONFIG_DIR / (spec + ".yaml")]
+    for cand in candidates:
+        if cand.is_file():
+            path = cand.resolve()
+            try:
+                name = str(path.relative_to(CONFIG_DIR).with_suffix(""))
+            except ValueError:
+                name = path.with_suffix("").name
+            return name, path
+    raise ConfigError(f"config not found (looked for {spec} and configs/{spec}.yaml)", spec)
+
+
+def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``KEY=VALUE`` overrides of the ``common`` section; values are YAML scalars."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=16")
+        key, value = item.split("=", 1)
+        keys = [k for k in key.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set {item!r}: empty key")
+        if keys[0] == "common":
+            keys = keys[1:]
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        out.append((keys, parsed))
+    return out
+
+
+def _apply_set(common: dict, keys: list[str], value: Any) -> None:
+    node = common
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _validation_message(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    key = f"{prefix}.{loc}" if loc else prefix
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return f"{key}: {msg}"
+
+
+def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, prefix), path) from None
+
+
+def load_config(spec: str, overrides: list[str] | None = None, data_root: str | None = None) -> RunConfig:
+    """Load, override, merge and validate a config. Raises ConfigError naming file and key."""
+    name, path = resolve_config_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read YAML: {str(exc).splitlines()[0]}", path) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping with common / all_tasks_datasets / current_tasks", path)
+    cfg = _validate(RawConfig, raw, "config", path)
+    common = copy.deepcopy(cfg.common)
+    for keys, value in parse_set(overrides or []):
+        _apply_set(common, keys, value)
+    datasets = [d.model_dump(exclude_none=True) for d in cfg.all_tasks_datasets]
+    task_confs = copy.deepcopy(cfg.current_tasks.task_confs)
+    if data_root is not None:
+        common.setdefault("dataset", {}).setdefault("kwargs", {})["root_path"] = str(data_root)
+        for d in datasets:
+            d.setdefault("kwargs", {})["root_path"] = str(data_root)
+        for conf in task_confs.values():
+            kw = conf.get("dataset", {}).get("kwargs", {})
+            if "root_path" in kw:
+                kw["root_path"] = str(data_root)
+    _validate(CommonConfig, common, "common", path)
+
+    test_datasets: list[DatasetConfig] = []
+    by_id: dict[int, dict] = {}
+    for i, partial in enumerate(datasets):
+        merged = deep_merge(common.get("dataset", {}), partial)
+        ds = _validate(DatasetConfig, merged, f"all_tasks_datasets[{i}]", path)
+        test_datasets.append(ds)
+        if ds.kwargs.task_id is not None:
+            if ds.kwargs.task_id in by_id:
+                raise ConfigError(f"all_tasks_datasets[{i}].kwargs.task_id: duplicate id {ds.kwargs.task_id}", path)
+            by_id[ds.kwargs.task_id] = merged
+    names = [d.site for d in test_datasets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"all_tasks_datasets: site names must be unique (got {names})", path)
+
+    tasks: list[TaskConfig] = []
+    for task_id in cfg.current_tasks.task_ids:
+        if task_id not in by_id:
+            raise ConfigError(f"current_tasks.task_ids: no dataset in all_tasks_datasets has task_id {task_id}", path)
+        extra = set(task_confs) - set(cfg.current_tasks.task_ids)
+        if extra:
+            raise ConfigError(f"current_tasks.task_confs: ids {sorted(extra)} are not in task_ids", path)
+        task_override = deep_merge({"dataset": by_id[task_id]}, task_confs.get(task_id, {}))
+        merged = deep_merge(common, task_override)
+        tasks.append(_validate(TaskConfig, merged, f"current_tasks.task_confs.{task_id}", path))
+    return RunConfig(name=name, path=path, raw=raw, tasks=tasks, test_datasets=test_datasets)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,67 @@
+"""``relaylearn test``: evaluate the solver of a saved bundle on the configured test sites."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from relaylearn.config import RunConfig
+from relaylearn.errors import UserError
+from relaylearn.runner import (
+    EXPS_ROOT,
+    load_split,
+    parse_devices,
+    per_image_rows,
+    strategy_from_bundle,
+    summary_row,
+    write_results_csv,
+)
+
+
+def read_any_bundle(path: Path, trust_dir: str | None):
+    """Read a bundle for local use: fully verified with ``trust_dir``; otherwise the container,
+    hashes and tensor index are checked but the signature is not (a warning says so)."""
+    import warnings
+
+    from relaylearn.bundle import read_bundle
+    from relaylearn.keys import load_trust_dir
+
+    if not path.is_file():
+        raise UserError("bundle not found", path)
+    if trust_dir:
+        return read_bundle(path, trust=load_trust_dir(trust_dir))
+    warnings.warn(f"{path}: signature not checked (pass --trust DIR to verify it)", stacklevel=2)
+    return read_bundle(path, trust=None, allow_unsigned=True)
+
+
+def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | None = None, devices: str | None = None, exps_root: Path = EXPS_ROOT) -> Path:
+    """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV."""
+    from relaylearn.engine import evaluate_site
+
+    run_dir = Path(exps_root) / cfg.name / name.lstrip("=")
+    task_ids = [t.dataset.kwargs.task_id for t in cfg.tasks]
+    paths = [Path(bundle)] if bundle else [run_dir / "bundles" / f"task_{tid}.relay" for tid in task_ids]
+    accelerator, devs = parse_devices(devices, cfg.tasks[0].train.lightning)
+    device = torch.device("cuda", devs[0] if isinstance(devs, list) else 0) if accelerator == "gpu" else torch.device("cpu")
+    summary, per_image = [], []
+    test_data = {ds.site: load_split(ds, "test") for ds in cfg.test_datasets}
+    for task_id, path in zip(task_ids, paths):
+        b = read_any_bundle(path, trust)
+        strategy, task = strategy_from_bundle(b)
+        solver = strategy.solver.to(device)
+        trained = "+".join(h["site"] for h in b.manifest.get("hops", [])[-1:]) or f"task_{task_id}"
+        for ds in cfg.test_datasets:
+            if ds.kwargs.num_classes != task.dataset.kwargs.num_classes:
+                raise UserError(f"test site {ds.site} has {ds.kwargs.num_classes} classes but the model predicts {task.dataset.kwargs.num_classes}", cfg.path)
+            res = evaluate_site(solver, test_data[ds.site], ds.kwargs.num_classes, cfg.tasks[0].test.batch_size, device, cfg.tasks[0].test.bootstrap)
+            summary.append(summary_row(task_id, trained, ds.site, res))
+            per_image.extend(per_image_rows(task_id, trained, ds.site, res))
+            print(f"{trained} on {ds.site}: Dice {res['summary']['dice_sample']:.4f} "
+                  f"[{res['summary']['dice_sample_ci_low']:.4f}, {res['summary']['dice_sample_ci_high']:.4f}] (n={len(res['per_image'])})")
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = run_dir / "test_results" / f"results_{stamp}.csv"
+    write_results_csv(out, summary)
+    write_results_csv(run_dir / "test_results" / f"per_image_{stamp}.csv", per_image)
+    return out

@@ -1,0 +1,264 @@
+"""Site signing keys (Ed25519) and the folder of trusted public keys (DESIGN.md §4).
+
+A site has one key pair, made with ``relaylearn keygen``:
+
+- ``<site>.key``: the private key, PKCS8 PEM, unencrypted, file mode 0600. It never leaves the
+  site. It is refused, like ssh refuses, when group or others may read it.
+- ``<site>.pub``: the public key (SubjectPublicKeyInfo PEM). It is handed to the other sites,
+  which put it into their trust folder (``--trust DIR``).
+
+The file stem is the site's name: letters, digits and ``-_.``, starting with a letter or digit,
+at most 64 characters. Keys are identified by their *fingerprint*, ``"SHA256:"`` followed by the
+first 32 hex digits (128 bits) of the SHA-256 of the raw 32-byte Ed25519 public key.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from relaylearn.errors import UserError
+
+SITE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_SITE_NAME_RE = re.compile(SITE_NAME_PATTERN)
+FINGERPRINT_PATTERN = r"SHA256:[0-9a-f]{32}"
+PRIVATE_KEY_SUFFIX = ".key"
+PUBLIC_KEY_SUFFIX = ".pub"
+_MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def validate_site_name(site: str) -> str:
+    """Return ``site`` if it is a valid site name, else raise UserError."""
+    if not isinstance(site, str) or not _SITE_NAME_RE.fullmatch(site):
+        raise UserError(
+            f"invalid site name {site!r}: use 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    return site
+
+
+def fingerprint(public_key: Ed25519PublicKey) -> str:
+    """``"SHA256:"`` + the first 32 hex digits of sha256(raw 32-byte public key)."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A site's private key, loaded and checked by :func:`load_private_key`."""
+
+    site: str
+    private_key: Ed25519PrivateKey = field(repr=False)
+    public_key: Ed25519PublicKey = field(repr=False)
+    fingerprint: str
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``data``."""
+        return self.private_key.sign(data)
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """One public key of a trusted site (from ``<site>.pub`` in the trust folder)."""
+
+    site: str
+    public_key: Ed25519PublicKey = field(repr=False)
+    fingerprint: str
+    path: Path
+
+    def verifies(self, signature: bytes, data: bytes) -> bool:
+        try:
+            self.public_key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    """The trusted public keys, by fingerprint."""
+
+    keys: dict[str, TrustedKey]
+
+    def get(self, fp: str) -> TrustedKey | None:
+        return self.keys.get(fp)
+
+    def __contains__(self, fp: object) -> bool:
+        return fp in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[TrustedKey]:
+        return iter(self.keys.values())
+
+    @classmethod
+    def of(cls, *public_keys: tuple[str, Ed25519PublicKey]) -> TrustStore:
+        """A store built in memory from ``(site, public_key)`` pairs (single-machine runs, tests)."""
+        keys = {}
+        for site, key in public_keys:
+            fp = fingerprint(key)
+            keys[fp] = TrustedKey(validate_site_name(site), key, fp, Path(f"<memory:{site}>"))
+        return cls(keys)
+
+
+# ----- writing ------------------------------------------------------------------------------
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with permissions ``mode``; never overwrite, never leave half a file.
+
+    The bytes go to a temporary file created with ``mode`` from the start (O_EXCL), are fsynced,
+    and are then hard-linked to the final name (atomic and refuses an existing name); file systems
+    without hard links fall back to a rename after an existence check.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise UserError("refusing to overwrite an existing key file", path) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if path.exists():
+                raise UserError("refusing to overwrite an existing key file", path) from None
+            os.rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def generate_keypair(out_dir: str | Path, site: str) -> tuple[Path, Path]:
+    """Create ``<out_dir>/<site>.key`` (0600) and ``<site>.pub``; return (private, public) paths.
+
+    Raises UserError for an invalid site name, an existing key file, or an unusable folder.
+    """
+    validate_site_name(site)
+    out_dir = Path(out_dir)
+    private_path = out_dir / f"{site}{PRIVATE_KEY_SUFFIX}"
+    public_path = out_dir / f"{site}{PUBLIC_KEY_SUFFIX}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError("key folder path exists and is not a folder", out_dir) from None
+    except OSError as exc:
+        raise UserError(f"cannot create the key folder: {exc.strerror}", out_dir) from None
+    for existing in (private_path, public_path):
+        if existing.exists() or existing.is_symlink():
+            raise UserError("refusing to overwrite an existing key file", existing)
+
+    private_key = Ed25519PrivateKey.generate()
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    try:
+        _write_new_file(private_path, private_pem, 0o600)
+        try:
+            _write_new_file(public_path, public_pem, 0o644)
+        except BaseException:
+            private_path.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise UserError(f"cannot write key file: {exc.strerror}", out_dir) from None
+    return private_path, public_path
+
+
+# ----- reading ------------------------------------------------------------------------------
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        if not path.is_file():
+            raise UserError("key file not found" if not path.exists() else "not a regular file", path)
+        if path.stat().st_size > _MAX_KEY_FILE_BYTES:
+            raise UserError("too large to be a key file", path)
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read key file: {exc.strerror}", path) from None
+
+
+def _site_from_stem(path: Path) -> str:
+    try:
+        return validate_site_name(path.stem)
+    except UserError:
+        raise UserError(
+            "file name is not a valid site name (letters, digits, '-', '_' or '.')", path
+        ) from None
+
+
+def load_private_key(path: str | Path) -> SigningKey:
+    """Load ``<site>.key``; UserError if missing, unreadable, readable by others, or not Ed25519."""
+    path = Path(path)
+    data = _read_key_file(path)
+    if os.name == "posix":
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise UserError(
+                f"private key is accessible by group/others (mode {mode:04o}); run: chmod 600 {path}", path
+            )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise UserError("encrypted private keys are not supported; use a key from 'relaylearn keygen'", path) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise UserError("not a PEM private key", path) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UserError(f"not an Ed25519 key ({type(key).__name__.lstrip('_')}); use 'relaylearn keygen'", path)
+    public_key = key.public_key()
+    return SigningKey(_site_from_stem(path), key, public_key, fingerprint(public_key))
+
+
+def load_public_key(path: str | Path) -> TrustedKey:
+    """Load one ``<site>.pub``; UserError naming the file if it is not an Ed25519 PEM public key."""
+    path = Path(path)
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise UserError("not a PEM public key", path) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UserError(f"not an Ed25519 public key ({type(key).__name__.lstrip('_')})", path)
+    return TrustedKey(_site_from_stem(path), key, fingerprint(key), path)
+
+
+def load_trust_dir(path: str | Path) -> TrustStore:
+    """Load every ``*.pub`` in the folder ``path`` (other files are ignored).
+
+    UserError if the folder is missing, holds no ``.pub`` file, a ``.pub`` cannot be parsed, or two
+    files hold the same key.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError("trust folder not found" if not path.exists() else "trust path is not a folder", path)
+    try:
+        candidates = sorted(p for p in path.iterdir() if p.suffix == PUBLIC_KEY_SUFFIX and not p.is_dir())
+    except OSError as exc:
+        raise UserError(f"cannot list the trust folder: {exc.strerror}", path) from None
+    if not candidates:
+        raise UserError(f"trust folder holds no public keys (*{PUBLIC_KEY_SUFFIX})", path)
+    keys: dict[str, TrustedKey] = {}
+    for candidate in candidates:
+        trusted = load_public_key(candidate)
+        if trusted.fingerprint in keys:
+            raise UserError(
+                f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate
+            )
+        keys[trusted.fingerprint] = trusted
+    return TrustStore(keys)

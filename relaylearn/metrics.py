@@ -1,0 +1,249 @@
+"""Segmentation metrics and the continual-learning matrix metrics (DESIGN.md §6).
+
+Conventions: class 0 is background; metrics are reported for the foreground classes 1..K−1, so a
+per-class result has K−1 columns (column k−1 is class k). Distances are in pixels.
+
+* Dice per image and class = 2tp / (2tp + fp + fn), and 1.0 when the class is absent from both
+  prediction and truth.
+* Boundary of a mask = mask pixels with a 4-neighbour outside the mask (or outside the image):
+  ``mask XOR binary_erosion(mask)``, as MONAI does without spacing.
+* Surface distances = Euclidean distance from each boundary pixel of one mask to the nearest
+  boundary pixel of the other. HD95 = max of the two directed 95th percentiles (linear
+  interpolation, as ``numpy.percentile``/``torch.quantile``, i.e. MONAI's
+  ``compute_hausdorff_distance(percentile=95)``); ASD = mean of the distances of both
+  directions pooled (MONAI's ``compute_average_surface_distance(symmetric=True)``).
+  Both masks empty -> 0. Exactly one mask empty -> ``empty_distance``, by default the image
+  diagonal √(H² + W²) (the largest distance possible in the image; the original used 100).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from relaylearn.errors import DataError
+
+FOREGROUND_FROM = 1
+
+
+def _as_ids(pred: Tensor) -> Tensor:
+    """Class ids [B,H,W] from ids [B,H,W] or logits/probabilities [B,K,H,W]."""
+    pred = torch.as_tensor(pred)
+    return pred.argmax(dim=1) if pred.dim() == 4 else pred
+
+
+def _check_pair(pred: Tensor, target: Tensor) -> None:
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise DataError(
+            f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, H, W] class ids"
+        )
+
+
+def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image tp, fp, fn of the foreground classes: ids [B,H,W] x2 -> int64 [B, K−1] each."""
+    for name, ids in (("prediction", pred), ("target", target)):
+        if ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
+            raise DataError(f"{name} holds class ids outside 0..{num_classes - 1}")
+    batch = pred.shape[0]
+    cell = target.long() * num_classes + pred.long()  # row = true class, column = predicted
+    cell = cell.reshape(batch, -1) + torch.arange(batch, device=cell.device).unsqueeze(1) * num_classes**2
+    confusion = torch.bincount(cell.flatten(), minlength=batch * num_classes**2).view(batch, num_classes, num_classes)
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    fp = confusion.sum(dim=1) - tp
+    fn = confusion.sum(dim=2) - tp
+    return tp[:, FOREGROUND_FROM:], fp[:, FOREGROUND_FROM:], fn[:, FOREGROUND_FROM:]
+
+
+def _dice_from_counts(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
+    denominator = 2 * tp + fp + fn
+    dice = 2 * tp.double() / denominator.clamp_min(1).double()
+    return torch.where(denominator == 0, torch.ones_like(dice), dice)
+
+
+def dice_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Dice of each image and foreground class: ids [B,H,W] x2 -> float64 [B, K−1]."""
+    _check_pair(pred, target)
+    return _dice_from_counts(*_confusion_counts(pred, target, num_classes))
+
+
+def pooled_dice(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Voxel-wise Dice over the whole set: ids [B,H,W] x2 -> float64 [K−1] (1.0 if absent everywhere)."""
+    _check_pair(pred, target)
+    return _dice_from_counts(*(count.sum(0) for count in _confusion_counts(pred, target, num_classes)))
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    return mask ^ ndimage.binary_erosion(mask)
+
+
+def _surface_distances(pred_mask: np.ndarray, target_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances pred-boundary -> target-boundary and target -> pred; both masks non-empty.
+
+    The work runs on the bounding box of both masks plus a one-pixel margin (all boundary pixels
+    and their erosion neighbourhoods lie inside it), which is exact and fast for small objects.
+    """
+    rows, cols = np.nonzero(pred_mask | target_mask)
+    height, width = pred_mask.shape
+    box = (slice(max(rows.min() - 1, 0), min(rows.max() + 2, height)),
+           slice(max(cols.min() - 1, 0), min(cols.max() + 2, width)))
+    pred_edge, target_edge = _boundary(pred_mask[box]), _boundary(target_mask[box])
+    to_target = ndimage.distance_transform_edt(~target_edge)[pred_edge]
+    to_pred = ndimage.distance_transform_edt(~pred_edge)[target_edge]
+    return to_target, to_pred
+
+
+def surface_metrics(pred_mask: np.ndarray, target_mask: np.ndarray, empty_distance: float) -> tuple[float, float]:
+    """(HD95, ASD) in pixels of two boolean masks [H,W]; see the module docstring for empties."""
+    pred_any, target_any = bool(pred_mask.any()), bool(target_mask.any())
+    if not pred_any and not target_any:
+        return 0.0, 0.0
+    if pred_any != target_any:
+        return empty_distance, empty_distance
+    to_target, to_pred = _surface_distances(pred_mask, target_mask)
+    hd95 = max(np.percentile(to_target, 95), np.percentile(to_pred, 95))
+    asd = np.concatenate([to_target, to_pred]).mean()
+    return float(hd95), float(asd)
+
+
+def per_image_metrics(pred: Tensor, target: Tensor, num_classes: int, *, empty_distance: float | None = None) -> dict[str, Tensor]:
+    """Dice, HD95 and ASD of each image and foreground class.
+
+    pred, target: class ids [B,H,W] (any integer dtype, any device). Returns float64 CPU tensors
+    ``{"dice": [B,K−1], "hd95": [B,K−1], "asd": [B,K−1]}``. ``empty_distance``: the HD95/ASD
+    when exactly one of prediction and truth is empty (default: image diagonal √(H²+W²)).
+    """
+    _check_pair(pred, target)
+    height, width = pred.shape[-2:]
+    if empty_distance is None:
+        empty_distance = math.hypot(height, width)
+    dice = dice_per_image(pred, target, num_classes).cpu()
+    pred_np, target_np = pred.cpu().numpy(), target.cpu().numpy()
+    surface = np.zeros((pred_np.shape[0], num_classes - FOREGROUND_FROM, 2))
+    for image in range(pred_np.shape[0]):
+        for column, cls in enumerate(range(FOREGROUND_FROM, num_classes)):
+            surface[image, column] = surface_metrics(pred_np[image] == cls, target_np[image] == cls, empty_distance)
+    surface_t = torch.from_numpy(surface)
+    return {"dice": dice, "hd95": surface_t[..., 0], "asd": surface_t[..., 1]}
+
+
+def bootstrap_ci(values: np.ndarray | Tensor | Sequence[float], n_resamples: int = 5000, level: float = 0.95, seed: int = 1234) -> tuple[float, float, float]:
+    """Percentile bootstrap of the mean of a 1-D sample: returns (mean, low, high).
+
+    Draws ``n_resamples`` resamples with replacement (``numpy.random.default_rng(seed)``), so the
+    result is deterministic for a given seed. An empty sample gives NaNs.
+    """
+    sample = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
+    if sample.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // sample.size)  # bound the index array to about 16 MB
+    means = np.concatenate([
+        sample[rng.integers(0, sample.size, size=(min(chunk, n_resamples - start), sample.size))].mean(axis=1)
+        for start in range(0, n_resamples, chunk)
+    ])
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(sample.mean()), float(low), float(high)
+
+
+class SegmentationScores:
+    """Accumulates per-image metrics over batches, then summarises them.
+
+    ``update(pred [B,K,H,W] logits or [B,H,W] ids, target [B,H,W] ids, names [B])``;
+    ``compute()`` returns::
+
+        {"per_image": [{"name", "dice_sample", "dice_class_k", "hd95_class_k", "asd_class_k"}, ...],
+         "summary": {"<metric>": {"mean", "low", "high"} for dice_sample and each per-class column,
+                     "pooled_dice_class_k": float, "pooled_dice": float (mean over classes),
+                     "n_images": int}}
+
+    ``dice_sample`` is an image's Dice averaged over the foreground classes; k runs over 1..K−1.
+    """
+
+    def __init__(self, num_classes: int, *, empty_distance: float | None = None, n_bootstrap: int = 5000, level: float = 0.95, seed: int = 1234):
+        if num_classes < 2:
+            raise DataError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+        self.num_classes = num_classes
+        self.empty_distance = empty_distance
+        self.n_bootstrap = n_bootstrap
+        self.level = level
+        self.seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        self._names: list[str] = []
+        self._per_image: list[dict[str, Tensor]] = []
+        self._counts = torch.zeros(3, self.num_classes - FOREGROUND_FROM, dtype=torch.int64)
+
+    def update(self, pred: Tensor, target: Tensor, names: Sequence[str] | None = None) -> None:
+        pred, target = _as_ids(pred).cpu(), torch.as_tensor(target).cpu()
+        _check_pair(pred, target)
+        if names is None:
+            names = [str(len(self._names) + i) for i in range(pred.shape[0])]
+        if len(names) != pred.shape[0]:
+            raise DataError(f"{len(names)} names given for a batch of {pred.shape[0]} images")
+        self._names.extend(str(name) for name in names)
+        self._per_image.append(per_image_metrics(pred, target, self.num_classes, empty_distance=self.empty_distance))
+        self._counts += torch.stack([count.sum(0) for count in _confusion_counts(pred, target, self.num_classes)])
+
+    def compute(self) -> dict:
+        columns: dict[str, np.ndarray] = {}
+        if self._per_image:
+            stacked = {key: torch.cat([batch[key] for batch in self._per_image]).numpy() for key in ("dice", "hd95", "asd")}
+        else:
+            stacked = {key: np.zeros((0, self.num_classes - FOREGROUND_FROM)) for key in ("dice", "hd95", "asd")}
+        columns["dice_sample"] = stacked["dice"].mean(axis=1)
+        for metric in ("dice", "hd95", "asd"):
+            for column, cls in enumerate(range(FOREGROUND_FROM, self.num_classes)):
+                columns[f"{metric}_class_{cls}"] = stacked[metric][:, column]
+        per_image = [
+            {"name": name, **{key: float(values[row]) for key, values in columns.items()}}
+            for row, name in enumerate(self._names)
+        ]
+        summary: dict = {"n_images": len(self._names)}
+        for key, values in columns.items():
+            mean, low, high = bootstrap_ci(values, self.n_bootstrap, self.level, self.seed)
+            summary[key] = {"mean": mean, "low": low, "high": high}
+        pooled = _dice_from_counts(*self._counts)
+        for column, cls in enumerate(range(FOREGROUND_FROM, self.num_classes)):
+            summary[f"pooled_dice_class_{cls}"] = float(pooled[column])
+        summary["pooled_dice"] = float(pooled.mean())
+        return {"per_image": per_image, "summary": summary}
+
+
+def continual_metrics(R: Sequence[Sequence[float]] | np.ndarray, trained_idx: Sequence[int] | None = None) -> dict[str, float]:
+    """ACC, BWT and forgetting of a relay from its result matrix (Lopez-Paz & Ranzato 2017;
+    Chaudhry et al. 2018).
+
+    R: [T, S]; row i = scores after training through the i-th trained site, column = test site.
+    ``trained_idx[i]``: column of the i-th trained site (default i); other columns are external
+    test sites. With c_j = trained_idx[j] and the last row L = T−1:
+
+    * ``acc``     = mean_j R[L][c_j] over the trained sites only;
+    * ``acc_all`` = mean over all S columns of R[L] (includes external test sites);
+    * ``bwt``     = mean_{j<L} (R[L][c_j] − R[j][c_j]);
+    * ``forgetting`` = mean_{j<L} max_{j≤l<L} (R[l][c_j] − R[L][c_j]) — rows before site j was
+      trained are not "learned" scores, so the max starts at l = j; it can be negative when the
+      final score beats every earlier one.
+
+    With T = 1 there is no earlier site: ``bwt`` = ``forgetting`` = 0.0.
+    """
+    matrix = np.asarray(R, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] == 0:
+        raise DataError(f"result matrix R must be 2-D [trained sites, test sites], got shape {matrix.shape}")
+    num_trained, num_tested = matrix.shape
+    columns = list(range(num_trained)) if trained_idx is None else [int(c) for c in trained_idx]
+    if len(columns) != num_trained or any(not 0 <= c < num_tested for c in columns):
+        raise DataError(f"trained_idx {columns} must give one column in 0..{num_tested - 1} for each of the {num_trained} rows of R")
+    last = num_trained - 1
+    final = matrix[last]
+    result = {"acc": float(final[columns].mean()), "acc_all": float(final.mean()), "bwt": 0.0, "forgetting": 0.0}
+    if num_trained > 1:
+        result["bwt"] = float(np.mean([final[columns[j]] - matrix[j, columns[j]] for j in range(last)]))
+        result["forgetting"] = float(np.mean([(matrix[j:last, columns[j]] - final[columns[j]]).max() for j in range(last)]))
+    return result

@@ -1,0 +1,33 @@
+"""Plain ``nn.Module``s, no training logic: the segmentation solver and the replay GAN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from relaylearn.errors import ConfigError
+
+
+def build_solver(name: str, kwargs: dict[str, Any], *, in_channels: int, num_classes: int, load_pretrained: bool = True) -> nn.Module:
+    """The segmentation network of a config's ``model`` block.
+
+    Returns a module mapping images [B, in_channels, H, W] to logits [B, num_classes, H, W].
+    ``pretrained_path`` (a local ResNet-18 state dict) is applied only when ``load_pretrained``.
+    """
+    from relaylearn.models.unet import UNetResNet18
+
+    if name != "unet":
+        raise ConfigError(f"common.model.name: unknown model '{name}' (known: unet)")
+    kwargs = dict(kwargs)
+    allowed = {"in_channels", "num_classes", "bilinear", "pretrained_path"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ConfigError(f"common.model.kwargs.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+    kwargs.setdefault("in_channels", in_channels)
+    kwargs.setdefault("num_classes", num_classes)
+    if kwargs["num_classes"] != num_classes:
+        raise ConfigError(f"common.model.kwargs.num_classes: {kwargs['num_classes']} does not match the dataset's num_classes {num_classes}")
+    if not load_pretrained:
+        kwargs["pretrained_path"] = None
+    return UNetResNet18(**kwargs)

@@ -1,0 +1,207 @@
+"""The solver: a U-Net whose encoder is a ResNet-18 (original-algorithm.md §2.14).
+
+Layout for an input of C channels and size H×W (H, W divisible by 32)::
+
+    encoder (torchvision ResNet-18 names, no fc)      skips
+      conv1 7×7/2, bn1, relu          -> 64  @ H/2     s1
+      maxpool 3×3/2                   -> 64  @ H/4     s2 (taken before layer1)
+      layer1, layer2                  -> 128 @ H/8     s3 (layer1's output is not a skip)
+      layer3                          -> 256 @ H/16    s4
+      layer4                          -> 512 @ H/32    s5
+    decoder: five Up stages (2× upsample, concat skip, 2 × [3×3 conv, BN, LeakyReLU 0.01])
+      (512 + s4 256 -> 256) @ H/16, (256 + s3 128 -> 128) @ H/8, (128 + s2 64 -> 64) @ H/4,
+      (64 + s1 64 -> 64) @ H/2, (64 + input C -> 64) @ H
+    head: 1×1 conv -> num_classes logits @ H
+
+Parameter counts with C = 3, 3 classes, transposed-conv upsampling: encoder 11,176,512,
+decoder (Up stages + head) 4,696,323.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from relaylearn.errors import ConfigError
+
+ENCODER_STRIDE = 32
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3×3 convs with a residual; torchvision parameter names."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def _resnet_layer(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels))
+
+
+class ResNet18Encoder(nn.Module):
+    """ResNet-18 without avgpool/fc; ``state_dict`` keys match torchvision's ``resnet18``.
+
+    ``forward(x [B,C,H,W])`` returns the skips ``[s1, s2, s3, s4, s5]`` with 64, 64, 128, 256,
+    512 channels at H/2, H/4, H/8, H/16, H/32.
+    """
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = _resnet_layer(64, 64, 1)
+        self.layer2 = _resnet_layer(64, 128, 2)
+        self.layer3 = _resnet_layer(128, 256, 2)
+        self.layer4 = _resnet_layer(256, 512, 2)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        s1 = self.relu(self.bn1(self.conv1(x)))
+        s2 = self.maxpool(s1)
+        s3 = self.layer2(self.layer1(s2))
+        s4 = self.layer3(s3)
+        s5 = self.layer4(s4)
+        return [s1, s2, s3, s4, s5]
+
+
+class Up(nn.Module):
+    """Upsample ×2 (channels kept), concatenate the skip, then two (3×3 conv, BN, LeakyReLU 0.01).
+
+    ``forward(x [B,Cx,h,w], skip [B,Cs,2h,2w]) -> [B,out_channels,2h,2w]``.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, bilinear: bool = False):
+        super().__init__()
+        if bilinear:
+            self.up: nn.Module = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        else:
+            self.up = nn.ConvTranspose2d(in_channels, in_channels, kernel_size=2, stride=2)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels + skip_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNetResNet18(nn.Module):
+    """U-Net with a ResNet-18 encoder; ``forward(x [B,C,H,W]) -> logits [B,num_classes,H,W]``.
+
+    H and W must be divisible by 32. ``pretrained_path``: a local torchvision-format ResNet-18
+    state dict (``.safetensors`` or ``.pth``) loaded into ``self.encoder`` (see
+    :func:`load_resnet18_weights`); with ``in_channels != 3`` the first conv stays random.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 3,
+        bilinear: bool = False,
+        pretrained_path: str | Path | None = None,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.encoder = ResNet18Encoder(in_channels)
+        # (channels coming up, skip channels, channels out) from the deepest stage to full size
+        stages = [(512, 256, 256), (256, 128, 128), (128, 64, 64), (64, 64, 64), (64, in_channels, 64)]
+        self.decoder = nn.ModuleList(Up(i, s, o, bilinear) for i, s, o in stages)
+        self.head = nn.Conv2d(64, num_classes, kernel_size=1)
+        if pretrained_path is not None:
+            load_resnet18_weights(self.encoder, pretrained_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            height, width = x.shape[-2:]
+            if height % ENCODER_STRIDE or width % ENCODER_STRIDE:
+                raise ConfigError(
+                    f"image size {height}x{width} is not divisible by {ENCODER_STRIDE}, "
+                    "which the U-Net solver requires"
+                )
+        s1, s2, s3, s4, s5 = self.encoder(x)
+        out = s5
+        for up, skip in zip(self.decoder, (s4, s3, s2, s1, x)):
+            out = up(out, skip)
+        return self.head(out)
+
+
+@dataclass
+class LoadedWeights:
+    """What :func:`load_resnet18_weights` did: tensor names loaded and names skipped (with why)."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ConfigError("pretrained weights file not found", path)
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ConfigError("pretrained weights must be a .safetensors or .pth file", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # local-only: a file on this site, never one that crossed sites
+    except Exception as exc:  # any parse failure of a user-supplied file
+        raise ConfigError(f"cannot read pretrained weights ({type(exc).__name__}: {exc})", path) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError("pretrained weights file is not a flat name->tensor state dict", path)
+    return state
+
+
+def load_resnet18_weights(module: nn.Module, path: str | Path) -> LoadedWeights:
+    """Load a torchvision-format ResNet-18 state dict from a local file into ``module``.
+
+    ``module`` has torchvision names (e.g. :class:`ResNet18Encoder`). ``fc.*`` tensors, names the
+    module lacks and tensors whose shape differs (conv1 for ``in_channels != 3``) are skipped;
+    everything else is copied. Raises :class:`ConfigError` naming ``path`` when the file is
+    missing or unreadable or when no tensor matched.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    own = module.state_dict()
+    result = LoadedWeights()
+    to_load: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name.startswith("fc."):
+            result.skipped[name] = "classifier head is not used"
+        elif name not in own:
+            result.skipped[name] = "no such tensor in the encoder"
+        elif tensor.shape != own[name].shape:
+            result.skipped[name] = f"shape {tuple(tensor.shape)} != {tuple(own[name].shape)}"
+        else:
+            to_load[name] = tensor
+    if not to_load:
+        raise ConfigError("no tensor of the pretrained weights matches a ResNet-18 encoder", path)
+    module.load_state_dict(to_load, strict=False)
+    result.loaded = sorted(to_load)
+    return result

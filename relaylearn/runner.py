@@ -1,0 +1,417 @@
+"""What runs: the relay of a config's tasks, site after site (simulation on one machine, or one
+hospital's step in deployment), and the evaluation of a saved model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relaylearn import __version__
+from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
+from relaylearn.errors import ConfigError, UserError, VerificationError
+from relaylearn.strategies import get_strategy_class
+from relaylearn.strategies.base import BundleState, SiteContext, Strategy, parse_options
+
+EXPS_ROOT = Path("exps")
+
+
+@dataclass
+class TrainOptions:
+    devices: str | None = None
+    in_bundle: str | None = None
+    out_bundle: str | None = None
+    key: str | None = None
+    trust: str | None = None
+    resume: bool = False
+    quiet: bool = False
+    insecure_unsigned: bool = False
+    exps_root: Path = EXPS_ROOT
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    matrix: dict[str, Any]
+    bundles: list[Path] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+# ----- small utilities ---------------------------------------------------------------------------
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def software_versions() -> dict[str, str]:
+    import lightning
+    import numpy
+
+    versions = {"relaylearn": __version__, "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__, "numpy": numpy.__version__}
+    try:
+        import monai
+
+        versions["monai"] = monai.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+def parse_devices(spec: str | None, lightning_cfg) -> tuple[str, Any]:
+    """``-g`` → (accelerator, devices). ``cpu``; GPU ids ``0`` / ``0,1``; None = GPU 0 if any, else CPU."""
+    if spec is None:
+        if torch.cuda.is_available():
+            return "gpu", lightning_cfg.devices or 1
+        return "cpu", lightning_cfg.devices or 1
+    spec = spec.strip().lstrip("=")
+    if spec.lower() == "cpu":
+        return "cpu", lightning_cfg.devices or 1
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip() != ""]
+    except ValueError:
+        raise UserError(f"-g {spec!r}: expected GPU ids such as 0 or 0,1, or 'cpu'") from None
+    if not ids:
+        raise UserError(f"-g {spec!r}: no GPU id given")
+    if not torch.cuda.is_available():
+        raise UserError(f"-g {spec}: no CUDA GPU is available on this machine (use -g cpu)")
+    if max(ids) >= torch.cuda.device_count():
+        raise UserError(f"-g {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return "gpu", ids
+
+
+def load_split(ds: DatasetConfig, split: str):
+    """Pre-decode one site's split into memory (images [N,C,H,W], labels [N,H,W])."""
+    from relaylearn.data import load_site
+
+    k = ds.kwargs
+    folders = k.img_folder if k.img_folder is not None else ds.site
+    return load_site(
+        ds.name, ds.root, folders, split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
+        num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
+    )
+
+
+def shipped_config(task: TaskConfig) -> dict[str, Any]:
+    """The config that travels in a bundle: everything but local paths and checkpoint plumbing."""
+    cfg = task.model_dump(mode="json")
+    cfg.pop("checkpoint", None)
+    cfg["dataset"]["kwargs"].pop("root_path", None)
+    cfg["dataset"]["kwargs"].pop("img_folder", None)
+    if cfg["model"]["kwargs"].get("pretrained_path"):
+        cfg["model"]["kwargs"]["pretrained_path"] = None
+    return cfg
+
+
+def build_strategy(task: TaskConfig, load_pretrained: bool) -> Strategy:
+    """A fresh strategy (and its solver) for ``task``."""
+    from relaylearn.models import build_solver
+
+    cls = get_strategy_class(task.strategy.name)
+    options = parse_options(cls, task.strategy.kwargs)
+    k = task.dataset.kwargs
+    solver = build_solver(task.model.name, task.model.kwargs, in_channels=k.channels, num_classes=k.num_classes, load_pretrained=load_pretrained)
+    return cls(options, solver, task)
+
+
+def strategy_from_bundle(bundle) -> tuple[Strategy, TaskConfig]:
+    """Rebuild the strategy that wrote ``bundle`` (already verified) and load its state."""
+    try:
+        task = TaskConfig.model_validate(bundle.manifest["config"])
+    except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
+        raise VerificationError(f"bundle config does not match this relaylearn version: {str(exc).splitlines()[0]}", bundle.path) from None
+    strategy = build_strategy(task, load_pretrained=False)
+    try:
+        strategy.state_from_bundle(BundleState(tensors=bundle.tensors, meta=bundle.manifest.get("registry", {})))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise VerificationError(f"bundle tensors do not fit strategy '{task.strategy.name}': {str(exc).splitlines()[0]}", bundle.path) from None
+    return strategy, task
+
+
+# ----- results files -----------------------------------------------------------------------------
+SUMMARY_FIELDS = ["task_id", "trained_site", "test_site", "num_images", "dice_sample", "dice_sample_ci_low", "dice_sample_ci_high"]
+
+
+def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def summary_row(task_id: int, trained: str, test_site: str, result: dict) -> dict[str, Any]:
+    s = result["summary"]
+    row = {"task_id": task_id, "trained_site": trained, "test_site": test_site}
+    row.update(s)
+    return row
+
+
+def per_image_rows(task_id: int, trained: str, test_site: str, result: dict) -> list[dict[str, Any]]:
+    return [{"task_id": task_id, "trained_site": trained, "test_site": test_site, **r} for r in result["per_image"]]
+
+
+def matrix_json(sites: list[str], trained: list[str], rows: list[list[float]], trained_columns: list[list[int]], per_class: dict) -> dict[str, Any]:
+    """matrix.json of DESIGN.md §2 with ACC / BWT / forgetting over the trained sites."""
+    from relaylearn.metrics import continual_metrics
+
+    out: dict[str, Any] = {"metric": "dice_sample", "sites": sites, "trained": trained, "R": rows}
+    if rows:
+        if all(len(cols) == 1 for cols in trained_columns):
+            out.update({k: float(v) for k, v in continual_metrics(rows, [c[0] for c in trained_columns]).items()})
+        else:  # pooled training (joint): one row stands for all its sites
+            cols = trained_columns[-1]
+            out.update({"acc": float(sum(rows[-1][c] for c in cols) / len(cols)), "bwt": 0.0, "forgetting": 0.0})
+        out["acc_all_sites"] = float(sum(rows[-1]) / len(rows[-1]))
+    out["per_class"] = per_class
+    return out
+
+
+# ----- training ----------------------------------------------------------------------------------
+class RelayRun:
+    """Trains the tasks of a config in order, writing everything under ``exps/<config>/<name>/``."""
+
+    def __init__(self, cfg: RunConfig, name: str, opts: TrainOptions):
+        if not name or any(c in name for c in " /\\"):
+            raise UserError(f"-n {name!r}: run name must be non-empty without spaces or slashes")
+        self.cfg, self.name, self.opts = cfg, name, opts
+        self.run_dir = Path(opts.exps_root) / cfg.name / name
+        self.stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        self.signing_key = None
+        self.trust = None
+        self.signed = opts.key is not None
+
+    # -- set-up --
+    def _prepare(self) -> None:
+        from relaylearn.keys import load_private_key, load_trust_dir
+
+        if self.opts.key:
+            self.signing_key = load_private_key(self.opts.key)
+        if self.opts.trust:
+            self.trust = load_trust_dir(self.opts.trust)
+        if self.opts.in_bundle and self.trust is None and not self.opts.insecure_unsigned:
+            raise UserError("--in needs --trust DIR (the consortium's public keys), or --insecure-unsigned for testing")
+        bundles = self.run_dir / "bundles"
+        if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
+            raise UserError(f"run folder already has results; use --resume to continue it or another -n", self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
+        atomic_write_text(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
+        info = {
+            "config": self.cfg.name, "config_path": str(self.cfg.path), "name": self.name,
+            "seed": self.cfg.tasks[0].random_seed, "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
+            "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(),
+        }
+        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
+
+    def _read_bundle(self, path: Path, allow_unsigned: bool):
+        from relaylearn.bundle import read_bundle
+
+        if not path.is_file():
+            raise UserError("bundle not found", path)
+        if allow_unsigned and self.trust is None:
+            warnings.warn("reading an UNSIGNED bundle: its origin and integrity are not verified", stacklevel=2)
+        return read_bundle(path, trust=self.trust, allow_unsigned=allow_unsigned)
+
+    def _ledger(self, site: str):
+        from relaylearn.bundle import SiteLedger
+
+        return SiteLedger(Path(self.opts.exps_root) / ".ledger" / f"{site}.json")
+
+    # -- main loop --
+    def run(self) -> RunResult:
+        started = time.time()
+        self._prepare()
+        sites = [d.site for d in self.cfg.test_datasets]
+        strategy_cls = get_strategy_class(self.cfg.tasks[0].strategy.name)
+        groups = [self.cfg.tasks] if strategy_cls.pooled_training else [[t] for t in self.cfg.tasks]
+
+        matrix_path = self.run_dir / "metrics" / "matrix.json"
+        previous = json.loads(matrix_path.read_text()) if (self.opts.resume and matrix_path.is_file()) else None
+        rows: list[list[float]] = []
+        trained: list[str] = []
+        trained_cols: list[list[int]] = []
+        per_class: dict[str, Any] = {}
+        summary: list[dict] = []
+        per_image: list[dict] = []
+        bundles: list[Path] = []
+
+        parent = None  # the bundle this site starts from
+        if self.opts.in_bundle:
+            parent = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned)
+        for position, group in enumerate(groups):
+            task = group[0]
+            task_id = task.dataset.kwargs.task_id
+            site_name = "+".join(t.dataset.site for t in group)
+            bundle_path = self.run_dir / "bundles" / f"task_{task_id}.relay"
+            if task.checkpoint.load and position == 0 and parent is None:
+                load = Path(task.checkpoint.load)
+                parent = self._read_bundle(load if load.is_absolute() else self.run_dir / load, allow_unsigned=not self.signed and self.trust is None)
+            if self.opts.resume and bundle_path.is_file():
+                parent = self._read_bundle(bundle_path, allow_unsigned=not self.signed)
+                if previous and position < len(previous.get("R", [])):
+                    rows.append(previous["R"][position])
+                    trained.append(site_name)
+                    trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
+                self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
+                bundles.append(bundle_path)
+                continue
+            if parent is not None:
+                self._ledger(task.dataset.site).check(parent)
+            strategy, row, results = self._train_site(group, parent, position)
+            rows.append(row)
+            trained.append(site_name)
+            trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
+            for test_site, res in results.items():
+                summary.append(summary_row(task_id, site_name, test_site, res))
+                per_image.extend(per_image_rows(task_id, site_name, test_site, res))
+                per_class.setdefault(site_name, {})[test_site] = {k: v for k, v in res["summary"].items() if k.startswith("dice_class")}
+            parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
+            self._ledger(task.dataset.site).record(parent)
+            bundles.append(bundle_path)
+            stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
+            stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
+            matrix = matrix_json(sites, trained, rows, trained_cols, per_class)
+            atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
+            write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
+            write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
+        matrix = matrix_json(sites, trained, rows, trained_cols, per_class)
+        atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
+        if self.opts.out_bundle and bundles:
+            out = Path(self.opts.out_bundle)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.copyfile(bundles[-1], tmp)
+            os.replace(tmp, out)
+        return RunResult(self.run_dir, matrix, bundles, time.time() - started)
+
+    def _log(self, msg: str) -> None:
+        if not self.opts.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _train_site(self, group: list[TaskConfig], parent, position: int):
+        import lightning as L
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from relaylearn.engine import LocalCheckpoint, SiteModule, SiteProgressBar, epochs_for_budget, evaluate_site, site_loader
+
+        task = group[0]
+        task_id = task.dataset.kwargs.task_id
+        seed = task.random_seed + (task_id or 0)
+        L.seed_everything(seed, workers=True, verbose=False)
+        started = utc_now()
+        datas = [load_split(t.dataset, "train") for t in group]
+        images = torch.cat([d.images for d in datas])
+        labels = torch.cat([d.labels for d in datas])
+        site_name = "+".join(t.dataset.site for t in group)
+
+        strategy = build_strategy(task, load_pretrained=parent is None)
+        if parent is not None:
+            strategy.state_from_bundle(BundleState(tensors=parent.tensors, meta=parent.manifest.get("registry", {})))
+        accelerator, devices = parse_devices(self.opts.devices, task.train.lightning)
+        world = (len(devices) if isinstance(devices, list) else int(devices)) * task.train.lightning.num_nodes
+        replica = task.dataset.kwargs.num_replica
+        epochs, total = epochs_for_budget(task.train, len(images), replica, task.train.batch_size, world)
+        loader = site_loader(images, labels, task.train.batch_size, replica, seed)
+        site = SiteContext(
+            name=site_name, task_id=task_id, position=len(strategy.sites_seen), num_images=len(images),
+            num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,
+            batch_size=task.train.batch_size,
+        )
+        augment = None
+        if task.dataset.kwargs.augment not in (None, "none"):
+            from relaylearn.data.augment import SegmentationAugment
+
+            augment = SegmentationAugment.from_config(task.dataset.kwargs.augment)
+        module = SiteModule(strategy, site, augment=augment, log_every=task.train.log_every_n_steps, channels_last=task.train.channels_last)
+        ckpt_dir = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = LocalCheckpoint(ckpt_dir / "last.ckpt", task.train.checkpoint_every_n_steps)
+        callbacks = [ckpt]
+        if not self.opts.quiet:
+            callbacks.append(SiteProgressBar(f"site {position + 1}/{len(self.cfg.tasks)} {site_name}"))
+        precision = task.train.precision
+        if accelerator == "cpu" and precision == "16-mixed":
+            warnings.warn("16-mixed is not supported on the CPU; using bf16-mixed", stacklevel=2)
+            precision = "bf16-mixed"
+        strategy_name = task.train.lightning.strategy  # on the CPU Lightning picks gloo for ddp
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=task.train.lightning.num_nodes, strategy=strategy_name,
+            precision=precision, max_epochs=epochs, max_steps=total, logger=TensorBoardLogger(self.run_dir, name="tensorboard", version=f"task_{task_id}"),
+            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+            gradient_clip_val=None, log_every_n_steps=task.train.log_every_n_steps, default_root_dir=self.run_dir,
+        )
+        loader.sampler.rank, loader.sampler.world_size = trainer.global_rank, trainer.world_size
+        resume_from = ckpt.path if (self.opts.resume and ckpt.path.is_file()) else None
+        if resume_from:
+            self._log(f"[{site_name}] resuming from {resume_from}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False) if resume_from else trainer.fit(module, train_dataloaders=loader)
+        device = module.device
+        results = {}
+        for ds in self.cfg.test_datasets:
+            data = self._test_data(ds)
+            results[ds.site] = evaluate_site(strategy.solver, data, ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap)
+        row = [float(results[ds.site]["summary"]["dice_sample"]) for ds in self.cfg.test_datasets]
+        self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
+        tb = trainer.logger.experiment if trainer.is_global_zero else None
+        if tb is not None:
+            for s, v in zip(results, row):
+                tb.add_scalar(f"test/dice_sample/{s}", v, position + 1)
+            tb.flush()
+        strategy.to("cpu")
+        strategy.hop_started_utc = started
+        strategy.hop_num_images = len(images)
+        return strategy, row, results
+
+    def _test_data(self, ds: DatasetConfig):
+        if not hasattr(self, "_test_cache"):
+            self._test_cache = {}
+        if ds.site not in self._test_cache:
+            self._test_cache[ds.site] = load_split(ds, "test")
+        return self._test_cache[ds.site]
+
+    def _write_bundle(self, path: Path, strategy: Strategy, task: TaskConfig, parent, results: dict, site_name: str):
+        from relaylearn.bundle import write_bundle
+
+        state = strategy.state_to_bundle()
+        extra: dict[str, Any] = {}
+        if task.bundle.include_metrics:
+            extra["metrics"] = {s: r["summary"]["dice_sample"] for s, r in results.items()}
+        if task.bundle.include_counts:
+            extra["num_images"] = strategy.hop_num_images
+        write_bundle(
+            path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
+            site=task.dataset.site if "+" not in site_name else site_name, hop_started_utc=getattr(strategy, "hop_started_utc", utc_now()),
+            parent=parent, signing_key=self.signing_key, extra=extra or None,
+        )
+        return self._read_bundle(path, allow_unsigned=self.signing_key is None)
+
+
+def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:
+    return RelayRun(cfg, name, opts).run()

@@ -1,0 +1,60 @@
+"""Multi-site strategies. One file each; every module in this package that defines a
+``Strategy`` subclass with a ``name`` is found automatically, so a new strategy needs no change
+anywhere else: drop ``my_strategy.py`` here (or register a class from your own package with
+``register_strategy``)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from relaylearn.errors import ConfigError
+from relaylearn.strategies.base import (
+    BundleState,
+    SiteContext,
+    StepContext,
+    Strategy,
+    StrategyOptions,
+)
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator (also usable as a call) adding a strategy under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    if not _REGISTRY:
+        _discover()
+    if name not in _REGISTRY:
+        raise ConfigError(f"common.strategy.name: unknown strategy '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def available_strategies() -> list[str]:
+    if not _REGISTRY:
+        _discover()
+    return sorted(_REGISTRY)
+
+
+__all__ = [
+    "BundleState",
+    "SiteContext",
+    "StepContext",
+    "Strategy",
+    "StrategyOptions",
+    "available_strategies",
+    "get_strategy_class",
+    "register_strategy",
+]

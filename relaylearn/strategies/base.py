@@ -1,0 +1,192 @@
+"""The one small interface every multi-site strategy implements.
+
+A strategy owns its networks (it is an ``nn.Module``) and its training logic. The engine calls
+its hooks in this order for every site of the relay::
+
+    state_from_bundle(state)        # only when a bundle came in from the previous site
+    on_site_start(site)
+    for each epoch:  on_epoch_start(site, epoch)
+        for each batch:  training_step(batch, step)
+    on_site_end(site)
+    state_to_bundle()               # everything the next site needs, nothing else
+
+Everything that reaches the next site goes through ``state_to_bundle``: tensors (written to
+safetensors) and JSON-able metadata. Nothing else crosses a site boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from relaylearn.errors import ConfigError
+
+
+class StrategyOptions(BaseModel):
+    """Options of a strategy (``common.strategy.kwargs``). Unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class SiteContext:
+    """What a strategy knows about the site being trained.
+
+    ``train_images``: float tensor [N, C, H, W] in the configured ``out_range``;
+    ``train_labels``: int64 tensor [N, H, W] of class ids. Both live in host memory.
+    """
+
+    name: str
+    task_id: int
+    position: int  # 0 for the first site this model ever trained on, 1 for the next, ...
+    num_images: int  # unique training images of this site
+    num_epochs: int
+    steps_per_epoch: int
+    train_images: Tensor
+    train_labels: Tensor
+    batch_size: int = 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_epochs * self.steps_per_epoch
+
+
+@dataclass
+class StepContext:
+    """Per-batch information and engine services given to ``training_step``."""
+
+    step: int  # batch index within the site, 0-based
+    global_step: int  # batches since the first site of the relay (carried in the bundle)
+    epoch: int  # epoch within the site, 0-based
+    site: SiteContext
+    backward: Callable[[Tensor], None] = field(default=lambda loss: loss.backward())
+    all_reduce_mean: Callable[[Tensor], Tensor] = field(default=lambda t: t)
+    world_size: int = 1
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the site's training already done, in [0, 1)."""
+        return (self.epoch * self.site.steps_per_epoch + self.step % max(1, self.site.steps_per_epoch)) / max(
+            1, self.site.total_steps
+        )
+
+
+@dataclass
+class BundleState:
+    """What crosses the boundary: named tensors and JSON-able metadata."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+
+
+class Strategy(nn.Module):
+    """Base class. Subclasses set ``name``, ``Options`` and build their networks in ``__init__``.
+
+    ``self.solver`` is the segmentation network used for testing, prediction and export:
+    input [B, C, H, W] in ``out_range``, output logits [B, num_classes, H, W].
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: True for strategies that train on all sites' data at once (the joint baseline).
+    pooled_training: ClassVar[bool] = False
+
+    def __init__(self, options: StrategyOptions, solver: nn.Module, config: Any):
+        """``options``: validated ``Options``; ``solver``: the segmentation network; ``config``:
+        the site's resolved ``TaskConfig`` (``config.train``, ``config.dataset.kwargs``, ...)."""
+        super().__init__()
+        self.options = options
+        self.solver = solver
+        self.config = config
+        self.train_cfg = config.train
+        self.sites_seen: list[str] = []
+        self.global_step = 0  # batches trained since the first site of the relay
+        #: set by the engine from ``configure_optimizers`` before the first batch of a site
+        self.optimizers: list[torch.optim.Optimizer] = []
+
+    # ----- hooks ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One Adam over the solver's trainable parameters, from ``train.optimizer``."""
+        opt = self.train_cfg.optimizer
+        params = [p for p in self.solver.parameters() if p.requires_grad]
+        return [torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)]
+
+    def on_site_start(self, site: SiteContext) -> None:
+        """Called before the first batch of a site."""
+
+    def on_epoch_start(self, site: SiteContext, epoch: int) -> None:
+        """Called before every epoch of a site."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], step: StepContext) -> dict[str, Tensor]:
+        """Train on one batch (images [B,C,H,W], labels [B,H,W]); return scalars to log."""
+        raise NotImplementedError
+
+    def on_site_end(self, site: SiteContext) -> None:
+        """Called after the last batch of a site, before testing and writing the bundle."""
+        self.sites_seen.append(site.name)
+
+    def state_to_bundle(self) -> BundleState:
+        """Everything the next site needs. Default: the solver's weights and ``meta()``."""
+        return BundleState(tensors=prefixed(self.solver.state_dict(), "solver."), meta=self.meta())
+
+    def state_from_bundle(self, state: BundleState) -> None:
+        """Restore what ``state_to_bundle`` wrote (strictly: every tensor must fit)."""
+        self.solver.load_state_dict(unprefixed(state.tensors, "solver."), strict=True)
+        self.load_meta(state.meta)
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able, non-tensor state (travels in the bundle manifest and local checkpoints)."""
+        return {"sites_seen": list(self.sites_seen), "global_step": int(self.global_step)}
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        self.sites_seen = list(meta.get("sites_seen", []))
+        self.global_step = int(meta.get("global_step", 0))
+
+    # local resume checkpoints carry meta() through nn.Module's extra state
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.meta()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.load_meta(state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.solver(x)
+
+    # ----- helpers for subclasses ----------------------------------------------------------
+    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
+        """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → optimizer step."""
+        optimizer.zero_grad(set_to_none=True)
+        step.backward(loss)
+        sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
+        optimizer.step()
+
+
+def sanitize_gradients(params) -> None:
+    """Replace NaN gradients by 0 and ±inf by ±1e5 in place, without a host sync."""
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str = "common.strategy.kwargs") -> StrategyOptions:
+    """Validate a strategy's kwargs; an unknown key or wrong type is a ConfigError naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.Options(**(kwargs or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{where}.{key}: {err['msg']} (strategy '{cls.name}')") from None

@@ -1,0 +1,121 @@
+"""The U-Net solver with a ResNet-18 encoder and its local pretrained-weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from relaylearn.errors import ConfigError
+from relaylearn.models.unet import ResNet18Encoder, UNetResNet18, load_resnet18_weights
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def torchvision_resnet18_state(in_channels: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict with torchvision's resnet18 names and shapes (fc included), random values."""
+    torch.manual_seed(seed)
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v.clone()
+             for k, v in ResNet18Encoder(in_channels).state_dict().items()}
+    state["fc.weight"] = torch.randn(1000, 512)
+    state["fc.bias"] = torch.randn(1000)
+    return state
+
+
+def test_parameter_counts_match_the_hand_computed_figures():
+    model = UNetResNet18()
+    encoder = count(model.encoder)
+    decoder = count(model) - encoder
+    assert encoder == 11_176_512
+    assert decoder == 4_696_323  # five Up stages (convs with bias) + 1×1 head
+
+
+def test_encoder_names_are_torchvision_names():
+    keys = list(ResNet18Encoder().state_dict())
+    assert len(keys) == 120  # torchvision resnet18 has 122 entries, two of them fc.*
+    for name in ("conv1.weight", "bn1.num_batches_tracked", "layer2.0.downsample.0.weight",
+                 "layer3.0.downsample.1.running_var", "layer4.1.bn2.bias"):
+        assert name in keys
+    assert not any(k.startswith("fc.") for k in keys)
+
+
+@pytest.mark.parametrize(("in_channels", "height", "width", "bilinear"), [(3, 64, 64, False), (1, 32, 96, True)])
+def test_forward_shapes_and_gradients(in_channels, height, width, bilinear):
+    model = UNetResNet18(in_channels=in_channels, num_classes=4, bilinear=bilinear)
+    x = torch.randn(2, in_channels, height, width)
+    logits = model(x)
+    assert logits.shape == (2, 4, height, width)
+    logits.sum().backward()
+    assert model.encoder.conv1.weight.grad is not None
+    assert model.decoder[-1].conv[0].weight.grad.abs().sum() > 0
+
+
+def test_skip_shapes_follow_the_layout():
+    skips = ResNet18Encoder().eval()(torch.randn(1, 3, 64, 64))
+    assert [tuple(s.shape[1:]) for s in skips] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+
+
+def test_bilinear_variant_has_no_transposed_convs():
+    model = UNetResNet18(bilinear=True)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    assert count(model) - count(model.encoder) < 4_696_323
+
+
+def test_size_not_divisible_by_32_is_a_clear_error():
+    with pytest.raises(ConfigError, match="48x64 is not divisible by 32"):
+        UNetResNet18()(torch.randn(1, 3, 48, 64))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_pretrained_weights_load_into_the_encoder(tmp_path, suffix):
+    state = torchvision_resnet18_state()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    model = UNetResNet18(pretrained_path=path)
+    loaded = model.encoder.state_dict()
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, state[name]), name
+    report = load_resnet18_weights(model.encoder, path)
+    assert len(report.loaded) == 120
+    assert set(report.skipped) == {"fc.weight", "fc.bias"}
+
+
+def test_other_in_channels_keep_a_random_first_conv(tmp_path):
+    state = torchvision_resnet18_state(in_channels=3)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(state, str(path))
+    model = UNetResNet18(in_channels=1)
+    before = model.encoder.conv1.weight.clone()
+    report = load_resnet18_weights(model.encoder, path)
+    assert "conv1.weight" in report.skipped and "shape" in report.skipped["conv1.weight"]
+    assert torch.equal(model.encoder.conv1.weight, before)
+    assert torch.equal(model.encoder.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+
+
+def test_missing_unreadable_or_foreign_files_raise_config_error(tmp_path):
+    encoder = ResNet18Encoder()
+    with pytest.raises(ConfigError, match="not found") as missing:
+        load_resnet18_weights(encoder, tmp_path / "absent.safetensors")
+    assert "absent.safetensors" in str(missing.value)
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="cannot read") as unreadable:
+        load_resnet18_weights(encoder, garbage)
+    assert "garbage.safetensors" in str(unreadable.value)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 2), "something.else": torch.zeros(3)}, str(foreign))
+    with pytest.raises(ConfigError, match="no tensor") as nothing:
+        load_resnet18_weights(encoder, foreign)
+    assert "foreign.safetensors" in str(nothing.value)
+
+    wrong_suffix = tmp_path / "weights.bin"
+    wrong_suffix.write_bytes(b"")
+    with pytest.raises(ConfigError, match=".safetensors or .pth"):
+        load_resnet18_weights(encoder, wrong_suffix)
