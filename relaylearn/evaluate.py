@@ -58,8 +58,8 @@ def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | 
             res = evaluate_site(solver, test_data[ds.site], ds.kwargs.num_classes, cfg.tasks[0].test.batch_size, device, cfg.tasks[0].test.bootstrap)
             summary.append(summary_row(task_id, trained, ds.site, res))
             per_image.extend(per_image_rows(task_id, trained, ds.site, res))
-            print(f"{trained} on {ds.site}: Dice {res['summary']['dice_sample']:.4f} "
-                  f"[{res['summary']['dice_sample_ci_low']:.4f}, {res['summary']['dice_sample_ci_high']:.4f}] (n={len(res['per_image'])})")
+            d = res["summary"]["dice_sample"]
+            print(f"{trained} on {ds.site}: Dice {d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}] (n={len(res['per_image'])})")
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = run_dir / "test_results" / f"results_{stamp}.csv"
     write_results_csv(out, summary)

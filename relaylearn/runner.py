@@ -162,11 +162,21 @@ def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """{"dice_sample": {"mean", "low", "high"}, ...} → {"dice_sample", "dice_sample_ci_low", ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat[key] = value["mean"]
+            flat[f"{key}_ci_low"] = value["low"]
+            flat[f"{key}_ci_high"] = value["high"]
+        else:
+            flat[key] = value
+    return flat
+
+
 def summary_row(task_id: int, trained: str, test_site: str, result: dict) -> dict[str, Any]:
-    s = result["summary"]
-    row = {"task_id": task_id, "trained_site": trained, "test_site": test_site}
-    row.update(s)
-    return row
+    return {"task_id": task_id, "trained_site": trained, "test_site": test_site, **flat_summary(result["summary"])}
 
 
 def per_image_rows(task_id: int, trained: str, test_site: str, result: dict) -> list[dict[str, Any]]:
@@ -226,16 +236,20 @@ class RelayRun:
         }
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
 
-    def _read_bundle(self, path: Path, allow_unsigned: bool):
+    def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False):
+        """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this
+        process wrote itself (single-machine simulation); ``--insecure-unsigned`` warns."""
         from relaylearn.bundle import read_bundle
 
         if not path.is_file():
             raise UserError("bundle not found", path)
-        if allow_unsigned and self.trust is None:
-            warnings.warn("reading an UNSIGNED bundle: its origin and integrity are not verified", stacklevel=2)
+        if warn and allow_unsigned:
+            print(f"WARNING: --insecure-unsigned: {path} is accepted without a signature check", file=sys.stderr)
         return read_bundle(path, trust=self.trust, allow_unsigned=allow_unsigned)
 
     def _ledger(self, site: str):
+        """What this site last received or wrote (deployment only): refuses rollbacks and forks.
+        Kept in ``exps/.ledger/<site>.json``; delete it to start a brand-new relay at this site."""
         from relaylearn.bundle import SiteLedger
 
         return SiteLedger(Path(self.opts.exps_root) / ".ledger" / f"{site}.json")
@@ -260,7 +274,7 @@ class RelayRun:
 
         parent = None  # the bundle this site starts from
         if self.opts.in_bundle:
-            parent = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned)
+            parent = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
         for position, group in enumerate(groups):
             task = group[0]
             task_id = task.dataset.kwargs.task_id
@@ -278,8 +292,10 @@ class RelayRun:
                 self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
                 bundles.append(bundle_path)
                 continue
-            if parent is not None:
+            deployed = self.opts.in_bundle is not None or self.signing_key is not None
+            if parent is not None and deployed:
                 self._ledger(task.dataset.site).check(parent)
+                self._ledger(task.dataset.site).record(parent)
             strategy, row, results = self._train_site(group, parent, position)
             rows.append(row)
             trained.append(site_name)
@@ -287,9 +303,10 @@ class RelayRun:
             for test_site, res in results.items():
                 summary.append(summary_row(task_id, site_name, test_site, res))
                 per_image.extend(per_image_rows(task_id, site_name, test_site, res))
-                per_class.setdefault(site_name, {})[test_site] = {k: v for k, v in res["summary"].items() if k.startswith("dice_class")}
+                per_class.setdefault(site_name, {})[test_site] = {k: v["mean"] for k, v in res["summary"].items() if k.startswith("dice_class")}
             parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
-            self._ledger(task.dataset.site).record(parent)
+            if deployed:
+                self._ledger(task.dataset.site).record(parent, written=True)
             bundles.append(bundle_path)
             stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
@@ -342,9 +359,9 @@ class RelayRun:
         )
         augment = None
         if task.dataset.kwargs.augment not in (None, "none"):
-            from relaylearn.data.augment import SegmentationAugment
+            from relaylearn.data.augment import from_config as augment_from_config
 
-            augment = SegmentationAugment.from_config(task.dataset.kwargs.augment)
+            augment = augment_from_config(task.dataset.kwargs.augment, tuple(task.dataset.kwargs.out_range))
         module = SiteModule(strategy, site, augment=augment, log_every=task.train.log_every_n_steps, channels_last=task.train.channels_last)
         ckpt_dir = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -368,16 +385,16 @@ class RelayRun:
         resume_from = ckpt.path if (self.opts.resume and ckpt.path.is_file()) else None
         if resume_from:
             self._log(f"[{site_name}] resuming from {resume_from}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False) if resume_from else trainer.fit(module, train_dataloaders=loader)
+        if resume_from:
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)  # local-only checkpoint
+        else:
+            trainer.fit(module, train_dataloaders=loader)
         device = module.device
         results = {}
         for ds in self.cfg.test_datasets:
             data = self._test_data(ds)
             results[ds.site] = evaluate_site(strategy.solver, data, ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap)
-        row = [float(results[ds.site]["summary"]["dice_sample"]) for ds in self.cfg.test_datasets]
+        row = [float(results[ds.site]["summary"]["dice_sample"]["mean"]) for ds in self.cfg.test_datasets]
         self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
         tb = trainer.logger.experiment if trainer.is_global_zero else None
         if tb is not None:
@@ -402,7 +419,7 @@ class RelayRun:
         state = strategy.state_to_bundle()
         extra: dict[str, Any] = {}
         if task.bundle.include_metrics:
-            extra["metrics"] = {s: r["summary"]["dice_sample"] for s, r in results.items()}
+            extra["metrics"] = {s: r["summary"]["dice_sample"]["mean"] for s, r in results.items()}
         if task.bundle.include_counts:
             extra["num_images"] = strategy.hop_num_images
         write_bundle(
@@ -413,5 +430,15 @@ class RelayRun:
         return self._read_bundle(path, allow_unsigned=self.signing_key is None)
 
 
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter (GPU/TPU lines, tips) is noise for our users."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger).*")
+
+
 def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:
+    quiet_lightning()
     return RelayRun(cfg, name, opts).run()

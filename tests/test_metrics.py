@@ -119,9 +119,12 @@ def test_pooled_dice_hand_computed():
     assert pooled_dice(pred, target, 3).tolist() == [pytest.approx(2 / 3), 1.0]
 
 
-def test_shape_mismatch_is_a_data_error():
+def test_bad_shapes_and_class_ids_are_data_errors():
+    zeros = torch.zeros(1, 4, 4, dtype=torch.long)
     with pytest.raises(DataError, match="must both be"):
-        per_image_metrics(torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 5, dtype=torch.long), 2)
+        per_image_metrics(zeros, torch.zeros(1, 4, 5, dtype=torch.long), 2)
+    with pytest.raises(DataError, match="target holds class ids outside 0..1"):
+        per_image_metrics(zeros, zeros + 2, 2)
 
 
 def test_eighty_small_images_are_fast():
@@ -164,6 +167,8 @@ def test_bootstrap_ci_contains_the_mean_and_is_deterministic():
     assert bootstrap_ci(values, seed=99) != (mean, low, high)
     assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
     assert all(math.isnan(v) for v in bootstrap_ci([]))
+    no_resampling = bootstrap_ci(values, n_resamples=0)
+    assert no_resampling[0] == mean and math.isnan(no_resampling[1]) and math.isnan(no_resampling[2])
 
 
 def test_segmentation_scores_accumulates_and_summarises():

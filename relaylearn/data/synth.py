@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -76,23 +77,23 @@ SITE_LOOKS: dict[str, CameraLook] = {
         gains=(1.0, 1.0, 1.0), brightness=(0.95, 1.1), contrast=(1.0, 1.15), gamma=(0.9, 1.05),
         saturation=(0.95, 1.1), blur_px=(0.0, 0.4), vignette=(0.15, 0.3), gradient=(0.0, 0.1),
         noise=(0.005, 0.015), chroma_noise=0.3, jpeg_quality=None, disc_radius=(0.34, 0.42),
-        cup_ratio=(0.35, 0.8), offset=0.08, pallor=(0.55, 0.8)),
+        cup_ratio=(0.35, 0.8), offset=0.08, pallor=(0.65, 0.9)),
     # Dark, greenish, low contrast, large tightly-cropped disc.
     "Domain2": CameraLook(
-        gains=(0.55, 0.95, 0.75), brightness=(0.55, 0.7), contrast=(0.55, 0.7), gamma=(1.15, 1.35),
+        gains=(0.7, 1.0, 0.8), brightness=(0.75, 0.9), contrast=(0.6, 0.75), gamma=(1.1, 1.25),
         saturation=(0.6, 0.8), blur_px=(0.3, 0.8), vignette=(0.35, 0.55), gradient=(0.05, 0.2),
         noise=(0.01, 0.025), chroma_noise=0.2, jpeg_quality=None, disc_radius=(0.45, 0.55),
         cup_ratio=(0.3, 0.75), offset=0.06, pallor=(0.45, 0.7)),
     # Bright, washed out, yellowish, blurry, small disc.
     "Domain3": CameraLook(
-        gains=(1.05, 1.15, 1.1), brightness=(1.25, 1.45), contrast=(0.6, 0.75), gamma=(0.6, 0.75),
+        gains=(1.05, 1.15, 1.1), brightness=(1.2, 1.4), contrast=(0.65, 0.8), gamma=(0.6, 0.75),
         saturation=(0.45, 0.65), blur_px=(1.2, 2.0), vignette=(0.0, 0.1), gradient=(0.0, 0.1),
         noise=(0.005, 0.012), chroma_noise=0.2, jpeg_quality=None, disc_radius=(0.24, 0.31),
         cup_ratio=(0.3, 0.7), offset=0.12, pallor=(0.5, 0.75)),
     # High contrast, deep red, noisy, JPEG-compressed.
     "Domain4": CameraLook(
-        gains=(1.15, 0.8, 0.7), brightness=(0.9, 1.05), contrast=(1.5, 1.8), gamma=(1.0, 1.2),
-        saturation=(1.3, 1.6), blur_px=(0.0, 0.3), vignette=(0.2, 0.4), gradient=(0.1, 0.25),
+        gains=(1.0, 0.85, 0.75), brightness=(0.85, 1.0), contrast=(1.35, 1.6), gamma=(1.0, 1.2),
+        saturation=(1.15, 1.35), blur_px=(0.0, 0.3), vignette=(0.2, 0.4), gradient=(0.1, 0.25),
         noise=(0.04, 0.07), chroma_noise=0.6, jpeg_quality=(35, 60), disc_radius=(0.3, 0.38),
         cup_ratio=(0.3, 0.8), offset=0.1, pallor=(0.5, 0.8)),
     # External site: cool bluish-magenta cast, strong uneven illumination, slight blur.
@@ -106,10 +107,10 @@ SITE_LOOKS: dict[str, CameraLook] = {
 # Mask grey levels of the DoFE layout.
 MASK_BACKGROUND, MASK_RIM, MASK_CUP = 255, 128, 0
 
-_RETINA = np.array([0.78, 0.33, 0.13])
-_RIM = np.array([0.97, 0.68, 0.36])
-_CUP = np.array([1.0, 0.93, 0.78])
-_VESSEL = np.array([0.42, 0.07, 0.04])
+_RETINA = np.array([0.74, 0.28, 0.11], np.float32)
+_RIM = np.array([0.96, 0.56, 0.32], np.float32)
+_CUP = np.array([1.0, 0.96, 0.86], np.float32)
+_VESSEL = np.array([0.36, 0.05, 0.03], np.float32)
 
 
 # ----- anatomy ----------------------------------------------------------------------------------
@@ -128,19 +129,25 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     f = t - i0
     i1 = np.minimum(i0 + 1, cells)
     rows = grid[i0] * (1 - f)[:, None] + grid[i1] * f[:, None]  # [size, cells+1]
-    return rows[:, i0] * (1 - f)[None, :] + rows[:, i1] * f[None, :]
+    return (rows[:, i0] * (1 - f)[None, :] + rows[:, i1] * f[None, :]).astype(np.float32)
 
 
 def _ellipse_level(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, angle: float) -> np.ndarray:
     """Normalised elliptical radius: < 1 inside the ellipse with semi-axes a (x') and b (y')."""
-    c, s = np.cos(angle), np.sin(angle)
+    c, s = math.cos(angle), math.sin(angle)
     u = (x - cx) * c + (y - cy) * s
     v = -(x - cx) * s + (y - cy) * c
     return np.sqrt((u / a) ** 2 + (v / b) ** 2)
 
 
+def _inside(level: np.ndarray, sharpness: float) -> np.ndarray:
+    """Soft inside-indicator of the region ``level < 1``: a logistic edge, 0.5 on the boundary."""
+    return 0.5 - 0.5 * np.tanh((level - 1.0) * (0.5 * sharpness))
+
+
 def _wrap(angle: np.ndarray) -> np.ndarray:
-    return (angle + np.pi) % (2 * np.pi) - np.pi
+    """Angle difference mapped to -pi..pi (rint-based: float32 ``%`` is very slow in NumPy)."""
+    return angle - (2 * np.pi) * np.rint(angle / (2 * np.pi))
 
 
 def _vessel_darkness(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, cx: float, cy: float,
@@ -165,34 +172,46 @@ def _vessel_darkness(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, cx:
             width = rng.uniform(0.028, 0.04) * (1.25 if k else 1.0)
             vessels.append((phi0, float(bend), rng.uniform(0.03, 0.1), rng.uniform(4, 9), rng.uniform(0, 6.3),
                             width, 0.0, 3.0))
-    for _ in range(rng.integers(4, 8)):  # smaller vessels, nasal and temporal
+    for _ in range(rng.integers(2, 6)):  # smaller vessels, nasal and temporal
         phi0 = rng.uniform(-np.pi, np.pi)
         vessels.append((phi0, rng.uniform(-0.5, 0.5), rng.uniform(0.02, 0.08), rng.uniform(4, 10), rng.uniform(0, 6.3),
-                        rng.uniform(0.012, 0.022), rng.uniform(0.0, 0.3 * disc_r), rng.uniform(0.8, 2.0)))
+                        rng.uniform(0.014, 0.022), rng.uniform(0.0, 0.3 * disc_r), rng.uniform(0.6, 1.6)))
     for parent in list(vessels[:4]):  # branches of the arcades
         r0 = rng.uniform(0.9, 1.8) * disc_r
         base = parent[0] + parent[1] * r0 + parent[2] * np.sin(parent[3] * r0 + parent[4])
         vessels.append((base, rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.1), 0.04, 6.0, rng.uniform(0, 6.3),
                         parent[5] * 0.6, r0, rng.uniform(1.2, 2.5)))
     darkness = np.zeros_like(r)
-    for phi0, bend, wiggle, freq, phase, width, r_start, r_end in vessels:
+    r_over_taper = r / np.clip(1.0 - 0.25 * r, 0.5, 1.0)  # vessels thin out away from the disc
+    for phi0, bend, wiggle, freq, phase, width, r_start, r_end in (map(float, v) for v in vessels):
         # Branch angles are measured from the branch point, so they start on their parent.
         curve = phi0 + bend * np.maximum(r - r_start, 0.0) + wiggle * np.sin(freq * r + phase)
-        z = np.abs(_wrap(phi - curve)) * r / (width * np.clip(1.0 - 0.25 * r, 0.5, 1.0))
-        extent = np.clip((r - r_start) / 0.05 + 0.5, 0.0, 1.0) * np.clip((r_end - r) / 0.25 + 0.5, 0.0, 1.0)
-        np.maximum(darkness, np.exp(-z * z) * extent, out=darkness)
+        z = np.abs(_wrap(phi - curve)) * r_over_taper * (1.0 / width)
+        profile = np.exp(-z * z)
+        if r_start > 0.0:
+            profile *= np.clip((r - r_start) / 0.05 + 0.5, 0.0, 1.0)
+        if r_end < 1.5:  # the frame's corners are at r <= 1.4 + offset
+            profile *= np.clip((r_end - r) / 0.25 + 0.5, 0.0, 1.0)
+        np.maximum(darkness, profile, out=darkness)
     return darkness
 
 
+def _blend(base: np.ndarray, top: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``base`` [3, H, W] moved towards ``top`` ([3, H, W] or an RGB colour) by ``weight`` [H, W] in 0..1."""
+    if top.ndim == 1:
+        top = top[:, None, None]
+    return base + weight[None] * (top - base)
+
+
 def _render_fundus(rng: np.random.Generator, size: int, look: CameraLook) -> tuple[np.ndarray, np.ndarray]:
-    """One ROI crop: (image float [H, W, 3] in 0..1 before the camera, mask uint8 [H, W] DoFE levels)."""
+    """One ROI crop: (image float32 [3, H, W] in 0..1 before the camera, mask uint8 [H, W] DoFE levels)."""
     y, x = _grid(size)
-    temporal = rng.choice([-1.0, 1.0])  # left / right eye
+    temporal = float(rng.choice([-1.0, 1.0]))  # left / right eye
 
     disc_a = rng.uniform(*look.disc_radius)
     disc_b = disc_a * rng.uniform(1.0, 1.2)  # discs are slightly taller than wide
     disc_angle = rng.uniform(-0.35, 0.35)
-    cx, cy = rng.uniform(-look.offset, look.offset, 2)
+    cx, cy = (float(v) for v in rng.uniform(-look.offset, look.offset, 2))
     cdr = rng.uniform(*look.cup_ratio)
     cup_a = disc_a * cdr * rng.uniform(0.85, 1.05)
     cup_b = disc_b * cdr
@@ -208,29 +227,26 @@ def _render_fundus(rng: np.random.Generator, size: int, look: CameraLook) -> tup
 
     # Retina: orange-red with choroidal texture, darker towards the macula (temporal side).
     texture = 0.09 * _smooth_noise(rng, size, 3) + 0.05 * _smooth_noise(rng, size, 9) + 0.025 * _smooth_noise(rng, size, 24)
-    fine = rng.normal(0.0, 0.012, (size, size))
-    tint = _RETINA * rng.uniform(0.9, 1.1, 3)
+    texture += 0.012 * rng.standard_normal((size, size), dtype=np.float32)
+    tint = _RETINA * rng.uniform(0.9, 1.1, 3).astype(np.float32)
     macula = 1.0 - 0.12 * np.clip(temporal * x + 0.3, 0.0, None)
-    image = tint[None, None, :] * ((1.0 + texture + fine) * macula)[..., None]
+    image = tint[:, None, None] * ((1.0 + texture) * macula)[None]
 
-    # Peripapillary halo, rim and cup with soft, realistic edges.
-    halo = np.exp(-(((disc_level - 1.08) / 0.12) ** 2)) * rng.uniform(0.0, 0.25)
-    image = image + halo[..., None] * (_RIM - image) * 0.6
-    disc_edge = disc_a * rng.uniform(0.05, 0.09)
-    disc_soft = 1.0 / (1.0 + np.exp((disc_level - 1.0) * disc_a / disc_edge))
-    rim_shade = 1.0 + 0.12 * _smooth_noise(rng, size, 5) - 0.08 * np.clip(disc_level, 0, 1)
-    rim_colour = _RIM * rng.uniform(0.92, 1.05, 3)
-    image = image * (1 - disc_soft[..., None]) + (rim_colour[None, None, :] * rim_shade[..., None]) * disc_soft[..., None]
-    cup_edge = cup_a * rng.uniform(0.08, 0.14)
-    cup_soft = 1.0 / (1.0 + np.exp((cup_level - 1.0) * cup_a / cup_edge)) * disc_soft
-    pallor = rng.uniform(*look.pallor)
-    cup_colour = rim_colour + (_CUP - rim_colour) * pallor
-    image = image * (1 - cup_soft[..., None]) + cup_colour[None, None, :] * cup_soft[..., None]
+    # Peripapillary halo, rim and cup with soft edges.
+    halo = np.exp(-(((disc_level - 1.08) / 0.12) ** 2)) * (0.6 * rng.uniform(0.0, 0.25))
+    image = _blend(image, _RIM, halo)
+    disc_soft = _inside(disc_level, 1.0 / rng.uniform(0.03, 0.05))
+    rim_colour = _RIM * rng.uniform(0.92, 1.05, 3).astype(np.float32)
+    rim = rim_colour[:, None, None] * (1.0 + 0.08 * _smooth_noise(rng, size, 5))[None]
+    image = _blend(image, rim, disc_soft)
+    cup_soft = _inside(cup_level, 1.0 / rng.uniform(0.05, 0.1)) * disc_soft
+    cup_colour = rim_colour + (_CUP - rim_colour) * rng.uniform(*look.pallor)
+    image = _blend(image, cup_colour, cup_soft)
 
     # Vessels emerge from the cup and are partly hidden in its depth.
     dark = _vessel_darkness(rng, x, y, ccx, ccy, temporal, disc_a)
-    dark = dark * (1.0 - 0.45 * cup_soft) * rng.uniform(0.75, 0.95)
-    image = image * (1 - dark[..., None]) + _VESSEL[None, None, :] * dark[..., None]
+    dark *= (1.0 - 0.45 * cup_soft) * rng.uniform(0.75, 0.95)
+    image = _blend(image, _VESSEL, dark)
 
     mask = np.full((size, size), MASK_BACKGROUND, np.uint8)
     mask[disc_mask] = MASK_RIM
@@ -240,29 +256,30 @@ def _render_fundus(rng: np.random.Generator, size: int, look: CameraLook) -> tup
 
 # ----- camera -----------------------------------------------------------------------------------
 def _apply_camera(rng: np.random.Generator, image: np.ndarray, look: CameraLook) -> np.ndarray:
-    """Site-specific acquisition: float [H, W, 3] in 0..1 -> uint8 [H, W, 3]."""
-    size = image.shape[0]
+    """Site-specific acquisition: float32 [3, H, W] in 0..1 -> uint8 [H, W, 3]."""
+    size = image.shape[1]
     y, x = _grid(size)
     direction = rng.uniform(0, 2 * np.pi)
     illumination = (1.0 - rng.uniform(*look.vignette) * (x * x + y * y) / 2.0) * (
-        1.0 + rng.uniform(*look.gradient) * (np.cos(direction) * x + np.sin(direction) * y))
-    image = image * illumination[..., None] * np.asarray(look.gains) * rng.uniform(0.96, 1.04, 3)
+        1.0 + rng.uniform(*look.gradient) * (math.cos(direction) * x + math.sin(direction) * y))
+    gains = (np.asarray(look.gains) * rng.uniform(0.96, 1.04, 3)).astype(np.float32)
+    image = image * illumination[None] * gains[:, None, None]
 
     sigma = rng.uniform(*look.blur_px) * size / 128
     if sigma > 0.05:
-        image = gaussian_filter(image, sigma=(sigma, sigma, 0), mode="reflect")
+        image = gaussian_filter(image, sigma=(0, sigma, sigma), mode="reflect")
 
-    grey = image.mean(axis=2, keepdims=True)
+    grey = image.mean(axis=0, keepdims=True)
     image = grey + (image - grey) * rng.uniform(*look.saturation)
-    mean = image.mean()
+    mean = float(image.mean())
     image = mean + (image - mean) * rng.uniform(*look.contrast)
     image = np.clip(image * rng.uniform(*look.brightness), 0.0, 1.0) ** rng.uniform(*look.gamma)
 
     noise_sigma = rng.uniform(*look.noise)
-    luma = rng.normal(0.0, 1.0, image.shape[:2])[..., None]
-    chroma = rng.normal(0.0, 1.0, image.shape)
+    luma = rng.standard_normal((1, size, size), dtype=np.float32)
+    chroma = rng.standard_normal(image.shape, dtype=np.float32)
     image = image + noise_sigma * ((1 - look.chroma_noise) * luma + look.chroma_noise * chroma)
-    pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+    pixels = np.ascontiguousarray(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0))
 
     if look.jpeg_quality is not None:
         buffer = io.BytesIO()
@@ -278,26 +295,35 @@ def _site_is_occupied(path: Path) -> bool:
 
 
 def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 0, progress: bool = False,
-                              overwrite: bool = False) -> dict[str, dict[str, int]]:
+                              overwrite: bool = False,
+                              counts: dict[str, tuple[int, int]] | None = None) -> dict[str, dict[str, int]]:
     """Write the five-site synthetic fundus benchmark under ``out_dir`` (DoFE layout).
 
-    Returns ``{site: {"train": n, "test": m}}``. The files are written to a temporary folder
-    inside ``out_dir`` and each site folder is renamed into place at the end. Raises
-    ``DataError`` if a site folder already exists and is not empty, unless ``overwrite``.
+    ``counts`` ({site: (train, test)}, sites among ``SITE_LOOKS``) replaces the default DoFE
+    counts, e.g. for tiny test fixtures; a count of 0 leaves that split out. Returns
+    ``{site: {"train": n, "test": m}}`` (splits with images only). Files are written to a
+    temporary folder inside ``out_dir`` and each site folder is renamed into place at the end.
+    Raises ``DataError`` if a site folder already exists and is not empty, unless ``overwrite``.
     Also writes ``out_dir/synth_benchmark.json`` (seed, size, counts).
     """
     if size < 16:
         raise DataError(f"synthetic image size must be at least 16 pixels, got {size}")
+    counts = dict(SITE_COUNTS if counts is None else counts)
+    for site, (train, test) in counts.items():
+        if site not in SITE_LOOKS:
+            raise DataError(f"unknown synthetic site '{site}' (known: {', '.join(SITE_LOOKS)})")
+        if train < 0 or test < 0 or train + test == 0:
+            raise DataError(f"synthetic site '{site}' needs non-negative counts and at least one image, got {(train, test)}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError("output path exists and is not a folder", out)
     if not overwrite:
-        for site in SITE_COUNTS:
+        for site in counts:
             if _site_is_occupied(out / site):
                 raise DataError("site folder already exists and is not empty (pass overwrite to replace it)", out / site)
     out.mkdir(parents=True, exist_ok=True)
 
-    total = sum(train + test for train, test in SITE_COUNTS.values())
+    total = sum(train + test for train, test in counts.values())
     bar = None
     if progress:
         from tqdm import tqdm
@@ -305,10 +331,11 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
     summary: dict[str, dict[str, int]] = {}
     staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
     try:
-        for site_index, (site, counts) in enumerate(SITE_COUNTS.items()):
+        for site, site_counts in counts.items():
             look = SITE_LOOKS[site]
+            site_index = list(SITE_LOOKS).index(site)  # a site's images do not depend on which others are written
             summary[site] = {}
-            for split_index, (split, count) in enumerate(zip(("train", "test"), counts)):
+            for split_index, (split, count) in enumerate(zip(("train", "test"), site_counts)):
                 if count == 0:
                     continue
                 image_dir = staging / site / split / "ROIs" / "image"
@@ -321,7 +348,7 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
                     scene, mask = _render_fundus(rng, size, look)
                     pixels = _apply_camera(rng, scene, look)
                     name = f"{site.lower()}_{split}_{i:04d}.png"
-                    Image.fromarray(pixels).save(image_dir / name)
+                    Image.fromarray(pixels).save(image_dir / name, compress_level=1)  # fast; noise barely compresses
                     mask_image = Image.fromarray(mask)
                     if site == "Domain1":
                         mask_image = mask_image.convert("RGB")
@@ -329,13 +356,15 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
                     if bar is not None:
                         bar.update(1)
                 summary[site][split] = count
-        for site in SITE_COUNTS:
+        for site in counts:
             target = out / site
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
             os.replace(staging / site, target)
         info = {"generator": "relaylearn synthetic fundus", "seed": seed, "size": size, "sites": summary,
-                "external_test_sites": [s for s, (train, _) in SITE_COUNTS.items() if train == 0]}
+                "external_test_sites": [s for s, (train, _) in counts.items() if train == 0]}
         tmp_json = staging / "synth_benchmark.json"
         tmp_json.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp_json, out / "synth_benchmark.json")
@@ -348,16 +377,14 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
 
 def preview_grid(root: str | Path, out_png: str | Path, n: int = 4, split: str = "test") -> Path:
     """Save a PNG grid, one row per site under ``root``: ``n`` images, each followed by its mask."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the global backend alone
 
     root = Path(root)
     sites = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not sites:
         raise DataError("no site folders to preview", root)
-    fig, axes = plt.subplots(len(sites), 2 * n, figsize=(2 * n * 1.3, len(sites) * 1.4), squeeze=False)
+    fig = Figure(figsize=(2 * n * 1.2, len(sites) * 1.35))
+    axes = fig.subplots(len(sites), 2 * n, squeeze=False)
     for row, site in enumerate(sites):
         folder = root / site / split / "ROIs"
         if not (folder / "image").is_dir():
@@ -368,12 +395,14 @@ def preview_grid(root: str | Path, out_png: str | Path, n: int = 4, split: str =
             if col < len(names):
                 ax_img.imshow(Image.open(folder / "image" / names[col]).convert("RGB"))
                 ax_mask.imshow(Image.open(folder / "mask" / names[col]).convert("L"), cmap="gray", vmin=0, vmax=255)
-            ax_img.axis("off")
-            ax_mask.axis("off")
-        axes[row, 0].set_title(site, fontsize=8, loc="left")
-    fig.tight_layout(pad=0.2)
+            for ax in (ax_img, ax_mask):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+        axes[row, 0].set_ylabel(site, fontsize=9)
+    fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
     return out_png

@@ -129,7 +129,7 @@ class Relay(Strategy):
 
     def __init__(self, options: RelayOptions, solver, config):
         super().__init__(options, solver, config)
-        from relaylearn.data.augment import SegmentationAugment
+        from relaylearn.data.augment import from_config as augment_from_config
         from relaylearn.models.gan import AdaController, AdaptiveAugment, ImageGenerator, LabelGenerator, ProjectionDiscriminator
 
         o = options
@@ -151,7 +151,7 @@ class Relay(Strategy):
         self.register_buffer("pl_mean_img", torch.zeros(()))
         self.register_buffer("pl_mean_label", torch.zeros(()))
         self.criterion = ExpLogLoss(**train_cfg.loss.kwargs)
-        self.replay_augment = SegmentationAugment.from_config(o.replay_augment)
+        self.replay_augment = augment_from_config(o.replay_augment, tuple(data.out_range))
         # site registry: name -> {"id": int, "frequency": int}; previous = finished sites
         self.registry_previous: dict[str, dict[str, int]] = {}
         self.registry_current: dict[str, dict[str, int]] = {}
@@ -356,7 +356,8 @@ class Relay(Strategy):
         # batch end: ADA p and (under DDP) the path-length means averaged across ranks
         for ctl, pipe in ((self.ada_img_ctl, self.ada_img), (self.ada_label_ctl, self.ada_label)):
             ctl.world_size = step.world_size
-            ctl.update(pipe, all_reduce_mean=step.all_reduce_mean)
+            if ctl.is_update_batch(step.global_step):
+                ctl.update(pipe, all_reduce_mean=step.all_reduce_mean)
         if step.world_size > 1:
             self.pl_mean_img.copy_(step.all_reduce_mean(self.pl_mean_img))
             self.pl_mean_label.copy_(step.all_reduce_mean(self.pl_mean_label))

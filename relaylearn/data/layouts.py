@@ -1,0 +1,348 @@
+"""Site datasets, decoded once into memory (sites are small): DoFE fundus, generic folder, NIfTI.
+
+Layouts (DESIGN.md §5), for each folder of ``folders`` under ``root``:
+
+* ``"fundus"`` (DoFE): ``<root>/<folder>/<split>/ROIs/image/*.png`` with masks of the same file
+  name in ``.../ROIs/mask/`` (without ``use_roi`` the ``ROIs/`` level is dropped). Mask grey
+  level v (channel mean of an RGB mask, or the single channel) → class ``round(2·(255 − v)/255)``:
+  255 → 0 background, 128 → 1 disc rim, 0 → 2 cup. Levels further than ±20 from 0/128/255 are
+  an error.
+* ``"folder"``: ``<root>/<folder>/<split>/image/*`` and ``.../mask/*`` paired by file stem, any
+  Pillow-readable format; mask pixel = class id (single channel or palette).
+* ``"nifti"``: ``<root>/<folder>/<split>/image/*.nii.gz`` and ``.../label/*.nii.gz`` of the same
+  name; every volume becomes 2-D slices along its last spatial axis (``volume[:, :, k]``, rows =
+  first array axis). Intensities are normalised per volume: clipped to the 0.5–99.5 percentile
+  range and mapped to ``out_range``. ``subjects`` holds the volume name of each slice.
+
+Preprocessing follows the original: 8-bit image → float / 255 → ``out_range`` (16-bit images use
+/ 65535), resized to ``img_size`` bilinearly **with antialiasing** (``antialias=True``; the
+original's torchvision 0.12 resize had none, which aliases when shrinking), labels with
+nearest-neighbour (``nearest-exact``, pixel-centre aligned). Files whose names start with ``.``
+are ignored; everything is sorted, so the order is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from relaylearn.errors import DataError
+
+LAYOUTS = ("fundus", "folder", "nifti")
+FUNDUS_LEVELS = (255, 128, 0)  # grey level of class 0 (background), 1 (disc rim), 2 (cup)
+FUNDUS_TOLERANCE = 20
+NIFTI_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass
+class SiteData:
+    """One split of one site, in memory.
+
+    images: float32 [N, C, H, W] in ``out_range``; labels: int64 [N, H, W] class ids;
+    names: file stem per item (``<volume>_<slice>`` for NIfTI slices; ``<folder>/<stem>`` where a
+    stem occurs in several merged folders); subjects: subject id per item (== name for 2-D images,
+    volume name for slices); sources: image file per item.
+    """
+
+    site: str
+    images: Tensor
+    labels: Tensor
+    names: list[str]
+    subjects: list[str]
+    sources: list[Path]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class _Item:
+    """One decoded image/label pair at its original size, before resizing."""
+
+    image: np.ndarray  # [C, h, w]; uint8, uint16 or float32, divided by `scale` gives 0..1
+    label: np.ndarray  # int64 [h, w]
+    name: str
+    subject: str
+    source: Path  # image file
+    label_source: Path
+    scale: float = 1.0
+    folder: str = ""
+
+
+# ----- files ------------------------------------------------------------------------------------
+def _visible_files(folder: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+    """Sorted regular files in ``folder`` not starting with ``.``, optionally filtered by suffix."""
+    if not folder.is_dir():
+        raise DataError("folder not found", folder)
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if suffixes is not None:
+        files = [p for p in files if p.name.lower().endswith(suffixes)]
+    return sorted(files)
+
+
+def _pair_files(image_dir: Path, mask_dir: Path, suffixes: tuple[str, ...] | None, key) -> list[tuple[Path, Path]]:
+    """Pair image and mask files by ``key(path)``; an image without mask (or vice versa) is an error."""
+    images = _visible_files(image_dir, suffixes)
+    masks = _visible_files(mask_dir, suffixes)
+    if not images:
+        raise DataError("no images found", image_dir)
+    for folder, files in ((image_dir, images), (mask_dir, masks)):
+        counts = Counter(key(p) for p in files)
+        duplicate = next((k for k, n in counts.items() if n > 1), None)
+        if duplicate is not None:
+            raise DataError(f"several files share the name '{duplicate}'", folder)
+    masks_by_key = {key(p): p for p in masks}
+    image_keys = {key(p) for p in images}
+    for image in images:
+        if key(image) not in masks_by_key:
+            raise DataError(f"image has no mask in {mask_dir}", image)
+    for mask in masks:
+        if key(mask) not in image_keys:
+            raise DataError(f"mask has no image in {image_dir}", mask)
+    return [(image, masks_by_key[key(image)]) for image in images]
+
+
+def _stem(path: Path) -> str:
+    """File name without its extension(s) known to be image suffixes (``a.nii.gz`` → ``a``)."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {text[0] if text else ''}"
+
+
+def _open_pil(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image ({_one_line(error)})", path) from None
+    return image
+
+
+def _pil_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndarray, float]:
+    """PIL image -> ([channels, h, w] integer array, full-scale value: 255 for 8-bit, 65535 for 16-bit)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if channels != 1:
+            raise DataError(f"16-bit image has 1 channel, but channels={channels} is configured", path)
+        return np.asarray(image, dtype=np.float32)[None], 65535.0
+    if channels == 1:
+        return np.array(image.convert("L"))[None], 255.0
+    if channels == 3:
+        return np.array(image.convert("RGB")).transpose(2, 0, 1), 255.0
+    raise DataError(f"images can be read with 1 or 3 channels, got channels={channels}", path)
+
+
+# ----- layouts ----------------------------------------------------------------------------------
+def _fundus_lookup(num_channels: int) -> np.ndarray:
+    """Class id for every possible channel *sum* of an 8-bit mask pixel; -1 where the grey level is invalid."""
+    grey = np.arange(255 * num_channels + 1, dtype=np.float64) / num_channels
+    distance = np.min(np.abs(grey[:, None] - np.asarray(FUNDUS_LEVELS, np.float64)), axis=1)
+    ids = np.floor(2.0 * (255.0 - grey) / 255.0 + 0.5).astype(np.int64)
+    ids[distance > FUNDUS_TOLERANCE] = -1
+    return ids
+
+
+_FUNDUS_LOOKUP = {1: _fundus_lookup(1), 3: _fundus_lookup(3)}
+
+
+def _fundus_label(mask: Image.Image, path: Path) -> np.ndarray:
+    """DoFE mask -> int64 [h, w] class ids ``round(2·(255 − v)/255)``, v = channel mean; checks v is near 0/128/255."""
+    array = np.asarray(mask if mask.mode in ("L", "RGB") else mask.convert("RGB"))
+    channel_sum = array.sum(axis=2, dtype=np.int64) if array.ndim == 3 else array.astype(np.int64)
+    lookup = _FUNDUS_LOOKUP[3 if array.ndim == 3 else 1]
+    label = lookup[channel_sum]
+    if label.min() < 0:
+        value = channel_sum[label < 0][0] / (3 if array.ndim == 3 else 1)
+        raise DataError(f"mask grey level {value:g} is not near 255 (background), 128 (disc rim) or 0 (cup) "
+                        f"(tolerance ±{FUNDUS_TOLERANCE})", path)
+    return label
+
+
+def _class_id_label(mask: Image.Image, path: Path) -> np.ndarray:
+    """Generic mask: pixel value = class id (single channel, palette, or RGB with equal channels)."""
+    array = np.asarray(mask)
+    if array.ndim == 3:
+        if array.shape[2] in (2, 4):  # drop alpha
+            array = array[..., :-1]
+        if not (array == array[..., :1]).all():
+            raise DataError("mask must be single-channel class ids (its colour channels differ)", path)
+        array = array[..., 0]
+    return array.astype(np.int64)
+
+
+def _read_2d_pairs(pairs: list[tuple[Path, Path]], channels: int, decode_label) -> list[_Item]:
+    """Decode image/mask pairs (in threads: Pillow releases the GIL while decoding), in file order."""
+
+    def read(pair: tuple[Path, Path]) -> _Item:
+        image_path, mask_path = pair
+        image, scale = _pil_pixels(_open_pil(image_path), channels, image_path)
+        label = decode_label(_open_pil(mask_path), mask_path)
+        if image.shape[1:] != label.shape:
+            raise DataError(f"image is {image.shape[2]}×{image.shape[1]} but its mask is "
+                            f"{label.shape[1]}×{label.shape[0]} pixels", mask_path)
+        name = _stem(image_path)
+        return _Item(image, label, name, name, image_path, mask_path, scale)
+
+    workers = min(8, os.cpu_count() or 1)
+    if workers == 1 or len(pairs) < 32:
+        return [read(pair) for pair in pairs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(read, pairs))  # re-raises the first failure in file order
+
+
+def _load_nifti(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise DataError(f"cannot read NIfTI volume ({_one_line(error)})", path) from None
+
+
+def _normalise_volume(volume: np.ndarray) -> np.ndarray:
+    """Robust per-volume intensity normalisation to 0..1 (0.5 / 99.5 percentiles)."""
+    volume = volume.astype(np.float32)
+    low, high = np.percentile(volume, NIFTI_PERCENTILES)
+    if high <= low:
+        return np.zeros_like(volume)
+    return np.clip((volume - low) / (high - low), 0.0, 1.0)
+
+
+def _read_nifti_pairs(pairs: list[tuple[Path, Path]], channels: int) -> list[_Item]:
+    items = []
+    for image_path, label_path in pairs:
+        volume = _load_nifti(image_path)
+        label = _load_nifti(label_path)
+        if volume.ndim == 3:
+            if channels != 1:
+                raise DataError(f"3-D volume has 1 channel, but channels={channels} is configured", image_path)
+            volume = volume[..., None]
+        elif volume.ndim != 4 or volume.shape[3] != channels:
+            raise DataError(f"expected a 3-D volume (or 4-D with {channels} channels last), got shape {volume.shape}",
+                            image_path)
+        if label.ndim != 3 or label.shape != volume.shape[:3]:
+            raise DataError(f"label shape {label.shape} does not match image shape {volume.shape[:3]}", label_path)
+        rounded = np.rint(label)
+        if not np.allclose(rounded, label, atol=1e-3):
+            raise DataError("label volume holds non-integer values", label_path)
+        label = rounded.astype(np.int64)
+        volume = np.stack([_normalise_volume(volume[..., c]) for c in range(channels)])  # [C, X, Y, Z]
+        subject = _stem(image_path)
+        for k in range(volume.shape[3]):
+            items.append(_Item(volume[..., k], label[..., k], f"{subject}_{k:04d}", subject, image_path, label_path))
+    return items
+
+
+# ----- assembly ---------------------------------------------------------------------------------
+def _check_classes(items: list[_Item], num_classes: int) -> None:
+    for item in items:
+        low, high = int(item.label.min()), int(item.label.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise DataError(f"mask holds class id {bad}, outside 0..{num_classes - 1} (num_classes={num_classes})",
+                            item.label_source)
+
+
+def _resize_stack(items: list[_Item], img_size: tuple[int, int], out_range: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Stack items into images [N, C, H, W] in ``out_range`` and labels [N, H, W], one batched resize per source size."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[item.label.shape].append(index)
+    low, high = out_range
+    image_parts, label_parts, order = [], [], []
+    for shape, indices in groups.items():
+        image = torch.stack([torch.from_numpy(items[i].image).float().div_(items[i].scale) for i in indices])
+        image = image.mul_(high - low).add_(low)
+        label = torch.from_numpy(np.stack([items[i].label for i in indices]))
+        if shape != tuple(img_size):
+            image = F.interpolate(image, size=img_size, mode="bilinear", align_corners=False, antialias=True)
+            image = image.clamp_(min(low, high), max(low, high))
+            label = F.interpolate(label[:, None].float(), size=img_size, mode="nearest-exact")[:, 0].long()
+        image_parts.append(image)
+        label_parts.append(label)
+        order.extend(indices)
+    images, labels = torch.cat(image_parts), torch.cat(label_parts)
+    if len(groups) > 1:  # back to file order
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.as_tensor(order)] = torch.arange(len(order))
+        images, labels = images[inverse], labels[inverse]
+    return images.contiguous(), labels.contiguous()
+
+
+def _split_folder(root: Path, folder: str, split: str) -> Path:
+    site_dir = root / folder
+    if not site_dir.is_dir():
+        raise DataError("site folder not found", site_dir)
+    split_dir = site_dir / split
+    if not split_dir.is_dir():
+        raise DataError(f"split folder '{split}' not found", split_dir)
+    return split_dir
+
+
+def load_site(layout: str, root: Path | str, folders: str | list[str], split: str, *, img_size: tuple[int, int],
+              out_range: tuple[float, float] = (-1, 1), num_classes: int, channels: int = 3, use_roi: bool = True,
+              site_name: str | None = None) -> SiteData:
+    """Decode one split of one site (several ``folders`` merge into one site) into memory.
+
+    Returns images float32 [N, C, H, W] in ``out_range`` and labels int64 [N, H, W] with
+    ``(H, W) = img_size``. Raises ``DataError`` (one line naming the path) for missing folders,
+    no images, unpaired files, unreadable files, size mismatches and out-of-range class ids.
+    """
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown data layout '{layout}' (expected one of {', '.join(LAYOUTS)})")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("data root not found", root)
+    folder_list = [folders] if isinstance(folders, str) else list(folders)
+    if not folder_list:
+        raise DataError("no site folder given", root)
+    img_size = (int(img_size[0]), int(img_size[1]))
+
+    items: list[_Item] = []
+    for folder in folder_list:
+        split_dir = _split_folder(root, folder, split)
+        if layout == "fundus":
+            base = split_dir / "ROIs" if use_roi else split_dir
+            pairs = _pair_files(base / "image", base / "mask", (".png",), key=lambda p: p.name)
+            folder_items = _read_2d_pairs(pairs, channels, _fundus_label)
+        elif layout == "folder":
+            readable = tuple(Image.registered_extensions())
+            pairs = _pair_files(split_dir / "image", split_dir / "mask", readable, key=_stem)
+            folder_items = _read_2d_pairs(pairs, channels, _class_id_label)
+        else:
+            pairs = _pair_files(split_dir / "image", split_dir / "label", (".nii.gz", ".nii"), key=lambda p: p.name)
+            folder_items = _read_nifti_pairs(pairs, channels)
+        for item in folder_items:
+            item.folder = folder
+        items.extend(folder_items)
+
+    _check_classes(items, num_classes)
+    _disambiguate_names(items)
+    images, labels = _resize_stack(items, img_size, out_range)
+    name = site_name or "+".join(folder_list)
+    return SiteData(site=name, images=images, labels=labels, names=[i.name for i in items],
+                    subjects=[i.subject for i in items], sources=[i.source for i in items])
+
+
+def _disambiguate_names(items: list[_Item]) -> None:
+    """Prefix ``<folder>/`` to names (and subjects) that occur in more than one merged folder."""
+    counts = Counter(item.name for item in items)
+    for item in items:
+        if counts[item.name] > 1:
+            item.subject = f"{item.folder}/{item.subject}"
+            item.name = f"{item.folder}/{item.name}"

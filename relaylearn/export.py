@@ -1,0 +1,121 @@
+"""``relaylearn export``: the segmentation solver of a bundle as ONNX or TorchScript.
+
+Only the solver is exported (never the replay generators or discriminators), in eval mode:
+input ``images`` float32 [N, C, H, W] in ``out_range`` at the training ``img_size`` (N is dynamic),
+output ``logits`` float32 [N, num_classes, H, W]. The arg-max over dimension 1 is the class map.
+
+What a consumer needs to feed the model — ``img_size``, ``out_range``, channels, class names, the
+SHA-256 of the bundle it came from — is stored inside the file (ONNX ``metadata_props``, key
+``relaylearn``; TorchScript extra file ``relaylearn.json``) and in a sidecar ``<out>.json``.
+
+ONNX uses the TorchScript-based exporter (``dynamo=False``): the torch.export-based one needs
+``onnxscript``, which relaylearn does not depend on. Files appear atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from relaylearn import __version__
+from relaylearn.errors import UserError
+from relaylearn.predict import LoadedModel, atomic_write_bytes, load_model
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+METADATA_KEY = "relaylearn"
+TORCHSCRIPT_EXTRA_FILE = "relaylearn.json"
+
+
+def export_metadata(model: LoadedModel, fmt: str) -> dict:
+    """What a consumer needs to use the exported solver."""
+    return {
+        "producer": f"relaylearn {__version__}",
+        "format": fmt,
+        "input": {"name": "images", "dtype": "float32", "shape": ["N", model.channels, *model.img_size], "range": list(model.out_range),
+                  "preprocessing": "RGB or grey uint8 / 255, bilinear antialiased resize to img_size, scaled to range"},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["N", model.num_classes, *model.img_size]},
+        "img_size": list(model.img_size),
+        "out_range": list(model.out_range),
+        "channels": model.channels,
+        "num_classes": model.num_classes,
+        "class_names": list(model.class_names),
+        "mask_encoding": "DoFE grey levels 255/128/0" if model.is_fundus else "class ids",
+        "strategy": model.strategy,
+        "bundle_sha256": model.bundle_sha256,
+    }  # fmt: skip
+
+
+def _example_input(model: LoadedModel, batch: int = 2) -> torch.Tensor:
+    low, high = model.out_range
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(batch, model.channels, *model.img_size, generator=g) * (high - low) + low
+
+
+def _cpu_eval_copy(solver: nn.Module) -> nn.Module:
+    return copy.deepcopy(solver).to("cpu").float().eval()
+
+
+def onnx_bytes(model: LoadedModel) -> bytes:
+    """The solver as an ONNX model (opset 17, dynamic batch) with metadata_props."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the 'onnx' package (pip install 'relaylearn[export]')") from None
+    solver = _cpu_eval_copy(model.solver)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice and tracer warnings
+        torch.onnx.export(
+            solver, (_example_input(model),), buf, dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    meta = export_metadata(model, "onnx")
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
+    for key in ("img_size", "out_range", "class_names", "bundle_sha256"):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(meta[key])
+    proto.producer_name, proto.producer_version = "relaylearn", __version__
+    proto.doc_string = "relaylearn segmentation solver: images [N,C,H,W] -> logits [N,K,H,W]"
+    return proto.SerializeToString()
+
+
+def torchscript_bytes(model: LoadedModel) -> bytes:
+    """The solver traced to TorchScript, with ``relaylearn.json`` as an extra file."""
+    solver = _cpu_eval_copy(model.solver)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks in forward
+        traced = torch.jit.trace(solver, (_example_input(model),), check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf, _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(export_metadata(model, "torchscript"), sort_keys=True)})
+    return buf.getvalue()
+
+
+def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
+    """Write ``model``'s solver to ``out`` in ``fmt`` plus the sidecar ``<out>.json``."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError("--out must be a file path, but a folder is there", out)
+    data = onnx_bytes(model) if fmt == "onnx" else torchscript_bytes(model)
+    sidecar = out.with_name(out.name + ".json")
+    atomic_write_bytes(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
+    atomic_write_bytes(out, data)
+    return out
+
+
+def run_export(bundle: str | Path, fmt: str, out: str | Path, trust: str | None = None) -> Path:
+    """``relaylearn export``: read (and with ``trust`` verify) ``bundle``; write its solver."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return export_model(load_model(bundle, trust), fmt, out)

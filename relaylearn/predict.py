@@ -1,0 +1,302 @@
+"""``relaylearn predict``: segment new images of any size with a bundle's solver.
+
+For every input image ``<stem>`` the output folder receives
+
+* ``masks/<stem>.png`` — the class map at the image's original size. A 3-class fundus model
+  writes the DoFE encoding (grey 255 = background, 128 = disc rim, 0 = cup); every other model
+  writes class ids (0, 1, 2, ...) as 8-bit grey levels.
+* ``overlays/<stem>.png`` — the image with translucent class colours and opaque class contours.
+* ``predictions.csv`` — one row per image: size, the area of every class in pixels and, for
+  3-class fundus models, the vertical cup-to-disc ratio (cup height / disc height, disc = rim ∪
+  cup; NaN when no disc is found, 0 when a disc but no cup is found).
+
+Pre-processing matches training: the image is read as RGB (or grey for 1-channel models),
+resized to the model's ``img_size`` bilinearly with antialiasing and scaled to ``out_range``.
+Going back to the original size, the *logits* are upsampled bilinearly and the argmax is taken
+there (smoother boundaries than nearest-upsampling the low-resolution class map).
+
+All outputs are written into a hidden staging folder first and renamed into place only when
+every image succeeded, so an unreadable image (DataError naming it, exit code 2) leaves nothing
+half-written under a final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+from relaylearn.errors import DataError, UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: grey level of each class in the DoFE mask encoding (background, disc rim, cup)
+DOFE_LEVELS = (255, 128, 0)
+FUNDUS_CLASS_NAMES = ("background", "disc_rim", "cup")
+#: RGB colour of each foreground class in overlays (index = class id; 0 = background, unused)
+PALETTE = (
+    (0, 0, 0), (46, 204, 64), (0, 116, 217), (255, 65, 54), (255, 220, 0),
+    (177, 13, 201), (57, 204, 204), (255, 133, 27), (240, 18, 190), (1, 255, 112),
+)  # fmt: skip
+BATCH_SIZE = 8
+
+
+@dataclass
+class LoadedModel:
+    """A bundle's solver, ready for inference, with what is needed to feed it."""
+
+    solver: nn.Module  # images [B, C, H, W] in out_range → logits [B, K, H, W]; eval mode
+    img_size: tuple[int, int]  # (H, W) the model was trained at
+    out_range: tuple[float, float]
+    channels: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    dataset: str  # data layout name of the config ("fundus", "folder", "nifti")
+    bundle_sha256: str
+    strategy: str
+
+    @property
+    def is_fundus(self) -> bool:
+        """3-class optic disc / cup model: DoFE mask encoding and cup-to-disc ratio apply."""
+        return self.dataset == "fundus" and self.num_classes == 3
+
+
+def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
+    if dataset == "fundus" and num_classes == 3:
+        return FUNDUS_CLASS_NAMES
+    return tuple(f"class_{k}" for k in range(num_classes))
+
+
+def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Read (and with ``trust``, verify) a bundle and rebuild its solver in eval mode."""
+    from relaylearn.evaluate import read_any_bundle
+    from relaylearn.runner import strategy_from_bundle
+
+    b = read_any_bundle(Path(bundle), trust)
+    strategy, task = strategy_from_bundle(b)
+    k = task.dataset.kwargs
+    solver = strategy.solver.to(device).eval()
+    return LoadedModel(
+        solver=solver, img_size=tuple(k.img_size), out_range=tuple(k.out_range), channels=k.channels,
+        num_classes=k.num_classes, class_names=class_names_for(task.dataset.name, k.num_classes),
+        dataset=task.dataset.name, bundle_sha256=b.sha256, strategy=b.manifest["strategy"],
+    )
+
+
+# ----- inputs ------------------------------------------------------------------------------------
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders expanded to their image files (sorted, not recursive)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder", path)
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError("input image or folder not found", path)
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems and stems[f.stem] != f:
+            raise UserError(f"two inputs would write the same output name '{f.stem}.png': {stems[f.stem]} and {f}")
+        stems[f.stem] = f
+    return list(dict.fromkeys(files))
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """Decode an image as uint8 [H, W, C] (RGB for 3 channels, grey for 1); DataError if unreadable."""
+    if channels not in (1, 3):
+        raise UserError(f"predict supports 1- or 3-channel models, this one has {channels} channels")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I"):  # 16-bit grey: scale 0..65535 to 0..255 (as training divides by 65535)
+                grey = (np.asarray(im, dtype=np.float64).clip(0, 65535) / 257.0).round().astype(np.uint8)
+                im = Image.fromarray(grey)
+            im = im.convert("RGB" if channels == 3 else "L")
+            array = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", path) from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise DataError("image is empty", path)
+    return array
+
+
+def to_model_input(image: np.ndarray, img_size: Sequence[int], out_range: Sequence[float]) -> Tensor:
+    """uint8 [H, W, C] → float [C, h, w] at ``img_size`` (bilinear, antialiased) in ``out_range``."""
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    if tuple(x.shape[1:]) != tuple(img_size):
+        x = F.interpolate(x[None], size=tuple(img_size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0.0, 1.0)
+    low, high = out_range
+    return x * (high - low) + low
+
+
+@torch.no_grad()
+def predict_class_maps(solver: nn.Module, images: Sequence[np.ndarray], img_size: Sequence[int], out_range: Sequence[float], device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """Class maps (int64 [H, W] at each image's own size) for uint8 images [H, W, C]."""
+    batch = torch.stack([to_model_input(im, img_size, out_range) for im in images]).to(device)
+    logits = solver(batch).float()
+    maps = []
+    for im, lg in zip(images, logits):
+        if tuple(lg.shape[1:]) != im.shape[:2]:
+            lg = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
+        maps.append(lg.argmax(0).cpu().numpy())
+    return maps
+
+
+# ----- outputs -----------------------------------------------------------------------------------
+def encode_mask(class_map: np.ndarray, fundus: bool) -> np.ndarray:
+    """uint8 mask image: DoFE grey levels for fundus models, otherwise the class ids."""
+    if fundus:
+        return np.asarray(DOFE_LEVELS, dtype=np.uint8)[class_map]
+    if class_map.max(initial=0) > 255:
+        raise UserError("more than 256 classes cannot be written as an 8-bit mask")
+    return class_map.astype(np.uint8)
+
+
+def class_areas(class_map: np.ndarray, num_classes: int) -> list[int]:
+    """Pixels of each class 0..num_classes-1."""
+    return np.bincount(class_map.ravel(), minlength=num_classes)[:num_classes].astype(int).tolist()
+
+
+def _height(rows_mask: np.ndarray) -> int:
+    rows = np.flatnonzero(rows_mask.any(axis=1))
+    return int(rows[-1] - rows[0] + 1) if rows.size else 0
+
+
+def vertical_cup_to_disc(class_map: np.ndarray, rim: int = 1, cup: int = 2) -> float:
+    """Cup height / disc height (disc = rim ∪ cup), in rows; NaN without a disc."""
+    disc_height = _height((class_map == rim) | (class_map == cup))
+    if disc_height == 0:
+        return math.nan
+    return _height(class_map == cup) / disc_height
+
+
+def class_colour(k: int) -> tuple[int, int, int]:
+    """Overlay colour of foreground class ``k`` ≥ 1 (the palette repeats after 9 classes)."""
+    return PALETTE[1 + (k - 1) % (len(PALETTE) - 1)]
+
+
+def _contour(mask: np.ndarray, thickness: int) -> np.ndarray:
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    edge = mask & ~binary_erosion(mask, border_value=0)
+    return binary_dilation(edge, iterations=thickness - 1) & mask if thickness > 1 else edge
+
+
+def overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: ``image`` (uint8 [H, W, C]) with translucent class colours and
+    opaque contours (thickness grows with the image size). Class 0 is left uncoloured."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    out = rgb.astype(np.float32)
+    thickness = max(1, round(min(class_map.shape) / 200))
+    for k in np.unique(class_map):
+        if k == 0:
+            continue
+        colour = np.asarray(class_colour(int(k)), dtype=np.float32)
+        mask = class_map == k
+        out[mask] = (1 - alpha) * out[mask] + alpha * colour
+        out[_contour(mask, thickness)] = colour
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG encoding of a uint8 [H, W] or [H, W, 3] array."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename over ``path`` (mode per umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _device(devices: str | None) -> torch.device:
+    from relaylearn.config import LightningConfig
+    from relaylearn.runner import parse_devices
+
+    accelerator, devs = parse_devices(devices, LightningConfig())
+    if accelerator == "gpu":
+        return torch.device("cuda", devs[0] if isinstance(devs, list) else 0)
+    return torch.device("cpu")
+
+
+def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu") -> Path:
+    """Segment ``files`` with ``model``; write masks/, overlays/ and predictions.csv under ``out``.
+
+    Returns the CSV path. Nothing appears under a final name unless every image succeeded.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError("--out must be a folder, but a file is there", out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    subfolders = ("masks", "overlays")
+    rows = []
+    try:
+        for sub in subfolders:
+            (staging / sub).mkdir()
+        for start in range(0, len(files), BATCH_SIZE):
+            chunk = files[start : start + BATCH_SIZE]
+            images = [read_image(f, model.channels) for f in chunk]
+            maps = predict_class_maps(model.solver, images, model.img_size, model.out_range, device)
+            for f, image, class_map in zip(chunk, images, maps):
+                (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(encode_mask(class_map, model.is_fundus)))
+                (staging / "overlays" / f"{f.stem}.png").write_bytes(png_bytes(overlay(image, class_map)))
+                row = {"image": str(f), "mask": f"masks/{f.stem}.png", "width": image.shape[1], "height": image.shape[0]}
+                row.update({f"area_px_{name}": a for name, a in zip(model.class_names, class_areas(class_map, model.num_classes))})
+                if model.is_fundus:
+                    row["vertical_cup_to_disc"] = vertical_cup_to_disc(class_map)
+                rows.append(row)
+        for sub in subfolders:  # every image succeeded: move the files to their final names
+            (out / sub).mkdir(exist_ok=True)
+            for tmp in sorted((staging / sub).iterdir()):
+                os.replace(tmp, out / sub / tmp.name)
+        csv_path = out / "predictions.csv"
+        atomic_write_bytes(csv_path, _csv_text(rows).encode())
+        return csv_path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_predict(bundle: str | Path, out: str | Path, inputs: Sequence[str | Path], trust: str | None = None, devices: str | None = None) -> Path:
+    """``relaylearn predict``: returns the path of ``predictions.csv``."""
+    files = expand_inputs(inputs)
+    device = _device(devices)
+    model = load_model(bundle, trust, device)
+    csv_path = predict_images(model, files, Path(out), device)
+    print(f"segmented {len(files)} image(s): masks and overlays in {out}, table {csv_path}")
+    return csv_path

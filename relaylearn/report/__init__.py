@@ -1,0 +1,331 @@
+"""``relaylearn report``: one self-contained ``report.html`` for a run, or for several strategies'
+runs side by side (``exps/demo/<strategy>/<name>/``).
+
+The page embeds every figure as a base64 PNG and needs no network, script library or style
+sheet: it opens offline, can be mailed, and shows
+
+* a summary table (ACC, BWT, forgetting, mean and external Dice) of every run;
+* the result matrix R of each run as an annotated heat-map;
+* each test site's Dice with its 95 % bootstrap interval after every hop;
+* forgetting per trained site and the final Dice per test site, all runs in one chart;
+* per-class Dice of the final model;
+* the final model's predictions on the worst, median and best test image of every site
+  (re-run from the last bundle on the run's test data);
+* for relay runs, replayed image/mask pairs per site next to real ones;
+* the hop chain of the last bundle (sites, times, signer fingerprints, bundle hashes);
+* run details (seed, versions, command line) and every problem met, as visible notes.
+
+Whatever is missing (no bundle, data moved, no per-image CSV) is skipped with a note; only an
+unusable ``metrics/matrix.json`` (or none at all) is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+from typing import Any, Callable
+
+from relaylearn import __version__
+from relaylearn.predict import atomic_write_bytes
+from relaylearn.report import html, plots
+from relaylearn.report.runs import Run, external_dice, find_runs, forgetting_per_site
+
+__all__ = ["write_report", "build_report"]
+
+REPORT_NAME = "report.html"
+
+
+def _fmt(value: Any, signed: bool = False) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    if math.isnan(v):
+        return "–"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def _guarded(notes: list[str], what: str, draw: Callable[[], Any]) -> Any:
+    """Run ``draw``; on any failure add a note and return None (a report never crashes)."""
+    try:
+        return draw()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a visible note
+        notes.append(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
+
+
+def _dataset(run: Run) -> tuple[str, int]:
+    """(data layout, number of classes) from the run's config.yaml; ('fundus', 3) by default."""
+    try:
+        ds = run.config["common"].get("dataset", {})
+        return str(ds.get("name", "fundus")), int(ds.get("kwargs", {}).get("num_classes", 3))
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return "fundus", 3
+
+
+def _class_names(run: Run) -> dict[str, str]:
+    return {"dice_class_1": "disc rim", "dice_class_2": "cup"} if _dataset(run) == ("fundus", 3) else {}
+
+
+class ReportBuilder:
+    """Collects the sections of the page for ``runs`` (one or several)."""
+
+    def __init__(self, runs: list[Run], where: Path):
+        self.runs = runs
+        self.where = where
+        self.multi = len(runs) > 1
+        self._models: dict[str, Any] = {}
+        self._model_notes: dict[str, str] = {}
+        self._data_cache: dict = {}
+
+    # ----- shared helpers -------------------------------------------------------------------
+    def final_model(self, run: Run):
+        from relaylearn.report.samples import load_final_model
+
+        if run.label not in self._models and run.label not in self._model_notes:
+            path = run.final_bundle()
+            if path is None:
+                self._model_notes[run.label] = "no bundle in bundles/: the final model cannot be re-run"
+            else:
+                try:
+                    self._models[run.label] = load_final_model(path)
+                except Exception as exc:  # noqa: BLE001
+                    self._model_notes[run.label] = f"bundle {path.name} could not be read: {str(exc).splitlines()[0]}"
+        return self._models.get(run.label)
+
+    def _data_for(self, run: Run, model) -> Callable[[str], Any]:
+        from relaylearn.report.samples import load_test_split
+
+        return lambda site: load_test_split(run, site, model.task, self._data_cache)
+
+    def _title(self, run: Run) -> str:
+        return f"<b>{escape(run.label)}</b>"
+
+    # ----- sections -------------------------------------------------------------------------
+    def summary(self) -> str:
+        header = ["run", "strategy", "trained sites (in order)", "ACC", "BWT", "forgetting", "mean Dice, all sites", "external Dice"]
+        rows, values = [], []
+        for run in self.runs:
+            m = run.matrix
+            final = run.R[-1] if run.R else []
+            mean_all = m.get("acc_all_sites", sum(final) / len(final) if final else math.nan)
+            numbers = [m.get("acc", math.nan), m.get("bwt", math.nan), m.get("forgetting", math.nan), mean_all, external_dice(run)]
+            values.append(numbers)
+            rows.append([escape(run.label), escape(run.strategy or "?"), escape(" → ".join(run.trained)),
+                         _fmt(numbers[0]), _fmt(numbers[1], signed=True), _fmt(numbers[2]), _fmt(numbers[3]), _fmt(numbers[4])])
+        best = set()
+        if self.multi:  # higher is better except forgetting
+            for c, better in zip(range(3, 8), (max, max, min, max, max)):
+                column = [(float(v[c - 3]), r) for r, v in enumerate(values) if _is_number(v[c - 3])]
+                if column:
+                    target = better(column)[0]
+                    best |= {(r, c) for v, r in column if v == target}
+        lead = ("ACC: mean final Dice over the trained sites. BWT: mean change on each earlier site from just after "
+                "training it to the end (negative = forgotten). Forgetting: mean over earlier sites of the largest drop "
+                "from any earlier model to the final one. External: mean final Dice on sites never trained on. "
+                "Dice is the per-image mean over foreground classes (sample-wise)." + (" Best value per column in green." if self.multi else ""))
+        body = html.table(header, rows, numeric={3, 4, 5, 6, 7}, best=best)
+        body += html.notes(f"{run.label}: {n}" if self.multi else n for run in self.runs for n in run.notes)
+        return html.section("summary", "Summary", body, lead)
+
+    def heatmaps(self) -> str:
+        notes: list[str] = []
+        figs = []
+        for run in self.runs:
+            uri = _guarded(notes, f"{run.label}: heat-map", lambda run=run: plots.matrix_heatmap(run))
+            if uri:
+                figs.append(html.figure(uri, f"{self._title(run)} — R[i][j]: Dice on test site j after training through site i.", f"result matrix of {run.label}"))
+        lead = "Rows: the model after each hop; columns: test sites. Outlined: the row's own training site; * marks external test sites (never trained on)."
+        return html.section("matrix", "Result matrix R", f'<div class="grid">{"".join(figs)}</div>' + html.notes(notes), lead)
+
+    def dice_curves(self) -> str:
+        notes: list[str] = []
+        figs = []
+        for run in self.runs:
+            uri = _guarded(notes, f"{run.label}: Dice plot", lambda run=run: plots.dice_over_hops(run))
+            if uri:
+                source = f"from {escape(run.results_file.name)}" if run.results_file else "from matrix.json (no intervals: results CSV missing)"
+                figs.append(html.figure(uri, f"{self._title(run)} — {source}.", f"Dice after each hop, {run.label}"))
+        lead = "Mean sample-wise Dice of every test site after each hop, with its 95 % bootstrap interval. A falling line is forgetting; dashed lines are external sites."
+        return html.section("dice", "Dice after each hop", f'<div class="grid">{"".join(figs)}</div>' + html.notes(notes), lead)
+
+    def forgetting(self) -> str:
+        notes: list[str] = []
+        uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
+        for run in self.runs:
+            if not forgetting_per_site(run):
+                notes.append(f"{run.label}: no forgetting per site ({'pooled training' if any('+' in t for t in run.trained) else 'fewer than two sites trained'})")
+        body = html.figure(uri, "Per trained site j (all but the last): max over the models after site j and before the last of R[l][j], minus the final R[T][j]. Positive = forgotten.", "forgetting per site") if uri else ""
+        return html.section("forgetting", "Forgetting per site", body + html.notes(notes))
+
+    def final_dice(self) -> str:
+        notes: list[str] = []
+        uri = _guarded(notes, "final Dice chart", lambda: plots.final_dice_bars(self.runs))
+        body = html.figure(uri, "Final model's Dice on every test site, 95 % bootstrap interval as error bar; * external site.", "final Dice per site") if uri else ""
+        per_class = []
+        for run in self.runs:
+            table = self._per_class_table(run)
+            if table:
+                per_class.append(f"<div><h3>{escape(run.label)}: per-class Dice of the final model</h3>{table}</div>")
+        if per_class:
+            body += f'<div class="grid">{"".join(per_class)}</div>'
+        return html.section("final", "Final Dice per test site", body + html.notes(notes))
+
+    def _per_class_table(self, run: Run) -> str:
+        per_class = run.matrix.get("per_class") or {}
+        final = per_class.get(run.trained[-1]) if run.trained and isinstance(per_class, dict) else None
+        if not isinstance(final, dict) or not final:
+            return ""
+        keys = sorted({k for v in final.values() if isinstance(v, dict) for k in v})
+        if not keys:
+            return ""
+        names = _class_names(run)
+        header = ["test site"] + [names.get(k, k.replace("dice_", "").replace("_", " ")) for k in keys]
+        rows = [[escape(site)] + [_fmt(v.get(k)) for k in keys] for site, v in final.items() if isinstance(v, dict)]
+        return html.table(header, rows, numeric=set(range(1, len(header))))
+
+    def predictions(self) -> str:
+        from relaylearn.report.samples import prediction_rows
+
+        parts, notes = [], []
+        for run in self.runs:
+            model = self.final_model(run)
+            if model is None:
+                notes.append(f"{run.label}: {self._model_notes.get(run.label)}")
+                continue
+            run_notes: list[str] = []
+            rows = _guarded(run_notes, "predictions", lambda run=run, model=model: prediction_rows(run, model, self._data_for(run, model), run_notes))
+            heading = f"<h3>{escape(run.label)}</h3>" if self.multi else ""
+            if rows:
+                caption = ("Per test site: worst, median and best image of the final model by Dice (per-image CSV), each as image, "
+                           f"ground truth and prediction (re-run from the last bundle, at the model's resolution). {_colour_legend(run)}")
+                parts.append(heading + html.image_panel(_embedded(rows), group=3, caption=caption))
+            notes += [f"{run.label}: {n}" if self.multi else n for n in run_notes]
+        lead = "What the final model does on real test images, including its worst case on every site."
+        return html.section("predictions", "Predictions of the final model", "".join(parts) + html.notes(notes), lead)
+
+    def replay(self) -> str | None:
+        from relaylearn.report.samples import replay_rows
+
+        relay_runs = [r for r in self.runs if r.strategy == "relay" or (self.final_model(r) is not None and self.final_model(r).bundle.manifest.get("strategy") == "relay")]
+        if not relay_runs:
+            return None
+        parts, notes = [], []
+        for run in relay_runs:
+            model = self.final_model(run)
+            if model is None:
+                notes.append(f"{run.label}: {self._model_notes.get(run.label)}")
+                continue
+            run_notes: list[str] = []
+            grids = _guarded(run_notes, "replay previews", lambda model=model, run=run: replay_rows(model, self._data_for(run, model), run_notes)) or []
+            figs = [html.image_panel(_embedded(rows), max_cell_px=90, title=site, caption="Top: generated by the generators in the bundle; bottom: real test pairs of the site.") for site, rows in grids]
+            if figs:
+                parts.append((f"<h3>{escape(run.label)}</h3>" if self.multi else "") + f'<div class="grid">{"".join(figs)}</div>')
+            notes += [f"{run.label}: {n}" if self.multi else n for n in run_notes]
+        lead = "The relay carries no images, only generators: these pairs are what the next site rehearses earlier sites with."
+        return html.section("replay", "Replayed image/mask pairs", "".join(parts) + html.notes(notes), lead)
+
+    def hop_chain(self) -> str:
+        from relaylearn.report.samples import hop_rows
+
+        parts, notes = [], []
+        for run in self.runs:
+            model = self.final_model(run)
+            if model is None:
+                notes.append(f"{run.label}: {self._model_notes.get(run.label)}")
+                continue
+            b = model.bundle
+            rows = [[r["order"], escape(r["site"]), r["started"], r["finished"], r["duration"], _hash(r["signer"], 16), _hash(r["parent"]), _hash(r["bundle"])] for r in hop_rows(b)]
+            signed = "signed" if b.manifest.get("signed") else "unsigned (single-machine simulation)"
+            caption = (f'<p class="lead">{escape(b.path.name)}: {signed}; strategy {escape(str(b.manifest.get("strategy")))}; '
+                       f'SHA-256 <span class="hash">{escape(b.sha256)}</span>. The report does not check signatures: '
+                       "use <code>relaylearn verify BUNDLE --trust DIR</code>.</p>")
+            table = html.table(["#", "site", "started (UTC)", "finished (UTC)", "took", "signer key", "started from bundle", "wrote bundle"], rows)
+            parts.append((f"<h3>{escape(run.label)}</h3>" if self.multi else "") + caption + table)
+        lead = "Every site the final bundle passed through, from its own manifest. Hashes are shortened; hover for the full value."
+        return html.section("hops", "Hop chain of the last bundle", "".join(parts) + html.notes(notes), lead)
+
+    def details(self) -> str:
+        parts = []
+        for run in self.runs:
+            info = run.info
+            versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())
+            rows = [
+                ["folder", f"<code>{escape(str(run.path))}</code>"],
+                ["config", escape(str(info.get("config", "?")))], ["run name", escape(str(info.get("name", run.path.name)))],
+                ["seed", escape(str(info.get("seed", "?")))], ["started (UTC)", escape(str(info.get("started_utc", "?")))],
+                ["versions", escape(versions or "?")], ["command", f"<code>{escape(' '.join(map(str, info.get('argv', []))) or '?')}</code>"],
+                ["results file", escape(run.results_file.name if run.results_file else "none")],
+            ]  # fmt: skip
+            parts.append(f"<details{' open' if not self.multi else ''}><summary>{escape(run.label)}</summary>{html.table(None, rows)}</details>")
+        return html.section("details", "Run details", "".join(parts))
+
+    # ----- the page -------------------------------------------------------------------------
+    def build(self) -> str:
+        sections = [("summary", "Summary", self.summary), ("matrix", "Matrix R", self.heatmaps), ("dice", "Dice per hop", self.dice_curves),
+                    ("forgetting", "Forgetting", self.forgetting), ("final", "Final Dice", self.final_dice),
+                    ("predictions", "Predictions", self.predictions), ("replay", "Replay", self.replay),
+                    ("hops", "Hop chain", self.hop_chain), ("details", "Run details", self.details)]  # fmt: skip
+        built = []
+        for anchor, label, make in sections:
+            notes: list[str] = []
+            content = _guarded(notes, f"section '{label}'", make)
+            if content is None and notes:
+                content = html.section(anchor, label, html.notes(notes))
+            if content:
+                built.append((anchor, label, content))
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if self.multi:
+            title = f"relaylearn — {self.where.name}: {len(self.runs)} strategies"
+            meta = f"{escape(str(self.where))} · runs: {escape(', '.join(r.label for r in self.runs))} · generated {now}"
+        else:
+            run = self.runs[0]
+            title = f"relaylearn — {run.label} / {run.info.get('name', run.path.name)}"
+            meta = f"{escape(str(run.path))} · strategy {escape(run.strategy or '?')} · {len(run.trained)} hop(s) · generated {now}"
+        return html.page(title, meta, built, f"relaylearn {escape(__version__)} · self-contained report, no external resources")
+
+
+def _colour_legend(run: Run) -> str:
+    from relaylearn.predict import class_colour
+
+    names = _class_names(run)
+    swatches = []
+    for k in range(1, min(_dataset(run)[1], 10)):
+        r, g, b = class_colour(k)
+        label = names.get(f"dice_class_{k}", f"class {k}")
+        swatches.append(f'<span style="display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b});margin:0 4px 0 10px;border-radius:2px"></span>{escape(label)}')
+    return "Colours:" + "".join(swatches)
+
+
+def _embedded(rows) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Panel rows with every image array replaced by its PNG data URI."""
+    return [(label, [(plots.png_uri(image), caption) for image, caption in cells]) for label, cells in rows]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _hash(value: str, keep: int = 12) -> str:
+    if not value:
+        return "–"
+    short = value if len(value) <= keep else value[:keep] + "…"
+    return f'<span class="hash" title="{escape(value)}">{escape(short)}</span>'
+
+
+def build_report(run_dir: str | Path, name: str | None = None) -> str:
+    """The report page as a string (see :func:`write_report`)."""
+    return ReportBuilder(find_runs(Path(run_dir), name), Path(run_dir)).build()
+
+
+def write_report(run_dir: str | Path, name: str | None = None) -> Path:
+    """Write ``run_dir/report.html``: the run in ``run_dir``, or every ``run_dir/<strategy>/<name>/``
+    side by side. Returns its path; UserError when no ``metrics/matrix.json`` is found."""
+    out = Path(run_dir) / REPORT_NAME
+    atomic_write_bytes(out, build_report(run_dir, name).encode("utf-8"))
+    return out

@@ -1,0 +1,228 @@
+"""Reading run folders for the report: ``metrics/matrix.json``, the results CSVs, ``run.json``,
+``config.yaml`` and the bundles. Anything missing becomes a note, never an exception."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relaylearn.errors import UserError
+
+MATRIX = Path("metrics") / "matrix.json"
+
+
+@dataclass
+class Run:
+    """One run folder ``exps/<config>/<name>/`` as the report sees it."""
+
+    label: str  # how the report names the run (strategy folder, or config name)
+    path: Path
+    matrix: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)  # run.json
+    config: dict[str, Any] | None = None  # config.yaml (raw)
+    results: list[dict[str, Any]] = field(default_factory=list)  # summary rows of one results CSV
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    results_file: Path | None = None
+    notes: list[str] = field(default_factory=list)  # problems met while reading
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.matrix.get("sites", []))
+
+    @property
+    def trained(self) -> list[str]:
+        return list(self.matrix.get("trained", []))
+
+    @property
+    def R(self) -> list[list[float]]:
+        return [[float(v) for v in row] for row in self.matrix.get("R", [])]
+
+    @property
+    def strategy(self) -> str | None:
+        try:
+            return self.config["common"]["strategy"]["name"]
+        except (TypeError, KeyError):
+            return None
+
+    def trained_columns(self) -> list[list[int]]:
+        """Columns of R belonging to each trained row (several for pooled training 'A+B')."""
+        return [[self.sites.index(s) for s in name.split("+") if s in self.sites] for name in self.trained]
+
+    def external_columns(self) -> list[int]:
+        trained = {c for cols in self.trained_columns() for c in cols}
+        return [j for j in range(len(self.sites)) if j not in trained]
+
+    def final_task_id(self) -> str | None:
+        """task_id of the last trained row, from the results CSV."""
+        if not self.trained:
+            return None
+        for row in self.results:
+            if row.get("trained_site") == self.trained[-1]:
+                return str(row.get("task_id"))
+        return None
+
+    def final_bundle(self) -> Path | None:
+        """The bundle written after the last trained site (by task id, else the newest)."""
+        folder = self.path / "bundles"
+        task_id = self.final_task_id()
+        if task_id is not None and (folder / f"task_{task_id}.relay").is_file():
+            return folder / f"task_{task_id}.relay"
+        bundles = sorted(folder.glob("*.relay"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        return bundles[-1] if bundles else None
+
+
+def _number(value: str) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows with numeric-looking values as floats (ids and names stay strings)."""
+    keep = {"task_id", "trained_site", "test_site", "name"}
+    with path.open(newline="") as fh:
+        return [{k: (v if k in keep else _number(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _pick_results(run: Run) -> None:
+    """The results CSV covering the most trained rows (newest on ties) and its per-image CSV."""
+    folder = run.path / "test_results"
+    candidates = sorted(folder.glob("results_*.csv")) if folder.is_dir() else []
+    if not candidates:
+        run.notes.append("no test_results/results_*.csv: Dice intervals and prediction examples are not available")
+        return
+    best, best_key = None, None
+    for path in candidates:
+        try:
+            rows = read_csv(path)
+        except (OSError, csv.Error, UnicodeDecodeError) as exc:
+            run.notes.append(f"{path.name} unreadable: {exc}")
+            continue
+        key = (len({r.get("trained_site") for r in rows} & set(run.trained)), path.name)
+        if best_key is None or key > best_key:
+            best, best_key = (path, rows), key
+    if best is None:
+        return
+    run.results_file, run.results = best
+    per_image = best[0].with_name(best[0].name.replace("results_", "per_image_", 1))
+    if per_image.is_file():
+        try:
+            run.per_image = read_csv(per_image)
+        except (OSError, csv.Error, UnicodeDecodeError) as exc:
+            run.notes.append(f"{per_image.name} unreadable: {exc}")
+    else:
+        run.notes.append(f"no {per_image.name}: prediction examples cannot be chosen")
+
+
+def _matrix_problem(matrix: Any) -> str | None:
+    if not isinstance(matrix, dict):
+        return "is not a JSON object"
+    sites, trained, R = matrix.get("sites"), matrix.get("trained"), matrix.get("R")
+    if not isinstance(sites, list) or not isinstance(trained, list) or not isinstance(R, list):
+        return "needs lists 'sites', 'trained' and 'R'"
+    if len(R) != len(trained) or any(not isinstance(row, list) or len(row) != len(sites) for row in R):
+        return f"R must have {len(trained)} rows of {len(sites)} values"
+    try:
+        [float(v) for row in R for v in row]
+    except (TypeError, ValueError):
+        return "R holds non-numbers"
+    return None
+
+
+def load_run(path: Path, label: str | None = None) -> Run:
+    """Read one run folder; UserError only when matrix.json itself is unusable.
+
+    ``label`` defaults to the config name in run.json (e.g. ``fundus/relay``), else the folder's parent.
+    """
+    matrix_path = path / MATRIX
+    try:
+        matrix = json.loads(matrix_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the result matrix: {exc}", matrix_path) from None
+    problem = _matrix_problem(matrix)
+    if problem:
+        raise UserError(f"result matrix {problem}", matrix_path)
+    run = Run(label=label or path.parent.name or path.name, path=path, matrix=matrix)
+    try:
+        info = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError):
+        info = None
+    if isinstance(info, dict):
+        run.info = info
+        if label is None and isinstance(info.get("config"), str):
+            run.label = info["config"]
+    else:
+        run.notes.append("no readable run.json")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    if isinstance(config, dict):
+        run.config = config
+    else:
+        run.notes.append("no readable config.yaml")
+    _pick_results(run)
+    return run
+
+
+def find_runs(run_dir: Path, name: str | None = None) -> list[Run]:
+    """One run (``run_dir`` holds metrics/matrix.json) or every ``run_dir/<strategy>/<name>/``.
+
+    Without ``name`` every ``<strategy>/<any name>`` run is collected (labelled ``strategy/name``
+    when several names occur). UserError when nothing is found.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / MATRIX).is_file():
+        return [load_run(run_dir)]
+    pattern = f"*/{name}/{MATRIX.as_posix()}" if name else f"*/*/{MATRIX.as_posix()}"
+    found = sorted(p.parent.parent for p in run_dir.glob(pattern))
+    if not found:
+        where = f"{run_dir}/<strategy>/{name}/" if name else f"{run_dir}/ or {run_dir}/<strategy>/<name>/"
+        raise UserError(f"no run found: expected {MATRIX.as_posix()} in {where}", run_dir)
+    several_names = len({p.name for p in found}) > 1
+    return [load_run(p, f"{p.parent.name}/{p.name}" if several_names else p.parent.name) for p in found]
+
+
+# ----- derived numbers ---------------------------------------------------------------------------
+def forgetting_per_site(run: Run) -> dict[str, float]:
+    """Site → max over rows l (from the site's own row to the one before last) of R[l][j] − R[T][j].
+
+    Only sequentially trained sites (one column per row) before the last one have a value.
+    """
+    R, cols = run.R, run.trained_columns()
+    if len(R) < 2 or any(len(c) != 1 for c in cols):
+        return {}
+    last = len(R) - 1
+    return {run.trained[j]: max(R[l][cols[j][0]] for l in range(j, last)) - R[last][cols[j][0]] for j in range(last)}
+
+
+def external_dice(run: Run) -> float:
+    """Mean final Dice on the sites never trained on (NaN without any)."""
+    ext = run.external_columns()
+    return sum(run.R[-1][j] for j in ext) / len(ext) if ext and run.R else math.nan
+
+
+def dice_series(run: Run) -> dict[str, list[tuple[float, float, float]]]:
+    """Test site → [(mean, ci_low, ci_high) after each trained row]; from the results CSV,
+    falling back to R (no interval: low = high = mean) where a row is missing."""
+    by_key = {(r.get("trained_site"), r.get("test_site")): r for r in run.results}
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for j, site in enumerate(run.sites):
+        series = []
+        for i, trained in enumerate(run.trained):
+            row = by_key.get((trained, site))
+            if row is not None and isinstance(row.get("dice_sample"), float):
+                mean = row["dice_sample"]
+                low, high = row.get("dice_sample_ci_low", mean), row.get("dice_sample_ci_high", mean)
+                series.append((mean, low if isinstance(low, float) else mean, high if isinstance(high, float) else mean))
+            else:
+                series.append((run.R[i][j],) * 3)
+        out[site] = series
+    return out

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny synthetic multi-site dataset and a tiny config, made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(1)
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_fundus(tmp_path_factory) -> Path:
+    """A DoFE-layout dataset: 3 sites, a few 32-px images each (written by the synthetic generator)."""
+    from relaylearn.data.synth import write_synthetic_benchmark
+
+    root = tmp_path_factory.mktemp("fundus")
+    write_synthetic_benchmark(root, size=32, seed=3, counts={"Domain1": (6, 4), "Domain2": (6, 4), "Domain3": (4, 4)})
+    return root
+
+
+def tiny_config(tmp_path: Path, data_root: Path, strategy: str = "sequential", task_ids=(1, 2), steps: int = 3, strategy_kwargs=None, img: int = 32, **train) -> Path:
+    """Write a minimal config that trains ``task_ids`` for ``steps`` batches each on ``data_root``."""
+    cfg = {
+        "common": {
+            "random_seed": 7,
+            "dataset": {"name": "fundus", "kwargs": {"root_path": str(data_root), "img_size": [img, img], "num_classes": 3}},
+            "strategy": {"name": strategy, "kwargs": strategy_kwargs or {}},
+            "model": {"name": "unet"},
+            "train": {"num_steps": steps, "batch_size": 4, "log_every_n_steps": 1, **train},
+            "test": {"batch_size": 8, "bootstrap": 200},
+        },
+        "all_tasks_datasets": [
+            {"kwargs": {"task_id": 1, "task_name": "Domain1", "img_folder": "Domain1"}},
+            {"kwargs": {"task_id": 2, "task_name": "Domain2", "img_folder": "Domain2"}},
+            {"kwargs": {"task_id": 3, "task_name": "Domain3", "img_folder": "Domain3"}},
+        ],
+        "current_tasks": {"task_ids": list(task_ids)},
+    }
+    path = tmp_path / f"{strategy}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

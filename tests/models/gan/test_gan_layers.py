@@ -1,0 +1,148 @@
+"""Tests of relaylearn.models.gan.layers: resampling, equalised LR, modulated conv, mbstd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from relaylearn.models.gan.layers import (
+    EqualizedConv2d,
+    EqualizedLinear,
+    MinibatchStdDev,
+    NoiseInput,
+    bias_act,
+    conv2d_resample,
+    downsample2d,
+    make_resample_kernel,
+    modulated_conv2d,
+    upsample2d,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_resample_kernel_is_normalised_and_separable():
+    k = make_resample_kernel()
+    assert k.shape == (4, 4)
+    assert torch.isclose(k.sum(), torch.tensor(1.0))
+    assert torch.allclose(k[0], torch.tensor([1, 3, 3, 1]) / 64)
+
+
+def test_upsample_and_downsample_shapes_and_dc_gain():
+    k = make_resample_kernel()
+    const = torch.full((2, 3, 8, 8), 2.5)
+    up = upsample2d(const, k)
+    down = downsample2d(const, k)
+    assert up.shape == (2, 3, 16, 16) and down.shape == (2, 3, 4, 4)
+    # Away from the zero-padded border a constant stays constant.
+    assert torch.allclose(up[..., 2:-2, 2:-2], torch.full_like(up[..., 2:-2, 2:-2], 2.5))
+    assert torch.allclose(down[..., 1:-1, 1:-1], torch.full_like(down[..., 1:-1, 1:-1], 2.5))
+
+
+def test_upsample_is_centred():
+    # A linear ramp stays a (finer) linear ramp, with samples centred between the coarse ones.
+    k = make_resample_kernel()
+    ramp = torch.arange(8.0).reshape(1, 1, 1, 8).expand(1, 1, 8, 8)
+    up = upsample2d(ramp.contiguous(), k)[0, 0, 4]
+    expected = (torch.arange(16.0) - 0.5) / 2
+    assert torch.allclose(up[2:-2], expected[2:-2], atol=1e-5)
+
+
+def test_up_conv_equals_fir_upsample_then_conv_in_the_interior():
+    k = make_resample_kernel()
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(5, 3, 3, 3)
+    fused = conv2d_resample(x, w, k, up=True)
+    reference = F.conv2d(upsample2d(x, k), w, padding=1)
+    assert fused.shape == reference.shape == (2, 5, 12, 12)
+    assert torch.allclose(fused[..., 2:-2, 2:-2], reference[..., 2:-2, 2:-2], atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_down_conv_equals_conv_then_fir_downsample_in_the_interior(kernel_size):
+    k = make_resample_kernel()
+    x, w = torch.randn(2, 3, 12, 12), torch.randn(5, 3, kernel_size, kernel_size)
+    fused = conv2d_resample(x, w, k, down=True)
+    reference = downsample2d(F.conv2d(x, w, padding=kernel_size // 2), k)
+    assert fused.shape == reference.shape == (2, 5, 6, 6)
+    assert torch.allclose(fused[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_modulated_conv_equals_per_sample_weights(up):
+    k = make_resample_kernel()
+    x, w, styles = torch.randn(3, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(3, 4)
+    out = modulated_conv2d(x, w, styles, demodulate=True, up=up, kernel=k)
+    for n in range(3):
+        w_n = w * styles[n].reshape(1, -1, 1, 1)
+        w_n = w_n / (w_n.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).sqrt()
+        ref = conv2d_resample(x[n:n + 1], w_n, k, up=up)
+        assert torch.allclose(out[n:n + 1], ref, atol=1e-5)
+
+
+def test_demodulation_gives_unit_output_variance():
+    x = torch.randn(4, 64, 16, 16)
+    out = modulated_conv2d(x, torch.randn(32, 64, 3, 3), torch.randn(4, 64) * 3, demodulate=True)
+    assert 0.8 < out.std().item() < 1.2
+
+
+def test_equalized_linear_runtime_scaling_and_lr_multiplier():
+    layer = EqualizedLinear(400, 300, bias_init=1.0, lr_multiplier=0.01)
+    assert 80 < layer.weight.std().item() < 120  # stored N(0,1)/lr_mult
+    y = layer(torch.randn(256, 400))
+    assert 0.85 < (y - 1).std().item() < 1.15  # unit-variance in, unit-variance out, bias 1
+    assert torch.allclose(y.mean(), torch.tensor(1.0), atol=0.1)
+
+
+def test_equalized_conv_lrelu_gain_and_clamp():
+    conv = EqualizedConv2d(64, 64, 3, activation="lrelu", conv_clamp=0.5)
+    y = conv(torch.randn(2, 64, 8, 8))
+    assert y.abs().max().item() <= 0.5 + 1e-6
+    y2 = conv(torch.randn(2, 64, 8, 8), gain=2.0)
+    assert y2.abs().max().item() <= 1.0 + 1e-6  # the clamp scales with the gain
+
+
+def test_bias_act_lrelu_gain():
+    x = torch.tensor([[-1.0, 2.0]])
+    y = bias_act(x, torch.tensor([0.0, 1.0]), "lrelu")
+    assert torch.allclose(y, torch.tensor([[-0.2, 3.0]]) * math.sqrt(2))
+    with pytest.raises(ValueError):
+        bias_act(x, None, "tanh")
+
+
+def test_noise_input_modes():
+    noise = NoiseInput(4)
+    x = torch.zeros(2, 3, 4, 4)
+    assert torch.equal(noise(x, "random"), x)  # strength starts at 0
+    with torch.no_grad():
+        noise.strength.fill_(1.0)
+    assert torch.equal(noise(x, "const")[0, 0], noise.const_noise)
+    assert torch.equal(noise(x, "none"), x)
+    r = noise(x, "random")
+    assert torch.equal(r[:, 0], r[:, 1])  # one noise map shared by all channels
+    with pytest.raises(ValueError):
+        noise(x, "fixed")
+
+
+def test_minibatch_stddev_groups():
+    mbstd = MinibatchStdDev(group_size=2, num_channels=1)
+    x = torch.randn(4, 3, 2, 2)
+    out = mbstd(x)
+    assert out.shape == (4, 4, 2, 2)
+    assert torch.equal(out[:, :3], x)
+    # Groups are {0, 2} and {1, 3} (sample n in group n mod N/G).
+    for members in ([0, 2], [1, 3]):
+        expected = (x[members].var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+        assert torch.allclose(out[members, 3], expected.expand(2, 2, 2))
+
+
+def test_minibatch_stddev_indivisible_batch_is_one_group():
+    out = MinibatchStdDev(group_size=4)(torch.randn(3, 2, 2, 2))
+    x = out[:, :2]
+    expected = (x.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+    assert torch.allclose(out[:, 2], expected.expand(3, 2, 2))

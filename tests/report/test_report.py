@@ -1,0 +1,286 @@
+"""``relaylearn report``: one self-contained HTML page per run folder (or per demo folder of
+several strategies), every image embedded, missing pieces shown as notes; rendered in headless
+Chromium when it is installed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from relaylearn.errors import UserError
+from relaylearn.metrics import continual_metrics
+from tests.test_export import make_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+SITES = ["Domain1", "Domain2", "Domain3", "Domain4", "Domain5"]  # Domain5: external test site
+IMG = 32
+
+
+# ----- a fake fundus test set and fake run folders -----------------------------------------------
+def fundus_pair(seed: int, size: int = IMG) -> tuple[np.ndarray, np.ndarray]:
+    """A cartoon fundus crop (uint8 RGB) and its class map (0 background, 1 rim, 2 cup)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size] / size
+    cy, cx = 0.5 + rng.uniform(-0.08, 0.08, 2)
+    r_disc, ratio = rng.uniform(0.25, 0.35), rng.uniform(0.3, 0.7)
+    d = np.hypot((y - cy) / 1.1, x - cx)
+    labels = np.where(d < r_disc * ratio, 2, np.where(d < r_disc, 1, 0))
+    colours = np.array([[170, 60, 30], [230, 160, 70], [250, 225, 160]], dtype=float)
+    image = colours[labels] * (1 - 0.35 * np.hypot(y - 0.5, x - 0.5))[..., None] + rng.normal(0, 6, (size, size, 3))
+    return image.clip(0, 255).astype(np.uint8), labels
+
+
+def write_dofe_site(root: Path, site: str, n: int, seed: int) -> list[str]:
+    """DoFE layout test split of ``site`` with ``n`` images; returns the file stems."""
+    folder = root / site / "test" / "ROIs"
+    (folder / "image").mkdir(parents=True, exist_ok=True)
+    (folder / "mask").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        image, labels = fundus_pair(seed * 100 + i)
+        name = f"{site.lower()}_{i:03d}"
+        Image.fromarray(image).save(folder / "image" / f"{name}.png")
+        Image.fromarray(np.array([255, 128, 0], dtype=np.uint8)[labels]).save(folder / "mask" / f"{name}.png")
+        names.append(name)
+    return names
+
+
+def fake_split(site: str, n: int = 5) -> SimpleNamespace:
+    """What load_site returns, without files: images [n,3,H,W] in [-1,1], labels [n,H,W], names."""
+    seed = SITES.index(site) if site in SITES else 9
+    pairs = [fundus_pair(seed * 100 + i) for i in range(n)]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
+    return SimpleNamespace(site=site, images=images, labels=labels, names=[f"{site.lower()}_{i:03d}" for i in range(n)])
+
+
+def fake_matrix(trained: list[str], seed: int) -> list[list[float]]:
+    rng = np.random.default_rng(seed)
+    R = []
+    for i in range(len(trained)):
+        row = [round(float(rng.uniform(0.35, 0.6)), 4) for _ in SITES]
+        for j in range(i + 1):
+            row[j] = round(float(0.85 - 0.06 * (i - j) * (1 + seed % 2) + rng.uniform(-0.02, 0.02)), 4)
+        R.append(row)
+    return R
+
+
+def write_run(path: Path, strategy: str, trained: list[str], seed: int = 0, n_images: int = 5, bundle: Path | None = None, data_root: Path | None = None) -> Path:
+    """A run folder as the trainer writes it: matrix.json, results + per-image CSVs, config, run.json."""
+    R = fake_matrix(trained, seed)
+    sequential = all("+" not in t for t in trained)
+    metrics = continual_metrics(R, [SITES.index(t) for t in trained]) if sequential else {"acc": float(np.mean(R[-1][:4])), "bwt": 0.0, "forgetting": 0.0}
+    per_class = {t: {s: {"dice_class_1": R[i][j] + 0.03, "dice_class_2": R[i][j] - 0.03} for j, s in enumerate(SITES)} for i, t in enumerate(trained)}
+    matrix = {"metric": "dice_sample", "sites": SITES, "trained": trained, "R": R, "acc": metrics["acc"], "bwt": metrics["bwt"],
+              "forgetting": metrics["forgetting"], "acc_all_sites": float(np.mean(R[-1])), "per_class": per_class}
+    (path / "metrics").mkdir(parents=True)
+    (path / "metrics" / "matrix.json").write_text(json.dumps(matrix, indent=2))
+    rng = np.random.default_rng(seed)
+    summary, per_image = [], []
+    for i, t in enumerate(trained):
+        for j, s in enumerate(SITES):
+            dice = np.clip(R[i][j] + rng.normal(0, 0.08, n_images), 0, 1)
+            summary.append({"task_id": i + 1, "trained_site": t, "test_site": s, "num_images": n_images, "dice_sample": R[i][j],
+                            "dice_sample_ci_low": R[i][j] - 0.04, "dice_sample_ci_high": R[i][j] + 0.035})
+            per_image += [{"task_id": i + 1, "trained_site": t, "test_site": s, "name": f"{s.lower()}_{k:03d}", "dice_sample": float(d)} for k, d in enumerate(dice)]
+    for prefix, rows in (("results", summary), ("per_image", per_image)):
+        (path / "test_results").mkdir(exist_ok=True)
+        with (path / "test_results" / f"{prefix}_2024-05-01_12-00-00.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    config = {
+        "common": {"dataset": {"name": "fundus", "kwargs": {"root_path": str(data_root or path / "no-data"), "img_size": [IMG, IMG], "num_classes": 3}},
+                   "strategy": {"name": strategy}, "train": {"num_steps": 1}},
+        "all_tasks_datasets": [{"kwargs": {"task_id": i + 1, "task_name": s, "img_folder": s}} for i, s in enumerate(SITES)],
+        "current_tasks": {"task_ids": [1, 2, 3, 4]},
+    }  # fmt: skip
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "run.json").write_text(json.dumps({"config": f"demo/{strategy}", "name": path.name, "seed": 7, "started_utc": "2024-05-01T12:00:00Z",
+                                               "argv": ["relaylearn", "train", "-c", f"demo/{strategy}"], "versions": {"relaylearn": "0.1", "torch": torch.__version__}}))
+    if bundle is not None:
+        (path / "bundles").mkdir()
+        shutil.copyfile(bundle, path / "bundles" / f"task_{len(trained)}.relay")
+    return path
+
+
+class ReplayStub(torch.nn.Module):
+    """Stands in for the relay strategy: the real solver plus previews() of 'replayed' pairs."""
+
+    def __init__(self, solver):
+        super().__init__()
+        self.solver = solver
+
+    def previews(self, per_site: int = 8):
+        out = {}
+        for site in SITES[:3]:
+            split = fake_split(site, per_site)
+            out[site] = ((split.images + 0.1 * torch.randn_like(split.images)).clamp(-1, 1), split.labels)
+        return out
+
+
+# ----- checks of the page ------------------------------------------------------------------------
+def image_sources(page: str) -> list[str]:
+    return re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
+
+
+def section_of(page: str, anchor: str) -> str:
+    return page.split(f'<section id="{anchor}">')[1].split("</section>")[0]
+
+
+def images_in(page: str, anchor: str) -> int:
+    return section_of(page, anchor).count("<img")
+
+
+def assert_self_contained(page: str) -> int:
+    """Every <img> is an embedded PNG that decodes; nothing is fetched from elsewhere."""
+    sources = image_sources(page)
+    assert len(sources) == page.count("<img"), "every <img> has a src"
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        raw = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            assert im.width > 0 and im.height > 0
+    assert not re.search(r"""(src|href)=["'](https?:|//)""", page), "no external resources"
+    assert "<link" not in page and "@import" not in page
+    return len(sources)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "task.relay", img=IMG, seed=2)
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory, bundle) -> Path:
+    """exps/demo/<strategy>/x for relay, sequential (with bundles) and joint (no bundle), plus a
+    run of another name that must not be included; predictions use fake test data."""
+    from relaylearn.report import samples, write_report
+
+    demo = tmp_path_factory.mktemp("exps") / "demo"
+    write_run(demo / "relay" / "x", "relay", SITES[:4], seed=1, bundle=bundle)
+    write_run(demo / "sequential" / "x", "sequential", SITES[:4], seed=2, bundle=bundle)
+    write_run(demo / "joint" / "x", "joint", ["+".join(SITES[:4])], seed=3)
+    write_run(demo / "sequential" / "other", "sequential", SITES[:2], seed=4)
+    real_loader = samples.load_final_model
+
+    def final_model(path):
+        model = real_loader(path)
+        if "relay" in str(path):
+            model.strategy = ReplayStub(model.strategy.solver).eval()
+        return model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(samples, "load_final_model", final_model)
+        mp.setattr(samples, "load_test_split", lambda run, site, task, cache: fake_split(site))
+        return write_report(demo, name="x")
+
+
+# ----- tests -------------------------------------------------------------------------------------
+def test_demo_report_shows_every_strategy_side_by_side(demo_report):
+    assert demo_report.name == "report.html" and demo_report.parent.name == "demo"
+    page = demo_report.read_text()
+    for heading in ("Summary", "Result matrix R", "Dice after each hop", "Forgetting per site", "Final Dice per test site",
+                    "Predictions of the final model", "Replayed image/mask pairs", "Hop chain of the last bundle", "Run details"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    summary = section_of(page, "summary")
+    assert all(f"<td>{s}</td>" in summary for s in ("relay", "sequential", "joint")) and "other" not in summary
+    assert summary.count("<tr>") == 1 + 3
+    assert 'class="num best"' in summary, "best values highlighted"
+    n_images = assert_self_contained(page)
+    assert (images_in(page, "matrix"), images_in(page, "dice"), images_in(page, "forgetting"), images_in(page, "final")) == (3, 3, 1, 1)
+    assert images_in(page, "predictions") == 2 * 5 * 9, "relay + sequential: 5 sites x (worst, median, best) x (image, truth, prediction)"
+    assert images_in(page, "replay") == 3 * (6 + 6 + 5 + 5), "3 sites: 6 replayed pairs, 5 real pairs"
+    assert n_images == 8 + 90 + 66
+    assert "joint: no bundle in bundles/" in page
+    assert "joint: no forgetting per site (pooled training)" in page
+    assert "Domain1 → Domain2 → Domain3 → Domain4" in page
+    assert page.count("signer key") == 2 and "unsigned (single-machine simulation)" in page
+    assert not list(demo_report.parent.glob(".report.html*")), "no temporary file left"
+
+
+def test_single_run_with_real_test_data_and_missing_pieces(tmp_path, bundle):
+    from relaylearn.report import write_report
+
+    data = tmp_path / "data"
+    for k, site in enumerate(SITES):
+        write_dofe_site(data, site, 5, k)
+    run = write_run(tmp_path / "exps" / "demo" / "sequential" / "solo", "sequential", SITES[:4], bundle=bundle, data_root=data)
+    out = write_report(run)
+    assert out == run / "report.html"
+    page = out.read_text()
+    assert "relaylearn — demo/sequential / solo" in page
+    assert assert_self_contained(page) == 4 + 5 * 9, "heat-map, Dice plot, forgetting, final Dice + predictions"
+    predictions = section_of(page, "predictions")
+    assert 'class="note"' not in predictions, "data found: no notes"
+    assert "worst · domain1_" in predictions and "prediction · Dice" in predictions
+    # now remove the data, the bundle and the per-image CSV: the report still works, with notes
+    shutil.rmtree(data)
+    next((run / "test_results").glob("per_image_*.csv")).unlink()
+    page = write_report(run).read_text()
+    assert "no per_image_2024-05-01_12-00-00.csv" in page
+    assert "Domain1: no per-image scores of the final model" in page
+    shutil.rmtree(run / "bundles")
+    page = write_report(run).read_text()
+    assert "no bundle in bundles/" in page and assert_self_contained(page) == 4
+    assert "Replayed" not in page, "not a relay run"
+
+
+def test_report_needs_a_result_matrix(tmp_path, capsys):
+    from relaylearn.cli import main
+    from relaylearn.report import write_report
+
+    with pytest.raises(UserError, match="no run found"):
+        write_report(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "matrix.json").write_text(json.dumps({"sites": ["A"], "trained": ["A"], "R": [[0.5, 0.2]]}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "R must have 1 rows of 1 values" in capsys.readouterr().err
+    (tmp_path / "metrics" / "matrix.json").write_text(json.dumps({"sites": ["A", "B"], "trained": ["A"], "R": [[0.5, 0.2]]}))
+    assert main(["report", str(tmp_path)]) == 0, "a bare matrix is enough"
+    page = (tmp_path / "report.html").read_text()
+    assert "no test_results/results_*.csv" in page and assert_self_contained(page) >= 2
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+           "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp}", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed (/usr/bin/chromium): apt-get install -y chromium")
+def test_report_renders_in_headless_chromium(demo_report, tmp_path):
+    url = demo_report.resolve().as_uri()
+    dom = _chromium("--dump-dom", "--virtual-time-budget=5000", url, tmp=tmp_path / "profile1")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", dom.stdout).group(0)
+    assert 'data-images-ok="true"' in body, f"not every image decoded: {body}"
+    assert f'data-images-count="{len(image_sources(demo_report.read_text()))}"' in body
+    page_errors = [line for line in dom.stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and "report.html" in line)]
+    assert not page_errors, page_errors
+
+    artefacts = ROOT / "test-artifacts"
+    artefacts.mkdir(exist_ok=True)
+    shot = artefacts / "report.png"
+    result = _chromium("--screenshot=" + str(shot), "--window-size=1280,2000", "--hide-scrollbars", url, tmp=tmp_path / "profile2")
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2000)
+        assert len(set(im.convert("L").resize((64, 100)).getdata())) > 20, "screenshot is not blank"

@@ -1,0 +1,86 @@
+"""``relaylearn compare``: orders, statistics, and a tiny 2 strategies × 2 orders × 1 seed run
+through the command line, including the resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relaylearn.cli import main
+from relaylearn.compare import external_dice, markdown_table, mean_std, site_orders, summarise
+from relaylearn.errors import UserError
+from tests.conftest import tiny_config
+
+
+def test_site_orders_are_given_reversed_then_distinct_seeded_permutations():
+    orders = site_orders([1, 2, 3, 4], 5)
+    assert orders[:2] == [[1, 2, 3, 4], [4, 3, 2, 1]]
+    assert len({tuple(o) for o in orders}) == 5 and all(sorted(o) == [1, 2, 3, 4] for o in orders)
+    assert site_orders([1, 2, 3, 4], 5) == orders, "deterministic"
+    assert site_orders([3, 1], 1) == [[3, 1]]
+    with pytest.raises(UserError, match="only 2 distinct"):
+        site_orders([1, 2], 3)
+    with pytest.raises(UserError, match="at least 1"):
+        site_orders([1, 2], 0)
+
+
+def test_statistics_and_external_sites():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([0.5]) == (0.5, None)
+    assert mean_std([]) == (None, None)
+    matrix = {"sites": ["A", "B", "C", "D"], "trained": ["B", "A"], "R": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.9]], "acc": 0.55}
+    assert external_dice(matrix) == pytest.approx(0.8)
+    assert external_dice({**matrix, "trained": ["A+B+C+D"]}) is None
+    runs = {"order0_seed0": {"matrix": {**matrix, "bwt": -0.1, "forgetting": 0.2}, "wall_seconds": 10.0},
+            "order1_seed0": {"matrix": {**matrix, "acc": 0.65, "bwt": 0.1, "forgetting": 0.0}, "wall_seconds": 20.0}}
+    (row,) = summarise({"ewc": runs}, {"ewc": "others/ewc"})
+    assert row["acc_mean"] == pytest.approx(0.6) and row["acc_std"] == pytest.approx(0.1 / 2**0.5)
+    assert row["bwt_mean"] == pytest.approx(0.0) and row["wall_s_total"] == 30.0
+    table = markdown_table([row])
+    assert "| ewc | 2 | 0.600 ± 0.071 | +0.000 ± 0.141 | 0.100 ± 0.141 | 0.800 ± 0.000 | 15 ± 7 |" in table
+
+
+@pytest.mark.slow
+def test_compare_two_strategies_two_orders(tmp_path, tiny_fundus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    configs = [str(tiny_config(tmp_path, tiny_fundus, strategy=s, steps=1, strategy_kwargs=kw))
+               for s, kw in (("sequential", {}), ("ewc", {"fisher_samples": 2}))]
+    assert main(["compare", "-c", *configs, "-n", "tiny", "--orders", "2", "--seeds", "1", "-q"]) == 0
+    printed = capsys.readouterr().out
+    root = tmp_path / "exps" / "compare" / "tiny"
+    matrices = json.loads((root / "matrices.json").read_text())
+    assert set(matrices) == {"sequential", "ewc"}
+    for label, runs in matrices.items():
+        assert set(runs) == {"order0_seed0", "order1_seed0"}
+        assert runs["order0_seed0"]["order"] == [1, 2] and runs["order1_seed0"]["order"] == [2, 1]
+        assert runs["order1_seed0"]["matrix"]["trained"] == ["Domain2", "Domain1"]
+        assert runs["order0_seed0"]["seed"] == 7 and runs["order0_seed0"]["wall_seconds"] > 0
+        run_dir = root / label / "order1_seed0" / label / "tiny-o1-s0"
+        assert json.loads((run_dir / "metrics" / "matrix.json").read_text()) == runs["order1_seed0"]["matrix"]
+    csv_lines = (root / "table.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("strategy,config,runs,acc_mean,acc_std") and len(csv_lines) == 3
+    table = (root / "table.md").read_text()
+    assert "| sequential | 2 |" in table and "| ewc | 2 |" in table and table.split("\n\n", 1)[1] in printed
+    assert "n/a" not in table.split("\n")[-2], "Domain3 is an external site with a Dice"
+
+    # simulate an interruption after site 1 of one run: only that site is trained again
+    run_dir = root / "ewc" / "order0_seed0" / "ewc" / "tiny-o0-s0"
+    matrix_path = run_dir / "metrics" / "matrix.json"
+    full = json.loads(matrix_path.read_text())
+    matrix_path.write_text(json.dumps({**full, "R": full["R"][:1], "trained": full["trained"][:1]}))
+    (run_dir / "bundles" / "task_2.relay").unlink()
+    untouched = (root / "sequential" / "order0_seed0" / "sequential" / "tiny-o0-s0" / "metrics" / "matrix.json").stat().st_mtime_ns
+    assert main(["compare", "-c", *configs, "-n", "tiny", "--orders", "2", "-q"]) == 0
+    resumed = json.loads(matrix_path.read_text())
+    assert len(resumed["R"]) == 2 and resumed["R"][0] == full["R"][0]
+    assert (run_dir / "bundles" / "task_2.relay").is_file()
+    assert (root / "sequential" / "order0_seed0" / "sequential" / "tiny-o0-s0" / "metrics" / "matrix.json").stat().st_mtime_ns == untouched
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, tiny_fundus, capsys):
+    config = str(tiny_config(tmp_path, tiny_fundus))
+    assert main(["compare", "-c", config, config, "-n", "x"]) == 2
+    assert "listed twice" in capsys.readouterr().err
+    assert main(["compare", "-c", config, "-n", "x", "--orders", "3"]) == 2
+    assert "only 2 distinct order(s)" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relaylearn.config import CONFIG_DIR, deep_merge, load_config, parse_set
+from relaylearn.errors import ConfigError
+from tests.conftest import tiny_config
+
+
+def test_deep_merge_source_wins_and_lists_replace():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    out = deep_merge(base, {"a": {"c": [3]}, "d": None})
+    assert out == {"a": {"b": 1, "c": [3]}, "d": None}
+    assert base["a"]["c"] == [1, 2]  # not mutated
+
+
+def test_tasks_resolve_in_order_with_per_site_dataset(tmp_path):
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path, task_ids=(2, 1))))
+    assert [t.dataset.site for t in cfg.tasks] == ["Domain2", "Domain1"]
+    assert [d.site for d in cfg.test_datasets] == ["Domain1", "Domain2", "Domain3"]
+    assert cfg.tasks[0].dataset.kwargs.img_folder == "Domain2"
+
+
+def test_set_overrides_common_with_yaml_scalars(tmp_path):
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path)), ["train.batch_size=16", "train.precision=bf16-mixed", "random_seed=3"])
+    assert cfg.tasks[0].train.batch_size == 16
+    assert cfg.tasks[0].train.precision == "bf16-mixed"
+    assert cfg.tasks[0].random_seed == 3
+
+
+def test_data_root_replaces_every_site_root(tmp_path):
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path)), data_root="/elsewhere")
+    assert {d.root for d in cfg.test_datasets} == {"/elsewhere"}
+    assert cfg.tasks[0].dataset.root == "/elsewhere"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_sze=3", "common.train.batch_sze: unknown key"),
+        ("train.batch_size=many", "common.train.batch_size"),
+        ("dataset.kwargs.num_classes=1", "common.dataset.kwargs.num_classes"),
+        ("train.num_epochs=3", "exactly one of num_epochs"),
+    ],
+)
+def test_bad_keys_name_the_key_and_file(tmp_path, override, key):
+    path = tiny_config(tmp_path, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), [override])
+    assert key in str(err.value)
+    assert str(path) in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_original_local_typo_is_an_error_not_silently_sequential(tmp_path):
+    """The original's local.yaml misspelled an option and silently became 'sequential'."""
+    path = tiny_config(tmp_path, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["common"]["strategy"]["load_state_dict_from_previous_task"] = False
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="load_state_dict_from_previous_task: unknown key"):
+        load_config(str(path))
+
+
+def test_unknown_task_id_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no dataset in all_tasks_datasets has task_id 9"):
+        load_config(str(tiny_config(tmp_path, tmp_path, task_ids=(9,))))
+    with pytest.raises(ConfigError, match="config not found"):
+        load_config(str(tmp_path / "nope"))
+
+
+def test_set_needs_key_value():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["train.batch_size"])
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_shipped_configs_validate(path):
+    name = str(path.relative_to(CONFIG_DIR).with_suffix(""))
+    cfg = load_config(name)
+    assert cfg.tasks
+    from relaylearn.strategies import get_strategy_class
+    from relaylearn.strategies.base import parse_options
+
+    cls = get_strategy_class(cfg.tasks[0].strategy.name)
+    parse_options(cls, cfg.tasks[0].strategy.kwargs)

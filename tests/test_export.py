@@ -1,0 +1,102 @@
+"""Exported solvers (ONNX, TorchScript) give PyTorch's logits and carry their metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from relaylearn.errors import UserError
+
+
+def make_bundle(path: Path, *, channels: int = 3, num_classes: int = 3, img: int = 32, dataset: str = "fundus", seed: int = 0) -> Path:
+    """An unsigned one-hop 'sequential' bundle with a freshly initialised U-Net (shared by the
+    predict and report tests)."""
+    from relaylearn.bundle import utc_now, write_bundle
+    from relaylearn.config import TaskConfig
+    from relaylearn.runner import build_strategy, shipped_config
+
+    task = TaskConfig.model_validate({
+        "train": {"num_steps": 1},
+        "dataset": {"name": dataset, "kwargs": {"img_size": [img, img], "num_classes": num_classes, "channels": channels, "task_id": 1, "task_name": "Site1"}},
+    })  # fmt: skip
+    torch.manual_seed(seed)
+    strategy = build_strategy(task, load_pretrained=False)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for module in strategy.solver.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = strategy.state_to_bundle()
+    return write_bundle(path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
+                        site="Site1", hop_started_utc=utc_now(), parent=None, signing_key=None)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from relaylearn.predict import load_model
+
+    bundle = make_bundle(tmp_path_factory.mktemp("bundle") / "task_1.relay")
+    with pytest.warns(UserWarning, match="signature not checked"):
+        return load_model(bundle)
+
+
+def _inputs(batch: int) -> torch.Tensor:
+    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+
+
+def test_onnx_matches_pytorch_for_any_batch_size(model, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from relaylearn.export import export_model
+
+    out = export_model(model, "onnx", tmp_path / "solver.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == ["logits"]
+    for batch in (1, 3):
+        x = _inputs(batch)
+        with torch.no_grad():
+            expected = model.solver(x).numpy()
+        got = session.run(None, {"images": x.numpy()})[0]
+        assert got.shape == (batch, 3, 32, 32)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert json.loads(props["img_size"]) == [32, 32]
+    assert json.loads(props["bundle_sha256"]) == model.bundle_sha256
+    assert json.loads(props["relaylearn"])["class_names"] == ["background", "disc_rim", "cup"]
+    sidecar = json.loads((tmp_path / "solver.onnx.json").read_text())
+    assert sidecar["out_range"] == [-1.0, 1.0] and sidecar["format"] == "onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["solver.onnx", "solver.onnx.json"], "no temporary files left"
+
+
+def test_torchscript_via_cli_matches_pytorch(model, tmp_path, monkeypatch):
+    from relaylearn import export
+    from relaylearn.cli import main
+
+    monkeypatch.setattr(export, "load_model", lambda bundle, trust=None: model)  # the module fixture's bundle, already read
+    out = tmp_path / "solver.pt"
+    assert main(["export", "--bundle", "ignored.relay", "--format", "torchscript", "--out", str(out)]) == 0
+    extra = {"relaylearn.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["relaylearn.json"])["bundle_sha256"] == model.bundle_sha256
+    for batch in (1, 4):
+        x = _inputs(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model.solver(x), atol=1e-4, rtol=0)
+
+
+def test_export_rejects_bad_requests(model, tmp_path, capsys):
+    from relaylearn.cli import main
+    from relaylearn.export import export_model
+
+    with pytest.raises(UserError, match="expected one of onnx, torchscript"):
+        export_model(model, "tflite", tmp_path / "x")
+    with pytest.raises(UserError, match="folder"):
+        export_model(model, "torchscript", tmp_path)
+    assert main(["export", "--bundle", str(tmp_path / "missing.relay"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "bundle not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

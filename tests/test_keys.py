@@ -1,0 +1,146 @@
+"""Site keys: generation, permissions, loading, fingerprints and the trust folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from relaylearn.errors import UserError
+from relaylearn.keys import fingerprint, generate_keypair, load_private_key, load_trust_dir, validate_site_name
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+
+
+def test_generate_writes_private_0600_and_public_pem(tmp_path):
+    private_path, public_path = generate_keypair(tmp_path / "keys", "Site-1_a.b")
+    assert private_path == tmp_path / "keys" / "Site-1_a.b.key"
+    assert public_path == tmp_path / "keys" / "Site-1_a.b.pub"
+    if os.name == "posix":
+        assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    assert private_path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert public_path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    names = sorted(p.name for p in (tmp_path / "keys").iterdir())
+    assert names == ["Site-1_a.b.key", "Site-1_a.b.pub"]  # no temporary files left
+
+
+@posix_only
+def test_private_key_is_0600_even_with_a_permissive_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        private_path, _ = generate_keypair(tmp_path, "site")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+
+
+def test_generate_refuses_to_overwrite(tmp_path):
+    private_path, public_path = generate_keypair(tmp_path, "site")
+    before = private_path.read_bytes()
+    with pytest.raises(UserError, match="overwrite"):
+        generate_keypair(tmp_path, "site")
+    assert private_path.read_bytes() == before
+    private_path.unlink()  # only the .pub left: still refused, and no .key created
+    with pytest.raises(UserError, match="overwrite"):
+        generate_keypair(tmp_path, "site")
+    assert not private_path.exists()
+
+
+@pytest.mark.parametrize("bad", ["", "-site", ".hidden", "a/b", "../x", "a b", "é", "x" * 65, "a\n"])
+def test_invalid_site_names_are_refused(tmp_path, bad):
+    with pytest.raises(UserError, match="site name"):
+        generate_keypair(tmp_path, bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_valid_site_names():
+    for good in ["A", "site1", "Domain-4_x.y", "x" * 64]:
+        assert validate_site_name(good) == good
+
+
+def test_load_private_key_round_trip_and_fingerprint(tmp_path):
+    private_path, public_path = generate_keypair(tmp_path, "hospital-3")
+    key = load_private_key(private_path)
+    assert key.site == "hospital-3"
+    raw = key.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert key.fingerprint == "SHA256:" + hashlib.sha256(raw).hexdigest()[:32] == fingerprint(key.public_key)
+    key.public_key.verify(key.sign(b"manifest"), b"manifest")  # raises if the pair does not match
+    trust = load_trust_dir(tmp_path)
+    assert trust.get(key.fingerprint).site == "hospital-3"
+    assert "hospital-3.key" not in repr(key) and "PRIVATE" not in repr(key)
+
+
+@posix_only
+def test_group_readable_private_key_is_refused_with_chmod_hint(tmp_path):
+    private_path, _ = generate_keypair(tmp_path, "site")
+    private_path.chmod(0o640)
+    with pytest.raises(UserError, match="chmod 600"):
+        load_private_key(private_path)
+    private_path.chmod(0o600)
+    assert load_private_key(private_path).site == "site"
+
+
+def test_missing_garbage_and_non_ed25519_private_keys(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_private_key(tmp_path / "nope.key")
+    garbage = tmp_path / "garbage.key"
+    fd = os.open(garbage, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"not a key")
+    os.close(fd)
+    with pytest.raises(UserError, match="not a PEM private key"):
+        load_private_key(garbage)
+    ec_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ec_path = tmp_path / "ec.key"
+    fd = os.open(ec_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, ec_key)
+    os.close(fd)
+    with pytest.raises(UserError, match="not an Ed25519 key"):
+        load_private_key(ec_path)
+
+
+def test_trust_dir_loads_pub_files_and_ignores_others(tmp_path):
+    keys = tmp_path / "keys"
+    generate_keypair(keys, "a")
+    generate_keypair(keys, "b")
+    (keys / "README.txt").write_text("not a key")
+    trust = load_trust_dir(keys)  # the .key files are ignored as well
+    assert sorted(k.site for k in trust) == ["a", "b"]
+    assert len(trust) == 2
+    for key in trust:
+        assert trust.get(key.fingerprint) is key and key.fingerprint in trust
+
+
+def test_trust_dir_errors(tmp_path):
+    with pytest.raises(UserError, match="trust folder not found"):
+        load_trust_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no public keys"):
+        load_trust_dir(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    generate_keypair(bad, "good")
+    (bad / "broken.pub").write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(UserError, match="broken.pub"):
+        load_trust_dir(bad)
+
+
+def test_trust_dir_refuses_other_key_types_and_duplicates(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (other / "ec.pub").write_bytes(ec_pub)
+    with pytest.raises(UserError, match="ec.pub.*not an Ed25519"):
+        load_trust_dir(other)
+    dup = tmp_path / "dup"
+    _, public_path = generate_keypair(dup, "one")
+    (dup / "two.pub").write_bytes(public_path.read_bytes())
+    with pytest.raises(UserError, match="same key"):
+        load_trust_dir(dup)
