@@ -165,8 +165,11 @@ def cmd_test(args) -> int:
 def cmd_keygen(args) -> int:
     from relaylearn.keys import generate_keypair
 
+    from relaylearn.keys import load_private_key
+
     priv, pub = generate_keypair(Path(args.out_dir), args.site)
     print(f"private key (keep at this site, never share): {priv}\npublic key (give to every other site's trust folder): {pub}")
+    print(f"fingerprint (read it out to the other sites to confirm the .pub they received): {load_private_key(priv).fingerprint}")
     return 0
 
 

@@ -16,7 +16,7 @@ from relaylearn.errors import RelayError
 from relaylearn.runner import TrainOptions, run_training
 
 #: presets in the order they run; those without a config file yet are skipped
-DEMO_STRATEGIES = ["sequential", "local", "joint", "relay", "ewc", "si", "lwf", "owm"]
+DEMO_STRATEGIES = ["sequential", "local", "joint", "relay"]
 
 
 def main(argv: list[str] | None = None) -> int:

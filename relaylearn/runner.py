@@ -46,9 +46,18 @@ class RunResult:
     matrix: dict[str, Any]
     bundles: list[Path] = field(default_factory=list)
     wall_seconds: float = 0.0
+    is_main: bool = True  # False in a DDP worker rank: rank 0 writes every file and prints
 
 
 # ----- small utilities ---------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """False in the worker ranks (> 0) of a multi-process (DDP) run; Lightning sets the rank from
+    the launch environment at import and from the Trainer once one exists."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -223,10 +232,14 @@ class RelayRun:
             self.trust = load_trust_dir(self.opts.trust)
         if self.opts.in_bundle and self.trust is None and not self.opts.insecure_unsigned:
             raise UserError("--in needs --trust DIR (the consortium's public keys), or --insecure-unsigned for testing")
+        for task in self.cfg.tasks:  # a bad -g fails before anything is written
+            parse_devices(self.opts.devices, task.train.lightning)
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
             raise UserError(f"run folder already has results; use --resume to continue it or another -n", self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not is_main_process():
+            return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
         atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
         atomic_write_text(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
         info = {
@@ -236,16 +249,24 @@ class RelayRun:
         }
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
 
-    def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False):
+    def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False, own: bool = False):
         """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this
-        process wrote itself (single-machine simulation); ``--insecure-unsigned`` warns."""
+        process wrote itself (single-machine simulation); ``--insecure-unsigned`` warns. ``own``: a
+        bundle this site wrote, which also verifies with the site's own key (a trust folder need
+        not hold it; the first site may have none)."""
         from relaylearn.bundle import read_bundle
+        from relaylearn.keys import TrustStore
 
         if not path.is_file():
             raise UserError("bundle not found", path)
         if warn and allow_unsigned:
             print(f"WARNING: --insecure-unsigned: {path} is accepted without a signature check", file=sys.stderr)
-        return read_bundle(path, trust=self.trust, allow_unsigned=allow_unsigned)
+        trust = self.trust
+        if own and self.signing_key is not None:
+            keys = dict(trust.keys) if trust is not None else {}
+            keys.update(TrustStore.of((self.signing_key.site, self.signing_key.public_key)).keys)
+            trust = TrustStore(keys)
+        return read_bundle(path, trust=trust, allow_unsigned=allow_unsigned)
 
     def _ledger(self, site: str):
         """What this site last received or wrote (deployment only): refuses rollbacks and forks.
@@ -284,7 +305,7 @@ class RelayRun:
                 load = Path(task.checkpoint.load)
                 parent = self._read_bundle(load if load.is_absolute() else self.run_dir / load, allow_unsigned=not self.signed and self.trust is None)
             if self.opts.resume and bundle_path.is_file():
-                parent = self._read_bundle(bundle_path, allow_unsigned=not self.signed)
+                parent = self._read_bundle(bundle_path, allow_unsigned=not self.signed, own=True)
                 if previous and position < len(previous.get("R", [])):
                     rows.append(previous["R"][position])
                     trained.append(site_name)
@@ -293,7 +314,7 @@ class RelayRun:
                 bundles.append(bundle_path)
                 continue
             deployed = self.opts.in_bundle is not None or self.signing_key is not None
-            if parent is not None and deployed:
+            if parent is not None and deployed and is_main_process():
                 self._ledger(task.dataset.site).check(parent)
                 self._ledger(task.dataset.site).record(parent)
             strategy, row, results = self._train_site(group, parent, position)
@@ -304,17 +325,26 @@ class RelayRun:
                 summary.append(summary_row(task_id, site_name, test_site, res))
                 per_image.extend(per_image_rows(task_id, site_name, test_site, res))
                 per_class.setdefault(site_name, {})[test_site] = {k: v["mean"] for k, v in res["summary"].items() if k.startswith("dice_class")}
+            bundles.append(bundle_path)
+            if not is_main_process():  # DDP worker: wait for rank 0's bundle and start the next site from it
+                self._sync()
+                parent = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True)
+                continue
             parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
+            self._sync()
             if deployed:
                 self._ledger(task.dataset.site).record(parent, written=True)
-            bundles.append(bundle_path)
             stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
+            stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
             matrix = matrix_json(sites, trained, rows, trained_cols, per_class)
             atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
             write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
             write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
         matrix = matrix_json(sites, trained, rows, trained_cols, per_class)
+        self._sync()  # DDP: every rank has finished training before rank 0 reports
+        if not is_main_process():
+            return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
         atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
         if self.opts.out_bundle and bundles:
             out = Path(self.opts.out_bundle)
@@ -325,8 +355,14 @@ class RelayRun:
         return RunResult(self.run_dir, matrix, bundles, time.time() - started)
 
     def _log(self, msg: str) -> None:
-        if not self.opts.quiet:
+        if not self.opts.quiet and is_main_process():
             print(msg, file=sys.stderr, flush=True)
+
+    def _sync(self) -> None:
+        """DDP: wait until every rank got here (no-op in a single process)."""
+        strategy = getattr(self, "_lightning_strategy", None)
+        if strategy is not None:
+            strategy.barrier()
 
     def _train_site(self, group: list[TaskConfig], parent, position: int):
         import lightning as L
@@ -362,7 +398,7 @@ class RelayRun:
             from relaylearn.data.augment import from_config as augment_from_config
 
             augment = augment_from_config(task.dataset.kwargs.augment, tuple(task.dataset.kwargs.out_range))
-        module = SiteModule(strategy, site, augment=augment, log_every=task.train.log_every_n_steps, channels_last=task.train.channels_last)
+        module = SiteModule(strategy, site, augment=augment, log_every=task.train.log_every_n_steps, channels_last=task.train.channels_last, max_batches=total, sampler=loader.sampler)
         ckpt_dir = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt = LocalCheckpoint(ckpt_dir / "last.ckpt", task.train.checkpoint_every_n_steps)
@@ -376,12 +412,15 @@ class RelayRun:
         strategy_name = task.train.lightning.strategy  # on the CPU Lightning picks gloo for ddp
         trainer = L.Trainer(
             accelerator=accelerator, devices=devices, num_nodes=task.train.lightning.num_nodes, strategy=strategy_name,
-            precision=precision, max_epochs=epochs, max_steps=total, logger=TensorBoardLogger(self.run_dir, name="tensorboard", version=f"task_{task_id}"),
+            precision=precision, max_epochs=epochs, max_steps=-1, logger=TensorBoardLogger(self.run_dir, name="tensorboard", version=f"task_{task_id}"),
             callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
             gradient_clip_val=None, log_every_n_steps=task.train.log_every_n_steps, default_root_dir=self.run_dir,
         )
         loader.sampler.rank, loader.sampler.world_size = trainer.global_rank, trainer.world_size
+        self._lightning_strategy = trainer.strategy
+        if trainer.global_rank > 0:  # DDP: weights start equal (rank 0's are broadcast); latents, replay and augmentation differ per rank
+            torch.manual_seed(seed + 1_000_003 * trainer.global_rank)
         resume_from = ckpt.path if (self.opts.resume and ckpt.path.is_file()) else None
         if resume_from:
             self._log(f"[{site_name}] resuming from {resume_from}")
@@ -389,6 +428,8 @@ class RelayRun:
             trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)  # local-only checkpoint
         else:
             trainer.fit(module, train_dataloaders=loader)
+        if resume_from:
+            self._log(f"[{site_name}] resumed at batch {module.resumed_at} of {total}")
         device = module.device
         results = {}
         for ds in self.cfg.test_datasets:
@@ -427,18 +468,23 @@ class RelayRun:
             site=task.dataset.site if "+" not in site_name else site_name, hop_started_utc=getattr(strategy, "hop_started_utc", utc_now()),
             parent=parent, signing_key=self.signing_key, extra=extra or None,
         )
-        return self._read_bundle(path, allow_unsigned=self.signing_key is None)
+        return self._read_bundle(path, allow_unsigned=self.signing_key is None, own=True)
 
 
 def quiet_lightning() -> None:
     """Lightning's start-up chatter (GPU/TPU lines, tips) is noise for our users."""
     import logging
 
+    import lightning.pytorch  # noqa: F401 - import first: it sets its own loggers to INFO
+
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger).*")
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
 
 
 def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:
     quiet_lightning()
-    return RelayRun(cfg, name, opts).run()
+    result = RelayRun(cfg, name, opts).run()
+    if not result.is_main:
+        raise SystemExit(0)  # a DDP worker that Lightning re-executed: rank 0 prints and writes the report
+    return result

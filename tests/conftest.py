@@ -43,6 +43,7 @@ def tiny_config(tmp_path: Path, data_root: Path, strategy: str = "sequential", t
         ],
         "current_tasks": {"task_ids": list(task_ids)},
     }
-    path = tmp_path / f"{strategy}.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{strategy.split(':')[-1]}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -18,6 +18,7 @@ from relaylearn.strategies.base import (
 )
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_DISCOVERED = False
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -29,22 +30,40 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 
 def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
 
 
+def import_object(spec: str, what: str):
+    """``"package.module:Name"`` → the object (for strategies and models outside relaylearn)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{what} '{spec}' cannot be imported: {exc}") from None
+
+
 def get_strategy_class(name: str) -> type[Strategy]:
-    if not _REGISTRY:
-        _discover()
+    """A registered strategy by name, or your own class as ``"my_package.module:MyStrategy"``."""
+    if ":" in name:
+        cls = import_object(name, "common.strategy.name")
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ConfigError(f"common.strategy.name: '{name}' is not a relaylearn Strategy subclass")
+        return cls
+    _discover()
     if name not in _REGISTRY:
         raise ConfigError(f"common.strategy.name: unknown strategy '{name}' (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
 
 
 def available_strategies() -> list[str]:
-    if not _REGISTRY:
-        _discover()
+    _discover()
     return sorted(_REGISTRY)
 
 

@@ -66,6 +66,8 @@ class StepContext:
     backward: Callable[[Tensor], None] = field(default=lambda loss: loss.backward())
     all_reduce_mean: Callable[[Tensor], Tensor] = field(default=lambda t: t)
     world_size: int = 1
+    #: replace NaN/inf gradients before stepping (off under fp16 loss scaling, which needs the infs)
+    sanitize: bool = True
 
     @property
     def progress(self) -> float:
@@ -161,7 +163,8 @@ class Strategy(nn.Module):
         """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → optimizer step."""
         optimizer.zero_grad(set_to_none=True)
         step.backward(loss)
-        sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
+        if step.sanitize:
+            sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
         optimizer.step()
 
 

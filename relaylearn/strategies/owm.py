@@ -328,7 +328,15 @@ def format_bytes(n: float) -> str:
 
 
 def available_host_memory() -> int | None:
-    """Bytes of free physical memory (Linux/most Unixes), None where unknown."""
+    """Bytes of memory available to a new allocation: Linux's MemAvailable (free + reclaimable
+    cache), else the free physical pages; None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):

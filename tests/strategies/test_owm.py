@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.strategies.test_ewc import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites  # first: it discovers every strategy
 from relaylearn.errors import ConfigError
 from relaylearn.strategies.owm import ConvTranspose2dOwm, check_projector_memory, projector_plan, select_layers
-from tests.strategies.test_ewc import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
 
 
 def randn(*shape, seed=0):
@@ -134,9 +134,16 @@ def test_training_steps_update_projectors_with_the_decaying_alpha():
     assert all(layer.recorded is None for layer in owm.layers)
 
 
-def test_projector_memory_is_checked_before_allocation():
+def test_projector_memory_is_checked_before_allocation(monkeypatch):
+    import relaylearn.strategies.owm as owm_module
+
     with pytest.raises(ConfigError, match=r"1764 bytes.*max_projector_bytes is 1000.*0\.input 21×21"):
         make_strategy("owm", nn.Sequential(nn.Linear(20, 3)), max_projector_bytes=1000)
+    owm = make_strategy("owm", nn.Sequential(nn.Linear(20, 3)))
+    monkeypatch.setattr(owm_module, "available_host_memory", lambda: 1500)
+    with pytest.raises(ConfigError, match="only 1.5 KB of memory is available"):
+        owm.on_site_start(make_site(torch.zeros(1, 20), torch.zeros(1)))
+    assert len(owm.projectors) == 0, "nothing allocated"
     plan = projector_plan(select_layers(nn.Linear(20, 3), None)[0])
     with pytest.raises(ConfigError, match="only 1.0 KB of memory is available"):
         check_projector_memory(plan, limit=10**9, available=1000)

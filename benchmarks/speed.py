@@ -1,0 +1,345 @@
+"""Milliseconds per training iteration of the relay and of the sequential baseline.
+
+Three measurements, each in this one process, strategies built directly (no Lightning):
+
+* ``relay_site1``   – the relay at its first site: a G step, a D step and a solver step on local data;
+* ``relay_replay``  – the relay at a later site after the mid-site switch: half of every batch is
+  replayed by the previous site's frozen generators, plus distillation from the previous solver;
+* ``sequential``    – the sequential baseline: one solver step (the same U-Net and loss).
+
+Each runs ``--warmup`` iterations, then ``--iters`` timed ones (CUDA events after
+``torch.cuda.synchronize`` on a GPU, ``time.perf_counter`` on the CPU) on one random batch of the
+config's shape that lives in host memory (pinned on a GPU) and is copied to the device every
+iteration, as in training. Every switch is independent: ``--precision bf16`` (autocast),
+``--channels-last``, ``--compile`` (``nn.Module.compile`` of the solver and generators),
+``--fused-adam``, ``--replay-per-substep`` (the original's three replays per batch) and
+``--aug-device cpu|same`` (augment real batches on the host before the copy, or on the device).
+
+One JSON line per measurement on stdout::
+
+    {"name", "device", "config", "batch", "img_size", "precision", "channels_last", "compile",
+     "fused_adam", "replay_per_substep", "aug_device", "warmup", "iters", "ms_per_iter",
+     "peak_mem_bytes", "peak_mem_kind", "flops_per_iter", "flop_iters", "tflops", ...}
+
+``peak_mem_kind``: ``cuda_max_allocated`` (``torch.cuda.max_memory_allocated`` over the timed
+iterations) on a GPU; ``process_peak_rss`` on Linux CPUs (the process's resident-set high-water
+mark VmHWM, reset through ``/proc/self/clear_refs`` before the timed iterations: it includes the
+interpreter, the networks and everything else resident); ``process_max_rss`` elsewhere (never
+reset, so only the first measurement is meaningful). ``flops_per_iter`` is counted with
+``torch.utils.flop_counter.FlopCounterMode`` (forward and backward, eager) over ``flop_iters``
+iterations — a whole regularisation cycle of the relay (lazy R1 / path-length steps) unless
+``--quick``; ``tflops`` = flops_per_iter / time per iteration.
+
+    python benchmarks/speed.py --quick                  # CPU smoke run, < 2 minutes
+    python benchmarks/speed.py                          # GPU: fundus/relay (paper sizes), batch 128
+    python benchmarks/speed.py --matrix                 # every switch toggled once against the baseline
+    python benchmarks/speed.py --precision bf16 --channels-last --fused-adam --only relay_replay
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from relaylearn.config import TaskConfig, load_config  # noqa: E402
+from relaylearn.runner import build_strategy  # noqa: E402
+from relaylearn.strategies.base import SiteContext, StepContext, Strategy  # noqa: E402
+
+MEASUREMENTS = ("relay_site1", "relay_replay", "sequential")
+LONG_SITE = 10**9  # steps per site: the mid-site merge never falls into a measured window
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The optimisations that can be switched on, one by one."""
+
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False
+    fused_adam: bool = False
+    replay_per_substep: bool = False  # relay: a fresh replay for each of the G, D and solver steps
+    aug_device: str = "none"  # none | cpu (host, before the copy) | same (on the training device)
+
+    def toggled(self) -> list["Switches"]:
+        """Every variant that differs from this one in exactly one switch."""
+        out = [replace(self, precision="bf16" if self.precision == "fp32" else "fp32")]
+        out += [replace(self, **{f.name: not getattr(self, f.name)}) for f in fields(self) if f.type in (bool, "bool")]
+        out += [replace(self, aug_device=a) for a in ("none", "cpu", "same") if a != self.aug_device]
+        return out
+
+
+# ----- measuring ---------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a block: CUDA ``max_memory_allocated``, or the process's peak resident set."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: "5" resets VmHWM to the current resident set
+            Path("/proc/self/clear_refs").write_text("5")
+            self.kind = "process_peak_rss"
+        except OSError:
+            self.kind = "process_max_rss"
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "process_peak_rss":
+            match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+            if match:
+                return int(match.group(1)) * 1024
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(step: Callable[[int], None], first: int, count: int, device: torch.device) -> float:
+    """Milliseconds per call of ``step(i)`` for i in [first, first + count)."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(first, first + count):
+            step(i)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / count
+    began = time.perf_counter()
+    for i in range(first, first + count):
+        step(i)
+    return (time.perf_counter() - began) * 1000 / count
+
+
+def count_flops(step: Callable[[int], None], first: int, count: int) -> float:
+    """Floating-point operations per call of ``step`` (forward and backward), averaged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        for i in range(first, first + count):
+            step(i)
+    return counter.get_total_flops() / count
+
+
+# ----- building a measured training step ----------------------------------------------------------
+def site_context(name: str, position: int, images: torch.Tensor, labels: torch.Tensor) -> SiteContext:
+    return SiteContext(name=name, task_id=position + 1, position=position, num_images=len(images), num_epochs=1,
+                       steps_per_epoch=LONG_SITE, train_images=images, train_labels=labels, batch_size=len(images))
+
+
+def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int) -> TaskConfig:
+    """The config of one measurement: the relay's (with the switches) or the sequential baseline's."""
+    data = base.model_dump(mode="python")
+    data["train"]["batch_size"] = batch
+    if measurement == "sequential":
+        data["strategy"] = {"name": "sequential", "kwargs": {}}
+    else:
+        if data["strategy"]["name"] != "relay":
+            raise SystemExit(f"speed.py: {measurement} needs a relay config (this one trains '{data['strategy']['name']}')")
+        data["strategy"]["kwargs"].update(replay_once_per_batch=not switches.replay_per_substep, fused_optimizers=switches.fused_adam)
+    return TaskConfig.model_validate(data)
+
+
+def with_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer (class, groups, settings) rebuilt with ``fused=True``."""
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
+    return type(optimizer)(groups, fused=True)
+
+
+def compile_networks(strategy: Strategy) -> None:
+    """``nn.Module.compile`` (in place, state-dict keys unchanged) of the solver and generators,
+    the previous site's frozen copies included (compile after they were copied)."""
+    owners = [strategy] + ([strategy.previous] if getattr(strategy, "previous", None) is not None else [])
+    for owner in owners:
+        for name in ("solver", "g_img", "g_label"):
+            module = owner[name] if isinstance(owner, torch.nn.ModuleDict) else getattr(owner, name, None)
+            if module is not None:
+                module.compile()
+
+
+@dataclass
+class Prepared:
+    strategy: Strategy
+    step: Callable[[int], None]
+    flop_cycle: int  # iterations after which the relay's lazy regularisation pattern repeats
+
+
+def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torch.device, seed: int = 0) -> Prepared:
+    """A strategy at the measured point of a relay and a ``step(i)`` that trains iteration i."""
+    torch.manual_seed(seed)
+    k = task.dataset.kwargs
+    b, (h, w) = task.train.batch_size, k.img_size
+    lo, hi = k.out_range
+    images = torch.rand(b, k.channels, h, w) * (hi - lo) + lo
+    labels = torch.randint(0, k.num_classes, (b, h, w))
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+
+    strategy = build_strategy(task, load_pretrained=False).to(device)
+    if measurement == "relay_replay":  # one earlier site, then the current one after its mid-site switch
+        earlier = site_context("earlier", 0, images, labels)
+        strategy.on_site_start(earlier)
+        strategy.on_site_end(earlier)
+        site = site_context("current", 1, images, labels)
+        strategy.on_site_start(site)
+        strategy.stage = 2
+        assert strategy.replaying
+    else:
+        site = site_context("current", 0, images, labels)
+        strategy.on_site_start(site)
+    strategy.train()
+    if switches.channels_last:
+        strategy.to(memory_format=torch.channels_last)
+    optimizers = strategy.configure_optimizers()
+    if switches.fused_adam and measurement == "sequential":
+        optimizers = [with_fused_kernel(o) for o in optimizers]
+    strategy.optimizers = optimizers
+
+    augment = None
+    if switches.aug_device != "none":
+        from relaylearn.data.augment import from_config
+
+        augment = from_config(k.augment if k.augment not in (None, "none") else "original", tuple(k.out_range))
+        augment.to(device if switches.aug_device == "same" else "cpu")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if switches.precision == "bf16" else contextlib.nullcontext
+
+    def step(i: int) -> None:
+        x, y = images, labels
+        if augment is not None and switches.aug_device == "cpu":
+            x, y = augment(x, y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment is not None and switches.aug_device == "same":
+            x, y = augment(x, y)
+        if switches.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            strategy.training_step((x, y), StepContext(step=i, global_step=i, epoch=0, site=site))
+
+    cycle = 1
+    if measurement != "sequential":
+        o = strategy.options
+        cycle = math.lcm(o.g_reg_interval, o.d_reg_interval, o.ada_interval)
+    return Prepared(strategy, step, cycle)
+
+
+def measure(measurement: str, base: TaskConfig, config_name: str, switches: Switches, device: torch.device, batch: int,
+            warmup: int, iters: int, flop_iters: int | None) -> dict:
+    """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails."""
+    record = {"name": measurement, "device": device_label(device), "config": config_name, "batch": batch,
+              "img_size": list(base.dataset.kwargs.img_size), **asdict(switches), "warmup": warmup, "iters": iters}
+    memory = PeakMemory(device)
+    try:
+        task = task_for(base, measurement, switches, batch)
+        prepared = prepare(measurement, task, switches, device)
+        record["fused_effective"] = all(bool(g.get("fused")) for o in prepared.strategy.optimizers for g in o.param_groups)
+        n_flop = flop_iters if flop_iters is not None else prepared.flop_cycle
+        flops = count_flops(prepared.step, 0, n_flop)  # eager, before any compilation
+        if switches.compile:
+            compile_networks(prepared.strategy)
+        first = n_flop
+        for i in range(first, first + warmup):
+            prepared.step(i)
+        synchronize(device)
+        memory.reset()
+        ms = time_iterations(prepared.step, first + warmup, iters, device)
+        record.update(ms_per_iter=round(ms, 3), peak_mem_bytes=memory.read(), peak_mem_kind=memory.kind,
+                      flops_per_iter=int(flops), flop_iters=n_flop, tflops=round(flops / (ms / 1000) / 1e12, 4))
+    except Exception as exc:  # noqa: BLE001 - a failing variant (e.g. compile without a compiler) is a result
+        message = str(exc).strip().splitlines()
+        record["error"] = f"{type(exc).__name__}: {message[0] if message else ''}"[:500]
+    finally:
+        if switches.compile:
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+# ----- command line ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="config name under configs/ or a path (default: fundus/relay on a GPU, demo/relay on the CPU)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a key of the config's common section")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--batch", type=int, help="batch size (default: 128 on a GPU, the config's on the CPU, 4 with --quick)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default: 10 GPU, 2 CPU, 1 quick)")
+    p.add_argument("--iters", type=int, help="timed iterations (default: 40 GPU, 8 CPU, 2 quick)")
+    p.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {', '.join(MEASUREMENTS)}")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="tiny batch, 1 warm-up + 2 timed iterations, FLOPs of 1 iteration")
+    p.add_argument("--matrix", action="store_true", help="the baseline, then every switch toggled one at a time")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--fused-adam", action="store_true")
+    p.add_argument("--replay-per-substep", action="store_true")
+    p.add_argument("--aug-device", choices=["none", "cpu", "same"], default="none")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(MEASUREMENTS))
+    if unknown:
+        p.error(f"--only: unknown measurement '{unknown[0]}'")
+    return args
+
+
+def plan(args: argparse.Namespace) -> Iterator[tuple[str, Switches]]:
+    """(measurement, switches) pairs to run, in order."""
+    baseline = Switches(args.precision, args.channels_last, args.compile, args.fused_adam, args.replay_per_substep, args.aug_device)
+    variants = [baseline] + (baseline.toggled() if args.matrix else [])
+    for switches in variants:
+        for name in args.only.split(","):
+            if switches.replay_per_substep != baseline.replay_per_substep and name != "relay_replay":
+                continue  # only the replay measurement replays
+            yield name, switches
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = args.config or ("fundus/relay" if device.type == "cuda" else "demo/relay")
+    base = load_config(config, args.sets).tasks[0]
+    cpu = device.type == "cpu"
+    batch = args.batch or (4 if args.quick else (base.train.batch_size if cpu else 128))
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (2 if cpu else 10))
+    iters = args.iters or (2 if args.quick else (8 if cpu else 40))
+    flop_iters = 1 if args.quick else None
+    for name, switches in plan(args):
+        record = measure(name, base, config, switches, device, batch, warmup, iters, flop_iters)
+        record["torch"] = torch.__version__
+        record["threads"] = torch.get_num_threads()
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Command-line hygiene: bad input exits 2 with one line naming the file, key or path; no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_config
+from tests.test_deploy import run_cli
+
+
+def one_line_error(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {text!r}"
+    assert "Traceback" not in text
+    assert lines[0].startswith("relaylearn: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def config(tmp_path, tiny_fundus) -> Path:
+    return tiny_config(tmp_path, tiny_fundus, task_ids=(1,), steps=1)
+
+
+def test_missing_config_names_the_file(tmp_path):
+    result = run_cli(tmp_path, "train", "-c", "no/such/config.yaml", "-n", "x")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "no/such/config.yaml" in line and "not found" in line
+    assert not (tmp_path / "exps").exists()
+
+
+def test_unknown_key_in_set_names_the_key(tmp_path, config):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "--set", "train.bacth_size=4")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "train.bacth_size" in line and "unknown key" in line and str(config) in line
+
+
+def test_bad_value_in_set_names_the_key_and_value(tmp_path, config):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "--set", "train.batch_size=many")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "train.batch_size" in line and "'many'" in line
+
+
+def test_missing_data_folder_names_the_path(tmp_path, config):
+    missing = tmp_path / "no-data-here"
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-g", "cpu", "-q", "--data-root", missing)
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert str(missing) in line and "not found" in line
+    assert not list((tmp_path / "exps").rglob("*.relay"))
+
+
+@pytest.mark.parametrize("gpus", ["abc", "0,x", ",", "99"])
+def test_bad_gpu_spec_is_refused_before_anything_is_written(tmp_path, config, gpus):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-g", gpus, "-q")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "-g" in line
+    assert not (tmp_path / "exps").exists()
+
+
+def test_missing_key_and_trust_folder_name_the_path(tmp_path, config):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "--key", tmp_path / "nokey.key")
+    assert result.code == 2 and "nokey.key" in one_line_error(result.err)
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "y", "--in", tmp_path / "b.relay", "--trust", tmp_path / "nokeys")
+    assert result.code == 2 and "nokeys" in one_line_error(result.err)
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "z", "--in", tmp_path / "b.relay")
+    assert result.code == 2 and "--trust" in one_line_error(result.err)
+
+
+def test_usage_errors_through_the_console_script(tmp_path):
+    """The installed ``relaylearn`` script: argparse mistakes are exit 2, one line, no traceback."""
+    script = Path(sys.executable).with_name("relaylearn")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "relaylearn"]
+    for args, expected in [
+        (["train", "-n", "x"], "-c/--config"),
+        (["frobnicate"], "frobnicate"),
+        (["train", "-c", "x", "-n", "x", "--bogus"], "--bogus"),
+    ]:
+        result = subprocess.run(command + args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in one_line_error(result.stderr)

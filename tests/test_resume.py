@@ -1,0 +1,157 @@
+"""Resuming a site after the process died: SIGKILL during a hospital's deploy step, then
+``--resume``; and resumed training equals uninterrupted training bit for bit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from relaylearn import engine
+from relaylearn.bundle import read_bundle
+from relaylearn.config import load_config
+from relaylearn.keys import generate_keypair, load_private_key
+from relaylearn.runner import TrainOptions, run_training
+from tests.conftest import tiny_config
+from tests.test_deploy import run_cli
+from tests.strategies.test_relay import TINY
+
+TOTAL_STEPS = 20
+EVERY = 5
+STARTUP_TIMEOUT_S = 300  # imports and the first batches on a loaded 2-core machine
+
+
+def train_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "relaylearn", "train", "-c", str(config), "-n", "site", "-g", "cpu", *extra]
+
+
+def environment() -> dict[str, str]:
+    # one thread: several busy threads on a shared 2-core machine slow each other down a lot
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def train_events(folder: Path) -> dict[str, list[int]]:
+    """Steps of the ``train/loss`` scalars in each TensorBoard event file of ``folder`` (by file name)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        events = EventFileLoader(str(path)).Load()
+        steps[path.name] = [e.step for e in events if any(v.tag == "train/loss" for v in e.summary.value)]
+    return steps
+
+
+def kill_after_first_checkpoint(command: list[str], cwd: Path, checkpoint: Path) -> None:
+    """Start ``command``; SIGKILL it as soon as ``checkpoint`` exists."""
+    process = subprocess.Popen(command, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not checkpoint.exists():
+            if process.poll() is not None:
+                pytest.fail(f"the run ended (exit {process.returncode}) before its first checkpoint:\n{process.stdout.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint after {STARTUP_TIMEOUT_S} s")
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fundus):
+    """Hospital B trains 40 batches from hop 1 (signed, verified); SIGKILL after the first local
+    checkpoint; ``--resume`` continues from the checkpoint instead of starting over."""
+    keys, trust = tmp_path / "keys", tmp_path / "trust"
+    for site in ("Hospital-A", "Hospital-B"):
+        generate_keypair(keys, site)
+    trust.mkdir()
+    for site in ("Hospital-A", "Hospital-B"):
+        (trust / f"{site}.pub").write_bytes((keys / f"{site}.pub").read_bytes())
+    (tmp_path / "a").mkdir()
+    hop1_cfg = load_config(str(tiny_config(tmp_path / "a", tiny_fundus, task_ids=(1,), steps=1)))
+    hop1 = run_training(hop1_cfg, "a", TrainOptions(quiet=True, key=str(keys / "Hospital-A.key"), exps_root=tmp_path / "a" / "exps", devices="cpu"))
+    incoming = hop1.bundles[0]
+
+    site = tmp_path / "b"
+    site.mkdir()
+    config = tiny_config(site, tiny_fundus, task_ids=(2,), steps=TOTAL_STEPS, checkpoint_every_n_steps=EVERY)
+    command = train_command(config, "--in", str(incoming), "--key", str(keys / "Hospital-B.key"), "--trust", str(trust), "--out", str(tmp_path / "hop2.relay"))
+    run_dir = site / "exps" / "sequential" / "site"
+    checkpoint = run_dir / "checkpoints" / "task_2" / "last.ckpt"
+    kill_after_first_checkpoint(command, site, checkpoint)
+    assert not (tmp_path / "hop2.relay").exists() and not (run_dir / "bundles").exists()
+    killed_files = set(train_events(run_dir / "tensorboard" / "task_2"))
+
+    # the same command with --resume (in this process: it has the libraries loaded already)
+    resumed = run_cli(site, *command[3:], "--resume")
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert "resuming from" in resumed.err and "checkpoints/task_2/last.ckpt" in resumed.err
+    resumed_at = int(re.search(rf"resumed at batch (\d+) of {TOTAL_STEPS}", resumed.err).group(1))
+    assert resumed_at >= EVERY and resumed_at % EVERY == 0
+
+    # the resumed run trained exactly the remaining batches (TensorBoard: one loss per batch)
+    events = train_events(run_dir / "tensorboard" / "task_2")
+    steps_after = sorted(step for name, steps in events.items() if name not in killed_files for step in steps)
+    assert len(steps_after) == TOTAL_STEPS - resumed_at
+    assert steps_after[0] >= resumed_at
+
+    bundle = read_bundle(tmp_path / "hop2.relay", trust=None, allow_unsigned=True)
+    assert bundle.registry["global_step"] == 1 + TOTAL_STEPS  # hop 1's batch, then this site's
+    assert bundle.hops[-1]["signer"] == load_private_key(keys / "Hospital-B.key").fingerprint
+    assert bundle.hops[-1]["parent_sha256"] == read_bundle(incoming, trust=None, allow_unsigned=True).sha256
+    assert not list(site.rglob("*.tmp*")) and not list(tmp_path.glob(".*tmp*"))
+    assert not checkpoint.exists(), "the site is done: its resume point is the bundle"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "task_id", "steps", "every", "killed_at"),
+    [
+        ("relay", 2, 4, 3, 3),  # a second site (replay, merge at batch 2): checkpoint after batch 3, mid-epoch
+        ("sequential", 1, 4, 2, 3),  # checkpoint after batch 2, the end of an epoch (2 batches per epoch)
+    ],
+)
+def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeypatch, strategy, task_id, steps, every, killed_at):
+    """Data order, random stream, optimizer and strategy state all continue where they stopped."""
+    kwargs = TINY if strategy == "relay" else None
+    full_path = tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=tuple(range(1, task_id + 1)), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every)
+    raw = yaml.safe_load(full_path.read_text())
+    raw["current_tasks"]["task_confs"] = {1: {"train": {"num_steps": 1}}} if task_id == 2 else {}  # site 1 only makes site 2's start
+    full_path.write_text(yaml.safe_dump(raw))
+    full = run_training(load_config(str(full_path)), "full", TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu"))
+
+    site_cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=(task_id,), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every)))
+    incoming = {"in_bundle": str(full.bundles[0]), "insecure_unsigned": True} if task_id == 2 else {}
+    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu", **incoming)
+    trained = []
+    real_step = engine.SiteModule.training_step
+
+    def dies_at_batch(self, batch, batch_idx):
+        if self._local_step() == killed_at:
+            raise RuntimeError("power cut")
+        trained.append(self._local_step())
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(engine.SiteModule, "training_step", dies_at_batch)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_training(site_cfg, "cut", opts)
+    monkeypatch.setattr(engine.SiteModule, "training_step", real_step)
+    resumed = run_training(site_cfg, "cut", TrainOptions(**{**opts.__dict__, "resume": True}))
+
+    assert trained == list(range(killed_at))
+    assert resumed.matrix["R"] == full.matrix["R"][-1:]
+    expected = read_bundle(full.bundles[-1], trust=None, allow_unsigned=True)
+    got = read_bundle(resumed.bundles[0], trust=None, allow_unsigned=True)
+    assert got.registry == expected.registry
+    assert [name for name in expected.tensors if not torch.equal(expected.tensors[name], got.tensors[name])] == []
