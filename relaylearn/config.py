@@ -202,6 +202,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 def resolve_config_path(spec: str) -> tuple[str, Path]:
     """``-c`` takes a path or a name under configs/ without .yaml. Returns (name, path)."""
     spec = spec.lstrip("=")
+    if spec.endswith((".yaml", ".yml")):
+        spec = spec.rsplit(".", 1)[0] if not Path(spec).is_file() else spec
     candidates = [Path(spec), Path(spec + ".yaml"), CONFIG_DIR / spec, CONFIG_DIR / (spec + ".yaml")]
     for cand in candidates:
         if cand.is_file():
@@ -211,7 +213,7 @@ def resolve_config_path(spec: str) -> tuple[str, Path]:
             except ValueError:
                 name = path.with_suffix("").name
             return name, path
-    raise ConfigError(f"config not found (looked for {spec} and configs/{spec}.yaml)", spec)
+    raise ConfigError(f"config not found (looked for {spec}, {spec}.yaml and configs/{spec}.yaml)", spec)
 
 
 def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:

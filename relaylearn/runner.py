@@ -237,6 +237,10 @@ class RelayRun:
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
             raise UserError(f"run folder already has results; use --resume to continue it or another -n", self.run_dir)
+        if self.opts.in_bundle:  # verify what arrived before anything is written
+            self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
+            if is_main_process():
+                self._ledger(self.cfg.tasks[0].dataset.site).check(self.incoming)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
@@ -293,9 +297,7 @@ class RelayRun:
         per_image: list[dict] = []
         bundles: list[Path] = []
 
-        parent = None  # the bundle this site starts from
-        if self.opts.in_bundle:
-            parent = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
+        parent = getattr(self, "incoming", None)  # the bundle this site starts from
         for position, group in enumerate(groups):
             task = group[0]
             task_id = task.dataset.kwargs.task_id
@@ -387,11 +389,11 @@ class RelayRun:
         world = (len(devices) if isinstance(devices, list) else int(devices)) * task.train.lightning.num_nodes
         replica = task.dataset.kwargs.num_replica
         epochs, total = epochs_for_budget(task.train, len(images), replica, task.train.batch_size, world)
-        loader = site_loader(images, labels, task.train.batch_size, replica, seed)
+        loader = site_loader(images, labels, task.train.batch_size, replica, seed, world_size=world)
         site = SiteContext(
             name=site_name, task_id=task_id, position=len(strategy.sites_seen), num_images=len(images),
             num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,
-            batch_size=task.train.batch_size,
+            batch_size=task.train.batch_size, budget_steps=total,
         )
         augment = None
         if task.dataset.kwargs.augment not in (None, "none"):

@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from relaylearn import cli
-from relaylearn.bundle import read_bundle, write_bundle
+from relaylearn.bundle import inspect_bundle, read_bundle, write_bundle
 from relaylearn.keys import generate_keypair, load_private_key
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY
@@ -59,14 +59,14 @@ def run_cli(cwd: Path, *args: str) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
-def write_config(folder: Path, data: Path, name: str, task_ids: tuple[int, ...], strategy: str = "relay", steps: int = STEPS, **train) -> Path:
-    """A tiny config (conftest's) with a 4th site, training ``task_ids``, saved as ``folder/name.yaml``.
+def write_config(folder: Path, data: Path, name: str, task_ids: tuple[int, ...]) -> Path:
+    """A tiny relay config (conftest's) with a 4th site, training ``task_ids``, saved as ``folder/name.yaml``.
 
     Every site is listed in ``all_tasks_datasets`` so every hop is tested on all four test sets and
     the deploy rows can be compared with the one-machine run.
     """
-    kwargs = {**TINY, "site_capacity": 6} if strategy == "relay" else None
-    raw = yaml.safe_load(tiny_config(folder, data, strategy=strategy, task_ids=task_ids, steps=steps, strategy_kwargs=kwargs, **train).read_text())
+    kwargs = {**TINY, "site_capacity": 6}
+    raw = yaml.safe_load(tiny_config(folder, data, strategy="relay", task_ids=task_ids, steps=STEPS, strategy_kwargs=kwargs).read_text())
     raw["all_tasks_datasets"].append({"kwargs": {"task_id": 4, "task_name": "Domain4", "img_folder": "Domain1"}})
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -88,7 +88,6 @@ class Hospital:
     config: Path
     key: Path
     public: Path
-    received: list[Path] = field(default_factory=list)
 
     def train(self, run: str, *extra: str) -> Result:
         return run_cli(self.folder, "train", "-c", self.config, "-n", run, "-g", "cpu", "-q", "--key", self.key, *extra)
@@ -130,8 +129,8 @@ def relay(tmp_path_factory, tiny_fundus) -> Relay:
     hops: list[Path] = []
     for hospital in hospitals:
         out = carry / f"hop{hospital.task_id}.relay"
-        incoming = ["--in", hops[-1]] if hops else []
-        result = hospital.train("relay", *incoming, "--out", out, "--trust", trust)
+        incoming = ["--in", hops[-1], "--trust", trust] if hops else []  # the first hospital needs no trust folder
+        result = hospital.train("relay", *incoming, "--out", out)
         assert result.code == 0, result.err
         hops.append(out)
 
@@ -162,8 +161,6 @@ def test_four_hospitals_every_hop_verifies_and_the_chain_records_them(relay):
     assert [h["signer"] for h in info["hops"]] == [fingerprint_of(h) for h in relay.hospitals]
     assert [h["order"] for h in info["hops"]] == [1, 2, 3, 4]
     # each hop names the exact file it started from
-    from relaylearn.bundle import inspect_bundle
-
     assert [h["parent_sha256"] for h in info["hops"]] == [None] + [inspect_bundle(p)["sha256"] for p in relay.hops[:-1]]
     assert info["signed"] and info["signer"] == fingerprint_of(relay.hospitals[-1])
     assert info["registry"]["global_step"] == 4 * STEPS
@@ -195,13 +192,13 @@ def test_deploy_equals_the_one_machine_mimic_exactly(relay):
 # ----- rejections -------------------------------------------------------------------------------
 
 
-def expect_rejected(hospital: Hospital, bundle: Path, match: str, *extra: str) -> str:
+def expect_rejected(relay: Relay, hospital: Hospital, bundle: Path, match: str) -> str:
     """Hospital trains with ``--in bundle``: exit 3, one line naming the problem, nothing written."""
     run = f"rejected-{bundle.stem}"
     ledger = hospital.folder / "exps" / ".ledger"
     before = {p: p.read_bytes() for p in ledger.glob("*.json")}
     out = hospital.folder / "out.relay"
-    result = hospital.train(run, "--in", bundle, "--out", out, "--trust", relay_trust(hospital), *extra)
+    result = hospital.train(run, "--in", bundle, "--out", out, "--trust", relay.trust)
     assert result.code == 3, result.err
     line = only_line(result.err)
     assert line.startswith("relaylearn: error: ") and match in line, line
@@ -212,35 +209,31 @@ def expect_rejected(hospital: Hospital, bundle: Path, match: str, *extra: str) -
     return line
 
 
-def relay_trust(hospital: Hospital) -> Path:
-    return hospital.folder.parent / "trust"
-
-
 def test_tampered_bundle_is_rejected(relay, tmp_path):
     tampered = tmp_path / "tampered.relay"
     data = bytearray(relay.hops[0].read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit inside the weights
     tampered.write_bytes(bytes(data))
-    line = expect_rejected(relay.hospitals[1], tampered, "tampered.relay")
+    line = expect_rejected(relay, relay.hospitals[1], tampered, "tampered.relay")
     assert "weights" in line or "CRC" in line
     result = run_cli(relay.root, "verify", tampered, "--trust", relay.trust)
     assert result.code == 3 and "tampered.relay" in only_line(result.err)
 
 
 def test_bundle_signed_by_a_key_outside_the_trust_folder_is_rejected(relay, tmp_path):
-    _, _ = generate_keypair(tmp_path / "keys", "Mallory")
+    generate_keypair(tmp_path / "keys", "Mallory")
     mallory = load_private_key(tmp_path / "keys" / "Mallory.key")
     hop1 = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
     forged = tmp_path / "forged.relay"
     write_bundle(forged, hop1.tensors, strategy=hop1.strategy, config=hop1.config, registry=hop1.registry, site="Domain1",
                  hop_started_utc=hop1.hops[-1]["started_utc"], parent=hop1, signing_key=mallory)
-    line = expect_rejected(relay.hospitals[1], forged, mallory.fingerprint)
+    line = expect_rejected(relay, relay.hospitals[1], forged, mallory.fingerprint)
     assert "untrusted" in line
 
 
 def test_rollback_to_an_older_bundle_is_rejected(relay):
     """Hospital C trained on hop 2 and wrote hop 3; getting hop 2 again is a rollback."""
-    line = expect_rejected(relay.hospitals[2], relay.hops[1], "rollback")
+    line = expect_rejected(relay, relay.hospitals[2], relay.hops[1], "rollback")
     assert "hop 2" in line
 
 
@@ -255,7 +248,7 @@ def unsigned_copy(relay: Relay, tmp_path: Path) -> Path:
 
 def test_unsigned_bundle_needs_insecure_unsigned(relay, tmp_path):
     unsigned = unsigned_copy(relay, tmp_path)
-    line = expect_rejected(relay.hospitals[0], unsigned, "unsigned")
+    line = expect_rejected(relay, relay.hospitals[0], unsigned, "unsigned")
     assert "--insecure-unsigned" in line
     result = run_cli(relay.root, "verify", unsigned, "--trust", relay.trust)
     assert result.code == 3
@@ -265,7 +258,7 @@ def test_insecure_unsigned_accepts_with_a_warning(relay, tmp_path, tiny_fundus):
     unsigned = unsigned_copy(relay, tmp_path)
     lab = tmp_path / "lab"
     lab.mkdir()
-    config = write_config(lab, tiny_fundus, "lab", (1,), strategy="relay")
+    config = write_config(lab, tiny_fundus, "lab", (1,))
     result = run_cli(lab, "train", "-c", config, "-n", "lab", "-g", "cpu", "-q", "--in", unsigned, "--insecure-unsigned", "--out", lab / "out.relay")
     assert result.code == 0, result.err
     warnings = [line for line in result.err.splitlines() if "WARNING" in line]
@@ -305,6 +298,7 @@ def test_keygen_makes_a_private_0600_key_and_refuses_to_overwrite(tmp_path):
     assert first.code == 0, first.err
     private, public = tmp_path / "keys" / "Hospital-Z.key", tmp_path / "keys" / "Hospital-Z.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert f"fingerprint (read it out to the other sites to confirm the .pub they received): {load_private_key(private).fingerprint}" in first.out.replace("\n", " ")
     assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
     before = private.read_bytes()
     again = run_cli(tmp_path, "keygen", "keys", "--site", "Hospital-Z")

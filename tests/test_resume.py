@@ -50,15 +50,17 @@ def train_events(folder: Path) -> dict[str, list[int]]:
 
 
 def kill_after_first_checkpoint(command: list[str], cwd: Path, checkpoint: Path) -> None:
-    """Start ``command``; SIGKILL it as soon as ``checkpoint`` exists."""
-    process = subprocess.Popen(command, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """Start ``command``; SIGKILL it as soon as ``checkpoint`` exists (its output goes to ``cwd/killed.log``)."""
+    log = cwd / "killed.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=cwd, env=environment(), stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not checkpoint.exists():
             if process.poll() is not None:
-                pytest.fail(f"the run ended (exit {process.returncode}) before its first checkpoint:\n{process.stdout.read().decode()[-3000:]}")
+                pytest.fail(f"the run ended (exit {process.returncode}) before its first checkpoint:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint after {STARTUP_TIMEOUT_S} s")
+                pytest.fail(f"no checkpoint after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -67,12 +69,12 @@ def kill_after_first_checkpoint(command: list[str], cwd: Path, checkpoint: Path)
         if process.poll() is None:
             process.kill()
             process.wait()
-        process.stdout.close()
 
 
 def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fundus):
-    """Hospital B trains 40 batches from hop 1 (signed, verified); SIGKILL after the first local
-    checkpoint; ``--resume`` continues from the checkpoint instead of starting over."""
+    """Hospital B trains TOTAL_STEPS batches from hop 1 (signed, verified); SIGKILL after the first
+    local checkpoint; the same command with ``--resume`` continues from the checkpoint instead of
+    starting over, and leaves nothing half-written."""
     keys, trust = tmp_path / "keys", tmp_path / "trust"
     for site in ("Hospital-A", "Hospital-B"):
         generate_keypair(keys, site)

@@ -49,10 +49,12 @@ class SiteContext:
     train_images: Tensor
     train_labels: Tensor
     batch_size: int = 1
+    budget_steps: int | None = None  # exact batch budget of the site (None: whole epochs)
 
     @property
     def total_steps(self) -> int:
-        return self.num_epochs * self.steps_per_epoch
+        """Batches this site trains (the budget; the last epoch may be partial)."""
+        return self.budget_steps if self.budget_steps is not None else self.num_epochs * self.steps_per_epoch
 
 
 @dataclass
