@@ -8,7 +8,7 @@ DEMO_RUN ?= demo
 # torch is pinned first so pip takes the local CPU wheel instead of a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install data clean
+.PHONY: demo test install data clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ data: $(DATA)/.done
 demo: install data
 	$(PY) -m relaylearn.demo --name $(DEMO_RUN)
 
-test: install
+# headless Chromium renders report.html in tests (Debian package; skipped with a reason if absent)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser check of the report will be skipped"; }
+
+test: install chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
