@@ -30,7 +30,7 @@ reset, so only the first measurement is meaningful). ``flops_per_iter`` is count
 iterations — a whole regularisation cycle of the relay (lazy R1 / path-length steps) unless
 ``--quick``; ``tflops`` = flops_per_iter / time per iteration.
 
-    python benchmarks/speed.py --quick                  # CPU smoke run, < 2 minutes
+    python benchmarks/speed.py --quick                  # CPU smoke run (one thread), < 1 minute
     python benchmarks/speed.py                          # GPU: fundus/relay (paper sizes), batch 128
     python benchmarks/speed.py --matrix                 # every switch toggled once against the baseline
     python benchmarks/speed.py --precision bf16 --channels-last --fused-adam --only relay_replay
@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="timed iterations (default: 40 GPU, 8 CPU, 2 quick)")
     p.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {', '.join(MEASUREMENTS)}")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="tiny batch, 1 warm-up + 2 timed iterations, FLOPs of 1 iteration")
+    p.add_argument("--quick", action="store_true", help="tiny batch, 1 warm-up + 2 timed iterations, FLOPs of 1 iteration, 1 CPU thread unless --threads")
     p.add_argument("--matrix", action="store_true", help="the baseline, then every switch toggled one at a time")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true")
@@ -339,8 +339,8 @@ def plan(args: argparse.Namespace) -> Iterator[tuple[str, Switches]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.quick:  # quick: one thread, as busy shared CPUs stall multi-threaded kernels
+        torch.set_num_threads(args.threads or 1)
     config = args.config or ("fundus/relay" if device.type == "cuda" else "demo/relay")
     base = load_config(config, args.sets).tasks[0]
     cpu = device.type == "cpu"
