@@ -154,9 +154,6 @@ def strategy_from_bundle(bundle) -> tuple[Strategy, TaskConfig]:
 
 
 # ----- results files -----------------------------------------------------------------------------
-SUMMARY_FIELDS = ["task_id", "trained_site", "test_site", "num_images", "dice_sample", "dice_sample_ci_low", "dice_sample_ci_high"]
-
-
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
