@@ -7,7 +7,7 @@ A ZIP container, members *stored* (not compressed), exactly these three, in this
 1. ``manifest.json`` — UTF-8 JSON, pure ASCII, keys sorted, one-space indent, final newline
    (:func:`_dump_manifest` is the only accepted spelling). Fields: ``format``
    (``"relaylearn-bundle"``), ``format_version`` (1), ``signed``, ``software`` (relaylearn, torch,
-   python versions), ``strategy``, ``config``, ``registry`` (the strategy's JSON metadata),
+   python versions), ``relay_id`` (fixed at the first hop, copied by every later one), ``strategy``, ``config``, ``registry`` (the strategy's JSON metadata),
    ``tensors`` (name → dtype, shape), ``weights_sha256``, ``weights_bytes``, ``hops`` (one entry per
    site visited: ``site`` (a pseudonym of letters, digits and ``-_.+``), ``order`` 1-based,
    ``started_utc``, ``finished_utc``, ``signer`` key fingerprint or null, ``parent_sha256`` =
@@ -28,6 +28,9 @@ deterministic); the file opens with any unzip tool (``unzip -p b.relay manifest.
 
 Only the last hop's signer is proven (by the signature); earlier hops' signers are what the
 signed manifest records, and each hop's ``parent_sha256`` ties it to the exact file it started from.
+With ``bind_sites`` (every command does this), a hop signed by a trusted key must name that key's
+site. ``expect_relay_id`` refuses a bundle of another relay. Non-finite tensors are refused on
+reading and on writing.
 
 Reading (:func:`read_bundle`) checks, in order, failing with VerificationError (exit 3) and a
 one-line reason: the file's size (a regular file, read once into memory); the container (members,
@@ -67,8 +70,8 @@ from pydantic import field_validator
 from torch import Tensor
 
 from relaylearn import __version__ as RELAYLEARN_VERSION
-from relaylearn.errors import UserError, VerificationError
-from relaylearn.keys import FINGERPRINT_PATTERN, SigningKey, TrustedKey, TrustStore
+from relaylearn.errors import RelayError, UserError, VerificationError
+from relaylearn.keys import FINGERPRINT_PATTERN, RELAY_ID_PATTERN, SigningKey, TrustedKey, TrustStore
 
 FORMAT = "relaylearn-bundle"
 FORMAT_VERSION = 1
@@ -133,9 +136,15 @@ def _container_parts(members: Sequence[tuple[str, bytes | memoryview]]) -> list[
 _MAX_REASON_CHARS = 300
 
 
+def escape_text(text: str) -> str:
+    """``text`` with every non-printable character (control codes, escape sequences, bidi
+    overrides, line breaks) written as a Python escape, so it is safe to print to a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _fail(reason: str, path: Path | str) -> VerificationError:
     """A VerificationError whose reason is one printable line, whatever untrusted text it quotes."""
-    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason)
+    reason = escape_text(reason)
     if len(reason) > _MAX_REASON_CHARS:
         reason = reason[: _MAX_REASON_CHARS - 1] + "…"
     return VerificationError(reason, path)
@@ -237,6 +246,7 @@ HOP_SITE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,255}"
 SiteName = Annotated[str, StringConstraints(pattern=f"^{HOP_SITE_PATTERN}$")]
 Fingerprint = Annotated[str, StringConstraints(pattern=f"^{FINGERPRINT_PATTERN}$")]
 TensorName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,512}$")]
+RelayId = Annotated[str, StringConstraints(pattern=f"^{RELAY_ID_PATTERN}$")]
 _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -277,6 +287,7 @@ class Manifest(_Strict):
     format_version: Literal[1]
     signed: bool
     software: SoftwareVersions
+    relay_id: RelayId
     strategy: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     config: dict[str, Any]
     registry: dict[str, Any]
@@ -610,7 +621,13 @@ def _load_tensors(checked: _Checked) -> dict[str, Tensor]:
         loaded = None if tensor is None else {"dtype": _dtype_name(tensor), "shape": list(tensor.shape)}
         if loaded != entry:
             raise _fail(f"tensor {name!r} loaded with a dtype or shape other than the manifest's", checked.path)
+        if _non_finite(tensor):
+            raise _fail(f"tensor {name!r} holds NaN or infinite values (refused)", checked.path)
     return tensors
+
+
+def _non_finite(tensor: Tensor) -> bool:
+    return bool(tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all())
 
 
 def read_bundle(
@@ -620,6 +637,8 @@ def read_bundle(
     allow_unsigned: bool = False,
     ledger: SiteLedger | None = None,
     expect_parent_sha256: str | None = None,
+    expect_relay_id: str | None = None,
+    bind_sites: bool = False,
 ) -> Bundle:
     """Verify the bundle at ``path`` completely, then load its tensors.
 
@@ -629,6 +648,9 @@ def read_bundle(
     - ``ledger``: also require that the chain extends what this site last saw
       (:meth:`SiteLedger.check`; the ledger is not updated — call ``ledger.record``).
     - ``expect_parent_sha256``: require the last hop to have started from that bundle.
+    - ``expect_relay_id``: require the bundle to belong to that relay (checked before the ledger).
+    - ``bind_sites``: require every hop signed by a key of ``trust`` to name that key's site (the
+      last hop's signer is proven by the signature; earlier ones are what the signed manifest says).
 
     Raises VerificationError (exit code 3) with a one-line reason on any failure.
     """
@@ -636,15 +658,35 @@ def read_bundle(
     checked = _check_bundle(path, trust=trust, allow_unsigned=allow_unsigned, mode=_CHECK)
     if expect_parent_sha256 is not None and checked.manifest["hops"][-1]["parent_sha256"] != expect_parent_sha256:
         raise _fail(f"bundle does not continue the expected parent bundle {expect_parent_sha256[:16]}…", path)
+    if expect_relay_id is not None and checked.manifest["relay_id"] != expect_relay_id:
+        raise _fail(
+            f"bundle belongs to relay '{checked.manifest['relay_id']}' but this site is in relay '{expect_relay_id}'",
+            path,
+        )
+    if bind_sites and trust is not None:
+        _check_hop_signers(checked.manifest["hops"], trust, path)
     if ledger is not None:
         ledger.check_lineage(_lineage(checked.manifest, checked.sha256))
     tensors = _load_tensors(checked)
     return Bundle(path, checked.sha256, checked.manifest, tensors, checked.signer.site if checked.signer else None)
 
 
-def verify_bundle(path: str | Path, trust: TrustStore) -> Bundle:
-    """Full verification against ``trust`` (a signature is required); see :func:`read_bundle`."""
-    return read_bundle(path, trust=trust, allow_unsigned=False)
+def _check_hop_signers(hops: list[dict], trust: TrustStore, path: Path) -> None:
+    """Each hop whose signer is a trusted key must name that key's site."""
+    for hop in hops:
+        key = trust.get(hop["signer"]) if hop["signer"] else None
+        if key is not None and hop["site"] != key.site:
+            raise _fail(
+                f"hop {hop['order']} names site '{hop['site']}' but was signed by the key of site '{key.site}' "
+                f"({key.fingerprint})",
+                path,
+            )
+
+
+def verify_bundle(path: str | Path, trust: TrustStore, *, expect_relay_id: str | None = None) -> Bundle:
+    """Full verification against ``trust`` (a signature is required, hops bound to their signers'
+    sites); see :func:`read_bundle`."""
+    return read_bundle(path, trust=trust, allow_unsigned=False, expect_relay_id=expect_relay_id, bind_sites=True)
 
 
 # ----- writing ------------------------------------------------------------------------------
@@ -672,6 +714,8 @@ def _prepare_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if _dtype_name(tensor) not in DTYPES or tensor.layout != torch.strided or tensor.is_quantized:
             raise ValueError(f"tensor {name!r} ({tensor.dtype}, {tensor.layout}) cannot go into a bundle")
         prepared[name] = tensor.detach().to("cpu").contiguous().clone()
+        if _non_finite(prepared[name]):
+            raise RelayError(f"refusing to write a bundle: tensor {escape_text(name)!r} holds NaN or infinite values (training diverged?)")
     return prepared
 
 
@@ -696,12 +740,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, parts: Sequence[bytes | memoryview]) -> None:
-    """Write to a temporary name in the same folder, fsync, rename over ``path``."""
+def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes | str) -> None:
+    """The one way relaylearn writes an output file: the bytes (or UTF-8 text, or a sequence of
+    byte chunks) go to a random temporary name in the same folder, created exclusively and never
+    through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``), are fsynced, then renamed over
+    ``path`` (a link planted at ``path`` is replaced, not followed). UserError if it cannot write."""
+    path = Path(path)
+    if isinstance(parts, str):
+        parts = [parts.encode("utf-8")]
+    elif isinstance(parts, (bytes, bytearray, memoryview)):
+        parts = [parts]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
         raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
     try:
@@ -731,6 +783,7 @@ def write_bundle(
     signing_key: SigningKey | None,
     extra: dict | None = None,
     finished_utc: str | None = None,
+    relay_id: str | None = None,
 ) -> Path:
     """Write a bundle holding ``tensors`` and one new hop for ``site``; return ``path``.
 
@@ -738,6 +791,8 @@ def write_bundle(
     ``extra`` should hold only what the config opted in to share (per-site counts, metrics).
     ``parent`` is the bundle this site started from (None at the first site); its hops are copied
     and the new hop records its file SHA-256. Without ``signing_key`` the bundle is unsigned.
+    ``relay_id`` names the relay: fixed at the first hop (default: derived from that hop's site,
+    start time and weights) and copied from ``parent`` afterwards (a different value is refused).
     ``finished_utc`` defaults to now; timestamps are ``YYYY-MM-DDTHH:MM:SSZ`` (see :func:`utc_now`).
     The file appears atomically; identical arguments give identical bytes.
     """
@@ -755,6 +810,15 @@ def write_bundle(
     if len(weights) > MAX_WEIGHTS_BYTES:
         raise UserError(f"weights take {len(weights)} bytes, over the bundle limit of {MAX_WEIGHTS_BYTES}", path)
 
+    if parent is not None:
+        if relay_id is not None and relay_id != parent.manifest["relay_id"]:
+            raise UserError(f"relay id {relay_id!r} differs from the parent bundle's {parent.manifest['relay_id']!r}")
+        relay_id = parent.manifest["relay_id"]
+    elif relay_id is None:
+        seed = f"{site}\n{hop_started_utc}\n{hashlib.sha256(weights).hexdigest()}".encode()
+        relay_id = "relay-" + hashlib.sha256(seed).hexdigest()[:16]
+    if not re.fullmatch(RELAY_ID_PATTERN, relay_id):
+        raise UserError(f"invalid relay id {relay_id!r}: use 1-64 letters, digits, '-', '_' or '.'")
     hops = list(parent.manifest["hops"]) if parent is not None else []
     hops.append({
         "site": site,
@@ -769,6 +833,7 @@ def write_bundle(
         "format_version": FORMAT_VERSION,
         "signed": signing_key is not None,
         "software": software_versions(),
+        "relay_id": relay_id,
         "strategy": strategy,
         "config": _json_section(config, "config"),
         "registry": _json_section(registry, "registry"),
@@ -792,7 +857,7 @@ def write_bundle(
         )
     signature = signing_key.sign(manifest_bytes) if signing_key is not None else UNSIGNED_MARKER
     members = [(MANIFEST_NAME, manifest_bytes), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, signature)]
-    _atomic_write(path, _container_parts(members))
+    atomic_write(path, _container_parts(members))
     return path
 
 
@@ -824,6 +889,7 @@ def inspect_bundle(path: str | Path) -> dict:
         "sha256": checked.sha256,
         "format_version": manifest["format_version"],
         "software": manifest["software"],
+        "relay_id": manifest["relay_id"],
         "strategy": manifest["strategy"],
         "signed": manifest["signed"],
         "signature": "not checked" if manifest["signed"] else "absent",
@@ -854,7 +920,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
 
 
 def format_inspect(info: dict) -> str:
-    """A human-readable summary of :func:`inspect_bundle`'s result (sizes in MB = 10^6 bytes)."""
+    """A human-readable summary of :func:`inspect_bundle`'s result (sizes in MB = 10^6 bytes).
+
+    Every line is passed through :func:`escape_text`: the manifest's strings (strategy, software
+    versions, extra keys) are untrusted and must not reach the terminal as control sequences."""
     software = info["software"]
     if info["signed"]:
         signature = f"signed by {info['signer']} (NOT checked here; use 'relaylearn verify BUNDLE --trust DIR')"
@@ -866,6 +935,7 @@ def format_inspect(info: dict) -> str:
         f"  sha256      {info['sha256']}",
         f"  format      relaylearn-bundle v{info['format_version']} (relaylearn {software['relaylearn']}, "
         f"torch {software['torch']}, python {software['python']})",
+        f"  relay       {info['relay_id']}",
         f"  strategy    {info['strategy']}",
         f"  signature   {signature}",
         f"  tensors     {info['tensor_count']:,} tensors, {info['total_parameters']:,} elements, "
@@ -888,7 +958,7 @@ def format_inspect(info: dict) -> str:
     if info["extra"]:
         lines += ["", "Extra (opted in by the config)"]
         lines += [f"  {key}: {json.dumps(value, sort_keys=True)}" for key, value in sorted(info["extra"].items())]
-    return "\n".join(lines)
+    return "\n".join(escape_text(line) for line in lines)
 
 
 # ----- rollback protection ------------------------------------------------------------------
@@ -993,4 +1063,4 @@ class SiteLedger:
             "last": "written" if written else "received",
             "updated_utc": utc_now(),
         }
-        _atomic_write(self.path, [(json.dumps(state, indent=1, sort_keys=True) + "\n").encode("ascii")])
+        atomic_write(self.path, [(json.dumps(state, indent=1, sort_keys=True) + "\n").encode("ascii")])

@@ -52,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trust", default=None, help="folder of trusted public keys (*.pub)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last local checkpoint")
     train.add_argument("--insecure-unsigned", action="store_true", help="accept an unsigned incoming bundle (testing only; prints a warning)")
+    train.add_argument("--relay-id", default=None, help="the relay this site belongs to (default: the file relay-id in the --trust folder)")
+    train.add_argument("--hop", type=int, default=None, help="the hop this site writes; --in must have one hop less (default: the task_id)")
+    train.add_argument("--ledger", default=None, help="site ledger folder (default: ledger/ beside --key, else in the --trust folder)")
 
     test = sub.add_parser("test", help="evaluate saved weights on the configured test sites")
     _add_run_args(test)
     test.add_argument("--bundle", default=None, help="bundle to evaluate (default: the run's bundle of each task)")
     test.add_argument("--trust", default=None, help="verify the bundle's signature against these public keys")
+    test.add_argument("--no-verify", action="store_true", help="evaluate --bundle without checking its signature (recorded in the results)")
 
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for a site")
     keygen.add_argument("out_dir")
@@ -73,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="segment new images with a bundle's model")
     predict.add_argument("--bundle", required=True)
     predict.add_argument("--out", required=True)
-    predict.add_argument("--trust", default=None)
+    predict.add_argument("--trust", default=None, help="folder of trusted public keys: verify the bundle")
+    predict.add_argument("--no-verify", action="store_true", help="use the bundle without checking its signature (recorded in predictions.json)")
+    predict.add_argument("-c", "--config", default=None, help="local config whose plug-in model/strategy the bundle may use")
     predict.add_argument("-g", "--gpus", default=None)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
 
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--bundle", required=True)
     export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     export.add_argument("--out", required=True)
-    export.add_argument("--trust", default=None)
+    export.add_argument("--trust", default=None, help="folder of trusted public keys: verify the bundle")
+    export.add_argument("--no-verify", action="store_true", help="use the bundle without checking its signature (recorded in the metadata)")
+    export.add_argument("-c", "--config", default=None, help="local config whose plug-in model/strategy the bundle may use")
 
     report = sub.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir")
@@ -122,6 +130,7 @@ def cmd_train(args) -> int:
     opts = TrainOptions(
         devices=args.gpus, in_bundle=args.in_bundle, out_bundle=args.out_bundle, key=args.key, trust=args.trust,
         resume=args.resume, quiet=args.quiet, insecure_unsigned=args.insecure_unsigned,
+        relay_id=args.relay_id, hop=args.hop, ledger=args.ledger,
     )
     result = run_training(cfg, _name(args.name), opts)
     print_matrix(result.matrix)
@@ -157,7 +166,7 @@ def cmd_test(args) -> int:
     from relaylearn.evaluate import run_test
 
     cfg = load_config(_name(args.config), args.sets, args.data_root)
-    out = run_test(cfg, _name(args.name), bundle=args.bundle, trust=args.trust, devices=args.gpus)
+    out = run_test(cfg, _name(args.name), bundle=args.bundle, trust=args.trust, devices=args.gpus, no_verify=args.no_verify)
     print(f"test results: {out}")
     return 0
 
@@ -177,9 +186,11 @@ def cmd_verify(args) -> int:
     from relaylearn.bundle import verify_bundle
     from relaylearn.keys import load_trust_dir
 
-    bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust))
+    from relaylearn.keys import read_relay_id
+
+    bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust), expect_relay_id=read_relay_id(args.trust))
     hops = bundle.manifest.get("hops", [])
-    print(f"OK: {args.bundle} signed by {bundle.signed_by}; {len(hops)} hop(s): " + " -> ".join(h["site"] for h in hops))
+    print(f"OK: {args.bundle} signed by {bundle.signed_by}; relay {bundle.manifest['relay_id']}; {len(hops)} hop(s): " + " -> ".join(h["site"] for h in hops))
     return 0
 
 
@@ -194,16 +205,26 @@ def cmd_inspect(args) -> int:
 def cmd_predict(args) -> int:
     from relaylearn.predict import run_predict
 
-    run_predict(args.bundle, args.out, args.inputs, trust=args.trust, devices=args.gpus)
+    run_predict(args.bundle, args.out, args.inputs, trust=args.trust, devices=args.gpus, no_verify=args.no_verify, plugins=_plugins(args.config))
     return 0
 
 
 def cmd_export(args) -> int:
     from relaylearn.export import run_export
 
-    run_export(args.bundle, args.format, args.out, trust=args.trust)
+    run_export(args.bundle, args.format, args.out, trust=args.trust, no_verify=args.no_verify, plugins=_plugins(args.config))
     print(f"exported {args.format}: {args.out}")
     return 0
+
+
+def _plugins(config: str | None) -> set[str]:
+    """The plug-in names a local config (-c) allows a bundle to use (none without -c)."""
+    if not config:
+        return set()
+    from relaylearn.config import load_config
+    from relaylearn.runner import local_plugins
+
+    return local_plugins(load_config(_name(config)))
 
 
 def cmd_report(args) -> int:
@@ -235,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except RelayError as exc:
-        print(f"relaylearn: error: {exc}", file=sys.stderr)
+        from relaylearn.bundle import escape_text
+
+        print(f"relaylearn: error: {escape_text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("relaylearn: interrupted", file=sys.stderr)
@@ -243,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
         if os.environ.get("RELAYLEARN_DEBUG"):
             raise
-        print(f"relaylearn: internal error: {type(exc).__name__}: {exc} (set RELAYLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
+        from relaylearn.bundle import escape_text
+
+        print(f"relaylearn: internal error: {type(exc).__name__}: {escape_text(exc)} (set RELAYLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

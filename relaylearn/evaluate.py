@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from relaylearn.config import RunConfig
 from relaylearn.errors import UserError
 from relaylearn.runner import (
     EXPS_ROOT,
+    atomic_write_text,
     load_split,
+    local_plugins,
     parse_devices,
     per_image_rows,
     strategy_from_bundle,
@@ -20,24 +23,37 @@ from relaylearn.runner import (
 )
 
 
-def read_any_bundle(path: Path, trust_dir: str | None):
-    """Read a bundle for local use: fully verified with ``trust_dir``; otherwise the container,
-    hashes and tensor index are checked but the signature is not (a warning says so)."""
-    import warnings
-
+def read_any_bundle(path: Path, trust_dir: str | None, *, no_verify: bool = False):
+    """Read a bundle for local use: fully verified with ``trust_dir`` (signature, hops bound to
+    their signers' sites, the trust folder's relay id). Without it only with ``no_verify``: the
+    container, hashes, tensor index and values are checked but not the signature, and the returned
+    bundle's ``signed_by`` is None (outputs record it as not verified). UserError otherwise."""
     from relaylearn.bundle import read_bundle
-    from relaylearn.keys import load_trust_dir
+    from relaylearn.keys import load_trust_dir, read_relay_id
 
+    if trust_dir:
+        trust = load_trust_dir(trust_dir)
+        if not path.is_file():
+            raise UserError("bundle not found", path)
+        return read_bundle(path, trust=trust, expect_relay_id=read_relay_id(trust_dir), bind_sites=True)
+    if not no_verify:
+        raise UserError("pass --trust DIR to verify the bundle, or --no-verify to use it unverified", path)
     if not path.is_file():
         raise UserError("bundle not found", path)
-    if trust_dir:
-        return read_bundle(path, trust=load_trust_dir(trust_dir))
-    warnings.warn(f"{path}: signature not checked (pass --trust DIR to verify it)", stacklevel=2)
     return read_bundle(path, trust=None, allow_unsigned=True)
 
 
-def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | None = None, devices: str | None = None, exps_root: Path = EXPS_ROOT) -> Path:
-    """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV."""
+def provenance(bundle) -> dict:
+    """What an output records about the bundle it came from."""
+    return {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256, "relay_id": bundle.manifest["relay_id"],
+            "verified": bundle.signed_by is not None, "signed_by": bundle.signed_by}
+
+
+def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | None = None, devices: str | None = None, exps_root: Path = EXPS_ROOT, no_verify: bool = False) -> Path:
+    """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV.
+
+    A ``bundle`` from elsewhere needs ``trust`` (or ``no_verify``); the run's own bundles are read
+    unverified when no ``trust`` is given. ``results_<stamp>.json`` records which were verified."""
     from relaylearn.engine import evaluate_site
 
     run_dir = Path(exps_root) / cfg.name / name.lstrip("=")
@@ -47,9 +63,11 @@ def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | 
     device = torch.device("cuda", devs[0] if isinstance(devs, list) else 0) if accelerator == "gpu" else torch.device("cpu")
     summary, per_image = [], []
     test_data = {ds.site: load_split(ds, "test") for ds in cfg.test_datasets}
+    sources = []
     for task_id, path in zip(task_ids, paths):
-        b = read_any_bundle(path, trust)
-        strategy, task = strategy_from_bundle(b)
+        b = read_any_bundle(path, trust, no_verify=no_verify or bundle is None)
+        sources.append(provenance(b))
+        strategy, task = strategy_from_bundle(b, local_plugins(cfg))
         solver = strategy.solver.to(device)
         trained = "+".join(h["site"] for h in b.manifest.get("hops", [])[-1:]) or f"task_{task_id}"
         for ds in cfg.test_datasets:
@@ -63,5 +81,6 @@ def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | 
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = run_dir / "test_results" / f"results_{stamp}.csv"
     write_results_csv(out, summary)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"bundles": sources}, indent=2) + "\n")
     write_results_csv(run_dir / "test_results" / f"per_image_{stamp}.csv", per_image)
     return out

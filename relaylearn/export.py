@@ -49,6 +49,8 @@ def export_metadata(model: LoadedModel, fmt: str) -> dict:
         "mask_encoding": "DoFE grey levels 255/128/0" if model.is_fundus else "class ids",
         "strategy": model.strategy,
         "bundle_sha256": model.bundle_sha256,
+        "bundle_verified": model.verified,
+        "bundle_signed_by": model.signed_by,
     }  # fmt: skip
 
 
@@ -114,8 +116,11 @@ def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
     return out
 
 
-def run_export(bundle: str | Path, fmt: str, out: str | Path, trust: str | None = None) -> Path:
-    """``relaylearn export``: read (and with ``trust`` verify) ``bundle``; write its solver."""
+def run_export(bundle: str | Path, fmt: str, out: str | Path, trust: str | None = None, *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> Path:
+    """``relaylearn export``: read and verify ``bundle`` (with ``trust``; else only with
+    ``no_verify``, recorded as ``bundle_verified: false``); write its solver."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    return export_model(load_model(bundle, trust), fmt, out)
+    if Path(out).resolve() == Path(bundle).resolve():
+        raise UserError("--out is the bundle itself; export to a new file name", out)
+    return export_model(load_model(bundle, trust, no_verify=no_verify, plugins=plugins), fmt, out)

@@ -8,7 +8,9 @@ A site has one key pair, made with ``relaylearn keygen``:
   which put it into their trust folder (``--trust DIR``).
 
 The file stem is the site's name: letters, digits and ``-_.``, starting with a letter or digit,
-at most 64 characters. Keys are identified by their *fingerprint*, ``"SHA256:"`` followed by the
+at most 64 characters. ``keygen`` also writes the name into both files, after the PEM block, as a
+line ``relaylearn-site: <site>``: a key is bound to the site it was made for, and renaming the file
+does not rename the site (a mismatch is refused). A signed hop must name its signer's site. Keys are identified by their *fingerprint*, ``"SHA256:"`` followed by the
 first 32 hex digits (128 bits) of the SHA-256 of the raw 32-byte Ed25519 public key.
 """
 
@@ -34,6 +36,7 @@ FINGERPRINT_PATTERN = r"SHA256:[0-9a-f]{32}"
 PRIVATE_KEY_SUFFIX = ".key"
 PUBLIC_KEY_SUFFIX = ".pub"
 _MAX_KEY_FILE_BYTES = 64 * 1024
+SITE_LINE_PREFIX = "relaylearn-site: "
 
 
 def validate_site_name(site: str) -> str:
@@ -162,12 +165,13 @@ def generate_keypair(out_dir: str | Path, site: str) -> tuple[Path, Path]:
             raise UserError("refusing to overwrite an existing key file", existing)
 
     private_key = Ed25519PrivateKey.generate()
+    site_line = f"{SITE_LINE_PREFIX}{site}\n".encode("ascii")
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    ) + site_line
     public_pem = private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    ) + site_line
     try:
         _write_new_file(private_path, private_pem, 0o600)
         try:
@@ -203,6 +207,28 @@ def _site_from_stem(path: Path) -> str:
         ) from None
 
 
+def _declared_site(data: bytes, path: Path) -> str | None:
+    """The site name ``keygen`` wrote after the PEM block (None for a bare PEM file)."""
+    lines = [line for line in data.decode("ascii", errors="replace").splitlines() if line.startswith(SITE_LINE_PREFIX)]
+    if not lines:
+        return None
+    if len(lines) > 1:
+        raise UserError("key file names more than one site", path)
+    try:
+        return validate_site_name(lines[0][len(SITE_LINE_PREFIX) :].strip())
+    except UserError:
+        raise UserError("key file declares an invalid site name", path) from None
+
+
+def _bound_site(data: bytes, path: Path) -> str:
+    """The site a key belongs to: the name written inside by keygen, which must match the file name."""
+    stem = _site_from_stem(path)
+    declared = _declared_site(data, path)
+    if declared is not None and declared != stem:
+        raise UserError(f"key was made for site '{declared}' but the file is named '{path.name}'; rename it back", path)
+    return stem
+
+
 def load_private_key(path: str | Path) -> SigningKey:
     """Load ``<site>.key``; UserError if missing, unreadable, readable by others, or not Ed25519."""
     path = Path(path)
@@ -222,11 +248,12 @@ def load_private_key(path: str | Path) -> SigningKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise UserError(f"not an Ed25519 key ({type(key).__name__.lstrip('_')}); use 'relaylearn keygen'", path)
     public_key = key.public_key()
-    return SigningKey(_site_from_stem(path), key, public_key, fingerprint(public_key))
+    return SigningKey(_bound_site(data, path), key, public_key, fingerprint(public_key))
 
 
-def load_public_key(path: str | Path) -> TrustedKey:
-    """Load one ``<site>.pub``; UserError naming the file if it is not an Ed25519 PEM public key."""
+def load_public_key(path: str | Path, *, check_site: bool = True) -> TrustedKey:
+    """Load one ``<site>.pub``; UserError naming the file if it is not an Ed25519 PEM public key, or
+    (``check_site``) if the site name keygen wrote inside disagrees with the file name."""
     path = Path(path)
     data = _read_key_file(path)
     try:
@@ -235,7 +262,8 @@ def load_public_key(path: str | Path) -> TrustedKey:
         raise UserError("not a PEM public key", path) from None
     if not isinstance(key, Ed25519PublicKey):
         raise UserError(f"not an Ed25519 public key ({type(key).__name__.lstrip('_')})", path)
-    return TrustedKey(_site_from_stem(path), key, fingerprint(key), path)
+    site = _bound_site(data, path) if check_site else _site_from_stem(path)
+    return TrustedKey(site, key, fingerprint(key), path)
 
 
 def load_trust_dir(path: str | Path) -> TrustStore:
@@ -255,10 +283,35 @@ def load_trust_dir(path: str | Path) -> TrustStore:
         raise UserError(f"trust folder holds no public keys (*{PUBLIC_KEY_SUFFIX})", path)
     keys: dict[str, TrustedKey] = {}
     for candidate in candidates:
-        trusted = load_public_key(candidate)
+        trusted = load_public_key(candidate, check_site=False)
         if trusted.fingerprint in keys:
             raise UserError(
                 f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate
             )
-        keys[trusted.fingerprint] = trusted
+        keys[trusted.fingerprint] = load_public_key(candidate)
     return TrustStore(keys)
+
+
+RELAY_ID_FILE = "relay-id"
+
+
+def read_relay_id(trust_dir: str | Path) -> str | None:
+    """The relay this site belongs to, as stated by the file ``relay-id`` in the trust folder
+    (one line; None when the folder has no such file). UserError if it is not a valid relay id."""
+    path = Path(trust_dir) / RELAY_ID_FILE
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the relay id: {exc}", path) from None
+    return validate_relay_id(text, path)
+
+
+RELAY_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
+def validate_relay_id(relay_id: str, where: str | Path | None = None) -> str:
+    if not isinstance(relay_id, str) or not re.fullmatch(RELAY_ID_PATTERN, relay_id):
+        raise UserError(f"invalid relay id {relay_id!r}: use 1-64 letters, digits, '-', '_' or '.'", where)
+    return relay_id

@@ -26,7 +26,7 @@ import csv
 import io
 import math
 import os
-import secrets
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -66,6 +66,8 @@ class LoadedModel:
     dataset: str  # data layout name of the config ("fundus", "folder", "nifti")
     bundle_sha256: str
     strategy: str
+    verified: bool = False  # False: read with --no-verify (signature not checked)
+    signed_by: str | None = None
 
     @property
     def is_fundus(self) -> bool:
@@ -79,19 +81,21 @@ def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
     return tuple(f"class_{k}" for k in range(num_classes))
 
 
-def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """Read (and with ``trust``, verify) a bundle and rebuild its solver in eval mode."""
+def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> LoadedModel:
+    """Read and verify (with ``trust``; else only with ``no_verify``) a bundle and rebuild its
+    solver in eval mode. ``plugins``: plug-in names of your local config the bundle may use."""
     from relaylearn.evaluate import read_any_bundle
     from relaylearn.runner import strategy_from_bundle
 
-    b = read_any_bundle(Path(bundle), trust)
-    strategy, task = strategy_from_bundle(b)
+    b = read_any_bundle(Path(bundle), trust, no_verify=no_verify)
+    strategy, task = strategy_from_bundle(b, plugins)
     k = task.dataset.kwargs
     solver = strategy.solver.to(device).eval()
     return LoadedModel(
         solver=solver, img_size=tuple(k.img_size), out_range=tuple(k.out_range), channels=k.channels,
         num_classes=k.num_classes, class_names=class_names_for(task.dataset.name, k.num_classes),
         dataset=task.dataset.name, bundle_sha256=b.sha256, strategy=b.manifest["strategy"],
+        verified=b.signed_by is not None, signed_by=b.signed_by,
     )
 
 
@@ -225,15 +229,10 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename over ``path`` (mode per umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` atomically (the bundle module's :func:`atomic_write`)."""
+    from relaylearn.bundle import atomic_write
+
+    atomic_write(path, data)
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -287,16 +286,19 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
                 os.replace(tmp, out / sub / tmp.name)
         csv_path = out / "predictions.csv"
         atomic_write_bytes(csv_path, _csv_text(rows).encode())
+        info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
+        atomic_write_bytes(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
         return csv_path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_predict(bundle: str | Path, out: str | Path, inputs: Sequence[str | Path], trust: str | None = None, devices: str | None = None) -> Path:
-    """``relaylearn predict``: returns the path of ``predictions.csv``."""
+def run_predict(bundle: str | Path, out: str | Path, inputs: Sequence[str | Path], trust: str | None = None, devices: str | None = None, *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> Path:
+    """``relaylearn predict``: returns the path of ``predictions.csv`` (``predictions.json`` beside
+    it records the bundle and whether it was verified)."""
     files = expand_inputs(inputs)
     device = _device(devices)
-    model = load_model(bundle, trust, device)
+    model = load_model(bundle, trust, device, no_verify=no_verify, plugins=plugins)
     csv_path = predict_images(model, files, Path(out), device)
     print(f"segmented {len(files)} image(s): masks and overlays in {out}, table {csv_path}")
     return csv_path

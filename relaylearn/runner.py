@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
@@ -38,6 +37,9 @@ class TrainOptions:
     quiet: bool = False
     insecure_unsigned: bool = False
     exps_root: Path = EXPS_ROOT
+    relay_id: str | None = None  # the relay this site belongs to (else <trust>/relay-id)
+    hop: int | None = None  # the hop this site writes (default: the first task's task_id)
+    ledger: str | None = None  # site ledger folder (default: <key folder>/ledger, else <trust>/ledger)
 
 
 @dataclass
@@ -63,10 +65,9 @@ def utc_now() -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from relaylearn.bundle import atomic_write
+
+    atomic_write(path, text)
 
 
 def software_versions() -> dict[str, str]:
@@ -139,33 +140,98 @@ def build_strategy(task: TaskConfig, load_pretrained: bool) -> Strategy:
     return cls(options, solver, task)
 
 
-def strategy_from_bundle(bundle) -> tuple[Strategy, TaskConfig]:
-    """Rebuild the strategy that wrote ``bundle`` (already verified) and load its state."""
+def _first_line(exc: BaseException) -> str:
+    from relaylearn.bundle import escape_text
+
+    text = str(exc).strip()
+    return escape_text(text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
+    """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
+    shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
+    from relaylearn.bundle import escape_text
+
+    def mismatch(expected: dict) -> str | None:
+        describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
+        for name in sorted(set(expected) | set(bundle.tensors)):
+            want, got = expected.get(name), bundle.tensors.get(name)
+            if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
+                return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
+        return None
+
+    fresh = strategy.state_to_bundle().tensors
+    try:
+        strategy.state_from_bundle(BundleState(tensors=bundle.tensors, meta=bundle.manifest.get("registry", {})))
+        problem = mismatch(strategy.state_to_bundle().tensors)
+    except Exception as exc:  # noqa: BLE001 - whatever the tensors or registry do to the strategy
+        problem = mismatch(fresh) or _first_line(exc)
+    if problem:
+        raise VerificationError(f"bundle does not fit strategy '{strategy_name}': {problem}", bundle.path)
+
+
+def check_bundle_fits(bundle, task: TaskConfig) -> None:
+    """Before anything is recorded or written: the verified ``bundle`` must come from this site's
+    strategy and its tensors must load into it exactly (names, shapes, dtypes). Exit 3 otherwise."""
+    from relaylearn.bundle import escape_text
+
+    if bundle.strategy != task.strategy.name:
+        raise VerificationError(
+            f"bundle was written by strategy '{escape_text(bundle.strategy)}' but this site's config uses '{task.strategy.name}'",
+            bundle.path,
+        )
+    load_bundle_state(build_strategy(task, load_pretrained=False), bundle, task.strategy.name)
+
+
+def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tuple[Strategy, TaskConfig]:
+    """Rebuild the strategy that wrote ``bundle`` (already verified) and load its state.
+
+    Nothing named by the bundle is imported: its strategy and model names resolve only against the
+    built-in registry; a plug-in (``package.module:Name``) only when it is in ``plugins``, the names
+    your local config uses. VerificationError (exit 3) otherwise, or when the tensors do not fit."""
+    from relaylearn.bundle import escape_text
+
     try:
         task = TaskConfig.model_validate(bundle.manifest["config"])
     except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
-        raise VerificationError(f"bundle config does not match this relaylearn version: {str(exc).splitlines()[0]}", bundle.path) from None
-    strategy = build_strategy(task, load_pretrained=False)
+        raise VerificationError(f"bundle config does not match this relaylearn version: {_first_line(exc)}", bundle.path) from None
+    for what, name in (("strategy", task.strategy.name), ("model", task.model.name)):
+        if ":" in name and name not in plugins:
+            raise VerificationError(
+                f"bundle names the plug-in {what} '{escape_text(name)}'; code named by a bundle is never imported "
+                "(only a plug-in your local config names, with -c, is used)",
+                bundle.path,
+            )
+    if bundle.strategy != task.strategy.name:
+        raise VerificationError(f"bundle strategy '{escape_text(bundle.strategy)}' disagrees with its config's '{escape_text(task.strategy.name)}'", bundle.path)
     try:
-        strategy.state_from_bundle(BundleState(tensors=bundle.tensors, meta=bundle.manifest.get("registry", {})))
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise VerificationError(f"bundle tensors do not fit strategy '{task.strategy.name}': {str(exc).splitlines()[0]}", bundle.path) from None
+        strategy = build_strategy(task, load_pretrained=False)
+    except UserError as exc:
+        raise VerificationError(f"bundle config: {_first_line(exc)}", bundle.path) from None
+    load_bundle_state(strategy, bundle, task.strategy.name)
     return strategy, task
+
+
+def local_plugins(cfg: RunConfig | None) -> set[str]:
+    """The plug-in names (``package.module:Name``) a local config uses for its strategy or model."""
+    if cfg is None:
+        return set()
+    return {name for t in cfg.tasks for name in (t.strategy.name, t.model.name) if ":" in name}
 
 
 # ----- results files -----------------------------------------------------------------------------
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
+    import io
+
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
 
 
 def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +284,7 @@ class RelayRun:
         self.signing_key = None
         self.trust = None
         self.signed = opts.key is not None
+        self.relay_id: str | None = None  # the relay this site states it belongs to
 
     # -- set-up --
     def _prepare(self) -> None:
@@ -229,15 +296,26 @@ class RelayRun:
             self.trust = load_trust_dir(self.opts.trust)
         if self.opts.in_bundle and self.trust is None and not self.opts.insecure_unsigned:
             raise UserError("--in needs --trust DIR (the consortium's public keys), or --insecure-unsigned for testing")
+        self.relay_id = self._stated_relay_id()
+        if self.opts.in_bundle and self.relay_id is None and not self.opts.insecure_unsigned:
+            raise UserError(
+                "this site does not state which relay it belongs to: put the relay id into the file relay-id "
+                "of the trust folder, or pass --relay-id ID"
+            )
+        if self.opts.in_bundle and self.opts.out_bundle and _same_file(self.opts.in_bundle, self.opts.out_bundle):
+            raise UserError("--out is the same file as --in; write the outgoing bundle to a new name", self.opts.out_bundle)
         for task in self.cfg.tasks:  # a bad -g fails before anything is written
             parse_devices(self.opts.devices, task.train.lightning)
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
             raise UserError(f"run folder already has results; use --resume to continue it or another -n", self.run_dir)
-        if self.opts.in_bundle:  # verify what arrived before anything is written
+        if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
-            if is_main_process():
-                self._ledger(self.cfg.tasks[0].dataset.site).check(self.incoming)
+            self._check_position(self.incoming)
+            check_bundle_fits(self.incoming, self.cfg.tasks[0])
+            ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
+            if is_main_process() and ledger is not None:
+                ledger.check(self.incoming)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
@@ -267,14 +345,49 @@ class RelayRun:
             keys = dict(trust.keys) if trust is not None else {}
             keys.update(TrustStore.of((self.signing_key.site, self.signing_key.public_key)).keys)
             trust = TrustStore(keys)
-        return read_bundle(path, trust=trust, allow_unsigned=allow_unsigned)
+        return read_bundle(path, trust=trust, allow_unsigned=allow_unsigned, expect_relay_id=self.relay_id, bind_sites=True)
 
-    def _ledger(self, site: str):
-        """What this site last received or wrote (deployment only): refuses rollbacks and forks.
-        Kept in ``exps/.ledger/<site>.json``; delete it to start a brand-new relay at this site."""
+    def _stated_relay_id(self) -> str | None:
+        """``--relay-id``, else the ``relay-id`` file of the trust folder; both must agree."""
+        from relaylearn.keys import read_relay_id, validate_relay_id
+
+        flag = validate_relay_id(self.opts.relay_id, "--relay-id") if self.opts.relay_id else None
+        folder = read_relay_id(self.opts.trust) if self.opts.trust else None
+        if flag and folder and flag != folder:
+            raise UserError(f"--relay-id {flag} disagrees with the trust folder's relay id {folder}", self.opts.trust)
+        return flag or folder
+
+    def _check_position(self, bundle) -> None:
+        """The chain grows by exactly one hop per site: a site writing hop N (``--hop``, default its
+        task_id) accepts only a bundle with N-1 hops."""
+        hop = self.opts.hop or self.cfg.tasks[0].dataset.kwargs.task_id
+        if hop is None:
+            return
+        arrived = len(bundle.hops)
+        if arrived != hop - 1:
+            raise VerificationError(
+                f"this site writes hop {hop} (--hop, default its task_id) so it expects a bundle with {hop - 1} hop(s), "
+                f"but this one has {arrived} (last: {bundle.hops[-1]['site']})",
+                bundle.path,
+            )
+
+    def _ledger(self, site: str, relay_id: str):
+        """What this site last received or wrote in relay ``relay_id``: refuses rollbacks and forks.
+
+        Kept at one fixed place per site, whatever the working directory: ``--ledger DIR``, else
+        ``ledger/`` beside the site's key, else ``ledger/`` in the trust folder; the file is
+        ``<relay_id>.<site>.json``. None (no ledger) when the site has neither key nor trust folder."""
         from relaylearn.bundle import SiteLedger
 
-        return SiteLedger(Path(self.opts.exps_root) / ".ledger" / f"{site}.json")
+        if self.opts.ledger:
+            folder = Path(self.opts.ledger)
+        elif self.opts.key:
+            folder = Path(self.opts.key).resolve().parent / "ledger"
+        elif self.opts.trust:
+            folder = Path(self.opts.trust).resolve() / "ledger"
+        else:
+            return None
+        return SiteLedger(folder / f"{relay_id}.{site}.json")
 
     # -- main loop --
     def run(self) -> RunResult:
@@ -314,8 +427,10 @@ class RelayRun:
                 continue
             deployed = self.opts.in_bundle is not None or self.signing_key is not None
             if parent is not None and deployed and is_main_process():
-                self._ledger(task.dataset.site).check(parent)
-                self._ledger(task.dataset.site).record(parent)
+                ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"])
+                if ledger is not None:
+                    ledger.check(parent)
+                    ledger.record(parent)
             strategy, row, results = self._train_site(group, parent, position)
             rows.append(row)
             trained.append(site_name)
@@ -331,8 +446,9 @@ class RelayRun:
                 continue
             parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
             self._sync()
-            if deployed:
-                self._ledger(task.dataset.site).record(parent, written=True)
+            ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
+            if ledger is not None:
+                ledger.record(parent, written=True)
             stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
@@ -346,11 +462,9 @@ class RelayRun:
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
         atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
         if self.opts.out_bundle and bundles:
-            out = Path(self.opts.out_bundle)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            shutil.copyfile(bundles[-1], tmp)
-            os.replace(tmp, out)
+            from relaylearn.bundle import atomic_write
+
+            atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
         return RunResult(self.run_dir, matrix, bundles, time.time() - started)
 
     def _log(self, msg: str) -> None:
@@ -464,10 +578,27 @@ class RelayRun:
             extra["num_images"] = strategy.hop_num_images
         write_bundle(
             path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
-            site=task.dataset.site if "+" not in site_name else site_name, hop_started_utc=getattr(strategy, "hop_started_utc", utc_now()),
+            site=self._hop_site(task, site_name), hop_started_utc=getattr(strategy, "hop_started_utc", utc_now()),
             parent=parent, signing_key=self.signing_key, extra=extra or None,
+            relay_id=self.relay_id if parent is None else None,
         )
         return self._read_bundle(path, allow_unsigned=self.signing_key is None, own=True)
+
+
+    def _hop_site(self, task: TaskConfig, site_name: str) -> str:
+        """The site a hop names: the signing key's site when signed (a hop is bound to its signer),
+        else the dataset's site (``A+B`` for a pooled hop)."""
+        if self.signing_key is not None:
+            return self.signing_key.site
+        return task.dataset.site if "+" not in site_name else site_name
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
 def quiet_lightning() -> None:

@@ -25,13 +25,14 @@ from relaylearn.bundle import (
     SiteLedger,
     _container_parts,
     _dump_manifest,
+    atomic_write,
     format_inspect,
     inspect_bundle,
     read_bundle,
     verify_bundle,
     write_bundle,
 )
-from relaylearn.errors import UserError, VerificationError
+from relaylearn.errors import RelayError, UserError, VerificationError
 from relaylearn.keys import generate_keypair, load_private_key, load_trust_dir
 
 STARTED = "2024-05-01T08:00:00Z"
@@ -634,3 +635,92 @@ def test_ledger_file_errors_are_user_errors(tmp_path, chain):
     path.write_text(json.dumps(state))
     with pytest.raises(UserError, match="ledger is unreadable"):
         SiteLedger(path).lineage()
+
+
+# ----- hardening: relay id, key <-> site binding, non-finite tensors, escaping, atomic writes ------
+
+
+def test_relay_id_is_fixed_at_the_first_hop_and_checked(tmp_path, keys):
+    first = read_bundle(write(tmp_path / "b1.relay", keys["a"], relay_id="glaucoma-2026"), trust=keys["trust"])
+    assert first.manifest["relay_id"] == "glaucoma-2026"
+    second = read_bundle(write(tmp_path / "b2.relay", keys["b"], parent=first), trust=keys["trust"])
+    assert second.manifest["relay_id"] == "glaucoma-2026"  # copied, and covered by the signature
+    with pytest.raises(UserError, match="differs from the parent"):
+        write(tmp_path / "b3.relay", keys["b"], parent=first, relay_id="another")
+    assert read_bundle(tmp_path / "b2.relay", trust=keys["trust"], expect_relay_id="glaucoma-2026").sha256 == second.sha256
+    error = rejects(tmp_path / "b2.relay", "belongs to relay", trust=keys["trust"], expect_relay_id="other-relay")
+    assert "'glaucoma-2026'" in error.message and "'other-relay'" in error.message
+    # the default id is derived from the first hop (deterministic), and a changed id breaks the signature
+    assert write(tmp_path / "d.relay", keys["a"]).read_bytes() == write(tmp_path / "e.relay", keys["a"]).read_bytes()
+    forged = forge(tmp_path / "b2.relay", tmp_path / "moved.relay", None, edit=lambda m: m.update(relay_id="other-relay"))
+    rejects(forged, "signature", trust=keys["trust"])
+    rejects(forge(tmp_path / "b1.relay", tmp_path / "bad_id.relay", keys["a"], edit=lambda m: m.update(relay_id="../x")),
+            "relay_id", trust=keys["trust"])  # fmt: skip
+
+
+def test_a_hop_must_name_the_site_of_the_key_that_signed_it(tmp_path, keys):
+    """Site B signing a hop that claims to be SiteA is refused whenever sites are bound."""
+    impostor = write(tmp_path / "impostor.relay", keys["b"], site="SiteA")
+    assert read_bundle(impostor, trust=keys["trust"]).signed_by == "SiteB"  # the low-level reader alone
+    error = rejects(impostor, "names site 'SiteA' but was signed by the key of site 'SiteB'", trust=keys["trust"], bind_sites=True)
+    assert keys["b"].fingerprint in error.message
+    with pytest.raises(VerificationError, match="signed by the key of site 'SiteB'"):
+        verify_bundle(impostor, keys["trust"])
+    # an earlier hop is checked too, against what the signed manifest records
+    first = read_bundle(write(tmp_path / "b1.relay", keys["b"], site="SiteA"), trust=keys["trust"])
+    second = write(tmp_path / "b2.relay", keys["b"], parent=first)
+    rejects(second, "hop 1 names site 'SiteA'", trust=keys["trust"], bind_sites=True)
+    honest = write(tmp_path / "honest.relay", keys["a"])
+    assert verify_bundle(honest, keys["trust"]).signed_by == "SiteA"
+
+
+def test_keygen_binds_the_site_name_into_the_key_files(tmp_path):
+    private, public = generate_keypair(tmp_path / "keys", "Hospital-A")
+    assert public.read_text().splitlines()[-1] == "relaylearn-site: Hospital-A"
+    assert private.read_text().splitlines()[-1] == "relaylearn-site: Hospital-A"
+    renamed = tmp_path / "trust" / "Hospital-C.pub"
+    renamed.parent.mkdir()
+    renamed.write_bytes(public.read_bytes())
+    with pytest.raises(UserError, match="made for site 'Hospital-A'"):
+        load_trust_dir(renamed.parent)
+    stolen = tmp_path / "Hospital-C.key"
+    stolen.write_bytes(private.read_bytes())
+    stolen.chmod(0o600)
+    with pytest.raises(UserError, match="made for site 'Hospital-A'"):
+        load_private_key(stolen)
+
+
+def test_non_finite_tensors_are_refused_on_reading_and_writing(tmp_path, keys):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensors = sample_tensors()
+        tensors["solver.conv.weight"][0, 0, 0, 0] = bad
+        target = tmp_path / "nan.relay"
+        with pytest.raises(RelayError, match="solver.conv.weight.*NaN or infinite"):
+            write(target, keys["a"], tensors=tensors)
+        assert not target.exists() and not list(tmp_path.glob(".*tmp"))
+    good = write(tmp_path / "good.relay", keys["a"])
+    tensors = sample_tensors()
+    tensors["gen.w_avg"][2] = float("nan")  # bfloat16 as well
+    forged = forge(good, tmp_path / "forged.relay", keys["a"], weights=safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+    rejects(forged, "'gen.w_avg' holds NaN or infinite", trust=keys["trust"])
+
+
+def test_inspect_escapes_every_string_from_the_bundle(tmp_path, keys):
+    nasty = "\x1b[2J\x1b[1;1HOK: verified\r\u202e"
+    good = write(tmp_path / "good.relay", keys["a"], extra={nasty: nasty})
+    path = forge(good, tmp_path / "nasty.relay", keys["a"], edit=lambda m: (
+        m.update(strategy=nasty[:60]), m["software"].update(torch=nasty, relaylearn=nasty)))  # fmt: skip
+    text = format_inspect(inspect_bundle(path))
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    assert all(line.isprintable() for line in text.splitlines())
+    assert "\\x1b[2J" in text
+
+
+def test_atomic_write_never_follows_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "out.bin"
+    target.symlink_to(victim)  # a link planted at the output name is replaced, not written through
+    atomic_write(target, b"new")
+    assert victim.read_text() == "precious" and not target.is_symlink() and target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []

@@ -296,3 +296,63 @@ def test_round_trip_of_arbitrary_tensor_sets(setup, tensors):
     assert set(loaded) == set(made)
     for name, tensor in made.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+
+
+# ----- hardening cases: non-finite values, relay id, hop site bound to its signer ----------------
+
+
+def test_bit_flips_in_float_weights_never_load_non_finite_values(setup):
+    """Every bit of solver.w's data flipped (and the bundle re-signed with fixed hashes, as a trusted
+    key could): values that become NaN/Inf are refused, every other flip loads finite tensors."""
+    members = _members(setup)
+    weights = members[WEIGHTS_NAME]
+    header_len = struct.unpack("<Q", weights[:8])[0]
+    header = json.loads(weights[8 : 8 + header_len])
+    begin, end = header["solver.w"]["data_offsets"]
+    base = 8 + header_len + begin
+    counts, start = Counter(), time.perf_counter()
+    for position in range(base, base + (end - begin)):
+        for bit in range(8):
+            mutated = bytearray(weights)
+            mutated[position] ^= 1 << bit
+            manifest = json.loads(members[MANIFEST_NAME])
+            manifest["weights_sha256"] = hashlib.sha256(mutated).hexdigest()
+            data = _signed_container(setup, _dump_manifest(manifest), bytes(mutated))
+            setup["scratch"].write_bytes(data)
+            try:
+                loaded = read_bundle(setup["scratch"], trust=setup["trust"])
+            except VerificationError as exc:
+                assert "NaN or infinite" in exc.message, exc.message
+                counts["refused: non-finite"] += 1
+                continue
+            assert all(torch.isfinite(t).all() for t in loaded.tensors.values() if t.is_floating_point())
+            counts["accepted: finite"] += 1
+    _report("bit flips in float32 weights, re-signed", counts, time.perf_counter() - start)
+    assert counts["refused: non-finite"] > 0 and counts["accepted: finite"] > 0
+
+
+@FUZZ
+@given(relay_id=_json, expected=st.sampled_from([None, "relay-a", "relay-b"]))
+def test_signed_manifests_with_fuzzed_relay_ids(setup, relay_id, expected):
+    manifest = json.loads(_members(setup)[MANIFEST_NAME])
+    manifest["relay_id"] = relay_id
+    try:
+        manifest_bytes = _dump_manifest(manifest)
+    except (ValueError, TypeError):
+        return
+    kind = outcome(setup, _signed_container(setup, manifest_bytes, _members(setup)[WEIGHTS_NAME]), expect_relay_id=expected)
+    if kind == "accepted":
+        assert isinstance(relay_id, str) and (expected is None or relay_id == expected)
+
+
+@FUZZ
+@given(site=st.text(min_size=1, max_size=12))
+def test_signed_hops_naming_any_other_site_are_refused_when_bound(setup, site):
+    manifest = json.loads(_members(setup)[MANIFEST_NAME])
+    manifest["hops"][0]["site"] = site
+    try:
+        manifest_bytes = _dump_manifest(manifest)
+    except (ValueError, TypeError):
+        return
+    kind = outcome(setup, _signed_container(setup, manifest_bytes, _members(setup)[WEIGHTS_NAME]), bind_sites=True)
+    assert (kind == "accepted") == (site == "SiteA"), (site, kind)

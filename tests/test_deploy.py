@@ -33,6 +33,7 @@ HOSPITALS = {  # key name -> task id; task 4 reuses Domain1's images under its o
     "Hospital-D": 4,
 }
 STEPS = 2
+RELAY_ID = "test-relay"
 
 
 @dataclass
@@ -124,12 +125,13 @@ def relay(tmp_path_factory, tiny_fundus) -> Relay:
     root = tmp_path_factory.mktemp("relay")
     trust = root / "trust"
     trust.mkdir()
+    (trust / "relay-id").write_text(RELAY_ID + "\n")  # the consortium states its relay in the trust folder
     hospitals = [add_hospital(root, tiny_fundus, name, task_id, trust) for name, task_id in HOSPITALS.items()]
     carry = root / "usb"
     hops: list[Path] = []
     for hospital in hospitals:
         out = carry / f"hop{hospital.task_id}.relay"
-        incoming = ["--in", hops[-1], "--trust", trust] if hops else []  # the first hospital needs no trust folder
+        incoming = ["--in", hops[-1], "--trust", trust] if hops else ["--relay-id", RELAY_ID]  # the first hospital needs no trust folder
         result = hospital.train("relay", *incoming, "--out", out)
         assert result.code == 0, result.err
         hops.append(out)
@@ -157,7 +159,8 @@ def test_four_hospitals_every_hop_verifies_and_the_chain_records_them(relay):
     result = run_cli(relay.root, "inspect", relay.hops[-1], "--json")
     assert result.code == 0, result.err
     info = json.loads(result.out)
-    assert [h["site"] for h in info["hops"]] == ["Domain1", "Domain2", "Domain3", "Domain4"]
+    assert [h["site"] for h in info["hops"]] == list(HOSPITALS)  # a signed hop names its signer's site
+    assert info["relay_id"] == RELAY_ID
     assert [h["signer"] for h in info["hops"]] == [fingerprint_of(h) for h in relay.hospitals]
     assert [h["order"] for h in info["hops"]] == [1, 2, 3, 4]
     # each hop names the exact file it started from
@@ -195,7 +198,7 @@ def test_deploy_equals_the_one_machine_mimic_exactly(relay):
 def expect_rejected(relay: Relay, hospital: Hospital, bundle: Path, match: str) -> str:
     """Hospital trains with ``--in bundle``: exit 3, one line naming the problem, nothing written."""
     run = f"rejected-{bundle.stem}"
-    ledger = hospital.folder / "exps" / ".ledger"
+    ledger = hospital.key.parent / "ledger"
     before = {p: p.read_bytes() for p in ledger.glob("*.json")}
     out = hospital.folder / "out.relay"
     result = hospital.train(run, "--in", bundle, "--out", out, "--trust", relay.trust)
@@ -259,7 +262,7 @@ def test_insecure_unsigned_accepts_with_a_warning(relay, tmp_path, tiny_fundus):
     lab = tmp_path / "lab"
     lab.mkdir()
     config = write_config(lab, tiny_fundus, "lab", (1,))
-    result = run_cli(lab, "train", "-c", config, "-n", "lab", "-g", "cpu", "-q", "--in", unsigned, "--insecure-unsigned", "--out", lab / "out.relay")
+    result = run_cli(lab, "train", "-c", config, "-n", "lab", "-g", "cpu", "-q", "--in", unsigned, "--insecure-unsigned", "--hop", "5", "--out", lab / "out.relay")
     assert result.code == 0, result.err
     warnings = [line for line in result.err.splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and "--insecure-unsigned" in warnings[0] and "unsigned.relay" in warnings[0]
@@ -272,7 +275,7 @@ def test_insecure_unsigned_accepts_with_a_warning(relay, tmp_path, tiny_fundus):
 
 def test_verify_exit_codes(relay, tmp_path):
     ok = run_cli(relay.root, "verify", relay.hops[-1], "--trust", relay.trust)
-    assert ok.code == 0 and "Domain1 -> Domain2 -> Domain3 -> Domain4" in ok.out and "Hospital-D" in ok.out
+    assert ok.code == 0 and "Hospital-A -> Hospital-B -> Hospital-C -> Hospital-D" in ok.out and RELAY_ID in ok.out
     partial_trust = tmp_path / "trust"
     partial_trust.mkdir()
     shutil.copy(relay.hospitals[0].public, partial_trust)
@@ -330,7 +333,7 @@ def test_new_site_joins_later_and_the_chain_records_its_signer(relay, tmp_path, 
     result = newcomer.train("joined", "--in", relay.hops[1], "--out", tmp_path / "hop3-new.relay", "--trust", trust)
     assert result.code == 0, result.err
     info = json.loads(run_cli(tmp_path, "inspect", tmp_path / "hop3-new.relay", "--json").out)
-    assert [h["site"] for h in info["hops"]] == ["Domain1", "Domain2", "Domain3"]
+    assert [h["site"] for h in info["hops"]] == ["Hospital-A", "Hospital-B", "Hospital-New"]
     assert info["hops"][-1]["signer"] == fingerprint_of(newcomer)
     assert info["hops"][:2] == json.loads(run_cli(tmp_path, "inspect", relay.hops[1], "--json").out)["hops"]
     # sites that have not added the newcomer's key refuse its bundle; once added, it verifies

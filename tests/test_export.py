@@ -40,8 +40,7 @@ def model(tmp_path_factory):
     from relaylearn.predict import load_model
 
     bundle = make_bundle(tmp_path_factory.mktemp("bundle") / "task_1.relay")
-    with pytest.warns(UserWarning, match="signature not checked"):
-        return load_model(bundle)
+    return load_model(bundle, no_verify=True)
 
 
 def _inputs(batch: int) -> torch.Tensor:
@@ -77,9 +76,9 @@ def test_torchscript_via_cli_matches_pytorch(model, tmp_path, monkeypatch):
     from relaylearn import export
     from relaylearn.cli import main
 
-    monkeypatch.setattr(export, "load_model", lambda bundle, trust=None: model)  # the module fixture's bundle, already read
+    monkeypatch.setattr(export, "load_model", lambda bundle, trust=None, **kwargs: model)  # the module fixture's bundle, already read
     out = tmp_path / "solver.pt"
-    assert main(["export", "--bundle", "ignored.relay", "--format", "torchscript", "--out", str(out)]) == 0
+    assert main(["export", "--bundle", "ignored.relay", "--format", "torchscript", "--out", str(out), "--no-verify"]) == 0
     extra = {"relaylearn.json": ""}
     loaded = torch.jit.load(str(out), _extra_files=extra)
     assert json.loads(extra["relaylearn.json"])["bundle_sha256"] == model.bundle_sha256
@@ -97,6 +96,6 @@ def test_export_rejects_bad_requests(model, tmp_path, capsys):
         export_model(model, "tflite", tmp_path / "x")
     with pytest.raises(UserError, match="folder"):
         export_model(model, "torchscript", tmp_path)
-    assert main(["export", "--bundle", str(tmp_path / "missing.relay"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--bundle", str(tmp_path / "missing.relay"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--no-verify"]) == 2
     assert "bundle not found" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()

@@ -81,9 +81,10 @@ def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fun
     trust.mkdir()
     for site in ("Hospital-A", "Hospital-B"):
         (trust / f"{site}.pub").write_bytes((keys / f"{site}.pub").read_bytes())
+    (trust / "relay-id").write_text("resume-relay\n")  # the relay both sites belong to
     (tmp_path / "a").mkdir()
     hop1_cfg = load_config(str(tiny_config(tmp_path / "a", tiny_fundus, task_ids=(1,), steps=1)))
-    hop1 = run_training(hop1_cfg, "a", TrainOptions(quiet=True, key=str(keys / "Hospital-A.key"), exps_root=tmp_path / "a" / "exps", devices="cpu"))
+    hop1 = run_training(hop1_cfg, "a", TrainOptions(quiet=True, key=str(keys / "Hospital-A.key"), relay_id="resume-relay", exps_root=tmp_path / "a" / "exps", devices="cpu"))
     incoming = hop1.bundles[0]
 
     site = tmp_path / "b"

@@ -1,0 +1,351 @@
+"""The hand-off around verification, attacked the way someone with a USB stick would: bundles
+that name code, planted links, unusable or non-finite tensors, skipped hops and other relays,
+impostor hops, rollbacks from another folder, unverified use and terminal escapes.
+
+Three hospitals (keys bound to their names, one trust folder stating relay ``r1``) hand a signed
+'sequential' bundle on once (one batch each); the tests then attack that relay through the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+from PIL import Image
+
+from relaylearn.bundle import MANIFEST_NAME, SIGNATURE_NAME, WEIGHTS_NAME, _container_parts, _dump_manifest, read_bundle, write_bundle
+from relaylearn.keys import load_private_key
+from tests.conftest import tiny_config
+from tests.test_deploy import Result, only_line, run_cli
+
+RELAY = "r1"
+
+
+@dataclass
+class Site:
+    name: str
+    task_id: int
+    folder: Path
+    config: Path
+    key: Path
+
+    def train(self, run: str, *extra) -> Result:
+        return run_cli(self.folder, "train", "-c", self.config, "-n", run, "-g", "cpu", "-q", "--key", self.key, *extra)
+
+    @property
+    def ledger(self) -> Path:
+        return self.key.parent / "ledger"
+
+
+@dataclass
+class Relay:
+    root: Path
+    trust: Path
+    sites: list[Site]
+    hops: list[Path]
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, tiny_fundus) -> Relay:
+    root = tmp_path_factory.mktemp("handoff")
+    trust = root / "trust"
+    trust.mkdir()
+    (trust / "relay-id").write_text(RELAY + "\n")
+    sites = []
+    for task_id, name in enumerate(("Hospital-A", "Hospital-B", "Hospital-C"), start=1):
+        folder = root / name
+        folder.mkdir()
+        assert run_cli(folder, "keygen", "keys", "--site", name).code == 0
+        shutil.copy(folder / "keys" / f"{name}.pub", trust)
+        config = tiny_config(folder, tiny_fundus, task_ids=(task_id,), steps=1)
+        sites.append(Site(name, task_id, folder, config, folder / "keys" / f"{name}.key"))
+    hops: list[Path] = []
+    for site in sites:
+        out = root / "usb" / f"hop{site.task_id}.relay"
+        incoming = ["--in", hops[-1], "--trust", trust] if hops else ["--relay-id", RELAY]
+        result = site.train("relay", *incoming, "--out", out)
+        assert result.code == 0, result.err
+        hops.append(out)
+    return Relay(root, trust, sites, hops)
+
+
+def key_of(site: Site):
+    return load_private_key(site.key)
+
+
+def resign(src: Path, dst: Path, site: Site, *, edit=None, tensors=None) -> Path:
+    """``src`` with an edited manifest and/or other tensors, validly signed by ``site``'s trusted key
+    (the strongest attacker: a trusted site gone rogue, or a stolen key)."""
+    with zipfile.ZipFile(src) as archive:
+        manifest = json.loads(archive.read(MANIFEST_NAME))
+        weights = archive.read(WEIGHTS_NAME)
+    if tensors is not None:
+        weights = safetensors.torch.save(tensors)
+        manifest["tensors"] = {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for n, t in tensors.items()}
+        manifest["weights_sha256"], manifest["weights_bytes"] = hashlib.sha256(weights).hexdigest(), len(weights)
+    if edit is not None:
+        edit(manifest)
+    key = key_of(site)
+    manifest["hops"][-1]["signer"] = key.fingerprint
+    data = _dump_manifest(manifest)
+    parts = _container_parts([(MANIFEST_NAME, data), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, key.sign(data))])
+    dst.write_bytes(b"".join(bytes(p) for p in parts))
+    return dst
+
+
+def hop1_tensors(relay: Relay) -> dict[str, torch.Tensor]:
+    return dict(read_bundle(relay.hops[0], trust=None, allow_unsigned=True).tensors)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+
+def refused(relay: Relay, site: Site, bundle: Path, match: str, tmp_path: Path, *extra, code: int = 3) -> str:
+    """``site`` trains from ``bundle``: the exit code, one line naming the problem, nothing written
+    (no outgoing bundle, no run results, the site's ledger unchanged)."""
+    before = snapshot(site.ledger)
+    out = tmp_path / "refused-out.relay"
+    run = f"refused-{bundle.stem}"
+    result = site.train(run, "--in", bundle, "--trust", relay.trust, "--out", out, *extra)
+    assert result.code == code, result.err
+    line = only_line(result.err)
+    assert match in line, line
+    assert not out.exists()
+    assert not (site.folder / "exps" / site.config.stem / run / "bundles").exists()
+    assert snapshot(site.ledger) == before, "the site ledger must not move"
+    return line
+
+
+def test_the_relay_is_signed_bound_and_recorded(relay):
+    last = read_bundle(relay.hops[-1], trust=None, allow_unsigned=True)
+    assert last.manifest["relay_id"] == RELAY
+    assert [h["site"] for h in last.hops] == ["Hospital-A", "Hospital-B", "Hospital-C"]
+    ok = run_cli(relay.root, "verify", relay.hops[-1], "--trust", relay.trust)
+    assert ok.code == 0 and f"relay {RELAY}" in ok.out
+    # each site's ledger is beside its key, one file per relay and site
+    for site in relay.sites:
+        assert [p.name for p in site.ledger.iterdir()] == [f"{RELAY}.Domain{site.task_id}.json"]
+        assert not (site.folder / "exps" / ".ledger").exists()
+
+
+# ----- 1. nothing named by a bundle is imported or called -------------------------------------------
+
+
+PROBE = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+from relaylearn.models.unet import UNetResNet18 as Net
+from relaylearn.strategies.sequential import *  # noqa
+'''
+
+
+@pytest.mark.parametrize("field", ["model", "strategy"])
+def test_code_named_by_a_bundle_is_never_imported(relay, tmp_path, monkeypatch, field):
+    marker = tmp_path / "PWNED"
+    module = f"relaylearn_probe_{field}"
+    (tmp_path / f"{module}.py").write_text(PROBE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def plug(manifest):
+        manifest["config"][field]["name"] = f"{module}:Net"
+        if field == "strategy":
+            manifest["strategy"] = f"{module}:Net"
+
+    evil = resign(relay.hops[0], tmp_path / "evil.relay", relay.sites[0], edit=plug)
+    image = tmp_path / "eye.png"
+    Image.new("RGB", (40, 40), (120, 40, 20)).save(image)
+    site = relay.sites[2]
+    for command in (
+        ["test", "-c", site.config, "-n", "probe", "-g", "cpu", "--bundle", evil, "--trust", relay.trust],
+        ["predict", "--bundle", evil, "--trust", relay.trust, "--out", tmp_path / "pred", "-g", "cpu", image],
+        ["export", "--bundle", evil, "--trust", relay.trust, "--format", "torchscript", "--out", tmp_path / "m.pt"],
+    ):
+        result = run_cli(site.folder, *command)
+        assert result.code == 3, (command[0], result.err)
+        assert "never imported" in only_line(result.err)
+        assert not marker.exists(), f"{command[0]} imported code named by the bundle"
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "pred" / "predictions.csv").exists()
+
+
+def test_a_plug_in_is_used_only_when_the_local_config_names_the_same_one(relay, tmp_path, monkeypatch, tiny_fundus):
+    (tmp_path / "relaylearn_plug_ok.py").write_text(
+        "from relaylearn.models.unet import UNetResNet18 as Net\nclass Other(Net):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bundle = resign(relay.hops[0], tmp_path / "plug.relay", relay.sites[0],
+                    edit=lambda m: m["config"]["model"].update(name="relaylearn_plug_ok:Net"))  # fmt: skip
+
+    def config(model: str) -> Path:
+        path = tiny_config(tmp_path / model.split(":")[-1], tiny_fundus, task_ids=(1,), steps=1)
+        raw = yaml.safe_load(path.read_text())
+        raw["common"]["model"]["name"] = model
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    same = run_cli(tmp_path, "test", "-c", config("relaylearn_plug_ok:Net"), "-n", "p", "-g", "cpu", "--bundle", bundle, "--trust", relay.trust)
+    assert same.code == 0, same.err
+    other = run_cli(tmp_path, "test", "-c", config("relaylearn_plug_ok:Other"), "-n", "p", "-g", "cpu", "--bundle", bundle, "--trust", relay.trust)
+    assert other.code == 3 and "never imported" in only_line(other.err)
+
+
+# ----- 2. outputs never follow planted links; 8. --out is never --in -------------------------------
+
+
+def test_a_link_planted_beside_out_is_not_followed(relay, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    stick = tmp_path / "usb"
+    stick.mkdir()
+    for name in (".hop2.relay.tmp", ".hop2.relay.tmp0"):  # the old fixed temporary names
+        (stick / name).symlink_to(victim)
+    site = relay.sites[1]
+    result = site.train("link", "--in", relay.hops[0], "--trust", relay.trust, "--ledger", tmp_path / "ledger", "--out", stick / "hop2.relay")
+    assert result.code == 0, result.err
+    assert victim.read_text() == "precious"
+    assert read_bundle(stick / "hop2.relay", trust=None, allow_unsigned=True).hops[-1]["site"] == "Hospital-B"
+    assert sorted(p.name for p in stick.iterdir()) == [".hop2.relay.tmp", ".hop2.relay.tmp0", "hop2.relay"]
+
+
+def test_out_equal_to_in_is_refused(relay, tmp_path):
+    carried = tmp_path / "carried.relay"
+    shutil.copy(relay.hops[0], carried)
+    before = carried.read_bytes()
+    site = relay.sites[1]
+    result = site.train("same", "--in", carried, "--trust", relay.trust, "--out", tmp_path / "." / "carried.relay")
+    assert result.code == 2 and "same file as --in" in only_line(result.err)
+    assert carried.read_bytes() == before
+    assert not (site.folder / "exps" / site.config.stem / "same").exists()
+
+
+# ----- 3. a valid but unusable bundle; 7. non-finite values ------------------------------------------
+
+
+def test_a_signed_bundle_that_does_not_fit_moves_nothing_and_the_genuine_one_still_works(relay, tmp_path):
+    site = relay.sites[1]
+    ledger = ["--ledger", tmp_path / "ledger"]
+    tensors = hop1_tensors(relay)
+    missing = sorted(tensors)[0]
+    tensors.pop(missing)
+    short = resign(relay.hops[0], tmp_path / "short.relay", relay.sites[0], tensors=tensors)
+    line = refused(relay, site, short, f"tensor '{missing}' is absent in the bundle", tmp_path, *ledger)
+    assert "does not fit strategy 'sequential'" in line
+    other = resign(relay.hops[0], tmp_path / "other.relay", relay.sites[0], edit=lambda m: m.update(strategy="relay"))
+    refused(relay, site, other, "written by strategy 'relay' but this site's config uses 'sequential'", tmp_path, *ledger)
+    assert not (tmp_path / "ledger").exists()
+    genuine = site.train("genuine", "--in", relay.hops[0], "--trust", relay.trust, *ledger, "--out", tmp_path / "hop2.relay")
+    assert genuine.code == 0, genuine.err
+
+
+def test_non_finite_weights_are_refused_at_load(relay, tmp_path):
+    tensors = hop1_tensors(relay)
+    name = next(n for n, t in sorted(tensors.items()) if t.is_floating_point() and t.numel())
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    poisoned = resign(relay.hops[0], tmp_path / "nan.relay", relay.sites[0], tensors=tensors)
+    refused(relay, relay.sites[1], poisoned, "holds NaN or infinite values", tmp_path)
+
+
+# ----- 4. hops bound to one relay and one position; 10. hops bound to their signer ------------------
+
+
+def test_a_skipped_hop_is_refused_naming_expected_and_arrived(relay, tmp_path):
+    line = refused(relay, relay.sites[2], relay.hops[0], "expects a bundle with 2 hop(s), but this one has 1", tmp_path)
+    assert "writes hop 3" in line
+
+
+def test_a_bundle_of_another_relay_is_refused(relay, tmp_path):
+    first = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
+    other = tmp_path / "other-relay.relay"
+    write_bundle(other, first.tensors, strategy=first.strategy, config=first.config, registry=first.registry, site="Hospital-A",
+                 hop_started_utc=first.hops[0]["started_utc"], parent=None, signing_key=key_of(relay.sites[0]), relay_id="other")  # fmt: skip
+    refused(relay, relay.sites[1], other, "belongs to relay 'other' but this site is in relay 'r1'", tmp_path)
+    verify = run_cli(relay.root, "verify", other, "--trust", relay.trust)
+    assert verify.code == 3 and "relay 'other'" in only_line(verify.err)
+
+
+def test_a_site_must_state_its_relay(relay, tmp_path):
+    trust = tmp_path / "trust"
+    shutil.copytree(relay.trust, trust)
+    (trust / "relay-id").unlink()
+    site = relay.sites[1]
+    result = site.train("nostate", "--in", relay.hops[0], "--trust", trust, "--out", tmp_path / "o.relay")
+    assert result.code == 2 and "relay-id" in only_line(result.err)
+    clash = site.train("clash", "--in", relay.hops[0], "--trust", relay.trust, "--relay-id", "r2", "--out", tmp_path / "o.relay")
+    assert clash.code == 2 and "disagrees" in only_line(clash.err)
+
+
+def test_a_hop_signed_by_one_site_in_the_name_of_another_is_refused(relay, tmp_path):
+    first = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
+    impostor = tmp_path / "impostor.relay"
+    write_bundle(impostor, first.tensors, strategy=first.strategy, config=first.config, registry=first.registry, site="Hospital-A",
+                 hop_started_utc=first.hops[0]["started_utc"], parent=None, signing_key=key_of(relay.sites[2]), relay_id=RELAY)  # fmt: skip
+    line = refused(relay, relay.sites[1], impostor, "names site 'Hospital-A' but was signed by the key of site 'Hospital-C'", tmp_path)
+    assert "hop 1" in line
+    assert run_cli(relay.root, "verify", impostor, "--trust", relay.trust).code == 3
+
+
+# ----- 5. the ledger does not depend on the working directory ---------------------------------------
+
+
+def test_a_rollback_is_refused_from_any_working_directory(relay, tmp_path):
+    site = relay.sites[2]  # wrote hop 3 from hop 2; hop 2 again is a rollback, whatever the folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    before = snapshot(site.ledger)
+    result = run_cli(elsewhere, "train", "-c", site.config, "-n", "again", "-g", "cpu", "-q", "--key", site.key,
+                     "--in", relay.hops[1], "--trust", relay.trust, "--out", tmp_path / "o.relay")  # fmt: skip
+    assert result.code == 3 and "wrote this bundle itself" not in result.err
+    assert "rollback" in only_line(result.err) and str(site.ledger) in result.err
+    assert snapshot(site.ledger) == before and not (tmp_path / "o.relay").exists()
+
+
+# ----- 6. bundle text is escaped; 9. unverified use is explicit and recorded -----------------------
+
+
+def test_bundle_text_reaches_the_terminal_escaped(relay, tmp_path):
+    fake = "\x1b[2J\x1b[HOK: verified\x07"
+    nasty = resign(relay.hops[0], tmp_path / "nasty.relay", relay.sites[0], edit=lambda m: (
+        m.update(strategy=fake), m["extra"].update({fake: fake}), m["software"].update(torch=fake)))  # fmt: skip
+    shown = run_cli(relay.root, "inspect", nasty)
+    assert shown.code == 0, shown.err
+    assert "\x1b" not in shown.out and "\x07" not in shown.out and "\\x1b[2J" in shown.out
+    line = refused(relay, relay.sites[1], nasty, "written by strategy", tmp_path)
+    assert "\x1b" not in line and "\\x1b[2J" in line
+
+
+def test_using_a_bundle_without_trust_needs_no_verify_and_is_recorded(relay, tmp_path):
+    image = tmp_path / "eye.png"
+    Image.new("RGB", (40, 40), (120, 40, 20)).save(image)
+    site = relay.sites[2]
+    bundle = relay.hops[-1]
+    for command in (
+        ["predict", "--bundle", bundle, "--out", tmp_path / "p0", "-g", "cpu", image],
+        ["export", "--bundle", bundle, "--format", "torchscript", "--out", tmp_path / "m0.pt"],
+        ["test", "-c", site.config, "-n", "relay", "-g", "cpu", "--bundle", bundle],
+    ):
+        result = run_cli(site.folder, *command)
+        assert result.code == 2 and "--no-verify" in only_line(result.err), (command[0], result.err)
+    assert not (tmp_path / "p0").exists() and not (tmp_path / "m0.pt").exists()
+
+    for flag, verified in ((["--no-verify"], False), (["--trust", relay.trust], True)):
+        tag = "v" if verified else "u"
+        predicted = run_cli(site.folder, "predict", "--bundle", bundle, "--out", tmp_path / f"p{tag}", "-g", "cpu", *flag, image)
+        assert predicted.code == 0, predicted.err
+        info = json.loads((tmp_path / f"p{tag}" / "predictions.json").read_text())
+        assert info["verified"] is verified and info["signed_by"] == ("Hospital-C" if verified else None)
+        exported = run_cli(site.folder, "export", "--bundle", bundle, "--format", "torchscript", "--out", tmp_path / f"m{tag}.pt", *flag)
+        assert exported.code == 0, exported.err
+        assert json.loads((tmp_path / f"m{tag}.pt.json").read_text())["bundle_verified"] is verified
+        tested = run_cli(site.folder, "test", "-c", site.config, "-n", f"t{tag}", "-g", "cpu", "--bundle", bundle, *flag)
+        assert tested.code == 0, tested.err
+        record = json.loads(next((site.folder / "exps" / site.config.stem / f"t{tag}" / "test_results").glob("results_*.json")).read_text())
+        assert record["bundles"][0]["verified"] is verified and record["bundles"][0]["relay_id"] == RELAY
