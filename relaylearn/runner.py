@@ -296,6 +296,8 @@ class RelayRun:
             self.trust = load_trust_dir(self.opts.trust)
         if self.opts.in_bundle and self.trust is None and not self.opts.insecure_unsigned:
             raise UserError("--in needs --trust DIR (the consortium's public keys), or --insecure-unsigned for testing")
+        if self.opts.hop is not None and self.opts.hop < 1:
+            raise UserError(f"--hop {self.opts.hop}: hops are numbered from 1")
         self.relay_id = self._stated_relay_id()
         if self.opts.in_bundle and self.relay_id is None and not self.opts.insecure_unsigned:
             raise UserError(
@@ -416,6 +418,7 @@ class RelayRun:
             if task.checkpoint.load and position == 0 and parent is None:
                 load = Path(task.checkpoint.load)
                 parent = self._read_bundle(load if load.is_absolute() else self.run_dir / load, allow_unsigned=not self.signed and self.trust is None)
+                check_bundle_fits(parent, task)
             if self.opts.resume and bundle_path.is_file():
                 parent = self._read_bundle(bundle_path, allow_unsigned=not self.signed, own=True)
                 if previous and position < len(previous.get("R", [])):

@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from relaylearn.bundle import MANIFEST_NAME, SIGNATURE_NAME, WEIGHTS_NAME, _container_parts, _dump_manifest, read_bundle, write_bundle
+from relaylearn.bundle import MANIFEST_NAME, SIGNATURE_NAME, WEIGHTS_NAME, _container_parts, _dump_manifest, read_bundle
 from relaylearn.keys import load_private_key
 from tests.conftest import tiny_config
 from tests.test_deploy import Result, only_line, run_cli
@@ -99,6 +99,19 @@ def resign(src: Path, dst: Path, site: Site, *, edit=None, tensors=None) -> Path
     parts = _container_parts([(MANIFEST_NAME, data), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, key.sign(data))])
     dst.write_bytes(b"".join(bytes(p) for p in parts))
     return dst
+
+
+def fresh(site: Site, tmp_path: Path) -> Site:
+    """``site`` on a new machine that has seen nothing of the relay yet (its key and config copied;
+    a new folder, so an empty ledger): attacks are then refused by the new checks, not the ledger."""
+    folder = tmp_path / f"fresh-{site.name}"
+    (folder / "keys").mkdir(parents=True)
+    key = folder / "keys" / site.key.name
+    shutil.copy(site.key, key)
+    key.chmod(0o600)
+    config = folder / site.config.name
+    shutil.copy(site.config, config)
+    return Site(site.name, site.task_id, folder, config, key)
 
 
 def hop1_tensors(relay: Relay) -> dict[str, torch.Tensor]:
@@ -207,8 +220,8 @@ def test_a_link_planted_beside_out_is_not_followed(relay, tmp_path):
     stick.mkdir()
     for name in (".hop2.relay.tmp", ".hop2.relay.tmp0"):  # the old fixed temporary names
         (stick / name).symlink_to(victim)
-    site = relay.sites[1]
-    result = site.train("link", "--in", relay.hops[0], "--trust", relay.trust, "--ledger", tmp_path / "ledger", "--out", stick / "hop2.relay")
+    site = fresh(relay.sites[1], tmp_path)
+    result = site.train("link", "--in", relay.hops[0], "--trust", relay.trust, "--out", stick / "hop2.relay")
     assert result.code == 0, result.err
     assert victim.read_text() == "precious"
     assert read_bundle(stick / "hop2.relay", trust=None, allow_unsigned=True).hops[-1]["site"] == "Hospital-B"
@@ -219,7 +232,7 @@ def test_out_equal_to_in_is_refused(relay, tmp_path):
     carried = tmp_path / "carried.relay"
     shutil.copy(relay.hops[0], carried)
     before = carried.read_bytes()
-    site = relay.sites[1]
+    site = fresh(relay.sites[1], tmp_path)
     result = site.train("same", "--in", carried, "--trust", relay.trust, "--out", tmp_path / "." / "carried.relay")
     assert result.code == 2 and "same file as --in" in only_line(result.err)
     assert carried.read_bytes() == before
@@ -230,19 +243,19 @@ def test_out_equal_to_in_is_refused(relay, tmp_path):
 
 
 def test_a_signed_bundle_that_does_not_fit_moves_nothing_and_the_genuine_one_still_works(relay, tmp_path):
-    site = relay.sites[1]
-    ledger = ["--ledger", tmp_path / "ledger"]
+    site = fresh(relay.sites[1], tmp_path)
     tensors = hop1_tensors(relay)
     missing = sorted(tensors)[0]
     tensors.pop(missing)
     short = resign(relay.hops[0], tmp_path / "short.relay", relay.sites[0], tensors=tensors)
-    line = refused(relay, site, short, f"tensor '{missing}' is absent in the bundle", tmp_path, *ledger)
+    line = refused(relay, site, short, f"tensor '{missing}' is absent in the bundle", tmp_path)
     assert "does not fit strategy 'sequential'" in line
     other = resign(relay.hops[0], tmp_path / "other.relay", relay.sites[0], edit=lambda m: m.update(strategy="relay"))
-    refused(relay, site, other, "written by strategy 'relay' but this site's config uses 'sequential'", tmp_path, *ledger)
-    assert not (tmp_path / "ledger").exists()
-    genuine = site.train("genuine", "--in", relay.hops[0], "--trust", relay.trust, *ledger, "--out", tmp_path / "hop2.relay")
+    refused(relay, site, other, "written by strategy 'relay' but this site's config uses 'sequential'", tmp_path)
+    assert not site.ledger.exists()
+    genuine = site.train("genuine", "--in", relay.hops[0], "--trust", relay.trust, "--out", tmp_path / "hop2.relay")
     assert genuine.code == 0, genuine.err
+    assert [p.name for p in site.ledger.iterdir()] == [f"{RELAY}.Domain2.json"]
 
 
 def test_non_finite_weights_are_refused_at_load(relay, tmp_path):
@@ -251,23 +264,20 @@ def test_non_finite_weights_are_refused_at_load(relay, tmp_path):
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
     poisoned = resign(relay.hops[0], tmp_path / "nan.relay", relay.sites[0], tensors=tensors)
-    refused(relay, relay.sites[1], poisoned, "holds NaN or infinite values", tmp_path)
+    refused(relay, fresh(relay.sites[1], tmp_path), poisoned, "holds NaN or infinite values", tmp_path)
 
 
 # ----- 4. hops bound to one relay and one position; 10. hops bound to their signer ------------------
 
 
 def test_a_skipped_hop_is_refused_naming_expected_and_arrived(relay, tmp_path):
-    line = refused(relay, relay.sites[2], relay.hops[0], "expects a bundle with 2 hop(s), but this one has 1", tmp_path)
+    line = refused(relay, fresh(relay.sites[2], tmp_path), relay.hops[0], "expects a bundle with 2 hop(s), but this one has 1", tmp_path)
     assert "writes hop 3" in line
 
 
 def test_a_bundle_of_another_relay_is_refused(relay, tmp_path):
-    first = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
-    other = tmp_path / "other-relay.relay"
-    write_bundle(other, first.tensors, strategy=first.strategy, config=first.config, registry=first.registry, site="Hospital-A",
-                 hop_started_utc=first.hops[0]["started_utc"], parent=None, signing_key=key_of(relay.sites[0]), relay_id="other")  # fmt: skip
-    refused(relay, relay.sites[1], other, "belongs to relay 'other' but this site is in relay 'r1'", tmp_path)
+    other = resign(relay.hops[0], tmp_path / "other-relay.relay", relay.sites[0], edit=lambda m: m.update(relay_id="other"))
+    refused(relay, fresh(relay.sites[1], tmp_path), other, "belongs to relay 'other' but this site is in relay 'r1'", tmp_path)
     verify = run_cli(relay.root, "verify", other, "--trust", relay.trust)
     assert verify.code == 3 and "relay 'other'" in only_line(verify.err)
 
@@ -276,7 +286,7 @@ def test_a_site_must_state_its_relay(relay, tmp_path):
     trust = tmp_path / "trust"
     shutil.copytree(relay.trust, trust)
     (trust / "relay-id").unlink()
-    site = relay.sites[1]
+    site = fresh(relay.sites[1], tmp_path)
     result = site.train("nostate", "--in", relay.hops[0], "--trust", trust, "--out", tmp_path / "o.relay")
     assert result.code == 2 and "relay-id" in only_line(result.err)
     clash = site.train("clash", "--in", relay.hops[0], "--trust", relay.trust, "--relay-id", "r2", "--out", tmp_path / "o.relay")
@@ -284,11 +294,8 @@ def test_a_site_must_state_its_relay(relay, tmp_path):
 
 
 def test_a_hop_signed_by_one_site_in_the_name_of_another_is_refused(relay, tmp_path):
-    first = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
-    impostor = tmp_path / "impostor.relay"
-    write_bundle(impostor, first.tensors, strategy=first.strategy, config=first.config, registry=first.registry, site="Hospital-A",
-                 hop_started_utc=first.hops[0]["started_utc"], parent=None, signing_key=key_of(relay.sites[2]), relay_id=RELAY)  # fmt: skip
-    line = refused(relay, relay.sites[1], impostor, "names site 'Hospital-A' but was signed by the key of site 'Hospital-C'", tmp_path)
+    impostor = resign(relay.hops[0], tmp_path / "impostor.relay", relay.sites[2])  # C signs hop 1, which says Hospital-A
+    line = refused(relay, fresh(relay.sites[1], tmp_path), impostor, "names site 'Hospital-A' but was signed by the key of site 'Hospital-C'", tmp_path)
     assert "hop 1" in line
     assert run_cli(relay.root, "verify", impostor, "--trust", relay.trust).code == 3
 
@@ -306,6 +313,11 @@ def test_a_rollback_is_refused_from_any_working_directory(relay, tmp_path):
     assert result.code == 3 and "wrote this bundle itself" not in result.err
     assert "rollback" in only_line(result.err) and str(site.ledger) in result.err
     assert snapshot(site.ledger) == before and not (tmp_path / "o.relay").exists()
+    # --ledger puts it elsewhere (a fixed place of the site's choosing): there it is empty, so accepted
+    moved = run_cli(elsewhere, "train", "-c", site.config, "-n", "moved", "-g", "cpu", "-q", "--key", site.key, "--ledger", tmp_path / "ledger",
+                    "--in", relay.hops[1], "--trust", relay.trust, "--out", tmp_path / "o.relay")  # fmt: skip
+    assert moved.code == 0, moved.err
+    assert [p.name for p in (tmp_path / "ledger").iterdir()] == [f"{RELAY}.Domain3.json"] and snapshot(site.ledger) == before
 
 
 # ----- 6. bundle text is escaped; 9. unverified use is explicit and recorded -----------------------
@@ -318,7 +330,7 @@ def test_bundle_text_reaches_the_terminal_escaped(relay, tmp_path):
     shown = run_cli(relay.root, "inspect", nasty)
     assert shown.code == 0, shown.err
     assert "\x1b" not in shown.out and "\x07" not in shown.out and "\\x1b[2J" in shown.out
-    line = refused(relay, relay.sites[1], nasty, "written by strategy", tmp_path)
+    line = refused(relay, fresh(relay.sites[1], tmp_path), nasty, "written by strategy", tmp_path)
     assert "\x1b" not in line and "\\x1b[2J" in line
 
 

@@ -36,8 +36,19 @@ def load_final_model(path: Path) -> FinalModel:
     from relaylearn.runner import strategy_from_bundle
 
     bundle = read_bundle(path, trust=None, allow_unsigned=True)
-    strategy, task = strategy_from_bundle(bundle)
+    strategy, task = strategy_from_bundle(bundle, _run_plugins(path.parent.parent))
     return FinalModel(bundle, strategy.to("cpu").eval(), task)
+
+
+def _run_plugins(run_dir: Path) -> set[str]:
+    """Plug-in names (``package.module:Name``) the run's own local config used: the only ones its
+    bundles may name (nothing named by a bundle alone is imported)."""
+    try:
+        tasks = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+        names = {t[block]["name"] for t in tasks for block in ("strategy", "model")}
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return set()
+    return {n for n in names if isinstance(n, str) and ":" in n}
 
 
 def _training_root(run: Run) -> str | None:
