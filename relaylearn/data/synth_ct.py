@@ -115,7 +115,7 @@ def _save_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, flo
     nib.save(image, str(path))
 
 
-def _save_slices(folder: Path, study: str, hu: np.ndarray, label: np.ndarray, hu_min: float) -> None:
+def _save_slices(folder: Path, hu: np.ndarray, label: np.ndarray, hu_min: float) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True)
@@ -171,7 +171,7 @@ def write_synthetic_ct(out_dir: str | Path, size: int = 64, seed: int = 0, studi
                     _save_nifti(site_dir / "image" / f"{study}.nii.gz", hu, (pixel_mm, pixel_mm, scanner.slice_mm))
                     _save_nifti(site_dir / "label" / f"{study}.nii.gz", label, (pixel_mm, pixel_mm, scanner.slice_mm))
                 else:
-                    _save_slices(site_dir / study, study, hu, label, hu_min)
+                    _save_slices(site_dir / study, hu, label, hu_min)
                 slices += hu.shape[2]
                 positives += int(label.reshape(-1, hu.shape[2]).any(axis=0).sum())
             summary[site] = {"studies": n, "slices": slices, "positive_slices": positives}
