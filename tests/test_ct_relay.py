@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import yaml
+from PIL import Image
 
 from relaylearn.bundle import read_bundle
+from relaylearn.cli import main
 from relaylearn.config import load_config
+from relaylearn.data.ct import window_hu
 from relaylearn.data.synth_ct import write_synthetic_ct
+from relaylearn.predict import load_model, read_image
 from relaylearn.runner import TrainOptions, run_training, strategy_from_bundle
 from tests.strategies.test_relay import TINY
 
@@ -39,3 +44,16 @@ def test_tiny_ct_relay_trains_end_to_end(tmp_path):
     assert task.dataset.name == "ct_nifti" and sorted(strategy.registry_previous) == ["CT1", "CT2"]
     images, labels = strategy.previews(2)["CT1"]
     assert images.shape == (2, 1, 32, 32) and int(labels.max()) <= 1
+
+    # predict on 16-bit PNG slices (HU − hu_min): the HU window of training is applied
+    slices = tmp_path / "png"
+    write_synthetic_ct(slices, size=32, seed=3, studies={"CT1": 3}, layout="slices")
+    files = sorted(p for p in next(d for d in (slices / "CT1").iterdir() if d.is_dir()).glob("[0-9]*.png"))[:3]
+    model = load_model(result.bundles[-1])
+    assert model.hu == (-160.0, -160.0, 240.0)
+    grey = read_image(files[0], 1, model.hu)[:, :, 0].astype(float)
+    expected = window_hu(np.asarray(Image.open(files[0]), dtype=np.float32) - 160.0, (-160, 240)) * 255
+    assert np.abs(grey - expected).max() <= 0.5 + 1e-6
+    assert main(["predict", "--bundle", str(result.bundles[-1]), "--out", str(tmp_path / "pred"), *map(str, files)]) == 0
+    masks = sorted((tmp_path / "pred" / "masks").glob("*.png"))
+    assert len(masks) == 3 and max(int(np.asarray(Image.open(m)).max()) for m in masks) <= 1
