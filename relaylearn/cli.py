@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true")
+    synth.add_argument("--kind", choices=["fundus", "ct"], default="fundus", help="fundus (DoFE layout, 5 sites) or ct (4 CT scanners, ct_nifti layout)")
+    synth.add_argument("--studies", type=int, default=10, help="--kind ct: studies per site (default 10)")
+    synth.add_argument("--layout", choices=["nifti", "slices"], default="nifti", help="--kind ct: NIfTI volumes or study folders of 16-bit PNG slices")
 
     train = sub.add_parser("train", help="train the config's tasks in order (the whole relay, or one hospital's step)")
     _add_run_args(train)
@@ -103,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="sets", action="append", default=[])
     compare.add_argument("-g", "--gpus", default=None)
     compare.add_argument("-q", "--quiet", action="store_true")
+    imp = sub.add_parser("import-original", help="turn a checkpoint of the original Relay Learning code (.ckpt) into a bundle")
+    imp.add_argument("ckpt", help="Lightning .ckpt written by the original code (read with a weights-only loader)")
+    imp.add_argument("-c", "--config", required=True, help="config whose model matches the checkpoint (e.g. fundus/relay_test)")
+    imp.add_argument("--out", required=True, help="bundle to write")
+    imp.add_argument("--key", default=None, help="private key that signs the bundle (default: unsigned)")
+    imp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a key of the config's common section")
     return parser
 
 
@@ -110,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_data(args) -> int:
     from relaylearn.data import write_synthetic_benchmark
 
+    if args.kind == "ct":
+        from relaylearn.data.synth_ct import write_synthetic_ct
+
+        t0 = time.time()
+        summary = write_synthetic_ct(Path(args.out_dir), size=args.size, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite)
+        print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
+        return 0
     if args.size < 32 or args.size > 2048:
         raise UserError(f"--size {args.size}: expected 32..2048 pixels")
     t0 = time.time()
@@ -245,9 +261,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_import_original(args) -> int:
+    from relaylearn.import_original import describe, import_original
+
+    path, imported = import_original(args.ckpt, _name(args.config), args.out, key=args.key, sets=args.sets)
+    print(describe(imported))
+    print(f"bundle: {path} ({'signed' if args.key else 'unsigned'})")
+    return 0
+
+
 COMMANDS = {
     "data": cmd_data, "train": cmd_train, "test": cmd_test, "keygen": cmd_keygen, "verify": cmd_verify,
     "inspect": cmd_inspect, "predict": cmd_predict, "export": cmd_export, "report": cmd_report, "compare": cmd_compare,
+    "import-original": cmd_import_original,
 }
 
 

@@ -40,10 +40,19 @@ class DatasetKwargs(Strict):
     channels: int = Field(3, ge=1, description="Image channels (3 for RGB fundus).")
     num_replica: int = Field(1, ge=1, description="Each epoch visits every training image this many times.")
     augment: Union[str, dict[str, Any], None] = Field(None, description="Augmentation of REAL training images: none | light | original (the original never augments real data).")
+    # CT layouts (ct_nifti, ct_slices): one folder per site, split study-wise inside it
+    train_ratio: float = Field(0.8, gt=0, lt=1, description="CT layouts: share of a site's studies used for training (study-wise split, fixed seed); the rest are tested.")
+    split_seed: int = Field(1234, description="CT layouts: seed of the study shuffle before the train/test split.")
+    hu_window: tuple[float, float] = Field((-160.0, 240.0), description="CT layouts: Hounsfield window mapped to out_range (values outside are clipped).")
+    hu_min: float = Field(-160.0, description="ct_slices: 16-bit PNG slices store HU − hu_min (pixel 0 = hu_min HU).")
+    neg_pos_ratio: Optional[int] = Field(None, ge=1, description="CT layouts, training only: k negative slices (no foreground) per positive slice, re-drawn every epoch.")
+    drop_negative: bool = Field(False, description="CT layouts: drop slices without foreground (train and test).")
+    add_bone_label: bool = Field(False, description="CT layouts: pixels above 150 HU become class 0 (other classes +1).")
+    add_bg_label: bool = Field(False, description="CT layouts: pixels below −500 HU become class 0 (other classes +1).")
 
 
 class DatasetConfig(Strict):
-    name: Literal["fundus", "folder", "nifti"] = Field("fundus", description="Data layout (DESIGN.md §5).")
+    name: Literal["fundus", "folder", "nifti", "ct_nifti", "ct_slices"] = Field("fundus", description="Data layout (DESIGN.md §5).")
     kwargs: DatasetKwargs = DatasetKwargs()
 
     @property
@@ -163,7 +172,7 @@ class CurrentTasks(Strict):
 
 
 class PartialDataset(Strict):
-    name: Optional[Literal["fundus", "folder", "nifti"]] = None
+    name: Optional[Literal["fundus", "folder", "nifti", "ct_nifti", "ct_slices"]] = None
     kwargs: dict[str, Any] = {}
 
 

@@ -68,6 +68,7 @@ class LoadedModel:
     strategy: str
     verified: bool = False  # False: read with --no-verify (signature not checked)
     signed_by: str | None = None
+    hu: tuple[float, float, float] | None = None  # CT models: (hu_min, window low, window high) for 16-bit slices
 
     @property
     def is_fundus(self) -> bool:
@@ -96,6 +97,7 @@ def load_model(bundle: str | Path, trust: str | None = None, device: torch.devic
         num_classes=k.num_classes, class_names=class_names_for(task.dataset.name, k.num_classes),
         dataset=task.dataset.name, bundle_sha256=b.sha256, strategy=b.manifest["strategy"],
         verified=b.signed_by is not None, signed_by=b.signed_by,
+        hu=(k.hu_min, *k.hu_window) if task.dataset.name.startswith("ct_") else None,
     )
 
 
@@ -122,14 +124,21 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def read_image(path: Path, channels: int) -> np.ndarray:
-    """Decode an image as uint8 [H, W, C] (RGB for 3 channels, grey for 1); DataError if unreadable."""
+def read_image(path: Path, channels: int, hu: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Decode an image as uint8 [H, W, C] (RGB for 3 channels, grey for 1); DataError if unreadable.
+
+    ``hu`` (CT models): a 16-bit slice holds HU − hu_min; it is windowed to (low, high) HU → 0..255."""
     if channels not in (1, 3):
         raise UserError(f"predict supports 1- or 3-channel models, this one has {channels} channels")
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode.startswith("I"):  # 16-bit grey: scale 0..65535 to 0..255 (as training divides by 65535)
+            if im.mode.startswith("I") and hu is not None:  # CT slice: HU window as in training
+                hu_min, low, high = hu
+                window = (np.asarray(im, dtype=np.float64) + hu_min - low) / (high - low)
+                grey = (window.clip(0, 1) * 255.0).round().astype(np.uint8)
+                im = Image.fromarray(grey)
+            elif im.mode.startswith("I"):  # 16-bit grey: scale 0..65535 to 0..255 (as training divides by 65535)
                 grey = (np.asarray(im, dtype=np.float64).clip(0, 65535) / 257.0).round().astype(np.uint8)
                 im = Image.fromarray(grey)
             im = im.convert("RGB" if channels == 3 else "L")
@@ -270,7 +279,7 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
             (staging / sub).mkdir()
         for start in range(0, len(files), BATCH_SIZE):
             chunk = files[start : start + BATCH_SIZE]
-            images = [read_image(f, model.channels) for f in chunk]
+            images = [read_image(f, model.channels, model.hu) for f in chunk]
             maps = predict_class_maps(model.solver, images, model.img_size, model.out_range, device)
             for f, image, class_map in zip(chunk, images, maps):
                 (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(encode_mask(class_map, model.is_fundus)))

@@ -112,6 +112,10 @@ def load_split(ds: DatasetConfig, split: str):
 
     k = ds.kwargs
     folders = k.img_folder if k.img_folder is not None else ds.site
+    if ds.name.startswith("ct_"):
+        from relaylearn.data.ct import load_ct_site
+
+        return load_ct_site(ds.name, ds.root, folders, split, k, site_name=ds.site)
     return load_site(
         ds.name, ds.root, folders, split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
         num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
@@ -504,6 +508,11 @@ class RelayRun:
         replica = task.dataset.kwargs.num_replica
         epochs, total = epochs_for_budget(task.train, len(images), replica, task.train.batch_size, world)
         loader = site_loader(images, labels, task.train.batch_size, replica, seed, world_size=world)
+        if task.dataset.kwargs.neg_pos_ratio:  # k negatives per positive slice, re-drawn every epoch
+            from relaylearn.data.ct import neg_pos_loader
+
+            loader = neg_pos_loader(images, labels, task.dataset.kwargs, task.train.batch_size, seed, world_size=world, where=site_name)
+            epochs, total = epochs_for_budget(task.train, loader.sampler.num_items, replica, task.train.batch_size, world)
         site = SiteContext(
             name=site_name, task_id=task_id, position=len(strategy.sites_seen), num_images=len(images),
             num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,

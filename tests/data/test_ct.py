@@ -1,0 +1,195 @@
+"""CT layouts: study-wise split, HU window, slice folders, neg:pos resampling, bad input; synthetic CT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from relaylearn.config import DatasetKwargs
+from relaylearn.data.ct import NegPosBatchSampler, load_ct_site, positive_slices, split_studies, window_hu
+from relaylearn.data.synth_ct import SCANNERS, write_synthetic_ct
+from relaylearn.errors import DataError
+
+
+def kwargs(**over) -> DatasetKwargs:
+    base = {"img_size": (32, 32), "out_range": (-1.0, 1.0), "channels": 1, "num_classes": 2}
+    return DatasetKwargs.model_validate({**base, **over})
+
+
+@pytest.fixture(scope="module")
+def ct_nifti(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ct")
+    write_synthetic_ct(root, size=32, seed=4, studies=5)
+    return root
+
+
+def _write_volume(path: Path, volume: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+
+
+def test_synthetic_ct_has_four_scanners_with_positive_and_negative_slices(ct_nifti):
+    assert sorted(p.name for p in ct_nifti.iterdir() if p.is_dir()) == list(SCANNERS)
+    import nibabel as nib
+
+    depths = set()
+    for site in SCANNERS:
+        volume = np.asarray(nib.load(str(ct_nifti / site / "image" / f"{site.lower()}_000.nii.gz")).dataobj)
+        depths.add(volume.shape[2])
+        assert volume.dtype == np.int16 and volume.shape[:2] == (32, 32)
+        assert volume.min() <= -900 and volume.max() >= 300  # air and bone present
+    assert len(depths) > 1  # slice thickness differs between scanners
+    data = load_ct_site("ct_nifti", ct_nifti, "CT1", "train", kwargs(train_ratio=0.6))
+    positive = positive_slices(data.labels, kwargs())
+    assert 0 < int(positive.sum()) < len(positive)
+
+
+def test_synthetic_ct_is_deterministic(tmp_path):
+    import nibabel as nib
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_synthetic_ct(a, size=16, seed=9, studies={"CT2": 2})
+    write_synthetic_ct(b, size=16, seed=9, studies={"CT2": 2})
+    for part in ("image", "label"):
+        va = np.asarray(nib.load(str(a / "CT2" / part / "ct2_001.nii.gz")).dataobj)
+        vb = np.asarray(nib.load(str(b / "CT2" / part / "ct2_001.nii.gz")).dataobj)
+        assert np.array_equal(va, vb)
+
+
+def test_studywise_split_is_fixed_and_disjoint(ct_nifti):
+    k = kwargs(train_ratio=0.6)
+    train = load_ct_site("ct_nifti", ct_nifti, "CT3", "train", k)
+    test = load_ct_site("ct_nifti", ct_nifti, "CT3", "test", k)
+    assert set(train.subjects).isdisjoint(test.subjects)
+    assert len(set(train.subjects)) == 3 and len(set(test.subjects)) == 2
+    again = load_ct_site("ct_nifti", ct_nifti, "CT3", "train", k)
+    assert train.subjects == again.subjects and torch.equal(train.images, again.images)
+    assert train.images.shape[1:] == (1, 32, 32) and train.images.min() >= -1 and train.images.max() <= 1
+    # the shuffle follows numpy's default_rng(1234) like the original: not simply the first names
+    studies = [f"s{i}" for i in range(10)]
+    first, rest = split_studies(studies, 0.8, 1234, "x")
+    assert len(first) == 8 and sorted(first + rest) == studies and first != studies[:8]
+
+
+def test_hu_window_maps_to_out_range(tmp_path):
+    hu = np.full((32, 32, 2), -1000, np.int16)
+    hu[:, 16:, :] = 40  # middle of the [-160, 240] window
+    hu[:8, 16:, :] = 400  # above the window
+    label = np.zeros_like(hu, dtype=np.uint8)
+    for study in ("a", "b"):
+        _write_volume(tmp_path / "S" / "image" / f"{study}.nii.gz", hu)
+        _write_volume(tmp_path / "S" / "label" / f"{study}.nii.gz", label)
+    data = load_ct_site("ct_nifti", tmp_path, "S", "test", kwargs(train_ratio=0.5, img_size=(32, 32)))
+    image = data.images[0, 0]
+    assert image[20, 0] == -1.0 and image[20, 31] == pytest.approx(0.0, abs=1e-6) and image[0, 31] == 1.0
+    assert window_hu(np.array([-160.0, 40.0, 240.0]), (-160, 240)).tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_png_slices_with_hu_min_offset_match_the_nifti_volumes(tmp_path):
+    write_synthetic_ct(tmp_path / "nii", size=32, seed=2, studies={"CT1": 3})
+    write_synthetic_ct(tmp_path / "png", size=32, seed=2, studies={"CT1": 3}, layout="slices", hu_min=-160)
+    k = kwargs(train_ratio=0.67)
+    nii = load_ct_site("ct_nifti", tmp_path / "nii", "CT1", "train", k)
+    png = load_ct_site("ct_slices", tmp_path / "png", "CT1", "train", k)
+    assert nii.subjects == png.subjects
+    assert torch.equal(nii.labels, png.labels)
+    assert torch.allclose(nii.images, png.images, atol=1e-6)  # HU below hu_min clip to 0 in the PNG and in the window
+
+
+def test_meta_txt_layout(tmp_path):
+    write_synthetic_ct(tmp_path, size=16, seed=1, studies={"CT4": 2}, layout="slices")
+    site = tmp_path / "CT4"
+    rows = ["study_id,instance_id,img_file,label_file,positive"]
+    for study in sorted(p.name for p in site.iterdir() if p.is_dir()):
+        for png in sorted((site / study).glob("[0-9]*.png")):
+            rows.append(f"{study},{study}_{png.stem},{study}/{png.name},{study}/mask_{png.name},False")
+    (site / "meta.txt").write_text("\n".join(rows) + "\n")
+    data = load_ct_site("ct_slices", tmp_path, "CT4", "test", kwargs(train_ratio=0.5, img_size=(16, 16)))
+    assert len(set(data.subjects)) == 1 and len(data) == len(rows[1:]) // 2
+
+
+def test_extra_hu_labels_and_drop_negative(ct_nifti):
+    plain = load_ct_site("ct_nifti", ct_nifti, "CT1", "train", kwargs(train_ratio=0.6))
+    extra = load_ct_site("ct_nifti", ct_nifti, "CT1", "train", kwargs(train_ratio=0.6, num_classes=4, add_bone_label=True, add_bg_label=True))
+    assert int(extra.labels.max()) == 3 and set(extra.labels.unique().tolist()) == {0, 1, 2, 3}
+    assert torch.equal(extra.labels == 3, plain.labels == 1)  # the tumour moved up by two classes
+    assert torch.equal(positive_slices(extra.labels, kwargs(add_bone_label=True, add_bg_label=True)), positive_slices(plain.labels, kwargs()))
+    kept = load_ct_site("ct_nifti", ct_nifti, "CT1", "train", kwargs(train_ratio=0.6, drop_negative=True))
+    assert len(kept) == int(positive_slices(plain.labels, kwargs()).sum()) and bool(positive_slices(kept.labels, kwargs()).all())
+
+
+def test_neg_pos_sampler_redraws_negatives_every_epoch():
+    positive = torch.zeros(40, dtype=torch.bool)
+    positive[[3, 10, 11, 30]] = True
+    sampler = NegPosBatchSampler(positive, ratio=2, batch_size=5, num_replica=2, seed=1)
+    assert len(sampler) == (4 * 3 * 2 + 4) // 5
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        drawn = [i for batch in sampler for i in batch]
+        copy = drawn[:12]
+        assert sorted(i for i in copy if positive[i]) == [3, 10, 11, 30]  # every positive once per copy
+        assert sum(1 for i in copy if not positive[i]) == 8  # 2 negatives per positive
+        epochs.append(drawn)
+    assert epochs[0] != epochs[1]  # negatives re-drawn
+    sampler.set_epoch(0)
+    assert [i for batch in sampler for i in batch] == epochs[0]  # deterministic per (seed, epoch)
+    few = NegPosBatchSampler(torch.tensor([True] * 3 + [False]), ratio=3, batch_size=4)
+    assert sum(1 for b in few for i in b if i == 3) == 9  # too few negatives: drawn with replacement
+
+
+# ----- bad input --------------------------------------------------------------------------------
+def test_volume_and_label_of_different_shapes(tmp_path):
+    _write_volume(tmp_path / "S" / "image" / "a.nii.gz", np.zeros((8, 8, 3), np.int16))
+    _write_volume(tmp_path / "S" / "label" / "a.nii.gz", np.zeros((8, 8, 4), np.uint8))
+    _write_volume(tmp_path / "S" / "image" / "b.nii.gz", np.zeros((8, 8, 3), np.int16))
+    _write_volume(tmp_path / "S" / "label" / "b.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"a\.nii\.gz: label shape \(8, 8, 4\) does not match volume shape \(8, 8, 3\)"):
+        for split in ("train", "test"):
+            load_ct_site("ct_nifti", tmp_path, "S", split, kwargs(train_ratio=0.5))
+
+
+def test_label_value_outside_the_classes(tmp_path):
+    for study in ("a", "b"):
+        _write_volume(tmp_path / "S" / "image" / f"{study}.nii.gz", np.zeros((8, 8, 2), np.int16))
+        _write_volume(tmp_path / "S" / "label" / f"{study}.nii.gz", np.full((8, 8, 2), 2 if study == "a" else 0, np.uint8))
+    with pytest.raises(DataError, match=r"class id 2, outside 0\.\.1"):
+        for split in ("train", "test"):
+            load_ct_site("ct_nifti", tmp_path, "S", split, kwargs(train_ratio=0.5))
+
+
+def test_study_folder_with_images_but_no_masks(tmp_path):
+    write_synthetic_ct(tmp_path, size=16, seed=1, studies={"CT1": 2}, layout="slices")
+    study = sorted(p for p in (tmp_path / "CT1").iterdir() if p.is_dir())[1]
+    for mask in study.glob("mask_*.png"):
+        mask.unlink()
+    with pytest.raises(DataError, match=f"{study.name}: study folder has .* image\\(s\\) but no masks"):
+        load_ct_site("ct_slices", tmp_path, "CT1", "train", kwargs(train_ratio=0.5))
+
+
+def test_train_ratio_leaving_no_test_study(ct_nifti):
+    with pytest.raises(DataError, match=r"CT2: train_ratio=0.9 leaves no test study \(5 studies"):
+        load_ct_site("ct_nifti", ct_nifti, "CT2", "test", kwargs(train_ratio=0.9))
+
+
+def test_bad_input_is_one_line_exit_2_on_the_command_line(tmp_path, ct_nifti, capsys, monkeypatch):
+    from relaylearn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "-c", "demo/ct_sequential", "-n", "bad", "--data-root", str(ct_nifti), "--set", "dataset.kwargs.train_ratio=0.9", "-q", "-g", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "leaves no test study" in err
+
+
+def test_synth_refuses_an_occupied_folder(tmp_path):
+    write_synthetic_ct(tmp_path, size=16, studies={"CT1": 2})
+    with pytest.raises(DataError, match="not empty"):
+        write_synthetic_ct(tmp_path, size=16, studies={"CT1": 2})
+    with pytest.raises(DataError, match="at least 2 studies"):
+        write_synthetic_ct(tmp_path / "x", size=16, studies={"CT1": 1})
