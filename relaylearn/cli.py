@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     synth = data_sub.add_parser("synth", help="write the embedded synthetic multi-site fundus benchmark (DoFE layout)")
     synth.add_argument("out_dir")
-    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--size", type=int, default=None, help="image side in pixels (default 128; --kind ct: 64)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true")
     synth.add_argument("--kind", choices=["fundus", "ct"], default="fundus", help="fundus (DoFE layout, 5 sites) or ct (4 CT scanners, ct_nifti layout)")
@@ -123,9 +123,10 @@ def cmd_data(args) -> int:
         from relaylearn.data.synth_ct import write_synthetic_ct
 
         t0 = time.time()
-        summary = write_synthetic_ct(Path(args.out_dir), size=args.size, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite)
+        summary = write_synthetic_ct(Path(args.out_dir), size=args.size or 64, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite)
         print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
         return 0
+    args.size = args.size or 128
     if args.size < 32 or args.size > 2048:
         raise UserError(f"--size {args.size}: expected 32..2048 pixels")
     t0 = time.time()
