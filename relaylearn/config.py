@@ -40,6 +40,8 @@ class DatasetKwargs(Strict):
     channels: int = Field(3, ge=1, description="Image channels (3 for RGB fundus).")
     num_replica: int = Field(1, ge=1, description="Each epoch visits every training image this many times.")
     augment: Union[str, dict[str, Any], None] = Field(None, description="Augmentation of REAL training images: none | light | original (the original never augments real data).")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Share of the site's training images held out for validation (never trained on; whole studies where the layout has them); 0 = no validation part.")
+    val_seed: int = Field(0, description="Seed of the validation hold-out (the same images for every strategy, order and run seed).")
 
 
 class DatasetConfig(Strict):
@@ -104,7 +106,7 @@ class TrainConfig(Strict):
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     gradient_clip: float = Field(0.0, ge=0, description="Kept from the original's configs (0 = none).")
-    check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs; validation = test split, see README.")
+    check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs (unused: each site is validated once, at its end, on its validation part).")
     checkpoint_every_n_steps: int = Field(200, ge=1, description="Local resume checkpoint interval in batches (never shipped).")
     log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence in batches.")
     channels_last: bool = Field(True, description="Run the solver in channels_last memory format (about 2x faster convolutions on CPUs, faster on GPUs).")
