@@ -19,7 +19,13 @@ Outputs in ``exps/compare/<NAME>/``:
   external sites (test sites never trained on), each mean ± sample standard deviation over
   orders × seeds, and the wall time per run;
 * ``matrices.json`` — ``{strategy: {"order<k>_seed<s>": {"order", "seed", "wall_seconds",
-  "matrix": <matrix.json>}}}``.
+  "matrix": <matrix.json>}}}``;
+* ``paired_test.json`` and a section of ``table.md`` — relay against the other non-pooled method
+  with the highest mean ACC, paired by order × seed, on ACC and forgetting: Wilcoxon
+  signed-rank and paired t-test p-values (two-sided, scipy);
+* ``comparison.png`` — ACC, forgetting and external Dice per strategy (mean ± std bars).
+
+``--tuned exps/tune/<NAME>`` trains each strategy at its pick from ``relaylearn tune``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ _EXPORTS = {
     "write_synthetic_benchmark": "relaylearn.data.synth",
     "preview_grid": "relaylearn.data.synth",
     "SegmentationAugment": "relaylearn.data.augment",
+    "validation_split": "relaylearn.data.split",
 }
 
 __all__ = list(_EXPORTS)
@@ -21,6 +22,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from relaylearn.data.augment import SegmentationAugment
     from relaylearn.data.layouts import SiteData, load_site
+    from relaylearn.data.split import validation_split
     from relaylearn.data.synth import preview_grid, write_synthetic_benchmark
 
 
