@@ -112,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="bundle to write")
     imp.add_argument("--key", default=None, help="private key that signs the bundle (default: unsigned)")
     imp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a key of the config's common section")
+    compare.add_argument("--tuned", default=None, metavar="DIR", help="train each strategy at its pick from 'relaylearn tune' (exps/tune/<NAME>)")
+
+    tune = sub.add_parser("tune", help="pick each strategy's strength (EWC λ, SI c/ξ, LwF α/τ, OWM α, relay distillation) by ACC on validation parts")
+    tune.add_argument("-c", "--configs", nargs="+", required=True)
+    tune.add_argument("-n", "--name", required=True, help="output folder exps/tune/<NAME> (re-run to resume)")
+    tune.add_argument("--orders", type=int, default=1)
+    tune.add_argument("--seeds", type=int, default=1)
+    tune.add_argument("--grid", default=None, metavar="FILE", help="YAML {strategy: {option: [values]}} replacing the built-in grid of the strategies it names")
+    tune.add_argument("--select-on", choices=["val", "test"], default="val", help="val (default): the validation parts; test: the test split (optimistic, the original's protocol)")
+    tune.add_argument("--data-root", default=None)
+    tune.add_argument("--set", dest="sets", action="append", default=[])
+    tune.add_argument("-g", "--gpus", default=None)
+    tune.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -271,10 +284,18 @@ def cmd_import_original(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from relaylearn.tune import run_tune
+
+    out = run_tune(args)
+    print(f"tuning: {out}")
+    return 0
+
+
 COMMANDS = {
     "data": cmd_data, "train": cmd_train, "test": cmd_test, "keygen": cmd_keygen, "verify": cmd_verify,
     "inspect": cmd_inspect, "predict": cmd_predict, "export": cmd_export, "report": cmd_report, "compare": cmd_compare,
-    "import-original": cmd_import_original,
+    "import-original": cmd_import_original, "tune": cmd_tune,
 }
 
 

@@ -19,7 +19,13 @@ Outputs in ``exps/compare/<NAME>/``:
   external sites (test sites never trained on), each mean ± sample standard deviation over
   orders × seeds, and the wall time per run;
 * ``matrices.json`` — ``{strategy: {"order<k>_seed<s>": {"order", "seed", "wall_seconds",
-  "matrix": <matrix.json>}}}``.
+  "matrix": <matrix.json>}}}``;
+* ``paired_test.json`` and a section of ``table.md`` — relay against the other non-pooled method
+  with the highest mean ACC, paired by order × seed, on ACC and forgetting: Wilcoxon
+  signed-rank and paired t-test p-values (two-sided, scipy);
+* ``comparison.png`` — ACC, forgetting and external Dice per strategy (mean ± std bars).
+
+``--tuned exps/tune/<NAME>`` trains each strategy at its pick from ``relaylearn tune``.
 """
 
 from __future__ import annotations
@@ -86,6 +92,39 @@ def reordered(cfg: RunConfig, order: list[int], seed: int, label: str) -> RunCon
     raw.setdefault("common", {})["random_seed"] = seed
     raw.setdefault("current_tasks", {})["task_ids"] = list(order)
     return cfg.model_copy(update={"name": label, "tasks": tasks, "raw": raw})
+
+
+def with_strategy_kwargs(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """``cfg`` with ``values`` set in every task's ``strategy.kwargs`` (validated; an alias of a
+    key, e.g. EWC's ``lambda`` for ``lambda_``, is replaced, not duplicated)."""
+    from relaylearn.strategies import get_strategy_class
+    from relaylearn.strategies.base import parse_options
+
+    if not values:
+        return cfg
+    options = get_strategy_class(cfg.tasks[0].strategy.name).Options
+    names: dict[str, set[str]] = {}
+    for key, field in options.model_fields.items():
+        alias = field.validation_alias
+        names[key] = {key, *(getattr(alias, "choices", None) or ([alias] if isinstance(alias, str) else []))}
+
+    def updated(kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(kwargs)
+        for key, value in values.items():
+            for name in next((n for n in names.values() if key in n), {key}):
+                out.pop(name, None)
+            out[key] = value
+        return out
+
+    tasks = []
+    for task in cfg.tasks:
+        kwargs = updated(task.strategy.kwargs)
+        parse_options(get_strategy_class(task.strategy.name), kwargs, where=f"{cfg.name}: strategy.kwargs")
+        tasks.append(task.model_copy(update={"strategy": task.strategy.model_copy(update={"kwargs": kwargs})}))
+    raw = json.loads(json.dumps(cfg.raw))
+    strategy = raw.setdefault("common", {}).setdefault("strategy", {})
+    strategy["kwargs"] = updated(strategy.get("kwargs") or {})
+    return cfg.model_copy(update={"tasks": tasks, "raw": raw})
 
 
 def strategy_labels(configs: list[RunConfig]) -> list[str]:
@@ -190,44 +229,141 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def paired_test(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Two-sided paired tests of ``a`` against ``b`` (same order × seed in the same position).
+
+    ``wilcoxon_p``: Wilcoxon signed-rank test (scipy; exact null distribution for n ≤ 50 without
+    ties, zero differences dropped); ``t_test_p``: paired t-test. None where undefined (n < 2,
+    all differences zero, or for t no spread)."""
+    from scipy import stats
+
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    mean, std = mean_std(differences)
+    out: dict[str, Any] = {"n": len(differences), "mean_difference": mean, "std_difference": std, "wilcoxon_p": None, "t_test_p": None}
+    if len(differences) >= 2 and any(d != 0 for d in differences):
+        out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
+        if std:
+            out["t_test_p"] = float(stats.ttest_rel(a, b).pvalue)
+    return out
+
+
+def relay_vs_best_other(results: dict[str, dict[str, dict[str, Any]]], strategies: dict[str, str]) -> dict[str, Any] | None:
+    """Paired tests of relay against the other method with the highest mean ACC, over the runs
+    (order × seed) both have, on ACC and forgetting. Pooled strategies (joint: an upper bound,
+    not a relay) and further relay configs are not candidates. None without relay or a candidate."""
+    from relaylearn.strategies import get_strategy_class
+
+    relay = next((label for label, name in strategies.items() if name == "relay"), None)
+    others = [label for label, name in strategies.items() if name != "relay" and not get_strategy_class(name).pooled_training]
+    if relay is None or not others:
+        return None
+    mean_acc = {label: mean_std([r["matrix"].get("acc") for r in results[label].values()])[0] for label in others}
+    best = max((label for label in others if mean_acc[label] is not None), key=lambda label: mean_acc[label], default=None)
+    if best is None:
+        return None
+    keys = sorted(set(results[relay]) & set(results[best]))
+    out: dict[str, Any] = {"relay": relay, "other": best, "runs": keys}
+    for metric in ("acc", "forgetting"):
+        a = [results[relay][k]["matrix"].get(metric) for k in keys]
+        b = [results[best][k]["matrix"].get(metric) for k in keys]
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        out[metric] = paired_test([x for x, _ in pairs], [y for _, y in pairs])
+    return out
+
+
+def paired_markdown(paired: dict[str, Any] | None) -> str:
+    if paired is None:
+        return "No paired test: it needs a relay config and another non-pooled strategy.\n"
+    p = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+    lines = [f"Paired test, {paired['relay']} − {paired['other']} (the other method with the highest mean ACC; joint excluded), "
+             f"over the {len(paired['runs'])} order × seed run(s) both have; two-sided:", "",
+             "| metric | mean difference | Wilcoxon signed-rank p | paired t-test p |", "|---|---:|---:|---:|"]
+    for metric in ("acc", "forgetting"):
+        t = paired[metric]
+        lines.append(f"| {metric} | {_fmt(t['mean_difference'], t['std_difference'], signed=True)} | {p(t['wilcoxon_p'])} | {p(t['t_test_p'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
+    """Horizontal bars (mean ± std) of ACC, forgetting and external Dice per strategy, as a PNG."""
+    import io
+
+    from relaylearn.predict import atomic_write_bytes
+    from relaylearn.report.plots import new_figure
+
+    panels = (("acc", "ACC (higher is better)"), ("forgetting", "forgetting (lower is better)"), ("external_dice", "external-site Dice"))
+    fig = new_figure(10.0, 1.0 + 0.3 * len(rows))
+    axes = fig.subplots(1, len(panels), sharey=True)
+    ticks = list(range(len(rows)))
+    for ax, (metric, title) in zip(axes, panels):
+        means = [r[f"{metric}_mean"] if r[f"{metric}_mean"] is not None else math.nan for r in rows]
+        stds = [r[f"{metric}_std"] or 0.0 for r in rows]
+        ax.barh(ticks, means, xerr=stds, color="#1f77b4", ecolor="#333333", capsize=2, height=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ticks, [r["strategy"] for r in rows])
+    axes[0].invert_yaxis()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", facecolor="white")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str | None = None, quiet: bool = False, header: str = "") -> dict[str, Any]:
+    """Train ``run`` under ``run_root`` unless its matrix is complete (an interrupted run resumes).
+
+    Returns ``{"order", "seed", "wall_seconds", "matrix"}``; the wall time adds up over resumptions."""
+    run_name = f"{name}-o{run.order_index}-s{run.seed_index}"
+    matrix_path = run_root / run.config.name / run_name / "metrics" / "matrix.json"
+    timing_path = run_root / "wall_seconds.json"
+    matrix = json.loads(matrix_path.read_text()) if matrix_path.is_file() else None
+    wall = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.is_file() else 0.0
+    if is_complete(matrix, expected_rows(run)):
+        _say(quiet or not header, f"{header}: done, skipping")
+    else:
+        _say(quiet or not header, f"{header}: training")
+        started = time.time()
+        result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
+        matrix = result.matrix
+        wall += time.time() - started
+        atomic_write_text(timing_path, json.dumps({"wall_seconds": wall}))
+    return {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix}
+
+
 def compare_strategies(
     config_specs: list[str], name: str, *, orders: int = 2, seeds: int = 1, data_root: str | None = None,
     overrides: list[str] | None = None, devices: str | None = None, quiet: bool = False, exps_root: Path = EXPS_ROOT,
+    tuned: str | None = None,
 ) -> Path:
-    """Run (or resume) every config × order × seed and write the tables; returns ``table.md``."""
+    """Run (or resume) every config × order × seed and write the tables; returns ``table.md``.
+
+    ``tuned``: a ``relaylearn tune`` output folder; each config with a pick there trains at it."""
     if not name or any(c in name for c in " /\\"):
         raise UserError(f"-n {name!r}: comparison name must be non-empty without spaces or slashes")
     if len(set(config_specs)) != len(config_specs):
         raise UserError("-c: a config is listed twice")
     configs = [load_config(spec.lstrip("="), overrides, data_root) for spec in config_specs]
+    tuned_note = ""
+    if tuned is not None:
+        from relaylearn.tune import apply_picks
+
+        configs, tuned_note = apply_picks(configs, Path(tuned.lstrip("=")))
     runs = plan_runs(configs, orders, seeds)
     root = Path(exps_root) / "compare" / name
     results: dict[str, dict[str, dict[str, Any]]] = {}
     config_names = {run.label: run.source for run in runs}
     for i, run in enumerate(runs, 1):
-        run_root = root / run.label / run.key
-        run_name = f"{name}-o{run.order_index}-s{run.seed_index}"
-        matrix_path = run_root / run.config.name / run_name / "metrics" / "matrix.json"
-        timing_path = run_root / "wall_seconds.json"
-        matrix = json.loads(matrix_path.read_text()) if matrix_path.is_file() else None
-        wall = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.is_file() else 0.0
         header = f"[{i}/{len(runs)}] {run.label} order {run.order} seed {run.config.tasks[0].random_seed}"
-        if is_complete(matrix, expected_rows(run)):
-            _say(quiet, f"{header}: done, skipping")
-        else:
-            _say(quiet, f"{header}: training")
-            started = time.time()
-            result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
-            matrix = result.matrix
-            wall += time.time() - started
-            atomic_write_text(timing_path, json.dumps({"wall_seconds": wall}))
-        results.setdefault(run.label, {})[run.key] = {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix}
+        results.setdefault(run.label, {})[run.key] = train_or_resume(run, root / run.label / run.key, name, devices=devices, quiet=quiet, header=header)
     rows = summarise(results, config_names)
     table = markdown_table(rows)
+    paired = relay_vs_best_other(results, {label: cfg.tasks[0].strategy.name for label, cfg in zip(strategy_labels(configs), configs)})
     atomic_write_text(root / "matrices.json", json.dumps(results, indent=2))
     atomic_write_text(root / "table.csv", csv_table(rows))
-    atomic_write_text(root / "table.md", f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{table}")
-    print(table)
+    atomic_write_text(root / "paired_test.json", json.dumps(paired, indent=2))
+    plot_comparison(rows, root / "comparison.png")
+    atomic_write_text(root / "table.md", f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{tuned_note}{table}\n{paired_markdown(paired)}\n![comparison](comparison.png)\n")
+    print(table + "\n" + paired_markdown(paired))
     return root / "table.md"
 
 
@@ -241,4 +377,5 @@ def run_compare(args) -> Path:
     return compare_strategies(
         args.configs, args.name.lstrip("="), orders=args.orders, seeds=args.seeds, data_root=args.data_root,
         overrides=args.sets, devices=args.gpus, quiet=args.quiet, exps_root=getattr(args, "exps_root", EXPS_ROOT),
+        tuned=getattr(args, "tuned", None),
     )

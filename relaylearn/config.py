@@ -49,6 +49,8 @@ class DatasetKwargs(Strict):
     drop_negative: bool = Field(False, description="CT layouts: drop slices without foreground (train and test).")
     add_bone_label: bool = Field(False, description="CT layouts: pixels above 150 HU become class 0 (other classes +1).")
     add_bg_label: bool = Field(False, description="CT layouts: pixels below −500 HU become class 0 (other classes +1).")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Share of the site's training images held out for validation (never trained on; whole studies where the layout has them); 0 = no validation part.")
+    val_seed: int = Field(0, description="Seed of the validation hold-out (the same images for every strategy, order and run seed).")
 
 
 class DatasetConfig(Strict):
@@ -113,7 +115,7 @@ class TrainConfig(Strict):
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     gradient_clip: float = Field(0.0, ge=0, description="Kept from the original's configs (0 = none).")
-    check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs; validation = test split, see README.")
+    check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs (unused: each site is validated once, at its end, on its validation part).")
     checkpoint_every_n_steps: int = Field(200, ge=1, description="Local resume checkpoint interval in batches (never shipped).")
     log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence in batches.")
     channels_last: bool = Field(True, description="Run the solver in channels_last memory format (about 2x faster convolutions on CPUs, faster on GPUs).")

@@ -40,7 +40,9 @@ class SiteBatchSampler(Sampler[list[int]]):
 
     @property
     def total_batches(self) -> int:
-        return math.ceil(self.num_items * self.num_replica / self.batch_size)
+        """Batches per epoch; a lone last item joins the batch before it (BatchNorm fails on one image)."""
+        draws = self.num_items * self.num_replica
+        return max(1, draws // self.batch_size) if draws % self.batch_size == 1 else math.ceil(draws / self.batch_size)
 
     def __len__(self) -> int:
         return self.total_batches if self.world_size == 1 else max(1, self.total_batches // self.world_size)
@@ -48,7 +50,9 @@ class SiteBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.cat([torch.randperm(self.num_items, generator=g) for _ in range(self.num_replica)])
-        batches = order.split(self.batch_size)
+        batches = list(order.split(self.batch_size))
+        if len(batches) > self.total_batches:  # fold a lone last item into the batch before it
+            batches[-2:] = [torch.cat(batches[-2:])]
         start, self.skip = self.skip, 0
         for i in range(start, len(self)):
             yield batches[i * self.world_size + self.rank].tolist() if self.world_size > 1 else batches[i].tolist()

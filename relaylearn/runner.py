@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import torch
 
 from relaylearn import __version__
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.errors import ConfigError, UserError, VerificationError
+from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import BundleState, SiteContext, Strategy, parse_options
 
@@ -107,19 +107,36 @@ def parse_devices(spec: str | None, lightning_cfg) -> tuple[str, Any]:
 
 
 def load_split(ds: DatasetConfig, split: str):
-    """Pre-decode one site's split into memory (images [N,C,H,W], labels [N,H,W])."""
+    """Pre-decode one site's split into memory (images [N,C,H,W], labels [N,H,W]).
+
+    ``"train"`` and ``"val"`` are the two parts of the site's ``train`` folder
+    (:func:`relaylearn.data.split.validation_split`, study-wise by ``subjects``); ``"test"`` is the
+    ``test`` folder."""
     from relaylearn.data import load_site
+    from relaylearn.data.split import validation_split
 
     k = ds.kwargs
     folders = k.img_folder if k.img_folder is not None else ds.site
+    source_split = "train" if split == "val" else split
     if ds.name.startswith("ct_"):
         from relaylearn.data.ct import load_ct_site
 
-        return load_ct_site(ds.name, ds.root, folders, split, k, site_name=ds.site)
-    return load_site(
-        ds.name, ds.root, folders, split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
-        num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
-    )
+        data = load_ct_site(ds.name, ds.root, folders, source_split, k, site_name=ds.site)
+    else:
+        data = load_site(
+            ds.name, ds.root, folders, source_split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
+            num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
+        )
+    if split not in ("train", "val") or k.val_fraction == 0:
+        return data
+    try:
+        parts = validation_split(len(data), k.val_fraction, k.val_seed, groups=data.subjects)
+    except DataError as exc:
+        raise DataError(f"site {ds.site}: {exc.message}") from None
+    keep = parts[0] if split == "train" else parts[1]
+    index = torch.as_tensor(keep, dtype=torch.long)
+    return replace(data, images=data.images[index], labels=data.labels[index], names=[data.names[i] for i in keep],
+                   subjects=[data.subjects[i] for i in keep], sources=[data.sources[i] for i in keep])
 
 
 def shipped_config(task: TaskConfig) -> dict[str, Any]:
@@ -409,6 +426,7 @@ class RelayRun:
         trained: list[str] = []
         trained_cols: list[list[int]] = []
         per_class: dict[str, Any] = {}
+        val_rows: list[list[float] | None] = []  # Dice on each relay site's validation part, per hop
         summary: list[dict] = []
         per_image: list[dict] = []
         bundles: list[Path] = []
@@ -427,6 +445,8 @@ class RelayRun:
                 parent = self._read_bundle(bundle_path, allow_unsigned=not self.signed, own=True)
                 if previous and position < len(previous.get("R", [])):
                     rows.append(previous["R"][position])
+                    previous_val = (previous.get("validation") or {}).get("R") or []
+                    val_rows.append(previous_val[position] if position < len(previous_val) else None)
                     trained.append(site_name)
                     trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
                 self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
@@ -438,8 +458,9 @@ class RelayRun:
                 if ledger is not None:
                     ledger.check(parent)
                     ledger.record(parent)
-            strategy, row, results = self._train_site(group, parent, position)
+            strategy, row, results, val_row = self._train_site(group, parent, position)
             rows.append(row)
+            val_rows.append(val_row)
             trained.append(site_name)
             trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
             for test_site, res in results.items():
@@ -459,11 +480,11 @@ class RelayRun:
             stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
-            matrix = matrix_json(sites, trained, rows, trained_cols, per_class)
+            matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
             atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
             write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
             write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
-        matrix = matrix_json(sites, trained, rows, trained_cols, per_class)
+        matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
@@ -567,10 +588,38 @@ class RelayRun:
             for s, v in zip(results, row):
                 tb.add_scalar(f"test/dice_sample/{s}", v, position + 1)
             tb.flush()
+        val_row = self._validation_row(strategy.solver, device, task.test.batch_size)
         strategy.to("cpu")
         strategy.hop_started_utc = started
         strategy.hop_num_images = len(images)
-        return strategy, row, results
+        return strategy, row, results, val_row
+
+    def _validation_row(self, solver, device, batch_size: int) -> list[float] | None:
+        """Mean Dice of ``solver`` on the validation part of every relay site (None if a site has none)."""
+        from relaylearn.engine import predict_logits
+        from relaylearn.metrics import dice_per_image
+
+        if any(t.dataset.kwargs.val_fraction == 0 for t in self.cfg.tasks):
+            return None
+        if not hasattr(self, "_val_cache"):
+            self._val_cache = {t.dataset.site: load_split(t.dataset, "val") for t in self.cfg.tasks}
+        row = []
+        for task in self.cfg.tasks:
+            data = self._val_cache[task.dataset.site]
+            predicted = predict_logits(solver, data.images, batch_size, device).argmax(1)
+            row.append(float(dice_per_image(predicted, data.labels, task.dataset.kwargs.num_classes).mean()))
+        return row
+
+    def _add_validation(self, matrix: dict[str, Any], groups: list[list[TaskConfig]], val_rows: list) -> dict[str, Any]:
+        """``matrix`` with ``"validation"``: the same matrix (R, ACC, BWT, forgetting) on the relay
+        sites' validation parts, or None when a site has no validation part."""
+        if not val_rows or any(r is None for r in val_rows):
+            return {**matrix, "validation": None}
+        val_sites = [t.dataset.site for t in self.cfg.tasks]
+        columns = [[val_sites.index(t.dataset.site) for t in group] for group in groups]
+        validation = matrix_json(val_sites, matrix["trained"], val_rows, columns, {})
+        validation.pop("per_class")
+        return {**matrix, "validation": validation}
 
     def _test_data(self, ds: DatasetConfig):
         if not hasattr(self, "_test_cache"):

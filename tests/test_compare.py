@@ -61,8 +61,12 @@ def test_compare_two_strategies_two_orders(tmp_path, tiny_fundus, monkeypatch, c
     csv_lines = (root / "table.csv").read_text().splitlines()
     assert csv_lines[0].startswith("strategy,config,runs,acc_mean,acc_std") and len(csv_lines) == 3
     table = (root / "table.md").read_text()
-    assert "| sequential | 2 |" in table and "| ewc | 2 |" in table and table.split("\n\n", 1)[1] in printed
-    assert "n/a" not in table.split("\n")[-2], "Domain3 is an external site with a Dice"
+    assert "| sequential | 2 |" in table and "| ewc | 2 |" in table and table.split("\n\n")[1] in printed
+    ewc_row = next(line for line in table.splitlines() if line.startswith("| ewc | 2 |"))
+    assert "n/a" not in ewc_row, "Domain3 is an external site with a Dice"
+    assert "No paired test" in table, "no relay config here"
+    assert json.loads((root / "paired_test.json").read_text()) is None
+    assert (root / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # simulate an interruption after site 1 of one run: only that site is trained again
     run_dir = root / "ewc" / "order0_seed0" / "ewc" / "tiny-o0-s0"
@@ -84,3 +88,34 @@ def test_bad_arguments_are_one_line_errors(tmp_path, tiny_fundus, capsys):
     assert "listed twice" in capsys.readouterr().err
     assert main(["compare", "-c", config, "-n", "x", "--orders", "3"]) == 2
     assert "only 2 distinct order(s)" in capsys.readouterr().err
+
+
+def test_paired_test_on_hand_made_numbers():
+    from relaylearn.compare import paired_test
+
+    # differences 0.3, -0.1, 0.2, 0.4, 0.5: signed ranks +3 −1 +2 +4 +5, W− = 1; exact two-sided
+    # p = 2·P(W ≤ 1) = 2·2/2⁵ = 0.125
+    relay, other = [0.8, 0.5, 0.7, 0.9, 1.0], [0.5, 0.6, 0.5, 0.5, 0.5]
+    test = paired_test(relay, other)
+    assert test["n"] == 5 and test["mean_difference"] == pytest.approx(0.26)
+    assert test["wilcoxon_p"] == pytest.approx(0.125)
+    # differences 0.1, 0.2, 0.3: t = 0.2 / (0.1/√3) = √12; with 2 degrees of freedom the two-sided
+    # p is 1 − |t|/√(t² + 2) = 1 − √12/√14
+    assert paired_test([1.1, 1.2, 1.3], [1.0, 1.0, 1.0])["t_test_p"] == pytest.approx(1 - (12 / 14) ** 0.5)
+    assert paired_test([0.5, 0.5], [0.5, 0.5])["wilcoxon_p"] is None, "no differences: no test"
+    assert paired_test([0.5], [0.4])["t_test_p"] is None
+
+
+def test_relay_is_tested_against_the_best_non_pooled_method():
+    from relaylearn.compare import paired_markdown, relay_vs_best_other
+
+    def runs(accs, forgetting=0.1):
+        return {f"order{k}_seed0": {"matrix": {"acc": a, "forgetting": forgetting}} for k, a in enumerate(accs)}
+
+    results = {"relay": runs([0.7, 0.8, 0.75]), "joint": runs([0.95, 0.9, 0.92]), "ewc": runs([0.5, 0.55, 0.6]), "lwf": runs([0.6, 0.65, 0.62], 0.3)}
+    paired = relay_vs_best_other(results, {"relay": "relay", "joint": "joint", "ewc": "ewc", "lwf": "lwf"})
+    assert paired["other"] == "lwf", "joint pools the data: not a candidate"
+    assert paired["acc"]["mean_difference"] == pytest.approx((0.1 + 0.15 + 0.13) / 3)
+    assert paired["forgetting"]["mean_difference"] == pytest.approx(-0.2)
+    assert "| acc | +0.127 ± 0.025 | 0.25 |" in paired_markdown(paired)
+    assert relay_vs_best_other({"ewc": results["ewc"]}, {"ewc": "ewc"}) is None

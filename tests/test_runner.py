@@ -68,3 +68,15 @@ def test_existing_run_needs_resume(tmp_path, tiny_fundus):
         run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     again = run_training(cfg, "t", TrainOptions(quiet=True, resume=True, exps_root=tmp_path / "exps"))
     assert len(again.matrix["R"]) == 1
+
+
+def test_matrix_has_the_validation_parts(tmp_path, tiny_fundus):
+    matrix = _run(tmp_path / "v", tiny_fundus, "sequential").matrix
+    validation = matrix["validation"]
+    assert validation["sites"] == ["Domain1", "Domain2"] and validation["trained"] == ["Domain1", "Domain2"]
+    assert len(validation["R"]) == 2 and all(0.0 <= v <= 1.0 for row in validation["R"] for v in row)
+    assert validation["acc"] == pytest.approx(sum(validation["R"][-1]) / 2)
+    none = _run(tmp_path / "n", tiny_fundus, "sequential", task_ids=(1,), **{}).matrix
+    assert none["validation"]["sites"] == ["Domain1"]
+    cfg = load_config(str(tiny_config(tmp_path / "z", tiny_fundus, task_ids=(1,))), ["dataset.kwargs.val_fraction=0"])
+    assert run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "z" / "exps")).matrix["validation"] is None

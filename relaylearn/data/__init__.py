@@ -16,6 +16,7 @@ _EXPORTS = {
     "SegmentationAugment": "relaylearn.data.augment",
     "load_ct_site": "relaylearn.data.ct",
     "write_synthetic_ct": "relaylearn.data.synth_ct",
+    "validation_split": "relaylearn.data.split",
 }
 
 __all__ = list(_EXPORTS)
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from relaylearn.data.augment import SegmentationAugment
     from relaylearn.data.ct import load_ct_site
     from relaylearn.data.layouts import SiteData, load_site
+    from relaylearn.data.split import validation_split
     from relaylearn.data.synth import preview_grid, write_synthetic_benchmark
     from relaylearn.data.synth_ct import write_synthetic_ct
 

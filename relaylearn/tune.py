@@ -1,0 +1,236 @@
+"""``relaylearn tune``: pick each strategy's strength on the validation parts, never on the test split.
+
+For every config, each point of its strategy's grid (:data:`GRIDS`, or a ``--grid`` YAML file of
+the same shape, which replaces the built-in grid of the strategies it names) trains the whole
+relay over ``--orders`` × ``--seeds``, exactly as ``relaylearn compare`` does, into::
+
+    exps/tune/<NAME>/<strategy>/<point>/order<k>_seed<s>/...
+
+A point's score is its ACC on the relay sites' validation parts (held out from their training
+images, ``common.dataset.kwargs.val_fraction``), averaged over orders × seeds; the pick is the
+best point (the first in grid order on a tie). ``--select-on test`` scores on the test split
+instead — the original code's "validation = test" protocol, optimistic, kept only to compare with
+it. Finished runs are skipped, so re-running the command resumes an interrupted tuning.
+
+Outputs in ``exps/tune/<NAME>/``: ``tune.json`` (per strategy: the grid, every point's scores
+and runs, the pick) and ``tune.md`` (the same as tables). ``relaylearn compare --tuned
+exps/tune/<NAME>`` trains each strategy at its pick.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
+from relaylearn.config import RunConfig, load_config
+from relaylearn.errors import ConfigError, UserError
+from relaylearn.runner import EXPS_ROOT, atomic_write_text
+
+# Each strategy's grid: option -> values; every combination is one point. Add a key or a
+# strategy here (or in a --grid file); keys the installed strategy does not have are skipped.
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    "ewc": {"lambda_": [1e3, 1e4, 1e5, 1e6]},
+    "si": {"c": [0.5, 5.0, 50.0], "xi": [1e-3, 1e-1]},
+    "lwf": {"alpha": [0.5, 2.0, 8.0], "tau": [1.0, 2.0]},
+    "owm": {"alpha": [1e-3, 1e-2, 1e-1, 1.0]},
+    "relay": {"distil_weight": [0.25, 0.5, 1.0, 2.0], "gan_steps_per_solver_step": [1, 2]},
+}
+SELECT_ON = ("val", "test")
+
+
+def load_grids(path: str | None) -> dict[str, dict[str, list[Any]]]:
+    """:data:`GRIDS`, with the strategies named in the YAML file ``path`` replaced by its grids."""
+    grids = {name: dict(grid) for name, grid in GRIDS.items()}
+    if path is None:
+        return grids
+    path = Path(path.lstrip("="))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the grid file: {str(exc).splitlines()[0]}", path) from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError("expected a mapping strategy -> {option: [values, ...]}", path)
+    for strategy, grid in data.items():
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{strategy}: expected a mapping option -> [values, ...]", path)
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values or not all(isinstance(v, (int, float, str, bool)) for v in values):
+                raise ConfigError(f"{strategy}.{key}: expected a non-empty list of numbers or strings", path)
+            if len(set(map(repr, values))) != len(values):
+                raise ConfigError(f"{strategy}.{key}: a value is listed twice", path)
+        grids[str(strategy)] = {str(k): list(v) for k, v in grid.items()}
+    return grids
+
+
+def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every combination of the grid's values for the options ``cfg``'s strategy has (each checked
+    against the strategy's options), and the grid keys it does not have."""
+    from relaylearn.strategies import get_strategy_class
+
+    fields = get_strategy_class(cfg.tasks[0].strategy.name).Options.model_fields
+    known = {name for key, field in fields.items() for name in (key, *(getattr(field.validation_alias, "choices", None) or []))}
+    keys = [k for k in grid if k in known]
+    skipped = [k for k in grid if k not in known]
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] if keys else []
+    for point in points:
+        with_strategy_kwargs(cfg, point)  # a ConfigError (exit 2) before anything trains
+    return points, skipped
+
+
+def point_folder(point: dict[str, Any]) -> str:
+    """A folder name for a grid point, e.g. ``alpha=0.5_tau=2.0``."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(f"{k}={v}" for k, v in point.items()))
+
+
+def run_scores(run: dict[str, Any], select_on: str) -> dict[str, Any]:
+    """The selection score of one finished run and what is reported beside it."""
+    matrix = run["matrix"]
+    scored = matrix if select_on == "test" else (matrix.get("validation") or {})
+    return {"score": scored.get("acc"), "forgetting": scored.get("forgetting"), "bwt": scored.get("bwt"),
+            "test_acc": matrix.get("acc"), "wall_seconds": run["wall_seconds"]}
+
+
+def summarise_point(point: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"values": point, "folder": point_folder(point), "runs": runs}
+    for metric in ("score", "forgetting", "bwt", "test_acc"):
+        out[f"{metric}_mean"], out[f"{metric}_std"] = mean_std([r[metric] for r in runs.values()])
+    out["wall_seconds"] = sum(r["wall_seconds"] for r in runs.values())
+    return out
+
+
+def pick_best(points: list[dict[str, Any]]) -> int | None:
+    """Index of the point with the highest mean score (the first on a tie); None if none scored."""
+    scored = [i for i, p in enumerate(points) if p["score_mean"] is not None and not math.isnan(p["score_mean"])]
+    return max(scored, key=lambda i: (points[i]["score_mean"], -i)) if scored else None
+
+
+def tune_markdown(summary: dict[str, Any]) -> str:
+    where = "validation parts" if summary["select_on"] == "val" else "TEST split (optimistic: --select-on test)"
+    lines = [f"# {summary['name']}: picked by ACC on the {where}, {summary['orders']} order(s) × {summary['seeds']} seed(s)", ""]
+    for label, entry in summary["strategies"].items():
+        lines += [f"## {label} ({entry['config']})", ""]
+        if entry["skipped_keys"]:
+            lines += [f"Grid keys this strategy does not have (skipped): {', '.join(entry['skipped_keys'])}", ""]
+        lines += ["| point | score (ACC) | forgetting | BWT | test ACC (not used) | wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
+        for i, p in enumerate(entry["points"]):
+            mark = " **pick**" if i == entry.get("pick_index") else ""
+            lines.append(f"| {p['folder']}{mark} | {_fmt(p['score_mean'], p['score_std'])} | {_fmt(p['forgetting_mean'], p['forgetting_std'])} "
+                         f"| {_fmt(p['bwt_mean'], p['bwt_std'], signed=True)} | {_fmt(p['test_acc_mean'], p['test_acc_std'])} | {p['wall_seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def tune_strategies(
+    config_specs: list[str], name: str, *, orders: int = 1, seeds: int = 1, grid_file: str | None = None,
+    select_on: str = "val", data_root: str | None = None, overrides: list[str] | None = None,
+    devices: str | None = None, quiet: bool = False, exps_root: Path = EXPS_ROOT,
+) -> Path:
+    """Train (or resume) every grid point of every config and write the picks; returns ``tune.json``."""
+    from tqdm.auto import tqdm
+
+    if not name or any(c in name for c in " /\\"):
+        raise UserError(f"-n {name!r}: tuning name must be non-empty without spaces or slashes")
+    if select_on not in SELECT_ON:
+        raise UserError(f"--select-on {select_on}: expected one of {', '.join(SELECT_ON)}")
+    if len(set(config_specs)) != len(config_specs):
+        raise UserError("-c: a config is listed twice")
+    grids = load_grids(grid_file)
+    configs = [load_config(spec.lstrip("="), overrides, data_root) for spec in config_specs]
+    plans = []  # (label, config, points, skipped keys)
+    for cfg, label in zip(configs, strategy_labels(configs)):
+        strategy = cfg.tasks[0].strategy.name
+        if strategy not in grids:
+            raise UserError(f"config {cfg.name}: strategy '{strategy}' has no grid (tunable: {', '.join(sorted(grids))}; add one with --grid)", cfg.path)
+        if select_on == "val" and any(t.dataset.kwargs.val_fraction == 0 for t in cfg.tasks):
+            raise UserError(f"config {cfg.name}: val_fraction is 0, so there is no validation part to select on "
+                            "(set common.dataset.kwargs.val_fraction > 0, or --select-on test)", cfg.path)
+        points, skipped = grid_points(cfg, grids[strategy])
+        if not points:
+            raise UserError(f"config {cfg.name}: strategy '{strategy}' has none of the grid's options {sorted(grids[strategy])}", cfg.path)
+        plans.append((label, cfg, points, skipped))
+
+    root = Path(exps_root) / "tune" / name
+    summary: dict[str, Any] = {"name": name, "select_on": select_on, "orders": orders, "seeds": seeds, "overrides": list(overrides or []), "strategies": {}}
+    total = sum(len(points) for _, _, points, _ in plans) * orders * seeds
+    bar = tqdm(total=total, desc=f"tune {name}", unit="run", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+    for label, cfg, points, skipped in plans:
+        strategy = cfg.tasks[0].strategy.name
+        entry: dict[str, Any] = {"config": cfg.name, "strategy": strategy, "grid": {k: v for k, v in grids[strategy].items() if k not in skipped},
+                                 "skipped_keys": skipped, "points": [], "complete": False}
+        summary["strategies"][label] = entry
+        for point in points:
+            runs = {}
+            for run in plan_runs([with_strategy_kwargs(cfg, point)], orders, seeds):
+                bar.set_postfix_str(f"{label} {point_folder(point)} {run.key}")
+                result = train_or_resume(run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True)
+                runs[run.key] = run_scores(result, select_on)
+                bar.update(1)
+            entry["points"].append(summarise_point(point, runs))
+            if not quiet:
+                score = entry["points"][-1]
+                bar.write(f"{label} {point_folder(point)}: ACC {_fmt(score['score_mean'], score['score_std'])} "
+                          f"on the {'validation parts' if select_on == 'val' else 'test split'}", file=sys.stderr)
+            _write(root, summary)  # partial results survive an interruption
+        best = pick_best(entry["points"])
+        entry.update({"complete": True, "pick_index": best, "pick": entry["points"][best]["values"] if best is not None else None})
+        _write(root, summary)
+    bar.close()
+    print(tune_markdown(summary))
+    return root / "tune.json"
+
+
+def _write(root: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(root / "tune.json", json.dumps(summary, indent=2))
+    atomic_write_text(root / "tune.md", tune_markdown(summary))
+
+
+def load_picks(path: Path) -> dict[str, Any]:
+    """The ``strategies`` of a ``tune.json`` (``path`` is the file or its folder)."""
+    file = path / "tune.json" if path.is_dir() else path
+    try:
+        summary = json.loads(file.read_text())
+        strategies = summary["strategies"]
+        if not isinstance(strategies, dict) or not all(isinstance(e, dict) and "config" in e and "strategy" in e for e in strategies.values()):
+            raise ValueError("strategies: expected {label: {config, strategy, pick}}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--tuned: not a relaylearn tune output ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file) from None
+    return strategies
+
+
+def apply_picks(configs: list[RunConfig], path: Path) -> tuple[list[RunConfig], str]:
+    """``configs`` at the picks of the tuning in ``path`` (matched by config name, else by strategy
+    name if that is unambiguous), and a markdown note saying which values came from where."""
+    strategies = load_picks(path)
+    picked = {label: e for label, e in strategies.items() if e.get("complete") and isinstance(e.get("pick"), dict)}
+    out, notes = [], []
+    for cfg in configs:
+        strategy = cfg.tasks[0].strategy.name
+        entry = next((e for e in picked.values() if e["config"] == cfg.name), None)
+        if entry is None:
+            same = [e for e in picked.values() if e["strategy"] == strategy]
+            entry = same[0] if len(same) == 1 else None
+        if entry is None:
+            if strategy in GRIDS:
+                notes.append(f"{cfg.name}: no pick in the tuning, preset values")
+            out.append(cfg)
+            continue
+        out.append(with_strategy_kwargs(cfg, entry["pick"]))
+        notes.append(f"{cfg.name}: " + ", ".join(f"{k}={v}" for k, v in entry["pick"].items()) + f" (tuned on {entry['config']})")
+    note = f"Strategy values from the tuning in {path}:\n\n" + "".join(f"- {n}\n" for n in notes) + "\n" if notes else ""
+    return out, note
+
+
+def run_tune(args) -> Path:
+    """The ``relaylearn tune`` command (arguments from :mod:`relaylearn.cli`)."""
+    return tune_strategies(
+        args.configs, args.name.lstrip("="), orders=args.orders, seeds=args.seeds, grid_file=args.grid, select_on=args.select_on,
+        data_root=args.data_root, overrides=args.sets, devices=args.gpus, quiet=args.quiet, exps_root=getattr(args, "exps_root", EXPS_ROOT),
+    )

@@ -1,0 +1,121 @@
+"""``relaylearn tune``: grids, the pick by validation ACC, outputs, resume, ``compare --tuned`` and
+bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relaylearn.cli import main
+from relaylearn.compare import with_strategy_kwargs
+from relaylearn.config import load_config
+from relaylearn.tune import GRIDS, apply_picks, grid_points, pick_best, point_folder
+from tests.conftest import tiny_config
+
+
+def test_grid_points_cover_the_product_and_skip_unknown_keys(tmp_path, tiny_fundus):
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="si")))
+    points, skipped = grid_points(cfg, {"c": [0.5, 5.0], "xi": [1e-3, 1e-1, 1.0], "no_such_option": [1]})
+    assert skipped == ["no_such_option"] and len(points) == 6
+    assert {(p["c"], p["xi"]) for p in points} == {(c, x) for c in (0.5, 5.0) for x in (1e-3, 1e-1, 1.0)}
+    assert point_folder({"c": 0.5, "xi": 0.001}) == "c=0.5_xi=0.001"
+    assert set(GRIDS) >= {"ewc", "si", "lwf", "owm", "relay"}
+
+
+def test_pick_best_is_the_highest_mean_score_first_on_ties():
+    points = [{"score_mean": 0.4}, {"score_mean": 0.6}, {"score_mean": None}, {"score_mean": 0.6}]
+    assert pick_best(points) == 1
+    assert pick_best([{"score_mean": None}]) is None
+
+
+def test_strategy_values_replace_aliases(tmp_path, tiny_fundus):
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="ewc", strategy_kwargs={"lambda": 5.0, "fisher_samples": 2})))
+    tuned = with_strategy_kwargs(cfg, {"lambda_": 100.0})
+    assert all(t.strategy.kwargs == {"lambda_": 100.0, "fisher_samples": 2} for t in tuned.tasks)
+    assert tuned.raw["common"]["strategy"]["kwargs"] == {"lambda_": 100.0, "fisher_samples": 2}
+    assert cfg.tasks[0].strategy.kwargs == {"lambda": 5.0, "fisher_samples": 2}, "the original is unchanged"
+
+
+def test_apply_picks_by_config_then_by_strategy(tmp_path, tiny_fundus):
+    ewc = load_config(str(tiny_config(tmp_path / "a", tiny_fundus, strategy="ewc")))
+    lwf = load_config(str(tiny_config(tmp_path / "b", tiny_fundus, strategy="lwf")))
+    seq = load_config(str(tiny_config(tmp_path / "c", tiny_fundus, strategy="sequential")))
+    summary = {"strategies": {
+        "ewc": {"config": ewc.name, "strategy": "ewc", "complete": True, "pick": {"lambda_": 1e4}},
+        "lwf": {"config": "demo/lwf", "strategy": "lwf", "complete": True, "pick": {"alpha": 2.0, "tau": 1.0}},
+    }}
+    (tmp_path / "tune.json").write_text(json.dumps(summary))
+    (tuned_ewc, tuned_lwf, same_seq), note = apply_picks([ewc, lwf, seq], tmp_path)
+    assert tuned_ewc.tasks[0].strategy.kwargs["lambda_"] == 1e4
+    assert tuned_lwf.tasks[1].strategy.kwargs == {"alpha": 2.0, "tau": 1.0}
+    assert same_seq is seq and "alpha=2.0, tau=1.0 (tuned on demo/lwf)" in note
+
+
+@pytest.mark.slow
+def test_tune_picks_by_validation_acc_writes_outputs_and_resumes(tmp_path, tiny_fundus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = str(tiny_config(tmp_path, tiny_fundus, strategy="lwf", steps=2))
+    (tmp_path / "grid.yaml").write_text("lwf: {alpha: [0.0, 4.0]}\n")
+    args = ["tune", "-c", config, "-n", "t", "--grid", "grid.yaml", "-q"]
+    assert main(args) == 0
+    root = tmp_path / "exps" / "tune" / "t"
+    summary = json.loads((root / "tune.json").read_text())
+    entry = summary["strategies"]["lwf"]
+    assert entry["grid"] == {"alpha": [0.0, 4.0]} and entry["complete"] and summary["select_on"] == "val"
+    scores = []
+    for point in entry["points"]:  # the score is the validation ACC read back from each run's matrix
+        matrix_path = root / "lwf" / point["folder"] / "order0_seed0" / "lwf" / "t-o0-s0" / "metrics" / "matrix.json"
+        matrix = json.loads(matrix_path.read_text())
+        assert matrix["validation"]["sites"] == ["Domain1", "Domain2"] and len(matrix["validation"]["R"]) == 2
+        assert point["score_mean"] == pytest.approx(matrix["validation"]["acc"])
+        assert point["test_acc_mean"] == pytest.approx(matrix["acc"])
+        scores.append(matrix["validation"]["acc"])
+    assert scores[0] != scores[1], "the two strengths train different models"
+    best = max(range(2), key=lambda i: (scores[i], -i))
+    assert entry["pick_index"] == best and entry["pick"] == {"alpha": [0.0, 4.0][best]}
+    assert "**pick**" in (root / "tune.md").read_text() and "| alpha=4.0" in capsys.readouterr().out
+
+    # resume: finished runs are skipped; a missing one is trained again
+    kept = root / "lwf" / entry["points"][best]["folder"] / "order0_seed0" / "lwf" / "t-o0-s0" / "metrics" / "matrix.json"
+    stamp = kept.stat().st_mtime_ns
+    other = root / "lwf" / entry["points"][1 - best]["folder"]
+    (other / "order0_seed0" / "lwf" / "t-o0-s0" / "metrics" / "matrix.json").unlink()
+    for bundle in (other / "order0_seed0" / "lwf" / "t-o0-s0" / "bundles").iterdir():
+        bundle.unlink()
+    assert main(args) == 0
+    assert kept.stat().st_mtime_ns == stamp
+    again = json.loads((root / "tune.json").read_text())["strategies"]["lwf"]
+    assert [p["score_mean"] for p in again["points"]] == pytest.approx(scores), "seeded: the rerun gives the same score"
+
+    # compare --tuned trains at the pick
+    assert main(["compare", "-c", config, "-n", "c", "--orders", "1", "--tuned", str(root), "-q"]) == 0
+    table = (tmp_path / "exps" / "compare" / "c" / "table.md").read_text()
+    assert f"alpha={[0.0, 4.0][best]}" in table
+    run_config = tmp_path / "exps" / "compare" / "c" / "lwf" / "order0_seed0" / "lwf" / "c-o0-s0" / "resolved_config.yaml"
+    assert f"alpha: {[0.0, 4.0][best]}" in run_config.read_text()
+
+
+def test_bad_input_exits_2(tmp_path, tiny_fundus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seq = str(tiny_config(tmp_path / "s", tiny_fundus, strategy="sequential"))
+    lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
+    cases = [
+        (["tune", "-c", seq, "-n", "x"], "has no grid"),
+        (["tune", "-c", lwf, "-n", "a/b"], "without spaces or slashes"),
+        (["tune", "-c", lwf, "-n", "x", "--select-on", "train"], "invalid choice"),
+        (["tune", "-c", lwf, "-n", "x", "--set", "dataset.kwargs.val_fraction=0"], "no validation part"),
+        (["tune", "-c", lwf, "-n", "x", "--grid", str(tmp_path / "missing.yaml")], "cannot read the grid file"),
+        (["compare", "-c", lwf, "-n", "x", "--tuned", str(tmp_path / "nowhere")], "not a relaylearn tune output"),
+    ]
+    (tmp_path / "bad_value.yaml").write_text("lwf: {alpha: [-1.0]}\n")
+    cases.append((["tune", "-c", lwf, "-n", "x", "--grid", str(tmp_path / "bad_value.yaml")], "alpha"))
+    (tmp_path / "bad_shape.yaml").write_text("lwf: {alpha: 0.5}\n")
+    cases.append((["tune", "-c", lwf, "-n", "x", "--grid", str(tmp_path / "bad_shape.yaml")], "lwf.alpha: expected a non-empty list"))
+    (tmp_path / "none_known.yaml").write_text("lwf: {beta: [1, 2]}\n")
+    cases.append((["tune", "-c", lwf, "-n", "x", "--grid", str(tmp_path / "none_known.yaml")], "has none of the grid's options"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "exps").exists()
