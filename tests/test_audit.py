@@ -175,3 +175,13 @@ def test_audit_bad_input_exits_2_with_one_line(relay_run, tmp_path, case):
     line = one_line_error("\n".join(l for l in out.err.splitlines() if "signature not checked" not in l and "read_any_bundle" not in l))
     assert {"unknown site": "Domain9", "missing root": "nowhere", "missing site folder": "empty", "missing bundle": "none.relay", "bad threshold": "1.5"}[case] in line
     assert not (tmp_path / "o").exists()
+
+
+def test_report_has_a_privacy_section_per_site_per_hop(relay_run):
+    from relaylearn.report import build_report
+
+    result, _, _ = relay_run
+    page = build_report(result.run_dir)
+    section = page.split('<section id="privacy">', 1)[1].split("</section>", 1)[0]
+    assert section.count("<tr>") == 1 + 3  # header + (hop 1: Domain1) + (hop 2: Domain1, Domain2)
+    assert "white-box AUC, image D" in section and section.count("data:image/png;base64,") == 2  # closest pairs, 2 sites
