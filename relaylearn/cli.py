@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir")
 
+    audit = sub.add_parser("audit", help="privacy audit: what a relay bundle's generators and discriminators reveal about this site's training images")
+    audit.add_argument("bundle")
+    audit.add_argument("--site", required=True, help="this hospital's site name in the bundle's registry")
+    audit.add_argument("--data-root", required=True, help="data root holding this site's train and test splits")
+    audit.add_argument("-c", "--config", default=None, help="config that locates the site's folder (default: the folder named like the site)")
+    audit.add_argument("--trust", default=None, help="verify the bundle's signature against these public keys")
+    audit.add_argument("--n-generated", type=int, default=1000, help="generated pairs (default 1000)")
+    audit.add_argument("--threshold", type=float, default=0.6, help="membership-inference AUC above which a check is flagged (default 0.6)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--out", default=None, help="folder for <site>.json and <site>_closest_pairs.png (default exps/audit/<bundle name>)")
+    audit.add_argument("--json", action="store_true", help="print the figures as JSON")
+
     compare = sub.add_parser("compare", help="run several strategies over site orders and seeds; one table")
     compare.add_argument("-c", "--configs", nargs="+", required=True)
     compare.add_argument("-n", "--name", required=True)
@@ -267,6 +279,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from relaylearn.audit import AuditOptions, format_report, run_audit
+
+    options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
+    report, path = run_audit(args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out)
+    print(json.dumps(report, indent=2) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from relaylearn.compare import run_compare
 
@@ -295,7 +316,7 @@ def cmd_tune(args) -> int:
 COMMANDS = {
     "data": cmd_data, "train": cmd_train, "test": cmd_test, "keygen": cmd_keygen, "verify": cmd_verify,
     "inspect": cmd_inspect, "predict": cmd_predict, "export": cmd_export, "report": cmd_report, "compare": cmd_compare,
-    "import-original": cmd_import_original, "tune": cmd_tune,
+    "import-original": cmd_import_original, "tune": cmd_tune, "audit": cmd_audit,
 }
 
 

@@ -17,7 +17,9 @@ Outputs in ``exps/compare/<NAME>/``:
 
 * ``table.csv`` / ``table.md`` — per strategy: ACC, BWT, forgetting and the mean Dice on the
   external sites (test sites never trained on), each mean ± sample standard deviation over
-  orders × seeds, and the wall time per run;
+  orders × seeds, the final MIA AUC (strategies whose bundles carry generators: the black-box
+  membership-inference AUC after the last hop, averaged over sites, see ``relaylearn audit``)
+  and the wall time per run;
 * ``matrices.json`` — ``{strategy: {"order<k>_seed<s>": {"order", "seed", "wall_seconds",
   "matrix": <matrix.json>}}}``;
 * ``paired_test.json`` and a section of ``table.md`` — relay against the other non-pooled method
@@ -175,6 +177,14 @@ def external_dice(matrix: dict[str, Any]) -> float | None:
     return sum(last[j] for j in columns) / len(columns)
 
 
+def final_mia_auc_of(privacy_path: Path) -> float | None:
+    """Mean over sites of the black-box membership-inference AUC (image pixels) after the last
+    audited hop of a run's ``metrics/privacy.json`` (None without one: no generators travel)."""
+    from relaylearn.audit import final_mia_auc
+
+    return final_mia_auc(json.loads(privacy_path.read_text())) if privacy_path.is_file() else None
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (None where undefined)."""
     values = [v for v in values if v is not None]
@@ -194,6 +204,7 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], configs: dict[str, 
         for metric in METRICS:
             values = [external_dice(r["matrix"]) if metric == "external_dice" else r["matrix"].get(metric) for r in runs.values()]
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+        row["mia_auc_mean"], row["mia_auc_std"] = mean_std([r.get("mia_auc") for r in runs.values()])
         walls = [r["wall_seconds"] for r in runs.values()]
         row["wall_s_mean"], row["wall_s_std"] = mean_std(walls)
         row["wall_s_total"] = sum(walls)
@@ -209,12 +220,13 @@ def _fmt(mean: float | None, std: float | None, digits: int = 3, signed: bool = 
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| strategy | runs | ACC | BWT | forgetting | external Dice | wall time / run (s) |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    header = "| strategy | runs | ACC | BWT | forgetting | external Dice | final MIA AUC | wall time / run (s) |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['runs']} | {_fmt(r['acc_mean'], r['acc_std'])} | {_fmt(r['bwt_mean'], r['bwt_std'], signed=True)} "
             f"| {_fmt(r['forgetting_mean'], r['forgetting_std'])} | {_fmt(r['external_dice_mean'], r['external_dice_std'])} "
+            f"| {_fmt(r.get('mia_auc_mean'), r.get('mia_auc_std'))} "
             f"| {_fmt(r['wall_s_mean'], r['wall_s_std'], digits=0)} |"
         )
     return "\n".join(lines) + "\n"
@@ -327,7 +339,8 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
         matrix = result.matrix
         wall += time.time() - started
         atomic_write_text(timing_path, json.dumps({"wall_seconds": wall}))
-    return {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix}
+    return {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix,
+            "mia_auc": final_mia_auc_of(matrix_path.parent / "privacy.json")}
 
 
 def compare_strategies(

@@ -141,6 +141,13 @@ class BundleConfig(Strict):
     include_counts: bool = Field(False, description="Opt in: write this site's image count into the bundle.")
 
 
+class AuditConfig(Strict):
+    after_each_hop: bool = Field(True, description="Relay runs with every site on one machine: audit what the generators (and shipped discriminators) reveal about every earlier site after each hop, into metrics/privacy.json.")
+    n_generated: int = Field(1000, ge=2, description="Generated pairs per site for the per-hop audit.")
+    threshold: float = Field(0.6, ge=0.5, le=1.0, description="Membership-inference ROC AUC above which a check is flagged.")
+    n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the audit's 95 % intervals.")
+
+
 class CommonConfig(Strict):
     random_seed: int = Field(1314, description="Seed; site k uses random_seed + task_id.")
     num_workers: int = Field(0, ge=0, description="Kept for the original's configs: sites are decoded into memory once, so loading needs no workers.")
@@ -150,6 +157,7 @@ class CommonConfig(Strict):
     train: TrainConfig
     test: TestConfig = TestConfig()
     bundle: BundleConfig = BundleConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 class CheckpointSave(Strict):

@@ -19,7 +19,7 @@ per-class result has K−1 columns (column k−1 is class k). Distances are in p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -152,6 +152,38 @@ def bootstrap_ci(values: np.ndarray | Tensor | Sequence[float], n_resamples: int
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return float(sample.mean()), float(low), float(high)
+
+
+def bootstrap_statistic(
+    statistic: Callable[..., float], samples: Sequence[np.ndarray], n_resamples: int = 1000, level: float = 0.95, seed: int = 1234
+) -> tuple[float, float, float]:
+    """Percentile bootstrap of any statistic of one or more independent 1-D samples.
+
+    Every sample is resampled with replacement on its own (a stratified bootstrap: group sizes
+    are kept), ``statistic(*resampled)`` is evaluated on each resample. Returns (value on the
+    original samples, low, high); NaN bounds for ``n_resamples=0`` or an empty sample.
+    """
+    arrays = [np.asarray(s, dtype=np.float64).ravel() for s in samples]
+    value = float(statistic(*arrays)) if all(a.size for a in arrays) else math.nan
+    if n_resamples <= 0 or not all(a.size for a in arrays):
+        return value, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(*(a[rng.integers(0, a.size, a.size)] for a in arrays)) for _ in range(n_resamples)], dtype=np.float64)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.nanpercentile(stats, [tail, 100.0 - tail])
+    return value, float(low), float(high)
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores where higher means "positive": the probability that a
+    random positive outscores a random negative, ties counting one half (Mann–Whitney U / n₊n₋).
+    0.5 = no separation."""
+    pos, neg = np.asarray(positive, dtype=np.float64).ravel(), np.sort(np.asarray(negative, dtype=np.float64).ravel())
+    if not pos.size or not neg.size:
+        return math.nan
+    below = np.searchsorted(neg, pos, side="left")
+    not_above = np.searchsorted(neg, pos, side="right")
+    return float((below + not_above).sum() / (2.0 * pos.size * neg.size))
 
 
 class SegmentationScores:

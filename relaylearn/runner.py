@@ -473,6 +473,7 @@ class RelayRun:
                 parent = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True)
                 continue
             parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
+            self._privacy_audit(strategy, position + 1, site_name)
             self._sync()
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
@@ -620,6 +621,15 @@ class RelayRun:
         validation = matrix_json(val_sites, matrix["trained"], val_rows, columns, {})
         validation.pop("per_class")
         return {**matrix, "validation": validation}
+
+    def _privacy_audit(self, strategy: Strategy, hop: int, site_name: str) -> None:
+        """What the generators written after this hop reveal about every site so far (metrics/privacy.json)."""
+        from relaylearn.audit import audit_after_hop
+
+        entry = audit_after_hop(strategy, self.cfg.tasks, hop, site_name, self.run_dir)
+        if entry is not None:
+            flagged = sum(len(s["flagged"]) for s in entry["sites"].values())
+            self._log(f"[{site_name}] privacy audit of {len(entry['sites'])} site(s): {flagged} check(s) flagged ({entry['seconds']:.0f} s)")
 
     def _test_data(self, ds: DatasetConfig):
         if not hasattr(self, "_test_cache"):

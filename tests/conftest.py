@@ -35,6 +35,7 @@ def tiny_config(tmp_path: Path, data_root: Path, strategy: str = "sequential", t
             "model": {"name": "unet"},
             "train": {"num_steps": steps, "batch_size": 4, "log_every_n_steps": 1, **train},
             "test": {"batch_size": 8, "bootstrap": 200},
+            "audit": {"n_generated": 50, "n_bootstrap": 100},  # the per-hop privacy audit of relay runs, kept cheap
         },
         "all_tasks_datasets": [
             {"kwargs": {"task_id": 1, "task_name": "Domain1", "img_folder": "Domain1"}},

@@ -12,6 +12,8 @@ sheet: it opens offline, can be mailed, and shows
 * the final model's predictions on the worst, median and best test image of every site
   (re-run from the last bundle on the run's test data);
 * for relay runs, replayed image/mask pairs per site next to real ones;
+* for relay runs, the per-hop privacy audit (``metrics/privacy.json``): near copies and
+  membership-inference AUCs per site per hop, and the closest generated/training pairs;
 * the hop chain of the last bundle (sites, times, signer fingerprints, bundle hashes);
 * run details (seed, versions, command line) and every problem met, as visible notes.
 
@@ -228,6 +230,11 @@ class ReportBuilder:
         lead = "The relay carries no images, only generators: these pairs are what the next site rehearses earlier sites with."
         return html.section("replay", "Replayed image/mask pairs", "".join(parts) + html.notes(notes), lead)
 
+    def privacy(self) -> str | None:
+        from relaylearn.report.privacy import privacy_section
+
+        return privacy_section(self.runs, self.multi)
+
     def hop_chain(self) -> str:
         from relaylearn.report.samples import hop_rows
 
@@ -264,6 +271,7 @@ class ReportBuilder:
         sections = [("summary", "Summary", self.summary), ("matrix", "Matrix R", self.heatmaps), ("dice", "Dice per hop", self.dice_curves),
                     ("forgetting", "Forgetting", self.forgetting), ("final", "Final Dice", self.final_dice),
                     ("predictions", "Predictions", self.predictions), ("replay", "Replay", self.replay),
+                    ("privacy", "Privacy", self.privacy),
                     ("hops", "Hop chain", self.hop_chain), ("details", "Run details", self.details)]  # fmt: skip
         built = []
         for anchor, label, make in sections:

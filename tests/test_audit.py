@@ -1,0 +1,187 @@
+"""Privacy audit: a memorising generator is flagged, a noise generator is not; the command's
+output, bad input and the per-hop audit of a simulated relay."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from relaylearn.audit import (
+    SCHEMA,
+    AuditOptions,
+    SplitData,
+    audit_generated,
+    audit_site,
+    final_mia_auc,
+    generate_site_pairs,
+)
+from relaylearn.config import load_config
+from relaylearn.errors import UserError
+from relaylearn.metrics import bootstrap_statistic, roc_auc
+from relaylearn.runner import TrainOptions, run_training, strategy_from_bundle
+from tests.conftest import tiny_config
+from tests.strategies.test_relay import TINY
+from tests.test_cli import one_line_error
+from tests.test_deploy import run_cli
+
+
+def _site_like(n: int, seed: int) -> SplitData:
+    """n smooth random images [n,3,16,16] in [-1,1] with blob masks: train and test of one 'site'."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    images = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear", align_corners=False)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    centre = torch.rand(n, 2, generator=g) * 8 + 4
+    radius = torch.rand(n, generator=g) * 3 + 2
+    dist = ((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2).sqrt()
+    labels = (dist < radius[:, None, None]).long() + (dist < radius[:, None, None] / 2).long()
+    return SplitData(images, labels)
+
+
+OPTIONS = AuditOptions(n_generated=300, n_bootstrap=300, seed=1)
+
+
+def _by(checks, check, space):
+    return next(c for c in checks if c["check"] == check and c["space"] == space)
+
+
+def test_auc_and_bootstrap_helpers():
+    assert roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert roc_auc(np.array([1.0]), np.array([1.0])) == 0.5  # ties count one half
+    assert roc_auc(np.array([0.0, 2.0]), np.array([1.0, 3.0])) == 0.25
+    value, low, high = bootstrap_statistic(roc_auc, [np.arange(50.0), np.arange(50.0) + 10], 500, seed=0)
+    assert value == pytest.approx((39 * 40 / 2 + 40 / 2) / 2500)  # 780 wins and 40 ties of 2500 pairs
+    assert low < value < high and high - low < 0.4
+
+
+def test_memorising_generator_is_flagged():
+    train, test = _site_like(40, 0), _site_like(40, 1)
+    pick = torch.randint(0, 40, (OPTIONS.n_generated,), generator=torch.Generator().manual_seed(2))
+    copies = SplitData(train.images[pick], train.labels[pick])  # "generates" training pairs
+    # a discriminator that memorised: scores = closeness to the training set
+    memorising_d = {"image": lambda x, y: -torch.cdist(x.flatten(1), train.images.flatten(1)).min(1).values}
+    checks, picture = audit_generated(copies, train, test, 3, OPTIONS, features=lambda x: x.mean(dim=(2, 3)), discriminators=memorising_d)
+    for space in ("image pixels", "image features", "label maps"):
+        mem = _by(checks, "memorisation", space)
+        assert mem["flagged"] and mem["near_copies"]["value"] > 0.9
+        assert mem["ratio_of_medians"]["value"] < 0.1
+    for space in ("image pixels", "image features"):
+        mia = _by(checks, "membership black box", space)
+        assert mia["flagged"] and mia["auc"]["value"] > 0.95
+    assert _by(checks, "membership white box", "image discriminator")["auc"]["value"] > 0.95
+    assert picture.dtype == np.uint8 and picture.shape == (2 * 16 + 2, 8 * 18, 3)
+    # the closest pairs are exact copies: top row equals bottom row
+    assert np.array_equal(picture[:16, :16], picture[18:, :16])
+
+
+def test_noise_generator_is_not_flagged():
+    train, test = _site_like(60, 0), _site_like(60, 1)
+    g = torch.Generator().manual_seed(3)
+    noise = SplitData(torch.rand(OPTIONS.n_generated, 3, 16, 16, generator=g) * 2 - 1, torch.randint(0, 3, (OPTIONS.n_generated, 16, 16), generator=g))
+    checks, _ = audit_generated(noise, train, test, 3, OPTIONS, features=lambda x: x.mean(dim=(2, 3)))
+    assert not any(c["flagged"] for c in checks), [c for c in checks if c["flagged"]]
+    for check in checks:
+        if "auc" in check:
+            assert check["auc"]["low"] < 0.5 < check["auc"]["high"]
+        elif check["space"] != "image features":  # (channel means of noise can land near a real image's)
+            assert check["near_copies"]["value"] == 0.0 and check["ratio_of_medians"]["value"] > 1
+
+
+# ----- a real (tiny) relay run ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def relay_run(tmp_path_factory, tiny_fundus):
+    """A 2-site tiny relay trained once, with the per-hop audit on (small M)."""
+    folder = tmp_path_factory.mktemp("audit_run")
+    cfg = load_config(str(tiny_config(folder, tiny_fundus, strategy="relay", steps=2, strategy_kwargs=TINY)), ["audit.n_generated=40", "audit.n_bootstrap=50"])
+    result = run_training(cfg, "r", TrainOptions(quiet=True, exps_root=folder / "exps"))
+    return result, tiny_fundus, folder
+
+
+def test_generated_pairs_are_deterministic_and_leave_the_global_rng_alone(relay_run):
+    from relaylearn.bundle import read_bundle
+
+    result, _, _ = relay_run
+    strategy, _ = strategy_from_bundle(read_bundle(result.bundles[-1], trust=None, allow_unsigned=True))
+    state = torch.random.get_rng_state()
+    a = generate_site_pairs(strategy, 1, 7, seed=5, batch_size=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = generate_site_pairs(strategy, 1, 7, seed=5, batch_size=3)
+    assert a[0].shape == (7, 3, 32, 32) and a[1].shape == (7, 32, 32)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], generate_site_pairs(strategy, 0, 7, seed=5)[0])  # the site id conditions them
+    with pytest.raises(UserError, match="not in the bundle's site registry"):
+        audit_site(strategy, "Elsewhere", SplitData(a[0], a[1]), SplitData(b[0], b[1]), OPTIONS, True)
+
+
+def test_per_hop_audit_covers_every_site_so_far(relay_run):
+    result, _, _ = relay_run
+    privacy = json.loads((result.run_dir / "metrics" / "privacy.json").read_text())
+    assert privacy["schema"] == SCHEMA
+    assert [h["hop"] for h in privacy["hops"]] == [1, 2]
+    assert [sorted(h["sites"]) for h in privacy["hops"]] == [["Domain1"], ["Domain1", "Domain2"]]
+    site = privacy["hops"][1]["sites"]["Domain1"]
+    assert site["n_generated"] == 40 and site["discriminators_audited"] is True
+    assert {(c["check"], c["space"]) for c in site["checks"]} >= {("membership white box", "image discriminator"), ("memorisation", "image features")}
+    assert (result.run_dir / "metrics" / site["closest_pairs_png"]).is_file()
+    assert 0.0 <= final_mia_auc(privacy) <= 1.0
+
+
+def test_audit_command_json_schema(relay_run, tmp_path):
+    result, data, _ = relay_run
+    out = run_cli(tmp_path, "audit", result.bundles[-1], "--site", "Domain2", "--data-root", data, "--n-generated", "30", "--json", "--out", tmp_path / "a")
+    assert out.code == 0, out.err
+    report = json.loads(out.out)
+    assert report["schema"] == SCHEMA and report["site"] == "Domain2" and report["site_id"] == 1
+    assert report["n_generated"] == 30 and report["threshold"] == 0.6 and report["n_train"] == 6 and report["n_test"] == 4
+    spaces = {(c["check"], c["space"]) for c in report["checks"]}
+    assert spaces == {
+        ("memorisation", "image pixels"), ("memorisation", "image features"), ("memorisation", "label maps"),
+        ("membership black box", "image pixels"), ("membership black box", "image features"), ("membership black box", "label maps"),
+        ("membership white box", "image discriminator"), ("membership white box", "label discriminator"),
+    }
+    for c in report["checks"]:
+        figures = [c["auc"]] if "auc" in c else [c["near_copies"], c["ratio_of_medians"]]
+        assert all(set(f) == {"value", "low", "high"} for f in figures)
+        assert isinstance(c["flagged"], bool) and c["rule"]
+        if c["check"] == "memorisation":
+            d = c["distributions"]
+            assert len(d["quantiles"]) == len(d["generated_to_train"]) == len(d["test_to_train"])
+    assert report["bundle"]["hops"] == ["Domain1", "Domain2"]
+    assert (tmp_path / "a" / "Domain2.json").is_file() and (tmp_path / "a" / "Domain2_closest_pairs.png").is_file()
+    text = run_cli(tmp_path, "audit", result.bundles[-1], "--site", "Domain2", "--data-root", data, "--n-generated", "30", "--out", tmp_path / "b")
+    assert text.code == 0 and "membership white box (image discriminator)" in text.out and "verdict:" in text.out
+
+
+@pytest.mark.parametrize("case", ["unknown site", "missing root", "missing site folder", "missing bundle", "bad threshold"])
+def test_audit_bad_input_exits_2_with_one_line(relay_run, tmp_path, case):
+    result, data, _ = relay_run
+    bundle, site, root, extra = result.bundles[-1], "Domain1", data, []
+    if case == "unknown site":
+        site = "Domain9"
+    elif case == "missing root":
+        root = tmp_path / "nowhere"
+    elif case == "missing site folder":
+        root = tmp_path / "empty"
+        root.mkdir()
+    elif case == "missing bundle":
+        bundle = tmp_path / "none.relay"
+    else:
+        extra = ["--threshold", "1.5"]
+    out = run_cli(tmp_path, "audit", bundle, "--site", site, "--data-root", root, "--out", tmp_path / "o", *extra)
+    assert out.code == 2
+    line = one_line_error("\n".join(l for l in out.err.splitlines() if "signature not checked" not in l and "read_any_bundle" not in l))
+    assert {"unknown site": "Domain9", "missing root": "nowhere", "missing site folder": "empty", "missing bundle": "none.relay", "bad threshold": "1.5"}[case] in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_has_a_privacy_section_per_site_per_hop(relay_run):
+    from relaylearn.report import build_report
+
+    result, _, _ = relay_run
+    page = build_report(result.run_dir)
+    section = page.split('<section id="privacy">', 1)[1].split("</section>", 1)[0]
+    assert section.count("<tr>") == 1 + 3  # header + (hop 1: Domain1) + (hop 2: Domain1, Domain2)
+    assert "white-box AUC, image D" in section and section.count("data:image/png;base64,") == 2  # closest pairs, 2 sites
