@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relaylearn.bundle import escape_text
 from relaylearn.errors import UserError
 from relaylearn.metrics import bootstrap_statistic, roc_auc
 
@@ -325,8 +326,8 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
 
 
 def printable(text: str) -> str:
-    """Untrusted text (names read from a bundle) as one printable line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))[:200]
+    """Untrusted text (names read from a bundle) as one printable line of at most 200 characters."""
+    return escape_text(text)[:200]
 
 
 # ----- text output -----------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ def _site_dataset(task, site: str, data_root: str, config: Optional[str]):
 
 
 def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str] = None, trust: Optional[str] = None,
-              options: AuditOptions | None = None, out_dir: Optional[str] = None) -> tuple[dict[str, Any], Path]:
+              options: AuditOptions | None = None, out_dir: Optional[str] = None, no_verify: bool = False) -> tuple[dict[str, Any], Path]:
     """``relaylearn audit``: read (verify with ``trust``) the bundle, audit ``site`` on its own data,
     write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png``. Returns (report, json path)."""
     from relaylearn.evaluate import read_any_bundle
@@ -400,7 +401,7 @@ def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str]
     path = Path(bundle_path)
     if not Path(data_root).is_dir():
         raise UserError("--data-root: folder not found", data_root)
-    bundle = read_any_bundle(path, trust)
+    bundle = read_any_bundle(path, trust, no_verify=no_verify)
     if bundle.manifest.get("strategy") != "relay":
         raise UserError(f"strategy {printable(bundle.manifest.get('strategy'))!r} carries no generators: only relay bundles can be audited", path)
     strategy, task = strategy_from_bundle(bundle)
@@ -412,7 +413,7 @@ def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str]
     train, test = load_split(ds, "train"), load_split(ds, "test")
     travels = any(name.startswith("d_img.") for name in bundle.tensors)
     result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, travels)
-    result.report["bundle"] = {"path": str(path), "sha256": bundle.sha256, "hops": [printable(h.get("site", "?")) for h in bundle.manifest.get("hops", [])]}
+    result.report["bundle"] = {"path": str(path), "sha256": bundle.sha256, "verified": bundle.signed_by is not None, "hops": [printable(h.get("site", "?")) for h in bundle.manifest.get("hops", [])]}
     out = Path(out_dir) if out_dir else Path("exps") / "audit" / path.stem
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
     png = out / f"{safe}_closest_pairs.png"

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data-root", required=True, help="data root holding this site's train and test splits")
     audit.add_argument("-c", "--config", default=None, help="config that locates the site's folder (default: the folder named like the site)")
     audit.add_argument("--trust", default=None, help="verify the bundle's signature against these public keys")
+    audit.add_argument("--no-verify", action="store_true", help="audit the bundle without checking its signature (recorded in the report)")
     audit.add_argument("--n-generated", type=int, default=1000, help="generated pairs (default 1000)")
     audit.add_argument("--threshold", type=float, default=0.6, help="membership-inference AUC above which a check is flagged (default 0.6)")
     audit.add_argument("--seed", type=int, default=0)
@@ -283,7 +284,7 @@ def cmd_audit(args) -> int:
     from relaylearn.audit import AuditOptions, format_report, run_audit
 
     options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
-    report, path = run_audit(args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out)
+    report, path = run_audit(args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify)
     print(json.dumps(report, indent=2) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
     return 0
 
