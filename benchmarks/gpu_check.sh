@@ -32,7 +32,7 @@ started=$(date +%s)
 if [ $SMALL = 1 ]; then  # SMALL_CONFIG: a relay config (default demo/relay); 2 batches per smoke site
   CONFIG=${SMALL_CONFIG:-demo/relay}
   SPEED=(--device cpu --config "$CONFIG" --batch 2 --warmup 1 --iters 1 --threads 1 --flop-iters 1)
-  SMOKE=(--config "$CONFIG" --batch 2 --threads 1 --set train.precision=32 --set test.bootstrap=100 --steps "${SMOKE_STEPS:-2}")
+  SMOKE=(--config "$CONFIG" --batch 2 --threads 1 --set test.bootstrap=100 --steps "${SMOKE_STEPS:-2}")
   SMOKE_SECONDS=${SMOKE_SECONDS:-30}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-300}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-5}
   SYNTH_SIZE=32
 else

@@ -107,7 +107,7 @@ class TrainConfig(Strict):
     check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs; validation = test split, see README.")
     checkpoint_every_n_steps: int = Field(200, ge=1, description="Local resume checkpoint interval in batches (never shipped).")
     log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence in batches.")
-    channels_last: bool = Field(True, description="Run the solver in channels_last memory format (about 2x faster convolutions on CPUs, faster on GPUs).")
+    channels_last: bool = Field(True, description="Run every network (solver, and the relay's GANs) in channels_last memory format (faster convolutions on CPUs and GPUs).")
     compile: bool = Field(False, description="torch.compile the solver.")
     lightning: LightningConfig = LightningConfig()
 
