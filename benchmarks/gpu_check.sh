@@ -13,7 +13,8 @@
 #   benchmarks/gpu_check.sh --small        # the same steps at toy size on the CPU (about 2 minutes)
 #
 # Environment: PYTHON (default python), RESULTS_DIR (default benchmarks/results), DATA_ROOT (synthetic
-# data is written to a temporary folder when unset), SMOKE_SECONDS, MATRIX_TIMEOUT, COMPILE_TIMEOUT.
+# data is written to a temporary folder when unset), SMOKE_SECONDS, MATRIX_TIMEOUT, COMPILE_TIMEOUT,
+# SMOKE_TIMEOUT (hard limits in seconds).
 set -uo pipefail
 
 SMALL=0
@@ -33,12 +34,13 @@ if [ $SMALL = 1 ]; then  # SMALL_CONFIG: a relay config (default demo/relay); 2 
   CONFIG=${SMALL_CONFIG:-demo/relay}
   SPEED=(--device cpu --config "$CONFIG" --batch 2 --warmup 1 --iters 1 --threads 1 --flop-iters 1)
   SMOKE=(--config "$CONFIG" --batch 2 --threads 1 --set test.bootstrap=100 --steps "${SMOKE_STEPS:-2}")
-  SMOKE_SECONDS=${SMOKE_SECONDS:-30}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-300}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-5}
+  SMOKE_SECONDS=${SMOKE_SECONDS:-30}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-600}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-5}; SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-600}
   SYNTH_SIZE=32
 else
   SPEED=(--config fundus/relay --batch 128 --warmup 3 --iters 10)
   SMOKE=(--config fundus/relay)
   SMOKE_SECONDS=${SMOKE_SECONDS:-190}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-160}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-70}
+  SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-$(( SMOKE_SECONDS + 60 ))}
   SYNTH_SIZE=64
   $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
 fi
@@ -67,8 +69,8 @@ ms = [r["ms_per_iter"] for r in rows if r.get("name") == "relay_replay" and r.ge
 print(min(ms) if ms else 1000.0)
 EOF
 )
-timeout $(( SMOKE_SECONDS + 60 )) $PY benchmarks/replay_smoke.py "${SMOKE[@]}" --data-root "$DATA" --seconds "$SMOKE_SECONDS" --ms-per-iter "$MS" >> "$RESULTS" \
-  || echo '{"name": "replay_smoke", "error": "failed, see stderr"}' >> "$RESULTS"
+timeout "$SMOKE_TIMEOUT" $PY benchmarks/replay_smoke.py "${SMOKE[@]}" --data-root "$DATA" --seconds "$SMOKE_SECONDS" --ms-per-iter "$MS" >> "$RESULTS" \
+  || echo '{"name": "replay_smoke", "error": "failed or over '"$SMOKE_TIMEOUT"' s, see stderr"}' >> "$RESULTS"
 echo "   done after $(( $(date +%s) - started ))s" >&2
 
 $PY benchmarks/gpu_summary.py "$RESULTS"
