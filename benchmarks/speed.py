@@ -517,7 +517,7 @@ def parse_variants(spec: str) -> list[Switches]:
 def plan(args: argparse.Namespace) -> Iterator[tuple[str, Switches]]:
     """(measurement, switches) pairs to run, in order."""
     baseline = switches_from(args)
-    if args.variants:
+    if getattr(args, "variants", None):
         for switches in parse_variants(args.variants):
             for name in args.only.split(","):
                 if not switches.replay_per_substep or name == "relay_replay":
