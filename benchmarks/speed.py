@@ -53,8 +53,10 @@ from typing import Callable, Iterator
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+# --code-root DIR (the workers of --compare): measure the relaylearn of another checkout with this harness
+CODE_ROOT = Path(sys.argv[sys.argv.index("--code-root") + 1]).resolve() if "--code-root" in sys.argv[:-1] else ROOT
+if str(CODE_ROOT) not in sys.path[:1]:  # run from a checkout without installing
+    sys.path.insert(0, str(CODE_ROOT))
 
 from relaylearn.config import TaskConfig, load_config  # noqa: E402
 from relaylearn.runner import build_strategy  # noqa: E402
@@ -165,8 +167,9 @@ def site_context(name: str, position: int, images: torch.Tensor, labels: torch.T
                        steps_per_epoch=LONG_SITE, train_images=images, train_labels=labels, batch_size=len(images))
 
 
-def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int) -> TaskConfig:
-    """The config of one measurement: the relay's (with the switches) or the sequential baseline's."""
+def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int, trained: bool = False) -> TaskConfig:
+    """The config of one measurement: the relay's (with the switches, unless ``trained``: as
+    configured) or the sequential baseline's."""
     data = base.model_dump(mode="python")
     data["train"]["batch_size"] = batch
     if measurement == "sequential":
@@ -174,7 +177,8 @@ def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int)
     else:
         if data["strategy"]["name"] != "relay":
             raise SystemExit(f"speed.py: {measurement} needs a relay config (this one trains '{data['strategy']['name']}')")
-        data["strategy"]["kwargs"].update(replay_once_per_batch=not switches.replay_per_substep, fused_optimizers=switches.fused_adam)
+        if not trained:
+            data["strategy"]["kwargs"].update(replay_once_per_batch=not switches.replay_per_substep, fused_optimizers=switches.fused_adam)
     return TaskConfig.model_validate(data)
 
 
@@ -202,8 +206,29 @@ class Prepared:
     flop_cycle: int  # iterations after which the relay's lazy regularisation pattern repeats
 
 
-def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torch.device, seed: int = 0) -> Prepared:
-    """A strategy at the measured point of a relay and a ``step(i)`` that trains iteration i."""
+def as_trained(task: TaskConfig) -> Switches:
+    """The switches training applies for this config (``train.precision``, ``train.channels_last``,
+    ``train.compile``; memory format and compile as the measured checkout's engine applies them)."""
+    fused = task.strategy.kwargs.get("fused_optimizers", False) if task.strategy.name == "relay" else task.train.optimizer.fused
+    return Switches(precision="bf16" if task.train.precision == "bf16-mixed" else "fp32", channels_last=task.train.channels_last,
+                    compile=task.train.compile, fused_adam=bool(fused))
+
+
+def prepare_like_training(strategy: Strategy, task: TaskConfig) -> None:
+    """What the engine does to the networks before a site starts, in the measured checkout."""
+    import relaylearn.engine as engine
+
+    if hasattr(engine, "prepare_networks"):
+        engine.prepare_networks(strategy, task.train)
+    elif task.train.channels_last:  # engines before prepare_networks: the solver only
+        strategy.solver.to(memory_format=torch.channels_last)
+
+
+def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torch.device, seed: int = 0, trained: bool = False) -> Prepared:
+    """A strategy at the measured point of a relay and a ``step(i)`` that trains iteration i.
+
+    ``trained``: networks prepared as training prepares them for ``task`` (``prepare_like_training``)
+    instead of by the switches (``switches`` must then be ``as_trained(task)``)."""
     torch.manual_seed(seed)
     k = task.dataset.kwargs
     b, (h, w) = task.train.batch_size, k.img_size
@@ -214,6 +239,8 @@ def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torc
         images, labels = images.pin_memory(), labels.pin_memory()
 
     strategy = build_strategy(task, load_pretrained=False).to(device)
+    if trained:
+        prepare_like_training(strategy, task)
     if measurement == "relay_replay":  # one earlier site, then the current one after its mid-site switch
         earlier = site_context("earlier", 0, images, labels)
         strategy.on_site_start(earlier)
@@ -226,10 +253,10 @@ def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torc
         site = site_context("current", 0, images, labels)
         strategy.on_site_start(site)
     strategy.train()
-    if switches.channels_last:
+    if switches.channels_last and not trained:
         strategy.to(memory_format=torch.channels_last)
     optimizers = strategy.configure_optimizers()
-    if switches.fused_adam and measurement == "sequential":
+    if switches.fused_adam and measurement == "sequential" and not trained:
         optimizers = [with_fused_kernel(o) for o in optimizers]
     strategy.optimizers = optimizers
 
@@ -261,18 +288,27 @@ def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torc
 
 
 def measure(measurement: str, base: TaskConfig, config_name: str, switches: Switches, device: torch.device, batch: int,
-            warmup: int, iters: int, flop_iters: int | None) -> dict:
-    """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails."""
+            warmup: int, iters: int, flop_iters: int | None, trained: bool = False, flop_cache: dict | None = None) -> dict:
+    """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails.
+    ``trained``: the switches training applies (``as_trained``) instead of ``switches``."""
+    if trained:
+        switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True))
     record = {"name": measurement, "device": device_label(device), "config": config_name, "batch": batch,
-              "img_size": list(base.dataset.kwargs.img_size), **asdict(switches), "warmup": warmup, "iters": iters}
+              "img_size": list(base.dataset.kwargs.img_size), **asdict(switches), "as_trained": trained, "warmup": warmup, "iters": iters}
     memory = PeakMemory(device)
     try:
-        task = task_for(base, measurement, switches, batch)
-        prepared = prepare(measurement, task, switches, device)
+        task = task_for(base, measurement, switches, batch, trained=trained)
+        prepared = prepare(measurement, task, switches, device, trained=trained)
         record["fused_effective"] = all(bool(g.get("fused")) for o in prepared.strategy.optimizers for g in o.param_groups)
         n_flop = flop_iters if flop_iters is not None else prepared.flop_cycle
-        flops = count_flops(prepared.step, 0, n_flop)  # eager, before any compilation
-        if switches.compile:
+        key = (measurement, switches.replay_per_substep, switches.aug_device, n_flop)
+        if flop_cache is not None and key in flop_cache:  # the same work in another precision / layout
+            flops = flop_cache[key]
+        else:
+            flops = count_flops(prepared.step, 0, n_flop) if n_flop else float("nan")  # eager, before any compilation
+            if flop_cache is not None:
+                flop_cache[key] = flops
+        if switches.compile and not trained:
             compile_networks(prepared.strategy)
         first = n_flop
         for i in range(first, first + warmup):
@@ -280,8 +316,10 @@ def measure(measurement: str, base: TaskConfig, config_name: str, switches: Swit
         synchronize(device)
         memory.reset()
         ms = time_iterations(prepared.step, first + warmup, iters, device)
+        counted = not math.isnan(flops)
         record.update(ms_per_iter=round(ms, 3), peak_mem_bytes=memory.read(), peak_mem_kind=memory.kind,
-                      flops_per_iter=int(flops), flop_iters=n_flop, tflops=round(flops / (ms / 1000) / 1e12, 4))
+                      flops_per_iter=int(flops) if counted else None, flop_iters=n_flop,
+                      tflops=round(flops / (ms / 1000) / 1e12, 4) if counted else None)
     except Exception as exc:  # noqa: BLE001 - a failing variant (e.g. compile without a compiler) is a result
         message = str(exc).strip().splitlines()
         record["error"] = f"{type(exc).__name__}: {message[0] if message else ''}"[:500]
@@ -297,6 +335,128 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return "cpu"
+
+
+# ----- two checkouts side by side ----------------------------------------------------------------
+def worker(args: argparse.Namespace, base: TaskConfig, config_name: str, device: torch.device, batch: int) -> int:
+    """``--code-root``: prepare every measurement, then answer ``NAME COUNT`` lines on stdin with
+    ``{"name", "ms_per_iter"}`` lines (COUNT more iterations of NAME, timed)."""
+    import relaylearn
+
+    names = args.only.split(",")
+    prepared, next_step = {}, {}
+    for name in names:
+        switches = switches_from(args)
+        task = task_for(base, name, switches, batch, trained=args.as_trained)
+        switches = as_trained(task) if args.as_trained else switches
+        prepared[name] = prepare(name, task, switches, device, trained=args.as_trained)
+        if switches.compile and not args.as_trained:
+            compile_networks(prepared[name].strategy)
+        next_step[name] = 0
+    print(json.dumps({"ready": str(Path(relaylearn.__file__).resolve().parent.parent)}), flush=True)
+    for line in sys.stdin:
+        name, count = line.split()
+        ms = time_iterations(prepared[name].step, next_step[name], int(count), device)
+        next_step[name] += int(count)
+        print(json.dumps({"name": name, "ms_per_iter": ms}), flush=True)
+    return 0
+
+
+class Side:
+    """One checkout measured by a worker process of this harness."""
+
+    def __init__(self, label: str, root: Path, forwarded: list[str]):
+        import os
+        import subprocess
+
+        self.label, self.root = label, root
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--code-root", str(root), *forwarded],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        ready = self._read()
+        self.imported_from = ready["ready"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"speed.py: the worker for {self.label} ({self.root}) stopped (see its error above)")
+        return json.loads(line)
+
+    def run(self, name: str, count: int) -> float:
+        self.proc.stdin.write(f"{name} {count}\n")
+        self.proc.stdin.flush()
+        return self._read()["ms_per_iter"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def checkout_of(ref: str) -> Iterator[Path]:
+    """A directory with the code of ``ref``: the directory itself, or a temporary ``git worktree`` of a commit."""
+    import subprocess
+    import tempfile
+
+    if Path(ref).is_dir():
+        yield Path(ref).resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="speed-ref-") as tmp:
+        path = Path(tmp) / "ref"
+        proc = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"speed.py: --compare {ref}: neither a directory nor a commit of this repository ({proc.stderr.strip().splitlines()[-1:]})")
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
+def forwarded_args(argv: list[str]) -> list[str]:
+    """The command line without ``--compare REF`` / ``--reps N`` (for the workers)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--compare", "--reps"):
+            skip = True
+        elif not a.startswith(("--compare=", "--reps=")):
+            out.append(a)
+    return out
+
+
+def compare(args: argparse.Namespace, argv: list[str], warmup: int, iters: int) -> int:
+    """Both checkouts in one run: workers prepared once, then ``--reps`` rounds of ``iters`` timed
+    iterations per measurement, alternating which checkout goes first. One JSON line per
+    measurement with the median ms/iter of each and ``speedup`` = ref / this."""
+    from statistics import median
+
+    names = args.only.split(",")
+    with checkout_of(args.compare) as ref_root:
+        sides = [Side("ref", ref_root, forwarded_args(argv)), Side("this", ROOT, forwarded_args(argv))]
+        try:
+            for side in sides:
+                for name in names:
+                    if warmup:
+                        side.run(name, warmup)
+            times: dict[tuple[str, str], list[float]] = {}
+            for rep in range(args.reps):
+                for name in names:
+                    for side in (sides if rep % 2 == 0 else sides[::-1]):
+                        times.setdefault((side.label, name), []).append(side.run(name, iters))
+        finally:
+            for side in sides:
+                side.close()
+    for name in names:
+        ref, this = times[("ref", name)], times[("this", name)]
+        record = {"name": name, "ref": args.compare, "ref_root": sides[0].imported_from, "this_root": sides[1].imported_from,
+                  "as_trained": args.as_trained, "reps": args.reps, "iters": iters, "warmup": warmup,
+                  "ref_ms": round(median(ref), 1), "this_ms": round(median(this), 1), "speedup": round(median(ref) / median(this), 3),
+                  "speedup_per_rep": [round(r / t, 3) for r, t in zip(ref, this)],
+                  "ref_ms_all": [round(v, 1) for v in ref], "this_ms_all": [round(v, 1) for v in this],
+                  "threads": torch.get_num_threads(), "torch": torch.__version__}
+        print(json.dumps(record), flush=True)
+    return 0
 
 
 # ----- command line ------------------------------------------------------------------------------
@@ -318,6 +478,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fused-adam", action="store_true")
     p.add_argument("--replay-per-substep", action="store_true")
     p.add_argument("--aug-device", choices=["none", "cpu", "same"], default="none")
+    p.add_argument("--variants", help="semicolon-separated switch sets measured one after the other, each a comma list of "
+                   "bf16, channels_last, compile, fused_adam, replay_per_substep, aug_cpu, aug_same, or fp32 (none), e.g. 'fp32;bf16;bf16,channels_last'")
+    p.add_argument("--flop-iters", type=int, help="iterations the FLOP count averages over (default: one regularisation cycle, 1 with --quick; 0: no count)")
+    p.add_argument("--as-trained", action="store_true", help="precision, memory format and compile from the config's train section, applied as training does (instead of the switches)")
+    p.add_argument("--compare", metavar="REF", help="measure another checkout (a directory, or a commit checked out in a temporary git worktree) side by side: one JSON line per measurement with both medians and the speed-up")
+    p.add_argument("--reps", type=int, default=5, help="--compare: rounds of timed iterations, alternating the order (default 5)")
+    p.add_argument("--code-root", help=argparse.SUPPRESS)  # a --compare worker: relaylearn of this checkout
     args = p.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(MEASUREMENTS))
     if unknown:
@@ -325,9 +492,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def switches_from(args: argparse.Namespace) -> Switches:
+    return Switches(args.precision, args.channels_last, args.compile, args.fused_adam, args.replay_per_substep, args.aug_device)
+
+
+VARIANT_WORDS = {"fp32": {}, "bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
+                 "fused_adam": {"fused_adam": True}, "replay_per_substep": {"replay_per_substep": True},
+                 "aug_cpu": {"aug_device": "cpu"}, "aug_same": {"aug_device": "same"}}
+
+
+def parse_variants(spec: str) -> list[Switches]:
+    """'fp32;bf16,channels_last' → [Switches(), Switches(precision='bf16', channels_last=True)]."""
+    out = []
+    for part in spec.split(";"):
+        changes: dict = {}
+        for word in filter(None, (w.strip() for w in part.split(","))):
+            if word not in VARIANT_WORDS:
+                raise SystemExit(f"speed.py: --variants: unknown switch '{word}' (one of {', '.join(VARIANT_WORDS)})")
+            changes.update(VARIANT_WORDS[word])
+        out.append(replace(Switches(), **changes))
+    return out
+
+
 def plan(args: argparse.Namespace) -> Iterator[tuple[str, Switches]]:
     """(measurement, switches) pairs to run, in order."""
-    baseline = Switches(args.precision, args.channels_last, args.compile, args.fused_adam, args.replay_per_substep, args.aug_device)
+    baseline = switches_from(args)
+    if getattr(args, "variants", None):
+        for switches in parse_variants(args.variants):
+            for name in args.only.split(","):
+                if not switches.replay_per_substep or name == "relay_replay":
+                    yield name, switches
+        return
     variants = [baseline] + (baseline.toggled() if args.matrix else [])
     for switches in variants:
         for name in args.only.split(","):
@@ -347,9 +542,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (4 if args.quick else (base.train.batch_size if cpu else 128))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (2 if cpu else 10))
     iters = args.iters or (2 if args.quick else (8 if cpu else 40))
-    flop_iters = 1 if args.quick else None
+    flop_iters = args.flop_iters if args.flop_iters is not None else (1 if args.quick else None)
+    if args.code_root:
+        return worker(args, base, config, device, batch)
+    if args.compare:
+        if args.matrix:
+            raise SystemExit("speed.py: --compare measures one setting; leave out --matrix")
+        return compare(args, list(sys.argv[1:] if argv is None else argv), warmup, iters)
+    flop_cache: dict = {}
     for name, switches in plan(args):
-        record = measure(name, base, config, switches, device, batch, warmup, iters, flop_iters)
+        record = measure(name, base, config, switches, device, batch, warmup, iters, flop_iters, trained=args.as_trained, flop_cache=flop_cache)
         record["torch"] = torch.__version__
         record["threads"] = torch.get_num_threads()
         print(json.dumps(record), flush=True)

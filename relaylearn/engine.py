@@ -87,6 +87,14 @@ def epochs_for_budget(train_cfg, num_items: int, num_replica: int, batch_size: i
     return epochs, epochs * per_epoch
 
 
+def prepare_networks(strategy: Strategy, train_cfg) -> None:
+    """Before a site starts (so the copies a strategy makes at site start inherit it): with
+    ``train.channels_last`` every network of the strategy (the solver, and the relay's generators
+    and discriminators) keeps its 4-D weights in ``channels_last`` memory format."""
+    if train_cfg.channels_last:
+        strategy.to(memory_format=torch.channels_last)
+
+
 # ----- the Lightning adapter ---------------------------------------------------------------------
 class SiteModule(L.LightningModule):
     """Runs one site of a strategy under Lightning (manual optimisation, any number of optimisers)."""
@@ -109,7 +117,7 @@ class SiteModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.channels_last:  # before on_site_start, so copies the strategy makes inherit it
-            self.strategy.solver.to(memory_format=torch.channels_last)
+            prepare_networks(self.strategy, self.strategy.train_cfg)
         if not self._site_started:
             self.strategy.on_site_start(self.site)
             self._site_started = True

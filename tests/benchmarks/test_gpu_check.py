@@ -1,0 +1,106 @@
+"""benchmarks/gpu_check.sh and its Python parts: the small-size mode runs every step on the CPU and
+writes one JSON line per measurement; the summary names every variant; speed.py --compare runs
+two checkouts side by side; the profile's timers count nested parts once."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, tiny_config
+from tests.strategies.test_relay import TINY
+
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_parse_into_switches_and_unknown_names_fail():
+    speed = _load("speed")
+    fp32, combo = speed.parse_variants("fp32;bf16,channels_last,fused_adam")
+    assert fp32 == speed.Switches()
+    assert (combo.precision, combo.channels_last, combo.fused_adam, combo.compile) == ("bf16", True, True, False)
+    with pytest.raises(SystemExit, match="unknown switch 'fp16'"):
+        speed.parse_variants("fp16")
+    assert speed.forwarded_args(["--compare", "main", "--quick", "--reps=3", "--only", "sequential"]) == ["--quick", "--only", "sequential"]
+
+
+def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
+    summary = _load("gpu_summary").summarize([
+        json.dumps({"name": "relay_replay", "device": "cuda:H100", "config": "fundus/relay", "batch": 128, "img_size": [64, 64],
+                    "precision": "bf16", "channels_last": True, "compile": False, "fused_adam": False, "replay_per_substep": False,
+                    "aug_device": "none", "ms_per_iter": 101.5, "peak_mem_bytes": 2**31, "tflops": 20.0}),
+        json.dumps({"name": "sequential", "precision": "fp32", "error": "RuntimeError: boom"}),
+        "not json",
+        json.dumps({"name": "replay_smoke", "config": "fundus/relay", "img_size": [64, 64], "batch": 128, "steps_per_site": 9,
+                    "wall_s": 1.0, "matrix": {"R": [[0.5]], "sites": ["A"]}, "replay_fidelity": None, "replay_fidelity_note": "absent"}),
+    ])
+    assert "| `relay_replay` | bf16+channels_last | 101.5 | 2.00 | 20.00 |" in summary
+    assert "| `sequential` | fp32 | error: RuntimeError: boom |" in summary
+    assert "replay fidelity: not measured (absent)" in summary and "9 batches per site" in summary
+
+
+def test_smoke_steps_fill_the_budget_and_never_go_below_two():
+    smoke = _load("replay_smoke")
+    assert smoke.steps_for(200, 100) == int(200 * (1 - smoke.OVERHEAD_SHARE) / 2 / 0.1)
+    assert smoke.steps_for(1, 10_000) == 2
+
+
+def test_exclusive_timers_count_nested_parts_once():
+    timers = _load("profile_site").ExclusiveTimers()
+    inner = timers.wrap("inner", lambda: time.sleep(0.02))
+    outer = timers.wrap("outer", lambda: (time.sleep(0.02), inner()))
+    outer()
+    parts = timers.reset()
+    assert 0.015 < parts["inner"] < 0.2 and 0.015 < parts["outer"] < 0.2
+    assert parts["outer"] < parts["inner"] + 0.015  # the inner sleep is not counted twice
+
+
+@pytest.mark.slow
+def test_compare_runs_two_checkouts_side_by_side(tmp_path):
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
+    proc = subprocess.run([sys.executable, str(BENCH / "speed.py"), "--compare", str(ROOT), "--config", str(config), "--batch", "2",
+                           "--warmup", "0", "--iters", "1", "--reps", "2", "--threads", "1", "--only", "sequential,relay_site1", "--as-trained"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r["name"] for r in records] == ["sequential", "relay_site1"]
+    for r in records:
+        assert r["ref_root"] == r["this_root"] == str(ROOT)
+        assert len(r["ref_ms_all"]) == len(r["this_ms_all"]) == len(r["speedup_per_rep"]) == 2
+        assert r["speedup"] > 0 and r["as_trained"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout")
+def test_small_mode_runs_every_step_and_writes_json_lines(tmp_path, tiny_fundus):
+    config = tiny_config(tmp_path, tiny_fundus, strategy="relay", strategy_kwargs=TINY)
+    env = {**os.environ, "PYTHON": sys.executable, "RESULTS_DIR": str(tmp_path / "results"), "SMALL_CONFIG": str(config),
+           "DATA_ROOT": str(tiny_fundus), "COMPILE_TIMEOUT": "1"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--small"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = (tmp_path / "results").glob("gpu_check_*_small.jsonl")
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    speed = [r for r in records if r["name"] in ("relay_site1", "relay_replay", "sequential")]
+    assert len(speed) == 5 * 3 and not [r for r in speed if "error" in r]
+    assert {(r["precision"], r["channels_last"], r["fused_adam"]) for r in speed} == {
+        ("fp32", False, False), ("bf16", False, False), ("fp32", True, False), ("fp32", False, True), ("bf16", True, True)}
+    assert all(r["tflops"] > 0 and r["peak_mem_bytes"] > 0 for r in speed)
+    assert [r for r in records if r["name"] == "compile"]  # 1 s is too short to compile: recorded, not fatal
+    (smoke,) = [r for r in records if r["name"] == "replay_smoke"]
+    assert smoke["steps_per_site"] == 2 and len(smoke["matrix"]["R"]) == 2
+    assert "replay_fidelity" in smoke
+    assert "| `relay_replay` | bf16+channels_last+fused_adam |" in proc.stdout

@@ -1,0 +1,54 @@
+"""relaylearn.engine speed settings: every network in channels_last (the relay's GANs too, and the
+frozen copies made at site start), and the solver's Adam honours ``train.optimizer.fused``."""
+
+from __future__ import annotations
+
+import torch
+
+from relaylearn.config import load_config
+from relaylearn.engine import prepare_networks
+from relaylearn.runner import build_strategy
+from relaylearn.strategies.base import SiteContext, StepContext
+from tests.conftest import tiny_config
+from tests.strategies.test_relay import TINY
+
+
+def _conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.ndim == 4 and p.shape[-1] > 1 and p.shape[1] > 1]
+
+
+def test_channels_last_reaches_the_gans_and_the_copies_made_at_site_start(tmp_path):
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)))
+    task = cfg.tasks[0]
+    strategy = build_strategy(task, load_pretrained=False)
+    prepare_networks(strategy, task.train)
+    for name in ("solver", "g_img", "g_label", "d_img", "d_label"):
+        weights = _conv_weights(getattr(strategy, name))
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights), name
+    images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (4, 32, 32))
+    for position, site_name in enumerate(("A", "B")):
+        site = SiteContext(name=site_name, task_id=position + 1, position=position, num_images=4, num_epochs=1, steps_per_epoch=2,
+                           train_images=images, train_labels=labels, batch_size=4)
+        strategy.on_site_start(site)
+        strategy.optimizers = strategy.configure_optimizers()
+        for step in range(2):  # the second step of site B replays (mid-site switch)
+            logs = strategy.training_step((images.contiguous(memory_format=torch.channels_last), labels), StepContext(step=step, global_step=step, epoch=0, site=site))
+            assert torch.isfinite(logs["loss"])
+        if position == 1:
+            assert strategy.replaying
+            assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(strategy.previous["g_img"]))
+        strategy.on_site_end(site)
+
+
+def test_channels_last_off_leaves_the_networks_alone(tmp_path):
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)), ["train.channels_last=false"])
+    strategy = build_strategy(cfg.tasks[0], load_pretrained=False)
+    prepare_networks(strategy, cfg.tasks[0].train)
+    assert all(w.is_contiguous() for w in _conv_weights(strategy.g_img) + _conv_weights(strategy.solver))
+
+
+def test_the_solver_optimizer_follows_train_optimizer_fused(tmp_path):
+    for fused in (True, False):
+        cfg = load_config(str(tiny_config(tmp_path, tmp_path)), [f"train.optimizer.fused={str(fused).lower()}"])
+        (optimizer,) = build_strategy(cfg.tasks[0], load_pretrained=False).configure_optimizers()
+        assert bool(optimizer.param_groups[0]["fused"]) is fused
