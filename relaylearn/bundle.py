@@ -1,4 +1,4 @@
-"""The relay bundle: the one file that travels from site to site (DESIGN.md §4).
+"""The relay bundle: the one file that travels from site to site (docs/design.md#the-relay-bundle).
 
 Format (``*.relay``, format version 1)
 -------------------------------------

@@ -1,4 +1,4 @@
-"""The one entry point: ``relaylearn <command>`` (also ``python -m relaylearn``). DESIGN.md §2.
+"""The one entry point: ``relaylearn <command>`` (also ``python -m relaylearn``). See docs/design.md#command-line.
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 3 a bundle failed
 verification; 1 any other failure.

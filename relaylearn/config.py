@@ -1,4 +1,4 @@
-"""Config files: YAML loading, ``--set`` overrides, merging and validation (DESIGN.md §3).
+"""Config files: YAML loading, ``--set`` overrides, merging and validation (docs/design.md#config-files).
 
 The original's format is kept: ``common`` (everything shared), ``all_tasks_datasets`` (one partial
 dataset block per site, merged over ``common.dataset``), ``current_tasks.task_ids`` (training
@@ -54,7 +54,7 @@ class DatasetKwargs(Strict):
 
 
 class DatasetConfig(Strict):
-    name: Literal["fundus", "folder", "nifti", "ct_nifti", "ct_slices"] = Field("fundus", description="Data layout (DESIGN.md §5).")
+    name: Literal["fundus", "folder", "nifti", "ct_nifti", "ct_slices"] = Field("fundus", description="Data layout (docs/design.md#data-layouts).")
     kwargs: DatasetKwargs = DatasetKwargs()
 
     @property

@@ -1,4 +1,4 @@
-"""Errors that reach the user as one line and a documented exit code (DESIGN.md §2)."""
+"""Errors that reach the user as one line and a documented exit code (docs/design.md#exit-codes)."""
 
 from __future__ import annotations
 

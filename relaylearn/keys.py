@@ -1,4 +1,4 @@
-"""Site signing keys (Ed25519) and the folder of trusted public keys (DESIGN.md §4).
+"""Site signing keys (Ed25519) and the folder of trusted public keys (docs/design.md#the-relay-bundle).
 
 A site has one key pair, made with ``relaylearn keygen``:
 

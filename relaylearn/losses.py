@@ -1,4 +1,4 @@
-"""Training losses of the solver (original-algorithm.md §5 and §2.9)."""
+"""Training losses of the solver (docs/method.md#losses, docs/method.md#replay-mixing-and-distillation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics and the continual-learning matrix metrics (DESIGN.md §6).
+"""Segmentation metrics and the continual-learning matrix metrics (docs/design.md#metrics).
 
 Conventions: class 0 is background; metrics are reported for the foreground classes 1..K−1, so a
 per-class result has K−1 columns (column k−1 is class k). Distances are in pixels.

@@ -277,7 +277,7 @@ def per_image_rows(task_id: int, trained: str, test_site: str, result: dict) -> 
 
 
 def matrix_json(sites: list[str], trained: list[str], rows: list[list[float]], trained_columns: list[list[int]], per_class: dict) -> dict[str, Any]:
-    """matrix.json of DESIGN.md §2 with ACC / BWT / forgetting over the trained sites."""
+    """matrix.json (docs/design.md#matrixjson) with ACC / BWT / forgetting over the trained sites."""
     from relaylearn.metrics import continual_metrics
 
     out: dict[str, Any] = {"metric": "dice_sample", "sites": sites, "trained": trained, "R": rows}

@@ -1,6 +1,6 @@
 """Batch augmentation of image / label-map pairs on the GPU or CPU, built on kornia.
 
-``SegmentationAugment`` replaces the original's imgaug pipeline (original-algorithm.md §4.4) and
+``SegmentationAugment`` replaces the original's imgaug pipeline (docs/method.md#augmentation) and
 draws one random transform per sample. The ``"original"`` preset mirrors it as a sequence of
 three blocks; each block is active for a sample with probability ``p`` and then applies a random
 subset of ``min_ops``..``max_ops`` of its operations, in the listed order:

@@ -1,6 +1,6 @@
 """Site datasets, decoded once into memory (sites are small): DoFE fundus, generic folder, NIfTI.
 
-Layouts (DESIGN.md §5), for each folder of ``folders`` under ``root``:
+Layouts (docs/design.md#data-layouts), for each folder of ``folders`` under ``root``:
 
 * ``"fundus"`` (DoFE): ``<root>/<folder>/<split>/ROIs/image/*.png`` with masks of the same file
   name in ``.../ROIs/mask/`` (without ``use_roi`` the ``ROIs/`` level is dropped). Mask grey

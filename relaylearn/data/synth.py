@@ -1,6 +1,6 @@
 """The embedded benchmark: procedural retinal fundus optic disc / cup crops from five "hospitals".
 
-``write_synthetic_benchmark`` writes the DoFE layout (DESIGN.md §5)::
+``write_synthetic_benchmark`` writes the DoFE layout (docs/design.md#fundus-dofe)::
 
     <out>/<Site>/<train|test>/ROIs/image/<name>.png   RGB uint8, size × size
     <out>/<Site>/<train|test>/ROIs/mask/<name>.png    255 background, 128 disc rim, 0 cup

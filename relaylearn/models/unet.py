@@ -1,4 +1,4 @@
-"""The solver: a U-Net whose encoder is a ResNet-18 (original-algorithm.md §2.14).
+"""The solver: a U-Net whose encoder is a ResNet-18 (docs/method.md#solver).
 
 Layout for an input of C channels and size H×W (H, W divisible by 32)::
 

@@ -1,5 +1,5 @@
 """Orthogonal weight modification (OWM; Zeng, Chen, Cui & Yu 2019), as the original's
-``strategies/owm.py`` (original-algorithm.md §3.2) with its two bugs fixed.
+``strategies/owm.py`` with its two bugs fixed.
 
 Every covered layer keeps a projector P (identity at first). Each training step:
 

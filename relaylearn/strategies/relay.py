@@ -7,7 +7,7 @@ sites, so the segmentation solver keeps what it learned there without any earlie
 leaving its hospital. Half-way through a site all networks are merged with the previous site's
 final ones, weighted by the number of images behind each (``weighted_merge``).
 
-Per batch (original-algorithm.md §2.11): a G step, a D step and a solver (M) step.
+Per batch (docs/method.md#one-batch): a G step, a D step and a solver (M) step.
 
 Fixes of the original's bugs, each with a switch back where the original is a reasonable choice:
   * distillation teacher = the previous site's frozen solver (``distil_teacher: current`` = the
@@ -52,7 +52,7 @@ class DiscriminatorSize(StrategyOptions):
 
 
 class RelayOptions(StrategyOptions):
-    # networks (paper values, original-algorithm.md §7.1)
+    # networks (paper values, docs/method.md#networks)
     z_img: int = 128
     z_label: int = 64
     w_img: int = 256

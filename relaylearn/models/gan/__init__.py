@@ -1,4 +1,4 @@
-"""The replay GAN of the Relay strategy (original-algorithm.md §2.1–2.7).
+"""The replay GAN of the Relay strategy (docs/method.md#replay-gan).
 
 StyleGAN2-style conditional generators (``LabelGenerator``, ``ImageGenerator`` with SPADE),
 a projection-conditioned ResNet discriminator, differentiable adaptive discriminator

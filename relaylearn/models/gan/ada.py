@@ -1,4 +1,4 @@
-"""Adaptive discriminator augmentation (ADA, Karras et al. 2020; original-algorithm.md §2.6).
+"""Adaptive discriminator augmentation (ADA, Karras et al. 2020; docs/method.md#ada).
 
 ``AdaptiveAugment(spec, num_channels)`` augments every input of a discriminator. Each op is
 applied per sample with probability ``p`` (a buffer, adjusted by ``AdaController``). Spec

@@ -1,4 +1,4 @@
-"""Projection-conditioned ResNet discriminator of the replay GAN (original-algorithm.md §2.5).
+"""Projection-conditioned ResNet discriminator of the replay GAN (docs/method.md#replay-gan).
 
 Layout at input resolution R (R = 64: blocks at 64, 32, 16, 8)::
 

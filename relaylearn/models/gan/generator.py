@@ -1,4 +1,4 @@
-"""Conditional style-based generators of the replay GAN (original-algorithm.md §2.4).
+"""Conditional style-based generators of the replay GAN (docs/method.md#replay-gan).
 
 * ``MappingNetwork``: (z, site one-hot c) → ws [N, num_ws, w_dim], with style mixing of two
   styles, a tracked average ``w_avg`` and truncation.

@@ -1,4 +1,4 @@
-"""Building blocks of the replay GAN (StyleGAN2-style, original-algorithm.md §2.4–2.5).
+"""Building blocks of the replay GAN (StyleGAN2-style, docs/method.md#replay-gan).
 
 Everything is plain PyTorch (no custom CUDA ops) and twice differentiable, so R1 and the
 path-length penalty can back-propagate through it. Conventions:

@@ -1,4 +1,4 @@
-"""GAN regularisers (original-algorithm.md §2.7). Both keep the graph (``create_graph=True``),
+"""GAN regularisers (docs/method.md#regularisers). Both keep the graph (``create_graph=True``),
 so their results can be added to a loss and back-propagated into the networks' parameters.
 
 Weights and intervals (``r1_gamma / 2 · interval``, ``pl_weight · interval``) are the caller's.

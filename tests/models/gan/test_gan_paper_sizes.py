@@ -1,4 +1,4 @@
-"""The four replay-GAN networks built at the paper's sizes (original-algorithm.md §7.1, §2.14).
+"""The four replay-GAN networks built at the paper's sizes (docs/method.md#networks).
 
 The layout follows the original exactly, so the parameter counts must equal the hand-computed
 ones of §2.14 (G_label with the configured w_dim 128; the original's bug used 64).
