@@ -473,7 +473,7 @@ class RelayRun:
                 parent = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True)
                 continue
             parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
-            self._privacy_audit(strategy, position + 1, site_name)
+            self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
             self._sync()
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
