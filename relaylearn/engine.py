@@ -40,9 +40,11 @@ class SiteBatchSampler(Sampler[list[int]]):
 
     @property
     def total_batches(self) -> int:
-        """Batches per epoch; a lone last item joins the batch before it (BatchNorm fails on one image)."""
+        """Batches per epoch; in one process a lone last item joins the batch before it (BatchNorm fails on one image)."""
         draws = self.num_items * self.num_replica
-        return max(1, draws // self.batch_size) if draws % self.batch_size == 1 else math.ceil(draws / self.batch_size)
+        if self.world_size == 1 and draws % self.batch_size == 1:
+            return max(1, draws // self.batch_size)
+        return math.ceil(draws / self.batch_size)
 
     def __len__(self) -> int:
         return self.total_batches if self.world_size == 1 else max(1, self.total_batches // self.world_size)

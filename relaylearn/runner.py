@@ -458,9 +458,9 @@ class RelayRun:
                 if ledger is not None:
                     ledger.check(parent)
                     ledger.record(parent)
-            strategy, row, results, val_row = self._train_site(group, parent, position)
+            strategy, row, results = self._train_site(group, parent, position)
             rows.append(row)
-            val_rows.append(val_row)
+            val_rows.append(strategy.hop_validation)
             trained.append(site_name)
             trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
             for test_site, res in results.items():
@@ -589,11 +589,11 @@ class RelayRun:
             for s, v in zip(results, row):
                 tb.add_scalar(f"test/dice_sample/{s}", v, position + 1)
             tb.flush()
-        val_row = self._validation_row(strategy.solver, device, task.test.batch_size)
+        strategy.hop_validation = self._validation_row(strategy.solver, device, task.test.batch_size)
         strategy.to("cpu")
         strategy.hop_started_utc = started
         strategy.hop_num_images = len(images)
-        return strategy, row, results, val_row
+        return strategy, row, results
 
     def _validation_row(self, solver, device, batch_size: int) -> list[float] | None:
         """Mean Dice of ``solver`` on the validation part of every relay site (None if a site has none)."""
