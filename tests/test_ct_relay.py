@@ -23,7 +23,8 @@ def test_tiny_ct_relay_trains_end_to_end(tmp_path):
     data = tmp_path / "ct"
     write_synthetic_ct(data, size=32, seed=3, studies={"CT1": 3, "CT2": 3})
     raw = yaml.safe_load((load_config("demo/ct_relay").path).read_text())
-    raw["common"]["dataset"]["kwargs"].update({"root_path": str(data), "train_ratio": 0.67})
+    # 3 studies per site: 2 train, 1 test, none spared for a validation part
+    raw["common"]["dataset"]["kwargs"].update({"root_path": str(data), "train_ratio": 0.67, "val_fraction": 0})
     raw["common"]["strategy"]["kwargs"] = dict(TINY)
     raw["common"]["train"].update({"num_steps": 2, "batch_size": 4})
     raw["common"]["test"] = {"batch_size": 16, "bootstrap": 100}
