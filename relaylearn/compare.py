@@ -15,9 +15,10 @@ A run whose ``metrics/matrix.json`` is complete is skipped; an interrupted one i
 
 Outputs in ``exps/compare/<NAME>/``:
 
-* ``table.csv`` / ``table.md`` — per strategy: ACC, BWT, forgetting and the mean Dice on the
-  external sites (test sites never trained on), each mean ± sample standard deviation over
-  orders × seeds, and the wall time per run;
+* ``table.csv`` / ``table.md`` — per strategy: ACC, BWT, forgetting, the mean Dice on the
+  external sites (test sites never trained on) and, for replaying strategies, the mean final
+  replay fidelity (metrics/replay.json: last hop, mean over earlier sites), each mean ± sample
+  standard deviation over orders × seeds, and the wall time per run;
 * ``matrices.json`` — ``{strategy: {"order<k>_seed<s>": {"order", "seed", "wall_seconds",
   "matrix": <matrix.json>}}}``.
 """
@@ -38,6 +39,7 @@ from typing import Any
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import UserError
 from relaylearn.runner import EXPS_ROOT, TrainOptions, atomic_write_text, run_training
+from relaylearn.replay_fidelity import mean_final_fidelity
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
 METRICS = ("acc", "bwt", "forgetting", "external_dice")
@@ -155,6 +157,8 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], configs: dict[str, 
         for metric in METRICS:
             values = [external_dice(r["matrix"]) if metric == "external_dice" else r["matrix"].get(metric) for r in runs.values()]
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+        fidelity = [r.get("replay_fidelity") for r in runs.values()]  # mean final replay fidelity (relay runs)
+        row["fidelity_mean"], row["fidelity_std"] = mean_std(fidelity)
         walls = [r["wall_seconds"] for r in runs.values()]
         row["wall_s_mean"], row["wall_s_std"] = mean_std(walls)
         row["wall_s_total"] = sum(walls)
@@ -170,13 +174,13 @@ def _fmt(mean: float | None, std: float | None, digits: int = 3, signed: bool = 
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| strategy | runs | ACC | BWT | forgetting | external Dice | wall time / run (s) |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    header = "| strategy | runs | ACC | BWT | forgetting | external Dice | final replay fidelity | wall time / run (s) |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['runs']} | {_fmt(r['acc_mean'], r['acc_std'])} | {_fmt(r['bwt_mean'], r['bwt_std'], signed=True)} "
             f"| {_fmt(r['forgetting_mean'], r['forgetting_std'])} | {_fmt(r['external_dice_mean'], r['external_dice_std'])} "
-            f"| {_fmt(r['wall_s_mean'], r['wall_s_std'], digits=0)} |"
+            f"| {_fmt(r.get('fidelity_mean'), r.get('fidelity_std')) if r.get('fidelity_mean') is not None else '–'} | {_fmt(r['wall_s_mean'], r['wall_s_std'], digits=0)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -221,7 +225,9 @@ def compare_strategies(
             matrix = result.matrix
             wall += time.time() - started
             atomic_write_text(timing_path, json.dumps({"wall_seconds": wall}))
-        results.setdefault(run.label, {})[run.key] = {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix}
+        replay_path = matrix_path.with_name("replay.json")
+        fidelity = mean_final_fidelity(json.loads(replay_path.read_text())) if replay_path.is_file() else None
+        results.setdefault(run.label, {})[run.key] = {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix, "replay_fidelity": fidelity}
     rows = summarise(results, config_names)
     table = markdown_table(rows)
     atomic_write_text(root / "matrices.json", json.dumps(results, indent=2))

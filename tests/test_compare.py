@@ -38,7 +38,9 @@ def test_statistics_and_external_sites():
     assert row["acc_mean"] == pytest.approx(0.6) and row["acc_std"] == pytest.approx(0.1 / 2**0.5)
     assert row["bwt_mean"] == pytest.approx(0.0) and row["wall_s_total"] == 30.0
     table = markdown_table([row])
-    assert "| ewc | 2 | 0.600 ± 0.071 | +0.000 ± 0.141 | 0.100 ± 0.141 | 0.800 ± 0.000 | 15 ± 7 |" in table
+    assert "| ewc | 2 | 0.600 ± 0.071 | +0.000 ± 0.141 | 0.100 ± 0.141 | 0.800 ± 0.000 | – | 15 ± 7 |" in table
+    runs["order0_seed0"]["replay_fidelity"], runs["order1_seed0"]["replay_fidelity"] = 0.5, 0.7
+    assert "| 0.800 ± 0.000 | 0.600 ± 0.141 | 15 ± 7 |" in markdown_table(summarise({"ewc": runs}, {"ewc": "x"}))
 
 
 @pytest.mark.slow
