@@ -112,6 +112,7 @@ class RelayOptions(StrategyOptions):
     ada_interval: int = 4
     ada_kimg: float = 500
     # replay
+    replay: bool = Field(True, description="false: no generative replay at all (ablation: merge and distillation only).")
     replay_ratio: Literal["half", "even"] = "half"
     replay_site_selection: Literal["uniform", "distribution"] = "uniform"
     replay_truncation: float = 1.0
@@ -287,7 +288,7 @@ class Relay(Strategy):
 
     @property
     def replaying(self) -> bool:
-        return self.previous is not None and (self.stage == 2 or self.options.num_stages == 1)
+        return self.options.replay and self.previous is not None and (self.stage == 2 or self.options.num_stages == 1)
 
     # ----- replay --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -573,8 +574,9 @@ class Relay(Strategy):
         return BundleState(tensors=tensors, meta=self.meta())
 
     def state_from_bundle(self, state: BundleState) -> None:
+        tensors = self._spade_weights_as_mine(state.tensors, state.meta.get("spade_conv", "equalized"))
         for k in self.SHIPPED:
-            part = unprefixed(state.tensors, f"{k}.")
+            part = unprefixed(tensors, f"{k}.")
             if not part and k.startswith("d_"):
                 continue  # discriminators were not shipped: start them fresh
             getattr(self, k).load_state_dict(part, strict=True)
@@ -585,13 +587,27 @@ class Relay(Strategy):
             self.pl_mean_label.copy_(state.tensors["pl_mean_label"])
         self.load_meta(state.meta)
 
+    def _spade_weights_as_mine(self, tensors: dict[str, Tensor], written: str) -> dict[str, Tensor]:
+        """SPADE conv weights of a bundle written with the other parametrisation (bundles without
+        ``spade_conv`` predate it and used equalised lr), rescaled so the network computes the same
+        function: plain weight = equalised weight / sqrt(fan_in)."""
+        mine = "equalized" if self.options.spade_equalized_lr else "plain"
+        if written == mine:
+            return tensors
+        out = dict(tensors)
+        for name, w in tensors.items():
+            if name.startswith("g_img.") and ".spade." in name and name.endswith(".weight") and w.ndim == 4:
+                fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+                out[name] = w / math.sqrt(fan_in) if mine == "plain" else w * math.sqrt(fan_in)
+        return out
+
     def meta(self) -> dict[str, Any]:
         meta = super().meta()
         meta.update({
             "site_registry": {k: dict(v) for k, v in self.registry_previous.items()},
             "site_registry_current": {k: dict(v) for k, v in self.registry_current.items()},
             "merge_weight": self.merge_weight, "stage": self.stage, "site_capacity": self.options.site_capacity,
-            "gan_step": self.gan_step,
+            "gan_step": self.gan_step, "spade_conv": "equalized" if self.options.spade_equalized_lr else "plain",
         })
         return meta
 

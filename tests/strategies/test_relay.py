@@ -236,3 +236,26 @@ def test_generate_replay_is_deterministic_and_in_the_solver_range(tmp_path, tiny
     assert not torch.equal(strategy.generate_replay("A", 70, seed=4)[0], images)
     with pytest.raises(KeyError, match="unknown"):
         strategy.generate_replay("nowhere", 2, seed=0)
+
+
+def test_replay_can_be_switched_off_for_ablations(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, replay=False)
+    images, labels = _batch()
+    assert not strategy.replaying and strategy.mix_with_replay(images, labels)[3] == 8
+    logs = strategy.training_step((images, labels), _step(site))
+    assert logs["replay_fraction"] == 0 and "distil" in logs  # distillation and the merge stay
+
+
+def test_bundles_with_equalised_spade_load_into_plain_spade_unchanged(tmp_path, tiny_fundus):
+    old, cfg = _strategy(tmp_path, tiny_fundus, spade_equalized_lr=True)
+    old.on_site_start(_site("A", 0))
+    old.on_site_end(_site("A", 0))
+    state = old.state_to_bundle()
+    del state.meta["spade_conv"]  # as written before the field existed (equalised lr)
+    new, _ = _strategy(tmp_path / "n", tiny_fundus)
+    new.state_from_bundle(state)
+    z, c, seg = torch.randn(3, 8), torch.eye(3)[[0, 1, 2]], torch.rand(3, 1, 32, 32) * 2 - 1
+    old.eval(), new.eval()
+    with torch.no_grad():
+        assert torch.allclose(old.g_img(z, c, seg, noise_mode="const"), new.g_img(z, c, seg, noise_mode="const"), atol=1e-5)
+    assert new.meta()["spade_conv"] == "plain"
