@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 def _replay_of(run_root: Path) -> dict | None:
-    found = sorted(run_root.glob("*/*/*/metrics/replay.json"))
+    found = sorted(p for p in run_root.rglob("replay.json") if p.parent.name == "metrics")
     return json.loads(found[0].read_text()) if found else None
 
 
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated variants (default: all)")
     p.add_argument("--data-root", default="data/synth")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra override for every variant")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the table from the runs finished so far")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     variants = args.only.split(",") if args.only else list(VARIANTS)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path("exps") / "compare" / args.name
     started = time.time()
-    for seeds in range(1, args.seeds + 1):
+    for seeds in range(1, 0 if args.table_only else args.seeds + 1):
         for variant in variants:
             config, extra = VARIANTS[variant]
             overrides = list(args.sets) + extra
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"(steps per site: {args.steps or 'config'}; elapsed {time.time() - started:.0f} s)")
             atomic_write_text(root / "ablation.md", markdown(summary, header))
             atomic_write_text(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
+    if args.table_only:
+        summary = summarise(root, args.name, variants)
+        atomic_write_text(root / "ablation.md", markdown(summary, f"# {args.name}: mean ± std over the runs finished so far"))
+        atomic_write_text(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
     print((root / "ablation.md").read_text())
     print(json.dumps(targets(summarise(root, args.name, variants))))
     return 0

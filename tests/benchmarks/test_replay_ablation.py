@@ -26,8 +26,8 @@ def _write(root, variant, label, runs):
         key = f"order0_seed{i}"
         data[label][key] = {"order": [1, 2], "seed": i, "wall_seconds": 100.0 + i, "matrix": matrix}
         if replay is not None:
-            (base / label / key / "demo" / label / f"abl-{variant}-o0-s{i}" / "metrics").mkdir(parents=True)
-            (base / label / key / "demo" / label / f"abl-{variant}-o0-s{i}" / "metrics" / "replay.json").write_text(json.dumps(replay))
+            (base / label / key / label / f"abl-{variant}-o0-s{i}" / "metrics").mkdir(parents=True)
+            (base / label / key / label / f"abl-{variant}-o0-s{i}" / "metrics" / "replay.json").write_text(json.dumps(replay))
     base.mkdir(parents=True, exist_ok=True)
     (base / "matrices.json").write_text(json.dumps(data))
 
