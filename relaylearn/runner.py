@@ -456,7 +456,7 @@ class RelayRun:
         """Replay fidelity needs every site on this machine (its oracles) and a replaying strategy."""
         first = self.cfg.tasks[0]
         n = first.test.replay_fidelity_samples
-        if n <= 0 or strategy_cls.pooled_training or not hasattr(strategy_cls, "generate_replay") or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
+        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not hasattr(strategy_cls, "generate_replay") or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
             return None
         from relaylearn.replay_fidelity import FidelityRecorder
 
