@@ -127,7 +127,7 @@ class FidelityRecorder:
     Keeps one oracle per trained site (the solver right after that site, ``<run>/oracles/``, local
     only, never shipped), and after every hop k scores the generators leaving hop k on every
     earlier site. Writes ``<run>/metrics/replay.json`` and a sample grid per hop and earlier site
-    (``<run>/metrics/replay_samples/hop<k>_<site>.png``).
+    (``<run>/metrics/replay_samples/hop<k>_site<s>.png``, 1-based, training order).
     """
 
     GRID = 8  # pairs shown per site and hop
@@ -181,7 +181,7 @@ class FidelityRecorder:
             score = replay_fidelity(strategy, d["sites"][s], oracle, self.num_classes, n=self.samples, seed=self.seed + s)
             row[s], generated[s] = score.fidelity, score.class_fractions
             images, masks = strategy.generate_replay(d["sites"][s], self.GRID, seed=self.seed + s)
-            atomic_write_bytes(self.run_dir / "metrics" / "replay_samples" / f"hop{position + 1}_{d['sites'][s]}.png",
+            atomic_write_bytes(self.run_dir / "metrics" / "replay_samples" / f"hop{position + 1}_site{s + 1}.png",
                                png_bytes(sample_grid(images, masks, self.out_range)))
             if log_scalar is not None:
                 log_scalar(f"replay/fidelity/{d['sites'][s]}", score.fidelity, position + 1)

@@ -71,7 +71,7 @@ def test_relay_run_writes_replay_json_and_keeps_oracles_out_of_bundles(tmp_path,
     assert len(replay["class_fractions"]["real"]) == 3 and replay["class_fractions"]["generated"][2][2] is None
     assert sum(replay["class_fractions"]["generated"][2][0]) == pytest.approx(1.0)
     assert sorted(p.name for p in (result.run_dir / "oracles").iterdir()) == [f"site_{k}.safetensors" for k in range(3)]
-    assert (result.run_dir / "metrics" / "replay_samples" / "hop3_Domain1.png").is_file()
+    assert (result.run_dir / "metrics" / "replay_samples" / "hop3_site1.png").is_file()
     for b in result.bundles:  # oracles never travel
         bundle = read_bundle(b, trust=None, allow_unsigned=True)
         assert not any("oracle" in k for k in bundle.tensors) and "oracle" not in json.dumps(bundle.manifest)

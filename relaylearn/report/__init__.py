@@ -256,8 +256,8 @@ class ReportBuilder:
                 notes.append(f"{run.label + ': ' if self.multi else ''}replay drift: " + "; ".join(f"{s} fell by {d:.3f} from its first to its last hop" for s, d in drift.items()))
             grids = []
             for k in range(1, len(replay["fidelity"]) + 1):
-                for s in sites[: k - 1]:
-                    png = run.path / "metrics" / "replay_samples" / f"hop{k}_{s}.png"
+                for i, s in enumerate(sites[: k - 1]):
+                    png = run.path / "metrics" / "replay_samples" / f"hop{k}_site{i + 1}.png"
                     if png.is_file():
                         src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
                         grids.append(html.figure(src, f"<b>{escape(s)}</b> replayed after hop {k}", f"replay of {s} after hop {k}"))

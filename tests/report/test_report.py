@@ -295,8 +295,8 @@ def test_replay_fidelity_section_shows_the_matrix_grids_and_drift(tmp_path):
               "class_fractions": {"real": [[0.8, 0.15, 0.05]] * 3, "generated": [[None] * 3, [[0.8, 0.15, 0.05], None, None], [[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], None]]}}
     (run / "metrics" / "replay.json").write_text(json.dumps(replay))
     (run / "metrics" / "replay_samples").mkdir()
-    for hop, site in ((2, SITES[0]), (3, SITES[0]), (3, SITES[1])):
-        (run / "metrics" / "replay_samples" / f"hop{hop}_{site}.png").write_bytes(png_bytes(np.zeros((8, 16, 3), np.uint8)))
+    for hop, site in ((2, 1), (3, 1), (3, 2)):
+        (run / "metrics" / "replay_samples" / f"hop{hop}_site{site}.png").write_bytes(png_bytes(np.zeros((8, 16, 3), np.uint8)))
     page = build_report(run)
     section = section_of(page, "fidelity")
     assert section.count("<img") == 1 + 3  # the matrix and one grid per earlier site and hop
