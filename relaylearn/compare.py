@@ -15,11 +15,12 @@ A run whose ``metrics/matrix.json`` is complete is skipped; an interrupted one i
 
 Outputs in ``exps/compare/<NAME>/``:
 
-* ``table.csv`` / ``table.md`` — per strategy: ACC, BWT, forgetting and the mean Dice on the
-  external sites (test sites never trained on), each mean ± sample standard deviation over
-  orders × seeds, the final MIA AUC (strategies whose bundles carry generators: the black-box
-  membership-inference AUC after the last hop, averaged over sites, see ``relaylearn audit``)
-  and the wall time per run;
+* ``table.csv`` / ``table.md`` — per strategy: ACC, BWT, forgetting, the mean Dice on the
+  external sites (test sites never trained on), for replaying strategies the mean final replay
+  fidelity (metrics/replay.json: last hop, mean over earlier sites) and the final MIA AUC (the
+  black-box membership-inference AUC after the last hop, averaged over sites, see
+  ``relaylearn audit``), each mean ± sample standard deviation over orders × seeds, and the wall
+  time per run;
 * ``matrices.json`` — ``{strategy: {"order<k>_seed<s>": {"order", "seed", "wall_seconds",
   "matrix": <matrix.json>}}}``;
 * ``paired_test.json`` and a section of ``table.md`` — relay against the other non-pooled method
@@ -46,6 +47,7 @@ from typing import Any
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import UserError
 from relaylearn.runner import EXPS_ROOT, TrainOptions, atomic_write_text, run_training
+from relaylearn.replay_fidelity import mean_final_fidelity
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
 METRICS = ("acc", "bwt", "forgetting", "external_dice")
@@ -204,6 +206,7 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], configs: dict[str, 
         for metric in METRICS:
             values = [external_dice(r["matrix"]) if metric == "external_dice" else r["matrix"].get(metric) for r in runs.values()]
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+        row["fidelity_mean"], row["fidelity_std"] = mean_std([r.get("replay_fidelity") for r in runs.values()])
         row["mia_auc_mean"], row["mia_auc_std"] = mean_std([r.get("mia_auc") for r in runs.values()])
         walls = [r["wall_seconds"] for r in runs.values()]
         row["wall_s_mean"], row["wall_s_std"] = mean_std(walls)
@@ -220,13 +223,13 @@ def _fmt(mean: float | None, std: float | None, digits: int = 3, signed: bool = 
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| strategy | runs | ACC | BWT | forgetting | external Dice | final MIA AUC | wall time / run (s) |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = "| strategy | runs | ACC | BWT | forgetting | external Dice | final replay fidelity | final MIA AUC | wall time / run (s) |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['runs']} | {_fmt(r['acc_mean'], r['acc_std'])} | {_fmt(r['bwt_mean'], r['bwt_std'], signed=True)} "
             f"| {_fmt(r['forgetting_mean'], r['forgetting_std'])} | {_fmt(r['external_dice_mean'], r['external_dice_std'])} "
-            f"| {_fmt(r.get('mia_auc_mean'), r.get('mia_auc_std'))} "
+            f"| {_fmt(r.get('fidelity_mean'), r.get('fidelity_std'))} | {_fmt(r.get('mia_auc_mean'), r.get('mia_auc_std'))} "
             f"| {_fmt(r['wall_s_mean'], r['wall_s_std'], digits=0)} |"
         )
     return "\n".join(lines) + "\n"
@@ -339,7 +342,9 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
         matrix = result.matrix
         wall += time.time() - started
         atomic_write_text(timing_path, json.dumps({"wall_seconds": wall}))
+    replay_path = matrix_path.with_name("replay.json")
     return {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix,
+            "replay_fidelity": mean_final_fidelity(json.loads(replay_path.read_text())) if replay_path.is_file() else None,
             "mia_auc": final_mia_auc_of(matrix_path.parent / "privacy.json")}
 
 

@@ -134,6 +134,7 @@ class TestConfig(Strict):
     batch_size: int = Field(64, ge=1, description="Batch size for testing.")
     bootstrap: int = Field(5000, ge=100, description="Bootstrap resamples for the 95 % intervals.")
     save_predictions: bool = Field(False, description="Reserved: write predicted masks of test images.")
+    replay_fidelity_samples: int = Field(256, ge=0, description="Generated pairs per earlier site and hop scored for replay fidelity (metrics/replay.json; runs that train all sites on one machine with a replaying strategy); 0: off.")
 
 
 class BundleConfig(Strict):

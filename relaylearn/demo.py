@@ -13,6 +13,7 @@ from pathlib import Path
 
 from relaylearn.config import CONFIG_DIR, load_config
 from relaylearn.errors import RelayError
+from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.runner import TrainOptions, run_training
 
 #: presets in the order they run; those without a config file yet are skipped
@@ -42,17 +43,19 @@ def main(argv: list[str] | None = None) -> int:
             m = result.matrix
             external = [j for j, s in enumerate(m["sites"]) if s not in "+".join(m["trained"]).split("+")]
             ext = sum(m["R"][-1][j] for j in external) / len(external) if external else float("nan")
-            rows.append((strategy, m.get("acc", float("nan")), m.get("bwt", float("nan")), m.get("forgetting", float("nan")), ext, result.wall_seconds))
+            replay_path = result.run_dir / "metrics" / "replay.json"
+            fidelity = mean_final_fidelity(json.loads(replay_path.read_text()), relative=True) if replay_path.is_file() else None
+            rows.append((strategy, m.get("acc", float("nan")), m.get("bwt", float("nan")), m.get("forgetting", float("nan")), ext, result.wall_seconds, fidelity))
     except RelayError as exc:
         print(f"relaylearn: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("\nstrategy      ACC     BWT  forgetting  external  wall(s)")
-    for name, acc, bwt, fgt, ext, wall in rows:
-        print(f"{name:<11} {acc:6.3f} {bwt:+7.3f} {fgt:10.3f} {ext:9.3f} {wall:8.0f}")
+    print("\nstrategy      ACC     BWT  forgetting  external  wall(s)  replay fidelity (x reference)")
+    for name, acc, bwt, fgt, ext, wall, fidelity in rows:
+        print(f"{name:<11} {acc:6.3f} {bwt:+7.3f} {fgt:10.3f} {ext:9.3f} {wall:8.0f}  {'' if fidelity is None else f'{fidelity:.2f}'}")
     print(f"total {time.time() - t_all:.0f} s")
     summary = Path("exps") / "demo" / f"summary_{args.name}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s"], r)) for r in rows], indent=2))
+    summary.write_text(json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s", "replay_fidelity_x_reference"], r)) for r in rows], indent=2))
     try:
         from relaylearn.report import write_report
 

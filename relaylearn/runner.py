@@ -432,6 +432,7 @@ class RelayRun:
         bundles: list[Path] = []
 
         parent = getattr(self, "incoming", None)  # the bundle this site starts from
+        self._fidelity = self._fidelity_recorder(strategy_cls)
         for position, group in enumerate(groups):
             task = group[0]
             task_id = task.dataset.kwargs.task_id
@@ -591,6 +592,11 @@ class RelayRun:
             tb.flush()
         strategy.hop_validation = self._validation_row(strategy.solver, device, task.test.batch_size)
         strategy.to("cpu")
+        if getattr(self, "_fidelity", None) is not None and len(group) == 1:  # replay fidelity of every earlier site
+            log = (lambda tag, value, step: tb.add_scalar(tag, value, step)) if tb is not None else None
+            self._fidelity.record(position, site_name, strategy, results[site_name]["summary"]["dice_sample"]["mean"] if site_name in results else None, labels, log)
+            if tb is not None:
+                tb.flush()
         strategy.hop_started_utc = started
         strategy.hop_num_images = len(images)
         return strategy, row, results
@@ -630,6 +636,16 @@ class RelayRun:
         if entry is not None:
             flagged = sum(len(s["flagged"]) for s in entry["sites"].values())
             self._log(f"[{site_name}] privacy audit of {len(entry['sites'])} site(s): {flagged} check(s) flagged ({entry['seconds']:.0f} s)")
+    def _fidelity_recorder(self, strategy_cls):
+        """Replay fidelity needs every site on this machine (its oracles) and a replaying strategy."""
+        first = self.cfg.tasks[0]
+        n = first.test.replay_fidelity_samples
+        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not hasattr(strategy_cls, "generate_replay") or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
+            return None
+        from relaylearn.replay_fidelity import FidelityRecorder
+
+        k = first.dataset.kwargs
+        return FidelityRecorder(self.run_dir, k.num_classes, n, seed=first.random_seed, resume=self.opts.resume, out_range=tuple(k.out_range))
 
     def _test_data(self, ds: DatasetConfig):
         if not hasattr(self, "_test_cache"):

@@ -38,10 +38,12 @@ def test_statistics_and_external_sites():
     assert row["acc_mean"] == pytest.approx(0.6) and row["acc_std"] == pytest.approx(0.1 / 2**0.5)
     assert row["bwt_mean"] == pytest.approx(0.0) and row["wall_s_total"] == 30.0
     table = markdown_table([row])
-    assert "| ewc | 2 | 0.600 ± 0.071 | +0.000 ± 0.141 | 0.100 ± 0.141 | 0.800 ± 0.000 | n/a | 15 ± 7 |" in table
+    assert "| ewc | 2 | 0.600 ± 0.071 | +0.000 ± 0.141 | 0.100 ± 0.141 | 0.800 ± 0.000 | n/a | n/a | 15 ± 7 |" in table
     runs["order0_seed0"]["mia_auc"], runs["order1_seed0"]["mia_auc"] = 0.5, 0.7  # a strategy whose bundles carry generators
+    runs["order0_seed0"]["replay_fidelity"], runs["order1_seed0"]["replay_fidelity"] = 0.4, 0.8
     (row,) = summarise({"relay": runs}, {"relay": "demo/relay"})
-    assert row["mia_auc_mean"] == pytest.approx(0.6) and "| 0.600 ± 0.141 | 15 ± 7 |" in markdown_table([row])
+    assert row["mia_auc_mean"] == pytest.approx(0.6) and row["fidelity_mean"] == pytest.approx(0.6)
+    assert "| 0.800 ± 0.000 | 0.600 ± 0.283 | 0.600 ± 0.141 | 15 ± 7 |" in markdown_table([row])
 
 
 @pytest.mark.slow

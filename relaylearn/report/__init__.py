@@ -14,6 +14,8 @@ sheet: it opens offline, can be mailed, and shows
 * for relay runs, replayed image/mask pairs per site next to real ones;
 * for relay runs, the per-hop privacy audit (``metrics/privacy.json``): near copies and
   membership-inference AUCs per site per hop, and the closest generated/training pairs;
+* for relay runs simulated on one machine, the replay fidelity matrix (metrics/replay.json), with
+  a replay grid per earlier site and hop, and any replay drift;
 * the hop chain of the last bundle (sites, times, signer fingerprints, bundle hashes);
 * run details (seed, versions, command line) and every problem met, as visible notes.
 
@@ -235,6 +237,46 @@ class ReportBuilder:
 
         return privacy_section(self.runs, self.multi)
 
+    def fidelity(self) -> str | None:
+        """Replay fidelity matrix, references, drift and a replay grid per earlier site per hop."""
+        import base64
+        import json
+
+        from relaylearn.replay_fidelity import replay_drift
+
+        parts, notes = [], []
+        for run in self.runs:
+            path = run.path / "metrics" / "replay.json"
+            if not path.is_file():
+                continue
+            replay = _guarded(notes, f"{run.label}: replay.json", lambda path=path: json.loads(path.read_text()))
+            if not isinstance(replay, dict) or not replay.get("fidelity"):
+                continue
+            sites = [str(s) for s in replay.get("sites", [])]
+            head = f"<h3>{escape(run.label)}</h3>" if self.multi else ""
+            uri = _guarded(notes, f"{run.label}: fidelity heat-map", lambda replay=replay: plots.fidelity_heatmap(replay))
+            body = html.figure(uri, "F[k][s]: oracle Dice on pairs generated for site s by the generators leaving hop k; below: F / reference.", "replay fidelity") if uri else ""
+            refs = replay.get("reference", [])
+            body += html.table(["site", "reference (oracle on real test images)"], [[escape(s), _fmt(refs[i] if i < len(refs) else None)] for i, s in enumerate(sites)], numeric={1})
+            drift = replay_drift(replay["fidelity"], sites)
+            if drift:
+                notes.append(f"{run.label + ': ' if self.multi else ''}replay drift: " + "; ".join(f"{s} fell by {d:.3f} from its first to its last hop" for s, d in drift.items()))
+            grids = []
+            for k in range(1, len(replay["fidelity"]) + 1):
+                for i, s in enumerate(sites[: k - 1]):
+                    png = run.path / "metrics" / "replay_samples" / f"hop{k}_site{i + 1}.png"
+                    if png.is_file():
+                        src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+                        grids.append(html.figure(src, f"<b>{escape(s)}</b> replayed after hop {k}", f"replay of {s} after hop {k}"))
+            if grids:
+                body += f'<div class="grid">{"".join(grids)}</div>'
+            parts.append(head + body)
+        if not parts and not notes:
+            return None
+        lead = ("How well the generators still reproduce each earlier site: an oracle for the site (the solver right after training on it, "
+                "kept on this machine only) segments generated images; F is its Dice against the generated masks. A drop along the hops is replay drift.")
+        return html.section("fidelity", "Replay fidelity", "".join(parts) + html.notes(notes), lead)
+
     def hop_chain(self) -> str:
         from relaylearn.report.samples import hop_rows
 
@@ -270,7 +312,7 @@ class ReportBuilder:
     def build(self) -> str:
         sections = [("summary", "Summary", self.summary), ("matrix", "Matrix R", self.heatmaps), ("dice", "Dice per hop", self.dice_curves),
                     ("forgetting", "Forgetting", self.forgetting), ("final", "Final Dice", self.final_dice),
-                    ("predictions", "Predictions", self.predictions), ("replay", "Replay", self.replay),
+                    ("predictions", "Predictions", self.predictions), ("replay", "Replay", self.replay), ("fidelity", "Replay fidelity", self.fidelity),
                     ("privacy", "Privacy", self.privacy),
                     ("hops", "Hop chain", self.hop_chain), ("details", "Run details", self.details)]  # fmt: skip
         built = []

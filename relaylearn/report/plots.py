@@ -183,3 +183,33 @@ def final_dice_bars(runs: Sequence[Run]) -> str:
     if len(runs) > 1:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return data_uri(fig)
+
+
+@_with_style
+def fidelity_heatmap(replay: dict) -> str:
+    """Replay fidelity F (metrics/replay.json) as an annotated heat-map like R: rows = after hop k,
+    columns = earlier sites; each cell shows F and, below it, F / reference."""
+    sites = list(replay.get("sites", []))
+    F = np.array([[np.nan if v is None else float(v) for v in row] for row in replay.get("fidelity", [])], dtype=float)
+    refs = [r if r else None for r in replay.get("reference", [])]
+    rows, cols = F.shape
+    fig = new_figure(1.0 + 0.85 * cols, 0.9 + 0.5 * rows)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(F), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(cols), [_short(s) for s in sites], rotation=30, ha="right")
+    ax.set_yticks(range(rows), [f"{i + 1}. {_short(t, 22)}" for i, t in enumerate(sites[:rows])])
+    ax.set_xlabel("replayed site")
+    ax.set_ylabel("generators after hop")
+    for i in range(rows):
+        for j in range(cols):
+            if np.isnan(F[i, j]):
+                continue
+            ratio = f"\n{F[i, j] / refs[j]:.2f}×" if j < len(refs) and refs[j] else ""
+            ax.text(j, i, f"{F[i, j]:.3f}{ratio}", ha="center", va="center", fontsize=7.5, color="black" if F[i, j] > 0.55 else "white")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cbar.set_label("oracle Dice on generated pairs", fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    return data_uri(fig)

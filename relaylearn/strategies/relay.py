@@ -20,6 +20,21 @@ Fixes of the original's bugs, each with a switch back where the original is a re
     (``quantize_replay_labels: false`` = original);
   * the site capacity (``site_capacity``) is a config value with a clear error when exceeded;
   * the stage switch / merge happen at half the site's *batches*, not at an epoch index.
+
+Fixes of replay defects (ours or the original's):
+  * the solver's replay augmentation reaches only the solver step; G and D learn from the
+    un-augmented pairs (as in the original);
+  * one site id per sample, shared by both styles of style mixing and by both generators (as in
+    the original);
+  * the image generator's fake site id is the site of the label map it must follow
+    (``tie_image_site: false`` = the original's independent draw);
+  * SPADE's convolutions are plain convolutions with PyTorch's default init, as in the original
+    (``spade_equalized_lr: true`` = equalised learning rate).
+
+The GANs may get a budget of their own: ``gan_steps_per_solver_step`` G+D steps per batch
+(the paper: 1) and ``gan_warmup_steps`` GAN-only steps at the start of every site; the extra
+steps draw fresh real batches from the site's training images. ``gan_preset: small`` sets the
+small-scale defaults measured at 32 px (see ``GAN_PRESETS``).
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from relaylearn.errors import ConfigError
@@ -51,7 +66,17 @@ class DiscriminatorSize(StrategyOptions):
     mapping_layers: int = Field(8, ge=1)
 
 
+#: defaults a ``gan_preset`` gives to the keys a config leaves out ("paper": the class defaults).
+#: "small": StyleGAN2-ADA's low-resolution choices (no path-length penalty, no style mixing) and a
+#: GAN budget of 16 G+D steps per solver step, measured on 32-px fundus images.
+GAN_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "small": {"pl_weight": 0.0, "style_mixing_prob": 0.0, "gan_steps_per_solver_step": 16},
+}
+
+
 class RelayOptions(StrategyOptions):
+    gan_preset: Literal["paper", "small"] = Field("paper", description="Defaults for pl_weight, style_mixing_prob and gan_steps_per_solver_step (keys given explicitly win): paper = 2, 0.8, 1; small (32 px) = 0, 0, 16.")
     # networks (paper values, docs/method.md#networks)
     z_img: int = 128
     z_label: int = 64
@@ -87,6 +112,7 @@ class RelayOptions(StrategyOptions):
     ada_interval: int = 4
     ada_kimg: float = 500
     # replay
+    replay: bool = Field(True, description="false: no generative replay at all (ablation: merge and distillation only).")
     replay_ratio: Literal["half", "even"] = "half"
     replay_site_selection: Literal["uniform", "distribution"] = "uniform"
     replay_truncation: float = 1.0
@@ -94,6 +120,10 @@ class RelayOptions(StrategyOptions):
     replay_once_per_batch: bool = Field(True, description="Generate one replay per batch and reuse it in the G, D and solver steps (the original generated three).")
     replay_generator_mode: Literal["eval", "train"] = "eval"
     quantize_replay_labels: bool = True
+    tie_image_site: bool = Field(True, description="The image generator's fake site id is the site of the label map it follows (false: drawn independently, as in the original).")
+    spade_equalized_lr: bool = Field(False, description="SPADE convolutions with equalised learning rate (false: plain convolutions, as in the original).")
+    gan_steps_per_solver_step: int = Field(1, ge=1, description="G+D steps per solver step; the extra ones draw fresh real batches of the site (paper: 1).")
+    gan_warmup_steps: int = Field(0, ge=0, description="GAN-only G+D steps at the start of every site, before the first solver step.")
     # distillation
     distil_weight: float = 0.5
     distil_tau: float = 2.0
@@ -102,6 +132,13 @@ class RelayOptions(StrategyOptions):
     ship_discriminators: bool = Field(True, description="Discriminators are membership-inference oracles; false drops them from the bundle (the next site starts them fresh).")
     solver_lr: Optional[float] = Field(None, description="None: train.optimizer.lr.")
     fused_optimizers: bool = Field(False, description="Fused Adam kernels for G, D and the solver (faster on GPUs; false: train.optimizer.fused for the solver, PyTorch's default for G and D).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_gan_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gan_preset", "paper") in GAN_PRESETS:
+            return {**GAN_PRESETS[data.get("gan_preset", "paper")], **data}
+        return data
 
 
 # ----- label maps ----------------------------------------------------------------------------------
@@ -136,13 +173,14 @@ class Relay(Strategy):
         o = options
         data = config.dataset.kwargs
         self.num_classes, in_ch = data.num_classes, data.channels
+        self.out_range = (float(data.out_range[0]), float(data.out_range[1]))
         res = data.img_size[0]
         if data.img_size[0] != data.img_size[1] or res & (res - 1) or res < 8:
             raise ConfigError(f"dataset.kwargs.img_size: the relay GAN needs a square power-of-two size >= 8 (got {list(data.img_size)})")
         c = o.site_capacity
         train_cfg = config.train
         self.g_label = LabelGenerator(o.z_label, c, o.w_label, img_resolution=res, channel_base=o.g_label.channel_base, channel_max=o.g_label.channel_max, mapping_layers=o.g_label.mapping_layers)
-        self.g_img = ImageGenerator(o.z_img, c, o.w_img, img_resolution=res, img_channels=in_ch, channel_base=o.g_img.channel_base, channel_max=o.g_img.channel_max, mapping_layers=o.g_img.mapping_layers, spade_hidden=o.spade_hidden)
+        self.g_img = ImageGenerator(o.z_img, c, o.w_img, img_resolution=res, img_channels=in_ch, channel_base=o.g_img.channel_base, channel_max=o.g_img.channel_max, mapping_layers=o.g_img.mapping_layers, spade_hidden=o.spade_hidden, spade_equalized_lr=o.spade_equalized_lr)
         self.d_img = ProjectionDiscriminator(in_ch + 1, c, img_resolution=res, channel_base=o.d_img.channel_base, channel_max=o.d_img.channel_max, mapping_layers=o.d_img.mapping_layers)
         self.d_label = ProjectionDiscriminator(1, c, img_resolution=res, channel_base=o.d_label.channel_base, channel_max=o.d_label.channel_max, mapping_layers=o.d_label.mapping_layers)
         self.ada_img = AdaptiveAugment(o.ada_img, num_channels=in_ch + 1)
@@ -158,6 +196,7 @@ class Relay(Strategy):
         self.registry_current: dict[str, dict[str, int]] = {}
         self.merge_weight = 0.0
         self.stage = 1
+        self.gan_step = 0  # G+D steps since the first site (lazy regularisation and ADA count these)
         self.previous: nn.ModuleDict | None = None  # frozen copies made at site start, never shipped
 
     # ----- site registry -------------------------------------------------------------------------
@@ -249,29 +288,77 @@ class Relay(Strategy):
 
     @property
     def replaying(self) -> bool:
-        return self.previous is not None and (self.stage == 2 or self.options.num_stages == 1)
+        return self.options.replay and self.previous is not None and (self.stage == 2 or self.options.num_stages == 1)
 
     # ----- replay --------------------------------------------------------------------------------
     @torch.no_grad()
-    def replay(self, n: int, device, generators: nn.ModuleDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """n generated (images [n,C,H,W] in [-1,1], labels [n,H,W], site ids [n]) of earlier sites."""
-        gens = generators if generators is not None else self.previous
-        ids = self._draw_ids(n, "previous", device)
+    def _generate(self, gens, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Pairs for site ids [n] from ``gens`` (g_label, g_img): (images [n,C,H,W] clipped to the
+        data's range, labels [n,H,W] long)."""
+        n, device = ids.shape[0], ids.device
         c = self._one_hot(ids)
         psi = self.options.replay_truncation
-        z_label = torch.randn(n, self.options.z_label, device=device)
-        label_map = gens["g_label"](z_label, c, truncation_psi=psi)
+        label_map = gens["g_label"](torch.randn(n, self.options.z_label, device=device), c, truncation_psi=psi)
         labels = decode_labels(label_map, self.num_classes)
         seg = encode_labels(labels, self.num_classes) if self.options.quantize_replay_labels else label_map
-        z_img = torch.randn(n, self.options.z_img, device=device)
-        images = gens["g_img"](z_img, c, seg, truncation_psi=psi).clamp(-1, 1)
-        return images.float(), labels, ids
+        images = gens["g_img"](torch.randn(n, self.options.z_img, device=device), c, seg, truncation_psi=psi)
+        return images.float().clamp(*self.out_range), labels
+
+    @torch.no_grad()
+    def replay(self, n: int, device, generators: nn.ModuleDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """n generated (images [n,C,H,W] in the data's range, labels [n,H,W], site ids [n]) of earlier
+        sites, from the frozen generators of the previous site (or ``generators``)."""
+        ids = self._draw_ids(n, "previous", device)
+        images, labels = self._generate(generators if generators is not None else self.previous, ids)
+        return images, labels, ids
+
+    def site_id(self, site: int | str) -> int:
+        """The generators' id of a site known to this model: its name, or its id itself."""
+        known = {**self.registry_previous, **self.registry_current}
+        if isinstance(site, str):
+            if site not in known:
+                raise KeyError(f"site '{site}' is unknown to these generators (known: {', '.join(known) or 'none'})")
+            return known[site]["id"]
+        if site not in {e["id"] for e in known.values()}:
+            raise KeyError(f"site id {site} is unknown to these generators")
+        return int(site)
+
+    @torch.no_grad()
+    def generate_replay(self, site: int | str, n: int, seed: int = 0, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """``n`` pairs of one earlier site from the *current* generators, as the next site would
+        replay them (eval mode, no augmentation). ``site``: name or id (``site_id``).
+
+        Returns (images [n,C,H,W] float32 in the solver's input range, masks [n,H,W] int64), on the
+        CPU. Deterministic for a given seed; the global RNG is left as it was.
+        """
+        site_id = self.site_id(site)
+        gens = {"g_img": self.g_img, "g_label": self.g_label}
+        device = next(self.g_img.parameters()).device
+        was = [m.training for m in gens.values()]
+        for m in gens.values():
+            m.eval()
+        images, masks = [], []
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for start in range(0, n, batch_size):
+                    ids = torch.full((min(batch_size, n - start),), site_id, dtype=torch.long, device=device)
+                    im, lab = self._generate(gens, ids)
+                    images.append(im.cpu())
+                    masks.append(lab.cpu())
+        finally:
+            for m, w in zip(gens.values(), was):
+                m.train(w)
+        if not images:
+            return torch.zeros(0, self.g_img.img_channels, self.g_img.img_resolution, self.g_img.img_resolution), torch.zeros(0, self.g_img.img_resolution, self.g_img.img_resolution, dtype=torch.long)
+        return torch.cat(images), torch.cat(masks)
 
     def mix_with_replay(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """Real batch [B,...] → (images, labels, site ids, number of real samples first).
 
         'half': B//2 replay + a random subset of B − B//2 reals (batch size kept);
-        'even': replay share = 1 − 1/(1 + #earlier sites).
+        'even': replay share = 1 − 1/(1 + #earlier sites). Replay is *not* augmented here (the GANs
+        learn from it as generated); ``augment_replay`` does that for the solver step.
         """
         b = images.shape[0]
         current_id = self.registry_current[self.site.name]["id"]
@@ -285,8 +372,6 @@ class Relay(Strategy):
             n_replay = min(b - 1, int(b * (1 - 1 / (1 + n_prev))))
         keep = torch.randperm(b, device=images.device)[: b - n_replay]
         r_img, r_lab, r_ids = self.replay(n_replay, images.device)
-        if self.replay_augment is not None:
-            r_img, r_lab = self.replay_augment(r_img, r_lab)
         return (
             torch.cat([images[keep], r_img.to(images.dtype)]),
             torch.cat([labels[keep], r_lab]),
@@ -294,13 +379,35 @@ class Relay(Strategy):
             b - n_replay,
         )
 
+    def augment_replay(self, images: Tensor, labels: Tensor, n_real: int) -> tuple[Tensor, Tensor]:
+        """The solver's augmentation of the replayed part (samples ``n_real:``) of a mixed batch."""
+        if self.replay_augment is None or n_real >= images.shape[0]:
+            return images, labels
+        r_img, r_lab = self.replay_augment(images[n_real:], labels[n_real:])
+        return torch.cat([images[:n_real], r_img.to(images.dtype)]), torch.cat([labels[:n_real], r_lab])
+
+    def _fresh_real_batch(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """A random batch (without replacement) of the site's training images, as big as ``like``."""
+        n = self.site.train_images.shape[0]
+        if n == 0:
+            raise ConfigError("relay: the site has no training images for its extra GAN steps")
+        idx = torch.randperm(n)[: like.shape[0]]
+        return self.site.train_images[idx].to(like.device, like.dtype), self.site.train_labels[idx].to(like.device)
+
     # ----- one batch -----------------------------------------------------------------------------
-    def _fake_inputs(self, n: int, device) -> tuple[Tensor, Tensor, Tensor]:
-        """Latents and site one-hots for GAN training: (z_img [n,S,·], z_label [n,S,·], c [n,S,K])."""
+    def _fake_inputs(self, n: int, device, site_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Latents and site one-hots for GAN training: (z_img [n,S,·], z_label [n,S,·], c [n,S,K]).
+
+        One site id per sample, shared by both styles and both generators: the sites of the label
+        maps the image generator follows (``site_ids`` [n], with ``tie_image_site``), else drawn
+        from the current (stage 1) or all (replay) sites.
+        """
         styles = 2 if torch.rand(()) < self.options.style_mixing_prob else 1
-        bank = "all" if self.replaying else "current"
-        ids = self._draw_ids(n * styles, bank, device).view(n, styles)
-        c = self._one_hot(ids)
+        if site_ids is not None and self.options.tie_image_site:
+            ids = site_ids.to(device)
+        else:
+            ids = self._draw_ids(n, "all" if self.replaying else "current", device)
+        c = self._one_hot(ids).unsqueeze(1).expand(-1, styles, -1)
         return torch.randn(n, styles, self.options.z_img, device=device), torch.randn(n, styles, self.options.z_label, device=device), c
 
     @staticmethod
@@ -313,34 +420,58 @@ class Relay(Strategy):
         seg = encode_labels(labels, self.num_classes)
         return seg + self.options.label_noise * torch.randn_like(seg).clamp(-3, 3)
 
-    def training_step(self, batch, step: StepContext) -> dict[str, Tensor]:
+    def _gan_step(self, mixed: tuple[Tensor, Tensor, Tensor, int], real: tuple[Tensor, Tensor], step: StepContext) -> dict[str, Tensor]:
+        """One G step and one D step on a mixed (real + un-augmented replay) batch; ``real``: the
+        real batch it came from (re-mixed for the D step when ``replay_once_per_batch`` is off)."""
         o = self.options
-        g_opt, d_opt, m_opt = self.optimizers
-        self._maybe_switch_stage(step)
-        images, labels = batch
-        if self.stage == 1:
-            self.registry_current[self.site.name]["frequency"] += int(images.shape[0])
-        do_pl = (step.global_step + 1) % o.g_reg_interval == 0
-        do_r1 = (step.global_step + 1) % o.d_reg_interval == 0
-        mixed = self.mix_with_replay(images, labels) if o.replay_once_per_batch else None
+        g_opt, d_opt, _ = self.optimizers
+        do_pl = (self.gan_step + 1) % o.g_reg_interval == 0
+        do_r1 = (self.gan_step + 1) % o.d_reg_interval == 0
         logs: dict[str, Tensor] = {}
-
-        # G step (D and solver frozen)
-        x, y, ids, _ = mixed or self.mix_with_replay(images, labels)
+        x, y, ids, _ = mixed
         with _frozen(self.d_img, self.d_label, self.solver):
-            loss_g, g_logs = self._generator_loss(y, do_pl)
+            loss_g, g_logs = self._generator_loss(y, ids, do_pl)
             self.optimize(loss_g, g_opt, step)
         logs.update(g_logs)
-
-        # D step (G and solver frozen)
-        x, y, ids, _ = mixed or self.mix_with_replay(images, labels)
+        x, y, ids, _ = mixed if o.replay_once_per_batch else self.mix_with_replay(*real)
         with _frozen(self.g_img, self.g_label, self.solver):
             loss_d, d_logs = self._discriminator_loss(x, y, ids, do_r1)
             self.optimize(loss_d, d_opt, step)
         logs.update(d_logs)
+        # ADA p and (under DDP) the path-length means averaged across ranks, per GAN step
+        for ctl, pipe in ((self.ada_img_ctl, self.ada_img), (self.ada_label_ctl, self.ada_label)):
+            ctl.world_size = step.world_size
+            if ctl.is_update_batch(self.gan_step):
+                ctl.update(pipe, all_reduce_mean=step.all_reduce_mean)
+        if step.world_size > 1:
+            self.pl_mean_img.copy_(step.all_reduce_mean(self.pl_mean_img))
+            self.pl_mean_label.copy_(step.all_reduce_mean(self.pl_mean_label))
+        self.gan_step += 1
+        return logs
 
-        # M step (solver only)
-        x, y, ids, n_real = mixed or self.mix_with_replay(images, labels)
+    def training_step(self, batch, step: StepContext) -> dict[str, Tensor]:
+        o = self.options
+        m_opt = self.optimizers[2]
+        self._maybe_switch_stage(step)
+        images, labels = batch
+        if self.stage == 1:
+            self.registry_current[self.site.name]["frequency"] += int(images.shape[0])
+        logs: dict[str, Tensor] = {}
+        if step.step == 0:  # GAN-only warm-up at the start of the site
+            for _ in range(o.gan_warmup_steps):
+                real = self._fresh_real_batch(images)
+                logs.update(self._gan_step(self.mix_with_replay(*real), real, step))
+
+        mixed = None
+        for i in range(o.gan_steps_per_solver_step):
+            real = (images, labels) if i == 0 else self._fresh_real_batch(images)
+            mix = self.mix_with_replay(*real)
+            mixed = mixed or mix
+            logs.update(self._gan_step(mix, real, step))
+
+        # M step (solver only): replay augmented here and only here
+        x, y, ids, n_real = mixed if o.replay_once_per_batch else self.mix_with_replay(images, labels)
+        x, y = self.augment_replay(x, y, n_real)
         with _frozen(self.g_img, self.g_label, self.d_img, self.d_label):
             logits = self.solver(x)
             loss_m = self.criterion(logits, y)
@@ -354,26 +485,17 @@ class Relay(Strategy):
             self.optimize(loss_m, m_opt, step)
         logs["loss"] = loss_m.detach()
         logs["replay_fraction"] = torch.tensor(1 - n_real / x.shape[0])
-
-        # batch end: ADA p and (under DDP) the path-length means averaged across ranks
-        for ctl, pipe in ((self.ada_img_ctl, self.ada_img), (self.ada_label_ctl, self.ada_label)):
-            ctl.world_size = step.world_size
-            if ctl.is_update_batch(step.global_step):
-                ctl.update(pipe, all_reduce_mean=step.all_reduce_mean)
-        if step.world_size > 1:
-            self.pl_mean_img.copy_(step.all_reduce_mean(self.pl_mean_img))
-            self.pl_mean_label.copy_(step.all_reduce_mean(self.pl_mean_label))
         logs["ada_p_img"] = self.ada_img.p.detach().clone()
         logs["stage"] = torch.tensor(float(self.stage))
         return logs
 
-    def _generator_loss(self, labels: Tensor, do_pl: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _generator_loss(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[Tensor, dict[str, Tensor]]:
         from relaylearn.models.gan import path_length_penalty
 
         o = self.options
         n = labels.shape[0]
         seg = self._noisy_seg(labels)
-        z_img, z_label, c = self._fake_inputs(n, labels.device)
+        z_img, z_label, c = self._fake_inputs(n, labels.device, site_ids)
         c_d = self._merge_styles(c)
         fake_label = self.g_label(z_label, c)
         fake_img = self.g_img(z_img, c, seg)
@@ -401,7 +523,7 @@ class Relay(Strategy):
         o = self.options
         n = images.shape[0]
         seg = self._noisy_seg(labels)
-        z_img, z_label, c = self._fake_inputs(n, images.device)
+        z_img, z_label, c = self._fake_inputs(n, images.device, ids)
         c_d = self._merge_styles(c)
         with torch.no_grad():
             fake_label = self.g_label(z_label, c)
@@ -452,8 +574,9 @@ class Relay(Strategy):
         return BundleState(tensors=tensors, meta=self.meta())
 
     def state_from_bundle(self, state: BundleState) -> None:
+        tensors = self._spade_weights_as_mine(state.tensors, state.meta.get("spade_conv", "equalized"))
         for k in self.SHIPPED:
-            part = unprefixed(state.tensors, f"{k}.")
+            part = unprefixed(tensors, f"{k}.")
             if not part and k.startswith("d_"):
                 continue  # discriminators were not shipped: start them fresh
             getattr(self, k).load_state_dict(part, strict=True)
@@ -464,12 +587,27 @@ class Relay(Strategy):
             self.pl_mean_label.copy_(state.tensors["pl_mean_label"])
         self.load_meta(state.meta)
 
+    def _spade_weights_as_mine(self, tensors: dict[str, Tensor], written: str) -> dict[str, Tensor]:
+        """SPADE conv weights of a bundle written with the other parametrisation (bundles without
+        ``spade_conv`` predate it and used equalised lr), rescaled so the network computes the same
+        function: plain weight = equalised weight / sqrt(fan_in)."""
+        mine = "equalized" if self.options.spade_equalized_lr else "plain"
+        if written == mine:
+            return tensors
+        out = dict(tensors)
+        for name, w in tensors.items():
+            if name.startswith("g_img.") and ".spade." in name and name.endswith(".weight") and w.ndim == 4:
+                fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+                out[name] = w / math.sqrt(fan_in) if mine == "plain" else w * math.sqrt(fan_in)
+        return out
+
     def meta(self) -> dict[str, Any]:
         meta = super().meta()
         meta.update({
             "site_registry": {k: dict(v) for k, v in self.registry_previous.items()},
             "site_registry_current": {k: dict(v) for k, v in self.registry_current.items()},
             "merge_weight": self.merge_weight, "stage": self.stage, "site_capacity": self.options.site_capacity,
+            "gan_step": self.gan_step, "spade_conv": "equalized" if self.options.spade_equalized_lr else "plain",
         })
         return meta
 
@@ -479,24 +617,14 @@ class Relay(Strategy):
         self.registry_current = {k: {"id": int(v["id"]), "frequency": int(v["frequency"])} for k, v in meta.get("site_registry_current", {}).items()}
         self.merge_weight = float(meta.get("merge_weight", 0.0))
         self.stage = int(meta.get("stage", 1))
+        self.gan_step = int(meta.get("gan_step", self.global_step))
 
     # ----- previews for TensorBoard and the report ----------------------------------------------
     @torch.no_grad()
-    def previews(self, per_site: int = 8) -> dict[str, tuple[Tensor, Tensor]]:
-        """Replayed (images [n,C,H,W], labels [n,H,W]) per earlier site, from the current generators."""
-        gens = nn.ModuleDict({"g_img": self.g_img, "g_label": self.g_label})
-        was = self.training
-        self.eval()
-        out = {}
-        device = next(self.g_img.parameters()).device
-        for name, e in {**self.registry_previous, **self.registry_current}.items():
-            c = self._one_hot(torch.full((per_site,), e["id"], dtype=torch.long, device=device))
-            label_map = gens["g_label"](torch.randn(per_site, self.options.z_label, device=device), c)
-            labels = decode_labels(label_map, self.num_classes)
-            images = gens["g_img"](torch.randn(per_site, self.options.z_img, device=device), c, encode_labels(labels, self.num_classes)).clamp(-1, 1)
-            out[name] = (images.float().cpu(), labels.cpu())
-        self.train(was)
-        return out
+    def previews(self, per_site: int = 8, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+        """Replayed (images [n,C,H,W], labels [n,H,W]) per known site, from the current generators."""
+        known = {**self.registry_previous, **self.registry_current}
+        return {name: self.generate_replay(name, per_site, seed=seed + e["id"]) for name, e in known.items()}
 
 
 class _frozen:

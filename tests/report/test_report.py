@@ -284,3 +284,23 @@ def test_report_renders_in_headless_chromium(demo_report, tmp_path):
     with Image.open(shot) as im:
         assert im.size == (1280, 2000)
         assert len(set(im.convert("L").resize((64, 100)).getdata())) > 20, "screenshot is not blank"
+
+
+def test_replay_fidelity_section_shows_the_matrix_grids_and_drift(tmp_path):
+    from relaylearn.predict import png_bytes
+    from relaylearn.report import build_report
+
+    run = write_run(tmp_path / "relay" / "r", "relay", SITES[:3])
+    replay = {"sites": SITES[:3], "fidelity": [[None, None, None], [0.8, None, None], [0.6, 0.7, None]], "reference": [0.9, 0.85, 0.8],
+              "class_fractions": {"real": [[0.8, 0.15, 0.05]] * 3, "generated": [[None] * 3, [[0.8, 0.15, 0.05], None, None], [[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], None]]}}
+    (run / "metrics" / "replay.json").write_text(json.dumps(replay))
+    (run / "metrics" / "replay_samples").mkdir()
+    for hop, site in ((2, 1), (3, 1), (3, 2)):
+        (run / "metrics" / "replay_samples" / f"hop{hop}_site{site}.png").write_bytes(png_bytes(np.zeros((8, 16, 3), np.uint8)))
+    page = build_report(run)
+    section = section_of(page, "fidelity")
+    assert section.count("<img") == 1 + 3  # the matrix and one grid per earlier site and hop
+    assert f"replay drift: {SITES[0]} fell by 0.200" in section
+    assert_self_contained(page)
+    # a run without replay.json has no such section
+    assert '<section id="fidelity">' not in build_report(write_run(tmp_path / "seq" / "s", "sequential", SITES[:3]))

@@ -121,3 +121,141 @@ def test_two_site_relay_run_writes_bundles_the_next_site_resumes_from(tmp_path, 
     r3 = run_training(cfg3, "r3", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(result.bundles[1]), insecure_unsigned=True))
     b3 = read_bundle(r3.bundles[0], trust=None, allow_unsigned=True)
     assert [h["site"] for h in b3.manifest["hops"]] == ["Domain1", "Domain2", "Domain3"]
+
+
+# ----- replay fixes and the GAN budget ----------------------------------------------------------
+class _Mark(nn.Module):
+    """Stands in for the solver's replay augmentation: paints the replayed images with a constant."""
+
+    VALUE = 0.123
+
+    def forward(self, images, labels):
+        return torch.full_like(images, self.VALUE), labels
+
+
+def _replaying(tmp_path, data, earlier=("A",), **kw):
+    """A strategy at its len(earlier)+1-th site, in the replay stage, with optimizers."""
+    strategy, _ = _strategy(tmp_path, data, **kw)
+    for position, name in enumerate(earlier):
+        strategy.on_site_start(_site(name, position))
+        strategy.on_site_end(_site(name, position))
+    site = _site("B" if earlier == ("A",) else "Z", len(earlier))
+    site.train_images = torch.rand(8, 3, 32, 32) * 2 - 1
+    strategy.on_site_start(site)
+    strategy.stage = 2
+    strategy.optimizers = strategy.configure_optimizers()
+    return strategy, site
+
+
+def _step(site, index=1):
+    from relaylearn.strategies.base import StepContext
+
+    return StepContext(step=index, global_step=10 + index, epoch=0, site=site)
+
+
+def _batch(n=8):
+    return torch.rand(n, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (n, 32, 32))
+
+
+def test_replay_augmentation_reaches_the_solver_step_only(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus)
+    strategy.replay_augment = _Mark()
+    seen = {}
+    d_loss = strategy._discriminator_loss
+    strategy._discriminator_loss = lambda x, y, ids, r1: (seen.setdefault("d", x.detach().clone()), d_loss(x, y, ids, r1))[1]
+    solver_inputs = []
+    strategy.solver.register_forward_pre_hook(lambda m, args: solver_inputs.append(args[0].detach().clone()))
+    strategy.training_step(_batch(), _step(site))
+    marked = _Mark.VALUE
+    assert not (seen["d"][4:] == marked).all(), "the discriminator saw augmented replay"
+    assert (solver_inputs[0][4:] == marked).all() and not (solver_inputs[0][:4] == marked).any()
+
+
+def test_style_mixing_keeps_one_site_per_sample(tmp_path, tiny_fundus):
+    strategy, _ = _replaying(tmp_path, tiny_fundus, earlier=("A", "B"), style_mixing_prob=1.0)
+    torch.manual_seed(0)
+    _, _, c = strategy._fake_inputs(64, "cpu")
+    assert c.shape == (64, 2, 3)
+    assert torch.equal(c[:, 0], c[:, 1])  # both styles, one site
+    assert len(c[:, 0].argmax(-1).unique()) == 3  # drawn over all sites in the replay stage
+    assert torch.equal(strategy._merge_styles(c), c[:, 0])  # the discriminator sees a plain one-hot
+
+
+def _g_img_site_ids(strategy, site):
+    calls = []
+    forward = strategy.g_img.forward
+    strategy.g_img.forward = lambda z, c, seg, **kw: (calls.append(c.detach().clone()), forward(z, c, seg, **kw))[1]
+    torch.manual_seed(1)
+    strategy.training_step(_batch(), _step(site))
+    return calls[0][:, 0].argmax(-1)  # the G step's image-generator ids, per sample
+
+
+def test_image_generator_site_follows_its_label_map_unless_switched_off(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus)
+    ids = _g_img_site_ids(strategy, site)
+    assert ids.tolist() == [1] * 4 + [0] * 4  # real maps of B (id 1), then replayed maps of A (id 0)
+    original, site = _replaying(tmp_path / "o", tiny_fundus, tie_image_site=False)
+    assert _g_img_site_ids(original, site).tolist() != [1] * 4 + [0] * 4  # independent draw
+
+
+def test_gan_budget_runs_extra_and_warm_up_gan_steps(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, gan_steps_per_solver_step=3, gan_warmup_steps=2)
+    counts = {"g": 0, "d": 0, "m": 0}
+    for key, opt in zip("gdm", strategy.optimizers):
+        opt.register_step_post_hook(lambda *a, key=key: counts.__setitem__(key, counts[key] + 1))
+    strategy.training_step(_batch(), _step(site, index=0))
+    assert counts == {"g": 5, "d": 5, "m": 1}  # warm-up only at the site's first batch
+    strategy.training_step(_batch(), _step(site, index=1))
+    assert counts == {"g": 8, "d": 8, "m": 2}
+    assert strategy.gan_step == 8 and strategy.meta()["gan_step"] == 8
+
+
+def test_gan_presets_fill_only_what_the_config_leaves_out():
+    from relaylearn.strategies.relay import RelayOptions
+
+    paper = RelayOptions()
+    assert (paper.pl_weight, paper.style_mixing_prob, paper.gan_steps_per_solver_step, paper.gan_warmup_steps) == (2.0, 0.8, 1, 0)
+    small = RelayOptions(gan_preset="small")
+    assert (small.pl_weight, small.style_mixing_prob, small.gan_steps_per_solver_step) == (0.0, 0.0, 16)
+    assert RelayOptions(gan_preset="small", gan_steps_per_solver_step=4).gan_steps_per_solver_step == 4
+    for name in ("relay", "relay_deploy", "relay_test"):  # the paper presets keep the paper's values
+        o = load_config(f"fundus/{name}").tasks[0].strategy.kwargs
+        opts = RelayOptions(**o)
+        assert (opts.pl_weight, opts.style_mixing_prob, opts.gan_steps_per_solver_step, opts.tie_image_site, opts.spade_equalized_lr) == (2.0, 0.8, 1, True, False)
+
+
+def test_generate_replay_is_deterministic_and_in_the_solver_range(tmp_path, tiny_fundus):
+    strategy, _ = _replaying(tmp_path, tiny_fundus)
+    state = torch.get_rng_state()
+    images, masks = strategy.generate_replay("A", 70, seed=3, batch_size=32)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert images.shape == (70, 3, 32, 32) and images.dtype == torch.float32 and masks.shape == (70, 32, 32) and masks.dtype == torch.long
+    assert images.min() >= -1 and images.max() <= 1 and masks.min() >= 0 and masks.max() <= 2
+    again, again_masks = strategy.generate_replay(0, 70, seed=3, batch_size=32)
+    assert torch.equal(images, again) and torch.equal(masks, again_masks)
+    assert not torch.equal(strategy.generate_replay("A", 70, seed=4)[0], images)
+    with pytest.raises(KeyError, match="unknown"):
+        strategy.generate_replay("nowhere", 2, seed=0)
+
+
+def test_replay_can_be_switched_off_for_ablations(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, replay=False)
+    images, labels = _batch()
+    assert not strategy.replaying and strategy.mix_with_replay(images, labels)[3] == 8
+    logs = strategy.training_step((images, labels), _step(site))
+    assert logs["replay_fraction"] == 0 and "distil" in logs  # distillation and the merge stay
+
+
+def test_bundles_with_equalised_spade_load_into_plain_spade_unchanged(tmp_path, tiny_fundus):
+    old, cfg = _strategy(tmp_path, tiny_fundus, spade_equalized_lr=True)
+    old.on_site_start(_site("A", 0))
+    old.on_site_end(_site("A", 0))
+    state = old.state_to_bundle()
+    del state.meta["spade_conv"]  # as written before the field existed (equalised lr)
+    new, _ = _strategy(tmp_path / "n", tiny_fundus)
+    new.state_from_bundle(state)
+    z, c, seg = torch.randn(3, 8), torch.eye(3)[[0, 1, 2]], torch.rand(3, 1, 32, 32) * 2 - 1
+    old.eval(), new.eval()
+    with torch.no_grad():
+        assert torch.allclose(old.g_img(z, c, seg, noise_mode="const"), new.g_img(z, c, seg, noise_mode="const"), atol=1e-5)
+    assert new.meta()["spade_conv"] == "plain"

@@ -165,14 +165,22 @@ class SPADE(nn.Module):
     in eval); ``seg`` [N, label_channels, H', W'] is nearest-resized to x's size and passed
     through a 3×3 conv + ReLU (``hidden`` channels) and two 3×3 convs giving γ and β.
     x [N, C, H, W] → same shape and dtype (normalisation and modulation in fp32).
+
+    The three convolutions are plain ``nn.Conv2d`` with PyTorch's default init, as in SPADE and
+    the original relay code; ``equalized_lr=True`` uses equalised-learning-rate convolutions
+    instead (weights N(0, 1) scaled at run time), whose relative Adam step is far smaller.
     """
 
-    def __init__(self, num_features: int, label_channels: int = 1, hidden: int = 128):
+    def __init__(self, num_features: int, label_channels: int = 1, hidden: int = 128, equalized_lr: bool = False):
         super().__init__()
         self.norm = nn.BatchNorm2d(num_features, affine=False)
-        self.shared = EqualizedConv2d(label_channels, hidden, 3, activation="linear")
-        self.gamma = EqualizedConv2d(hidden, num_features, 3)
-        self.beta = EqualizedConv2d(hidden, num_features, 3)
+        if equalized_lr:
+            conv = lambda i, o: EqualizedConv2d(i, o, 3, activation="linear")  # noqa: E731
+        else:
+            conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1)  # noqa: E731
+        self.shared = conv(label_channels, hidden)
+        self.gamma = conv(hidden, num_features)
+        self.beta = conv(hidden, num_features)
 
     def forward(self, x: Tensor, seg: Tensor) -> Tensor:
         seg = F.interpolate(seg.float(), size=x.shape[-2:], mode="nearest")
@@ -191,7 +199,8 @@ class SynthesisBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
-                 conv_clamp: float | None, spade_hidden: int | None, label_channels: int):
+                 conv_clamp: float | None, spade_hidden: int | None, label_channels: int,
+                 spade_equalized_lr: bool = False):
         super().__init__()
         self.resolution = resolution
         self.is_first = in_channels == 0
@@ -204,7 +213,7 @@ class SynthesisBlock(nn.Module):
         self.conv1 = StyledConv2d(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp)
         self.to_rgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         feature_channels = out_channels if self.is_first else in_channels
-        self.spade = SPADE(feature_channels, label_channels, spade_hidden) if spade_hidden else None
+        self.spade = SPADE(feature_channels, label_channels, spade_hidden, spade_equalized_lr) if spade_hidden else None
         if not self.is_first:
             self.register_buffer("resample_kernel", make_resample_kernel(), persistent=False)
 
@@ -230,7 +239,8 @@ class SynthesisNetwork(nn.Module):
     """
 
     def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int, channel_max: int,
-                 conv_clamp: float | None = 256, spade_hidden: int | None = None, label_channels: int = 1):
+                 conv_clamp: float | None = 256, spade_hidden: int | None = None, label_channels: int = 1,
+                 spade_equalized_lr: bool = False):
         super().__init__()
         log2 = check_resolution(img_resolution)
         self.w_dim, self.img_resolution, self.img_channels = w_dim, img_resolution, img_channels
@@ -242,7 +252,7 @@ class SynthesisNetwork(nn.Module):
             in_ch = 0 if res == 4 else channels_at(res // 2, channel_base, channel_max)
             out_ch = channels_at(res, channel_base, channel_max)
             blocks.append(SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, conv_clamp, spade_hidden,
-                                         label_channels))
+                                         label_channels, spade_equalized_lr))
         self.blocks = nn.ModuleList(blocks)
         self.num_ws = sum(b.num_conv for b in blocks) + 1
 
@@ -271,13 +281,14 @@ class _StyleGenerator(nn.Module):
 
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int, channel_base: int,
                  channel_max: int, mapping_layers: int, conv_clamp: float | None, spade_hidden: int | None,
-                 label_channels: int, mapping_lr_multiplier: float, w_avg_beta: float):
+                 label_channels: int, mapping_lr_multiplier: float, w_avg_beta: float,
+                 spade_equalized_lr: bool = False):
         super().__init__()
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.synthesis = SynthesisNetwork(w_dim, img_resolution, img_channels, channel_base, channel_max,
                                           conv_clamp=conv_clamp, spade_hidden=spade_hidden,
-                                          label_channels=label_channels)
+                                          label_channels=label_channels, spade_equalized_lr=spade_equalized_lr)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim, c_dim, w_dim, self.num_ws, num_layers=mapping_layers,
                                       lr_multiplier=mapping_lr_multiplier, w_avg_beta=w_avg_beta)
@@ -311,17 +322,18 @@ class ImageGenerator(_StyleGenerator):
 
     ``seg`` [N, label_channels(=1), H, W] is the label map the image must follow (SPADE before
     every synthesis block; any H, W — it is nearest-resized). ``synthesize(ws, seg)`` is the
-    synthesis half, for the path-length penalty.
+    synthesis half, for the path-length penalty. ``spade_equalized_lr``: see ``SPADE``.
     """
 
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int = 64, img_channels: int = 3,
                  channel_base: int = 8192, channel_max: int = 256, mapping_layers: int = 4, spade_hidden: int = 128,
                  label_channels: int = 1, conv_clamp: float | None = 256, mapping_lr_multiplier: float = 0.01,
-                 w_avg_beta: float = 0.995):
+                 w_avg_beta: float = 0.995, spade_equalized_lr: bool = False):
         if spade_hidden <= 0:
             raise ValueError(f"ImageGenerator: spade_hidden must be positive, got {spade_hidden}")
         super().__init__(z_dim, c_dim, w_dim, img_resolution, img_channels, channel_base, channel_max,
-                         mapping_layers, conv_clamp, spade_hidden, label_channels, mapping_lr_multiplier, w_avg_beta)
+                         mapping_layers, conv_clamp, spade_hidden, label_channels, mapping_lr_multiplier, w_avg_beta,
+                         spade_equalized_lr)
 
     def forward(self, z: Tensor, c: Tensor, seg: Tensor, truncation_psi: float = 1.0,
                 update_w_avg: bool | None = None, noise_mode: str = "random") -> Tensor:

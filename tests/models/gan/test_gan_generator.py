@@ -213,3 +213,27 @@ def test_modules_survive_to_deepcopy_and_state_dict_round_trip():
     assert torch.equal(fresh(z, c, seg, noise_mode="const"), reference)
     pipe.double()  # buffers in another dtype must not break an fp32 forward
     assert pipe(torch.randn(2, 4, RES, RES)).dtype == torch.float32
+
+
+def test_spade_uses_plain_convolutions_with_default_init_unless_equalized_lr_is_asked():
+    from torch import nn
+
+    from relaylearn.models.gan.generator import SPADE
+    from relaylearn.models.gan.layers import EqualizedConv2d
+
+    plain = SPADE(64, label_channels=1, hidden=32)
+    for conv in (plain.shared, plain.gamma, plain.beta):
+        assert type(conv) is nn.Conv2d and conv.padding == (1, 1)
+    # PyTorch's default init: |w| <= 1/sqrt(fan_in), so the weights themselves are small and Adam's
+    # fixed-size steps move them by a large fraction (the equalised weights are N(0, 1))
+    bound = 1 / (32 * 9) ** 0.5
+    assert plain.gamma.weight.abs().max() <= bound + 1e-6
+    equalized = SPADE(64, label_channels=1, hidden=32, equalized_lr=True)
+    assert all(isinstance(c, EqualizedConv2d) for c in (equalized.shared, equalized.gamma, equalized.beta))
+    assert equalized.gamma.weight.std() > 0.5
+    assert set(plain.state_dict()) == set(equalized.state_dict())  # same tensor names either way
+    x, seg = torch.randn(2, 64, 8, 8), torch.randn(2, 1, 16, 16)
+    assert plain(x, seg).shape == x.shape == equalized(x, seg).shape
+    g = tiny_image_generator()
+    assert type(g.synthesis.blocks[0].spade.gamma) is nn.Conv2d
+    assert isinstance(tiny_image_generator(spade_equalized_lr=True).synthesis.blocks[0].spade.gamma, EqualizedConv2d)

@@ -1,0 +1,169 @@
+"""Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
+
+Five variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
+
+* ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
+* ``relay_replay_only`` — ``distil_weight: 0``;
+* ``relay_no_replay`` — ``replay: false`` (merge + distillation only; its GANs get the paper's one
+  G+D step per solver step, since nothing uses them);
+* ``sequential`` and ``joint`` — the demo baselines.
+
+Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
+complete row per variant. After every run it rewrites ``exps/compare/<name>/ablation.md`` and
+``ablation.json``: mean ± std of ACC, BWT, forgetting, external Dice (Domain5), mean final
+replay fidelity (absolute and × the oracle's reference), wall time per run; and the targets:
+
+* replay only: final fidelity ≥ 0.8 × reference for every earlier site, forgetting ≤ 1/3 of
+  sequential's (means over seeds);
+* relay: ACC ≥ joint ACC − 0.05 and forgetting ≤ 0.05.
+
+    python benchmarks/replay_ablation.py --seeds 3 --data-root data/synth
+    python benchmarks/replay_ablation.py --seeds 3 --only relay,sequential --steps 120 --name abl120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from relaylearn.compare import compare_strategies, external_dice
+from relaylearn.replay_fidelity import mean_final_fidelity
+from relaylearn.runner import atomic_write_text
+
+#: variant -> (config, extra overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "relay": ("demo/relay", []),
+    "relay_replay_only": ("demo/relay", ["strategy.kwargs.distil_weight=0"]),
+    "relay_no_replay": ("demo/relay", ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1"]),
+    "sequential": ("demo/sequential", []),
+    "joint": ("demo/joint", []),
+}
+
+
+def _replay_of(run_root: Path) -> dict | None:
+    found = sorted(p for p in run_root.rglob("replay.json") if p.parent.name == "metrics")
+    return json.loads(found[0].read_text()) if found else None
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(root: Path, name: str, variants: list[str]) -> dict:
+    """Per variant: the finished runs' metrics, means ± std, per-site final fidelity ratios."""
+    out: dict = {}
+    for variant in variants:
+        mfile = root.parent / f"{name}-{variant}" / "matrices.json"
+        if not mfile.is_file():
+            continue
+        base = mfile.parent
+        finished = [(base / label / key, r) for label, label_runs in json.loads(mfile.read_text()).items()
+                    for key, r in label_runs.items() if r.get("matrix") and "acc" in r["matrix"]]
+        if not finished:
+            continue
+        runs = [r for _, r in finished]
+        replays = [_replay_of(run_root) for run_root, _ in finished]
+        row = {"runs": len(runs)}
+        for metric in ("acc", "bwt", "forgetting"):
+            row[metric] = _stats([r["matrix"].get(metric) for r in runs])
+        row["external_dice"] = _stats([external_dice(r["matrix"]) for r in runs])
+        row["fidelity"] = _stats([mean_final_fidelity(rp) if rp else None for rp in replays])
+        row["fidelity_ratio"] = _stats([mean_final_fidelity(rp, relative=True) if rp else None for rp in replays])
+        ratios: dict[str, list[float]] = {}
+        for rp in replays:
+            if rp and rp.get("fidelity"):
+                for s, f in enumerate(rp["fidelity"][-1]):
+                    ref = rp["reference"][s] if s < len(rp["reference"]) else None
+                    if f is not None and ref:
+                        ratios.setdefault(rp["sites"][s], []).append(f / ref)
+        row["final_fidelity_ratio_per_site"] = {s: statistics.mean(v) for s, v in ratios.items()}
+        row["wall_s"] = _stats([r["wall_seconds"] for r in runs])
+        out[variant] = row
+    return out
+
+
+def targets(summary: dict) -> dict:
+    t: dict = {}
+    seq, joint = summary.get("sequential"), summary.get("joint")
+    only, relay = summary.get("relay_replay_only"), summary.get("relay")
+    if only and seq and seq["forgetting"][0]:
+        per_site = only["final_fidelity_ratio_per_site"]
+        t["replay_only_fidelity_ge_0.8x_every_site"] = bool(per_site) and min(per_site.values()) >= 0.8
+        t["replay_only_min_fidelity_ratio"] = min(per_site.values()) if per_site else None
+        t["replay_only_forgetting_over_sequential"] = only["forgetting"][0] / seq["forgetting"][0]
+        t["replay_only_forgetting_le_third_of_sequential"] = only["forgetting"][0] <= seq["forgetting"][0] / 3
+    if relay and joint:
+        t["relay_acc_minus_joint_acc"] = relay["acc"][0] - joint["acc"][0]
+        t["relay_acc_ge_joint_minus_0.05"] = relay["acc"][0] >= joint["acc"][0] - 0.05
+    if relay:
+        t["relay_forgetting_le_0.05"] = relay["forgetting"][0] <= 0.05
+    return t
+
+
+def _fmt(pair, digits: int = 3, signed: bool = False) -> str:
+    mean, std = pair
+    if mean is None:
+        return "–"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def markdown(summary: dict, header: str) -> str:
+    lines = [header, "", "| variant | runs | ACC | BWT | forgetting | external Dice | final replay fidelity | × reference | wall time / run (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, r in summary.items():
+        lines.append(f"| {variant} | {r['runs']} | {_fmt(r['acc'])} | {_fmt(r['bwt'], signed=True)} | {_fmt(r['forgetting'])} | "
+                     f"{_fmt(r['external_dice'])} | {_fmt(r['fidelity'])} | {_fmt(r['fidelity_ratio'], 2)} | {_fmt(r['wall_s'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="replay_ablation")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="batches per site (joint gets 4x, pooled); default: the configs'")
+    p.add_argument("--only", default=None, help="comma-separated variants (default: all)")
+    p.add_argument("--data-root", default="data/synth")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="extra override for every variant")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the table from the runs finished so far")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    variants = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"--only: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})", file=sys.stderr)
+        return 2
+    root = Path("exps") / "compare" / args.name
+    started = time.time()
+    for seeds in range(1, 0 if args.table_only else args.seeds + 1):
+        for variant in variants:
+            config, extra = VARIANTS[variant]
+            overrides = list(args.sets) + extra
+            if args.steps:
+                overrides.append(f"train.num_steps={args.steps * 4 if variant == 'joint' else args.steps}")
+            compare_strategies([config], f"{args.name}-{variant}", orders=1, seeds=seeds, data_root=args.data_root, overrides=overrides, quiet=args.quiet)
+            summary = summarise(root, args.name, variants)
+            header = (f"# {args.name}: {args.seeds} seed(s) planned, mean ± std over finished runs "
+                      f"(steps per site: {args.steps or 'config'}; elapsed {time.time() - started:.0f} s)")
+            atomic_write_text(root / "ablation.md", markdown(summary, header))
+            atomic_write_text(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
+    if args.table_only:
+        summary = summarise(root, args.name, variants)
+        atomic_write_text(root / "ablation.md", markdown(summary, f"# {args.name}: mean ± std over the runs finished so far"))
+        atomic_write_text(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
+    print((root / "ablation.md").read_text())
+    print(json.dumps(targets(summarise(root, args.name, variants))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
