@@ -84,31 +84,10 @@ class AuditResult:
 # ----- the generated pairs (the one place that talks to the relay strategy's generators) -------
 @torch.no_grad()
 def generate_site_pairs(strategy, site_id: int, n: int, seed: int, batch_size: int = 250) -> tuple[Tensor, Tensor]:
-    """n pairs (images [n,C,H,W] in [-1,1], class ids [n,H,W]) for one site id, drawn from the
-    strategy's *current* generators exactly as replay draws them (eval mode, the configured
-    truncation, quantised label maps). Deterministic for ``seed``; the global RNG is untouched."""
-    from relaylearn.strategies.relay import decode_labels, encode_labels
-
-    o = strategy.options
-    was_training = strategy.training
-    strategy.eval()
-    device = next(strategy.g_img.parameters()).device
-    images, labels = [], []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for start in range(0, n, batch_size):
-                m = min(batch_size, n - start)
-                c = F.one_hot(torch.full((m,), site_id, dtype=torch.long, device=device), o.site_capacity).float()
-                label_map = strategy.g_label(torch.randn(m, o.z_label, device=device), c, truncation_psi=o.replay_truncation)
-                lab = decode_labels(label_map, strategy.num_classes)
-                seg = encode_labels(lab, strategy.num_classes) if o.quantize_replay_labels else label_map
-                img = strategy.g_img(torch.randn(m, o.z_img, device=device), c, seg, truncation_psi=o.replay_truncation).clamp(-1, 1)
-                images.append(img.float().cpu())
-                labels.append(lab.cpu())
-    finally:
-        strategy.train(was_training)
-    return torch.cat(images), torch.cat(labels)
+    """n pairs (images [n,C,H,W] in the solver's input range, class ids [n,H,W]) for one site id,
+    drawn from the strategy's *current* generators exactly as replay draws them (the relay
+    strategy's ``generate_replay``). Deterministic for ``seed``; the global RNG is untouched."""
+    return strategy.generate_replay(site_id, n, seed=seed, batch_size=batch_size)
 
 
 # ----- distances and scores ------------------------------------------------------------------------
