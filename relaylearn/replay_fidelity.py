@@ -117,6 +117,8 @@ def sample_grid(images: Tensor, masks: Tensor, out_range: tuple[float, float]) -
     from relaylearn.report.samples import _rgb_or_grey, colour_mask, to_uint8
 
     top = np.concatenate([_rgb_or_grey(im) for im in to_uint8(images, out_range)], axis=1)
+    if top.ndim == 2:  # one-channel (CT) images: grey in all three channels, beside colour masks
+        top = np.repeat(top[..., None], 3, axis=2)
     bottom = np.concatenate([colour_mask(m) for m in masks.numpy()], axis=1)
     return np.concatenate([top, bottom], axis=0)
 

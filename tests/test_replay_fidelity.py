@@ -87,3 +87,13 @@ def test_no_replay_json_for_strategies_without_replay(tmp_path, tiny_fundus):
     cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", steps=1)))
     result = run_training(cfg, "s", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     assert not (result.run_dir / "metrics" / "replay.json").exists() and not (result.run_dir / "oracles").exists()
+
+
+def test_sample_grid_of_one_channel_images_is_rgb():
+    from relaylearn.replay_fidelity import sample_grid
+
+    images = torch.rand(3, 1, 8, 8) * 2 - 1  # CT-like: one channel in [-1, 1]
+    masks = torch.randint(0, 2, (3, 8, 8))
+    grid = sample_grid(images, masks, (-1.0, 1.0))
+    assert grid.shape == (16, 24, 3) and grid.dtype.name == "uint8"
+    assert (grid[:8, :, 0] == grid[:8, :, 1]).all()  # grey top row
