@@ -294,6 +294,17 @@ def _site_is_occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def publish_staged_sites(staging: Path, out: Path, sites) -> None:
+    """Move each fully written ``staging/<site>`` over ``out/<site>`` (replacing what was there)."""
+    for site in sites:
+        target = out / site
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(staging / site, target)
+
+
 def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 0, progress: bool = False,
                               overwrite: bool = False,
                               counts: dict[str, tuple[int, int]] | None = None) -> dict[str, dict[str, int]]:
@@ -356,13 +367,7 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
                     if bar is not None:
                         bar.update(1)
                 summary[site][split] = count
-        for site in counts:
-            target = out / site
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            os.replace(staging / site, target)
+        publish_staged_sites(staging, out, counts)
         info = {"generator": "relaylearn synthetic fundus", "seed": seed, "size": size, "sites": summary,
                 "external_test_sites": [s for s, (train, _) in counts.items() if train == 0]}
         tmp_json = staging / "synth_benchmark.json"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from relaylearn.data.synth import publish_staged_sites
 from relaylearn.errors import DataError
 
 SCAN_LENGTH_MM = 60.0  # cranio-caudal extent of every synthetic scan
@@ -175,13 +176,7 @@ def write_synthetic_ct(out_dir: str | Path, size: int = 64, seed: int = 0, studi
                 slices += hu.shape[2]
                 positives += int(label.reshape(-1, hu.shape[2]).any(axis=0).sum())
             summary[site] = {"studies": n, "slices": slices, "positive_slices": positives}
-        for site in counts:
-            target = out / site
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            os.replace(staging / site, target)
+        publish_staged_sites(staging, out, counts)
         info = {"generator": "relaylearn synthetic CT", "seed": seed, "size": size, "layout": layout, "sites": summary,
                 "scanners": {s: SCANNERS[s].__dict__ for s in counts}}
         tmp_json = staging / "synth_ct.json"

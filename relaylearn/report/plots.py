@@ -39,6 +39,17 @@ def data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+
+def _finish_heatmap(fig, ax, im, colour_label: str) -> str:
+    """Frameless axes and a labelled colour bar; the figure as a data URI."""
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cbar.set_label(colour_label, fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    return data_uri(fig)
+
 def png_uri(array: np.ndarray) -> str:
     """A uint8 image array [H, W] or [H, W, 3] as a PNG data URI (no resampling)."""
     from relaylearn.predict import png_bytes
@@ -85,13 +96,7 @@ def matrix_heatmap(run: Run) -> str:
     for i, trained_cols in enumerate(run.trained_columns()):
         for j in trained_cols:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=2.0))
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cbar.set_label("Dice", fontsize=8)
-    cbar.ax.tick_params(labelsize=7)
-    return data_uri(fig)
+    return _finish_heatmap(fig, ax, im, "Dice")
 
 
 @_with_style
@@ -206,10 +211,4 @@ def fidelity_heatmap(replay: dict) -> str:
                 continue
             ratio = f"\n{F[i, j] / refs[j]:.2f}×" if j < len(refs) and refs[j] else ""
             ax.text(j, i, f"{F[i, j]:.3f}{ratio}", ha="center", va="center", fontsize=7.5, color="black" if F[i, j] > 0.55 else "white")
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cbar.set_label("oracle Dice on generated pairs", fontsize=8)
-    cbar.ax.tick_params(labelsize=7)
-    return data_uri(fig)
+    return _finish_heatmap(fig, ax, im, "oracle Dice on generated pairs")
