@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relaylearn.errors import ConfigError
 
@@ -112,6 +112,12 @@ class TrainConfig(Strict):
     num_steps: Optional[int] = Field(None, ge=1, description="Batches per site (handy for tiny runs).")
     batch_size: int = Field(128, ge=1, description="Batch size per device.")
     precision: Literal["32", "bf16-mixed", "16-mixed", "32-true"] = Field("32", description="Lightning precision; bf16-mixed is fast on recent GPUs.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        """``--set train.precision=32`` (and ``precision: 32`` in YAML) arrive as the number 32."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     gradient_clip: float = Field(0.0, ge=0, description="Kept from the original's configs (0 = none).")

@@ -85,3 +85,10 @@ def test_shipped_configs_validate(path):
 
     cls = get_strategy_class(cfg.tasks[0].strategy.name)
     parse_options(cls, cfg.tasks[0].strategy.kwargs)
+
+
+def test_precision_32_may_be_written_as_a_number(tmp_path, tiny_fundus):
+    from relaylearn.config import load_config
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)), overrides=["train.precision=32"])
+    assert cfg.tasks[0].train.precision == "32"
