@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# xdist runs two workers on two cores: every training the tests start in a subprocess gets one
+# thread too (two OpenMP teams spinning on one core each slow each other down many times over)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 import yaml
 
 torch.set_num_threads(1)
