@@ -1,12 +1,14 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Five variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Seven variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
 * ``relay_replay_only`` — ``distil_weight: 0``;
 * ``relay_no_replay`` — ``replay: false`` (merge + distillation only; its GANs get the paper's one
   G+D step per solver step, since nothing uses them);
+* ``relay_no_alignment`` — ``gen_align_weight: 0`` (the paper's GAN losses, no alignment term);
+* ``relay_no_discriminators`` — ``ship_discriminators: false`` (what the privacy option costs);
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -41,6 +43,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay": ("demo/relay", []),
     "relay_replay_only": ("demo/relay", ["strategy.kwargs.distil_weight=0"]),
     "relay_no_replay": ("demo/relay", ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1"]),
+    "relay_no_alignment": ("demo/relay", ["strategy.kwargs.gen_align_weight=0"]),
+    "relay_no_discriminators": ("demo/relay", ["strategy.kwargs.ship_discriminators=false"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }

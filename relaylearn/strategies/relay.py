@@ -124,6 +124,7 @@ class RelayOptions(StrategyOptions):
     spade_equalized_lr: bool = Field(False, description="SPADE convolutions with equalised learning rate (false: plain convolutions, as in the original).")
     gan_steps_per_solver_step: int = Field(1, ge=1, description="G+D steps per solver step; the extra ones draw fresh real batches of the site (paper: 1).")
     gan_warmup_steps: int = Field(0, ge=0, description="GAN-only G+D steps at the start of every site, before the first solver step.")
+    gen_align_weight: float = Field(0.0, ge=0, description="Generator alignment: weight of an L1 term keeping the generators' outputs for earlier sites equal to the frozen previous generators' on the same latents (0 = off, as in the paper).")
     # distillation
     distil_weight: float = 0.5
     distil_tau: float = 2.0
@@ -503,6 +504,10 @@ class Relay(Strategy):
         loss_label = F.softplus(-self.d_label(self.ada_label(fake_label), c_d)).mean()
         loss = loss_img + loss_label
         logs = {"g_img": loss_img.detach(), "g_label": loss_label.detach()}
+        if o.gen_align_weight > 0 and self.previous is not None and self.registry_previous:
+            align = self._alignment_loss(max(1, n // 2), labels.device)
+            loss = loss + o.gen_align_weight * align
+            logs["g_align"] = align.detach()
         if do_pl and o.pl_weight > 0:
             m = max(1, n // o.pl_batch_shrink)
             ws_img = self.g_img.mapping(z_img[:m], c[:m], update_w_avg=False)
@@ -516,6 +521,27 @@ class Relay(Strategy):
             loss = loss + (pen_img + pen_lab) * o.pl_weight * o.g_reg_interval
             logs["pl_penalty"] = (pen_img + pen_lab).detach()
         return loss, logs
+
+    def _alignment_loss(self, n: int, device) -> Tensor:
+        """Mean L1 distance between the current and the frozen previous generators on the same
+        latents, site ids of earlier sites and noise, both in eval mode: label maps [n,1,H,W] plus
+        images [n,C,H,W] drawn on the previous generator's (quantised) label map. Keeps earlier sites' replay from
+        drifting hop after hop; the gradient reaches only the current generators."""
+        o = self.options
+        c = self._one_hot(self._draw_ids(n, "previous", device))
+        z_label, z_img = torch.randn(n, o.z_label, device=device), torch.randn(n, o.z_img, device=device)
+        with torch.no_grad():
+            ref_label = self.previous["g_label"](z_label, c, update_w_avg=False, noise_mode="const")
+            seg = encode_labels(decode_labels(ref_label, self.num_classes), self.num_classes)
+            ref_img = self.previous["g_img"](z_img, c, seg, update_w_avg=False, noise_mode="const")
+        was = self.g_label.training, self.g_img.training
+        self.g_label.eval(), self.g_img.eval()  # as the next site will replay them (SPADE's running statistics)
+        try:
+            label = self.g_label(z_label, c, update_w_avg=False, noise_mode="const")
+            img = self.g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
+        finally:
+            self.g_label.train(was[0]), self.g_img.train(was[1])
+        return F.l1_loss(label.float(), ref_label.float()) + F.l1_loss(img.float(), ref_img.float())
 
     def _discriminator_loss(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[Tensor, dict[str, Tensor]]:
         from relaylearn.models.gan import r1_penalty

@@ -259,3 +259,21 @@ def test_bundles_with_equalised_spade_load_into_plain_spade_unchanged(tmp_path, 
     with torch.no_grad():
         assert torch.allclose(old.g_img(z, c, seg, noise_mode="const"), new.g_img(z, c, seg, noise_mode="const"), atol=1e-5)
     assert new.meta()["spade_conv"] == "plain"
+
+
+def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_ones_back(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, gen_align_weight=1.0)
+    strategy.train()
+    assert float(strategy._alignment_loss(6, torch.device("cpu"))) == 0.0  # same weights, latents and noise
+    with torch.no_grad():
+        for p in strategy.g_img.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    drifted = strategy._alignment_loss(6, torch.device("cpu"))
+    assert drifted > 0
+    drifted.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in strategy.g_img.parameters())
+    assert all(p.grad is None for p in strategy.previous.parameters())  # the frozen copies never learn
+    logs = strategy.training_step(_batch(), _step(site))
+    assert "g_align" in logs
+    off, site = _replaying(tmp_path / "off", tiny_fundus)
+    assert "g_align" not in off.training_step(_batch(), _step(site))  # off by default (the paper)
