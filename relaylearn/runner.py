@@ -40,6 +40,7 @@ class TrainOptions:
     relay_id: str | None = None  # the relay this site belongs to (else <trust>/relay-id)
     hop: int | None = None  # the hop this site writes (default: the first task's task_id)
     ledger: str | None = None  # site ledger folder (default: <key folder>/ledger, else <trust>/ledger)
+    recipe: str = "bundle"  # with --in: adopt the bundle's recipe ("bundle") or keep the local one ("local")
 
 
 @dataclass
@@ -212,10 +213,9 @@ def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tu
     your local config uses. VerificationError (exit 3) otherwise, or when the tensors do not fit."""
     from relaylearn.bundle import escape_text
 
-    try:
-        task = TaskConfig.model_validate(bundle.manifest["config"])
-    except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
-        raise VerificationError(f"bundle config does not match this relaylearn version: {_first_line(exc)}", bundle.path) from None
+    from relaylearn.recipe import shipped_task_config
+
+    task = shipped_task_config(bundle.manifest["config"], bundle.path)
     for what, name in (("strategy", task.strategy.name), ("model", task.model.name)):
         if ":" in name and name not in plugins:
             raise VerificationError(
@@ -335,6 +335,9 @@ class RelayRun:
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
             self._check_position(self.incoming)
+            from relaylearn.recipe import reconcile
+
+            self.cfg, self.recipe_record = reconcile(self.cfg, self.incoming, self.opts.recipe, local_plugins(self.cfg))
             check_bundle_fits(self.incoming, self.cfg.tasks[0])
             ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
             if is_main_process() and ledger is not None:
@@ -348,6 +351,7 @@ class RelayRun:
             "config": self.cfg.name, "config_path": str(self.cfg.path), "name": self.name,
             "seed": self.cfg.tasks[0].random_seed, "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
             "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(),
+            "recipe": getattr(self, "recipe_record", None),
         }
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
 
