@@ -217,9 +217,7 @@ def cmd_test(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from relaylearn.keys import generate_keypair
-
-    from relaylearn.keys import load_private_key
+    from relaylearn.keys import generate_keypair, load_private_key
 
     priv, pub = generate_keypair(Path(args.out_dir), args.site)
     print(f"private key (keep at this site, never share): {priv}\npublic key (give to every other site's trust folder): {pub}")
@@ -229,9 +227,7 @@ def cmd_keygen(args) -> int:
 
 def cmd_verify(args) -> int:
     from relaylearn.bundle import verify_bundle
-    from relaylearn.keys import load_trust_dir
-
-    from relaylearn.keys import read_relay_id
+    from relaylearn.keys import load_trust_dir, read_relay_id
 
     bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust), expect_relay_id=read_relay_id(args.trust))
     hops = bundle.manifest.get("hops", [])

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -227,7 +228,6 @@ class SiteProgressBar(Callback):
         from tqdm.auto import tqdm
 
         if trainer.is_global_zero:
-            site = pl_module.site
             done = pl_module._local_step() + 1 if trainer.fit_loop.epoch_loop.batch_progress.current.ready else 0
             self.bar = tqdm(total=pl_module.max_batches, initial=max(0, done), desc=self.label, unit="batch", dynamic_ncols=True, leave=True)
 

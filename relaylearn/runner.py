@@ -19,7 +19,7 @@ import torch
 
 from relaylearn import __version__
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
+from relaylearn.errors import DataError, UserError, VerificationError
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import BundleState, SiteContext, Strategy, parse_options
 
@@ -212,7 +212,6 @@ def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tu
     built-in registry; a plug-in (``package.module:Name``) only when it is in ``plugins``, the names
     your local config uses. VerificationError (exit 3) otherwise, or when the tensors do not fit."""
     from relaylearn.bundle import escape_text
-
     from relaylearn.recipe import shipped_task_config
 
     task = shipped_task_config(bundle.manifest["config"], bundle.path)
@@ -331,7 +330,7 @@ class RelayRun:
             parse_devices(self.opts.devices, task.train.lightning)
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
-            raise UserError(f"run folder already has results; use --resume to continue it or another -n", self.run_dir)
+            raise UserError("run folder already has results; use --resume to continue it or another -n", self.run_dir)
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
             self._check_position(self.incoming)
@@ -700,7 +699,7 @@ def quiet_lightning() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
 
 
 def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:

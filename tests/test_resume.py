@@ -21,8 +21,8 @@ from relaylearn.config import load_config
 from relaylearn.keys import generate_keypair, load_private_key
 from relaylearn.runner import TrainOptions, run_training
 from tests.conftest import tiny_config
-from tests.test_deploy import run_cli
 from tests.strategies.test_relay import TINY
+from tests.test_deploy import run_cli
 
 TOTAL_STEPS = 20
 EVERY = 5
