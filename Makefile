@@ -33,6 +33,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser check of the report will be skipped"; }
 
 test: install chromium
+	$(VENV)/bin/ruff check relaylearn tests benchmarks
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:

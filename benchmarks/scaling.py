@@ -90,7 +90,7 @@ def measure_sites(task: TaskConfig, earlier: int, device: torch.device, warmup: 
     assert strategy.replaying and len(strategy.registry_previous) == earlier
 
     def step(i: int) -> None:
-        strategy.training_step((images, labels), StepContext(step=i, global_step=i, epoch=0, site=site))
+        strategy.training_step((images, labels), StepContext(step=i, global_step=i, epoch=0, site=site))  # noqa: F821 - runs before `del strategy` below
 
     for i in range(warmup):
         step(i)

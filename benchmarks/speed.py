@@ -46,9 +46,9 @@ import re
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -77,7 +77,7 @@ class Switches:
     replay_per_substep: bool = False  # relay: a fresh replay for each of the G, D and solver steps
     aug_device: str = "none"  # none | cpu (host, before the copy) | same (on the training device)
 
-    def toggled(self) -> list["Switches"]:
+    def toggled(self) -> list[Switches]:
         """Every variant that differs from this one in exactly one switch."""
         out = [replace(self, precision="bf16" if self.precision == "fp32" else "fp32")]
         out += [replace(self, **{f.name: not getattr(self, f.name)}) for f in fields(self) if f.type in (bool, "bool")]

@@ -63,10 +63,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import safetensors.torch
-from safetensors import SafetensorError
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints, ValidationError
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, StringConstraints, ValidationError, field_validator
+from safetensors import SafetensorError
 from torch import Tensor
 
 from relaylearn import __version__ as RELAYLEARN_VERSION

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--relay-id", default=None, help="the relay this site belongs to (default: the file relay-id in the --trust folder)")
     train.add_argument("--hop", type=int, default=None, help="the hop this site writes; --in must have one hop less (default: the task_id)")
     train.add_argument("--ledger", default=None, help="site ledger folder (default: ledger/ beside --key, else in the --trust folder)")
+    train.add_argument("--recipe", choices=["bundle", "local"], default="bundle",
+                       help="with --in: 'bundle' (default) adopts the bundle's recipe where the local config leaves keys unset and refuses keys it sets otherwise; 'local' trains with the local recipe (recorded in run.json)")
 
     test = sub.add_parser("test", help="evaluate saved weights on the configured test sites")
     _add_run_args(test)
@@ -173,7 +175,7 @@ def cmd_train(args) -> int:
     opts = TrainOptions(
         devices=args.gpus, in_bundle=args.in_bundle, out_bundle=args.out_bundle, key=args.key, trust=args.trust,
         resume=args.resume, quiet=args.quiet, insecure_unsigned=args.insecure_unsigned,
-        relay_id=args.relay_id, hop=args.hop, ledger=args.ledger,
+        relay_id=args.relay_id, hop=args.hop, ledger=args.ledger, recipe=args.recipe,
     )
     result = run_training(cfg, _name(args.name), opts)
     print_matrix(result.matrix)
@@ -215,9 +217,7 @@ def cmd_test(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from relaylearn.keys import generate_keypair
-
-    from relaylearn.keys import load_private_key
+    from relaylearn.keys import generate_keypair, load_private_key
 
     priv, pub = generate_keypair(Path(args.out_dir), args.site)
     print(f"private key (keep at this site, never share): {priv}\npublic key (give to every other site's trust folder): {pub}")
@@ -227,9 +227,7 @@ def cmd_keygen(args) -> int:
 
 def cmd_verify(args) -> int:
     from relaylearn.bundle import verify_bundle
-    from relaylearn.keys import load_trust_dir
-
-    from relaylearn.keys import read_relay_id
+    from relaylearn.keys import load_trust_dir, read_relay_id
 
     bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust), expect_relay_id=read_relay_id(args.trust))
     hops = bundle.manifest.get("hops", [])

@@ -46,8 +46,8 @@ from typing import Any
 
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import UserError
-from relaylearn.runner import EXPS_ROOT, TrainOptions, atomic_write_text, run_training
 from relaylearn.replay_fidelity import mean_final_fidelity
+from relaylearn.runner import EXPS_ROOT, TrainOptions, atomic_write_text, run_training
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
 METRICS = ("acc", "bwt", "forgetting", "external_dice")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -120,12 +121,11 @@ class TrainConfig(Strict):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
-    gradient_clip: float = Field(0.0, ge=0, description="Kept from the original's configs (0 = none).")
-    check_val_every_n_epoch: int = Field(10, ge=1, description="Kept for the original's configs (unused: each site is validated once, at its end, on its validation part).")
+    gradient_clip: float = Field(0.0, ge=0, description="Before every optimizer step, scale that optimizer's gradients to at most this joint L2 norm (every network's optimizer, as the original's Lightning gradient_clip_val); 0 = none. Not with 16-mixed.")
     checkpoint_every_n_steps: int = Field(200, ge=1, description="Local resume checkpoint interval in batches (never shipped).")
     log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence in batches.")
     channels_last: bool = Field(True, description="Run every network (solver, and the relay's GANs) in channels_last memory format (faster convolutions on CPUs and GPUs).")
-    compile: bool = Field(False, description="torch.compile the solver.")
+    compile: bool = Field(False, description="torch.compile the solver before its first batch (state-dict names unchanged; the first batches are slow while it compiles; on the CPU TorchInductor needs a C++ compiler).")
     lightning: LightningConfig = LightningConfig()
 
     @model_validator(mode="after")
@@ -133,13 +133,14 @@ class TrainConfig(Strict):
         given = [k for k in ("num_epochs", "num_mimgs", "num_steps") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"exactly one of num_epochs / num_mimgs / num_steps must be set (got {given or 'none'})")
+        if self.gradient_clip > 0 and self.precision == "16-mixed":
+            raise ValueError("gradient_clip does not work with precision 16-mixed (its gradients are loss-scaled); use bf16-mixed or 32")
         return self
 
 
 class TestConfig(Strict):
     batch_size: int = Field(64, ge=1, description="Batch size for testing.")
     bootstrap: int = Field(5000, ge=100, description="Bootstrap resamples for the 95 % intervals.")
-    save_predictions: bool = Field(False, description="Reserved: write predicted masks of test images.")
     replay_fidelity_samples: int = Field(256, ge=0, description="Generated pairs per earlier site and hop scored for replay fidelity (metrics/replay.json; runs that train all sites on one machine with a replaying strategy); 0: off.")
 
 
@@ -157,7 +158,6 @@ class AuditConfig(Strict):
 
 class CommonConfig(Strict):
     random_seed: int = Field(1314, description="Seed; site k uses random_seed + task_id.")
-    num_workers: int = Field(0, ge=0, description="Kept for the original's configs: sites are decoded into memory once, so loading needs no workers.")
     dataset: DatasetConfig = DatasetConfig()
     strategy: NamedKwargs = NamedKwargs(name="sequential")
     model: ModelConfig = ModelConfig()
@@ -174,7 +174,6 @@ class CheckpointSave(Strict):
 class CheckpointConfig(Strict):
     load: Optional[str] = Field(None, description="Bundle of the previous site (path relative to the run folder, or absolute).")
     save: Optional[CheckpointSave] = None
-    resume: Optional[str] = None
 
 
 class TaskConfig(CommonConfig):
@@ -211,6 +210,35 @@ class RunConfig(BaseModel):
     @property
     def common(self) -> TaskConfig:
         return self.tasks[0]
+
+
+# ----- keys of the original's config files that this version does not take ----------------------
+#: accepted (so the original's files load) and dropped with a warning: they would change nothing here
+IGNORED_KEYS: dict[tuple[str, ...], str] = {
+    ("num_workers",): "sites are decoded into memory once, so loading needs no workers",
+    ("train", "check_val_every_n_epoch"): "each site is validated once, at its end, on its validation part",
+}
+#: refused with a pointer to what does the job
+UNSUPPORTED_KEYS: dict[tuple[str, ...], str] = {
+    ("checkpoint", "resume"): "resume an interrupted run with 'relaylearn train --resume' (its last local checkpoint)",
+    ("test", "save_predictions"): "write predicted masks with 'relaylearn predict'",
+}
+
+
+def _drop_legacy_keys(section: dict, where: str, path: Path) -> None:
+    """Remove ``IGNORED_KEYS`` from a ``common`` or ``task_confs.<id>`` mapping (in place) with a
+    warning; ConfigError for ``UNSUPPORTED_KEYS``."""
+    for keys, reason in {**IGNORED_KEYS, **UNSUPPORTED_KEYS}.items():
+        node = section
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or keys[-1] not in node:
+            continue
+        key = f"{where}.{'.'.join(keys)}"
+        if keys in UNSUPPORTED_KEYS:
+            raise ConfigError(f"{key}: not supported by this version; {reason}", path)
+        del node[keys[-1]]
+        warnings.warn(f"{path}: {key} is ignored: {reason}", stacklevel=3)
 
 
 # ----- helpers --------------------------------------------------------------------------------
@@ -301,8 +329,11 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
     common = copy.deepcopy(cfg.common)
     for keys, value in parse_set(overrides or []):
         _apply_set(common, keys, value)
+    _drop_legacy_keys(common, "common", path)
     datasets = [d.model_dump(exclude_none=True) for d in cfg.all_tasks_datasets]
     task_confs = copy.deepcopy(cfg.current_tasks.task_confs)
+    for task_id, conf in task_confs.items():
+        _drop_legacy_keys(conf, f"current_tasks.task_confs.{task_id}", path)
     if data_root is not None:
         common.setdefault("dataset", {}).setdefault("kwargs", {})["root_path"] = str(data_root)
         for d in datasets:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -92,9 +93,12 @@ def epochs_for_budget(train_cfg, num_items: int, num_replica: int, batch_size: i
 def prepare_networks(strategy: Strategy, train_cfg) -> None:
     """Before a site starts (so the copies a strategy makes at site start inherit it): with
     ``train.channels_last`` every network of the strategy (the solver, and the relay's generators
-    and discriminators) keeps its 4-D weights in ``channels_last`` memory format."""
+    and discriminators) keeps its 4-D weights in ``channels_last`` memory format; with
+    ``train.compile`` the solver is compiled in place (``nn.Module.compile``: same state-dict names)."""
     if train_cfg.channels_last:
         strategy.to(memory_format=torch.channels_last)
+    if train_cfg.compile:
+        strategy.solver.compile()
 
 
 # ----- the Lightning adapter ---------------------------------------------------------------------
@@ -118,8 +122,7 @@ class SiteModule(L.LightningModule):
         self._site_started = False
 
     def setup(self, stage: str) -> None:
-        if self.channels_last:  # before on_site_start, so copies the strategy makes inherit it
-            prepare_networks(self.strategy, self.strategy.train_cfg)
+        prepare_networks(self.strategy, self.strategy.train_cfg)  # before on_site_start: copies inherit it
         if not self._site_started:
             self.strategy.on_site_start(self.site)
             self._site_started = True
@@ -225,7 +228,6 @@ class SiteProgressBar(Callback):
         from tqdm.auto import tqdm
 
         if trainer.is_global_zero:
-            site = pl_module.site
             done = pl_module._local_step() + 1 if trainer.fit_loop.epoch_loop.batch_progress.current.ready else 0
             self.bar = tqdm(total=pl_module.max_batches, initial=max(0, done), desc=self.label, unit="batch", dynamic_ncols=True, leave=True)
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
-import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

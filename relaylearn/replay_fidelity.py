@@ -110,7 +110,7 @@ def mean_final_fidelity(replay: dict[str, Any], relative: bool = False) -> float
     return float(sum(values) / len(values)) if values else None
 
 
-def sample_grid(images: Tensor, masks: Tensor, out_range: tuple[float, float]) -> "Any":
+def sample_grid(images: Tensor, masks: Tensor, out_range: tuple[float, float]) -> Any:
     """uint8 [2H, n·W, 3]: generated images (top row) over their colour-coded masks."""
     import numpy as np
 

@@ -19,7 +19,7 @@ import torch
 
 from relaylearn import __version__
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
+from relaylearn.errors import DataError, UserError, VerificationError
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import BundleState, SiteContext, Strategy, parse_options
 
@@ -40,6 +40,7 @@ class TrainOptions:
     relay_id: str | None = None  # the relay this site belongs to (else <trust>/relay-id)
     hop: int | None = None  # the hop this site writes (default: the first task's task_id)
     ledger: str | None = None  # site ledger folder (default: <key folder>/ledger, else <trust>/ledger)
+    recipe: str = "bundle"  # with --in: adopt the bundle's recipe ("bundle") or keep the local one ("local")
 
 
 @dataclass
@@ -211,11 +212,9 @@ def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tu
     built-in registry; a plug-in (``package.module:Name``) only when it is in ``plugins``, the names
     your local config uses. VerificationError (exit 3) otherwise, or when the tensors do not fit."""
     from relaylearn.bundle import escape_text
+    from relaylearn.recipe import shipped_task_config
 
-    try:
-        task = TaskConfig.model_validate(bundle.manifest["config"])
-    except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
-        raise VerificationError(f"bundle config does not match this relaylearn version: {_first_line(exc)}", bundle.path) from None
+    task = shipped_task_config(bundle.manifest["config"], bundle.path)
     for what, name in (("strategy", task.strategy.name), ("model", task.model.name)):
         if ":" in name and name not in plugins:
             raise VerificationError(
@@ -331,10 +330,13 @@ class RelayRun:
             parse_devices(self.opts.devices, task.train.lightning)
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
-            raise UserError(f"run folder already has results; use --resume to continue it or another -n", self.run_dir)
+            raise UserError("run folder already has results; use --resume to continue it or another -n", self.run_dir)
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
             self._check_position(self.incoming)
+            from relaylearn.recipe import reconcile
+
+            self.cfg, self.recipe_record = reconcile(self.cfg, self.incoming, self.opts.recipe, local_plugins(self.cfg))
             check_bundle_fits(self.incoming, self.cfg.tasks[0])
             ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
             if is_main_process() and ledger is not None:
@@ -348,6 +350,7 @@ class RelayRun:
             "config": self.cfg.name, "config_path": str(self.cfg.path), "name": self.name,
             "seed": self.cfg.tasks[0].random_seed, "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
             "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(),
+            "recipe": getattr(self, "recipe_record", None),
         }
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
 
@@ -696,7 +699,7 @@ def quiet_lightning() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
 
 
 def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:

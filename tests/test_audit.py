@@ -172,7 +172,7 @@ def test_audit_bad_input_exits_2_with_one_line(relay_run, tmp_path, case):
         extra = ["--threshold", "1.5"]
     out = run_cli(tmp_path, "audit", bundle, "--site", site, "--data-root", root, "--no-verify", "--out", tmp_path / "o", *extra)
     assert out.code == 2
-    line = one_line_error("\n".join(l for l in out.err.splitlines() if "signature not checked" not in l and "read_any_bundle" not in l))
+    line = one_line_error("\n".join(ln for ln in out.err.splitlines() if "signature not checked" not in ln and "read_any_bundle" not in ln))
     assert {"unknown site": "Domain9", "missing root": "nowhere", "missing site folder": "empty", "missing bundle": "none.relay", "bad threshold": "1.5"}[case] in line
     assert not (tmp_path / "o").exists()
 

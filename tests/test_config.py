@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 import yaml
@@ -42,6 +41,9 @@ def test_data_root_replaces_every_site_root(tmp_path):
         ("train.batch_size=many", "common.train.batch_size"),
         ("dataset.kwargs.num_classes=1", "common.dataset.kwargs.num_classes"),
         ("train.num_epochs=3", "exactly one of num_epochs"),
+        ("test.save_predictions=true", "common.test.save_predictions: not supported by this version; write predicted masks with 'relaylearn predict'"),
+        ("train.compile_me=true", "common.train.compile_me: unknown key"),
+        ("train.gradient_clip=-1", "common.train.gradient_clip"),
     ],
 )
 def test_bad_keys_name_the_key_and_file(tmp_path, override, key):
@@ -92,3 +94,41 @@ def test_precision_32_may_be_written_as_a_number(tmp_path, tiny_fundus):
 
     cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)), overrides=["train.precision=32"])
     assert cfg.tasks[0].train.precision == "32"
+
+
+def test_keys_of_the_original_that_change_nothing_load_with_a_warning_and_are_dropped(tmp_path):
+    """``num_workers`` / ``check_val_every_n_epoch`` from the original's files: accepted, said to be ignored."""
+    path = tiny_config(tmp_path, tmp_path)
+    with pytest.warns(UserWarning, match=r"common\.num_workers is ignored"):
+        cfg = load_config(str(path), ["num_workers=4"])
+    assert "num_workers" not in cfg.tasks[0].model_dump()
+    with pytest.warns(UserWarning, match=r"common\.train\.check_val_every_n_epoch is ignored"):
+        load_config(str(path), ["train.check_val_every_n_epoch=10"])
+
+
+def test_checkpoint_resume_in_a_task_is_refused_with_the_replacement(tmp_path):
+    path = tiny_config(tmp_path, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["current_tasks"]["task_confs"] = {1: {"checkpoint": {"resume": "last.ckpt"}}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"current_tasks\.task_confs\.1\.checkpoint\.resume: not supported.*--resume"):
+        load_config(str(path))
+
+
+def test_gradient_clip_with_loss_scaled_fp16_is_an_error(tmp_path):
+    path = tiny_config(tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match="gradient_clip does not work with precision 16-mixed"):
+        load_config(str(path), ["train.gradient_clip=1", "train.precision=16-mixed"])
+    assert load_config(str(path), ["train.gradient_clip=1", "train.precision=bf16-mixed"]).tasks[0].train.gradient_clip == 1
+
+
+@pytest.mark.parametrize("name", ["fundus/relay", "fundus/relay_deploy", "fundus/relay_test", "ct/relay", "ct/sequential"])
+def test_the_original_style_configs_keep_loading_with_the_originals_keys(name, tmp_path):
+    """The paper configs, with the two keys the original's files also had (dropped here as inert)."""
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    raw["common"]["num_workers"] = 4
+    raw["common"]["train"]["check_val_every_n_epoch"] = 10
+    path = tmp_path / "original.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.warns(UserWarning, match="is ignored"):
+        assert load_config(str(path)).tasks == load_config(name).tasks

@@ -52,3 +52,29 @@ def test_the_solver_optimizer_follows_train_optimizer_fused(tmp_path):
         cfg = load_config(str(tiny_config(tmp_path, tmp_path)), [f"train.optimizer.fused={str(fused).lower()}"])
         (optimizer,) = build_strategy(cfg.tasks[0], load_pretrained=False).configure_optimizers()
         assert bool(optimizer.param_groups[0]["fused"]) is fused
+
+
+def test_train_compile_compiles_the_solver_in_place_with_the_same_output(tmp_path):
+    """``train.compile``: the solver runs compiled (here a small stand-in network, to keep the test
+    fast) with the eager output, the same state-dict names, and gradients for training."""
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path)), ["train.compile=true", "train.channels_last=false"])
+    strategy = build_strategy(cfg.tasks[0], load_pretrained=False)
+    torch.manual_seed(0)
+    strategy.solver = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1))
+    images = torch.rand(2, 3, 16, 16)
+    eager = strategy.solver(images).detach()
+    names = list(strategy.solver.state_dict())
+    prepare_networks(strategy, cfg.tasks[0].train)
+    assert strategy.solver._compiled_call_impl is not None
+    compiled = strategy.solver(images)
+    torch.testing.assert_close(compiled.detach(), eager, rtol=1e-4, atol=1e-5)
+    compiled.sum().backward()
+    assert all(p.grad is not None for p in strategy.solver.parameters())
+    assert list(strategy.solver.state_dict()) == names
+
+
+def test_train_compile_off_leaves_the_solver_eager(tmp_path):
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path)))
+    strategy = build_strategy(cfg.tasks[0], load_pretrained=False)
+    prepare_networks(strategy, cfg.tasks[0].train)
+    assert strategy.solver._compiled_call_impl is None

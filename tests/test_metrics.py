@@ -236,3 +236,20 @@ def test_continual_metrics_single_site_and_bad_input():
         continual_metrics([0.1, 0.2])
     with pytest.raises(DataError, match="trained_idx"):
         continual_metrics([[0.1, 0.2]], trained_idx=[5])
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning", "ignore:.*(all 0|nan|inf).*")
+def test_monai_differs_only_where_a_mask_is_empty():
+    """Why metrics.py keeps its own surface distances: with one mask empty MONAI gives no finite
+    distance, ours the image diagonal; with both present the values are MONAI's."""
+    target = torch.zeros(1, 20, 30, dtype=torch.long)
+    target[0, 5:10, 5:10] = 1
+    pred = torch.zeros_like(target)  # class 1 missed entirely
+    ours = per_image_metrics(pred, target, 2)
+    monai_hd95 = compute_hausdorff_distance(one_hot(pred, 2), one_hot(target, 2), include_background=False, percentile=95)
+    assert not torch.isfinite(monai_hd95).all()
+    assert ours["hd95"].item() == pytest.approx(math.hypot(20, 30))
+    pred[0, 6:11, 5:10] = 1  # present in both: the same value as MONAI's
+    ours = per_image_metrics(pred, target, 2)
+    monai_hd95 = compute_hausdorff_distance(one_hot(pred, 2), one_hot(target, 2), include_background=False, percentile=95)
+    assert ours["hd95"].item() == pytest.approx(monai_hd95.item(), rel=1e-5)

@@ -21,8 +21,8 @@ from relaylearn.config import load_config
 from relaylearn.keys import generate_keypair, load_private_key
 from relaylearn.runner import TrainOptions, run_training
 from tests.conftest import tiny_config
-from tests.test_deploy import run_cli
 from tests.strategies.test_relay import TINY
+from tests.test_deploy import run_cli
 
 TOTAL_STEPS = 20
 EVERY = 5
@@ -90,7 +90,7 @@ def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fun
     site = tmp_path / "b"
     site.mkdir()
     config = tiny_config(site, tiny_fundus, task_ids=(2,), steps=TOTAL_STEPS, checkpoint_every_n_steps=EVERY)
-    command = train_command(config, "--in", str(incoming), "--key", str(keys / "Hospital-B.key"), "--trust", str(trust), "--out", str(tmp_path / "hop2.relay"))
+    command = train_command(config, "--recipe", "local", "--in", str(incoming), "--key", str(keys / "Hospital-B.key"), "--trust", str(trust), "--out", str(tmp_path / "hop2.relay"))
     run_dir = site / "exps" / "sequential" / "site"
     checkpoint = run_dir / "checkpoints" / "task_2" / "last.ckpt"
     kill_after_first_checkpoint(command, site, checkpoint)
@@ -135,7 +135,7 @@ def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeyp
     full = run_training(load_config(str(full_path)), "full", TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu"))
 
     site_cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=(task_id,), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every)))
-    incoming = {"in_bundle": str(full.bundles[0]), "insecure_unsigned": True} if task_id == 2 else {}
+    incoming = {"in_bundle": str(full.bundles[0]), "insecure_unsigned": True, "recipe": "local"} if task_id == 2 else {}  # site 1 had a shorter budget
     opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu", **incoming)
     trained = []
     real_step = engine.SiteModule.training_step

@@ -27,8 +27,9 @@ only on the samples that use them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from kornia.color import hsv_to_rgb, rgb_to_hsv

@@ -4,8 +4,8 @@ image has decoded (used by the tests; harmless elsewhere)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from html import escape
-from typing import Iterable, Sequence
 
 CSS = """
 :root { --ink:#1d2430; --muted:#5b6575; --line:#e3e7ee; --accent:#2563eb; --bg:#f6f8fb; --note:#fff7e0; --note-line:#f0c36d; }

@@ -200,7 +200,7 @@ def forgetting_per_site(run: Run) -> dict[str, float]:
     if len(R) < 2 or any(len(c) != 1 for c in cols):
         return {}
     last = len(R) - 1
-    return {run.trained[j]: max(R[l][cols[j][0]] for l in range(j, last)) - R[last][cols[j][0]] for j in range(last)}
+    return {run.trained[j]: max(R[row][cols[j][0]] for row in range(j, last)) - R[last][cols[j][0]] for j in range(last)}
 
 
 def external_dice(run: Run) -> float:

@@ -16,8 +16,9 @@ safetensors) and JSON-able metadata. Nothing else crosses a site boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -163,12 +164,21 @@ class Strategy(nn.Module):
 
     # ----- helpers for subclasses ----------------------------------------------------------
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
-        """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → optimizer step."""
+        """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → clip → optimizer step."""
         optimizer.zero_grad(set_to_none=True)
         step.backward(loss)
         if step.sanitize:
             sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
+        self.clip_gradients(optimizer)
         optimizer.step()
+
+    def clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """``train.gradient_clip`` > 0: scale the gradients of ``optimizer``'s parameters so their
+        joint L2 norm is at most that value (each optimizer on its own, as Lightning's
+        ``gradient_clip_val`` did in the original). 0: nothing."""
+        max_norm = self.train_cfg.gradient_clip
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
 
 def sanitize_gradients(params) -> None:

@@ -440,6 +440,7 @@ class OWM(Sequential):
         step.backward(loss)
         sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
         self.update_and_project(self.current_alpha(step), step.all_reduce_mean)
+        self.clip_gradients(optimizer)
         optimizer.step()
 
     # ----- bundle ----------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from relaylearn.config import DatasetKwargs
 from relaylearn.data.ct import NegPosBatchSampler, load_ct_site, positive_slices, split_studies, window_hu

@@ -5,8 +5,8 @@ Chromium when it is installed."""
 from __future__ import annotations
 
 import base64
-import io
 import csv
+import io
 import json
 import re
 import shutil

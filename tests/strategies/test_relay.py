@@ -118,7 +118,7 @@ def test_two_site_relay_run_writes_bundles_the_next_site_resumes_from(tmp_path, 
     assert set(registry) == {"Domain1", "Domain2"} and registry["Domain2"]["id"] == 1
     # a third site continues from the second site's bundle
     cfg3 = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="relay", steps=2, task_ids=(3,), strategy_kwargs=TINY)))
-    r3 = run_training(cfg3, "r3", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(result.bundles[1]), insecure_unsigned=True))
+    r3 = run_training(cfg3, "r3", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(result.bundles[1]), insecure_unsigned=True, recipe="local"))  # a shorter budget than the bundle's
     b3 = read_bundle(r3.bundles[0], trust=None, allow_unsigned=True)
     assert [h["site"] for h in b3.manifest["hops"]] == ["Domain1", "Domain2", "Domain3"]
 

@@ -6,7 +6,7 @@ Weights and intervals (``r1_gamma / 2 · interval``, ``pl_weight · interval``) 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -1,0 +1,35 @@
+"""Strategy.optimize: ``train.gradient_clip`` bounds the gradient norm every optimizer steps with."""
+
+from __future__ import annotations
+
+import torch
+
+from relaylearn.config import load_config
+from relaylearn.runner import build_strategy
+from relaylearn.strategies.base import SiteContext, StepContext
+from tests.conftest import tiny_config
+
+
+def _norm_at_step(tmp_path, clip: float) -> float:
+    """Total L2 gradient norm the solver's optimizer sees at its step, after one training step."""
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path)), [f"train.gradient_clip={clip}", "train.channels_last=false"])
+    torch.manual_seed(0)
+    strategy = build_strategy(cfg.tasks[0], load_pretrained=False)
+    images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (4, 32, 32))
+    site = SiteContext(name="A", task_id=1, position=0, num_images=4, num_epochs=1, steps_per_epoch=1, train_images=images, train_labels=labels, batch_size=4)
+    strategy.on_site_start(site)
+    (optimizer,) = strategy.optimizers = strategy.configure_optimizers()
+    seen = []
+    optimizer.register_step_pre_hook(
+        lambda opt, *_: seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]))))
+    )
+    strategy.training_step((images, labels), StepContext(step=0, global_step=0, epoch=0, site=site))
+    return seen[0]
+
+
+def test_gradient_clip_bounds_the_norm_and_zero_leaves_it(tmp_path):
+    unclipped = _norm_at_step(tmp_path, 0.0)
+    assert unclipped > 0.05  # the bound below is a real constraint
+    clipped = _norm_at_step(tmp_path, 0.01)
+    assert clipped <= 0.01 * (1 + 1e-4)
+    assert clipped >= 0.0099  # scaled down to the bound, not zeroed
