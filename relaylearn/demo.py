@@ -16,8 +16,8 @@ from relaylearn.errors import RelayError
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.runner import TrainOptions, run_training
 
-#: presets in the order they run; those without a config file yet are skipped
-DEMO_STRATEGIES = ["sequential", "local", "joint", "relay"]
+#: presets in the order they run (``--only local`` adds the single-site baseline)
+DEMO_STRATEGIES = ["sequential", "joint", "relay"]
 
 
 def main(argv: list[str] | None = None) -> int:
