@@ -265,7 +265,7 @@ def _plugins(config: str | None) -> set[str]:
     if not config:
         return set()
     from relaylearn.config import load_config
-    from relaylearn.runner import local_plugins
+    from relaylearn.assembly import local_plugins
 
     return local_plugins(load_config(_name(config)))
 

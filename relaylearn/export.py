@@ -25,7 +25,8 @@ from torch import nn
 
 from relaylearn import __version__
 from relaylearn.errors import UserError
-from relaylearn.predict import LoadedModel, atomic_write_bytes, load_model
+from relaylearn.files import atomic_write
+from relaylearn.predict import LoadedModel, load_model
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -111,8 +112,8 @@ def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
         raise UserError("--out must be a file path, but a folder is there", out)
     data = onnx_bytes(model) if fmt == "onnx" else torchscript_bytes(model)
     sidecar = out.with_name(out.name + ".json")
-    atomic_write_bytes(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
-    atomic_write_bytes(out, data)
+    atomic_write(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
+    atomic_write(out, data)
     return out
 
 

@@ -39,17 +39,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from relaylearn.devices import inference_device
 from relaylearn.errors import DataError, UserError
+from relaylearn.files import atomic_write
+from relaylearn.imaging import overlay, png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: grey level of each class in the DoFE mask encoding (background, disc rim, cup)
 DOFE_LEVELS = (255, 128, 0)
 FUNDUS_CLASS_NAMES = ("background", "disc_rim", "cup")
-#: RGB colour of each foreground class in overlays (index = class id; 0 = background, unused)
-PALETTE = (
-    (0, 0, 0), (46, 204, 64), (0, 116, 217), (255, 65, 54), (255, 220, 0),
-    (177, 13, 201), (57, 204, 204), (255, 133, 27), (240, 18, 190), (1, 255, 112),
-)  # fmt: skip
 BATCH_SIZE = 8
 
 
@@ -85,8 +83,7 @@ def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
 def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> LoadedModel:
     """Read and verify (with ``trust``; else only with ``no_verify``) a bundle and rebuild its
     solver in eval mode. ``plugins``: plug-in names of your local config the bundle may use."""
-    from relaylearn.evaluate import read_any_bundle
-    from relaylearn.runner import strategy_from_bundle
+    from relaylearn.assembly import read_any_bundle, strategy_from_bundle
 
     b = read_any_bundle(Path(bundle), trust, no_verify=no_verify)
     strategy, task = strategy_from_bundle(b, plugins)
@@ -202,48 +199,6 @@ def vertical_cup_to_disc(class_map: np.ndarray, rim: int = 1, cup: int = 2) -> f
     return _height(class_map == cup) / disc_height
 
 
-def class_colour(k: int) -> tuple[int, int, int]:
-    """Overlay colour of foreground class ``k`` ≥ 1 (the palette repeats after 9 classes)."""
-    return PALETTE[1 + (k - 1) % (len(PALETTE) - 1)]
-
-
-def _contour(mask: np.ndarray, thickness: int) -> np.ndarray:
-    from scipy.ndimage import binary_dilation, binary_erosion
-
-    edge = mask & ~binary_erosion(mask, border_value=0)
-    return binary_dilation(edge, iterations=thickness - 1) & mask if thickness > 1 else edge
-
-
-def overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.35) -> np.ndarray:
-    """RGB uint8 [H, W, 3]: ``image`` (uint8 [H, W, C]) with translucent class colours and
-    opaque contours (thickness grows with the image size). Class 0 is left uncoloured."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-    out = rgb.astype(np.float32)
-    thickness = max(1, round(min(class_map.shape) / 200))
-    for k in np.unique(class_map):
-        if k == 0:
-            continue
-        colour = np.asarray(class_colour(int(k)), dtype=np.float32)
-        mask = class_map == k
-        out[mask] = (1 - alpha) * out[mask] + alpha * colour
-        out[_contour(mask, thickness)] = colour
-    return out.round().clip(0, 255).astype(np.uint8)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """PNG encoding of a uint8 [H, W] or [H, W, 3] array."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (the bundle module's :func:`atomic_write`)."""
-    from relaylearn.bundle import atomic_write
-
-    atomic_write(path, data)
-
-
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -251,16 +206,6 @@ def _csv_text(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue()
-
-
-def _device(devices: str | None) -> torch.device:
-    from relaylearn.config import LightningConfig
-    from relaylearn.runner import parse_devices
-
-    accelerator, devs = parse_devices(devices, LightningConfig())
-    if accelerator == "gpu":
-        return torch.device("cuda", devs[0] if isinstance(devs, list) else 0)
-    return torch.device("cpu")
 
 
 def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu") -> Path:
@@ -294,9 +239,9 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
             for tmp in sorted((staging / sub).iterdir()):
                 os.replace(tmp, out / sub / tmp.name)
         csv_path = out / "predictions.csv"
-        atomic_write_bytes(csv_path, _csv_text(rows).encode())
+        atomic_write(csv_path, _csv_text(rows).encode())
         info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
-        atomic_write_bytes(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
+        atomic_write(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
         return csv_path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -306,7 +251,7 @@ def run_predict(bundle: str | Path, out: str | Path, inputs: Sequence[str | Path
     """``relaylearn predict``: returns the path of ``predictions.csv`` (``predictions.json`` beside
     it records the bundle and whether it was verified)."""
     files = expand_inputs(inputs)
-    device = _device(devices)
+    device = inference_device(devices)
     model = load_model(bundle, trust, device, no_verify=no_verify, plugins=plugins)
     csv_path = predict_images(model, files, Path(out), device)
     print(f"segmented {len(files)} image(s): masks and overlays in {out}, table {csv_path}")

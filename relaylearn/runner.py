@@ -1,29 +1,27 @@
 """What runs: the relay of a config's tasks, site after site (simulation on one machine, or one
-hospital's step in deployment), and the evaluation of a saved model."""
+hospital's step in deployment)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from relaylearn import __version__
+from relaylearn.assembly import check_bundle_fits, load_split, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
+from relaylearn.devices import parse_devices
+from relaylearn.errors import UserError, VerificationError
+from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
+from relaylearn.results import class_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
-from relaylearn.strategies.base import BundleState, SiteContext, Strategy, parse_options
-
-EXPS_ROOT = Path("exps")
+from relaylearn.strategies.base import SiteContext, Strategy
 
 
 @dataclass
@@ -60,238 +58,6 @@ def is_main_process() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from relaylearn.bundle import atomic_write
-
-    atomic_write(path, text)
-
-
-def software_versions() -> dict[str, str]:
-    import lightning
-    import numpy
-
-    versions = {"relaylearn": __version__, "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__, "numpy": numpy.__version__}
-    try:
-        import monai
-
-        versions["monai"] = monai.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return versions
-
-
-def parse_devices(spec: str | None, lightning_cfg) -> tuple[str, Any]:
-    """``-g`` → (accelerator, devices). ``cpu``; GPU ids ``0`` / ``0,1``; None = GPU 0 if any, else CPU."""
-    if spec is None:
-        if torch.cuda.is_available():
-            return "gpu", lightning_cfg.devices or 1
-        return "cpu", lightning_cfg.devices or 1
-    spec = spec.strip().lstrip("=")
-    if spec.lower() == "cpu":
-        return "cpu", lightning_cfg.devices or 1
-    try:
-        ids = [int(x) for x in spec.split(",") if x.strip() != ""]
-    except ValueError:
-        raise UserError(f"-g {spec!r}: expected GPU ids such as 0 or 0,1, or 'cpu'") from None
-    if not ids:
-        raise UserError(f"-g {spec!r}: no GPU id given")
-    if not torch.cuda.is_available():
-        raise UserError(f"-g {spec}: no CUDA GPU is available on this machine (use -g cpu)")
-    if max(ids) >= torch.cuda.device_count():
-        raise UserError(f"-g {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return "gpu", ids
-
-
-def load_split(ds: DatasetConfig, split: str):
-    """Pre-decode one site's split into memory (images [N,C,H,W], labels [N,H,W]).
-
-    ``"train"`` and ``"val"`` are the two parts of the site's ``train`` folder
-    (:func:`relaylearn.data.split.validation_split`, study-wise by ``subjects``); ``"test"`` is the
-    ``test`` folder."""
-    from relaylearn.data import load_site
-    from relaylearn.data.split import validation_split
-
-    k = ds.kwargs
-    folders = k.img_folder if k.img_folder is not None else ds.site
-    source_split = "train" if split == "val" else split
-    if ds.name.startswith("ct_"):
-        from relaylearn.data.ct import load_ct_site
-
-        data = load_ct_site(ds.name, ds.root, folders, source_split, k, site_name=ds.site)
-    else:
-        data = load_site(
-            ds.name, ds.root, folders, source_split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
-            num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
-        )
-    if split not in ("train", "val") or k.val_fraction == 0:
-        return data
-    try:
-        parts = validation_split(len(data), k.val_fraction, k.val_seed, groups=data.subjects)
-    except DataError as exc:
-        raise DataError(f"site {ds.site}: {exc.message}") from None
-    keep = parts[0] if split == "train" else parts[1]
-    index = torch.as_tensor(keep, dtype=torch.long)
-    return replace(data, images=data.images[index], labels=data.labels[index], names=[data.names[i] for i in keep],
-                   subjects=[data.subjects[i] for i in keep], sources=[data.sources[i] for i in keep])
-
-
-def shipped_config(task: TaskConfig) -> dict[str, Any]:
-    """The config that travels in a bundle: everything but local paths and checkpoint plumbing."""
-    cfg = task.model_dump(mode="json")
-    cfg.pop("checkpoint", None)
-    cfg["dataset"]["kwargs"].pop("root_path", None)
-    cfg["dataset"]["kwargs"].pop("img_folder", None)
-    if cfg["model"]["kwargs"].get("pretrained_path"):
-        cfg["model"]["kwargs"]["pretrained_path"] = None
-    return cfg
-
-
-def build_strategy(task: TaskConfig, load_pretrained: bool) -> Strategy:
-    """A fresh strategy (and its solver) for ``task``."""
-    from relaylearn.models import build_solver
-
-    cls = get_strategy_class(task.strategy.name)
-    options = parse_options(cls, task.strategy.kwargs)
-    k = task.dataset.kwargs
-    solver = build_solver(task.model.name, task.model.kwargs, in_channels=k.channels, num_classes=k.num_classes, load_pretrained=load_pretrained)
-    return cls(options, solver, task)
-
-
-def _first_line(exc: BaseException) -> str:
-    from relaylearn.bundle import escape_text
-
-    text = str(exc).strip()
-    return escape_text(text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
-    """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
-    shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
-    from relaylearn.bundle import escape_text
-
-    def mismatch(expected: dict) -> str | None:
-        describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
-        for name in sorted(set(expected) | set(bundle.tensors)):
-            want, got = expected.get(name), bundle.tensors.get(name)
-            if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
-                return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
-        return None
-
-    fresh = strategy.state_to_bundle().tensors
-    try:
-        strategy.state_from_bundle(BundleState(tensors=bundle.tensors, meta=bundle.manifest.get("registry", {})))
-        problem = mismatch(strategy.state_to_bundle().tensors)
-    except Exception as exc:  # noqa: BLE001 - whatever the tensors or registry do to the strategy
-        problem = mismatch(fresh) or _first_line(exc)
-    if problem:
-        raise VerificationError(f"bundle does not fit strategy '{strategy_name}': {problem}", bundle.path)
-
-
-def check_bundle_fits(bundle, task: TaskConfig) -> None:
-    """Before anything is recorded or written: the verified ``bundle`` must come from this site's
-    strategy and its tensors must load into it exactly (names, shapes, dtypes). Exit 3 otherwise."""
-    from relaylearn.bundle import escape_text
-
-    if bundle.strategy != task.strategy.name:
-        raise VerificationError(
-            f"bundle was written by strategy '{escape_text(bundle.strategy)}' but this site's config uses '{task.strategy.name}'",
-            bundle.path,
-        )
-    load_bundle_state(build_strategy(task, load_pretrained=False), bundle, task.strategy.name)
-
-
-def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tuple[Strategy, TaskConfig]:
-    """Rebuild the strategy that wrote ``bundle`` (already verified) and load its state.
-
-    Nothing named by the bundle is imported: its strategy and model names resolve only against the
-    built-in registry; a plug-in (``package.module:Name``) only when it is in ``plugins``, the names
-    your local config uses. VerificationError (exit 3) otherwise, or when the tensors do not fit."""
-    from relaylearn.bundle import escape_text
-
-    try:
-        task = TaskConfig.model_validate(bundle.manifest["config"])
-    except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
-        raise VerificationError(f"bundle config does not match this relaylearn version: {_first_line(exc)}", bundle.path) from None
-    for what, name in (("strategy", task.strategy.name), ("model", task.model.name)):
-        if ":" in name and name not in plugins:
-            raise VerificationError(
-                f"bundle names the plug-in {what} '{escape_text(name)}'; code named by a bundle is never imported "
-                "(only a plug-in your local config names, with -c, is used)",
-                bundle.path,
-            )
-    if bundle.strategy != task.strategy.name:
-        raise VerificationError(f"bundle strategy '{escape_text(bundle.strategy)}' disagrees with its config's '{escape_text(task.strategy.name)}'", bundle.path)
-    try:
-        strategy = build_strategy(task, load_pretrained=False)
-    except UserError as exc:
-        raise VerificationError(f"bundle config: {_first_line(exc)}", bundle.path) from None
-    load_bundle_state(strategy, bundle, task.strategy.name)
-    return strategy, task
-
-
-def local_plugins(cfg: RunConfig | None) -> set[str]:
-    """The plug-in names (``package.module:Name``) a local config uses for its strategy or model."""
-    if cfg is None:
-        return set()
-    return {name for t in cfg.tasks for name in (t.strategy.name, t.model.name) if ":" in name}
-
-
-# ----- results files -----------------------------------------------------------------------------
-def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    import io
-
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """{"dice_sample": {"mean", "low", "high"}, ...} → {"dice_sample", "dice_sample_ci_low", ...}."""
-    flat: dict[str, Any] = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            flat[key] = value["mean"]
-            flat[f"{key}_ci_low"] = value["low"]
-            flat[f"{key}_ci_high"] = value["high"]
-        else:
-            flat[key] = value
-    return flat
-
-
-def summary_row(task_id: int, trained: str, test_site: str, result: dict) -> dict[str, Any]:
-    return {"task_id": task_id, "trained_site": trained, "test_site": test_site, **flat_summary(result["summary"])}
-
-
-def per_image_rows(task_id: int, trained: str, test_site: str, result: dict) -> list[dict[str, Any]]:
-    return [{"task_id": task_id, "trained_site": trained, "test_site": test_site, **r} for r in result["per_image"]]
-
-
-def matrix_json(sites: list[str], trained: list[str], rows: list[list[float]], trained_columns: list[list[int]], per_class: dict) -> dict[str, Any]:
-    """matrix.json (docs/design.md#matrixjson) with ACC / BWT / forgetting over the trained sites."""
-    from relaylearn.metrics import continual_metrics
-
-    out: dict[str, Any] = {"metric": "dice_sample", "sites": sites, "trained": trained, "R": rows}
-    if rows:
-        if all(len(cols) == 1 for cols in trained_columns):
-            out.update({k: float(v) for k, v in continual_metrics(rows, [c[0] for c in trained_columns]).items()})
-        else:  # pooled training (joint): one row stands for all its sites
-            cols = trained_columns[-1]
-            out.update({"acc": float(sum(rows[-1][c] for c in cols) / len(cols)), "bwt": 0.0, "forgetting": 0.0})
-        out["acc_all_sites"] = float(sum(rows[-1]) / len(rows[-1]))
-    out["per_class"] = per_class
-    return out
-
-
 # ----- training ----------------------------------------------------------------------------------
 class RelayRun:
     """Trains the tasks of a config in order, writing everything under ``exps/<config>/<name>/``."""
@@ -301,7 +67,7 @@ class RelayRun:
             raise UserError(f"-n {name!r}: run name must be non-empty without spaces or slashes")
         self.cfg, self.name, self.opts = cfg, name, opts
         self.run_dir = Path(opts.exps_root) / cfg.name / name
-        self.stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        self.stamp = local_stamp()
         self.signing_key = None
         self.trust = None
         self.signed = opts.key is not None
@@ -342,14 +108,14 @@ class RelayRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
-        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
-        atomic_write_text(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
+        atomic_write(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
+        atomic_write(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
         info = {
             "config": self.cfg.name, "config_path": str(self.cfg.path), "name": self.name,
             "seed": self.cfg.tasks[0].random_seed, "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
-            "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(),
+            "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(detailed=True),
         }
-        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
+        atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
 
     def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False, own: bool = False):
         """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this
@@ -467,7 +233,7 @@ class RelayRun:
             for test_site, res in results.items():
                 summary.append(summary_row(task_id, site_name, test_site, res))
                 per_image.extend(per_image_rows(task_id, site_name, test_site, res))
-                per_class.setdefault(site_name, {})[test_site] = {k: v["mean"] for k, v in res["summary"].items() if k.startswith("dice_class")}
+                per_class.setdefault(site_name, {})[test_site] = class_dice(res)
             bundles.append(bundle_path)
             if not is_main_process():  # DDP worker: wait for rank 0's bundle and start the next site from it
                 self._sync()
@@ -483,17 +249,15 @@ class RelayRun:
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
             matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
-            atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
+            atomic_write(matrix_path, json.dumps(matrix, indent=2))
             write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
             write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
         matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
-        atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
+        atomic_write(matrix_path, json.dumps(matrix, indent=2))
         if self.opts.out_bundle and bundles:
-            from relaylearn.bundle import atomic_write
-
             atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
         return RunResult(self.run_dir, matrix, bundles, time.time() - started)
 
@@ -523,9 +287,7 @@ class RelayRun:
         labels = torch.cat([d.labels for d in datas])
         site_name = "+".join(t.dataset.site for t in group)
 
-        strategy = build_strategy(task, load_pretrained=parent is None)
-        if parent is not None:
-            strategy.state_from_bundle(BundleState(tensors=parent.tensors, meta=parent.manifest.get("registry", {})))
+        strategy = restore_strategy(task, parent)
         accelerator, devices = parse_devices(self.opts.devices, task.train.lightning)
         world = (len(devices) if isinstance(devices, list) else int(devices)) * task.train.lightning.num_nodes
         replica = task.dataset.kwargs.num_replica

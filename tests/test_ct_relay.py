@@ -15,7 +15,8 @@ from relaylearn.config import load_config
 from relaylearn.data.ct import window_hu
 from relaylearn.data.synth_ct import write_synthetic_ct
 from relaylearn.predict import load_model, read_image
-from relaylearn.runner import TrainOptions, run_training, strategy_from_bundle
+from relaylearn.assembly import strategy_from_bundle
+from relaylearn.runner import TrainOptions, run_training
 from tests.strategies.test_relay import TINY
 
 

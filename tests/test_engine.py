@@ -7,7 +7,7 @@ import torch
 
 from relaylearn.config import load_config
 from relaylearn.engine import prepare_networks
-from relaylearn.runner import build_strategy
+from relaylearn.assembly import build_strategy
 from relaylearn.strategies.base import SiteContext, StepContext
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY

@@ -12,14 +12,13 @@ from PIL import Image
 from torch import nn
 
 from relaylearn.errors import DataError, UserError
+from relaylearn.imaging import class_colour, overlay
 from relaylearn.predict import (
     DOFE_LEVELS,
     LoadedModel,
     class_areas,
-    class_colour,
     encode_mask,
     expand_inputs,
-    overlay,
     predict_images,
     to_model_input,
     vertical_cup_to_disc,

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from relaylearn import __version__
-from relaylearn.predict import atomic_write_bytes
+from relaylearn.files import atomic_write
 from relaylearn.report import html, plots
-from relaylearn.report.runs import Run, external_dice, find_runs, forgetting_per_site
+from relaylearn.report.runs import Run, find_runs
+from relaylearn.results import forgetting_per_site, headline
 
 __all__ = ["write_report", "build_report"]
 
@@ -112,10 +113,8 @@ class ReportBuilder:
         header = ["run", "strategy", "trained sites (in order)", "ACC", "BWT", "forgetting", "mean Dice, all sites", "external Dice"]
         rows, values = [], []
         for run in self.runs:
-            m = run.matrix
-            final = run.R[-1] if run.R else []
-            mean_all = m.get("acc_all_sites", sum(final) / len(final) if final else math.nan)
-            numbers = [m.get("acc", math.nan), m.get("bwt", math.nan), m.get("forgetting", math.nan), mean_all, external_dice(run)]
+            h = headline(run.matrix)
+            numbers = [h["acc"], h["bwt"], h["forgetting"], h["mean_all_sites"], h["external_dice"]]
             values.append(numbers)
             rows.append([escape(run.label), escape(run.strategy or "?"), escape(" → ".join(run.trained)),
                          _fmt(numbers[0]), _fmt(numbers[1], signed=True), _fmt(numbers[2]), _fmt(numbers[3]), _fmt(numbers[4])])
@@ -159,7 +158,7 @@ class ReportBuilder:
         notes: list[str] = []
         uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
         for run in self.runs:
-            if not forgetting_per_site(run):
+            if not forgetting_per_site(run.matrix):
                 notes.append(f"{run.label}: no forgetting per site ({'pooled training' if any('+' in t for t in run.trained) else 'fewer than two sites trained'})")
         body = html.figure(uri, "Per trained site j (all but the last): max over the models after site j and before the last of R[l][j], minus the final R[T][j]. Positive = forgotten.", "forgetting per site") if uri else ""
         return html.section("forgetting", "Forgetting per site", body + html.notes(notes))
@@ -335,7 +334,7 @@ class ReportBuilder:
 
 
 def _colour_legend(run: Run) -> str:
-    from relaylearn.predict import class_colour
+    from relaylearn.imaging import class_colour
 
     names = _class_names(run)
     swatches = []
@@ -374,5 +373,5 @@ def write_report(run_dir: str | Path, name: str | None = None) -> Path:
     """Write ``run_dir/report.html``: the run in ``run_dir``, or every ``run_dir/<strategy>/<name>/``
     side by side. Returns its path; UserError when no ``metrics/matrix.json`` is found."""
     out = Path(run_dir) / REPORT_NAME
-    atomic_write_bytes(out, build_report(run_dir, name).encode("utf-8"))
+    atomic_write(out, build_report(run_dir, name).encode("utf-8"))
     return out

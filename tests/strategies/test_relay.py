@@ -8,7 +8,8 @@ from torch import nn
 
 from relaylearn.config import load_config
 from relaylearn.errors import ConfigError
-from relaylearn.runner import TrainOptions, build_strategy, run_training
+from relaylearn.assembly import build_strategy
+from relaylearn.runner import TrainOptions, run_training
 from relaylearn.strategies.base import SiteContext
 from relaylearn.strategies.relay import decode_labels, encode_labels, merge_parameters
 from tests.conftest import tiny_config
