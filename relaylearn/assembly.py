@@ -4,14 +4,17 @@ bundle is imported: plug-ins resolve only when the local config names them."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig
+from relaylearn.data.layouts import Layout, get_layout
 from relaylearn.errors import DataError, UserError, VerificationError
+from relaylearn.plugins import is_plugin
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import BundleState, Strategy, parse_options
 
@@ -22,21 +25,12 @@ def load_split(ds: DatasetConfig, split: str):
     ``"train"`` and ``"val"`` are the two parts of the site's ``train`` folder
     (:func:`relaylearn.data.split.validation_split`, study-wise by ``subjects``); ``"test"`` is the
     ``test`` folder."""
-    from relaylearn.data import load_site
     from relaylearn.data.split import validation_split
 
     k = ds.kwargs
     folders = k.img_folder if k.img_folder is not None else ds.site
     source_split = "train" if split == "val" else split
-    if ds.name.startswith("ct_"):
-        from relaylearn.data.ct import load_ct_site
-
-        data = load_ct_site(ds.name, ds.root, folders, source_split, k, site_name=ds.site)
-    else:
-        data = load_site(
-            ds.name, ds.root, folders, source_split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
-            num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
-        )
+    data = get_layout(ds.name).load(ds.root, folders, source_split, k, site_name=ds.site)
     if split not in ("train", "val") or k.val_fraction == 0:
         return data
     try:
@@ -135,8 +129,8 @@ def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tu
         task = TaskConfig.model_validate(bundle.manifest["config"])
     except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
         raise VerificationError(f"bundle config does not match this relaylearn version: {_first_line(exc)}", bundle.path) from None
-    for what, name in (("strategy", task.strategy.name), ("model", task.model.name)):
-        if ":" in name and name not in plugins:
+    for what, name in (("strategy", task.strategy.name), ("model", task.model.name), ("data layout", task.dataset.name)):
+        if is_plugin(name) and name not in plugins:
             raise VerificationError(
                 f"bundle names the plug-in {what} '{escape_text(name)}'; code named by a bundle is never imported "
                 "(only a plug-in your local config names, with -c, is used)",
@@ -151,10 +145,10 @@ def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tu
 
 
 def local_plugins(cfg: RunConfig | None) -> set[str]:
-    """The plug-in names (``package.module:Name``) a local config uses for its strategy or model."""
+    """The plug-in names (``package.module:Name``) a local config uses for its strategy, model or data layout."""
     if cfg is None:
         return set()
-    return {name for t in cfg.tasks for name in (t.strategy.name, t.model.name) if ":" in name}
+    return {name for t in cfg.tasks for name in (t.strategy.name, t.model.name, t.dataset.name) if is_plugin(name)}
 
 
 def read_any_bundle(path: Path, trust_dir: str | None, *, no_verify: bool = False):
@@ -181,3 +175,36 @@ def provenance(bundle) -> dict:
     """What an output records about the bundle it came from."""
     return {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256, "relay_id": bundle.manifest["relay_id"],
             "verified": bundle.signed_by is not None, "signed_by": bundle.signed_by}
+
+
+@dataclass
+class LoadedModel:
+    """A bundle's solver, ready for inference, with what is needed to feed it."""
+
+    solver: nn.Module  # images [B, C, H, W] in out_range → logits [B, K, H, W]; eval mode
+    img_size: tuple[int, int]  # (H, W) the model was trained at
+    out_range: tuple[float, float]
+    channels: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    layout: Layout  # the data layout of the config: mask encoding, class names, extra measures
+    bundle_sha256: str
+    strategy: str
+    verified: bool = False  # False: read with --no-verify (signature not checked)
+    signed_by: str | None = None
+    hu: tuple[float, float, float] | None = None  # CT models: (hu_min, window low, window high) for 16-bit slices
+
+
+def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> LoadedModel:
+    """Read and verify (with ``trust``; else only with ``no_verify``) a bundle and rebuild its
+    solver in eval mode. ``plugins``: plug-in names of your local config the bundle may use."""
+    b = read_any_bundle(Path(bundle), trust, no_verify=no_verify)
+    strategy, task = strategy_from_bundle(b, plugins)
+    k = task.dataset.kwargs
+    layout = get_layout(task.dataset.name)  # a plug-in only when the local config names it (checked above)
+    return LoadedModel(
+        solver=strategy.solver.to(device).eval(), img_size=tuple(k.img_size), out_range=tuple(k.out_range), channels=k.channels,
+        num_classes=k.num_classes, class_names=layout.class_names(k.num_classes), layout=layout,
+        bundle_sha256=b.sha256, strategy=b.manifest["strategy"], verified=b.signed_by is not None, signed_by=b.signed_by,
+        hu=layout.hu_window(k),
+    )

@@ -372,17 +372,19 @@ def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str]
               options: AuditOptions | None = None, out_dir: Optional[str] = None, no_verify: bool = False) -> tuple[dict[str, Any], Path]:
     """``relaylearn audit``: read (verify with ``trust``) the bundle, audit ``site`` on its own data,
     write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png``. Returns (report, json path)."""
+    from relaylearn.assembly import load_split, read_any_bundle, strategy_from_bundle
     from relaylearn.files import atomic_write
     from relaylearn.imaging import png_bytes
-    from relaylearn.assembly import load_split, read_any_bundle, strategy_from_bundle
+    from relaylearn.strategies import available_strategies, get_strategy_class
 
     options = options or AuditOptions()
     path = Path(bundle_path)
     if not Path(data_root).is_dir():
         raise UserError("--data-root: folder not found", data_root)
     bundle = read_any_bundle(path, trust, no_verify=no_verify)
-    if bundle.manifest.get("strategy") != "relay":
-        raise UserError(f"strategy {printable(bundle.manifest.get('strategy'))!r} carries no generators: only relay bundles can be audited", path)
+    name = bundle.manifest.get("strategy")
+    if not (isinstance(name, str) and name in available_strategies() and get_strategy_class(name).replays()):  # plug-ins named by a bundle are never imported
+        raise UserError(f"strategy {printable(name)!r} carries no generators: only bundles of a replaying strategy (relay) can be audited", path)
     strategy, task = strategy_from_bundle(bundle)
     strategy.to("cpu")
     registry = site_registry(strategy)
@@ -409,12 +411,12 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     generators know for which ``tasks`` hold its data; merge into ``run_dir/metrics/privacy.json``
     (one entry per hop, replaced on re-run) and write the closest pairs under
     ``metrics/privacy/``. No-op (None) for strategies without generators or when disabled."""
+    from relaylearn.assembly import load_split
     from relaylearn.files import atomic_write
     from relaylearn.imaging import png_bytes
-    from relaylearn.assembly import load_split
 
     cfg = tasks[0].audit
-    if not cfg.after_each_hop or not hasattr(strategy, "g_img"):
+    if not cfg.after_each_hop or not strategy.replays():
         return None
     load = load_split_fn or load_split
     options = AuditOptions(n_generated=cfg.n_generated, threshold=cfg.threshold, n_bootstrap=cfg.n_bootstrap, seed=tasks[0].random_seed)

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from relaylearn import __version__
+from relaylearn.assembly import LoadedModel, load_model
 from relaylearn.errors import UserError
 from relaylearn.files import atomic_write
-from relaylearn.predict import LoadedModel, load_model
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -47,7 +47,7 @@ def export_metadata(model: LoadedModel, fmt: str) -> dict:
         "channels": model.channels,
         "num_classes": model.num_classes,
         "class_names": list(model.class_names),
-        "mask_encoding": "DoFE grey levels 255/128/0" if model.is_fundus else "class ids",
+        "mask_encoding": model.layout.mask_encoding(model.num_classes),
         "strategy": model.strategy,
         "bundle_sha256": model.bundle_sha256,
         "bundle_verified": model.verified,

@@ -2,13 +2,13 @@
 
 For every input image ``<stem>`` the output folder receives
 
-* ``masks/<stem>.png`` — the class map at the image's original size. A 3-class fundus model
-  writes the DoFE encoding (grey 255 = background, 128 = disc rim, 0 = cup); every other model
-  writes class ids (0, 1, 2, ...) as 8-bit grey levels.
+* ``masks/<stem>.png`` — the class map at the image's original size, encoded as the model's data
+  layout stores masks (a 3-class fundus model: the DoFE grey levels 255 = background, 128 = disc
+  rim, 0 = cup; every other built-in layout: class ids 0, 1, 2, ... as 8-bit grey levels).
 * ``overlays/<stem>.png`` — the image with translucent class colours and opaque class contours.
-* ``predictions.csv`` — one row per image: size, the area of every class in pixels and, for
-  3-class fundus models, the vertical cup-to-disc ratio (cup height / disc height, disc = rim ∪
-  cup; NaN when no disc is found, 0 when a disc but no cup is found).
+* ``predictions.csv`` — one row per image: size, the area of every class in pixels and the
+  layout's extra measures (3-class fundus models: the vertical cup-to-disc ratio, cup height /
+  disc height, disc = rim ∪ cup; NaN when no disc is found, 0 when a disc but no cup is found).
 
 Pre-processing matches training: the image is read as RGB (or grey for 1-channel models),
 resized to the model's ``img_size`` bilinearly with antialiasing and scaled to ``out_range``.
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -39,63 +37,14 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from relaylearn.assembly import LoadedModel, load_model
 from relaylearn.devices import inference_device
 from relaylearn.errors import DataError, UserError
 from relaylearn.files import atomic_write
 from relaylearn.imaging import overlay, png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-#: grey level of each class in the DoFE mask encoding (background, disc rim, cup)
-DOFE_LEVELS = (255, 128, 0)
-FUNDUS_CLASS_NAMES = ("background", "disc_rim", "cup")
 BATCH_SIZE = 8
-
-
-@dataclass
-class LoadedModel:
-    """A bundle's solver, ready for inference, with what is needed to feed it."""
-
-    solver: nn.Module  # images [B, C, H, W] in out_range → logits [B, K, H, W]; eval mode
-    img_size: tuple[int, int]  # (H, W) the model was trained at
-    out_range: tuple[float, float]
-    channels: int
-    num_classes: int
-    class_names: tuple[str, ...]
-    dataset: str  # data layout name of the config ("fundus", "folder", "nifti")
-    bundle_sha256: str
-    strategy: str
-    verified: bool = False  # False: read with --no-verify (signature not checked)
-    signed_by: str | None = None
-    hu: tuple[float, float, float] | None = None  # CT models: (hu_min, window low, window high) for 16-bit slices
-
-    @property
-    def is_fundus(self) -> bool:
-        """3-class optic disc / cup model: DoFE mask encoding and cup-to-disc ratio apply."""
-        return self.dataset == "fundus" and self.num_classes == 3
-
-
-def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
-    if dataset == "fundus" and num_classes == 3:
-        return FUNDUS_CLASS_NAMES
-    return tuple(f"class_{k}" for k in range(num_classes))
-
-
-def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> LoadedModel:
-    """Read and verify (with ``trust``; else only with ``no_verify``) a bundle and rebuild its
-    solver in eval mode. ``plugins``: plug-in names of your local config the bundle may use."""
-    from relaylearn.assembly import read_any_bundle, strategy_from_bundle
-
-    b = read_any_bundle(Path(bundle), trust, no_verify=no_verify)
-    strategy, task = strategy_from_bundle(b, plugins)
-    k = task.dataset.kwargs
-    solver = strategy.solver.to(device).eval()
-    return LoadedModel(
-        solver=solver, img_size=tuple(k.img_size), out_range=tuple(k.out_range), channels=k.channels,
-        num_classes=k.num_classes, class_names=class_names_for(task.dataset.name, k.num_classes),
-        dataset=task.dataset.name, bundle_sha256=b.sha256, strategy=b.manifest["strategy"],
-        verified=b.signed_by is not None, signed_by=b.signed_by,
-        hu=(k.hu_min, *k.hu_window) if task.dataset.name.startswith("ct_") else None,
-    )
 
 
 # ----- inputs ------------------------------------------------------------------------------------
@@ -172,31 +121,9 @@ def predict_class_maps(solver: nn.Module, images: Sequence[np.ndarray], img_size
 
 
 # ----- outputs -----------------------------------------------------------------------------------
-def encode_mask(class_map: np.ndarray, fundus: bool) -> np.ndarray:
-    """uint8 mask image: DoFE grey levels for fundus models, otherwise the class ids."""
-    if fundus:
-        return np.asarray(DOFE_LEVELS, dtype=np.uint8)[class_map]
-    if class_map.max(initial=0) > 255:
-        raise UserError("more than 256 classes cannot be written as an 8-bit mask")
-    return class_map.astype(np.uint8)
-
-
 def class_areas(class_map: np.ndarray, num_classes: int) -> list[int]:
     """Pixels of each class 0..num_classes-1."""
     return np.bincount(class_map.ravel(), minlength=num_classes)[:num_classes].astype(int).tolist()
-
-
-def _height(rows_mask: np.ndarray) -> int:
-    rows = np.flatnonzero(rows_mask.any(axis=1))
-    return int(rows[-1] - rows[0] + 1) if rows.size else 0
-
-
-def vertical_cup_to_disc(class_map: np.ndarray, rim: int = 1, cup: int = 2) -> float:
-    """Cup height / disc height (disc = rim ∪ cup), in rows; NaN without a disc."""
-    disc_height = _height((class_map == rim) | (class_map == cup))
-    if disc_height == 0:
-        return math.nan
-    return _height(class_map == cup) / disc_height
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -227,12 +154,11 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
             images = [read_image(f, model.channels, model.hu) for f in chunk]
             maps = predict_class_maps(model.solver, images, model.img_size, model.out_range, device)
             for f, image, class_map in zip(chunk, images, maps):
-                (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(encode_mask(class_map, model.is_fundus)))
+                (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(model.layout.encode_mask(class_map, model.num_classes)))
                 (staging / "overlays" / f"{f.stem}.png").write_bytes(png_bytes(overlay(image, class_map)))
                 row = {"image": str(f), "mask": f"masks/{f.stem}.png", "width": image.shape[1], "height": image.shape[0]}
                 row.update({f"area_px_{name}": a for name, a in zip(model.class_names, class_areas(class_map, model.num_classes))})
-                if model.is_fundus:
-                    row["vertical_cup_to_disc"] = vertical_cup_to_disc(class_map)
+                row.update(model.layout.measures(class_map, model.num_classes))
                 rows.append(row)
         for sub in subfolders:  # every image succeeded: move the files to their final names
             (out / sub).mkdir(exist_ok=True)

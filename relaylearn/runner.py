@@ -1,5 +1,5 @@
 """What runs: the relay of a config's tasks, site after site (simulation on one machine, or one
-hospital's step in deployment)."""
+hospital's step in deployment): verify → restore → fit → evaluate → write, per site."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,12 @@ import torch
 from relaylearn.assembly import check_bundle_fits, load_split, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import parse_devices
+from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, seed_site
 from relaylearn.errors import UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
-from relaylearn.results import class_dice, matrix_json, per_image_rows, summary_row, write_results_csv
+from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
-from relaylearn.strategies.base import SiteContext, Strategy
+from relaylearn.strategies.base import Strategy
 
 
 @dataclass
@@ -49,13 +49,16 @@ class RunResult:
     is_main: bool = True  # False in a DDP worker rank: rank 0 writes every file and prints
 
 
-# ----- small utilities ---------------------------------------------------------------------------
-def is_main_process() -> bool:
-    """False in the worker ranks (> 0) of a multi-process (DDP) run; Lightning sets the rank from
-    the launch environment at import and from the Trainer once one exists."""
-    from lightning.pytorch.utilities import rank_zero_only
+@dataclass
+class HopOutcome:
+    """One trained site: the strategy (on the CPU) and how it scored."""
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    strategy: Strategy
+    row: list[float]  # a row of R: mean Dice on each test site
+    results: dict[str, dict]  # test site → evaluate_site(...)
+    validation: list[float] | None  # mean Dice on each relay site's validation part (None: a site has none)
+    started_utc: str
+    num_images: int  # training images of the site
 
 
 # ----- training ----------------------------------------------------------------------------------
@@ -72,6 +75,11 @@ class RelayRun:
         self.trust = None
         self.signed = opts.key is not None
         self.relay_id: str | None = None  # the relay this site states it belongs to
+        self.incoming = None  # the verified bundle that arrived with --in
+        self._barrier = None  # DDP barrier of the latest site's Trainer
+        self._fidelity = None  # replay fidelity recorder (single-machine simulation)
+        self._val_cache: dict[str, Any] | None = None
+        self._test_cache: dict[str, Any] = {}
 
     # -- set-up --
     def _prepare(self) -> None:
@@ -197,7 +205,7 @@ class RelayRun:
         per_image: list[dict] = []
         bundles: list[Path] = []
 
-        parent = getattr(self, "incoming", None)  # the bundle this site starts from
+        parent = self.incoming  # the bundle this site starts from
         self._fidelity = self._fidelity_recorder(strategy_cls)
         for position, group in enumerate(groups):
             task = group[0]
@@ -225,9 +233,10 @@ class RelayRun:
                 if ledger is not None:
                     ledger.check(parent)
                     ledger.record(parent)
-            strategy, row, results = self._train_site(group, parent, position)
+            hop = self._train_site(group, parent, position)
+            strategy, row, results = hop.strategy, hop.row, hop.results
             rows.append(row)
-            val_rows.append(strategy.hop_validation)
+            val_rows.append(hop.validation)
             trained.append(site_name)
             trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
             for test_site, res in results.items():
@@ -239,13 +248,13 @@ class RelayRun:
                 self._sync()
                 parent = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True)
                 continue
-            parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
+            parent = self._write_bundle(bundle_path, hop, task, parent, site_name)
             self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
             self._sync()
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
                 ledger.record(parent, written=True)
-            stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
+            stale = self._checkpoint_dir(task) / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
             matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
@@ -267,101 +276,48 @@ class RelayRun:
 
     def _sync(self) -> None:
         """DDP: wait until every rank got here (no-op in a single process)."""
-        strategy = getattr(self, "_lightning_strategy", None)
-        if strategy is not None:
-            strategy.barrier()
+        if self._barrier is not None:
+            self._barrier()
 
-    def _train_site(self, group: list[TaskConfig], parent, position: int):
-        import lightning as L
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        from relaylearn.engine import LocalCheckpoint, SiteModule, SiteProgressBar, epochs_for_budget, evaluate_site, site_loader
-
+    def _train_site(self, group: list[TaskConfig], parent, position: int) -> HopOutcome:
+        """Restore → fit → evaluate one site (a group of several for pooled training)."""
         task = group[0]
-        task_id = task.dataset.kwargs.task_id
-        seed = task.random_seed + (task_id or 0)
-        L.seed_everything(seed, workers=True, verbose=False)
+        seed = task.random_seed + (task.dataset.kwargs.task_id or 0)
+        seed_site(seed)
         started = utc_now()
         datas = [load_split(t.dataset, "train") for t in group]
         images = torch.cat([d.images for d in datas])
         labels = torch.cat([d.labels for d in datas])
         site_name = "+".join(t.dataset.site for t in group)
-
         strategy = restore_strategy(task, parent)
-        accelerator, devices = parse_devices(self.opts.devices, task.train.lightning)
-        world = (len(devices) if isinstance(devices, list) else int(devices)) * task.train.lightning.num_nodes
-        replica = task.dataset.kwargs.num_replica
-        epochs, total = epochs_for_budget(task.train, len(images), replica, task.train.batch_size, world)
-        loader = site_loader(images, labels, task.train.batch_size, replica, seed, world_size=world)
-        if task.dataset.kwargs.neg_pos_ratio:  # k negatives per positive slice, re-drawn every epoch
-            from relaylearn.data.ct import neg_pos_loader
-
-            loader = neg_pos_loader(images, labels, task.dataset.kwargs, task.train.batch_size, seed, world_size=world, where=site_name)
-            epochs, total = epochs_for_budget(task.train, loader.sampler.num_items, replica, task.train.batch_size, world)
-        site = SiteContext(
-            name=site_name, task_id=task_id, position=len(strategy.sites_seen), num_images=len(images),
-            num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,
-            batch_size=task.train.batch_size, budget_steps=total,
+        fit = fit_site(
+            strategy, images, labels, task, site_name=site_name, seed=seed, run_dir=self.run_dir,
+            checkpoint_dir=self._checkpoint_dir(task),
+            devices=self.opts.devices, resume=self.opts.resume, log=self._log,
+            progress=None if self.opts.quiet else f"site {position + 1}/{len(self.cfg.tasks)} {site_name}",
         )
-        augment = None
-        if task.dataset.kwargs.augment not in (None, "none"):
-            from relaylearn.data.augment import from_config as augment_from_config
-
-            augment = augment_from_config(task.dataset.kwargs.augment, tuple(task.dataset.kwargs.out_range))
-        module = SiteModule(strategy, site, augment=augment, log_every=task.train.log_every_n_steps, channels_last=task.train.channels_last, max_batches=total, sampler=loader.sampler)
-        ckpt_dir = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}")
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = LocalCheckpoint(ckpt_dir / "last.ckpt", task.train.checkpoint_every_n_steps)
-        callbacks = [ckpt]
-        if not self.opts.quiet:
-            callbacks.append(SiteProgressBar(f"site {position + 1}/{len(self.cfg.tasks)} {site_name}"))
-        precision = task.train.precision
-        if accelerator == "cpu" and precision == "16-mixed":
-            warnings.warn("16-mixed is not supported on the CPU; using bf16-mixed", stacklevel=2)
-            precision = "bf16-mixed"
-        strategy_name = task.train.lightning.strategy  # on the CPU Lightning picks gloo for ddp
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, num_nodes=task.train.lightning.num_nodes, strategy=strategy_name,
-            precision=precision, max_epochs=epochs, max_steps=-1, logger=TensorBoardLogger(self.run_dir, name="tensorboard", version=f"task_{task_id}"),
-            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-            gradient_clip_val=None, log_every_n_steps=task.train.log_every_n_steps, default_root_dir=self.run_dir,
-        )
-        loader.sampler.rank, loader.sampler.world_size = trainer.global_rank, trainer.world_size
-        self._lightning_strategy = trainer.strategy
-        if trainer.global_rank > 0:  # DDP: weights start equal (rank 0's are broadcast); latents, replay and augmentation differ per rank
-            torch.manual_seed(seed + 1_000_003 * trainer.global_rank)
-        resume_from = ckpt.path if (self.opts.resume and ckpt.path.is_file()) else None
-        if resume_from:
-            self._log(f"[{site_name}] resuming from {resume_from}")
-        if resume_from:
-            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)  # local-only checkpoint
-        else:
-            trainer.fit(module, train_dataloaders=loader)
-        if resume_from:
-            self._log(f"[{site_name}] resumed at batch {module.resumed_at} of {total}")
-        device = module.device
-        results = {}
-        for ds in self.cfg.test_datasets:
-            data = self._test_data(ds)
-            results[ds.site] = evaluate_site(strategy.solver, data, ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap)
-        row = [float(results[ds.site]["summary"]["dice_sample"]["mean"]) for ds in self.cfg.test_datasets]
+        self._barrier = fit.barrier
+        results = {ds.site: evaluate_site(strategy.solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, fit.device, task.test.bootstrap)
+                   for ds in self.cfg.test_datasets}
+        row = [final_dice(results[ds.site]) for ds in self.cfg.test_datasets]
         self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
-        tb = trainer.logger.experiment if trainer.is_global_zero else None
+        tb = fit.tensorboard
         if tb is not None:
             for s, v in zip(results, row):
                 tb.add_scalar(f"test/dice_sample/{s}", v, position + 1)
             tb.flush()
-        strategy.hop_validation = self._validation_row(strategy.solver, device, task.test.batch_size)
+        validation = self._validation_row(strategy.solver, fit.device, task.test.batch_size)
         strategy.to("cpu")
-        if getattr(self, "_fidelity", None) is not None and len(group) == 1:  # replay fidelity of every earlier site
+        if self._fidelity is not None and len(group) == 1:  # replay fidelity of every earlier site
             log = (lambda tag, value, step: tb.add_scalar(tag, value, step)) if tb is not None else None
-            self._fidelity.record(position, site_name, strategy, results[site_name]["summary"]["dice_sample"]["mean"] if site_name in results else None, labels, log)
+            self._fidelity.record(position, site_name, strategy, final_dice(results[site_name]) if site_name in results else None, labels, log)
             if tb is not None:
                 tb.flush()
-        strategy.hop_started_utc = started
-        strategy.hop_num_images = len(images)
-        return strategy, row, results
+        return HopOutcome(strategy, row, results, validation, started, len(images))
+
+    def _checkpoint_dir(self, task: TaskConfig) -> Path:
+        """Where a site's local resume checkpoint ``last.ckpt`` lives (never shipped)."""
+        return self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task.dataset.kwargs.task_id}")
 
     def _validation_row(self, solver, device, batch_size: int) -> list[float] | None:
         """Mean Dice of ``solver`` on the validation part of every relay site (None if a site has none)."""
@@ -370,7 +326,7 @@ class RelayRun:
 
         if any(t.dataset.kwargs.val_fraction == 0 for t in self.cfg.tasks):
             return None
-        if not hasattr(self, "_val_cache"):
+        if self._val_cache is None:
             self._val_cache = {t.dataset.site: load_split(t.dataset, "val") for t in self.cfg.tasks}
         row = []
         for task in self.cfg.tasks:
@@ -402,7 +358,7 @@ class RelayRun:
         """Replay fidelity needs every site on this machine (its oracles) and a replaying strategy."""
         first = self.cfg.tasks[0]
         n = first.test.replay_fidelity_samples
-        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not hasattr(strategy_cls, "generate_replay") or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
+        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not strategy_cls.replays() or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
             return None
         from relaylearn.replay_fidelity import FidelityRecorder
 
@@ -410,29 +366,26 @@ class RelayRun:
         return FidelityRecorder(self.run_dir, k.num_classes, n, seed=first.random_seed, resume=self.opts.resume, out_range=tuple(k.out_range))
 
     def _test_data(self, ds: DatasetConfig):
-        if not hasattr(self, "_test_cache"):
-            self._test_cache = {}
         if ds.site not in self._test_cache:
             self._test_cache[ds.site] = load_split(ds, "test")
         return self._test_cache[ds.site]
 
-    def _write_bundle(self, path: Path, strategy: Strategy, task: TaskConfig, parent, results: dict, site_name: str):
+    def _write_bundle(self, path: Path, hop: HopOutcome, task: TaskConfig, parent, site_name: str):
         from relaylearn.bundle import write_bundle
 
-        state = strategy.state_to_bundle()
+        state = hop.strategy.state_to_bundle()
         extra: dict[str, Any] = {}
         if task.bundle.include_metrics:
-            extra["metrics"] = {s: r["summary"]["dice_sample"]["mean"] for s, r in results.items()}
+            extra["metrics"] = {s: r["summary"]["dice_sample"]["mean"] for s, r in hop.results.items()}
         if task.bundle.include_counts:
-            extra["num_images"] = strategy.hop_num_images
+            extra["num_images"] = hop.num_images
         write_bundle(
             path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
-            site=self._hop_site(task, site_name), hop_started_utc=getattr(strategy, "hop_started_utc", utc_now()),
+            site=self._hop_site(task, site_name), hop_started_utc=hop.started_utc,
             parent=parent, signing_key=self.signing_key, extra=extra or None,
             relay_id=self.relay_id if parent is None else None,
         )
         return self._read_bundle(path, allow_unsigned=self.signing_key is None, own=True)
-
 
     def _hop_site(self, task: TaskConfig, site_name: str) -> str:
         """The site a hop names: the signing key's site when signed (a hop is bound to its signer),
@@ -448,17 +401,6 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
-
-
-def quiet_lightning() -> None:
-    """Lightning's start-up chatter (GPU/TPU lines, tips) is noise for our users."""
-    import logging
-
-    import lightning.pytorch  # noqa: F401 - import first: it sets its own loggers to INFO
-
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
 
 
 def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:

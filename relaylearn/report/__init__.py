@@ -71,7 +71,20 @@ def _dataset(run: Run) -> tuple[str, int]:
 
 
 def _class_names(run: Run) -> dict[str, str]:
-    return {"dice_class_1": "disc rim", "dice_class_2": "cup"} if _dataset(run) == ("fundus", 3) else {}
+    """``dice_class_<k>`` → readable class name, from the run's built-in data layout (a plug-in
+    layout named in config.yaml is not imported)."""
+    from relaylearn.data.layouts import get_layout
+    from relaylearn.errors import ConfigError
+    from relaylearn.plugins import is_plugin
+
+    layout, num_classes = _dataset(run)
+    if is_plugin(layout):
+        return {}
+    try:
+        names = get_layout(layout).class_names(num_classes)
+    except ConfigError:
+        return {}
+    return {f"dice_class_{k}": name.replace("_", " ") for k, name in enumerate(names) if k > 0 and name != f"class_{k}"}
 
 
 class ReportBuilder:
@@ -104,6 +117,21 @@ class ReportBuilder:
         from relaylearn.report.samples import load_test_split
 
         return lambda site: load_test_split(run, site, model.task, self._data_cache)
+
+    def _replays(self, run: Run) -> bool:
+        """Whether the run's strategy rehearses from generators: asked of the built-in strategy its
+        config.yaml names, else (a plug-in, or no config) of its final model."""
+        from relaylearn.errors import ConfigError
+        from relaylearn.plugins import is_plugin
+        from relaylearn.strategies import get_strategy_class
+
+        if isinstance(run.strategy, str) and not is_plugin(run.strategy):
+            try:
+                return get_strategy_class(run.strategy).replays()
+            except ConfigError:
+                pass
+        model = self.final_model(run)
+        return model is not None and model.strategy.replays()
 
     def _title(self, run: Run) -> str:
         return f"<b>{escape(run.label)}</b>"
@@ -217,7 +245,7 @@ class ReportBuilder:
     def replay(self) -> str | None:
         from relaylearn.report.samples import replay_rows
 
-        relay_runs = [r for r in self.runs if r.strategy == "relay" or (self.final_model(r) is not None and self.final_model(r).bundle.manifest.get("strategy") == "relay")]
+        relay_runs = [r for r in self.runs if self._replays(r)]
         if not relay_runs:
             return None
         parts, notes = [], []

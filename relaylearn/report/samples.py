@@ -45,7 +45,7 @@ def _run_plugins(run_dir: Path) -> set[str]:
     bundles may name (nothing named by a bundle alone is imported)."""
     try:
         tasks = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
-        names = {t[block]["name"] for t in tasks for block in ("strategy", "model")}
+        names = {t[block]["name"] for t in tasks for block in ("strategy", "model", "dataset")}
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return set()
     return {n for n in names if isinstance(n, str) and ":" in n}
@@ -147,7 +147,7 @@ def prediction_rows(run: Run, model: FinalModel, data_for: Callable[[str], Any],
 def replay_rows(model: FinalModel, data_for: Callable[[str], Any], notes: list[str], per_site: int = 6) -> list[tuple[str, PanelRows]]:
     """(site, panel rows) of replayed image/mask pairs next to real test pairs of the same site."""
     strategy = model.strategy
-    if not hasattr(strategy, "previews"):
+    if not strategy.replays():
         notes.append(f"strategy '{model.bundle.manifest.get('strategy')}' has no previews() to draw replayed pairs")
         return []
     with warnings.catch_warnings():

@@ -125,6 +125,10 @@ class ReplayStub(torch.nn.Module):
         super().__init__()
         self.solver = solver
 
+    @staticmethod
+    def replays() -> bool:  # the strategy contract: it replays, so previews() has pairs
+        return True
+
     def previews(self, per_site: int = 8):
         out = {}
         for site in SITES[:3]:
