@@ -108,7 +108,7 @@ def install(timers: ExclusiveTimers) -> None:
     ]
     for owner, attr, name in patches:
         setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
-    engine.evaluate_site = timers.wrap("evaluation", engine.evaluate_site)
+    runner.evaluate_site = timers.wrap("evaluation", engine.evaluate_site)  # the runner calls it by this name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from relaylearn.config import load_config
-    from relaylearn.runner import RelayRun, TrainOptions, quiet_lightning
+    from relaylearn.engine import quiet_lightning
+    from relaylearn.runner import RelayRun, TrainOptions
 
     cfg = load_config(args.config, args.sets, data_root=args.data_root)
     cfg.tasks = cfg.tasks[: args.sites]
