@@ -33,8 +33,6 @@ Outputs in ``exps/compare/<NAME>/``:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import random
@@ -46,7 +44,7 @@ from typing import Any
 
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import UserError
-from relaylearn.files import EXPS_ROOT, atomic_write
+from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
 from relaylearn.results import external_dice
 from relaylearn.runner import TrainOptions, run_training
 from relaylearn.replay_fidelity import mean_final_fidelity
@@ -228,12 +226,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def csv_table(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return out.getvalue()
+    return csv_text(rows, float_format="{:.6g}", fields=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
 
 
 def paired_test(a: list[float], b: list[float]) -> dict[str, Any]:

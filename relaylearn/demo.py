@@ -15,7 +15,7 @@ from relaylearn.config import CONFIG_DIR, load_config
 from relaylearn.errors import RelayError
 from relaylearn.files import atomic_write
 from relaylearn.replay_fidelity import mean_final_fidelity
-from relaylearn.results import headline
+from relaylearn.results import format_matrix, headline
 from relaylearn.runner import TrainOptions, run_training
 
 #: presets in the order they run; those without a config file yet are skipped
@@ -29,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="data/synth")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from relaylearn.cli import print_matrix
-
     wanted = args.only.split(",") if args.only else DEMO_STRATEGIES
     rows = []
     t_all = time.time()
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== demo/{strategy} ===", flush=True)
             cfg = load_config(f"demo/{strategy}", data_root=args.data_root)
             result = run_training(cfg, args.name, TrainOptions(resume=True, quiet=args.quiet))
-            print_matrix(result.matrix)
+            print(format_matrix(result.matrix))
             h = headline(result.matrix)
             replay_path = result.run_dir / "metrics" / "replay.json"
             fidelity = mean_final_fidelity(json.loads(replay_path.read_text()), relative=True) if replay_path.is_file() else None

@@ -3,6 +3,8 @@ software versions recorded beside results."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import platform
 import secrets
@@ -27,6 +29,18 @@ def utc_now() -> str:
 def local_stamp() -> str:
     """The local time as a file-name stamp, e.g. ``2024-05-01_12-00-00`` (results CSVs)."""
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def csv_text(rows: Sequence[dict], *, float_format: str, fields: Sequence[str] | None = None, lineterminator: str = "\r\n") -> str:
+    """``rows`` as CSV text: header ``fields`` (default: every key in order of first appearance),
+    floats formatted with ``float_format`` (e.g. ``"{:.5g}"``), None as an empty cell."""
+    fields = list(fields) if fields is not None else list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator=lineterminator)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else float_format.format(v) if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
 
 
 def software_versions(detailed: bool = False) -> dict[str, str]:

@@ -22,8 +22,6 @@ half-written under a final name.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import json
 import shutil
@@ -40,7 +38,7 @@ from torch import Tensor, nn
 from relaylearn.assembly import LoadedModel, load_model
 from relaylearn.devices import inference_device
 from relaylearn.errors import DataError, UserError
-from relaylearn.files import atomic_write
+from relaylearn.files import atomic_write, csv_text
 from relaylearn.imaging import overlay, png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -126,15 +124,6 @@ def class_areas(class_map: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(class_map.ravel(), minlength=num_classes)[:num_classes].astype(int).tolist()
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
 def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu") -> Path:
     """Segment ``files`` with ``model``; write masks/, overlays/ and predictions.csv under ``out``.
 
@@ -165,7 +154,7 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
             for tmp in sorted((staging / sub).iterdir()):
                 os.replace(tmp, out / sub / tmp.name)
         csv_path = out / "predictions.csv"
-        atomic_write(csv_path, _csv_text(rows).encode())
+        atomic_write(csv_path, csv_text(rows, float_format="{:.4f}", lineterminator="\n"))
         info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
         atomic_write(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
         return csv_path

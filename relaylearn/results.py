@@ -4,13 +4,11 @@ the rows of the results CSVs."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from relaylearn.files import atomic_write
+from relaylearn.files import atomic_write, csv_text
 
 
 # ----- the result matrix -------------------------------------------------------------------------
@@ -64,6 +62,19 @@ def forgetting_per_site(matrix: dict[str, Any]) -> dict[str, float]:
     return {trained[j]: max(R[l][cols[j][0]] for l in range(j, last)) - R[last][cols[j][0]] for j in range(last)}
 
 
+def format_matrix(matrix: dict[str, Any]) -> str:
+    """R as a text table (rows: after each trained site; columns: test sites) with ACC / BWT /
+    forgetting below it, as ``train`` and the demo print it."""
+    sites = matrix["sites"]
+    width = max(10, *(len(s) for s in sites))
+    lines = ["R (rows: after training through site; columns: test site; sample-wise Dice)",
+             " " * (width + 2) + "".join(f"{s:>{width}}" for s in sites)]
+    lines += [f"{name[:width]:>{width}}  " + "".join(f"{v:>{width}.3f}" for v in row) for name, row in zip(matrix["trained"], matrix["R"])]
+    if "acc" in matrix:
+        lines.append(f"ACC={matrix['acc']:.3f}  BWT={matrix['bwt']:+.3f}  forgetting={matrix['forgetting']:.3f}")
+    return "\n".join(lines)
+
+
 def headline(matrix: dict[str, Any]) -> dict[str, float]:
     """The numbers a summary table shows of one run: ``acc``, ``bwt``, ``forgetting``,
     ``mean_all_sites`` (final row's mean) and ``external_dice``; NaN where undefined."""
@@ -113,12 +124,5 @@ def final_dice(result: dict) -> float:
 
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rows (floats as ``%.5g``) to ``path`` atomically; nothing without rows."""
-    if not rows:
-        return
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write(path, buf.getvalue())
+    if rows:
+        atomic_write(path, csv_text(rows, float_format="{:.5g}"))

@@ -12,7 +12,6 @@ from PIL import Image
 from torch import nn
 
 from relaylearn.errors import DataError, UserError
-from relaylearn.imaging import class_colour, overlay
 from relaylearn.assembly import LoadedModel
 from relaylearn.data.dofe import DOFE_LEVELS
 from relaylearn.data.layouts import get_layout
@@ -30,19 +29,10 @@ def _rows(path) -> list[dict]:
 
 
 # ----- helpers -----------------------------------------------------------------------------------
-def test_mask_encoding_areas_and_overlay():
+def test_mask_encoding_and_areas():
     m = np.array([[0, 1, 2], [2, 2, 0]])
     assert get_layout("folder").encode_mask(m, 3).tolist() == [[0, 1, 2], [2, 2, 0]]
     assert class_areas(m, 4) == [2, 1, 3, 0]
-    image = np.full((40, 40, 1), 100, dtype=np.uint8)  # grey input becomes RGB
-    cmap = np.zeros((40, 40), dtype=np.int64)
-    cmap[10:30, 10:30] = 2
-    out = overlay(image, cmap)
-    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
-    assert out[0, 0].tolist() == [100, 100, 100], "background untouched"
-    assert out[10, 20].tolist() == list(class_colour(2)), "contour in the class colour"
-    inside = out[20, 20].astype(int)
-    assert inside.tolist() != [100, 100, 100] and inside.tolist() != list(class_colour(2)), "translucent fill"
 
 
 def test_read_image_handles_grey_rgb_alpha_and_16_bit(tmp_path):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from relaylearn.results import external_columns, external_dice, forgetting_per_site, headline, matrix_json, trained_columns
+from relaylearn.results import external_columns, external_dice, forgetting_per_site, format_matrix, headline, matrix_json, trained_columns
 
 SITES = ["A", "B", "C", "D"]
 R = [[0.8, 0.2, 0.3, 0.4], [0.6, 0.7, 0.5, 0.5], [0.5, 0.65, 0.9, 0.6]]
@@ -33,3 +33,9 @@ def test_external_sites_and_forgetting_per_site():
     h = headline(m)
     assert h["external_dice"] == pytest.approx(0.6) and h["acc"] == pytest.approx(m["acc"])
     assert math.isnan(headline({"sites": ["A"], "trained": ["A"], "R": [[0.5]]})["external_dice"])
+
+
+def test_format_matrix_prints_r_and_the_headline():
+    text = format_matrix(matrix_json(SITES, ["A", "B", "C"], R, [[0], [1], [2]], {}))
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3 + 1 and lines[-1].startswith("ACC=0.683  BWT=-0.175")
