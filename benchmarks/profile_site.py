@@ -108,7 +108,9 @@ def install(timers: ExclusiveTimers) -> None:
     ]
     for owner, attr, name in patches:
         setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
-    runner.evaluate_site = timers.wrap("evaluation", engine.evaluate_site)  # the runner calls it by this name
+    engine.evaluate_site = timers.wrap("evaluation", engine.evaluate_site)
+    if hasattr(runner, "evaluate_site"):  # checkouts whose runner imports it by name
+        runner.evaluate_site = engine.evaluate_site
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from relaylearn.config import load_config
-    from relaylearn.engine import quiet_lightning
-    from relaylearn.runner import RelayRun, TrainOptions
+    from relaylearn.runner import RelayRun, TrainOptions, quiet_lightning  # quiet_lightning: the runner imports it in every checkout
 
     cfg = load_config(args.config, args.sets, data_root=args.data_root)
     cfg.tasks = cfg.tasks[: args.sites]
