@@ -20,7 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
-from relaylearn.compare import compare_strategies, external_dice
+from relaylearn.compare import compare_strategies
+from relaylearn.results import external_dice
 
 STRATEGIES = ["demo/relay", "demo/sequential", "demo/joint"]
 

@@ -34,9 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-from relaylearn.compare import compare_strategies, external_dice
+from relaylearn.compare import compare_strategies
+from relaylearn.files import atomic_write
 from relaylearn.replay_fidelity import mean_final_fidelity
-from relaylearn.runner import atomic_write_text
+from relaylearn.results import external_dice
 
 #: variant -> (config, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = summarise(root, args.name, variants)
             header = (f"# {args.name}: {args.seeds} seed(s) planned, mean ± std over finished runs "
                       f"(steps per site: {args.steps or 'config'}; elapsed {time.time() - started:.0f} s)")
-            atomic_write_text(root / "ablation.md", markdown(summary, header))
-            atomic_write_text(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
+            atomic_write(root / "ablation.md", markdown(summary, header))
+            atomic_write(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
     if args.table_only:
         summary = summarise(root, args.name, variants)
-        atomic_write_text(root / "ablation.md", markdown(summary, f"# {args.name}: mean ± std over the runs finished so far"))
-        atomic_write_text(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
+        atomic_write(root / "ablation.md", markdown(summary, f"# {args.name}: mean ± std over the runs finished so far"))
+        atomic_write(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
     print((root / "ablation.md").read_text())
     print(json.dumps(targets(summarise(root, args.name, variants))))
     return 0

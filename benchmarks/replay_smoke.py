@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else steps_for(args.seconds, args.ms_per_iter)
 
     from relaylearn.config import load_config
-    from relaylearn.runner import RelayRun, TrainOptions, quiet_lightning
+    from relaylearn.engine import quiet_lightning
+    from relaylearn.runner import RelayRun, TrainOptions
 
     sets = list(args.sets) + [f"train.num_steps={steps}", "train.num_epochs=null", "train.num_mimgs=null"]
     if args.batch:

@@ -40,7 +40,11 @@ from speed import ROOT, PeakMemory, device_label, site_context, synchronize  # n
 
 from relaylearn.bundle import utc_now, write_bundle  # noqa: E402
 from relaylearn.config import TaskConfig, load_config  # noqa: E402
-from relaylearn.runner import build_strategy, shipped_config  # noqa: E402
+
+try:  # relaylearn.assembly since the code-layering refactor; older checkouts keep them in runner
+    from relaylearn.assembly import build_strategy, shipped_config  # noqa: E402
+except ImportError:
+    from relaylearn.runner import build_strategy, shipped_config  # noqa: E402
 from relaylearn.strategies.base import StepContext  # noqa: E402
 
 TINY_GANS = {

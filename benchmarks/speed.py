@@ -59,7 +59,11 @@ if str(CODE_ROOT) not in sys.path[:1]:  # run from a checkout without installing
     sys.path.insert(0, str(CODE_ROOT))
 
 from relaylearn.config import TaskConfig, load_config  # noqa: E402
-from relaylearn.runner import build_strategy  # noqa: E402
+
+try:  # relaylearn.assembly since the code-layering refactor; older checkouts (--code-root) keep it in runner
+    from relaylearn.assembly import build_strategy  # noqa: E402
+except ImportError:
+    from relaylearn.runner import build_strategy  # noqa: E402
 from relaylearn.strategies.base import SiteContext, StepContext, Strategy  # noqa: E402
 
 MEASUREMENTS = ("relay_site1", "relay_replay", "sequential")

@@ -373,17 +373,19 @@ def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str]
               options: AuditOptions | None = None, out_dir: Optional[str] = None, no_verify: bool = False) -> tuple[dict[str, Any], Path]:
     """``relaylearn audit``: read (verify with ``trust``) the bundle, audit ``site`` on its own data,
     write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png``. Returns (report, json path)."""
-    from relaylearn.evaluate import read_any_bundle
-    from relaylearn.predict import atomic_write_bytes, png_bytes
-    from relaylearn.runner import atomic_write_text, load_split, strategy_from_bundle
+    from relaylearn.assembly import load_split, read_any_bundle, strategy_from_bundle
+    from relaylearn.files import atomic_write
+    from relaylearn.imaging import png_bytes
+    from relaylearn.strategies import available_strategies, get_strategy_class
 
     options = options or AuditOptions()
     path = Path(bundle_path)
     if not Path(data_root).is_dir():
         raise UserError("--data-root: folder not found", data_root)
     bundle = read_any_bundle(path, trust, no_verify=no_verify)
-    if bundle.manifest.get("strategy") != "relay":
-        raise UserError(f"strategy {printable(bundle.manifest.get('strategy'))!r} carries no generators: only relay bundles can be audited", path)
+    name = bundle.manifest.get("strategy")
+    if not (isinstance(name, str) and name in available_strategies() and get_strategy_class(name).replays()):  # plug-ins named by a bundle are never imported
+        raise UserError(f"strategy {printable(name)!r} carries no generators: only bundles of a replaying strategy (relay) can be audited", path)
     strategy, task = strategy_from_bundle(bundle)
     strategy.to("cpu")
     registry = site_registry(strategy)
@@ -397,10 +399,10 @@ def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str]
     out = Path(out_dir) if out_dir else Path("exps") / "audit" / path.stem
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
     png = out / f"{safe}_closest_pairs.png"
-    atomic_write_bytes(png, png_bytes(result.closest_pairs))
+    atomic_write(png, png_bytes(result.closest_pairs))
     result.report["closest_pairs_png"] = str(png)
     json_path = out / f"{safe}.json"
-    atomic_write_text(json_path, json.dumps(result.report, indent=2))
+    atomic_write(json_path, json.dumps(result.report, indent=2))
     return result.report, json_path
 
 
@@ -410,11 +412,12 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     generators know for which ``tasks`` hold its data; merge into ``run_dir/metrics/privacy.json``
     (one entry per hop, replaced on re-run) and write the closest pairs under
     ``metrics/privacy/``. No-op (None) for strategies without generators or when disabled."""
-    from relaylearn.predict import atomic_write_bytes, png_bytes
-    from relaylearn.runner import atomic_write_text, load_split
+    from relaylearn.assembly import load_split
+    from relaylearn.files import atomic_write
+    from relaylearn.imaging import png_bytes
 
     cfg = tasks[0].audit
-    if not cfg.after_each_hop or not hasattr(strategy, "g_img"):
+    if not cfg.after_each_hop or not strategy.replays():
         return None
     load = load_split_fn or load_split
     options = AuditOptions(n_generated=cfg.n_generated, threshold=cfg.threshold, n_bootstrap=cfg.n_bootstrap, seed=tasks[0].random_seed)
@@ -428,14 +431,14 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
         result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, strategy.options.ship_discriminators)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
         png = Path("privacy") / f"hop{hop}_{safe}_closest_pairs.png"
-        atomic_write_bytes(run_dir / "metrics" / png, png_bytes(result.closest_pairs))
+        atomic_write(run_dir / "metrics" / png, png_bytes(result.closest_pairs))
         result.report["closest_pairs_png"] = str(png)
         sites[site] = result.report
     path = run_dir / "metrics" / "privacy.json"
     existing = json.loads(path.read_text()) if path.is_file() else {"schema": SCHEMA, "hops": []}
     entry = {"hop": hop, "trained": trained, "seconds": round(time.perf_counter() - started, 2), "sites": sites}
     existing["hops"] = sorted([h for h in existing.get("hops", []) if h.get("hop") != hop] + [entry], key=lambda h: h["hop"])
-    atomic_write_text(path, json.dumps(existing, indent=2))
+    atomic_write(path, json.dumps(existing, indent=2))
     return entry
 
 

@@ -49,16 +49,14 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
-import secrets
 import stat
 import struct
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -68,8 +66,9 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from safetensors import SafetensorError
 from torch import Tensor
 
-from relaylearn import __version__ as RELAYLEARN_VERSION
 from relaylearn.errors import RelayError, UserError, VerificationError
+from relaylearn.files import TIMESTAMP_FORMAT as _TIMESTAMP_FORMAT
+from relaylearn.files import atomic_write, software_versions, utc_now
 from relaylearn.keys import FINGERPRINT_PATTERN, RELAY_ID_PATTERN, SigningKey, TrustedKey, TrustStore
 
 FORMAT = "relaylearn-bundle"
@@ -246,7 +245,6 @@ SiteName = Annotated[str, StringConstraints(pattern=f"^{HOP_SITE_PATTERN}$")]
 Fingerprint = Annotated[str, StringConstraints(pattern=f"^{FINGERPRINT_PATTERN}$")]
 TensorName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,512}$")]
 RelayId = Annotated[str, StringConstraints(pattern=f"^{RELAY_ID_PATTERN}$")]
-_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 class _Strict(BaseModel):
@@ -691,15 +689,6 @@ def verify_bundle(path: str | Path, trust: TrustStore, *, expect_relay_id: str |
 # ----- writing ------------------------------------------------------------------------------
 
 
-def utc_now() -> str:
-    """The current UTC time in the bundle's timestamp format, e.g. ``2024-05-01T12:00:00Z``."""
-    return datetime.now(timezone.utc).strftime(_TIMESTAMP_FORMAT)
-
-
-def software_versions() -> dict[str, str]:
-    return {"relaylearn": RELAYLEARN_VERSION, "torch": torch.__version__, "python": platform.python_version()}
-
-
 def _prepare_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU copies (copies also untie shared storage, which safetensors refuses)."""
     prepared = {}
@@ -724,49 +713,6 @@ def _json_section(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value, allow_nan=False, sort_keys=True))
     except (TypeError, ValueError) as exc:
         raise UserError(f"bundle {what} cannot be written as JSON: {exc}") from None
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes | str) -> None:
-    """The one way relaylearn writes an output file: the bytes (or UTF-8 text, or a sequence of
-    byte chunks) go to a random temporary name in the same folder, created exclusively and never
-    through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``), are fsynced, then renamed over
-    ``path`` (a link planted at ``path`` is replaced, not followed). UserError if it cannot write."""
-    path = Path(path)
-    if isinstance(parts, str):
-        parts = [parts.encode("utf-8")]
-    elif isinstance(parts, (bytes, bytearray, memoryview)):
-        parts = [parts]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as exc:
-        raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for part in parts:
-                handle.write(part)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def write_bundle(

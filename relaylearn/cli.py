@@ -196,14 +196,9 @@ def _auto_report(run_dir: Path, quiet: bool) -> None:
 
 
 def print_matrix(matrix: dict) -> None:
-    sites = matrix["sites"]
-    width = max(10, *(len(s) for s in sites))
-    print("R (rows: after training through site; columns: test site; sample-wise Dice)")
-    print(" " * (width + 2) + "".join(f"{s:>{width}}" for s in sites))
-    for name, row in zip(matrix["trained"], matrix["R"]):
-        print(f"{name[:width]:>{width}}  " + "".join(f"{v:>{width}.3f}" for v in row))
-    if "acc" in matrix:
-        print(f"ACC={matrix['acc']:.3f}  BWT={matrix['bwt']:+.3f}  forgetting={matrix['forgetting']:.3f}")
+    from relaylearn.results import format_matrix
+
+    print(format_matrix(matrix))
 
 
 def cmd_test(args) -> int:
@@ -262,8 +257,8 @@ def _plugins(config: str | None) -> set[str]:
     """The plug-in names a local config (-c) allows a bundle to use (none without -c)."""
     if not config:
         return set()
+    from relaylearn.assembly import local_plugins
     from relaylearn.config import load_config
-    from relaylearn.runner import local_plugins
 
     return local_plugins(load_config(_name(config)))
 

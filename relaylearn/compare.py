@@ -33,8 +33,6 @@ Outputs in ``exps/compare/<NAME>/``:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import random
@@ -46,8 +44,10 @@ from typing import Any
 
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import UserError
+from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
-from relaylearn.runner import EXPS_ROOT, TrainOptions, atomic_write_text, run_training
+from relaylearn.results import external_dice
+from relaylearn.runner import TrainOptions, run_training
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
 METRICS = ("acc", "bwt", "forgetting", "external_dice")
@@ -169,16 +169,6 @@ def is_complete(matrix: dict[str, Any] | None, rows: int) -> bool:
     return bool(matrix) and len(matrix.get("R", [])) == rows and "acc" in matrix
 
 
-def external_dice(matrix: dict[str, Any]) -> float | None:
-    """Mean of the last row of R over the sites never trained on (None when there are none)."""
-    trained = {site for name in matrix["trained"] for site in name.split("+")}
-    columns = [j for j, site in enumerate(matrix["sites"]) if site not in trained]
-    if not columns or not matrix["R"]:
-        return None
-    last = matrix["R"][-1]
-    return sum(last[j] for j in columns) / len(columns)
-
-
 def final_mia_auc_of(privacy_path: Path) -> float | None:
     """Mean over sites of the black-box membership-inference AUC (image pixels) after the last
     audited hop of a run's ``metrics/privacy.json`` (None without one: no generators travel)."""
@@ -236,12 +226,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def csv_table(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return out.getvalue()
+    return csv_text(rows, float_format="{:.6g}", fields=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
 
 
 def paired_test(a: list[float], b: list[float]) -> dict[str, Any]:
@@ -303,7 +288,6 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
     """Horizontal bars (mean ± std) of ACC, forgetting and external Dice per strategy, as a PNG."""
     import io
 
-    from relaylearn.predict import atomic_write_bytes
     from relaylearn.report.plots import new_figure
 
     panels = (("acc", "ACC (higher is better)"), ("forgetting", "forgetting (lower is better)"), ("external_dice", "external-site Dice"))
@@ -321,7 +305,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].invert_yaxis()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", facecolor="white")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str | None = None, quiet: bool = False, header: str = "") -> dict[str, Any]:
@@ -341,7 +325,7 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
         result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
         matrix = result.matrix
         wall += time.time() - started
-        atomic_write_text(timing_path, json.dumps({"wall_seconds": wall}))
+        atomic_write(timing_path, json.dumps({"wall_seconds": wall}))
     replay_path = matrix_path.with_name("replay.json")
     return {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix,
             "replay_fidelity": mean_final_fidelity(json.loads(replay_path.read_text())) if replay_path.is_file() else None,
@@ -376,11 +360,11 @@ def compare_strategies(
     rows = summarise(results, config_names)
     table = markdown_table(rows)
     paired = relay_vs_best_other(results, {label: cfg.tasks[0].strategy.name for label, cfg in zip(strategy_labels(configs), configs)})
-    atomic_write_text(root / "matrices.json", json.dumps(results, indent=2))
-    atomic_write_text(root / "table.csv", csv_table(rows))
-    atomic_write_text(root / "paired_test.json", json.dumps(paired, indent=2))
+    atomic_write(root / "matrices.json", json.dumps(results, indent=2))
+    atomic_write(root / "table.csv", csv_table(rows))
+    atomic_write(root / "paired_test.json", json.dumps(paired, indent=2))
     plot_comparison(rows, root / "comparison.png")
-    atomic_write_text(root / "table.md", f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{tuned_note}{table}\n{paired_markdown(paired)}\n![comparison](comparison.png)\n")
+    atomic_write(root / "table.md", f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{tuned_note}{table}\n{paired_markdown(paired)}\n![comparison](comparison.png)\n")
     print(table + "\n" + paired_markdown(paired))
     return root / "table.md"
 

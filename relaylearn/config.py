@@ -54,9 +54,22 @@ class DatasetKwargs(Strict):
     val_seed: int = Field(0, description="Seed of the validation hold-out (the same images for every strategy, order and run seed).")
 
 
+#: built-in data layouts (relaylearn.data.layouts); your own is named "package.module:Class"
+DATA_LAYOUTS = ("fundus", "folder", "nifti", "ct_nifti", "ct_slices")
+
+
+def _layout_name(name: str | None) -> str | None:
+    """A built-in layout or a plug-in spelling; nothing is imported here (bundles are validated too)."""
+    if name is not None and name not in DATA_LAYOUTS and ":" not in name:
+        raise ValueError(f"unknown data layout '{name}' (known: {', '.join(DATA_LAYOUTS)}, or 'package.module:Class')")
+    return name
+
+
 class DatasetConfig(Strict):
-    name: Literal["fundus", "folder", "nifti", "ct_nifti", "ct_slices"] = Field("fundus", description="Data layout (docs/design.md#data-layouts).")
+    name: str = Field("fundus", description="Data layout: fundus, folder, nifti, ct_nifti, ct_slices (docs/design.md#data-layouts), or your own as 'package.module:Class'.")
     kwargs: DatasetKwargs = DatasetKwargs()
+
+    _known_layout = field_validator("name")(_layout_name)
 
     @property
     def root(self) -> str:
@@ -188,7 +201,7 @@ class CurrentTasks(Strict):
 
 
 class PartialDataset(Strict):
-    name: Optional[Literal["fundus", "folder", "nifti", "ct_nifti", "ct_slices"]] = None
+    name: Optional[str] = None
     kwargs: dict[str, Any] = {}
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from relaylearn.config import CONFIG_DIR, load_config
 from relaylearn.errors import RelayError
+from relaylearn.files import atomic_write
 from relaylearn.replay_fidelity import mean_final_fidelity
+from relaylearn.results import format_matrix, headline
 from relaylearn.runner import TrainOptions, run_training
 
 #: presets in the order they run (``--only local`` adds the single-site baseline)
@@ -27,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="data/synth")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from relaylearn.cli import print_matrix
-
     wanted = args.only.split(",") if args.only else DEMO_STRATEGIES
     rows = []
     t_all = time.time()
@@ -39,13 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== demo/{strategy} ===", flush=True)
             cfg = load_config(f"demo/{strategy}", data_root=args.data_root)
             result = run_training(cfg, args.name, TrainOptions(resume=True, quiet=args.quiet))
-            print_matrix(result.matrix)
-            m = result.matrix
-            external = [j for j, s in enumerate(m["sites"]) if s not in "+".join(m["trained"]).split("+")]
-            ext = sum(m["R"][-1][j] for j in external) / len(external) if external else float("nan")
+            print(format_matrix(result.matrix))
+            h = headline(result.matrix)
             replay_path = result.run_dir / "metrics" / "replay.json"
             fidelity = mean_final_fidelity(json.loads(replay_path.read_text()), relative=True) if replay_path.is_file() else None
-            rows.append((strategy, m.get("acc", float("nan")), m.get("bwt", float("nan")), m.get("forgetting", float("nan")), ext, result.wall_seconds, fidelity))
+            rows.append((strategy, h["acc"], h["bwt"], h["forgetting"], h["external_dice"], result.wall_seconds, fidelity))
     except RelayError as exc:
         print(f"relaylearn: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.time() - t_all:.0f} s")
     summary = Path("exps") / "demo" / f"summary_{args.name}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s", "replay_fidelity_x_reference"], r)) for r in rows], indent=2))
+    atomic_write(summary, json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s", "replay_fidelity_x_reference"], r)) for r in rows], indent=2))
     try:
         from relaylearn.report import write_report
 

@@ -1,11 +1,15 @@
-"""Where a strategy runs: Lightning 2.x drives one site's training (devices, precision, DDP,
-checkpoints for resume); this module adapts a ``Strategy`` to it and evaluates the solver."""
+"""Where a strategy runs: everything Lightning 2.x touches. :func:`fit_site` trains one site
+(devices, precision, DDP, checkpoints for resume, TensorBoard) by adapting a ``Strategy`` to a
+LightningModule; :func:`evaluate_site` scores the solver."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,63 +17,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from relaylearn.data.sampling import SiteBatchSampler, site_loader
 from relaylearn.strategies.base import SiteContext, StepContext, Strategy
 
 
-# ----- data --------------------------------------------------------------------------------------
-class SiteBatchSampler(Sampler[list[int]]):
-    """Yields index batches over ``num_items × num_replica`` draws, reshuffled every epoch.
-
-    Deterministic given (seed, epoch). Under DDP every rank draws the same permutation and
-    takes every ``world_size``-th batch, so ranks see disjoint data and the same batch count.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, num_replica: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.num_items, self.batch_size, self.num_replica = num_items, batch_size, num_replica
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-        self.skip = 0  # batches of the next epoch to skip once: they were trained before a resume
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Continue mid-epoch: the next iteration is epoch ``epoch`` without its first ``batches_done`` batches."""
-        self.epoch, self.skip = epoch, batches_done
-
-    @property
-    def total_batches(self) -> int:
-        """Batches per epoch; in one process a lone last item joins the batch before it (BatchNorm fails on one image)."""
-        draws = self.num_items * self.num_replica
-        if self.world_size == 1 and draws % self.batch_size == 1:
-            return max(1, draws // self.batch_size)
-        return math.ceil(draws / self.batch_size)
-
-    def __len__(self) -> int:
-        return self.total_batches if self.world_size == 1 else max(1, self.total_batches // self.world_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.cat([torch.randperm(self.num_items, generator=g) for _ in range(self.num_replica)])
-        batches = list(order.split(self.batch_size))
-        if len(batches) > self.total_batches:  # fold a lone last item into the batch before it
-            batches[-2:] = [torch.cat(batches[-2:])]
-        start, self.skip = self.skip, 0
-        for i in range(start, len(self)):
-            yield batches[i * self.world_size + self.rank].tolist() if self.world_size > 1 else batches[i].tolist()
-
-
-def site_loader(images: Tensor, labels: Tensor, batch_size: int, num_replica: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A loader over an in-memory site: images [N,C,H,W], labels [N,H,W]; each item is a batch."""
-    sampler = SiteBatchSampler(len(images), batch_size, num_replica, seed, rank, world_size)
-    # its own generator: starting an epoch's iterator then draws nothing from the global random
-    # stream, which a resumed run restores at the start of training (exact resume at epoch ends)
-    return DataLoader(TensorDataset(images, labels), sampler=sampler, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed))
-
-
+# ----- budgets -------------------------------------------------------------------------------------
 def steps_per_epoch(num_items: int, batch_size: int, num_replica: int, world_size: int = 1) -> int:
     return len(SiteBatchSampler(num_items, batch_size, num_replica, world_size=world_size))
 
@@ -120,6 +73,7 @@ class SiteModule(L.LightningModule):
         self.resumed_at = 0  # batches of this site already trained when it resumed from a local checkpoint
         self._rng_to_restore: dict | None = None
         self._site_started = False
+        self.last_logs: dict[str, Tensor] = {}  # scalars of the latest batch (the progress bar shows the loss)
 
     def setup(self, stage: str) -> None:
         prepare_networks(self.strategy, self.strategy.train_cfg)  # before on_site_start: copies inherit it
@@ -181,7 +135,7 @@ class SiteModule(L.LightningModule):
         self.strategy.global_step = ctx.global_step + 1
         if logs and local_step % self.log_every == 0:
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, prog_bar=False, batch_size=images.shape[0], rank_zero_only=True)
-        self._last_logs = logs
+        self.last_logs = logs or {}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # The site's budget is counted in batches here: Lightning's max_steps counts optimizer steps,
@@ -203,17 +157,17 @@ class SiteModule(L.LightningModule):
 
     def _log_previews(self, per_site: int = 8) -> None:
         """TensorBoard: generated image/label pairs per site, for strategies that replay."""
-        previews = getattr(self.strategy, "previews", None)
         logger = self.logger
-        if not callable(previews) or logger is None or not self.trainer.is_global_zero:
+        if not self.strategy.replays() or logger is None or not self.trainer.is_global_zero:
             return
         tb = getattr(logger, "experiment", None)
         if tb is None or not hasattr(tb, "add_images"):
             return
         lo, hi = self.site.train_images.min().item(), self.site.train_images.max().item()
-        for site, (images, labels) in previews(per_site).items():
+        num_classes = self.strategy.config.dataset.kwargs.num_classes
+        for site, (images, labels) in self.strategy.previews(per_site).items():
             tb.add_images(f"replay/{site}/images", ((images - lo) / max(hi - lo, 1e-6)).clamp(0, 1), self.strategy.global_step)
-            tb.add_images(f"replay/{site}/labels", labels.unsqueeze(1).float() / max(1, getattr(self.strategy, "num_classes", 2) - 1), self.strategy.global_step)
+            tb.add_images(f"replay/{site}/labels", labels.unsqueeze(1).float() / max(1, num_classes - 1), self.strategy.global_step)
         tb.flush()
 
 
@@ -234,7 +188,7 @@ class SiteProgressBar(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            logs = getattr(pl_module, "_last_logs", None) or {}
+            logs = pl_module.last_logs
             if "loss" in logs and self.bar.n % 5 == 0:
                 self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", epoch=pl_module.current_epoch + 1)
 
@@ -275,6 +229,96 @@ class LocalCheckpoint(Callback):
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier()
+
+
+# ----- one site ----------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """False in the worker ranks (> 0) of a multi-process (DDP) run; Lightning sets the rank from
+    the launch environment at import and from the Trainer once one exists."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter (GPU/TPU lines, tips) is noise for our users."""
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
+
+
+def seed_site(seed: int) -> None:
+    """Seed every random stream (torch, numpy, python, loader workers) before a site starts."""
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
+@dataclass
+class SiteFit:
+    """What training one site leaves besides the trained strategy."""
+
+    device: torch.device  # where the strategy's networks are
+    tensorboard: Any | None  # rank 0's SummaryWriter (None in other ranks)
+    barrier: Callable[[], None]  # DDP: wait for every rank (no-op in one process)
+    resumed_at: int  # batches already trained when resumed from a local checkpoint (0: fresh)
+
+
+def fit_site(strategy: Strategy, images: Tensor, labels: Tensor, task, *, site_name: str, seed: int, run_dir: Path, checkpoint_dir: Path,
+             devices: str | None = None, resume: bool = False, progress: str | None = None, log: Callable[[str], None] = lambda msg: None) -> SiteFit:
+    """Train ``strategy`` on one site's images [N, C, H, W] and labels [N, H, W] for ``task.train``'s
+    budget, under Lightning on ``devices`` (``-g``). ``checkpoint_dir/last.ckpt`` is the local resume
+    point (used with ``resume``); ``progress``: the label of a progress bar (None: no bar)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from relaylearn.devices import parse_devices
+
+    train, k = task.train, task.dataset.kwargs
+    accelerator, devs = parse_devices(devices, train.lightning)
+    world = (len(devs) if isinstance(devs, list) else int(devs)) * train.lightning.num_nodes
+    epochs, total = epochs_for_budget(train, len(images), k.num_replica, train.batch_size, world)
+    loader = site_loader(images, labels, train.batch_size, k.num_replica, seed, world_size=world)
+    if k.neg_pos_ratio:  # k negatives per positive slice, re-drawn every epoch
+        from relaylearn.data.ct import neg_pos_loader
+
+        loader = neg_pos_loader(images, labels, k, train.batch_size, seed, world_size=world, where=site_name)
+        epochs, total = epochs_for_budget(train, loader.sampler.num_items, k.num_replica, train.batch_size, world)
+    site = SiteContext(
+        name=site_name, task_id=k.task_id, position=len(strategy.sites_seen), num_images=len(images),
+        num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,
+        batch_size=train.batch_size, budget_steps=total,
+    )
+    augment = None
+    if k.augment not in (None, "none"):
+        from relaylearn.data.augment import from_config as augment_from_config
+
+        augment = augment_from_config(k.augment, tuple(k.out_range))
+    module = SiteModule(strategy, site, augment=augment, log_every=train.log_every_n_steps, channels_last=train.channels_last, max_batches=total, sampler=loader.sampler)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = LocalCheckpoint(checkpoint_dir / "last.ckpt", train.checkpoint_every_n_steps)
+    callbacks: list[Callback] = [ckpt] + ([SiteProgressBar(progress)] if progress is not None else [])
+    precision = train.precision
+    if accelerator == "cpu" and precision == "16-mixed":
+        warnings.warn("16-mixed is not supported on the CPU; using bf16-mixed", stacklevel=2)
+        precision = "bf16-mixed"
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devs, num_nodes=train.lightning.num_nodes, strategy=train.lightning.strategy,  # on the CPU Lightning picks gloo for ddp
+        precision=precision, max_epochs=epochs, max_steps=-1, logger=TensorBoardLogger(run_dir, name="tensorboard", version=f"task_{k.task_id}"),
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        gradient_clip_val=None, log_every_n_steps=train.log_every_n_steps, default_root_dir=run_dir,
+    )
+    # the rank is known once the Trainer exists (it reads the launch environment)
+    loader.sampler.rank, loader.sampler.world_size = trainer.global_rank, trainer.world_size
+    if trainer.global_rank > 0:  # DDP: weights start equal (rank 0's are broadcast); latents, replay and augmentation differ per rank
+        torch.manual_seed(seed + 1_000_003 * trainer.global_rank)
+    resume_from = ckpt.path if (resume and ckpt.path.is_file()) else None
+    if resume_from:
+        log(f"[{site_name}] resuming from {resume_from}")
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)  # local-only checkpoint
+        log(f"[{site_name}] resumed at batch {module.resumed_at} of {total}")
+    else:
+        trainer.fit(module, train_dataloaders=loader)
+    return SiteFit(device=module.device, tensorboard=trainer.logger.experiment if trainer.is_global_zero else None,
+                   barrier=trainer.strategy.barrier, resumed_at=module.resumed_at)
 
 
 # ----- evaluation --------------------------------------------------------------------------------

@@ -3,50 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
-import torch
-
+from relaylearn.assembly import load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
 from relaylearn.config import RunConfig
+from relaylearn.devices import inference_device
 from relaylearn.errors import UserError
-from relaylearn.runner import (
-    EXPS_ROOT,
-    atomic_write_text,
-    load_split,
-    local_plugins,
-    parse_devices,
-    per_image_rows,
-    strategy_from_bundle,
-    summary_row,
-    write_results_csv,
-)
-
-
-def read_any_bundle(path: Path, trust_dir: str | None, *, no_verify: bool = False):
-    """Read a bundle for local use: fully verified with ``trust_dir`` (signature, hops bound to
-    their signers' sites, the trust folder's relay id). Without it only with ``no_verify``: the
-    container, hashes, tensor index and values are checked but not the signature, and the returned
-    bundle's ``signed_by`` is None (outputs record it as not verified). UserError otherwise."""
-    from relaylearn.bundle import read_bundle
-    from relaylearn.keys import load_trust_dir, read_relay_id
-
-    if trust_dir:
-        trust = load_trust_dir(trust_dir)
-        if not path.is_file():
-            raise UserError("bundle not found", path)
-        return read_bundle(path, trust=trust, expect_relay_id=read_relay_id(trust_dir), bind_sites=True)
-    if not no_verify:
-        raise UserError("pass --trust DIR to verify the bundle, or --no-verify to use it unverified", path)
-    if not path.is_file():
-        raise UserError("bundle not found", path)
-    return read_bundle(path, trust=None, allow_unsigned=True)
-
-
-def provenance(bundle) -> dict:
-    """What an output records about the bundle it came from."""
-    return {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256, "relay_id": bundle.manifest["relay_id"],
-            "verified": bundle.signed_by is not None, "signed_by": bundle.signed_by}
+from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp
+from relaylearn.results import per_image_rows, summary_row, write_results_csv
 
 
 def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | None = None, devices: str | None = None, exps_root: Path = EXPS_ROOT, no_verify: bool = False) -> Path:
@@ -59,8 +23,7 @@ def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | 
     run_dir = Path(exps_root) / cfg.name / name.lstrip("=")
     task_ids = [t.dataset.kwargs.task_id for t in cfg.tasks]
     paths = [Path(bundle)] if bundle else [run_dir / "bundles" / f"task_{tid}.relay" for tid in task_ids]
-    accelerator, devs = parse_devices(devices, cfg.tasks[0].train.lightning)
-    device = torch.device("cuda", devs[0] if isinstance(devs, list) else 0) if accelerator == "gpu" else torch.device("cpu")
+    device = inference_device(devices, cfg.tasks[0].train.lightning)
     summary, per_image = [], []
     test_data = {ds.site: load_split(ds, "test") for ds in cfg.test_datasets}
     sources = []
@@ -78,9 +41,9 @@ def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | 
             per_image.extend(per_image_rows(task_id, trained, ds.site, res))
             d = res["summary"]["dice_sample"]
             print(f"{trained} on {ds.site}: Dice {d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}] (n={len(res['per_image'])})")
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    stamp = local_stamp()
     out = run_dir / "test_results" / f"results_{stamp}.csv"
     write_results_csv(out, summary)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"bundles": sources}, indent=2) + "\n")
+    atomic_write(out.with_suffix(".json"), json.dumps({"bundles": sources}, indent=2) + "\n")
     write_results_csv(run_dir / "test_results" / f"per_image_{stamp}.csv", per_image)
     return out

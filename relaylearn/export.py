@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from relaylearn import __version__
+from relaylearn.assembly import LoadedModel, load_model
 from relaylearn.errors import UserError
-from relaylearn.predict import LoadedModel, atomic_write_bytes, load_model
+from relaylearn.files import atomic_write
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -46,7 +47,7 @@ def export_metadata(model: LoadedModel, fmt: str) -> dict:
         "channels": model.channels,
         "num_classes": model.num_classes,
         "class_names": list(model.class_names),
-        "mask_encoding": "DoFE grey levels 255/128/0" if model.is_fundus else "class ids",
+        "mask_encoding": model.layout.mask_encoding(model.num_classes),
         "strategy": model.strategy,
         "bundle_sha256": model.bundle_sha256,
         "bundle_verified": model.verified,
@@ -111,8 +112,8 @@ def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
         raise UserError("--out must be a file path, but a folder is there", out)
     data = onnx_bytes(model) if fmt == "onnx" else torchscript_bytes(model)
     sidecar = out.with_name(out.name + ".json")
-    atomic_write_bytes(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
-    atomic_write_bytes(out, data)
+    atomic_write(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
+    atomic_write(out, data)
     return out
 
 

@@ -276,10 +276,11 @@ def check_against(imported: ImportedCheckpoint, expected: dict[str, Tensor], wha
 
 def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | None = None, sets: list[str] | None = None) -> tuple[Path, ImportedCheckpoint]:
     """Read ``ckpt``, map and check it against the network ``config`` builds, write a bundle at ``out``."""
-    from relaylearn.bundle import utc_now, write_bundle
+    from relaylearn.assembly import build_strategy, shipped_config
+    from relaylearn.bundle import write_bundle
     from relaylearn.config import load_config
+    from relaylearn.files import utc_now
     from relaylearn.keys import load_private_key
-    from relaylearn.runner import build_strategy, shipped_config
     from relaylearn.strategies.base import BundleState
 
     signing_key = load_private_key(key) if key else None

@@ -2,13 +2,13 @@
 
 For every input image ``<stem>`` the output folder receives
 
-* ``masks/<stem>.png`` — the class map at the image's original size. A 3-class fundus model
-  writes the DoFE encoding (grey 255 = background, 128 = disc rim, 0 = cup); every other model
-  writes class ids (0, 1, 2, ...) as 8-bit grey levels.
+* ``masks/<stem>.png`` — the class map at the image's original size, encoded as the model's data
+  layout stores masks (a 3-class fundus model: the DoFE grey levels 255 = background, 128 = disc
+  rim, 0 = cup; every other built-in layout: class ids 0, 1, 2, ... as 8-bit grey levels).
 * ``overlays/<stem>.png`` — the image with translucent class colours and opaque class contours.
-* ``predictions.csv`` — one row per image: size, the area of every class in pixels and, for
-  3-class fundus models, the vertical cup-to-disc ratio (cup height / disc height, disc = rim ∪
-  cup; NaN when no disc is found, 0 when a disc but no cup is found).
+* ``predictions.csv`` — one row per image: size, the area of every class in pixels and the
+  layout's extra measures (3-class fundus models: the vertical cup-to-disc ratio, cup height /
+  disc height, disc = rim ∪ cup; NaN when no disc is found, 0 when a disc but no cup is found).
 
 Pre-processing matches training: the image is read as RGB (or grey for 1-channel models),
 resized to the model's ``img_size`` bilinearly with antialiasing and scaled to ``out_range``.
@@ -22,15 +22,11 @@ half-written under a final name.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,66 +35,14 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from relaylearn.assembly import LoadedModel, load_model
+from relaylearn.devices import inference_device
 from relaylearn.errors import DataError, UserError
+from relaylearn.files import atomic_write, csv_text
+from relaylearn.imaging import overlay, png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-#: grey level of each class in the DoFE mask encoding (background, disc rim, cup)
-DOFE_LEVELS = (255, 128, 0)
-FUNDUS_CLASS_NAMES = ("background", "disc_rim", "cup")
-#: RGB colour of each foreground class in overlays (index = class id; 0 = background, unused)
-PALETTE = (
-    (0, 0, 0), (46, 204, 64), (0, 116, 217), (255, 65, 54), (255, 220, 0),
-    (177, 13, 201), (57, 204, 204), (255, 133, 27), (240, 18, 190), (1, 255, 112),
-)  # fmt: skip
 BATCH_SIZE = 8
-
-
-@dataclass
-class LoadedModel:
-    """A bundle's solver, ready for inference, with what is needed to feed it."""
-
-    solver: nn.Module  # images [B, C, H, W] in out_range → logits [B, K, H, W]; eval mode
-    img_size: tuple[int, int]  # (H, W) the model was trained at
-    out_range: tuple[float, float]
-    channels: int
-    num_classes: int
-    class_names: tuple[str, ...]
-    dataset: str  # data layout name of the config ("fundus", "folder", "nifti")
-    bundle_sha256: str
-    strategy: str
-    verified: bool = False  # False: read with --no-verify (signature not checked)
-    signed_by: str | None = None
-    hu: tuple[float, float, float] | None = None  # CT models: (hu_min, window low, window high) for 16-bit slices
-
-    @property
-    def is_fundus(self) -> bool:
-        """3-class optic disc / cup model: DoFE mask encoding and cup-to-disc ratio apply."""
-        return self.dataset == "fundus" and self.num_classes == 3
-
-
-def class_names_for(dataset: str, num_classes: int) -> tuple[str, ...]:
-    if dataset == "fundus" and num_classes == 3:
-        return FUNDUS_CLASS_NAMES
-    return tuple(f"class_{k}" for k in range(num_classes))
-
-
-def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> LoadedModel:
-    """Read and verify (with ``trust``; else only with ``no_verify``) a bundle and rebuild its
-    solver in eval mode. ``plugins``: plug-in names of your local config the bundle may use."""
-    from relaylearn.evaluate import read_any_bundle
-    from relaylearn.runner import strategy_from_bundle
-
-    b = read_any_bundle(Path(bundle), trust, no_verify=no_verify)
-    strategy, task = strategy_from_bundle(b, plugins)
-    k = task.dataset.kwargs
-    solver = strategy.solver.to(device).eval()
-    return LoadedModel(
-        solver=solver, img_size=tuple(k.img_size), out_range=tuple(k.out_range), channels=k.channels,
-        num_classes=k.num_classes, class_names=class_names_for(task.dataset.name, k.num_classes),
-        dataset=task.dataset.name, bundle_sha256=b.sha256, strategy=b.manifest["strategy"],
-        verified=b.signed_by is not None, signed_by=b.signed_by,
-        hu=(k.hu_min, *k.hu_window) if task.dataset.name.startswith("ct_") else None,
-    )
 
 
 # ----- inputs ------------------------------------------------------------------------------------
@@ -175,92 +119,9 @@ def predict_class_maps(solver: nn.Module, images: Sequence[np.ndarray], img_size
 
 
 # ----- outputs -----------------------------------------------------------------------------------
-def encode_mask(class_map: np.ndarray, fundus: bool) -> np.ndarray:
-    """uint8 mask image: DoFE grey levels for fundus models, otherwise the class ids."""
-    if fundus:
-        return np.asarray(DOFE_LEVELS, dtype=np.uint8)[class_map]
-    if class_map.max(initial=0) > 255:
-        raise UserError("more than 256 classes cannot be written as an 8-bit mask")
-    return class_map.astype(np.uint8)
-
-
 def class_areas(class_map: np.ndarray, num_classes: int) -> list[int]:
     """Pixels of each class 0..num_classes-1."""
     return np.bincount(class_map.ravel(), minlength=num_classes)[:num_classes].astype(int).tolist()
-
-
-def _height(rows_mask: np.ndarray) -> int:
-    rows = np.flatnonzero(rows_mask.any(axis=1))
-    return int(rows[-1] - rows[0] + 1) if rows.size else 0
-
-
-def vertical_cup_to_disc(class_map: np.ndarray, rim: int = 1, cup: int = 2) -> float:
-    """Cup height / disc height (disc = rim ∪ cup), in rows; NaN without a disc."""
-    disc_height = _height((class_map == rim) | (class_map == cup))
-    if disc_height == 0:
-        return math.nan
-    return _height(class_map == cup) / disc_height
-
-
-def class_colour(k: int) -> tuple[int, int, int]:
-    """Overlay colour of foreground class ``k`` ≥ 1 (the palette repeats after 9 classes)."""
-    return PALETTE[1 + (k - 1) % (len(PALETTE) - 1)]
-
-
-def _contour(mask: np.ndarray, thickness: int) -> np.ndarray:
-    from scipy.ndimage import binary_dilation, binary_erosion
-
-    edge = mask & ~binary_erosion(mask, border_value=0)
-    return binary_dilation(edge, iterations=thickness - 1) & mask if thickness > 1 else edge
-
-
-def overlay(image: np.ndarray, class_map: np.ndarray, alpha: float = 0.35) -> np.ndarray:
-    """RGB uint8 [H, W, 3]: ``image`` (uint8 [H, W, C]) with translucent class colours and
-    opaque contours (thickness grows with the image size). Class 0 is left uncoloured."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-    out = rgb.astype(np.float32)
-    thickness = max(1, round(min(class_map.shape) / 200))
-    for k in np.unique(class_map):
-        if k == 0:
-            continue
-        colour = np.asarray(class_colour(int(k)), dtype=np.float32)
-        mask = class_map == k
-        out[mask] = (1 - alpha) * out[mask] + alpha * colour
-        out[_contour(mask, thickness)] = colour
-    return out.round().clip(0, 255).astype(np.uint8)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """PNG encoding of a uint8 [H, W] or [H, W, 3] array."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (the bundle module's :func:`atomic_write`)."""
-    from relaylearn.bundle import atomic_write
-
-    atomic_write(path, data)
-
-
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
-def _device(devices: str | None) -> torch.device:
-    from relaylearn.config import LightningConfig
-    from relaylearn.runner import parse_devices
-
-    accelerator, devs = parse_devices(devices, LightningConfig())
-    if accelerator == "gpu":
-        return torch.device("cuda", devs[0] if isinstance(devs, list) else 0)
-    return torch.device("cpu")
 
 
 def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu") -> Path:
@@ -282,21 +143,20 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
             images = [read_image(f, model.channels, model.hu) for f in chunk]
             maps = predict_class_maps(model.solver, images, model.img_size, model.out_range, device)
             for f, image, class_map in zip(chunk, images, maps):
-                (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(encode_mask(class_map, model.is_fundus)))
+                (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(model.layout.encode_mask(class_map, model.num_classes)))
                 (staging / "overlays" / f"{f.stem}.png").write_bytes(png_bytes(overlay(image, class_map)))
                 row = {"image": str(f), "mask": f"masks/{f.stem}.png", "width": image.shape[1], "height": image.shape[0]}
                 row.update({f"area_px_{name}": a for name, a in zip(model.class_names, class_areas(class_map, model.num_classes))})
-                if model.is_fundus:
-                    row["vertical_cup_to_disc"] = vertical_cup_to_disc(class_map)
+                row.update(model.layout.measures(class_map, model.num_classes))
                 rows.append(row)
         for sub in subfolders:  # every image succeeded: move the files to their final names
             (out / sub).mkdir(exist_ok=True)
             for tmp in sorted((staging / sub).iterdir()):
                 os.replace(tmp, out / sub / tmp.name)
         csv_path = out / "predictions.csv"
-        atomic_write_bytes(csv_path, _csv_text(rows).encode())
+        atomic_write(csv_path, csv_text(rows, float_format="{:.4f}", lineterminator="\n"))
         info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
-        atomic_write_bytes(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
+        atomic_write(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
         return csv_path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -306,7 +166,7 @@ def run_predict(bundle: str | Path, out: str | Path, inputs: Sequence[str | Path
     """``relaylearn predict``: returns the path of ``predictions.csv`` (``predictions.json`` beside
     it records the bundle and whether it was verified)."""
     files = expand_inputs(inputs)
-    device = _device(devices)
+    device = inference_device(devices)
     model = load_model(bundle, trust, device, no_verify=no_verify, plugins=plugins)
     csv_path = predict_images(model, files, Path(out), device)
     print(f"segmented {len(files)} image(s): masks and overlays in {out}, table {csv_path}")

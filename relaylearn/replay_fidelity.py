@@ -114,9 +114,9 @@ def sample_grid(images: Tensor, masks: Tensor, out_range: tuple[float, float]) -
     """uint8 [2H, n·W, 3]: generated images (top row) over their colour-coded masks."""
     import numpy as np
 
-    from relaylearn.report.samples import _rgb_or_grey, colour_mask, to_uint8
+    from relaylearn.imaging import colour_mask, rgb_or_grey, to_uint8
 
-    top = np.concatenate([_rgb_or_grey(im) for im in to_uint8(images, out_range)], axis=1)
+    top = np.concatenate([rgb_or_grey(im) for im in to_uint8(images, out_range)], axis=1)
     if top.ndim == 2:  # one-channel (CT) images: grey in all three channels, beside colour masks
         top = np.repeat(top[..., None], 3, axis=2)
     bottom = np.concatenate([colour_mask(m) for m in masks.numpy()], axis=1)
@@ -165,7 +165,8 @@ class FidelityRecorder:
 
         from safetensors.torch import load_file, save_file
 
-        from relaylearn.predict import atomic_write_bytes, png_bytes
+        from relaylearn.files import atomic_write
+        from relaylearn.imaging import png_bytes
 
         self.oracle_path(position).parent.mkdir(parents=True, exist_ok=True)
         tmp = self.oracle_path(position).with_suffix(".tmp")
@@ -183,7 +184,7 @@ class FidelityRecorder:
             score = replay_fidelity(strategy, d["sites"][s], oracle, self.num_classes, n=self.samples, seed=self.seed + s)
             row[s], generated[s] = score.fidelity, score.class_fractions
             images, masks = strategy.generate_replay(d["sites"][s], self.GRID, seed=self.seed + s)
-            atomic_write_bytes(self.run_dir / "metrics" / "replay_samples" / f"hop{position + 1}_site{s + 1}.png",
+            atomic_write(self.run_dir / "metrics" / "replay_samples" / f"hop{position + 1}_site{s + 1}.png",
                                png_bytes(sample_grid(images, masks, self.out_range)))
             if log_scalar is not None:
                 log_scalar(f"replay/fidelity/{d['sites'][s]}", score.fidelity, position + 1)
@@ -200,6 +201,6 @@ class FidelityRecorder:
     def _write(self) -> None:
         import json
 
-        from relaylearn.predict import atomic_write_bytes
+        from relaylearn.files import atomic_write
 
-        atomic_write_bytes(self.path, json.dumps(self.data, indent=2).encode("utf-8"))
+        atomic_write(self.path, json.dumps(self.data, indent=2).encode("utf-8"))

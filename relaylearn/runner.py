@@ -1,29 +1,27 @@
 """What runs: the relay of a config's tasks, site after site (simulation on one machine, or one
-hospital's step in deployment), and the evaluation of a saved model."""
+hospital's step in deployment): verify → restore → fit → evaluate → write, per site."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import platform
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from relaylearn import __version__
+from relaylearn.assembly import check_bundle_fits, load_split, local_plugins, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.errors import DataError, UserError, VerificationError
+from relaylearn.devices import parse_devices
+from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, seed_site
+from relaylearn.errors import UserError, VerificationError
+from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
+from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
-from relaylearn.strategies.base import BundleState, SiteContext, Strategy, parse_options
-
-EXPS_ROOT = Path("exps")
+from relaylearn.strategies.base import Strategy
 
 
 @dataclass
@@ -52,243 +50,16 @@ class RunResult:
     is_main: bool = True  # False in a DDP worker rank: rank 0 writes every file and prints
 
 
-# ----- small utilities ---------------------------------------------------------------------------
-def is_main_process() -> bool:
-    """False in the worker ranks (> 0) of a multi-process (DDP) run; Lightning sets the rank from
-    the launch environment at import and from the Trainer once one exists."""
-    from lightning.pytorch.utilities import rank_zero_only
+@dataclass
+class HopOutcome:
+    """One trained site: the strategy (on the CPU) and how it scored."""
 
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from relaylearn.bundle import atomic_write
-
-    atomic_write(path, text)
-
-
-def software_versions() -> dict[str, str]:
-    import lightning
-    import numpy
-
-    versions = {"relaylearn": __version__, "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__, "numpy": numpy.__version__}
-    try:
-        import monai
-
-        versions["monai"] = monai.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return versions
-
-
-def parse_devices(spec: str | None, lightning_cfg) -> tuple[str, Any]:
-    """``-g`` → (accelerator, devices). ``cpu``; GPU ids ``0`` / ``0,1``; None = GPU 0 if any, else CPU."""
-    if spec is None:
-        if torch.cuda.is_available():
-            return "gpu", lightning_cfg.devices or 1
-        return "cpu", lightning_cfg.devices or 1
-    spec = spec.strip().lstrip("=")
-    if spec.lower() == "cpu":
-        return "cpu", lightning_cfg.devices or 1
-    try:
-        ids = [int(x) for x in spec.split(",") if x.strip() != ""]
-    except ValueError:
-        raise UserError(f"-g {spec!r}: expected GPU ids such as 0 or 0,1, or 'cpu'") from None
-    if not ids:
-        raise UserError(f"-g {spec!r}: no GPU id given")
-    if not torch.cuda.is_available():
-        raise UserError(f"-g {spec}: no CUDA GPU is available on this machine (use -g cpu)")
-    if max(ids) >= torch.cuda.device_count():
-        raise UserError(f"-g {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return "gpu", ids
-
-
-def load_split(ds: DatasetConfig, split: str):
-    """Pre-decode one site's split into memory (images [N,C,H,W], labels [N,H,W]).
-
-    ``"train"`` and ``"val"`` are the two parts of the site's ``train`` folder
-    (:func:`relaylearn.data.split.validation_split`, study-wise by ``subjects``); ``"test"`` is the
-    ``test`` folder."""
-    from relaylearn.data import load_site
-    from relaylearn.data.split import validation_split
-
-    k = ds.kwargs
-    folders = k.img_folder if k.img_folder is not None else ds.site
-    source_split = "train" if split == "val" else split
-    if ds.name.startswith("ct_"):
-        from relaylearn.data.ct import load_ct_site
-
-        data = load_ct_site(ds.name, ds.root, folders, source_split, k, site_name=ds.site)
-    else:
-        data = load_site(
-            ds.name, ds.root, folders, source_split, img_size=tuple(k.img_size), out_range=tuple(k.out_range),
-            num_classes=k.num_classes, channels=k.channels, use_roi=k.use_roi, site_name=ds.site,
-        )
-    if split not in ("train", "val") or k.val_fraction == 0:
-        return data
-    try:
-        parts = validation_split(len(data), k.val_fraction, k.val_seed, groups=data.subjects)
-    except DataError as exc:
-        raise DataError(f"site {ds.site}: {exc.message}") from None
-    keep = parts[0] if split == "train" else parts[1]
-    index = torch.as_tensor(keep, dtype=torch.long)
-    return replace(data, images=data.images[index], labels=data.labels[index], names=[data.names[i] for i in keep],
-                   subjects=[data.subjects[i] for i in keep], sources=[data.sources[i] for i in keep])
-
-
-def shipped_config(task: TaskConfig) -> dict[str, Any]:
-    """The config that travels in a bundle: everything but local paths and checkpoint plumbing."""
-    cfg = task.model_dump(mode="json")
-    cfg.pop("checkpoint", None)
-    cfg["dataset"]["kwargs"].pop("root_path", None)
-    cfg["dataset"]["kwargs"].pop("img_folder", None)
-    if cfg["model"]["kwargs"].get("pretrained_path"):
-        cfg["model"]["kwargs"]["pretrained_path"] = None
-    return cfg
-
-
-def build_strategy(task: TaskConfig, load_pretrained: bool) -> Strategy:
-    """A fresh strategy (and its solver) for ``task``."""
-    from relaylearn.models import build_solver
-
-    cls = get_strategy_class(task.strategy.name)
-    options = parse_options(cls, task.strategy.kwargs)
-    k = task.dataset.kwargs
-    solver = build_solver(task.model.name, task.model.kwargs, in_channels=k.channels, num_classes=k.num_classes, load_pretrained=load_pretrained)
-    return cls(options, solver, task)
-
-
-def _first_line(exc: BaseException) -> str:
-    from relaylearn.bundle import escape_text
-
-    text = str(exc).strip()
-    return escape_text(text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
-    """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
-    shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
-    from relaylearn.bundle import escape_text
-
-    def mismatch(expected: dict) -> str | None:
-        describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
-        for name in sorted(set(expected) | set(bundle.tensors)):
-            want, got = expected.get(name), bundle.tensors.get(name)
-            if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
-                return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
-        return None
-
-    fresh = strategy.state_to_bundle().tensors
-    try:
-        strategy.state_from_bundle(BundleState(tensors=bundle.tensors, meta=bundle.manifest.get("registry", {})))
-        problem = mismatch(strategy.state_to_bundle().tensors)
-    except Exception as exc:  # noqa: BLE001 - whatever the tensors or registry do to the strategy
-        problem = mismatch(fresh) or _first_line(exc)
-    if problem:
-        raise VerificationError(f"bundle does not fit strategy '{strategy_name}': {problem}", bundle.path)
-
-
-def check_bundle_fits(bundle, task: TaskConfig) -> None:
-    """Before anything is recorded or written: the verified ``bundle`` must come from this site's
-    strategy and its tensors must load into it exactly (names, shapes, dtypes). Exit 3 otherwise."""
-    from relaylearn.bundle import escape_text
-
-    if bundle.strategy != task.strategy.name:
-        raise VerificationError(
-            f"bundle was written by strategy '{escape_text(bundle.strategy)}' but this site's config uses '{task.strategy.name}'",
-            bundle.path,
-        )
-    load_bundle_state(build_strategy(task, load_pretrained=False), bundle, task.strategy.name)
-
-
-def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tuple[Strategy, TaskConfig]:
-    """Rebuild the strategy that wrote ``bundle`` (already verified) and load its state.
-
-    Nothing named by the bundle is imported: its strategy and model names resolve only against the
-    built-in registry; a plug-in (``package.module:Name``) only when it is in ``plugins``, the names
-    your local config uses. VerificationError (exit 3) otherwise, or when the tensors do not fit."""
-    from relaylearn.bundle import escape_text
-    from relaylearn.recipe import shipped_task_config
-
-    task = shipped_task_config(bundle.manifest["config"], bundle.path)
-    for what, name in (("strategy", task.strategy.name), ("model", task.model.name)):
-        if ":" in name and name not in plugins:
-            raise VerificationError(
-                f"bundle names the plug-in {what} '{escape_text(name)}'; code named by a bundle is never imported "
-                "(only a plug-in your local config names, with -c, is used)",
-                bundle.path,
-            )
-    if bundle.strategy != task.strategy.name:
-        raise VerificationError(f"bundle strategy '{escape_text(bundle.strategy)}' disagrees with its config's '{escape_text(task.strategy.name)}'", bundle.path)
-    try:
-        strategy = build_strategy(task, load_pretrained=False)
-    except UserError as exc:
-        raise VerificationError(f"bundle config: {_first_line(exc)}", bundle.path) from None
-    load_bundle_state(strategy, bundle, task.strategy.name)
-    return strategy, task
-
-
-def local_plugins(cfg: RunConfig | None) -> set[str]:
-    """The plug-in names (``package.module:Name``) a local config uses for its strategy or model."""
-    if cfg is None:
-        return set()
-    return {name for t in cfg.tasks for name in (t.strategy.name, t.model.name) if ":" in name}
-
-
-# ----- results files -----------------------------------------------------------------------------
-def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    import io
-
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """{"dice_sample": {"mean", "low", "high"}, ...} → {"dice_sample", "dice_sample_ci_low", ...}."""
-    flat: dict[str, Any] = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            flat[key] = value["mean"]
-            flat[f"{key}_ci_low"] = value["low"]
-            flat[f"{key}_ci_high"] = value["high"]
-        else:
-            flat[key] = value
-    return flat
-
-
-def summary_row(task_id: int, trained: str, test_site: str, result: dict) -> dict[str, Any]:
-    return {"task_id": task_id, "trained_site": trained, "test_site": test_site, **flat_summary(result["summary"])}
-
-
-def per_image_rows(task_id: int, trained: str, test_site: str, result: dict) -> list[dict[str, Any]]:
-    return [{"task_id": task_id, "trained_site": trained, "test_site": test_site, **r} for r in result["per_image"]]
-
-
-def matrix_json(sites: list[str], trained: list[str], rows: list[list[float]], trained_columns: list[list[int]], per_class: dict) -> dict[str, Any]:
-    """matrix.json (docs/design.md#matrixjson) with ACC / BWT / forgetting over the trained sites."""
-    from relaylearn.metrics import continual_metrics
-
-    out: dict[str, Any] = {"metric": "dice_sample", "sites": sites, "trained": trained, "R": rows}
-    if rows:
-        if all(len(cols) == 1 for cols in trained_columns):
-            out.update({k: float(v) for k, v in continual_metrics(rows, [c[0] for c in trained_columns]).items()})
-        else:  # pooled training (joint): one row stands for all its sites
-            cols = trained_columns[-1]
-            out.update({"acc": float(sum(rows[-1][c] for c in cols) / len(cols)), "bwt": 0.0, "forgetting": 0.0})
-        out["acc_all_sites"] = float(sum(rows[-1]) / len(rows[-1]))
-    out["per_class"] = per_class
-    return out
+    strategy: Strategy
+    row: list[float]  # a row of R: mean Dice on each test site
+    results: dict[str, dict]  # test site → evaluate_site(...)
+    validation: list[float] | None  # mean Dice on each relay site's validation part (None: a site has none)
+    started_utc: str
+    num_images: int  # training images of the site
 
 
 # ----- training ----------------------------------------------------------------------------------
@@ -300,11 +71,17 @@ class RelayRun:
             raise UserError(f"-n {name!r}: run name must be non-empty without spaces or slashes")
         self.cfg, self.name, self.opts = cfg, name, opts
         self.run_dir = Path(opts.exps_root) / cfg.name / name
-        self.stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        self.stamp = local_stamp()
         self.signing_key = None
         self.trust = None
         self.signed = opts.key is not None
         self.relay_id: str | None = None  # the relay this site states it belongs to
+        self.incoming = None  # the verified bundle that arrived with --in
+        self.recipe_record: dict | None = None  # with --in: how the local recipe met the bundle's (run.json)
+        self._barrier = None  # DDP barrier of the latest site's Trainer
+        self._fidelity = None  # replay fidelity recorder (single-machine simulation)
+        self._val_cache: dict[str, Any] | None = None
+        self._test_cache: dict[str, Any] = {}
 
     # -- set-up --
     def _prepare(self) -> None:
@@ -344,15 +121,15 @@ class RelayRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
-        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
-        atomic_write_text(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
+        atomic_write(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
+        atomic_write(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
         info = {
             "config": self.cfg.name, "config_path": str(self.cfg.path), "name": self.name,
             "seed": self.cfg.tasks[0].random_seed, "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
-            "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(),
-            "recipe": getattr(self, "recipe_record", None),
+            "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(detailed=True),
+            "recipe": self.recipe_record,
         }
-        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
+        atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
 
     def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False, own: bool = False):
         """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this
@@ -434,7 +211,7 @@ class RelayRun:
         per_image: list[dict] = []
         bundles: list[Path] = []
 
-        parent = getattr(self, "incoming", None)  # the bundle this site starts from
+        parent = self.incoming  # the bundle this site starts from
         self._fidelity = self._fidelity_recorder(strategy_cls)
         for position, group in enumerate(groups):
             task = group[0]
@@ -462,41 +239,40 @@ class RelayRun:
                 if ledger is not None:
                     ledger.check(parent)
                     ledger.record(parent)
-            strategy, row, results = self._train_site(group, parent, position)
+            hop = self._train_site(group, parent, position)
+            strategy, row, results = hop.strategy, hop.row, hop.results
             rows.append(row)
-            val_rows.append(strategy.hop_validation)
+            val_rows.append(hop.validation)
             trained.append(site_name)
             trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
             for test_site, res in results.items():
                 summary.append(summary_row(task_id, site_name, test_site, res))
                 per_image.extend(per_image_rows(task_id, site_name, test_site, res))
-                per_class.setdefault(site_name, {})[test_site] = {k: v["mean"] for k, v in res["summary"].items() if k.startswith("dice_class")}
+                per_class.setdefault(site_name, {})[test_site] = class_dice(res)
             bundles.append(bundle_path)
             if not is_main_process():  # DDP worker: wait for rank 0's bundle and start the next site from it
                 self._sync()
                 parent = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True)
                 continue
-            parent = self._write_bundle(bundle_path, strategy, task, parent, results, site_name)
+            parent = self._write_bundle(bundle_path, hop, task, parent, site_name)
             self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
             self._sync()
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
                 ledger.record(parent, written=True)
-            stale = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}") / "last.ckpt"
+            stale = self._checkpoint_dir(task) / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
             matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
-            atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
+            atomic_write(matrix_path, json.dumps(matrix, indent=2))
             write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
             write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
         matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
-        atomic_write_text(matrix_path, json.dumps(matrix, indent=2))
+        atomic_write(matrix_path, json.dumps(matrix, indent=2))
         if self.opts.out_bundle and bundles:
-            from relaylearn.bundle import atomic_write
-
             atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
         return RunResult(self.run_dir, matrix, bundles, time.time() - started)
 
@@ -506,103 +282,48 @@ class RelayRun:
 
     def _sync(self) -> None:
         """DDP: wait until every rank got here (no-op in a single process)."""
-        strategy = getattr(self, "_lightning_strategy", None)
-        if strategy is not None:
-            strategy.barrier()
+        if self._barrier is not None:
+            self._barrier()
 
-    def _train_site(self, group: list[TaskConfig], parent, position: int):
-        import lightning as L
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        from relaylearn.engine import LocalCheckpoint, SiteModule, SiteProgressBar, epochs_for_budget, evaluate_site, site_loader
-
+    def _train_site(self, group: list[TaskConfig], parent, position: int) -> HopOutcome:
+        """Restore → fit → evaluate one site (a group of several for pooled training)."""
         task = group[0]
-        task_id = task.dataset.kwargs.task_id
-        seed = task.random_seed + (task_id or 0)
-        L.seed_everything(seed, workers=True, verbose=False)
+        seed = task.random_seed + (task.dataset.kwargs.task_id or 0)
+        seed_site(seed)
         started = utc_now()
         datas = [load_split(t.dataset, "train") for t in group]
         images = torch.cat([d.images for d in datas])
         labels = torch.cat([d.labels for d in datas])
         site_name = "+".join(t.dataset.site for t in group)
-
-        strategy = build_strategy(task, load_pretrained=parent is None)
-        if parent is not None:
-            strategy.state_from_bundle(BundleState(tensors=parent.tensors, meta=parent.manifest.get("registry", {})))
-        accelerator, devices = parse_devices(self.opts.devices, task.train.lightning)
-        world = (len(devices) if isinstance(devices, list) else int(devices)) * task.train.lightning.num_nodes
-        replica = task.dataset.kwargs.num_replica
-        epochs, total = epochs_for_budget(task.train, len(images), replica, task.train.batch_size, world)
-        loader = site_loader(images, labels, task.train.batch_size, replica, seed, world_size=world)
-        if task.dataset.kwargs.neg_pos_ratio:  # k negatives per positive slice, re-drawn every epoch
-            from relaylearn.data.ct import neg_pos_loader
-
-            loader = neg_pos_loader(images, labels, task.dataset.kwargs, task.train.batch_size, seed, world_size=world, where=site_name)
-            epochs, total = epochs_for_budget(task.train, loader.sampler.num_items, replica, task.train.batch_size, world)
-        site = SiteContext(
-            name=site_name, task_id=task_id, position=len(strategy.sites_seen), num_images=len(images),
-            num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,
-            batch_size=task.train.batch_size, budget_steps=total,
+        strategy = restore_strategy(task, parent)
+        fit = fit_site(
+            strategy, images, labels, task, site_name=site_name, seed=seed, run_dir=self.run_dir,
+            checkpoint_dir=self._checkpoint_dir(task),
+            devices=self.opts.devices, resume=self.opts.resume, log=self._log,
+            progress=None if self.opts.quiet else f"site {position + 1}/{len(self.cfg.tasks)} {site_name}",
         )
-        augment = None
-        if task.dataset.kwargs.augment not in (None, "none"):
-            from relaylearn.data.augment import from_config as augment_from_config
-
-            augment = augment_from_config(task.dataset.kwargs.augment, tuple(task.dataset.kwargs.out_range))
-        module = SiteModule(strategy, site, augment=augment, log_every=task.train.log_every_n_steps, channels_last=task.train.channels_last, max_batches=total, sampler=loader.sampler)
-        ckpt_dir = self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task_id}")
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = LocalCheckpoint(ckpt_dir / "last.ckpt", task.train.checkpoint_every_n_steps)
-        callbacks = [ckpt]
-        if not self.opts.quiet:
-            callbacks.append(SiteProgressBar(f"site {position + 1}/{len(self.cfg.tasks)} {site_name}"))
-        precision = task.train.precision
-        if accelerator == "cpu" and precision == "16-mixed":
-            warnings.warn("16-mixed is not supported on the CPU; using bf16-mixed", stacklevel=2)
-            precision = "bf16-mixed"
-        strategy_name = task.train.lightning.strategy  # on the CPU Lightning picks gloo for ddp
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, num_nodes=task.train.lightning.num_nodes, strategy=strategy_name,
-            precision=precision, max_epochs=epochs, max_steps=-1, logger=TensorBoardLogger(self.run_dir, name="tensorboard", version=f"task_{task_id}"),
-            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-            gradient_clip_val=None, log_every_n_steps=task.train.log_every_n_steps, default_root_dir=self.run_dir,
-        )
-        loader.sampler.rank, loader.sampler.world_size = trainer.global_rank, trainer.world_size
-        self._lightning_strategy = trainer.strategy
-        if trainer.global_rank > 0:  # DDP: weights start equal (rank 0's are broadcast); latents, replay and augmentation differ per rank
-            torch.manual_seed(seed + 1_000_003 * trainer.global_rank)
-        resume_from = ckpt.path if (self.opts.resume and ckpt.path.is_file()) else None
-        if resume_from:
-            self._log(f"[{site_name}] resuming from {resume_from}")
-        if resume_from:
-            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)  # local-only checkpoint
-        else:
-            trainer.fit(module, train_dataloaders=loader)
-        if resume_from:
-            self._log(f"[{site_name}] resumed at batch {module.resumed_at} of {total}")
-        device = module.device
-        results = {}
-        for ds in self.cfg.test_datasets:
-            data = self._test_data(ds)
-            results[ds.site] = evaluate_site(strategy.solver, data, ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap)
-        row = [float(results[ds.site]["summary"]["dice_sample"]["mean"]) for ds in self.cfg.test_datasets]
+        self._barrier = fit.barrier
+        results = {ds.site: evaluate_site(strategy.solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, fit.device, task.test.bootstrap)
+                   for ds in self.cfg.test_datasets}
+        row = [final_dice(results[ds.site]) for ds in self.cfg.test_datasets]
         self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
-        tb = trainer.logger.experiment if trainer.is_global_zero else None
+        tb = fit.tensorboard
         if tb is not None:
             for s, v in zip(results, row):
                 tb.add_scalar(f"test/dice_sample/{s}", v, position + 1)
             tb.flush()
-        strategy.hop_validation = self._validation_row(strategy.solver, device, task.test.batch_size)
+        validation = self._validation_row(strategy.solver, fit.device, task.test.batch_size)
         strategy.to("cpu")
-        if getattr(self, "_fidelity", None) is not None and len(group) == 1:  # replay fidelity of every earlier site
+        if self._fidelity is not None and len(group) == 1:  # replay fidelity of every earlier site
             log = (lambda tag, value, step: tb.add_scalar(tag, value, step)) if tb is not None else None
-            self._fidelity.record(position, site_name, strategy, results[site_name]["summary"]["dice_sample"]["mean"] if site_name in results else None, labels, log)
+            self._fidelity.record(position, site_name, strategy, final_dice(results[site_name]) if site_name in results else None, labels, log)
             if tb is not None:
                 tb.flush()
-        strategy.hop_started_utc = started
-        strategy.hop_num_images = len(images)
-        return strategy, row, results
+        return HopOutcome(strategy, row, results, validation, started, len(images))
+
+    def _checkpoint_dir(self, task: TaskConfig) -> Path:
+        """Where a site's local resume checkpoint ``last.ckpt`` lives (never shipped)."""
+        return self.run_dir / "checkpoints" / (task.checkpoint.save.dir if task.checkpoint.save else f"task_{task.dataset.kwargs.task_id}")
 
     def _validation_row(self, solver, device, batch_size: int) -> list[float] | None:
         """Mean Dice of ``solver`` on the validation part of every relay site (None if a site has none)."""
@@ -611,7 +332,7 @@ class RelayRun:
 
         if any(t.dataset.kwargs.val_fraction == 0 for t in self.cfg.tasks):
             return None
-        if not hasattr(self, "_val_cache"):
+        if self._val_cache is None:
             self._val_cache = {t.dataset.site: load_split(t.dataset, "val") for t in self.cfg.tasks}
         row = []
         for task in self.cfg.tasks:
@@ -643,7 +364,7 @@ class RelayRun:
         """Replay fidelity needs every site on this machine (its oracles) and a replaying strategy."""
         first = self.cfg.tasks[0]
         n = first.test.replay_fidelity_samples
-        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not hasattr(strategy_cls, "generate_replay") or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
+        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not strategy_cls.replays() or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
             return None
         from relaylearn.replay_fidelity import FidelityRecorder
 
@@ -651,29 +372,26 @@ class RelayRun:
         return FidelityRecorder(self.run_dir, k.num_classes, n, seed=first.random_seed, resume=self.opts.resume, out_range=tuple(k.out_range))
 
     def _test_data(self, ds: DatasetConfig):
-        if not hasattr(self, "_test_cache"):
-            self._test_cache = {}
         if ds.site not in self._test_cache:
             self._test_cache[ds.site] = load_split(ds, "test")
         return self._test_cache[ds.site]
 
-    def _write_bundle(self, path: Path, strategy: Strategy, task: TaskConfig, parent, results: dict, site_name: str):
+    def _write_bundle(self, path: Path, hop: HopOutcome, task: TaskConfig, parent, site_name: str):
         from relaylearn.bundle import write_bundle
 
-        state = strategy.state_to_bundle()
+        state = hop.strategy.state_to_bundle()
         extra: dict[str, Any] = {}
         if task.bundle.include_metrics:
-            extra["metrics"] = {s: r["summary"]["dice_sample"]["mean"] for s, r in results.items()}
+            extra["metrics"] = {s: r["summary"]["dice_sample"]["mean"] for s, r in hop.results.items()}
         if task.bundle.include_counts:
-            extra["num_images"] = strategy.hop_num_images
+            extra["num_images"] = hop.num_images
         write_bundle(
             path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
-            site=self._hop_site(task, site_name), hop_started_utc=getattr(strategy, "hop_started_utc", utc_now()),
+            site=self._hop_site(task, site_name), hop_started_utc=hop.started_utc,
             parent=parent, signing_key=self.signing_key, extra=extra or None,
             relay_id=self.relay_id if parent is None else None,
         )
         return self._read_bundle(path, allow_unsigned=self.signing_key is None, own=True)
-
 
     def _hop_site(self, task: TaskConfig, site_name: str) -> str:
         """The site a hop names: the signing key's site when signed (a hop is bound to its signer),
@@ -689,17 +407,6 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
-
-
-def quiet_lightning() -> None:
-    """Lightning's start-up chatter (GPU/TPU lines, tips) is noise for our users."""
-    import logging
-
-    import lightning.pytorch  # noqa: F401 - import first: it sets its own loggers to INFO
-
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
 
 
 def run_training(cfg: RunConfig, name: str, opts: TrainOptions) -> RunResult:

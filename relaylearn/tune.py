@@ -32,7 +32,7 @@ import yaml
 from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import ConfigError, UserError
-from relaylearn.runner import EXPS_ROOT, atomic_write_text
+from relaylearn.files import EXPS_ROOT, atomic_write
 
 # Each strategy's grid: option -> values; every combination is one point. Add a key or a
 # strategy here (or in a --grid file); keys the installed strategy does not have are skipped.
@@ -188,8 +188,8 @@ def tune_strategies(
 
 
 def _write(root: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(root / "tune.json", json.dumps(summary, indent=2))
-    atomic_write_text(root / "tune.md", tune_markdown(summary))
+    atomic_write(root / "tune.json", json.dumps(summary, indent=2))
+    atomic_write(root / "tune.md", tune_markdown(summary))
 
 
 def load_picks(path: Path) -> dict[str, Any]:

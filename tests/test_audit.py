@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from relaylearn.assembly import strategy_from_bundle
 from relaylearn.audit import (
     SCHEMA,
     AuditOptions,
@@ -21,7 +22,7 @@ from relaylearn.audit import (
 from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.metrics import bootstrap_statistic, roc_auc
-from relaylearn.runner import TrainOptions, run_training, strategy_from_bundle
+from relaylearn.runner import TrainOptions, run_training
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY
 from tests.test_cli import one_line_error

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from relaylearn.cli import main
-from relaylearn.compare import external_dice, markdown_table, mean_std, site_orders, summarise
+from relaylearn.compare import markdown_table, mean_std, site_orders, summarise
 from relaylearn.errors import UserError
+from relaylearn.results import external_dice
 from tests.conftest import tiny_config
 
 

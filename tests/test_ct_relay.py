@@ -9,13 +9,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from relaylearn.assembly import strategy_from_bundle
 from relaylearn.bundle import read_bundle
 from relaylearn.cli import main
 from relaylearn.config import load_config
 from relaylearn.data.ct import window_hu
 from relaylearn.data.synth_ct import write_synthetic_ct
 from relaylearn.predict import load_model, read_image
-from relaylearn.runner import TrainOptions, run_training, strategy_from_bundle
+from relaylearn.runner import TrainOptions, run_training
 from tests.strategies.test_relay import TINY
 
 

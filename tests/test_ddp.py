@@ -36,11 +36,11 @@ from relaylearn import runner
 _train_site = runner.RelayRun._train_site
 
 def train_site_and_dump(self, group, parent, position):
-    strategy, row, results = _train_site(self, group, parent, position)
-    sums = {k: float(v.double().sum()) for k, v in strategy.state_dict().items()
+    hop = _train_site(self, group, parent, position)
+    sums = {k: float(v.double().sum()) for k, v in hop.strategy.state_dict().items()
             if isinstance(v, torch.Tensor) and v.is_floating_point()}
     (self.run_dir / f"state_site{position}_rank{rank_zero_only.rank}.json").write_text(json.dumps(sums))
-    return strategy, row, results
+    return hop
 
 runner.RelayRun._train_site = train_site_and_dump
 from relaylearn.cli import main

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
 from relaylearn.engine import prepare_networks
-from relaylearn.runner import build_strategy
 from relaylearn.strategies.base import SiteContext, StepContext
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY

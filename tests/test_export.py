@@ -15,9 +15,10 @@ from relaylearn.errors import UserError
 def make_bundle(path: Path, *, channels: int = 3, num_classes: int = 3, img: int = 32, dataset: str = "fundus", seed: int = 0) -> Path:
     """An unsigned one-hop 'sequential' bundle with a freshly initialised U-Net (shared by the
     predict and report tests)."""
-    from relaylearn.bundle import utc_now, write_bundle
+    from relaylearn.assembly import build_strategy, shipped_config
+    from relaylearn.bundle import write_bundle
     from relaylearn.config import TaskConfig
-    from relaylearn.runner import build_strategy, shipped_config
+    from relaylearn.files import utc_now
 
     task = TaskConfig.model_validate({
         "train": {"num_steps": 1},

@@ -110,8 +110,8 @@ def reference_unet(state: dict[str, torch.Tensor], in_channels: int = 3, num_cla
 
 
 def _read(path: Path):
+    from relaylearn.assembly import strategy_from_bundle
     from relaylearn.bundle import read_bundle
-    from relaylearn.runner import strategy_from_bundle
 
     bundle = read_bundle(path, trust=None, allow_unsigned=True)
     return bundle, strategy_from_bundle(bundle)[0]

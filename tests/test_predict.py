@@ -11,19 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from relaylearn.assembly import LoadedModel
+from relaylearn.data.dofe import DOFE_LEVELS
+from relaylearn.data.layouts import get_layout
 from relaylearn.errors import DataError, UserError
-from relaylearn.predict import (
-    DOFE_LEVELS,
-    LoadedModel,
-    class_areas,
-    class_colour,
-    encode_mask,
-    expand_inputs,
-    overlay,
-    predict_images,
-    to_model_input,
-    vertical_cup_to_disc,
-)
+from relaylearn.predict import class_areas, expand_inputs, predict_images, to_model_input
 from tests.test_export import make_bundle
 
 
@@ -37,31 +29,10 @@ def _rows(path) -> list[dict]:
 
 
 # ----- helpers -----------------------------------------------------------------------------------
-def test_vertical_cup_to_disc_is_cup_height_over_disc_height():
-    m = np.zeros((20, 20), dtype=np.int64)
-    m[2:12, 5:15] = 1  # disc rows 2..11 (10 rows), wide
-    m[5:9, 8:10] = 2  # cup rows 5..8 (4 rows)
-    assert vertical_cup_to_disc(m) == pytest.approx(0.4)
-    m[m == 2] = 1
-    assert vertical_cup_to_disc(m) == 0.0
-    assert math.isnan(vertical_cup_to_disc(np.zeros((5, 5), dtype=np.int64)))
-    assert vertical_cup_to_disc(np.full((5, 5), 2)) == 1.0  # all cup: disc = rim ∪ cup
-
-
-def test_mask_encoding_areas_and_overlay():
+def test_mask_encoding_and_areas():
     m = np.array([[0, 1, 2], [2, 2, 0]])
-    assert encode_mask(m, fundus=True).tolist() == [[255, 128, 0], [0, 0, 255]]
-    assert encode_mask(m, fundus=False).tolist() == [[0, 1, 2], [2, 2, 0]]
+    assert get_layout("folder").encode_mask(m, 3).tolist() == [[0, 1, 2], [2, 2, 0]]
     assert class_areas(m, 4) == [2, 1, 3, 0]
-    image = np.full((40, 40, 1), 100, dtype=np.uint8)  # grey input becomes RGB
-    cmap = np.zeros((40, 40), dtype=np.int64)
-    cmap[10:30, 10:30] = 2
-    out = overlay(image, cmap)
-    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
-    assert out[0, 0].tolist() == [100, 100, 100], "background untouched"
-    assert out[10, 20].tolist() == list(class_colour(2)), "contour in the class colour"
-    inside = out[20, 20].astype(int)
-    assert inside.tolist() != [100, 100, 100] and inside.tolist() != list(class_colour(2)), "translucent fill"
 
 
 def test_read_image_handles_grey_rgb_alpha_and_16_bit(tmp_path):
@@ -110,7 +81,7 @@ class _BrightIsClassOne(nn.Module):
 
 def test_generic_model_writes_class_ids_without_cup_to_disc(tmp_path):
     model = LoadedModel(solver=_BrightIsClassOne(), img_size=(16, 16), out_range=(-1.0, 1.0), channels=1, num_classes=2,
-                        class_names=("class_0", "class_1"), dataset="folder", bundle_sha256="0" * 64, strategy="stub")
+                        class_names=("class_0", "class_1"), layout=get_layout("folder"), bundle_sha256="0" * 64, strategy="stub")
     image = np.zeros((30, 60), dtype=np.uint8)
     image[:, 30:] = 255
     Image.fromarray(image).save(tmp_path / "half.png")

@@ -48,7 +48,7 @@ from relaylearn.data.layouts import (
     _stem,
     _visible_files,
 )
-from relaylearn.engine import SiteBatchSampler
+from relaylearn.data.sampling import SiteBatchSampler
 from relaylearn.errors import DataError
 
 CT_LAYOUTS = ("ct_nifti", "ct_slices")
@@ -308,7 +308,7 @@ def positive_slices(labels: Tensor, k) -> Tensor:
 
 
 def neg_pos_loader(images: Tensor, labels: Tensor, k, batch_size: int, seed: int, world_size: int = 1, where: str = ""):
-    """A training loader like ``engine.site_loader`` whose epochs follow ``k.neg_pos_ratio``."""
+    """A training loader like :func:`relaylearn.data.sampling.site_loader` whose epochs follow ``k.neg_pos_ratio``."""
     from torch.utils.data import DataLoader, TensorDataset
 
     positive = positive_slices(labels, k)

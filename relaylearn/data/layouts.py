@@ -1,12 +1,13 @@
-"""Site datasets, decoded once into memory (sites are small): DoFE fundus, generic folder, NIfTI.
+"""Site datasets, decoded once into memory (sites are small), behind one interface:
+:class:`Layout` (pair files, decode a label, encode a mask, class names). Built-in layouts are
+registered by name; your own is a ``Layout`` subclass named in the local config as
+``dataset.name: package.module:Class`` (never imported because a bundle names it).
 
-Layouts (docs/design.md#data-layouts), for each folder of ``folders`` under ``root``:
+Built-in layouts (docs/design.md#data-layouts), for each folder of ``folders`` under ``root``:
 
-* ``"fundus"`` (DoFE): ``<root>/<folder>/<split>/ROIs/image/*.png`` with masks of the same file
-  name in ``.../ROIs/mask/`` (without ``use_roi`` the ``ROIs/`` level is dropped). Mask grey
-  level v (channel mean of an RGB mask, or the single channel) → class ``round(2·(255 − v)/255)``:
-  255 → 0 background, 128 → 1 disc rim, 0 → 2 cup. Levels further than ±20 from 0/128/255 are
-  an error.
+* ``"fundus"`` (DoFE, :mod:`relaylearn.data.dofe`): ``<root>/<folder>/<split>/ROIs/image/*.png``
+  with masks of the same file name in ``.../ROIs/mask/``, grey levels 255/128/0.
+* ``"ct_nifti"`` / ``"ct_slices"`` (:mod:`relaylearn.data.ct`): CT studies, split study-wise.
 * ``"folder"``: ``<root>/<folder>/<split>/image/*`` and ``.../mask/*`` paired by file stem, any
   Pillow-readable format; mask pixel = class id (single channel or palette).
 * ``"nifti"``: ``<root>/<folder>/<split>/image/*.nii.gz`` and ``.../label/*.nii.gz`` of the same
@@ -28,6 +29,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,11 +37,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from relaylearn.errors import DataError
+from relaylearn.errors import ConfigError, DataError, UserError
 
-LAYOUTS = ("fundus", "folder", "nifti")
-FUNDUS_LEVELS = (255, 128, 0)  # grey level of class 0 (background), 1 (disc rim), 2 (cup)
-FUNDUS_TOLERANCE = 20
 NIFTI_PERCENTILES = (0.5, 99.5)
 
 
@@ -148,31 +147,6 @@ def _pil_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndarr
 
 
 # ----- layouts ----------------------------------------------------------------------------------
-def _fundus_lookup(num_channels: int) -> np.ndarray:
-    """Class id for every possible channel *sum* of an 8-bit mask pixel; -1 where the grey level is invalid."""
-    grey = np.arange(255 * num_channels + 1, dtype=np.float64) / num_channels
-    distance = np.min(np.abs(grey[:, None] - np.asarray(FUNDUS_LEVELS, np.float64)), axis=1)
-    ids = np.floor(2.0 * (255.0 - grey) / 255.0 + 0.5).astype(np.int64)
-    ids[distance > FUNDUS_TOLERANCE] = -1
-    return ids
-
-
-_FUNDUS_LOOKUP = {1: _fundus_lookup(1), 3: _fundus_lookup(3)}
-
-
-def _fundus_label(mask: Image.Image, path: Path) -> np.ndarray:
-    """DoFE mask -> int64 [h, w] class ids ``round(2·(255 − v)/255)``, v = channel mean; checks v is near 0/128/255."""
-    array = np.asarray(mask if mask.mode in ("L", "RGB") else mask.convert("RGB"))
-    channel_sum = array.sum(axis=2, dtype=np.int64) if array.ndim == 3 else array.astype(np.int64)
-    lookup = _FUNDUS_LOOKUP[3 if array.ndim == 3 else 1]
-    label = lookup[channel_sum]
-    if label.min() < 0:
-        value = channel_sum[label < 0][0] / (3 if array.ndim == 3 else 1)
-        raise DataError(f"mask grey level {value:g} is not near 255 (background), 128 (disc rim) or 0 (cup) "
-                        f"(tolerance ±{FUNDUS_TOLERANCE})", path)
-    return label
-
-
 def _class_id_label(mask: Image.Image, path: Path) -> np.ndarray:
     """Generic mask: pixel value = class id (single channel, palette, or RGB with equal channels)."""
     array = np.asarray(mask)
@@ -248,6 +222,140 @@ def _read_nifti_pairs(pairs: list[tuple[Path, Path]], channels: int) -> list[_It
     return items
 
 
+# ----- the interface ----------------------------------------------------------------------------
+class Layout:
+    """How a site's files are laid out: which image goes with which mask, how a mask decodes to
+    class ids, and how a class map encodes back to a mask image (``predict``). Subclass it, set
+    ``name`` and implement :meth:`pair_files`; override what differs from the defaults.
+
+    The default pipeline (:meth:`load`) reads ``<root>/<folder>/<split>/`` of every site folder,
+    pairs the files, decodes them (images: Pillow, 1 or 3 channels, 8 or 16 bit), checks the
+    class ids and resizes to ``img_size``."""
+
+    name: ClassVar[str] = ""
+
+    def pair_files(self, split_dir: Path, use_roi: bool = True) -> list[tuple[Path, Path]]:
+        """(image, mask) paths of one split folder, sorted; DataError for unpaired files."""
+        raise NotImplementedError
+
+    def decode_label(self, mask: Image.Image, path: Path) -> np.ndarray:
+        """A mask image → int64 [h, w] class ids; DataError naming ``path`` for a bad mask.
+        Default: pixel value = class id (single channel, palette, or equal RGB channels)."""
+        return _class_id_label(mask, path)
+
+    def encode_mask(self, class_map: np.ndarray, num_classes: int) -> np.ndarray:
+        """int class map [H, W] → uint8 mask image [H, W] as this layout stores masks.
+        Default: the class ids."""
+        if class_map.max(initial=0) > 255:
+            raise UserError("more than 256 classes cannot be written as an 8-bit mask")
+        return class_map.astype(np.uint8)
+
+    def mask_encoding(self, num_classes: int) -> str:
+        """One phrase describing :meth:`encode_mask` (export metadata)."""
+        return "class ids"
+
+    def class_names(self, num_classes: int) -> tuple[str, ...]:
+        """Name of each class 0..num_classes-1 (column names of ``predictions.csv``)."""
+        return tuple(f"class_{k}" for k in range(num_classes))
+
+    def measures(self, class_map: np.ndarray, num_classes: int) -> dict[str, float]:
+        """Extra per-image numbers ``predict`` writes beside the class areas. Default: none."""
+        return {}
+
+    def hu_window(self, kwargs: Any) -> tuple[float, float, float] | None:
+        """CT layouts: (hu_min, window low, window high) for reading 16-bit slices in ``predict``."""
+        return None
+
+    def read_pairs(self, pairs: list[tuple[Path, Path]], channels: int) -> list[_Item]:
+        """Decode (image, mask) pairs, in order. Default: 2-D images with :meth:`decode_label`."""
+        return _read_2d_pairs(pairs, channels, self.decode_label)
+
+    def load(self, root: Path | str, folders: str | list[str], split: str, kwargs: Any, *, site_name: str | None = None) -> SiteData:
+        """One split (``train`` / ``test``) of one site in memory; ``kwargs``: ``dataset.kwargs``."""
+        return load_site(self, root, folders, split, img_size=tuple(kwargs.img_size), out_range=tuple(kwargs.out_range),
+                         num_classes=kwargs.num_classes, channels=kwargs.channels, use_roi=kwargs.use_roi, site_name=site_name)
+
+
+_LAYOUTS: dict[str, type[Layout]] = {}
+
+
+def register_layout(cls: type[Layout]) -> type[Layout]:
+    """Class decorator adding a built-in layout under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _LAYOUTS[cls.name] = cls
+    return cls
+
+
+def _builtin_layouts() -> dict[str, type[Layout]]:
+    import relaylearn.data.dofe  # noqa: F401 - registers "fundus"
+
+    return _LAYOUTS
+
+
+def get_layout(name: str) -> Layout:
+    """The layout ``dataset.name`` names: a built-in name, or your own ``package.module:Class``
+    (only ever from a local config). ConfigError otherwise."""
+    from relaylearn.plugins import import_object, is_plugin
+
+    if is_plugin(name):
+        cls = import_object(name, "dataset.name")
+        if not (isinstance(cls, type) and issubclass(cls, Layout)):
+            raise ConfigError(f"dataset.name: '{name}' is not a relaylearn Layout subclass")
+        return cls()
+    layouts = _builtin_layouts()
+    if name not in layouts:
+        raise ConfigError(f"dataset.name: unknown data layout '{name}' (known: {', '.join(sorted(layouts))}, or 'package.module:Class')")
+    return layouts[name]()
+
+
+@register_layout
+class FolderLayout(Layout):
+    """``<split>/image/*`` and ``<split>/mask/*`` paired by file stem, any Pillow-readable format;
+    mask pixel = class id."""
+
+    name = "folder"
+
+    def pair_files(self, split_dir: Path, use_roi: bool = True) -> list[tuple[Path, Path]]:
+        return _pair_files(split_dir / "image", split_dir / "mask", tuple(Image.registered_extensions()), key=_stem)
+
+
+@register_layout
+class NiftiLayout(Layout):
+    """``<split>/image/*.nii.gz`` and ``<split>/label/*.nii.gz`` of the same name; every volume
+    becomes 2-D slices along its last axis, intensities normalised per volume."""
+
+    name = "nifti"
+
+    def pair_files(self, split_dir: Path, use_roi: bool = True) -> list[tuple[Path, Path]]:
+        return _pair_files(split_dir / "image", split_dir / "label", (".nii.gz", ".nii"), key=lambda p: p.name)
+
+    def read_pairs(self, pairs: list[tuple[Path, Path]], channels: int) -> list[_Item]:
+        return _read_nifti_pairs(pairs, channels)
+
+
+class _CTLayout(Layout):
+    """CT studies (:mod:`relaylearn.data.ct`): one folder per site, split study-wise inside it."""
+
+    def load(self, root: Path | str, folders: str | list[str], split: str, kwargs: Any, *, site_name: str | None = None) -> SiteData:
+        from relaylearn.data.ct import load_ct_site
+
+        return load_ct_site(self.name, root, folders, split, kwargs, site_name=site_name)
+
+    def hu_window(self, kwargs: Any) -> tuple[float, float, float] | None:
+        return (kwargs.hu_min, *kwargs.hu_window)
+
+
+@register_layout
+class CTNiftiLayout(_CTLayout):
+    name = "ct_nifti"
+
+
+@register_layout
+class CTSlicesLayout(_CTLayout):
+    name = "ct_slices"
+
+
 # ----- assembly ---------------------------------------------------------------------------------
 def _check_classes(items: list[_Item], num_classes: int) -> None:
     for item in items:
@@ -294,17 +402,20 @@ def _split_folder(root: Path, folder: str, split: str) -> Path:
     return split_dir
 
 
-def load_site(layout: str, root: Path | str, folders: str | list[str], split: str, *, img_size: tuple[int, int],
+def load_site(layout: str | Layout, root: Path | str, folders: str | list[str], split: str, *, img_size: tuple[int, int],
               out_range: tuple[float, float] = (-1, 1), num_classes: int, channels: int = 3, use_roi: bool = True,
               site_name: str | None = None) -> SiteData:
-    """Decode one split of one site (several ``folders`` merge into one site) into memory.
+    """Decode one split of one site (several ``folders`` merge into one site) of a 2-D ``layout``
+    (a name or a :class:`Layout`) into memory.
 
     Returns images float32 [N, C, H, W] in ``out_range`` and labels int64 [N, H, W] with
     ``(H, W) = img_size``. Raises ``DataError`` (one line naming the path) for missing folders,
     no images, unpaired files, unreadable files, size mismatches and out-of-range class ids.
     """
-    if layout not in LAYOUTS:
-        raise DataError(f"unknown data layout '{layout}' (expected one of {', '.join(LAYOUTS)})")
+    if isinstance(layout, str):
+        if ":" not in layout and layout not in _builtin_layouts():
+            raise DataError(f"unknown data layout '{layout}' (expected one of {', '.join(sorted(_builtin_layouts()))})")
+        layout = get_layout(layout)
     root = Path(root)
     if not root.is_dir():
         raise DataError("data root not found", root)
@@ -316,17 +427,7 @@ def load_site(layout: str, root: Path | str, folders: str | list[str], split: st
     items: list[_Item] = []
     for folder in folder_list:
         split_dir = _split_folder(root, folder, split)
-        if layout == "fundus":
-            base = split_dir / "ROIs" if use_roi else split_dir
-            pairs = _pair_files(base / "image", base / "mask", (".png",), key=lambda p: p.name)
-            folder_items = _read_2d_pairs(pairs, channels, _fundus_label)
-        elif layout == "folder":
-            readable = tuple(Image.registered_extensions())
-            pairs = _pair_files(split_dir / "image", split_dir / "mask", readable, key=_stem)
-            folder_items = _read_2d_pairs(pairs, channels, _class_id_label)
-        else:
-            pairs = _pair_files(split_dir / "image", split_dir / "label", (".nii.gz", ".nii"), key=lambda p: p.name)
-            folder_items = _read_nifti_pairs(pairs, channels)
+        folder_items = layout.read_pairs(layout.pair_files(split_dir, use_roi=use_roi), channels)
         for item in folder_items:
             item.folder = folder
         items.extend(folder_items)

@@ -18,7 +18,7 @@ def build_solver(name: str, kwargs: dict[str, Any], *, in_channels: int, num_cla
     from relaylearn.models.unet import UNetResNet18
 
     if ":" in name:  # your own nn.Module: "my_package.module:MyNet", built as MyNet(**kwargs)
-        from relaylearn.strategies import import_object
+        from relaylearn.plugins import import_object
 
         kwargs = {"in_channels": in_channels, "num_classes": num_classes, **kwargs}
         return import_object(name, "common.model.name")(**kwargs)

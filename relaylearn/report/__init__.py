@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from relaylearn import __version__
-from relaylearn.predict import atomic_write_bytes
+from relaylearn.files import atomic_write
 from relaylearn.report import html, plots
-from relaylearn.report.runs import Run, external_dice, find_runs, forgetting_per_site
+from relaylearn.report.runs import Run, find_runs
+from relaylearn.results import forgetting_per_site, headline
 
 __all__ = ["write_report", "build_report"]
 
@@ -71,7 +72,20 @@ def _dataset(run: Run) -> tuple[str, int]:
 
 
 def _class_names(run: Run) -> dict[str, str]:
-    return {"dice_class_1": "disc rim", "dice_class_2": "cup"} if _dataset(run) == ("fundus", 3) else {}
+    """``dice_class_<k>`` → readable class name, from the run's built-in data layout (a plug-in
+    layout named in config.yaml is not imported)."""
+    from relaylearn.data.layouts import get_layout
+    from relaylearn.errors import ConfigError
+    from relaylearn.plugins import is_plugin
+
+    layout, num_classes = _dataset(run)
+    if is_plugin(layout):
+        return {}
+    try:
+        names = get_layout(layout).class_names(num_classes)
+    except ConfigError:
+        return {}
+    return {f"dice_class_{k}": name.replace("_", " ") for k, name in enumerate(names) if k > 0 and name != f"class_{k}"}
 
 
 class ReportBuilder:
@@ -105,6 +119,21 @@ class ReportBuilder:
 
         return lambda site: load_test_split(run, site, model.task, self._data_cache)
 
+    def _replays(self, run: Run) -> bool:
+        """Whether the run's strategy rehearses from generators: asked of the built-in strategy its
+        config.yaml names, else (a plug-in, or no config) of its final model."""
+        from relaylearn.errors import ConfigError
+        from relaylearn.plugins import is_plugin
+        from relaylearn.strategies import get_strategy_class
+
+        if isinstance(run.strategy, str) and not is_plugin(run.strategy):
+            try:
+                return get_strategy_class(run.strategy).replays()
+            except ConfigError:
+                pass
+        model = self.final_model(run)
+        return model is not None and model.strategy.replays()
+
     def _title(self, run: Run) -> str:
         return f"<b>{escape(run.label)}</b>"
 
@@ -113,10 +142,8 @@ class ReportBuilder:
         header = ["run", "strategy", "trained sites (in order)", "ACC", "BWT", "forgetting", "mean Dice, all sites", "external Dice"]
         rows, values = [], []
         for run in self.runs:
-            m = run.matrix
-            final = run.R[-1] if run.R else []
-            mean_all = m.get("acc_all_sites", sum(final) / len(final) if final else math.nan)
-            numbers = [m.get("acc", math.nan), m.get("bwt", math.nan), m.get("forgetting", math.nan), mean_all, external_dice(run)]
+            h = headline(run.matrix)
+            numbers = [h["acc"], h["bwt"], h["forgetting"], h["mean_all_sites"], h["external_dice"]]
             values.append(numbers)
             rows.append([escape(run.label), escape(run.strategy or "?"), escape(" → ".join(run.trained)),
                          _fmt(numbers[0]), _fmt(numbers[1], signed=True), _fmt(numbers[2]), _fmt(numbers[3]), _fmt(numbers[4])])
@@ -160,7 +187,7 @@ class ReportBuilder:
         notes: list[str] = []
         uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
         for run in self.runs:
-            if not forgetting_per_site(run):
+            if not forgetting_per_site(run.matrix):
                 notes.append(f"{run.label}: no forgetting per site ({'pooled training' if any('+' in t for t in run.trained) else 'fewer than two sites trained'})")
         body = html.figure(uri, "Per trained site j (all but the last): max over the models after site j and before the last of R[l][j], minus the final R[T][j]. Positive = forgotten.", "forgetting per site") if uri else ""
         return html.section("forgetting", "Forgetting per site", body + html.notes(notes))
@@ -219,7 +246,7 @@ class ReportBuilder:
     def replay(self) -> str | None:
         from relaylearn.report.samples import replay_rows
 
-        relay_runs = [r for r in self.runs if r.strategy == "relay" or (self.final_model(r) is not None and self.final_model(r).bundle.manifest.get("strategy") == "relay")]
+        relay_runs = [r for r in self.runs if self._replays(r)]
         if not relay_runs:
             return None
         parts, notes = [], []
@@ -336,7 +363,7 @@ class ReportBuilder:
 
 
 def _colour_legend(run: Run) -> str:
-    from relaylearn.predict import class_colour
+    from relaylearn.imaging import class_colour
 
     names = _class_names(run)
     swatches = []
@@ -375,5 +402,5 @@ def write_report(run_dir: str | Path, name: str | None = None) -> Path:
     """Write ``run_dir/report.html``: the run in ``run_dir``, or every ``run_dir/<strategy>/<name>/``
     side by side. Returns its path; UserError when no ``metrics/matrix.json`` is found."""
     out = Path(run_dir) / REPORT_NAME
-    atomic_write_bytes(out, build_report(run_dir, name).encode("utf-8"))
+    atomic_write(out, build_report(run_dir, name).encode("utf-8"))
     return out

@@ -13,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from relaylearn.report.runs import Run, dice_series, forgetting_per_site
+from relaylearn.report.runs import Run, dice_series
+from relaylearn.results import forgetting_per_site
 
 DPI = 120
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -52,7 +53,7 @@ def _finish_heatmap(fig, ax, im, colour_label: str) -> str:
 
 def png_uri(array: np.ndarray) -> str:
     """A uint8 image array [H, W] or [H, W, 3] as a PNG data URI (no resampling)."""
-    from relaylearn.predict import png_bytes
+    from relaylearn.imaging import png_bytes
 
     return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode("ascii")
 
@@ -136,7 +137,7 @@ def _grouped_positions(groups: int, members: int) -> tuple[np.ndarray, float]:
 def forgetting_bars(runs: Sequence[Run]) -> str | None:
     """Per trained site: max earlier R[l][j] − final R[T][j], one bar per run. None if no run has
     a value (single site, or pooled training)."""
-    values = {run.label: forgetting_per_site(run) for run in runs}
+    values = {run.label: forgetting_per_site(run.matrix) for run in runs}
     values = {label: v for label, v in values.items() if v}
     if not values:
         return None

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from relaylearn import results
 from relaylearn.errors import UserError
 
 MATRIX = Path("metrics") / "matrix.json"
@@ -52,11 +52,10 @@ class Run:
 
     def trained_columns(self) -> list[list[int]]:
         """Columns of R belonging to each trained row (several for pooled training 'A+B')."""
-        return [[self.sites.index(s) for s in name.split("+") if s in self.sites] for name in self.trained]
+        return results.trained_columns(self.sites, self.trained)
 
     def external_columns(self) -> list[int]:
-        trained = {c for cols in self.trained_columns() for c in cols}
-        return [j for j in range(len(self.sites)) if j not in trained]
+        return results.external_columns(self.sites, self.trained)
 
     def final_task_id(self) -> str | None:
         """task_id of the last trained row, from the results CSV."""
@@ -191,24 +190,6 @@ def find_runs(run_dir: Path, name: str | None = None) -> list[Run]:
 
 
 # ----- derived numbers ---------------------------------------------------------------------------
-def forgetting_per_site(run: Run) -> dict[str, float]:
-    """Site → max over rows l (from the site's own row to the one before last) of R[l][j] − R[T][j].
-
-    Only sequentially trained sites (one column per row) before the last one have a value.
-    """
-    R, cols = run.R, run.trained_columns()
-    if len(R) < 2 or any(len(c) != 1 for c in cols):
-        return {}
-    last = len(R) - 1
-    return {run.trained[j]: max(R[row][cols[j][0]] for row in range(j, last)) - R[last][cols[j][0]] for j in range(last)}
-
-
-def external_dice(run: Run) -> float:
-    """Mean final Dice on the sites never trained on (NaN without any)."""
-    ext = run.external_columns()
-    return sum(run.R[-1][j] for j in ext) / len(ext) if ext and run.R else math.nan
-
-
 def dice_series(run: Run) -> dict[str, list[tuple[float, float, float]]]:
     """Test site → [(mean, ci_low, ci_high) after each trained row]; from the results CSV,
     falling back to R (no interval: low = high = mean) where a row is missing."""

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from relaylearn.errors import DataError
-from relaylearn.predict import overlay
+from relaylearn.imaging import colour_mask, overlay, rgb_or_grey, to_uint8
 from relaylearn.report.runs import Run
 
 CASES = ("worst", "median", "best")
@@ -33,8 +33,8 @@ class FinalModel:
 
 
 def load_final_model(path: Path) -> FinalModel:
+    from relaylearn.assembly import strategy_from_bundle
     from relaylearn.bundle import read_bundle
-    from relaylearn.runner import strategy_from_bundle
 
     bundle = read_bundle(path, trust=None, allow_unsigned=True)
     strategy, task = strategy_from_bundle(bundle, _run_plugins(path.parent.parent))
@@ -46,7 +46,7 @@ def _run_plugins(run_dir: Path) -> set[str]:
     bundles may name (nothing named by a bundle alone is imported)."""
     try:
         tasks = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
-        names = {t[block]["name"] for t in tasks for block in ("strategy", "model")}
+        names = {t[block]["name"] for t in tasks for block in ("strategy", "model", "dataset")}
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return set()
     return {n for n in names if isinstance(n, str) and ":" in n}
@@ -65,8 +65,8 @@ def _training_root(run: Run) -> str | None:
 def load_test_split(run: Run, site: str, task: Any, cache: dict) -> Any:
     """Test split of ``site`` (SiteData) as the run's config locates it, preprocessed as the
     model expects (its img_size, out_range, channels). Raises DataError/ConfigError if missing."""
+    from relaylearn.assembly import load_split
     from relaylearn.config import load_config
-    from relaylearn.runner import load_split
 
     config_path = run.path / "config.yaml"
     if not config_path.is_file():
@@ -82,19 +82,6 @@ def load_test_split(run: Run, site: str, task: Any, cache: dict) -> Any:
     if key not in cache:
         cache[key] = load_split(ds, "test")
     return cache[key]
-
-
-def to_uint8(images: torch.Tensor, out_range) -> np.ndarray:
-    """Images [n, C, H, W] in ``out_range`` → uint8 [n, H, W, C]."""
-    low, high = out_range
-    x = ((images.float() - low) / (high - low)).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def colour_mask(class_map: np.ndarray) -> np.ndarray:
-    """Class map [H, W] → RGB uint8 on a dark background (classes in the overlay palette)."""
-    canvas = np.full((*class_map.shape, 1), 24, dtype=np.uint8)
-    return overlay(canvas, class_map, alpha=1.0)
 
 
 def choose_cases(rows: list[dict], task_id: str | None, site: str) -> list[tuple[str, str, float]]:
@@ -120,10 +107,6 @@ def _index_of(names: list[str], name: str) -> int | None:
         return names.index(name)
     stems = [Path(n).stem for n in names]
     return stems.index(Path(name).stem) if Path(name).stem in stems else None
-
-
-def _rgb_or_grey(image: np.ndarray) -> np.ndarray:
-    return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
 @torch.no_grad()
@@ -156,7 +139,7 @@ def prediction_rows(run: Run, model: FinalModel, data_for: Callable[[str], Any],
         pixels = to_uint8(images, k.out_range)
         cells = []
         for (case, name, dice, _), image, t, p in zip(picked, pixels, truth, prediction):
-            cells += [(_rgb_or_grey(image), f"{case} · {Path(name).stem}"), (overlay(image, t), "truth"), (overlay(image, p), f"prediction · Dice {dice:.3f}")]
+            cells += [(rgb_or_grey(image), f"{case} · {Path(name).stem}"), (overlay(image, t), "truth"), (overlay(image, p), f"prediction · Dice {dice:.3f}")]
         rows.append((site, cells))
     return rows
 
@@ -165,7 +148,7 @@ def prediction_rows(run: Run, model: FinalModel, data_for: Callable[[str], Any],
 def replay_rows(model: FinalModel, data_for: Callable[[str], Any], notes: list[str], per_site: int = 6) -> list[tuple[str, PanelRows]]:
     """(site, panel rows) of replayed image/mask pairs next to real test pairs of the same site."""
     strategy = model.strategy
-    if not hasattr(strategy, "previews"):
+    if not strategy.replays():
         notes.append(f"strategy '{model.bundle.manifest.get('strategy')}' has no previews() to draw replayed pairs")
         return []
     with warnings.catch_warnings():
@@ -178,11 +161,11 @@ def replay_rows(model: FinalModel, data_for: Callable[[str], Any], notes: list[s
     out = []
     for site, (images, labels) in previews.items():
         fake = to_uint8(images, (-1.0, 1.0))
-        rows: PanelRows = [("replayed images", [(_rgb_or_grey(im), "") for im in fake]), ("replayed masks", [(colour_mask(m), "") for m in labels.numpy()])]
+        rows: PanelRows = [("replayed images", [(rgb_or_grey(im), "") for im in fake]), ("replayed masks", [(colour_mask(m), "") for m in labels.numpy()])]
         try:
             data = data_for(site)
             real = to_uint8(data.images[:per_site], model.task.dataset.kwargs.out_range)
-            rows += [("real images", [(_rgb_or_grey(im), "") for im in real]), ("real masks", [(colour_mask(m), "") for m in data.labels[:per_site].numpy()])]
+            rows += [("real images", [(rgb_or_grey(im), "") for im in real]), ("real masks", [(colour_mask(m), "") for m in data.labels[:per_site].numpy()])]
         except Exception as exc:  # noqa: BLE001
             notes.append(f"{site}: real images not available for comparison ({exc})")
         out.append((site, rows))

@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 from relaylearn.errors import ConfigError
+from relaylearn.plugins import import_object, is_plugin
 from relaylearn.strategies.base import (
     BundleState,
     SiteContext,
@@ -39,19 +40,9 @@ def _discover() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def import_object(spec: str, what: str):
-    """``"package.module:Name"`` → the object (for strategies and models outside relaylearn)."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{what} '{spec}' cannot be imported: {exc}") from None
-
-
 def get_strategy_class(name: str) -> type[Strategy]:
     """A registered strategy by name, or your own class as ``"my_package.module:MyStrategy"``."""
-    if ":" in name:
+    if is_plugin(name):
         cls = import_object(name, "common.strategy.name")
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise ConfigError(f"common.strategy.name: '{name}' is not a relaylearn Strategy subclass")

@@ -10,6 +10,10 @@ its hooks in this order for every site of the relay::
     on_site_end(site)
     state_to_bundle()               # everything the next site needs, nothing else
 
+Optional hooks, declared here with defaults: ``generate_replay`` (strategies that rehearse earlier
+sites from generators; :meth:`Strategy.replays` tells whether a class does) and ``previews``
+(generated pairs for people to look at: TensorBoard, the report).
+
 Everything that reaches the next site goes through ``state_to_bundle``: tensors (written to
 safetensors) and JSON-able metadata. Nothing else crosses a site boundary.
 """
@@ -161,6 +165,23 @@ class Strategy(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.solver(x)
+
+    # ----- optional hooks (replaying strategies) -------------------------------------------
+    @classmethod
+    def replays(cls) -> bool:
+        """True when the strategy rehearses earlier sites from generators (it overrides
+        ``generate_replay``): replay fidelity, previews and the privacy audit apply."""
+        return cls.generate_replay is not Strategy.generate_replay
+
+    def generate_replay(self, site: int | str, n: int, seed: int = 0, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """``n`` generated pairs of an earlier ``site``: images [n, C, H, W] in ``out_range``,
+        labels [n, H, W] class ids. Only for strategies that replay."""
+        raise NotImplementedError(f"strategy '{self.name}' does not replay earlier sites")
+
+    def previews(self, per_site: int = 8, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+        """Site → (images [n, C, H, W] in [-1, 1], labels [n, H, W]) generated for people to look
+        at; empty for strategies without generators."""
+        return {}
 
     # ----- helpers for subclasses ----------------------------------------------------------
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, step: StepContext) -> None:

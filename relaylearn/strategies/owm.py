@@ -80,7 +80,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from relaylearn.errors import ConfigError
 from relaylearn.strategies import register_strategy
 from relaylearn.strategies.base import BundleState, SiteContext, StepContext, StrategyOptions, sanitize_gradients, unprefixed
-from relaylearn.strategies.ewc import ParameterTensors
+from relaylearn.strategies.penalties import ParameterTensors
 from relaylearn.strategies.sequential import Sequential
 
 BUNDLE_PREFIX = "owm."

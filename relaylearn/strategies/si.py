@@ -40,7 +40,7 @@ from pydantic import Field
 
 from relaylearn.strategies import register_strategy
 from relaylearn.strategies.base import SiteContext, StepContext, StrategyOptions
-from relaylearn.strategies.ewc import AnchoredPenalty, ParameterTensors
+from relaylearn.strategies.penalties import AnchoredPenalty, ParameterTensors
 
 
 class SIOptions(StrategyOptions):

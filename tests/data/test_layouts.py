@@ -261,3 +261,14 @@ def test_synthetic_benchmark_round_trip(tmp_path):
     assert data.images.shape == (2, 3, 32, 32) and set(data.labels.unique().tolist()) == {0, 1, 2}
     external = load_site("fundus", tmp_path, "Domain2", "test", img_size=(16, 16), num_classes=3)
     assert len(external) == 2
+
+
+def test_every_config_layout_name_is_a_registered_layout():
+    from relaylearn.config import DATA_LAYOUTS
+    from relaylearn.data.layouts import _builtin_layouts, get_layout
+    from relaylearn.errors import ConfigError
+
+    assert set(_builtin_layouts()) == set(DATA_LAYOUTS)
+    assert all(get_layout(name).name == name for name in DATA_LAYOUTS)
+    with pytest.raises(ConfigError, match="not a relaylearn Layout"):
+        get_layout("examples.tiny_net:TinyNet")

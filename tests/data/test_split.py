@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from relaylearn.assembly import load_split
 from relaylearn.config import load_config
 from relaylearn.data.split import validation_split
 from relaylearn.errors import DataError
-from relaylearn.runner import load_split
 from tests.conftest import tiny_config
 
 

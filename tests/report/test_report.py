@@ -125,6 +125,10 @@ class ReplayStub(torch.nn.Module):
         super().__init__()
         self.solver = solver
 
+    @staticmethod
+    def replays() -> bool:  # the strategy contract: it replays, so previews() has pairs
+        return True
+
     def previews(self, per_site: int = 8):
         out = {}
         for site in SITES[:3]:
@@ -287,7 +291,7 @@ def test_report_renders_in_headless_chromium(demo_report, tmp_path):
 
 
 def test_replay_fidelity_section_shows_the_matrix_grids_and_drift(tmp_path):
-    from relaylearn.predict import png_bytes
+    from relaylearn.imaging import png_bytes
     from relaylearn.report import build_report
 
     run = write_run(tmp_path / "relay" / "r", "relay", SITES[:3])

@@ -1,12 +1,15 @@
-"""Strategy.optimize: ``train.gradient_clip`` bounds the gradient norm every optimizer steps with."""
+"""The strategy contract (optional hooks declared on the base class with defaults) and
+``Strategy.optimize`` (``train.gradient_clip`` bounds the gradient norm every optimizer steps with)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
-from relaylearn.runner import build_strategy
-from relaylearn.strategies.base import SiteContext, StepContext
+from relaylearn.strategies import available_strategies, get_strategy_class
+from relaylearn.strategies.base import SiteContext, StepContext, Strategy
 from tests.conftest import tiny_config
 
 
@@ -33,3 +36,21 @@ def test_gradient_clip_bounds_the_norm_and_zero_leaves_it(tmp_path):
     clipped = _norm_at_step(tmp_path, 0.01)
     assert clipped <= 0.01 * (1 + 1e-4)
     assert clipped >= 0.0099  # scaled down to the bound, not zeroed
+
+
+def test_only_strategies_with_generators_replay():
+    replaying = {name for name in available_strategies() if get_strategy_class(name).replays()}
+    assert replaying == {"relay"}
+    assert not Strategy.replays()
+
+
+def test_default_hooks_of_a_strategy_without_generators(tmp_path, tiny_fundus):
+    from relaylearn.assembly import build_strategy
+    from relaylearn.config import load_config
+    from tests.conftest import tiny_config
+
+    task = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="ewc"))).tasks[0]
+    strategy = build_strategy(task, load_pretrained=False)
+    assert strategy.previews(per_site=2) == {}
+    with pytest.raises(NotImplementedError, match="does not replay"):
+        strategy.generate_replay("Domain1", 2)

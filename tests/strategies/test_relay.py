@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
 from relaylearn.errors import ConfigError
-from relaylearn.runner import TrainOptions, build_strategy, run_training
+from relaylearn.runner import TrainOptions, run_training
 from relaylearn.strategies.base import SiteContext
 from relaylearn.strategies.relay import decode_labels, encode_labels, merge_parameters
 from tests.conftest import tiny_config

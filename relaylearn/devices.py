@@ -1,0 +1,39 @@
+"""Device selection from ``-g``: the one parser of GPU ids shared by training and inference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from relaylearn.errors import UserError
+
+
+def parse_devices(spec: str | None, lightning_cfg=None) -> tuple[str, Any]:
+    """``-g`` → (accelerator, devices). ``cpu``; GPU ids ``0`` / ``0,1``; None = GPU 0 if any, else
+    CPU. ``devices`` is a list of GPU ids, or a count (``train.lightning.devices``, default 1)."""
+    count = (lightning_cfg.devices if lightning_cfg is not None else None) or 1
+    if spec is None:
+        return ("gpu" if torch.cuda.is_available() else "cpu"), count
+    spec = spec.strip().lstrip("=")
+    if spec.lower() == "cpu":
+        return "cpu", count
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip() != ""]
+    except ValueError:
+        raise UserError(f"-g {spec!r}: expected GPU ids such as 0 or 0,1, or 'cpu'") from None
+    if not ids:
+        raise UserError(f"-g {spec!r}: no GPU id given")
+    if not torch.cuda.is_available():
+        raise UserError(f"-g {spec}: no CUDA GPU is available on this machine (use -g cpu)")
+    if max(ids) >= torch.cuda.device_count():
+        raise UserError(f"-g {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return "gpu", ids
+
+
+def inference_device(spec: str | None, lightning_cfg=None) -> torch.device:
+    """The one device ``test`` / ``predict`` run on: the first GPU of ``-g``, else the CPU."""
+    accelerator, devices = parse_devices(spec, lightning_cfg)
+    if accelerator == "gpu":
+        return torch.device("cuda", devices[0] if isinstance(devices, list) else 0)
+    return torch.device("cpu")

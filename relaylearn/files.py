@@ -1,0 +1,107 @@
+"""Output files and time stamps: the one atomic writer every command uses, UTC stamps, and the
+software versions recorded beside results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from relaylearn import __version__
+from relaylearn.errors import UserError
+
+#: where run folders go: ``exps/<config name>/<run name>/``
+EXPS_ROOT = Path("exps")
+#: bundle hops and run.json: ``YYYY-MM-DDTHH:MM:SSZ``
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def utc_now() -> str:
+    """The current UTC time, e.g. ``2024-05-01T12:00:00Z``."""
+    return datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def local_stamp() -> str:
+    """The local time as a file-name stamp, e.g. ``2024-05-01_12-00-00`` (results CSVs)."""
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def csv_text(rows: Sequence[dict], *, float_format: str, fields: Sequence[str] | None = None, lineterminator: str = "\r\n") -> str:
+    """``rows`` as CSV text: header ``fields`` (default: every key in order of first appearance),
+    floats formatted with ``float_format`` (e.g. ``"{:.5g}"``), None as an empty cell."""
+    fields = list(fields) if fields is not None else list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator=lineterminator)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else float_format.format(v) if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def software_versions(detailed: bool = False) -> dict[str, str]:
+    """relaylearn, python and torch versions (what a bundle records); ``detailed`` adds
+    lightning, numpy and monai (what a run folder records)."""
+    import torch
+
+    versions = {"relaylearn": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    if not detailed:
+        return versions
+    import lightning
+    import numpy
+
+    versions.update({"lightning": lightning.__version__, "numpy": numpy.__version__})
+    try:
+        import monai
+
+        versions["monai"] = monai.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes | str) -> None:
+    """The one way relaylearn writes an output file: the bytes (or UTF-8 text, or a sequence of
+    byte chunks) go to a random temporary name in the same folder, created exclusively and never
+    through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``), are fsynced, then renamed over
+    ``path`` (a link planted at ``path`` is replaced, not followed). UserError if it cannot write."""
+    path = Path(path)
+    if isinstance(parts, str):
+        parts = [parts.encode("utf-8")]
+    elif isinstance(parts, (bytes, bytearray, memoryview)):
+        parts = [parts]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for part in parts:
+                handle.write(part)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)

@@ -1,0 +1,37 @@
+"""DoFE fundus specifics: mask grey levels both ways, class names, the vertical cup-to-disc ratio."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from relaylearn.data.dofe import DOFE_LEVELS, vertical_cup_to_disc
+from relaylearn.data.layouts import get_layout
+from relaylearn.errors import DataError
+
+
+def test_vertical_cup_to_disc_is_cup_height_over_disc_height():
+    m = np.zeros((20, 20), dtype=np.int64)
+    m[2:12, 5:15] = 1  # disc rows 2..11 (10 rows), wide
+    m[5:9, 8:10] = 2  # cup rows 5..8 (4 rows)
+    assert vertical_cup_to_disc(m) == pytest.approx(0.4)
+    m[m == 2] = 1
+    assert vertical_cup_to_disc(m) == 0.0
+    assert math.isnan(vertical_cup_to_disc(np.zeros((5, 5), dtype=np.int64)))
+    assert vertical_cup_to_disc(np.full((5, 5), 2)) == 1.0  # all cup: disc = rim ∪ cup
+
+
+def test_fundus_masks_encode_and_decode_as_dofe_grey_levels(tmp_path):
+    fundus = get_layout("fundus")
+    m = np.array([[0, 1, 2], [2, 2, 0]])
+    encoded = fundus.encode_mask(m, 3)
+    assert encoded.tolist() == [[255, 128, 0], [0, 0, 255]] and tuple(DOFE_LEVELS) == (255, 128, 0)
+    assert fundus.decode_label(Image.fromarray(encoded), tmp_path / "m.png").tolist() == m.tolist(), "round trip"
+    assert fundus.encode_mask(m, 4).tolist() == m.tolist(), "class ids unless a 3-class model"
+    assert fundus.class_names(3) == ("background", "disc_rim", "cup") and fundus.class_names(2) == ("class_0", "class_1")
+    assert set(fundus.measures(m, 3)) == {"vertical_cup_to_disc"} and fundus.measures(m, 2) == {}
+    with pytest.raises(DataError, match="grey level 60"):
+        fundus.decode_label(Image.fromarray(np.full((2, 2), 60, np.uint8)), tmp_path / "bad.png")
