@@ -411,12 +411,6 @@ class Relay(Strategy):
         c = self._one_hot(ids).unsqueeze(1).expand(-1, styles, -1)
         return torch.randn(n, styles, self.options.z_img, device=device), torch.randn(n, styles, self.options.z_label, device=device), c
 
-    @staticmethod
-    def _merge_styles(c: Tensor) -> Tensor:
-        """Per-style one-hots [n,S,K] → one conditioning vector [n,K] (sum, / per-sample max)."""
-        s = c.sum(1)
-        return s / s.amax(1, keepdim=True).clamp_min(1e-8)
-
     def _noisy_seg(self, labels: Tensor) -> Tensor:
         seg = encode_labels(labels, self.num_classes)
         return seg + self.options.label_noise * torch.randn_like(seg).clamp(-3, 3)
@@ -490,87 +484,53 @@ class Relay(Strategy):
         logs["stage"] = torch.tensor(float(self.stage))
         return logs
 
+    def _gan_networks(self):
+        from relaylearn.models.gan.loss import PairNetworks
+
+        return PairNetworks(self.g_label, self.g_img, self.d_label, self.d_img, self.ada_label, self.ada_img)
+
     def _generator_loss(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        from relaylearn.models.gan import path_length_penalty
+        from relaylearn.models.gan.loss import alignment_loss, generator_loss, path_length_loss
 
         o = self.options
-        n = labels.shape[0]
+        n, device = labels.shape[0], labels.device
         seg = self._noisy_seg(labels)
-        z_img, z_label, c = self._fake_inputs(n, labels.device, site_ids)
-        c_d = self._merge_styles(c)
-        fake_label = self.g_label(z_label, c)
-        fake_img = self.g_img(z_img, c, seg)
-        loss_img = F.softplus(-self.d_img(self.ada_img(torch.cat([fake_img, seg], 1)), c_d)).mean()
-        loss_label = F.softplus(-self.d_label(self.ada_label(fake_label), c_d)).mean()
+        z_img, z_label, c = self._fake_inputs(n, device, site_ids)
+        nets = self._gan_networks()
+        loss_img, loss_label = generator_loss(nets, seg, z_label, z_img, c)
         loss = loss_img + loss_label
         logs = {"g_img": loss_img.detach(), "g_label": loss_label.detach()}
         if o.gen_align_weight > 0 and self.previous is not None and self.registry_previous:
-            align = self._alignment_loss(max(1, n // 2), labels.device)
+            m = max(1, n // 2)
+            c_prev = self._one_hot(self._draw_ids(m, "previous", device))
+            align = alignment_loss(self.g_label, self.g_img, self.previous["g_label"], self.previous["g_img"],
+                                   torch.randn(m, o.z_label, device=device), torch.randn(m, o.z_img, device=device), c_prev,
+                                   lambda label_map: encode_labels(decode_labels(label_map, self.num_classes), self.num_classes))
             loss = loss + o.gen_align_weight * align
             logs["g_align"] = align.detach()
         if do_pl and o.pl_weight > 0:
             m = max(1, n // o.pl_batch_shrink)
-            ws_img = self.g_img.mapping(z_img[:m], c[:m], update_w_avg=False)
-            out_img = self.g_img.synthesize(ws_img, seg[:m])
-            pen_img, new_mean = path_length_penalty(lambda w: self.g_img.synthesize(w, seg[:m]), ws_img, out_img, self.pl_mean_img, decay=o.pl_decay)
-            self.pl_mean_img.copy_(new_mean)
-            ws_lab = self.g_label.mapping(z_label[:m], c[:m], update_w_avg=False)
-            out_lab = self.g_label.synthesize(ws_lab)
-            pen_lab, new_mean = path_length_penalty(self.g_label.synthesize, ws_lab, out_lab, self.pl_mean_label, decay=o.pl_decay)
-            self.pl_mean_label.copy_(new_mean)
-            loss = loss + (pen_img + pen_lab) * o.pl_weight * o.g_reg_interval
-            logs["pl_penalty"] = (pen_img + pen_lab).detach()
+            penalty, mean_img, mean_label = path_length_loss(nets, seg[:m], z_label[:m], z_img[:m], c[:m], self.pl_mean_img, self.pl_mean_label, o.pl_decay)
+            self.pl_mean_img.copy_(mean_img)
+            self.pl_mean_label.copy_(mean_label)
+            loss = loss + penalty * o.pl_weight * o.g_reg_interval
+            logs["pl_penalty"] = penalty.detach()
         return loss, logs
 
-    def _alignment_loss(self, n: int, device) -> Tensor:
-        """Mean L1 distance between the current and the frozen previous generators on the same
-        latents, site ids of earlier sites and noise, both in eval mode: label maps [n,1,H,W] plus
-        images [n,C,H,W] drawn on the previous generator's (quantised) label map. Keeps earlier sites' replay from
-        drifting hop after hop; the gradient reaches only the current generators."""
-        o = self.options
-        c = self._one_hot(self._draw_ids(n, "previous", device))
-        z_label, z_img = torch.randn(n, o.z_label, device=device), torch.randn(n, o.z_img, device=device)
-        with torch.no_grad():
-            ref_label = self.previous["g_label"](z_label, c, update_w_avg=False, noise_mode="const")
-            seg = encode_labels(decode_labels(ref_label, self.num_classes), self.num_classes)
-            ref_img = self.previous["g_img"](z_img, c, seg, update_w_avg=False, noise_mode="const")
-        was = self.g_label.training, self.g_img.training
-        self.g_label.eval(), self.g_img.eval()  # as the next site will replay them (SPADE's running statistics)
-        try:
-            label = self.g_label(z_label, c, update_w_avg=False, noise_mode="const")
-            img = self.g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
-        finally:
-            self.g_label.train(was[0]), self.g_img.train(was[1])
-        return F.l1_loss(label.float(), ref_label.float()) + F.l1_loss(img.float(), ref_img.float())
-
     def _discriminator_loss(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        from relaylearn.models.gan import r1_penalty
+        from relaylearn.models.gan.loss import discriminator_loss
 
         o = self.options
-        n = images.shape[0]
         seg = self._noisy_seg(labels)
-        z_img, z_label, c = self._fake_inputs(n, images.device, ids)
-        c_d = self._merge_styles(c)
-        with torch.no_grad():
-            fake_label = self.g_label(z_label, c)
-            fake_img = self.g_img(z_img, c, seg)
-        c_real = self._one_hot(ids)
-        real_img = images.detach().requires_grad_(do_r1)
-        real_seg = seg.detach().requires_grad_(do_r1)
-        fake_logits_img = self.d_img(self.ada_img(torch.cat([fake_img, seg], 1)), c_d)
-        real_logits_img = self.d_img(self.ada_img(torch.cat([real_img, seg], 1)), c_real)
-        fake_logits_lab = self.d_label(self.ada_label(fake_label), c_d)
-        real_logits_lab = self.d_label(self.ada_label(real_seg), c_real)
-        loss_img = F.softplus(fake_logits_img).mean() + F.softplus(-real_logits_img).mean()
-        loss_lab = F.softplus(fake_logits_lab).mean() + F.softplus(-real_logits_lab).mean()
-        self.ada_img_ctl.accumulate(real_logits_img.detach())
-        self.ada_label_ctl.accumulate(real_logits_lab.detach())
-        loss = loss_img + loss_lab
-        logs = {"d_img": loss_img.detach(), "d_label": loss_lab.detach()}
-        if do_r1 and o.r1_gamma > 0:
-            r1 = r1_penalty(real_logits_img, real_img).mean() + r1_penalty(real_logits_lab, real_seg).mean()
-            loss = loss + r1 * (o.r1_gamma / 2) * o.d_reg_interval
-            logs["r1_penalty"] = r1.detach()
+        z_img, z_label, c = self._fake_inputs(images.shape[0], images.device, ids)
+        out = discriminator_loss(self._gan_networks(), images, seg, z_label, z_img, c, self._one_hot(ids), with_r1=do_r1 and o.r1_gamma > 0)
+        self.ada_img_ctl.accumulate(out.real_logits_image)
+        self.ada_label_ctl.accumulate(out.real_logits_label)
+        loss = out.image + out.label
+        logs = {"d_img": out.image.detach(), "d_label": out.label.detach()}
+        if out.r1 is not None:
+            loss = loss + out.r1 * (o.r1_gamma / 2) * o.d_reg_interval
+            logs["r1_penalty"] = out.r1.detach()
         return loss, logs
 
     def on_site_end(self, site: SiteContext) -> None:

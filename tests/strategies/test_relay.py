@@ -9,6 +9,7 @@ from torch import nn
 from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
 from relaylearn.errors import ConfigError
+from relaylearn.models.gan.loss import alignment_loss, merge_styles
 from relaylearn.runner import TrainOptions, run_training
 from relaylearn.strategies.base import SiteContext
 from relaylearn.strategies.relay import decode_labels, encode_labels, merge_parameters
@@ -179,7 +180,7 @@ def test_style_mixing_keeps_one_site_per_sample(tmp_path, tiny_fundus):
     assert c.shape == (64, 2, 3)
     assert torch.equal(c[:, 0], c[:, 1])  # both styles, one site
     assert len(c[:, 0].argmax(-1).unique()) == 3  # drawn over all sites in the replay stage
-    assert torch.equal(strategy._merge_styles(c), c[:, 0])  # the discriminator sees a plain one-hot
+    assert torch.equal(merge_styles(c), c[:, 0])  # the discriminator sees a plain one-hot
 
 
 def _g_img_site_ids(strategy, site):
@@ -262,18 +263,27 @@ def test_bundles_with_equalised_spade_load_into_plain_spade_unchanged(tmp_path, 
     assert new.meta()["spade_conv"] == "plain"
 
 
+def _alignment(strategy, n=6):
+    torch.manual_seed(1)
+    c = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 3).float()
+    quantize = lambda m: encode_labels(decode_labels(m, 3), 3)  # noqa: E731
+    return alignment_loss(strategy.g_label, strategy.g_img, strategy.previous["g_label"], strategy.previous["g_img"],
+                          torch.randn(n, 8), torch.randn(n, 8), c, quantize)
+
+
 def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_ones_back(tmp_path, tiny_fundus):
     strategy, site = _replaying(tmp_path, tiny_fundus, gen_align_weight=1.0)
     strategy.train()
-    assert strategy._alignment_loss(6, torch.device("cpu")).detach().item() == 0.0  # same weights, latents and noise
+    assert _alignment(strategy).detach().item() == 0.0  # same weights, latents and noise
     with torch.no_grad():
         for p in strategy.g_img.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    drifted = strategy._alignment_loss(6, torch.device("cpu"))
+    drifted = _alignment(strategy)
     assert drifted > 0
     drifted.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in strategy.g_img.parameters())
     assert all(p.grad is None for p in strategy.previous.parameters())  # the frozen copies never learn
+    assert strategy.g_img.training  # evaluated in eval mode, left as it was
     logs = strategy.training_step(_batch(), _step(site))
     assert "g_align" in logs
     off, site = _replaying(tmp_path / "off", tiny_fundus)
