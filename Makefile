@@ -34,6 +34,7 @@ chromium:
 
 test: install chromium
 	$(VENV)/bin/ruff check relaylearn tests benchmarks
+	$(VENV)/bin/ruff format --check relaylearn tests benchmarks
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:

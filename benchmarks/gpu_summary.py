@@ -1,6 +1,6 @@
 """Markdown summary of a ``gpu_check.sh`` results file (JSON lines from speed.py and replay_smoke.py).
 
-    python benchmarks/gpu_summary.py benchmarks/results/gpu_check_<time>.jsonl
+python benchmarks/gpu_summary.py benchmarks/results/gpu_check_<time>.jsonl
 """
 
 from __future__ import annotations

@@ -164,11 +164,24 @@ def main(argv: list[str] | None = None) -> int:
         rec["dice"] = dict(zip(result.matrix.get("sites", []), row))
     for rec in per_site:
         if args.json:
-            print(json.dumps({**rec, "code_root": str(CODE_ROOT), "threads": torch.get_num_threads(), "config": args.config, "sets": args.sets, "torch": torch.__version__}))
+            print(
+                json.dumps(
+                    {
+                        **rec,
+                        "code_root": str(CODE_ROOT),
+                        "threads": torch.get_num_threads(),
+                        "config": args.config,
+                        "sets": args.sets,
+                        "torch": torch.__version__,
+                    }
+                )
+            )
             continue
         batches = rec["batches"] or 1
-        print(f"site {rec['site']}: {rec['wall_s']:.1f} s, {batches} batches ({torch.get_num_threads()} threads); Dice after it: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in rec.get("dice", {}).items()))
+        print(
+            f"site {rec['site']}: {rec['wall_s']:.1f} s, {batches} batches ({torch.get_num_threads()} threads); Dice after it: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in rec.get("dice", {}).items())
+        )
         for name, seconds in sorted(rec["parts"].items(), key=lambda kv: -kv[1]):
             print(f"  {name:38s} {seconds * 1000 / batches:8.1f} ms/batch  {100 * seconds / rec['wall_s']:5.1f} %")
     return 0

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for spec in args.configs:  # joint pools 4 sites: give it the same total number of images
         extra = [f"train.num_steps={args.steps * 4}"] if (args.steps and spec.endswith("joint")) else []
-        table = compare_strategies([spec], args.name, orders=args.orders, seeds=args.seeds, data_root=args.data_root,
-                                   overrides=overrides + extra, quiet=args.quiet)
+        table = compare_strategies(
+            [spec], args.name, orders=args.orders, seeds=args.seeds, data_root=args.data_root, overrides=overrides + extra, quiet=args.quiet
+        )
         results.update(json.loads((Path(table).parent / "matrices.json").read_text()))
     summary = {}
     for label, runs in results.items():

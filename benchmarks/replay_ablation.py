@@ -71,8 +71,12 @@ def summarise(root: Path, name: str, variants: list[str]) -> dict:
         if not mfile.is_file():
             continue
         base = mfile.parent
-        finished = [(base / label / key, r) for label, label_runs in json.loads(mfile.read_text()).items()
-                    for key, r in label_runs.items() if r.get("matrix") and "acc" in r["matrix"]]
+        finished = [
+            (base / label / key, r)
+            for label, label_runs in json.loads(mfile.read_text()).items()
+            for key, r in label_runs.items()
+            if r.get("matrix") and "acc" in r["matrix"]
+        ]
         if not finished:
             continue
         runs = [r for _, r in finished]
@@ -123,11 +127,17 @@ def _fmt(pair, digits: int = 3, signed: bool = False) -> str:
 
 
 def markdown(summary: dict, header: str) -> str:
-    lines = [header, "", "| variant | runs | ACC | BWT | forgetting | external Dice | final replay fidelity | × reference | wall time / run (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| variant | runs | ACC | BWT | forgetting | external Dice | final replay fidelity | × reference | wall time / run (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for variant, r in summary.items():
-        lines.append(f"| {variant} | {r['runs']} | {_fmt(r['acc'])} | {_fmt(r['bwt'], signed=True)} | {_fmt(r['forgetting'])} | "
-                     f"{_fmt(r['external_dice'])} | {_fmt(r['fidelity'])} | {_fmt(r['fidelity_ratio'], 2)} | {_fmt(r['wall_s'], 0)} |")
+        lines.append(
+            f"| {variant} | {r['runs']} | {_fmt(r['acc'])} | {_fmt(r['bwt'], signed=True)} | {_fmt(r['forgetting'])} | "
+            f"{_fmt(r['external_dice'])} | {_fmt(r['fidelity'])} | {_fmt(r['fidelity_ratio'], 2)} | {_fmt(r['wall_s'], 0)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -157,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"train.num_steps={args.steps * 4 if variant == 'joint' else args.steps}")
             compare_strategies([config], f"{args.name}-{variant}", orders=1, seeds=seeds, data_root=args.data_root, overrides=overrides, quiet=args.quiet)
             summary = summarise(root, args.name, variants)
-            header = (f"# {args.name}: {args.seeds} seed(s) planned, mean ± std over finished runs "
-                      f"(steps per site: {args.steps or 'config'}; elapsed {time.time() - started:.0f} s)")
+            header = (
+                f"# {args.name}: {args.seeds} seed(s) planned, mean ± std over finished runs "
+                f"(steps per site: {args.steps or 'config'}; elapsed {time.time() - started:.0f} s)"
+            )
             atomic_write(root / "ablation.md", markdown(summary, header))
-            atomic_write(root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2))
+            atomic_write(
+                root / "ablation.json", json.dumps({"summary": summary, "targets": targets(summary), "seeds": args.seeds, "steps": args.steps}, indent=2)
+            )
     if args.table_only:
         summary = summarise(root, args.name, variants)
         atomic_write(root / "ablation.md", markdown(summary, f"# {args.name}: mean ± std over the runs finished so far"))

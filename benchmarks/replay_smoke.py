@@ -76,9 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         fidelity = json.loads(fidelity_path.read_text()) if fidelity_path.is_file() else None
     device = f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
     record = {
-        "name": "replay_smoke", "device": device, "config": args.config, "sets": args.sets, "img_size": list(task.dataset.kwargs.img_size),
-        "batch": task.train.batch_size, "precision": task.train.precision, "steps_per_site": steps, "wall_s": round(wall, 1),
-        "matrix": result.matrix, "replay_fidelity": fidelity, "torch": torch.__version__,
+        "name": "replay_smoke",
+        "device": device,
+        "config": args.config,
+        "sets": args.sets,
+        "img_size": list(task.dataset.kwargs.img_size),
+        "batch": task.train.batch_size,
+        "precision": task.train.precision,
+        "steps_per_site": steps,
+        "wall_s": round(wall, 1),
+        "matrix": result.matrix,
+        "replay_fidelity": fidelity,
+        "torch": torch.__version__,
     }
     if fidelity is None:
         record["replay_fidelity_note"] = "metrics/replay.json not written by this version of relaylearn"

@@ -48,7 +48,11 @@ except ImportError:
 from relaylearn.strategies.base import StepContext  # noqa: E402
 
 TINY_GANS = {
-    "z_img": 16, "z_label": 8, "w_img": 32, "w_label": 16, "spade_hidden": 8,
+    "z_img": 16,
+    "z_label": 8,
+    "w_img": 32,
+    "w_label": 16,
+    "spade_hidden": 8,
     "g_img": {"mapping_layers": 1, "channel_base": 256, "channel_max": 32},
     "g_label": {"mapping_layers": 1, "channel_base": 128, "channel_max": 16},
     "d_img": {"channel_base": 256, "channel_max": 32, "mapping_layers": 1},
@@ -112,12 +116,22 @@ def measure_sites(task: TaskConfig, earlier: int, device: torch.device, warmup: 
     strategy.on_site_end(site)
     state = strategy.state_to_bundle()
     path = write_bundle(
-        out_dir / f"sites_{earlier}.relay", {n: t.cpu() for n, t in state.tensors.items()}, strategy="relay",
-        config=shipped_config(task), registry=state.meta, site=site.name, hop_started_utc=utc_now(), parent=None, signing_key=None,
+        out_dir / f"sites_{earlier}.relay",
+        {n: t.cpu() for n, t in state.tensors.items()},
+        strategy="relay",
+        config=shipped_config(task),
+        registry=state.meta,
+        site=site.name,
+        hop_started_utc=utc_now(),
+        parent=None,
+        signing_key=None,
     )
     result = {
-        "iter_ms": round(statistics.median(times), 3), "peak_mem_bytes": peak, "peak_mem_kind": memory.kind,
-        "bundle_bytes": path.stat().st_size, "bundle_tensor_bytes": sum(t.numel() * t.element_size() for t in state.tensors.values()),
+        "iter_ms": round(statistics.median(times), 3),
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": memory.kind,
+        "bundle_bytes": path.stat().st_size,
+        "bundle_tensor_bytes": sum(t.numel() * t.element_size() for t in state.tensors.values()),
         "registered_sites": len(state.meta["site_registry"]),
     }
     del strategy, state
@@ -137,9 +151,16 @@ def run(task: TaskConfig, sites: list[int], device: torch.device, warmup: int, i
     first, last = str(sites[0]), str(sites[-1])
     out["ratio"] = {key: round(out[key][last] / out[key][first], 4) for key in keys}
     out["flat"] = all(r <= FLAT for r in out["ratio"].values())
-    out.update(peak_mem_kind=per_k[first]["peak_mem_kind"], device=device_label(device), batch=task.train.batch_size,
-               img_size=list(task.dataset.kwargs.img_size), warmup=warmup, iters=iters, threads=torch.get_num_threads(),
-               torch=torch.__version__)
+    out.update(
+        peak_mem_kind=per_k[first]["peak_mem_kind"],
+        device=device_label(device),
+        batch=task.train.batch_size,
+        img_size=list(task.dataset.kwargs.img_size),
+        warmup=warmup,
+        iters=iters,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
     return out
 
 
@@ -170,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'earlier sites':>13} {'ms/iter':>9} {'peak mem MiB':>13} {'bundle bytes':>13}")
         for k in out["iter_ms"]:
             print(f"{k:>13} {out['iter_ms'][k]:>9.1f} {out['peak_mem_bytes'][k] / 2**20:>13.1f} {out['bundle_bytes'][k]:>13}")
-        print(f"ratio {sites[-1]}/{sites[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["ratio"].items())
-              + f"  -> {'flat' if out['flat'] else 'NOT flat'} (limit {FLAT})")
+        print(
+            f"ratio {sites[-1]}/{sites[0]}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in out["ratio"].items())
+            + f"  -> {'flat' if out['flat'] else 'NOT flat'} (limit {FLAT})"
+        )
     print(json.dumps(out), flush=True)
     return 0
 

@@ -167,8 +167,17 @@ def count_flops(step: Callable[[int], None], first: int, count: int) -> float:
 
 # ----- building a measured training step ----------------------------------------------------------
 def site_context(name: str, position: int, images: torch.Tensor, labels: torch.Tensor) -> SiteContext:
-    return SiteContext(name=name, task_id=position + 1, position=position, num_images=len(images), num_epochs=1,
-                       steps_per_epoch=LONG_SITE, train_images=images, train_labels=labels, batch_size=len(images))
+    return SiteContext(
+        name=name,
+        task_id=position + 1,
+        position=position,
+        num_images=len(images),
+        num_epochs=1,
+        steps_per_epoch=LONG_SITE,
+        train_images=images,
+        train_labels=labels,
+        batch_size=len(images),
+    )
 
 
 def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int, trained: bool = False) -> TaskConfig:
@@ -214,8 +223,12 @@ def as_trained(task: TaskConfig) -> Switches:
     """The switches training applies for this config (``train.precision``, ``train.channels_last``,
     ``train.compile``; memory format and compile as the measured checkout's engine applies them)."""
     fused = task.strategy.kwargs.get("fused_optimizers", False) if task.strategy.name == "relay" else task.train.optimizer.fused
-    return Switches(precision="bf16" if task.train.precision == "bf16-mixed" else "fp32", channels_last=task.train.channels_last,
-                    compile=task.train.compile, fused_adam=bool(fused))
+    return Switches(
+        precision="bf16" if task.train.precision == "bf16-mixed" else "fp32",
+        channels_last=task.train.channels_last,
+        compile=task.train.compile,
+        fused_adam=bool(fused),
+    )
 
 
 def prepare_like_training(strategy: Strategy, task: TaskConfig) -> None:
@@ -291,14 +304,34 @@ def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torc
     return Prepared(strategy, step, cycle)
 
 
-def measure(measurement: str, base: TaskConfig, config_name: str, switches: Switches, device: torch.device, batch: int,
-            warmup: int, iters: int, flop_iters: int | None, trained: bool = False, flop_cache: dict | None = None) -> dict:
+def measure(
+    measurement: str,
+    base: TaskConfig,
+    config_name: str,
+    switches: Switches,
+    device: torch.device,
+    batch: int,
+    warmup: int,
+    iters: int,
+    flop_iters: int | None,
+    trained: bool = False,
+    flop_cache: dict | None = None,
+) -> dict:
     """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails.
     ``trained``: the switches training applies (``as_trained``) instead of ``switches``."""
     if trained:
         switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True))
-    record = {"name": measurement, "device": device_label(device), "config": config_name, "batch": batch,
-              "img_size": list(base.dataset.kwargs.img_size), **asdict(switches), "as_trained": trained, "warmup": warmup, "iters": iters}
+    record = {
+        "name": measurement,
+        "device": device_label(device),
+        "config": config_name,
+        "batch": batch,
+        "img_size": list(base.dataset.kwargs.img_size),
+        **asdict(switches),
+        "as_trained": trained,
+        "warmup": warmup,
+        "iters": iters,
+    }
     memory = PeakMemory(device)
     try:
         task = task_for(base, measurement, switches, batch, trained=trained)
@@ -321,9 +354,14 @@ def measure(measurement: str, base: TaskConfig, config_name: str, switches: Swit
         memory.reset()
         ms = time_iterations(prepared.step, first + warmup, iters, device)
         counted = not math.isnan(flops)
-        record.update(ms_per_iter=round(ms, 3), peak_mem_bytes=memory.read(), peak_mem_kind=memory.kind,
-                      flops_per_iter=int(flops) if counted else None, flop_iters=n_flop,
-                      tflops=round(flops / (ms / 1000) / 1e12, 4) if counted else None)
+        record.update(
+            ms_per_iter=round(ms, 3),
+            peak_mem_bytes=memory.read(),
+            peak_mem_kind=memory.kind,
+            flops_per_iter=int(flops) if counted else None,
+            flop_iters=n_flop,
+            tflops=round(flops / (ms / 1000) / 1e12, 4) if counted else None,
+        )
     except Exception as exc:  # noqa: BLE001 - a failing variant (e.g. compile without a compiler) is a result
         message = str(exc).strip().splitlines()
         record["error"] = f"{type(exc).__name__}: {message[0] if message else ''}"[:500]
@@ -375,8 +413,13 @@ class Side:
 
         self.label, self.root = label, root
         env = {**os.environ, "PYTHONPATH": str(root)}
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--code-root", str(root), *forwarded],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--code-root", str(root), *forwarded],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         ready = self._read()
         self.imported_from = ready["ready"]
 
@@ -446,19 +489,31 @@ def compare(args: argparse.Namespace, argv: list[str], warmup: int, iters: int) 
             times: dict[tuple[str, str], list[float]] = {}
             for rep in range(args.reps):
                 for name in names:
-                    for side in (sides if rep % 2 == 0 else sides[::-1]):
+                    for side in sides if rep % 2 == 0 else sides[::-1]:
                         times.setdefault((side.label, name), []).append(side.run(name, iters))
         finally:
             for side in sides:
                 side.close()
     for name in names:
         ref, this = times[("ref", name)], times[("this", name)]
-        record = {"name": name, "ref": args.compare, "ref_root": sides[0].imported_from, "this_root": sides[1].imported_from,
-                  "as_trained": args.as_trained, "reps": args.reps, "iters": iters, "warmup": warmup,
-                  "ref_ms": round(median(ref), 1), "this_ms": round(median(this), 1), "speedup": round(median(ref) / median(this), 3),
-                  "speedup_per_rep": [round(r / t, 3) for r, t in zip(ref, this)],
-                  "ref_ms_all": [round(v, 1) for v in ref], "this_ms_all": [round(v, 1) for v in this],
-                  "threads": torch.get_num_threads(), "torch": torch.__version__}
+        record = {
+            "name": name,
+            "ref": args.compare,
+            "ref_root": sides[0].imported_from,
+            "this_root": sides[1].imported_from,
+            "as_trained": args.as_trained,
+            "reps": args.reps,
+            "iters": iters,
+            "warmup": warmup,
+            "ref_ms": round(median(ref), 1),
+            "this_ms": round(median(this), 1),
+            "speedup": round(median(ref) / median(this), 3),
+            "speedup_per_rep": [round(r / t, 3) for r, t in zip(ref, this)],
+            "ref_ms_all": [round(v, 1) for v in ref],
+            "this_ms_all": [round(v, 1) for v in this],
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
         print(json.dumps(record), flush=True)
     return 0
 
@@ -482,11 +537,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fused-adam", action="store_true")
     p.add_argument("--replay-per-substep", action="store_true")
     p.add_argument("--aug-device", choices=["none", "cpu", "same"], default="none")
-    p.add_argument("--variants", help="semicolon-separated switch sets measured one after the other, each a comma list of "
-                   "bf16, channels_last, compile, fused_adam, replay_per_substep, aug_cpu, aug_same, or fp32 (none), e.g. 'fp32;bf16;bf16,channels_last'")
+    p.add_argument(
+        "--variants",
+        help="semicolon-separated switch sets measured one after the other, each a comma list of "
+        "bf16, channels_last, compile, fused_adam, replay_per_substep, aug_cpu, aug_same, or fp32 (none), e.g. 'fp32;bf16;bf16,channels_last'",
+    )
     p.add_argument("--flop-iters", type=int, help="iterations the FLOP count averages over (default: one regularisation cycle, 1 with --quick; 0: no count)")
-    p.add_argument("--as-trained", action="store_true", help="precision, memory format and compile from the config's train section, applied as training does (instead of the switches)")
-    p.add_argument("--compare", metavar="REF", help="measure another checkout (a directory, or a commit checked out in a temporary git worktree) side by side: one JSON line per measurement with both medians and the speed-up")
+    p.add_argument(
+        "--as-trained",
+        action="store_true",
+        help="precision, memory format and compile from the config's train section, applied as training does (instead of the switches)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="REF",
+        help="measure another checkout (a directory, or a commit checked out in a temporary git worktree) side by side: one JSON line per measurement with both medians and the speed-up",
+    )
     p.add_argument("--reps", type=int, default=5, help="--compare: rounds of timed iterations, alternating the order (default 5)")
     p.add_argument("--code-root", help=argparse.SUPPRESS)  # a --compare worker: relaylearn of this checkout
     args = p.parse_args(argv)
@@ -500,9 +566,16 @@ def switches_from(args: argparse.Namespace) -> Switches:
     return Switches(args.precision, args.channels_last, args.compile, args.fused_adam, args.replay_per_substep, args.aug_device)
 
 
-VARIANT_WORDS = {"fp32": {}, "bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
-                 "fused_adam": {"fused_adam": True}, "replay_per_substep": {"replay_per_substep": True},
-                 "aug_cpu": {"aug_device": "cpu"}, "aug_same": {"aug_device": "same"}}
+VARIANT_WORDS = {
+    "fp32": {},
+    "bf16": {"precision": "bf16"},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "fused_adam": {"fused_adam": True},
+    "replay_per_substep": {"replay_per_substep": True},
+    "aug_cpu": {"aug_device": "cpu"},
+    "aug_same": {"aug_device": "same"},
+}
 
 
 def parse_variants(spec: str) -> list[Switches]:

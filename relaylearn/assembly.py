@@ -39,8 +39,14 @@ def load_split(ds: DatasetConfig, split: str):
         raise DataError(f"site {ds.site}: {exc.message}") from None
     keep = parts[0] if split == "train" else parts[1]
     index = torch.as_tensor(keep, dtype=torch.long)
-    return replace(data, images=data.images[index], labels=data.labels[index], names=[data.names[i] for i in keep],
-                   subjects=[data.subjects[i] for i in keep], sources=[data.sources[i] for i in keep])
+    return replace(
+        data,
+        images=data.images[index],
+        labels=data.labels[index],
+        names=[data.names[i] for i in keep],
+        subjects=[data.subjects[i] for i in keep],
+        sources=[data.sources[i] for i in keep],
+    )
 
 
 def shipped_config(task: TaskConfig) -> dict[str, Any]:
@@ -135,7 +141,9 @@ def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tu
                 bundle.path,
             )
     if bundle.strategy != task.strategy.name:
-        raise VerificationError(f"bundle strategy '{escape_text(bundle.strategy)}' disagrees with its config's '{escape_text(task.strategy.name)}'", bundle.path)
+        raise VerificationError(
+            f"bundle strategy '{escape_text(bundle.strategy)}' disagrees with its config's '{escape_text(task.strategy.name)}'", bundle.path
+        )
     try:
         return restore_strategy(task, bundle), task
     except UserError as exc:  # the bundle's config does not build here (VerificationError passes through)
@@ -171,8 +179,13 @@ def read_any_bundle(path: Path, trust_dir: str | None, *, no_verify: bool = Fals
 
 def provenance(bundle) -> dict:
     """What an output records about the bundle it came from."""
-    return {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256, "relay_id": bundle.manifest["relay_id"],
-            "verified": bundle.signed_by is not None, "signed_by": bundle.signed_by}
+    return {
+        "bundle": str(bundle.path),
+        "bundle_sha256": bundle.sha256,
+        "relay_id": bundle.manifest["relay_id"],
+        "verified": bundle.signed_by is not None,
+        "signed_by": bundle.signed_by,
+    }
 
 
 @dataclass
@@ -193,7 +206,9 @@ class LoadedModel:
     hu: tuple[float, float, float] | None = None  # CT models: (hu_min, window low, window high) for 16-bit slices
 
 
-def load_model(bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> LoadedModel:
+def load_model(
+    bundle: str | Path, trust: str | None = None, device: torch.device | str = "cpu", *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()
+) -> LoadedModel:
     """Read and verify (with ``trust``; else only with ``no_verify``) a bundle and rebuild its
     solver in eval mode. ``plugins``: plug-in names of your local config the bundle may use."""
     b = read_any_bundle(Path(bundle), trust, no_verify=no_verify)
@@ -201,8 +216,16 @@ def load_model(bundle: str | Path, trust: str | None = None, device: torch.devic
     k = task.dataset.kwargs
     layout = get_layout(task.dataset.name)  # a plug-in only when the local config names it (checked above)
     return LoadedModel(
-        solver=strategy.solver.to(device).eval(), img_size=tuple(k.img_size), out_range=tuple(k.out_range), channels=k.channels,
-        num_classes=k.num_classes, class_names=layout.class_names(k.num_classes), layout=layout,
-        bundle_sha256=b.sha256, strategy=b.manifest["strategy"], verified=b.signed_by is not None, signed_by=b.signed_by,
+        solver=strategy.solver.to(device).eval(),
+        img_size=tuple(k.img_size),
+        out_range=tuple(k.out_range),
+        channels=k.channels,
+        num_classes=k.num_classes,
+        class_names=layout.class_names(k.num_classes),
+        layout=layout,
+        bundle_sha256=b.sha256,
+        strategy=b.manifest["strategy"],
+        verified=b.signed_by is not None,
+        signed_by=b.signed_by,
         hu=layout.hu_window(k),
     )

@@ -183,9 +183,12 @@ def memorisation_check(space: str, generated: Tensor, train: Tensor, test: Tenso
     copies = bootstrap_statistic(_near_copy_share, [g, t], options.n_bootstrap, options.level, seed + 1)
     reference = NEAR_COPY_PERCENTILE / 100
     check = {
-        "check": "memorisation", "space": space, "flagged": bool(copies[1] > reference),
+        "check": "memorisation",
+        "space": space,
+        "flagged": bool(copies[1] > reference),
         "rule": f"flagged when the {options.level:.0%} interval of the near-copy share lies above {reference:.0%} (what fresh images of the site give)",
-        "ratio_of_medians": _interval(*ratio), "near_copies": _interval(*copies),
+        "ratio_of_medians": _interval(*ratio),
+        "near_copies": _interval(*copies),
         "near_copy_distance": float(np.percentile(t, NEAR_COPY_PERCENTILE)),
         "distributions": {
             "quantiles": list(QUANTILES),
@@ -200,13 +203,20 @@ def membership_check(attack: str, space: str, member_scores: np.ndarray, non_mem
     """ROC AUC of scores (higher = "was in the training set") separating train from test."""
     auc = bootstrap_statistic(roc_auc, [member_scores, non_member_scores], options.n_bootstrap, options.level, seed)
     return {
-        "check": attack, "space": space, "flagged": bool(auc[0] > options.threshold),
-        "rule": f"flagged when the AUC exceeds {options.threshold:.2f}", "auc": _interval(*auc),
+        "check": attack,
+        "space": space,
+        "flagged": bool(auc[0] > options.threshold),
+        "rule": f"flagged when the AUC exceeds {options.threshold:.2f}",
+        "auc": _interval(*auc),
     }
 
 
 def audit_generated(
-    generated: SplitData, train: SplitData, test: SplitData, num_classes: int, options: AuditOptions,
+    generated: SplitData,
+    train: SplitData,
+    test: SplitData,
+    num_classes: int,
+    options: AuditOptions,
     features: Callable[[Tensor], Optional[Tensor]] | None = None,
     discriminators: dict[str, Callable[[Tensor, Tensor], Tensor]] | None = None,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -279,10 +289,14 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
         raise UserError(f"site {printable(site)!r} is not in the bundle's site registry (known: {', '.join(printable(s) for s in registry) or 'none'})")
     site_id = registry[site]
     if train.images.shape[1:] != test.images.shape[1:] or train.images.shape[0] < 2 or test.images.shape[0] < 2:
-        raise UserError(f"site {printable(site)}: need at least 2 train and 2 test images of the same size (got {tuple(train.images.shape)} and {tuple(test.images.shape)})")
+        raise UserError(
+            f"site {printable(site)}: need at least 2 train and 2 test images of the same size (got {tuple(train.images.shape)} and {tuple(test.images.shape)})"
+        )
     gen_images, gen_labels = generate_site_pairs(strategy, site_id, options.n_generated, options.seed, options.batch_size)
     if gen_images.shape[1:] != train.images.shape[1:]:
-        raise UserError(f"site {printable(site)}: the data has images of shape {tuple(train.images.shape[1:])} but the generators make {tuple(gen_images.shape[1:])}")
+        raise UserError(
+            f"site {printable(site)}: the data has images of shape {tuple(train.images.shape[1:])} but the generators make {tuple(gen_images.shape[1:])}"
+        )
     k = strategy.num_classes
     cap = strategy.options.site_capacity
     scorers = None
@@ -292,13 +306,27 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
             "label": lambda x, y: discriminator_scores(strategy.d_label, encode_labels(y, k), site_id, cap),
         }
     checks, picture = audit_generated(
-        SplitData(gen_images, gen_labels), train, test, k, options,
-        features=lambda x: encoder_features(strategy.solver, x, options.batch_size), discriminators=scorers,
+        SplitData(gen_images, gen_labels),
+        train,
+        test,
+        k,
+        options,
+        features=lambda x: encoder_features(strategy.solver, x, options.batch_size),
+        discriminators=scorers,
     )
     report = {
-        "schema": SCHEMA, "site": site, "site_id": site_id, "n_train": int(train.images.shape[0]), "n_test": int(test.images.shape[0]),
-        "n_generated": options.n_generated, "threshold": options.threshold, "level": options.level, "n_bootstrap": options.n_bootstrap,
-        "seed": options.seed, "discriminators_audited": bool(discriminators_travel), "checks": checks,
+        "schema": SCHEMA,
+        "site": site,
+        "site_id": site_id,
+        "n_train": int(train.images.shape[0]),
+        "n_test": int(test.images.shape[0]),
+        "n_generated": options.n_generated,
+        "threshold": options.threshold,
+        "level": options.level,
+        "n_bootstrap": options.n_bootstrap,
+        "seed": options.seed,
+        "discriminators_audited": bool(discriminators_travel),
+        "checks": checks,
         "flagged": [f"{c['check']} ({c['space']})" for c in checks if c["flagged"]],
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -313,6 +341,7 @@ def printable(text: str) -> str:
 # ----- text output -----------------------------------------------------------------------------------
 def _figure(check: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(statistic, value, interval) rows of one check."""
+
     def pct(v):
         return f"{100 * v:.1f} %"
 
@@ -345,7 +374,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{verdict} {check['check']} ({check['space']}): {_figure(check)[0][0]} {_figure(check)[0][1]}; {check['rule']}")
     if not report["discriminators_audited"]:
         lines.append("(white box not run: the bundle carries no discriminators)")
-    lines.append(f"verdict: {len(report['flagged'])} of {len(report['checks'])} checks flagged" + (f": {', '.join(report['flagged'])}" if report["flagged"] else ""))
+    lines.append(
+        f"verdict: {len(report['flagged'])} of {len(report['checks'])} checks flagged" + (f": {', '.join(report['flagged'])}" if report["flagged"] else "")
+    )
     return "\n".join(lines)
 
 
@@ -369,8 +400,16 @@ def _site_dataset(task, site: str, data_root: str, config: Optional[str]):
     return DatasetConfig.model_validate({"name": layout, "kwargs": kwargs})
 
 
-def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str] = None, trust: Optional[str] = None,
-              options: AuditOptions | None = None, out_dir: Optional[str] = None, no_verify: bool = False) -> tuple[dict[str, Any], Path]:
+def run_audit(
+    bundle_path: str,
+    site: str,
+    data_root: str,
+    config: Optional[str] = None,
+    trust: Optional[str] = None,
+    options: AuditOptions | None = None,
+    out_dir: Optional[str] = None,
+    no_verify: bool = False,
+) -> tuple[dict[str, Any], Path]:
     """``relaylearn audit``: read (verify with ``trust``) the bundle, audit ``site`` on its own data,
     write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png``. Returns (report, json path)."""
     from relaylearn.assembly import load_split, read_any_bundle, strategy_from_bundle
@@ -395,7 +434,12 @@ def run_audit(bundle_path: str, site: str, data_root: str, config: Optional[str]
     train, test = load_split(ds, "train"), load_split(ds, "test")
     travels = any(name.startswith("d_img.") for name in bundle.tensors)
     result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, travels)
-    result.report["bundle"] = {"path": str(path), "sha256": bundle.sha256, "verified": bundle.signed_by is not None, "hops": [printable(h.get("site", "?")) for h in bundle.manifest.get("hops", [])]}
+    result.report["bundle"] = {
+        "path": str(path),
+        "sha256": bundle.sha256,
+        "verified": bundle.signed_by is not None,
+        "hops": [printable(h.get("site", "?")) for h in bundle.manifest.get("hops", [])],
+    }
     out = Path(out_dir) if out_dir else Path("exps") / "audit" / path.stem
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
     png = out / f"{safe}_closest_pairs.png"
@@ -428,7 +472,9 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
         if site not in datasets:
             continue
         train, test = load(datasets[site], "train"), load(datasets[site], "test")
-        result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, strategy.options.ship_discriminators)
+        result = audit_site(
+            strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, strategy.options.ship_discriminators
+        )
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
         png = Path("privacy") / f"hop{hop}_{safe}_closest_pairs.png"
         atomic_write(run_dir / "metrics" / png, png_bytes(result.closest_pairs))

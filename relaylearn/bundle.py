@@ -155,9 +155,7 @@ def _parse_container(data: memoryview, path: Path) -> dict[str, memoryview]:
         raise _fail(f"not a relay bundle: only {size} bytes", path)
     sig, disk, cd_disk, on_disk, total, cd_size, cd_offset, comment = _END.unpack(data[size - _END.size :])
     if sig != _END_SIG:
-        raise _fail(
-            "not a relay bundle: no ZIP end record at the end of the file (truncated, padded or not a ZIP)", path
-        )
+        raise _fail("not a relay bundle: no ZIP end record at the end of the file (truncated, padded or not a ZIP)", path)
     if disk or cd_disk or on_disk != total or comment:
         raise _fail("ZIP end record is not canonical (multi-disk, comment or inconsistent counts)", path)
     if total == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
@@ -327,8 +325,7 @@ def _parse_manifest(raw: memoryview, path: Path) -> dict:
         raise _fail(f"not a relay bundle: manifest format is {manifest.get('format')!r}", path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise _fail(
-            f"unsupported bundle format_version {manifest.get('format_version')!r} "
-            f"(this relaylearn reads {FORMAT_VERSION})",
+            f"unsupported bundle format_version {manifest.get('format_version')!r} (this relaylearn reads {FORMAT_VERSION})",
             path,
         )
     try:
@@ -354,8 +351,7 @@ def _check_hops(manifest: dict, path: Path) -> None:
             raise _fail(f"hop chain is broken: hop {position} has order {hop['order']}", path)
         if (hop["parent_sha256"] is None) != (position == 1):
             raise _fail(
-                "hop chain is broken: "
-                + ("the first hop has a parent" if position == 1 else f"hop {position} names no parent bundle"),
+                "hop chain is broken: " + ("the first hop has a parent" if position == 1 else f"hop {position} names no parent bundle"),
                 path,
             )
     last_signer = hops[-1]["signer"]
@@ -524,15 +520,11 @@ def _read_file(path: Path) -> bytes:
     return data
 
 
-def _authenticate(
-    manifest_raw: memoryview, signature: bytes, *, trust: TrustStore | None, allow_unsigned: bool, path: Path
-) -> TrustedKey | None:
+def _authenticate(manifest_raw: memoryview, signature: bytes, *, trust: TrustStore | None, allow_unsigned: bool, path: Path) -> TrustedKey | None:
     """The trusted key whose signature covers the manifest (checked before the JSON is parsed)."""
     if signature == UNSIGNED_MARKER:
         if not allow_unsigned:
-            raise _fail(
-                "bundle is unsigned; unsigned bundles are accepted only in simulation or with --insecure-unsigned", path
-            )
+            raise _fail("bundle is unsigned; unsigned bundles are accepted only in simulation or with --insecure-unsigned", path)
         return None
     if trust is None:
         if allow_unsigned:
@@ -545,9 +537,7 @@ def _authenticate(
     claimed = _claimed_signer(data)
     if claimed and re.fullmatch(FINGERPRINT_PATTERN, claimed) and claimed not in trust:
         raise _fail(f"signed by an untrusted key {claimed} (not in the trust folder)", path)
-    raise _fail(
-        "signature does not verify with any trusted key (manifest altered after signing, or untrusted signer)", path
-    )
+    raise _fail("signature does not verify with any trusted key (manifest altered after signing, or untrusted signer)", path)
 
 
 def _claimed_signer(manifest_raw: bytes) -> str | None:
@@ -567,22 +557,18 @@ def _check_bundle(path: Path, *, trust: TrustStore | None, allow_unsigned: bool,
         signature = bytes(members[SIGNATURE_NAME])
         if signature != UNSIGNED_MARKER and len(signature) != SIGNATURE_BYTES:
             raise _fail(
-                f"manifest.sig holds {len(signature)} bytes: "
-                "neither a 64-byte Ed25519 signature nor the UNSIGNED marker",
+                f"manifest.sig holds {len(signature)} bytes: neither a 64-byte Ed25519 signature nor the UNSIGNED marker",
                 path,
             )
         signer = None
         if mode == _CHECK:
-            signer = _authenticate(
-                members[MANIFEST_NAME], signature, trust=trust, allow_unsigned=allow_unsigned, path=path
-            )
+            signer = _authenticate(members[MANIFEST_NAME], signature, trust=trust, allow_unsigned=allow_unsigned, path=path)
         manifest = _parse_manifest(members[MANIFEST_NAME], path)
         if manifest["signed"] != (signature != UNSIGNED_MARKER):
             raise _fail("manifest 'signed' flag disagrees with manifest.sig", path)
         if signer is not None and manifest["hops"][-1]["signer"] != signer.fingerprint:
             raise _fail(
-                f"last hop names signer {manifest['hops'][-1]['signer']} but the bundle was signed by "
-                f"{signer.fingerprint} ({signer.site})",
+                f"last hop names signer {manifest['hops'][-1]['signer']} but the bundle was signed by {signer.fingerprint} ({signer.site})",
                 path,
             )
         weights = members[WEIGHTS_NAME]
@@ -590,8 +576,7 @@ def _check_bundle(path: Path, *, trust: TrustStore | None, allow_unsigned: bool,
         if len(weights) != manifest["weights_bytes"] or weights_hash != manifest["weights_sha256"]:
             suspect = _foreign_format(bytes(weights[:8]))
             raise _fail(
-                "SHA-256 of weights.safetensors does not match the manifest (weights altered"
-                + (f"; the member {suspect})" if suspect else ")"),
+                "SHA-256 of weights.safetensors does not match the manifest (weights altered" + (f"; the member {suspect})" if suspect else ")"),
                 path,
             )
         _compare_index(manifest["tensors"], _parse_safetensors_index(weights, path), path)
@@ -674,8 +659,7 @@ def _check_hop_signers(hops: list[dict], trust: TrustStore, path: Path) -> None:
         key = trust.get(hop["signer"]) if hop["signer"] else None
         if key is not None and hop["site"] != key.site:
             raise _fail(
-                f"hop {hop['order']} names site '{hop['site']}' but was signed by the key of site '{key.site}' "
-                f"({key.fingerprint})",
+                f"hop {hop['order']} names site '{hop['site']}' but was signed by the key of site '{key.site}' ({key.fingerprint})",
                 path,
             )
 
@@ -693,9 +677,7 @@ def _prepare_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU copies (copies also untie shared storage, which safetensors refuses)."""
     prepared = {}
     for name, tensor in tensors.items():
-        if not isinstance(name, str) or not name or len(name) > 512 or name == "__metadata__" or any(
-            ord(c) < 0x20 or ord(c) == 0x7F for c in name
-        ):
+        if not isinstance(name, str) or not name or len(name) > 512 or name == "__metadata__" or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
             raise ValueError(f"tensor name {name!r} cannot go into a bundle")
         if not isinstance(tensor, Tensor):
             raise TypeError(f"bundle entry {name!r} is a {type(tensor).__name__}, not a tensor")
@@ -782,9 +764,7 @@ def write_bundle(
         "strategy": strategy,
         "config": _json_section(config, "config"),
         "registry": _json_section(registry, "registry"),
-        "tensors": {
-            name: {"dtype": _dtype_name(t), "shape": list(t.shape)} for name, t in prepared.items()
-        },
+        "tensors": {name: {"dtype": _dtype_name(t), "shape": list(t.shape)} for name, t in prepared.items()},
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "weights_bytes": len(weights),
         "hops": hops,
@@ -797,9 +777,7 @@ def write_bundle(
         raise ValueError(f"bundle manifest field {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
     manifest_bytes = _dump_manifest(manifest)
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-        raise UserError(
-            f"manifest would take {len(manifest_bytes)} bytes, over the limit of {MAX_MANIFEST_BYTES}", path
-        )
+        raise UserError(f"manifest would take {len(manifest_bytes)} bytes, over the limit of {MAX_MANIFEST_BYTES}", path)
     signature = signing_key.sign(manifest_bytes) if signing_key is not None else UNSIGNED_MARKER
     members = [(MANIFEST_NAME, manifest_bytes), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, signature)]
     atomic_write(path, _container_parts(members))
@@ -883,8 +861,7 @@ def format_inspect(info: dict) -> str:
         f"  relay       {info['relay_id']}",
         f"  strategy    {info['strategy']}",
         f"  signature   {signature}",
-        f"  tensors     {info['tensor_count']:,} tensors, {info['total_parameters']:,} elements, "
-        f"{_mb(info['weights_bytes'])} of weights",
+        f"  tensors     {info['tensor_count']:,} tensors, {info['total_parameters']:,} elements, {_mb(info['weights_bytes'])} of weights",
         "",
         "Hops",
     ]
@@ -895,10 +872,7 @@ def format_inspect(info: dict) -> str:
     ]  # fmt: skip
     lines += _table(["#", "site", "started (UTC)", "finished (UTC)", "signer", "parent sha256"], hop_rows, {0})
     lines += ["", "Networks (tensor name prefix)"]
-    net_rows = [
-        [prefix, f"{net['tensors']:,}", f"{net['parameters']:,}", f"{net['bytes'] / 1e6:,.2f}"]
-        for prefix, net in info["networks"].items()
-    ]
+    net_rows = [[prefix, f"{net['tensors']:,}", f"{net['parameters']:,}", f"{net['bytes'] / 1e6:,.2f}"] for prefix, net in info["networks"].items()]
     lines += _table(["prefix", "tensors", "elements", "MB"], net_rows, {1, 2, 3})
     if info["extra"]:
         lines += ["", "Extra (opted in by the config)"]
@@ -944,14 +918,15 @@ class SiteLedger:
         try:
             state = json.loads(self.path.read_text(encoding="utf-8"))
             lineage, last = state["lineage"], state["last"]
-            if state["format"] != LEDGER_FORMAT or last not in ("received", "written") or not lineage or not all(
-                isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in lineage
+            if (
+                state["format"] != LEDGER_FORMAT
+                or last not in ("received", "written")
+                or not lineage
+                or not all(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in lineage)
             ):
                 raise ValueError("unexpected content")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(
-                f"site ledger is unreadable ({exc}); restore it, or delete it to start over", self.path
-            ) from None
+            raise UserError(f"site ledger is unreadable ({exc}); restore it, or delete it to start over", self.path) from None
         return lineage, last
 
     def lineage(self) -> list[str]:
@@ -971,10 +946,7 @@ class SiteLedger:
                 return None
             return f"this site wrote this bundle itself (hop {len(stored)}) and no site has trained on it since"
         if len(incoming) < len(stored) and stored[: len(incoming)] == incoming:
-            return (
-                f"rollback: this bundle (hop {len(incoming)}) is older than the one this site last saw "
-                f"(hop {len(stored)}, sha256 {stored[-1][:16]}…)"
-            )
+            return f"rollback: this bundle (hop {len(incoming)}) is older than the one this site last saw (hop {len(stored)}, sha256 {stored[-1][:16]}…)"
         common = next((i for i, (a, b) in enumerate(zip(incoming, stored)) if a != b), min(len(incoming), len(stored)))
         return f"fork: this bundle's chain diverges at hop {common + 1} from the one this site last saw"
 

@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--relay-id", default=None, help="the relay this site belongs to (default: the file relay-id in the --trust folder)")
     train.add_argument("--hop", type=int, default=None, help="the hop this site writes; --in must have one hop less (default: the task_id)")
     train.add_argument("--ledger", default=None, help="site ledger folder (default: ledger/ beside --key, else in the --trust folder)")
-    train.add_argument("--recipe", choices=["bundle", "local"], default="bundle",
-                       help="with --in: 'bundle' (default) adopts the bundle's recipe where the local config leaves keys unset and refuses keys it sets otherwise; 'local' trains with the local recipe (recorded in run.json)")
+    train.add_argument(
+        "--recipe",
+        choices=["bundle", "local"],
+        default="bundle",
+        help="with --in: 'bundle' (default) adopts the bundle's recipe where the local config leaves keys unset and refuses keys it sets otherwise; 'local' trains with the local recipe (recorded in run.json)",
+    )
 
     test = sub.add_parser("test", help="evaluate saved weights on the configured test sites")
     _add_run_args(test)
@@ -135,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--orders", type=int, default=1)
     tune.add_argument("--seeds", type=int, default=1)
     tune.add_argument("--grid", default=None, metavar="FILE", help="YAML {strategy: {option: [values]}} replacing the built-in grid of the strategies it names")
-    tune.add_argument("--select-on", choices=["val", "test"], default="val", help="val (default): the validation parts; test: the test split (optimistic, the original's protocol)")
+    tune.add_argument(
+        "--select-on",
+        choices=["val", "test"],
+        default="val",
+        help="val (default): the validation parts; test: the test split (optimistic, the original's protocol)",
+    )
     tune.add_argument("--data-root", default=None)
     tune.add_argument("--set", dest="sets", action="append", default=[])
     tune.add_argument("-g", "--gpus", default=None)
@@ -151,7 +160,9 @@ def cmd_data(args) -> int:
         from relaylearn.data.synth_ct import write_synthetic_ct
 
         t0 = time.time()
-        summary = write_synthetic_ct(Path(args.out_dir), size=args.size or 64, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite)
+        summary = write_synthetic_ct(
+            Path(args.out_dir), size=args.size or 64, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite
+        )
         print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
         return 0
     args.size = args.size or 128
@@ -173,9 +184,18 @@ def cmd_train(args) -> int:
 
     cfg = load_config(_name(args.config), args.sets, args.data_root)
     opts = TrainOptions(
-        devices=args.gpus, in_bundle=args.in_bundle, out_bundle=args.out_bundle, key=args.key, trust=args.trust,
-        resume=args.resume, quiet=args.quiet, insecure_unsigned=args.insecure_unsigned,
-        relay_id=args.relay_id, hop=args.hop, ledger=args.ledger, recipe=args.recipe,
+        devices=args.gpus,
+        in_bundle=args.in_bundle,
+        out_bundle=args.out_bundle,
+        key=args.key,
+        trust=args.trust,
+        resume=args.resume,
+        quiet=args.quiet,
+        insecure_unsigned=args.insecure_unsigned,
+        relay_id=args.relay_id,
+        hop=args.hop,
+        ledger=args.ledger,
+        recipe=args.recipe,
     )
     result = run_training(cfg, _name(args.name), opts)
     print_matrix(result.matrix)
@@ -277,7 +297,9 @@ def cmd_audit(args) -> int:
     from relaylearn.audit import AuditOptions, format_report, run_audit
 
     options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
-    report, path = run_audit(args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify)
+    report, path = run_audit(
+        args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify
+    )
     print(json.dumps(report, indent=2) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
     return 0
 
@@ -308,9 +330,19 @@ def cmd_tune(args) -> int:
 
 
 COMMANDS = {
-    "data": cmd_data, "train": cmd_train, "test": cmd_test, "keygen": cmd_keygen, "verify": cmd_verify,
-    "inspect": cmd_inspect, "predict": cmd_predict, "export": cmd_export, "report": cmd_report, "compare": cmd_compare,
-    "import-original": cmd_import_original, "tune": cmd_tune, "audit": cmd_audit,
+    "data": cmd_data,
+    "train": cmd_train,
+    "test": cmd_test,
+    "keygen": cmd_keygen,
+    "verify": cmd_verify,
+    "inspect": cmd_inspect,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "import-original": cmd_import_original,
+    "tune": cmd_tune,
+    "audit": cmd_audit,
 }
 
 

@@ -275,9 +275,13 @@ def paired_markdown(paired: dict[str, Any] | None) -> str:
     if paired is None:
         return "No paired test: it needs a relay config and another non-pooled strategy.\n"
     p = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
-    lines = [f"Paired test, {paired['relay']} − {paired['other']} (the other method with the highest mean ACC; joint excluded), "
-             f"over the {len(paired['runs'])} order × seed run(s) both have; two-sided:", "",
-             "| metric | mean difference | Wilcoxon signed-rank p | paired t-test p |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Paired test, {paired['relay']} − {paired['other']} (the other method with the highest mean ACC; joint excluded), "
+        f"over the {len(paired['runs'])} order × seed run(s) both have; two-sided:",
+        "",
+        "| metric | mean difference | Wilcoxon signed-rank p | paired t-test p |",
+        "|---|---:|---:|---:|",
+    ]
     for metric in ("acc", "forgetting"):
         t = paired[metric]
         lines.append(f"| {metric} | {_fmt(t['mean_difference'], t['std_difference'], signed=True)} | {p(t['wilcoxon_p'])} | {p(t['t_test_p'])} |")
@@ -327,14 +331,27 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
         wall += time.time() - started
         atomic_write(timing_path, json.dumps({"wall_seconds": wall}))
     replay_path = matrix_path.with_name("replay.json")
-    return {"order": run.order, "seed": run.config.tasks[0].random_seed, "wall_seconds": wall, "matrix": matrix,
-            "replay_fidelity": mean_final_fidelity(json.loads(replay_path.read_text())) if replay_path.is_file() else None,
-            "mia_auc": final_mia_auc_of(matrix_path.parent / "privacy.json")}
+    return {
+        "order": run.order,
+        "seed": run.config.tasks[0].random_seed,
+        "wall_seconds": wall,
+        "matrix": matrix,
+        "replay_fidelity": mean_final_fidelity(json.loads(replay_path.read_text())) if replay_path.is_file() else None,
+        "mia_auc": final_mia_auc_of(matrix_path.parent / "privacy.json"),
+    }
 
 
 def compare_strategies(
-    config_specs: list[str], name: str, *, orders: int = 2, seeds: int = 1, data_root: str | None = None,
-    overrides: list[str] | None = None, devices: str | None = None, quiet: bool = False, exps_root: Path = EXPS_ROOT,
+    config_specs: list[str],
+    name: str,
+    *,
+    orders: int = 2,
+    seeds: int = 1,
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    devices: str | None = None,
+    quiet: bool = False,
+    exps_root: Path = EXPS_ROOT,
     tuned: str | None = None,
 ) -> Path:
     """Run (or resume) every config × order × seed and write the tables; returns ``table.md``.
@@ -364,7 +381,10 @@ def compare_strategies(
     atomic_write(root / "table.csv", csv_table(rows))
     atomic_write(root / "paired_test.json", json.dumps(paired, indent=2))
     plot_comparison(rows, root / "comparison.png")
-    atomic_write(root / "table.md", f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{tuned_note}{table}\n{paired_markdown(paired)}\n![comparison](comparison.png)\n")
+    atomic_write(
+        root / "table.md",
+        f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{tuned_note}{table}\n{paired_markdown(paired)}\n![comparison](comparison.png)\n",
+    )
     print(table + "\n" + paired_markdown(paired))
     return root / "table.md"
 
@@ -377,7 +397,14 @@ def _say(quiet: bool, message: str) -> None:
 def run_compare(args) -> Path:
     """The ``relaylearn compare`` command (arguments from :mod:`relaylearn.cli`)."""
     return compare_strategies(
-        args.configs, args.name.lstrip("="), orders=args.orders, seeds=args.seeds, data_root=args.data_root,
-        overrides=args.sets, devices=args.gpus, quiet=args.quiet, exps_root=getattr(args, "exps_root", EXPS_ROOT),
+        args.configs,
+        args.name.lstrip("="),
+        orders=args.orders,
+        seeds=args.seeds,
+        data_root=args.data_root,
+        overrides=args.sets,
+        devices=args.gpus,
+        quiet=args.quiet,
+        exps_root=getattr(args, "exps_root", EXPS_ROOT),
         tuned=getattr(args, "tuned", None),
     )

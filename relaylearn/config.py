@@ -40,17 +40,28 @@ class DatasetKwargs(Strict):
     num_classes: int = Field(3, ge=2, description="Number of label classes including background.")
     channels: int = Field(3, ge=1, description="Image channels (3 for RGB fundus).")
     num_replica: int = Field(1, ge=1, description="Each epoch visits every training image this many times.")
-    augment: Union[str, dict[str, Any], None] = Field(None, description="Augmentation of REAL training images: none | light | original (the original never augments real data).")
+    augment: Union[str, dict[str, Any], None] = Field(
+        None, description="Augmentation of REAL training images: none | light | original (the original never augments real data)."
+    )
     # CT layouts (ct_nifti, ct_slices): one folder per site, split study-wise inside it
-    train_ratio: float = Field(0.8, gt=0, lt=1, description="CT layouts: share of a site's studies used for training (study-wise split, fixed seed); the rest are tested.")
+    train_ratio: float = Field(
+        0.8, gt=0, lt=1, description="CT layouts: share of a site's studies used for training (study-wise split, fixed seed); the rest are tested."
+    )
     split_seed: int = Field(1234, description="CT layouts: seed of the study shuffle before the train/test split.")
     hu_window: tuple[float, float] = Field((-160.0, 240.0), description="CT layouts: Hounsfield window mapped to out_range (values outside are clipped).")
     hu_min: float = Field(-160.0, description="ct_slices: 16-bit PNG slices store HU − hu_min (pixel 0 = hu_min HU).")
-    neg_pos_ratio: Optional[int] = Field(None, ge=1, description="CT layouts, training only: k negative slices (no foreground) per positive slice, re-drawn every epoch.")
+    neg_pos_ratio: Optional[int] = Field(
+        None, ge=1, description="CT layouts, training only: k negative slices (no foreground) per positive slice, re-drawn every epoch."
+    )
     drop_negative: bool = Field(False, description="CT layouts: drop slices without foreground (train and test).")
     add_bone_label: bool = Field(False, description="CT layouts: pixels above 150 HU become class 0 (other classes +1).")
     add_bg_label: bool = Field(False, description="CT layouts: pixels below −500 HU become class 0 (other classes +1).")
-    val_fraction: float = Field(0.15, ge=0, lt=1, description="Share of the site's training images held out for validation (never trained on; whole studies where the layout has them); 0 = no validation part.")
+    val_fraction: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Share of the site's training images held out for validation (never trained on; whole studies where the layout has them); 0 = no validation part.",
+    )
     val_seed: int = Field(0, description="Seed of the validation hold-out (the same images for every strategy, order and run seed).")
 
 
@@ -66,7 +77,9 @@ def _layout_name(name: str | None) -> str | None:
 
 
 class DatasetConfig(Strict):
-    name: str = Field("fundus", description="Data layout: fundus, folder, nifti, ct_nifti, ct_slices (docs/design.md#data-layouts), or your own as 'package.module:Class'.")
+    name: str = Field(
+        "fundus", description="Data layout: fundus, folder, nifti, ct_nifti, ct_slices (docs/design.md#data-layouts), or your own as 'package.module:Class'."
+    )
     kwargs: DatasetKwargs = DatasetKwargs()
 
     _known_layout = field_validator("name")(_layout_name)
@@ -98,7 +111,10 @@ class NamedKwargs(Strict):
 
 class ModelConfig(Strict):
     name: str = Field("unet", description="Segmentation network: 'unet' (U-Net with a ResNet-18 encoder) or your own nn.Module as 'package.module:Class'.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="in_channels, num_classes (default: from the dataset), bilinear, pretrained_path (a LOCAL ImageNet ResNet-18 state dict; site 1 only).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="in_channels, num_classes (default: from the dataset), bilinear, pretrained_path (a LOCAL ImageNet ResNet-18 state dict; site 1 only).",
+    )
 
 
 class OptimizerConfig(Strict):
@@ -106,7 +122,9 @@ class OptimizerConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
-    fused: Optional[bool] = Field(None, description="Use the fused Adam kernel (GPU and CPU; on the CPU about 3x faster optimizer steps); None = PyTorch's default.")
+    fused: Optional[bool] = Field(
+        None, description="Use the fused Adam kernel (GPU and CPU; on the CPU about 3x faster optimizer steps); None = PyTorch's default."
+    )
 
 
 class LossConfig(Strict):
@@ -132,13 +150,23 @@ class TrainConfig(Strict):
     def _precision_as_text(cls, value: Any) -> Any:
         """``--set train.precision=32`` (and ``precision: 32`` in YAML) arrive as the number 32."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
-    gradient_clip: float = Field(0.0, ge=0, description="Before every optimizer step, scale that optimizer's gradients to at most this joint L2 norm (every network's optimizer, as the original's Lightning gradient_clip_val); 0 = none. Not with 16-mixed.")
+    gradient_clip: float = Field(
+        0.0,
+        ge=0,
+        description="Before every optimizer step, scale that optimizer's gradients to at most this joint L2 norm (every network's optimizer, as the original's Lightning gradient_clip_val); 0 = none. Not with 16-mixed.",
+    )
     checkpoint_every_n_steps: int = Field(200, ge=1, description="Local resume checkpoint interval in batches (never shipped).")
     log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar cadence in batches.")
-    channels_last: bool = Field(True, description="Run every network (solver, and the relay's GANs) in channels_last memory format (faster convolutions on CPUs and GPUs).")
-    compile: bool = Field(False, description="torch.compile the solver before its first batch (state-dict names unchanged; the first batches are slow while it compiles; on the CPU TorchInductor needs a C++ compiler).")
+    channels_last: bool = Field(
+        True, description="Run every network (solver, and the relay's GANs) in channels_last memory format (faster convolutions on CPUs and GPUs)."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the solver before its first batch (state-dict names unchanged; the first batches are slow while it compiles; on the CPU TorchInductor needs a C++ compiler).",
+    )
     lightning: LightningConfig = LightningConfig()
 
     @model_validator(mode="after")
@@ -154,7 +182,11 @@ class TrainConfig(Strict):
 class TestConfig(Strict):
     batch_size: int = Field(64, ge=1, description="Batch size for testing.")
     bootstrap: int = Field(5000, ge=100, description="Bootstrap resamples for the 95 % intervals.")
-    replay_fidelity_samples: int = Field(256, ge=0, description="Generated pairs per earlier site and hop scored for replay fidelity (metrics/replay.json; runs that train all sites on one machine with a replaying strategy); 0: off.")
+    replay_fidelity_samples: int = Field(
+        256,
+        ge=0,
+        description="Generated pairs per earlier site and hop scored for replay fidelity (metrics/replay.json; runs that train all sites on one machine with a replaying strategy); 0: off.",
+    )
 
 
 class BundleConfig(Strict):
@@ -163,7 +195,10 @@ class BundleConfig(Strict):
 
 
 class AuditConfig(Strict):
-    after_each_hop: bool = Field(True, description="Relay runs with every site on one machine: audit what the generators (and shipped discriminators) reveal about every earlier site after each hop, into metrics/privacy.json.")
+    after_each_hop: bool = Field(
+        True,
+        description="Relay runs with every site on one machine: audit what the generators (and shipped discriminators) reveal about every earlier site after each hop, into metrics/privacy.json.",
+    )
     n_generated: int = Field(1000, ge=2, description="Generated pairs per site for the per-hop audit.")
     threshold: float = Field(0.6, ge=0.5, le=1.0, description="Membership-inference ROC AUC above which a check is flagged.")
     n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the audit's 95 % intervals.")
@@ -418,7 +453,9 @@ def config_reference_markdown() -> str:
     lines.append("| `current_tasks.task_ids` | `list[int]` | required | Sites to train, in order (ids from `all_tasks_datasets`). |")
     lines.append("| `current_tasks.task_confs.<id>` | mapping | `{}` | Per-site overrides merged over `common` (e.g. `checkpoint.load`, `train.num_steps`). |")
     lines.append("| `current_tasks.task_confs.<id>.checkpoint.load` | `str` | `None` | Bundle the site starts from (relative to the run folder). |")
-    lines.append("| `all_tasks_datasets[i]` | mapping | required | One site each: `kwargs` merged over `common.dataset.kwargs`; every listed site is tested after each hop. |")
+    lines.append(
+        "| `all_tasks_datasets[i]` | mapping | required | One site each: `kwargs` merged over `common.dataset.kwargs`; every listed site is tested after each hop. |"
+    )
     from relaylearn.strategies import available_strategies, get_strategy_class
 
     for name in available_strategies():

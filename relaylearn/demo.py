@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.time() - t_all:.0f} s")
     summary = Path("exps") / "demo" / f"summary_{args.name}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(summary, json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s", "replay_fidelity_x_reference"], r)) for r in rows], indent=2))
+    atomic_write(
+        summary,
+        json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s", "replay_fidelity_x_reference"], r)) for r in rows], indent=2),
+    )
     try:
         from relaylearn.report import write_report
 

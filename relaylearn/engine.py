@@ -58,7 +58,16 @@ def prepare_networks(strategy: Strategy, train_cfg) -> None:
 class SiteModule(L.LightningModule):
     """Runs one site of a strategy under Lightning (manual optimisation, any number of optimisers)."""
 
-    def __init__(self, strategy: Strategy, site: SiteContext, augment: torch.nn.Module | None = None, log_every: int = 10, channels_last: bool = False, max_batches: int | None = None, sampler: SiteBatchSampler | None = None):
+    def __init__(
+        self,
+        strategy: Strategy,
+        site: SiteContext,
+        augment: torch.nn.Module | None = None,
+        log_every: int = 10,
+        channels_last: bool = False,
+        max_batches: int | None = None,
+        sampler: SiteBatchSampler | None = None,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.strategy = strategy
@@ -244,7 +253,10 @@ def quiet_lightning() -> None:
     """Lightning's start-up chatter (GPU/TPU lines, tips) is noise for our users."""
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*")
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*",
+    )
 
 
 def seed_site(seed: int) -> None:
@@ -262,8 +274,21 @@ class SiteFit:
     resumed_at: int  # batches already trained when resumed from a local checkpoint (0: fresh)
 
 
-def fit_site(strategy: Strategy, images: Tensor, labels: Tensor, task, *, site_name: str, seed: int, run_dir: Path, checkpoint_dir: Path,
-             devices: str | None = None, resume: bool = False, progress: str | None = None, log: Callable[[str], None] = lambda msg: None) -> SiteFit:
+def fit_site(
+    strategy: Strategy,
+    images: Tensor,
+    labels: Tensor,
+    task,
+    *,
+    site_name: str,
+    seed: int,
+    run_dir: Path,
+    checkpoint_dir: Path,
+    devices: str | None = None,
+    resume: bool = False,
+    progress: str | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> SiteFit:
     """Train ``strategy`` on one site's images [N, C, H, W] and labels [N, H, W] for ``task.train``'s
     budget, under Lightning on ``devices`` (``-g``). ``checkpoint_dir/last.ckpt`` is the local resume
     point (used with ``resume``); ``progress``: the label of a progress bar (None: no bar)."""
@@ -282,16 +307,25 @@ def fit_site(strategy: Strategy, images: Tensor, labels: Tensor, task, *, site_n
         loader = neg_pos_loader(images, labels, k, train.batch_size, seed, world_size=world, where=site_name)
         epochs, total = epochs_for_budget(train, loader.sampler.num_items, k.num_replica, train.batch_size, world)
     site = SiteContext(
-        name=site_name, task_id=k.task_id, position=len(strategy.sites_seen), num_images=len(images),
-        num_epochs=epochs, steps_per_epoch=len(loader.sampler), train_images=images, train_labels=labels,
-        batch_size=train.batch_size, budget_steps=total,
+        name=site_name,
+        task_id=k.task_id,
+        position=len(strategy.sites_seen),
+        num_images=len(images),
+        num_epochs=epochs,
+        steps_per_epoch=len(loader.sampler),
+        train_images=images,
+        train_labels=labels,
+        batch_size=train.batch_size,
+        budget_steps=total,
     )
     augment = None
     if k.augment not in (None, "none"):
         from relaylearn.data.augment import from_config as augment_from_config
 
         augment = augment_from_config(k.augment, tuple(k.out_range))
-    module = SiteModule(strategy, site, augment=augment, log_every=train.log_every_n_steps, channels_last=train.channels_last, max_batches=total, sampler=loader.sampler)
+    module = SiteModule(
+        strategy, site, augment=augment, log_every=train.log_every_n_steps, channels_last=train.channels_last, max_batches=total, sampler=loader.sampler
+    )
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt = LocalCheckpoint(checkpoint_dir / "last.ckpt", train.checkpoint_every_n_steps)
     callbacks: list[Callback] = [ckpt] + ([SiteProgressBar(progress)] if progress is not None else [])
@@ -300,11 +334,24 @@ def fit_site(strategy: Strategy, images: Tensor, labels: Tensor, task, *, site_n
         warnings.warn("16-mixed is not supported on the CPU; using bf16-mixed", stacklevel=2)
         precision = "bf16-mixed"
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devs, num_nodes=train.lightning.num_nodes, strategy=train.lightning.strategy,  # on the CPU Lightning picks gloo for ddp
-        precision=precision, max_epochs=epochs, max_steps=-1, logger=TensorBoardLogger(run_dir, name="tensorboard", version=f"task_{k.task_id}"),
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-        gradient_clip_val=None, log_every_n_steps=train.log_every_n_steps, default_root_dir=run_dir,
+        accelerator=accelerator,
+        devices=devs,
+        num_nodes=train.lightning.num_nodes,
+        strategy=train.lightning.strategy,  # on the CPU Lightning picks gloo for ddp
+        precision=precision,
+        max_epochs=epochs,
+        max_steps=-1,
+        logger=TensorBoardLogger(run_dir, name="tensorboard", version=f"task_{k.task_id}"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        gradient_clip_val=None,
+        log_every_n_steps=train.log_every_n_steps,
+        default_root_dir=run_dir,
     )
     # the rank is known once the Trainer exists (it reads the launch environment)
     loader.sampler.rank, loader.sampler.world_size = trainer.global_rank, trainer.world_size
@@ -317,8 +364,12 @@ def fit_site(strategy: Strategy, images: Tensor, labels: Tensor, task, *, site_n
         log(f"[{site_name}] resumed at batch {module.resumed_at} of {total}")
     else:
         trainer.fit(module, train_dataloaders=loader)
-    return SiteFit(device=module.device, tensorboard=trainer.logger.experiment if trainer.is_global_zero else None,
-                   barrier=trainer.strategy.barrier, resumed_at=module.resumed_at)
+    return SiteFit(
+        device=module.device,
+        tensorboard=trainer.logger.experiment if trainer.is_global_zero else None,
+        barrier=trainer.strategy.barrier,
+        resumed_at=module.resumed_at,
+    )
 
 
 # ----- evaluation --------------------------------------------------------------------------------

@@ -13,7 +13,15 @@ from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp
 from relaylearn.results import per_image_rows, summary_row, write_results_csv
 
 
-def run_test(cfg: RunConfig, name: str, bundle: str | None = None, trust: str | None = None, devices: str | None = None, exps_root: Path = EXPS_ROOT, no_verify: bool = False) -> Path:
+def run_test(
+    cfg: RunConfig,
+    name: str,
+    bundle: str | None = None,
+    trust: str | None = None,
+    devices: str | None = None,
+    exps_root: Path = EXPS_ROOT,
+    no_verify: bool = False,
+) -> Path:
     """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV.
 
     A ``bundle`` from elsewhere needs ``trust`` (or ``no_verify``); the run's own bundles are read

@@ -76,8 +76,13 @@ def onnx_bytes(model: LoadedModel) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice and tracer warnings
         torch.onnx.export(
-            solver, (_example_input(model),), buf, dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["images"], output_names=["logits"],
+            solver,
+            (_example_input(model),),
+            buf,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["images"],
+            output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
     proto = onnx.load_from_string(buf.getvalue())
@@ -117,7 +122,9 @@ def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
     return out
 
 
-def run_export(bundle: str | Path, fmt: str, out: str | Path, trust: str | None = None, *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> Path:
+def run_export(
+    bundle: str | Path, fmt: str, out: str | Path, trust: str | None = None, *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()
+) -> Path:
     """``relaylearn export``: read and verify ``bundle`` (with ``trust``; else only with
     ``no_verify``, recorded as ``bundle_verified: false``); write its solver."""
     if fmt not in FORMATS:

@@ -99,8 +99,9 @@ def read_original_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported class|global) ([\w.]+)", str(exc))
         what = f"a pickled object '{found.group(1)}'" if found else "a pickled object"
-        raise VerificationError(f"refused: the checkpoint holds {what} that is not a tensor or plain container "
-                                "(only weights are read; nothing else is unpickled)", path) from None
+        raise VerificationError(
+            f"refused: the checkpoint holds {what} that is not a tensor or plain container (only weights are read; nothing else is unpickled)", path
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as exc:
         text = (str(exc).strip().splitlines() or [""])[0][:200]
         raise VerificationError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {text})", path) from None
@@ -139,17 +140,22 @@ def _map_mapping_net(rest: str) -> str:
 
 def _map_generator(name: str) -> str | None:
     if name.startswith("mapping."):
-        return "mapping." + _map_mapping_net(name[len("mapping."):])
+        return "mapping." + _map_mapping_net(name[len("mapping.") :])
     m = re.fullmatch(r"synthesis\.b(\d+)\.(.+)", name)
     if not m:
         return f"<unmapped>{name}"
     block, rest = int(math.log2(int(m.group(1)))) - 2, m.group(2)
     if rest.endswith("resample_filter"):
         return None
-    for old, new in (("torgb.", "to_rgb."), ("spade.param_free_norm.", "spade.norm."), ("spade.mlp_shared.0.", "spade.shared."),
-                     ("spade.mlp_gamma.", "spade.gamma."), ("spade.mlp_beta.", "spade.beta.")):
+    for old, new in (
+        ("torgb.", "to_rgb."),
+        ("spade.param_free_norm.", "spade.norm."),
+        ("spade.mlp_shared.0.", "spade.shared."),
+        ("spade.mlp_gamma.", "spade.gamma."),
+        ("spade.mlp_beta.", "spade.beta."),
+    ):
         if rest.startswith(old):
-            rest = new + rest[len(old):]
+            rest = new + rest[len(old) :]
     rest = re.sub(r"\.noise_strength$", ".noise.strength", rest)
     rest = re.sub(r"\.noise_const$", ".noise.const_noise", rest)
     return f"synthesis.blocks.{block}.{rest}"
@@ -157,7 +163,7 @@ def _map_generator(name: str) -> str | None:
 
 def _map_discriminator(name: str, top: int) -> str | None:
     if name.startswith("mapping."):
-        return "mapping." + _map_mapping_net(name[len("mapping."):])
+        return "mapping." + _map_mapping_net(name[len("mapping.") :])
     m = re.fullmatch(r"b(\d+)\.(.+)", name)
     if not m:
         return f"<unmapped>{name}"
@@ -166,13 +172,13 @@ def _map_discriminator(name: str, top: int) -> str | None:
         return None
     if res == 4:
         return f"epilogue.{rest}"
-    rest = "from_rgb." + rest[len("fromrgb."):] if rest.startswith("fromrgb.") else rest
+    rest = "from_rgb." + rest[len("fromrgb.") :] if rest.startswith("fromrgb.") else rest
     return f"blocks.{int(math.log2(top // res))}.{rest}"
 
 
 def map_original_state(state: dict[str, Tensor], rl_meta: Any = None) -> ImportedCheckpoint:
     """Map a Lightning ``state_dict`` of the original code to relaylearn names (no shape checks yet)."""
-    model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     if not model:
         raise UserError("no 'model.*' tensors in state_dict: not a checkpoint of the original Relay Learning code")
     dropped: dict[str, int] = {}
@@ -258,8 +264,10 @@ def check_against(imported: ImportedCheckpoint, expected: dict[str, Tensor], wha
     """
     unmapped = sorted(k for k in imported.tensors if k.startswith("<unmapped>"))
     if unmapped:
-        raise UserError(f"checkpoint tensor 'model.{unmapped[0][len('<unmapped>'):]}' has no counterpart in relaylearn "
-                        f"({len(unmapped)} such tensor(s)); is this a checkpoint of the original Relay Learning code?")
+        raise UserError(
+            f"checkpoint tensor 'model.{unmapped[0][len('<unmapped>') :]}' has no counterpart in relaylearn "
+            f"({len(unmapped)} such tensor(s)); is this a checkpoint of the original Relay Learning code?"
+        )
     unknown = sorted(set(imported.tensors) - set(expected))
     if unknown:
         raise UserError(f"checkpoint tensor '{unknown[0]}' does not exist in the network {what} builds")
@@ -269,8 +277,10 @@ def check_against(imported: ImportedCheckpoint, expected: dict[str, Tensor], wha
     for name, ref in expected.items():
         got = imported.tensors[name]
         if tuple(got.shape) != tuple(ref.shape):
-            raise UserError(f"tensor '{name}' has shape {list(got.shape)} in the checkpoint but {list(ref.shape)} "
-                            f"in the network {what} builds (check model/strategy sizes, channels and num_classes)")
+            raise UserError(
+                f"tensor '{name}' has shape {list(got.shape)} in the checkpoint but {list(ref.shape)} "
+                f"in the network {what} builds (check model/strategy sizes, channels and num_classes)"
+            )
     return {name: imported.tensors[name].to(expected[name].dtype).contiguous() for name in expected}
 
 
@@ -291,15 +301,16 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     if w_avg is not None and w_avg.ndim == 1 and not any(s.split("=", 1)[0].endswith("w_label") for s in sets):
         # the original's label generator used z_label as its latent width, whatever w_label said
         sets.append(f"strategy.kwargs.w_label={int(w_avg.shape[0])}")
-        imported.notes.append(f"strategy.kwargs.w_label={int(w_avg.shape[0])} (the original's label-generator width; "
-                              "continue this relay with the same value)")
+        imported.notes.append(f"strategy.kwargs.w_label={int(w_avg.shape[0])} (the original's label-generator width; continue this relay with the same value)")
     cfg = load_config(config, sets)
     task = cfg.tasks[-1]
     strategy = build_strategy(task, load_pretrained=False)
     relay_config = task.strategy.name == "relay"
     if relay_config and not imported.is_relay:
-        raise UserError(f"the checkpoint holds only a solver, but config '{cfg.name}' uses strategy 'relay', which needs "
-                        "the generators: use a config with strategy sequential, local or joint")
+        raise UserError(
+            f"the checkpoint holds only a solver, but config '{cfg.name}' uses strategy 'relay', which needs "
+            "the generators: use a config with strategy sequential, local or joint"
+        )
     if imported.is_relay and not relay_config:  # keep the solver only
         imported.dropped["generators/discriminators (config is not relay)"] = sum(1 for k in imported.tensors if not k.startswith("solver."))
         imported.tensors = {k: v for k, v in imported.tensors.items() if k.startswith("solver.")}
@@ -329,8 +340,15 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     state = strategy.state_to_bundle()
     started = utc_now()
     path = write_bundle(
-        out, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
-        site=task.dataset.site, hop_started_utc=started, parent=None, signing_key=signing_key,
+        out,
+        state.tensors,
+        strategy=task.strategy.name,
+        config=shipped_config(task),
+        registry=state.meta,
+        site=task.dataset.site,
+        hop_started_utc=started,
+        parent=None,
+        signing_key=signing_key,
         extra={"imported_from": "original Relay Learning checkpoint", "networks": imported.networks},
     )
     return Path(path), imported
@@ -338,7 +356,11 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
 
 def describe(imported: ImportedCheckpoint) -> str:
     """One paragraph for the terminal: which networks were found and what was dropped."""
-    kind = "full relay (solver, generators" + (", discriminators" if "D_img" in imported.networks else "") + ", site registry)" if imported.is_relay else "solver only"
+    kind = (
+        "full relay (solver, generators" + (", discriminators" if "D_img" in imported.networks else "") + ", site registry)"
+        if imported.is_relay
+        else "solver only"
+    )
     lines = [f"found: {kind}; networks: {', '.join(imported.networks)}"]
     if imported.registry:
         lines.append("site registry: " + ", ".join(f"{_printable(n)} (id {e['id']})" for n, e in imported.registry.items()))
@@ -351,4 +373,3 @@ def describe(imported: ImportedCheckpoint) -> str:
 def _printable(text: str) -> str:
     """Site names come from the file: show them without control characters."""
     return "".join(c if c.isprintable() else "?" for c in str(text))[:64]
-

@@ -42,10 +42,7 @@ SITE_LINE_PREFIX = "relaylearn-site: "
 def validate_site_name(site: str) -> str:
     """Return ``site`` if it is a valid site name, else raise UserError."""
     if not isinstance(site, str) or not _SITE_NAME_RE.fullmatch(site):
-        raise UserError(
-            f"invalid site name {site!r}: use 1-64 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit"
-        )
+        raise UserError(f"invalid site name {site!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit")
     return site
 
 
@@ -166,12 +163,8 @@ def generate_keypair(out_dir: str | Path, site: str) -> tuple[Path, Path]:
 
     private_key = Ed25519PrivateKey.generate()
     site_line = f"{SITE_LINE_PREFIX}{site}\n".encode("ascii")
-    private_pem = private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ) + site_line
-    public_pem = private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) + site_line
+    private_pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()) + site_line
+    public_pem = private_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo) + site_line
     try:
         _write_new_file(private_path, private_pem, 0o600)
         try:
@@ -202,9 +195,7 @@ def _site_from_stem(path: Path) -> str:
     try:
         return validate_site_name(path.stem)
     except UserError:
-        raise UserError(
-            "file name is not a valid site name (letters, digits, '-', '_' or '.')", path
-        ) from None
+        raise UserError("file name is not a valid site name (letters, digits, '-', '_' or '.')", path) from None
 
 
 def _declared_site(data: bytes, path: Path) -> str | None:
@@ -236,9 +227,7 @@ def load_private_key(path: str | Path) -> SigningKey:
     if os.name == "posix":
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise UserError(
-                f"private key is accessible by group/others (mode {mode:04o}); run: chmod 600 {path}", path
-            )
+            raise UserError(f"private key is accessible by group/others (mode {mode:04o}); run: chmod 600 {path}", path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -285,9 +274,7 @@ def load_trust_dir(path: str | Path) -> TrustStore:
     for candidate in candidates:
         trusted = load_public_key(candidate, check_site=False)
         if trusted.fingerprint in keys:
-            raise UserError(
-                f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate
-            )
+            raise UserError(f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate)
         keys[trusted.fingerprint] = load_public_key(candidate)
     return TrustStore(keys)
 

@@ -84,9 +84,7 @@ class ExpLogLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         num_classes = logits.shape[1]
         if self.class_weights is not None and self.class_weights.numel() != num_classes:
-            raise ConfigError(
-                f"train.loss.kwargs.ce_weight has {self.class_weights.numel()} entries but the model predicts {num_classes} classes"
-            )
+            raise ConfigError(f"train.loss.kwargs.ce_weight has {self.class_weights.numel()} entries but the model predicts {num_classes} classes")
         neg_log_dice = -torch.log(self.mean_dice(logits, target).clamp_min(1e-6))
         # x^gamma has an infinite slope at 0: evaluate it on a clamped base and select 0 there
         safe_base = neg_log_dice.clamp_min(1e-12)

@@ -46,9 +46,7 @@ def _as_ids(pred: Tensor) -> Tensor:
 
 def _check_pair(pred: Tensor, target: Tensor) -> None:
     if pred.dim() != 3 or pred.shape != target.shape:
-        raise DataError(
-            f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, H, W] class ids"
-        )
+        raise DataError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, H, W] class ids")
 
 
 def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,8 +94,7 @@ def _surface_distances(pred_mask: np.ndarray, target_mask: np.ndarray) -> tuple[
     """
     rows, cols = np.nonzero(pred_mask | target_mask)
     height, width = pred_mask.shape
-    box = (slice(max(rows.min() - 1, 0), min(rows.max() + 2, height)),
-           slice(max(cols.min() - 1, 0), min(cols.max() + 2, width)))
+    box = (slice(max(rows.min() - 1, 0), min(rows.max() + 2, height)), slice(max(cols.min() - 1, 0), min(cols.max() + 2, width)))
     pred_edge, target_edge = _boundary(pred_mask[box]), _boundary(target_mask[box])
     to_target = ndimage.distance_transform_edt(~target_edge)[pred_edge]
     to_pred = ndimage.distance_transform_edt(~pred_edge)[target_edge]
@@ -152,10 +149,9 @@ def bootstrap_ci(values: np.ndarray | Tensor | Sequence[float], n_resamples: int
         return float(sample.mean()), math.nan, math.nan
     rng = np.random.default_rng(seed)
     chunk = max(1, 2_000_000 // sample.size)  # bound the index array to about 16 MB
-    means = np.concatenate([
-        sample[rng.integers(0, sample.size, size=(min(chunk, n_resamples - start), sample.size))].mean(axis=1)
-        for start in range(0, n_resamples, chunk)
-    ])
+    means = np.concatenate(
+        [sample[rng.integers(0, sample.size, size=(min(chunk, n_resamples - start), sample.size))].mean(axis=1) for start in range(0, n_resamples, chunk)]
+    )
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return float(sample.mean()), float(low), float(high)
@@ -243,10 +239,7 @@ class SegmentationScores:
         for metric in ("dice", "hd95", "asd"):
             for column, cls in enumerate(range(FOREGROUND_FROM, self.num_classes)):
                 columns[f"{metric}_class_{cls}"] = stacked[metric][:, column]
-        per_image = [
-            {"name": name, **{key: float(values[row]) for key, values in columns.items()}}
-            for row, name in enumerate(self._names)
-        ]
+        per_image = [{"name": name, **{key: float(values[row]) for key, values in columns.items()}} for row, name in enumerate(self._names)]
         summary: dict = {"n_images": len(self._names)}
         for key, values in columns.items():
             mean, low, high = bootstrap_ci(values, self.n_bootstrap, self.level, self.seed)

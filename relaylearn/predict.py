@@ -106,7 +106,9 @@ def to_model_input(image: np.ndarray, img_size: Sequence[int], out_range: Sequen
 
 
 @torch.no_grad()
-def predict_class_maps(solver: nn.Module, images: Sequence[np.ndarray], img_size: Sequence[int], out_range: Sequence[float], device: torch.device | str = "cpu") -> list[np.ndarray]:
+def predict_class_maps(
+    solver: nn.Module, images: Sequence[np.ndarray], img_size: Sequence[int], out_range: Sequence[float], device: torch.device | str = "cpu"
+) -> list[np.ndarray]:
     """Class maps (int64 [H, W] at each image's own size) for uint8 images [H, W, C]."""
     batch = torch.stack([to_model_input(im, img_size, out_range) for im in images]).to(device)
     logits = solver(batch).float()
@@ -162,7 +164,16 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_predict(bundle: str | Path, out: str | Path, inputs: Sequence[str | Path], trust: str | None = None, devices: str | None = None, *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()) -> Path:
+def run_predict(
+    bundle: str | Path,
+    out: str | Path,
+    inputs: Sequence[str | Path],
+    trust: str | None = None,
+    devices: str | None = None,
+    *,
+    no_verify: bool = False,
+    plugins: set[str] | tuple[str, ...] = (),
+) -> Path:
     """``relaylearn predict``: returns the path of ``predictions.csv`` (``predictions.json`` beside
     it records the bundle and whether it was verified)."""
     files = expand_inputs(inputs)

@@ -34,22 +34,54 @@ from relaylearn.errors import ConfigError, UserError, VerificationError
 RECIPE_KEYS: tuple[str, ...] = (
     "strategy",
     "model",
-    "train.num_epochs", "train.num_mimgs", "train.num_steps", "train.batch_size",
-    "train.loss", "train.optimizer.name", "train.optimizer.lr", "train.optimizer.betas", "train.optimizer.weight_decay",
+    "train.num_epochs",
+    "train.num_mimgs",
+    "train.num_steps",
+    "train.batch_size",
+    "train.loss",
+    "train.optimizer.name",
+    "train.optimizer.lr",
+    "train.optimizer.betas",
+    "train.optimizer.weight_decay",
     "train.gradient_clip",
-    "dataset.kwargs.img_size", "dataset.kwargs.out_range", "dataset.kwargs.num_classes", "dataset.kwargs.channels",
-    "dataset.kwargs.use_roi", "dataset.kwargs.num_replica", "dataset.kwargs.augment", "dataset.kwargs.hu_window",
-    "dataset.kwargs.neg_pos_ratio", "dataset.kwargs.drop_negative", "dataset.kwargs.add_bone_label", "dataset.kwargs.add_bg_label",
+    "dataset.kwargs.img_size",
+    "dataset.kwargs.out_range",
+    "dataset.kwargs.num_classes",
+    "dataset.kwargs.channels",
+    "dataset.kwargs.use_roi",
+    "dataset.kwargs.num_replica",
+    "dataset.kwargs.augment",
+    "dataset.kwargs.hu_window",
+    "dataset.kwargs.neg_pos_ratio",
+    "dataset.kwargs.drop_negative",
+    "dataset.kwargs.add_bone_label",
+    "dataset.kwargs.add_bg_label",
 )
 #: everything about where and how a site runs; listed so that every key is classified on purpose
 SITE_KEYS: tuple[str, ...] = (
     "random_seed",
-    "dataset.name", "dataset.kwargs.root_path", "dataset.kwargs.img_folder", "dataset.kwargs.task_id", "dataset.kwargs.task_name",
-    "dataset.kwargs.train_ratio", "dataset.kwargs.split_seed", "dataset.kwargs.hu_min", "dataset.kwargs.val_fraction", "dataset.kwargs.val_seed",
+    "dataset.name",
+    "dataset.kwargs.root_path",
+    "dataset.kwargs.img_folder",
+    "dataset.kwargs.task_id",
+    "dataset.kwargs.task_name",
+    "dataset.kwargs.train_ratio",
+    "dataset.kwargs.split_seed",
+    "dataset.kwargs.hu_min",
+    "dataset.kwargs.val_fraction",
+    "dataset.kwargs.val_seed",
     "model.kwargs.pretrained_path",
-    "train.precision", "train.optimizer.fused", "train.channels_last", "train.compile", "train.checkpoint_every_n_steps",
-    "train.log_every_n_steps", "train.lightning",
-    "test", "bundle", "audit", "checkpoint",
+    "train.precision",
+    "train.optimizer.fused",
+    "train.channels_last",
+    "train.compile",
+    "train.checkpoint_every_n_steps",
+    "train.log_every_n_steps",
+    "train.lightning",
+    "test",
+    "bundle",
+    "audit",
+    "checkpoint",
 )
 
 RecipeSource = Literal["bundle", "local"]
@@ -132,7 +164,9 @@ def shipped_task_config(config: Any, where: Any = None) -> TaskConfig:
         return TaskConfig.model_validate(config)
     except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
         text = str(exc).strip().splitlines()
-        raise VerificationError(f"bundle config does not match this relaylearn version: {escape_text(text[0] if text else type(exc).__name__)[:200]}", where) from None
+        raise VerificationError(
+            f"bundle config does not match this relaylearn version: {escape_text(text[0] if text else type(exc).__name__)[:200]}", where
+        ) from None
 
 
 def _check_names(bundle_task: TaskConfig, plugins: set[str], where: Any) -> None:
@@ -145,7 +179,9 @@ def _check_names(bundle_task: TaskConfig, plugins: set[str], where: Any) -> None
         if ":" in name and name not in plugins:
             raise VerificationError(
                 f"bundle names the plug-in {what} '{escape_text(name)}'; code named by a bundle is never imported "
-                "(only a plug-in your local config names, with -c, is used)", where)
+                "(only a plug-in your local config names, with -c, is used)",
+                where,
+            )
     if ":" not in bundle_task.strategy.name and bundle_task.strategy.name not in available_strategies():
         raise VerificationError(f"bundle names the unknown strategy '{escape_text(bundle_task.strategy.name)}'", where)
 
@@ -230,7 +266,9 @@ def reconcile(cfg: RunConfig, bundle, source: RecipeSource = "bundle", plugins: 
         tasks.append(_adopt(task, adoptable, cfg.path) if adoptable else task)
         adopted.update(adoptable)
     dataset_values = {k.removeprefix("dataset."): v for k, v in adopted.items() if k.startswith("dataset.")}
-    tests = [type(ds).model_validate(_tree_with(ds.model_dump(mode="json"), dataset_values)) for ds in cfg.test_datasets] if dataset_values else cfg.test_datasets
+    tests = (
+        [type(ds).model_validate(_tree_with(ds.model_dump(mode="json"), dataset_values)) for ds in cfg.test_datasets] if dataset_values else cfg.test_datasets
+    )
     record["adopted"] = {k: _show(v) for k, v in adopted.items()}
     return cfg.model_copy(update={"tasks": tasks, "test_datasets": tests}), record
 

@@ -69,8 +69,16 @@ def oracle_dice(oracle: nn.Module, images: Tensor, masks: Tensor, num_classes: i
     return dice_per_image(pred, masks.cpu(), num_classes).mean(1)
 
 
-def replay_fidelity(source: ReplaySource, site: int | str, oracle: nn.Module, num_classes: int, n: int = DEFAULT_SAMPLES,
-                    seed: int = 0, batch_size: int = 64, device: Any = "cpu") -> FidelityScore:
+def replay_fidelity(
+    source: ReplaySource,
+    site: int | str,
+    oracle: nn.Module,
+    num_classes: int,
+    n: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: Any = "cpu",
+) -> FidelityScore:
     """Generate ``n`` pairs of ``site`` from ``source`` and score them with ``oracle``."""
     images, masks = source.generate_replay(site, n, seed=seed)
     per_sample = oracle_dice(oracle, images, masks, num_classes, batch_size=batch_size, device=device)
@@ -134,16 +142,24 @@ class FidelityRecorder:
 
     GRID = 8  # pairs shown per site and hop
 
-    def __init__(self, run_dir, num_classes: int, samples: int = DEFAULT_SAMPLES, seed: int = 0, resume: bool = False,
-                 out_range: tuple[float, float] = (-1.0, 1.0)):
+    def __init__(
+        self, run_dir, num_classes: int, samples: int = DEFAULT_SAMPLES, seed: int = 0, resume: bool = False, out_range: tuple[float, float] = (-1.0, 1.0)
+    ):
         import json
         from pathlib import Path
 
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics" / "replay.json"
         self.num_classes, self.samples, self.seed, self.out_range = num_classes, samples, seed, out_range
-        self.data: dict[str, Any] = {"metric": "oracle foreground Dice on generated pairs", "samples": samples, "sites": [], "fidelity": [], "reference": [],
-                                     "class_fractions": {"real": [], "generated": []}, "drift": {}}
+        self.data: dict[str, Any] = {
+            "metric": "oracle foreground Dice on generated pairs",
+            "samples": samples,
+            "sites": [],
+            "fidelity": [],
+            "reference": [],
+            "class_fractions": {"real": [], "generated": []},
+            "drift": {},
+        }
         if resume and self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text())
@@ -153,8 +169,7 @@ class FidelityRecorder:
     def oracle_path(self, position: int):
         return self.run_dir / "oracles" / f"site_{position}.safetensors"
 
-    def record(self, position: int, site: str, strategy: nn.Module, reference: float | None, train_masks: Tensor,
-               log_scalar=None) -> dict[str, Any]:
+    def record(self, position: int, site: str, strategy: nn.Module, reference: float | None, train_masks: Tensor, log_scalar=None) -> dict[str, Any]:
         """After hop ``position`` (0-based) at ``site``: save its oracle, score every earlier site.
 
         ``strategy`` must have ``solver`` and ``generate_replay``; ``reference``: the solver's Dice on
@@ -184,8 +199,9 @@ class FidelityRecorder:
             score = replay_fidelity(strategy, d["sites"][s], oracle, self.num_classes, n=self.samples, seed=self.seed + s)
             row[s], generated[s] = score.fidelity, score.class_fractions
             images, masks = strategy.generate_replay(d["sites"][s], self.GRID, seed=self.seed + s)
-            atomic_write(self.run_dir / "metrics" / "replay_samples" / f"hop{position + 1}_site{s + 1}.png",
-                               png_bytes(sample_grid(images, masks, self.out_range)))
+            atomic_write(
+                self.run_dir / "metrics" / "replay_samples" / f"hop{position + 1}_site{s + 1}.png", png_bytes(sample_grid(images, masks, self.out_range))
+            )
             if log_scalar is not None:
                 log_scalar(f"replay/fidelity/{d['sites'][s]}", score.fidelity, position + 1)
                 if d["reference"][s]:

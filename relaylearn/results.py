@@ -67,8 +67,7 @@ def format_matrix(matrix: dict[str, Any]) -> str:
     forgetting below it, as ``train`` and the demo print it."""
     sites = matrix["sites"]
     width = max(10, *(len(s) for s in sites))
-    lines = ["R (rows: after training through site; columns: test site; sample-wise Dice)",
-             " " * (width + 2) + "".join(f"{s:>{width}}" for s in sites)]
+    lines = ["R (rows: after training through site; columns: test site; sample-wise Dice)", " " * (width + 2) + "".join(f"{s:>{width}}" for s in sites)]
     lines += [f"{name[:width]:>{width}}  " + "".join(f"{v:>{width}.3f}" for v in row) for name, row in zip(matrix["trained"], matrix["R"])]
     if "acc" in matrix:
         lines.append(f"ACC={matrix['acc']:.3f}  BWT={matrix['bwt']:+.3f}  forgetting={matrix['forgetting']:.3f}")

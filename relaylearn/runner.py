@@ -98,8 +98,7 @@ class RelayRun:
         self.relay_id = self._stated_relay_id()
         if self.opts.in_bundle and self.relay_id is None and not self.opts.insecure_unsigned:
             raise UserError(
-                "this site does not state which relay it belongs to: put the relay id into the file relay-id "
-                "of the trust folder, or pass --relay-id ID"
+                "this site does not state which relay it belongs to: put the relay id into the file relay-id of the trust folder, or pass --relay-id ID"
             )
         if self.opts.in_bundle and self.opts.out_bundle and _same_file(self.opts.in_bundle, self.opts.out_bundle):
             raise UserError("--out is the same file as --in; write the outgoing bundle to a new name", self.opts.out_bundle)
@@ -124,9 +123,14 @@ class RelayRun:
         atomic_write(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
         atomic_write(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
         info = {
-            "config": self.cfg.name, "config_path": str(self.cfg.path), "name": self.name,
-            "seed": self.cfg.tasks[0].random_seed, "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
-            "started_utc": utc_now(), "argv": sys.argv, "versions": software_versions(detailed=True),
+            "config": self.cfg.name,
+            "config_path": str(self.cfg.path),
+            "name": self.name,
+            "seed": self.cfg.tasks[0].random_seed,
+            "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
+            "started_utc": utc_now(),
+            "argv": sys.argv,
+            "versions": software_versions(detailed=True),
             "recipe": self.recipe_record,
         }
         atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
@@ -263,11 +267,11 @@ class RelayRun:
             stale = self._checkpoint_dir(task) / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
-            matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
+            matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
             atomic_write(matrix_path, json.dumps(matrix, indent=2))
             write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
             write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
-        matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[:len(rows)], val_rows)
+        matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
@@ -297,14 +301,24 @@ class RelayRun:
         site_name = "+".join(t.dataset.site for t in group)
         strategy = restore_strategy(task, parent)
         fit = fit_site(
-            strategy, images, labels, task, site_name=site_name, seed=seed, run_dir=self.run_dir,
+            strategy,
+            images,
+            labels,
+            task,
+            site_name=site_name,
+            seed=seed,
+            run_dir=self.run_dir,
             checkpoint_dir=self._checkpoint_dir(task),
-            devices=self.opts.devices, resume=self.opts.resume, log=self._log,
+            devices=self.opts.devices,
+            resume=self.opts.resume,
+            log=self._log,
             progress=None if self.opts.quiet else f"site {position + 1}/{len(self.cfg.tasks)} {site_name}",
         )
         self._barrier = fit.barrier
-        results = {ds.site: evaluate_site(strategy.solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, fit.device, task.test.bootstrap)
-                   for ds in self.cfg.test_datasets}
+        results = {
+            ds.site: evaluate_site(strategy.solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, fit.device, task.test.bootstrap)
+            for ds in self.cfg.test_datasets
+        }
         row = [final_dice(results[ds.site]) for ds in self.cfg.test_datasets]
         self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
         tb = fit.tensorboard
@@ -360,11 +374,20 @@ class RelayRun:
         if entry is not None:
             flagged = sum(len(s["flagged"]) for s in entry["sites"].values())
             self._log(f"[{site_name}] privacy audit of {len(entry['sites'])} site(s): {flagged} check(s) flagged ({entry['seconds']:.0f} s)")
+
     def _fidelity_recorder(self, strategy_cls):
         """Replay fidelity needs every site on this machine (its oracles) and a replaying strategy."""
         first = self.cfg.tasks[0]
         n = first.test.replay_fidelity_samples
-        if n <= 0 or len(self.cfg.tasks) < 2 or strategy_cls.pooled_training or not strategy_cls.replays() or self.opts.in_bundle or first.checkpoint.load or not is_main_process():
+        if (
+            n <= 0
+            or len(self.cfg.tasks) < 2
+            or strategy_cls.pooled_training
+            or not strategy_cls.replays()
+            or self.opts.in_bundle
+            or first.checkpoint.load
+            or not is_main_process()
+        ):
             return None
         from relaylearn.replay_fidelity import FidelityRecorder
 
@@ -386,9 +409,16 @@ class RelayRun:
         if task.bundle.include_counts:
             extra["num_images"] = hop.num_images
         write_bundle(
-            path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
-            site=self._hop_site(task, site_name), hop_started_utc=hop.started_utc,
-            parent=parent, signing_key=self.signing_key, extra=extra or None,
+            path,
+            state.tensors,
+            strategy=task.strategy.name,
+            config=shipped_config(task),
+            registry=state.meta,
+            site=self._hop_site(task, site_name),
+            hop_started_utc=hop.started_utc,
+            parent=parent,
+            signing_key=self.signing_key,
+            extra=extra or None,
             relay_id=self.relay_id if parent is None else None,
         )
         return self._read_bundle(path, allow_unsigned=self.signing_key is None, own=True)

@@ -94,8 +94,13 @@ def run_scores(run: dict[str, Any], select_on: str) -> dict[str, Any]:
     """The selection score of one finished run and what is reported beside it."""
     matrix = run["matrix"]
     scored = matrix if select_on == "test" else (matrix.get("validation") or {})
-    return {"score": scored.get("acc"), "forgetting": scored.get("forgetting"), "bwt": scored.get("bwt"),
-            "test_acc": matrix.get("acc"), "wall_seconds": run["wall_seconds"]}
+    return {
+        "score": scored.get("acc"),
+        "forgetting": scored.get("forgetting"),
+        "bwt": scored.get("bwt"),
+        "test_acc": matrix.get("acc"),
+        "wall_seconds": run["wall_seconds"],
+    }
 
 
 def summarise_point(point: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -122,16 +127,27 @@ def tune_markdown(summary: dict[str, Any]) -> str:
         lines += ["| point | score (ACC) | forgetting | BWT | test ACC (not used) | wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
         for i, p in enumerate(entry["points"]):
             mark = " **pick**" if i == entry.get("pick_index") else ""
-            lines.append(f"| {p['folder']}{mark} | {_fmt(p['score_mean'], p['score_std'])} | {_fmt(p['forgetting_mean'], p['forgetting_std'])} "
-                         f"| {_fmt(p['bwt_mean'], p['bwt_std'], signed=True)} | {_fmt(p['test_acc_mean'], p['test_acc_std'])} | {p['wall_seconds']:.0f} |")
+            lines.append(
+                f"| {p['folder']}{mark} | {_fmt(p['score_mean'], p['score_std'])} | {_fmt(p['forgetting_mean'], p['forgetting_std'])} "
+                f"| {_fmt(p['bwt_mean'], p['bwt_std'], signed=True)} | {_fmt(p['test_acc_mean'], p['test_acc_std'])} | {p['wall_seconds']:.0f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def tune_strategies(
-    config_specs: list[str], name: str, *, orders: int = 1, seeds: int = 1, grid_file: str | None = None,
-    select_on: str = "val", data_root: str | None = None, overrides: list[str] | None = None,
-    devices: str | None = None, quiet: bool = False, exps_root: Path = EXPS_ROOT,
+    config_specs: list[str],
+    name: str,
+    *,
+    orders: int = 1,
+    seeds: int = 1,
+    grid_file: str | None = None,
+    select_on: str = "val",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    devices: str | None = None,
+    quiet: bool = False,
+    exps_root: Path = EXPS_ROOT,
 ) -> Path:
     """Train (or resume) every grid point of every config and write the picks; returns ``tune.json``."""
     from tqdm.auto import tqdm
@@ -150,8 +166,11 @@ def tune_strategies(
         if strategy not in grids:
             raise UserError(f"config {cfg.name}: strategy '{strategy}' has no grid (tunable: {', '.join(sorted(grids))}; add one with --grid)", cfg.path)
         if select_on == "val" and any(t.dataset.kwargs.val_fraction == 0 for t in cfg.tasks):
-            raise UserError(f"config {cfg.name}: val_fraction is 0, so there is no validation part to select on "
-                            "(set common.dataset.kwargs.val_fraction > 0, or --select-on test)", cfg.path)
+            raise UserError(
+                f"config {cfg.name}: val_fraction is 0, so there is no validation part to select on "
+                "(set common.dataset.kwargs.val_fraction > 0, or --select-on test)",
+                cfg.path,
+            )
         points, skipped = grid_points(cfg, grids[strategy])
         if not points:
             raise UserError(f"config {cfg.name}: strategy '{strategy}' has none of the grid's options {sorted(grids[strategy])}", cfg.path)
@@ -163,8 +182,14 @@ def tune_strategies(
     bar = tqdm(total=total, desc=f"tune {name}", unit="run", disable=quiet, dynamic_ncols=True, file=sys.stderr)
     for label, cfg, points, skipped in plans:
         strategy = cfg.tasks[0].strategy.name
-        entry: dict[str, Any] = {"config": cfg.name, "strategy": strategy, "grid": {k: v for k, v in grids[strategy].items() if k not in skipped},
-                                 "skipped_keys": skipped, "points": [], "complete": False}
+        entry: dict[str, Any] = {
+            "config": cfg.name,
+            "strategy": strategy,
+            "grid": {k: v for k, v in grids[strategy].items() if k not in skipped},
+            "skipped_keys": skipped,
+            "points": [],
+            "complete": False,
+        }
         summary["strategies"][label] = entry
         for point in points:
             runs = {}
@@ -176,8 +201,11 @@ def tune_strategies(
             entry["points"].append(summarise_point(point, runs))
             if not quiet:
                 score = entry["points"][-1]
-                bar.write(f"{label} {point_folder(point)}: ACC {_fmt(score['score_mean'], score['score_std'])} "
-                          f"on the {'validation parts' if select_on == 'val' else 'test split'}", file=sys.stderr)
+                bar.write(
+                    f"{label} {point_folder(point)}: ACC {_fmt(score['score_mean'], score['score_std'])} "
+                    f"on the {'validation parts' if select_on == 'val' else 'test split'}",
+                    file=sys.stderr,
+                )
             _write(root, summary)  # partial results survive an interruption
         best = pick_best(entry["points"])
         entry.update({"complete": True, "pick_index": best, "pick": entry["points"][best]["values"] if best is not None else None})
@@ -231,6 +259,15 @@ def apply_picks(configs: list[RunConfig], path: Path) -> tuple[list[RunConfig], 
 def run_tune(args) -> Path:
     """The ``relaylearn tune`` command (arguments from :mod:`relaylearn.cli`)."""
     return tune_strategies(
-        args.configs, args.name.lstrip("="), orders=args.orders, seeds=args.seeds, grid_file=args.grid, select_on=args.select_on,
-        data_root=args.data_root, overrides=args.sets, devices=args.gpus, quiet=args.quiet, exps_root=getattr(args, "exps_root", EXPS_ROOT),
+        args.configs,
+        args.name.lstrip("="),
+        orders=args.orders,
+        seeds=args.seeds,
+        grid_file=args.grid,
+        select_on=args.select_on,
+        data_root=args.data_root,
+        overrides=args.sets,
+        devices=args.gpus,
+        quiet=args.quiet,
+        exps_root=getattr(args, "exps_root", EXPS_ROOT),
     )

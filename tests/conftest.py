@@ -29,7 +29,9 @@ def tiny_fundus(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(tmp_path: Path, data_root: Path, strategy: str = "sequential", task_ids=(1, 2), steps: int = 3, strategy_kwargs=None, img: int = 32, **train) -> Path:
+def tiny_config(
+    tmp_path: Path, data_root: Path, strategy: str = "sequential", task_ids=(1, 2), steps: int = 3, strategy_kwargs=None, img: int = 32, **train
+) -> Path:
     """Write a minimal config that trains ``task_ids`` for ``steps`` batches each on ``data_root``."""
     cfg = {
         "common": {

@@ -132,16 +132,25 @@ def test_per_hop_audit_covers_every_site_so_far(relay_run):
 
 def test_audit_command_json_schema(relay_run, tmp_path):
     result, data, _ = relay_run
-    out = run_cli(tmp_path, "audit", result.bundles[-1], "--site", "Domain2", "--data-root", data, "--n-generated", "30", "--json", "--no-verify", "--out", tmp_path / "a")
+    out = run_cli(
+        tmp_path, "audit", result.bundles[-1], "--site", "Domain2", "--data-root", data, "--n-generated", "30", "--json", "--no-verify", "--out", tmp_path / "a"
+    )
     assert out.code == 0, out.err
     report = json.loads(out.out)
     assert report["schema"] == SCHEMA and report["site"] == "Domain2" and report["site_id"] == 1
-    assert report["n_generated"] == 30 and report["threshold"] == 0.6 and report["n_train"] == 5 and report["n_test"] == 4  # 6 training images, 1 held out for validation (val_fraction 0.15)
+    assert (
+        report["n_generated"] == 30 and report["threshold"] == 0.6 and report["n_train"] == 5 and report["n_test"] == 4
+    )  # 6 training images, 1 held out for validation (val_fraction 0.15)
     spaces = {(c["check"], c["space"]) for c in report["checks"]}
     assert spaces == {
-        ("memorisation", "image pixels"), ("memorisation", "image features"), ("memorisation", "label maps"),
-        ("membership black box", "image pixels"), ("membership black box", "image features"), ("membership black box", "label maps"),
-        ("membership white box", "image discriminator"), ("membership white box", "label discriminator"),
+        ("memorisation", "image pixels"),
+        ("memorisation", "image features"),
+        ("memorisation", "label maps"),
+        ("membership black box", "image pixels"),
+        ("membership black box", "image features"),
+        ("membership black box", "label maps"),
+        ("membership white box", "image discriminator"),
+        ("membership white box", "label discriminator"),
     }
     for c in report["checks"]:
         figures = [c["auc"]] if "auc" in c else [c["near_copies"], c["ratio_of_medians"]]
@@ -152,7 +161,9 @@ def test_audit_command_json_schema(relay_run, tmp_path):
             assert len(d["quantiles"]) == len(d["generated_to_train"]) == len(d["test_to_train"])
     assert report["bundle"]["hops"] == ["Domain1", "Domain2"]
     assert (tmp_path / "a" / "Domain2.json").is_file() and (tmp_path / "a" / "Domain2_closest_pairs.png").is_file()
-    text = run_cli(tmp_path, "audit", result.bundles[-1], "--site", "Domain2", "--data-root", data, "--n-generated", "30", "--no-verify", "--out", tmp_path / "b")
+    text = run_cli(
+        tmp_path, "audit", result.bundles[-1], "--site", "Domain2", "--data-root", data, "--n-generated", "30", "--no-verify", "--out", tmp_path / "b"
+    )
     assert text.code == 0 and "membership white box (image discriminator)" in text.out and "verdict:" in text.out
 
 
@@ -174,7 +185,9 @@ def test_audit_bad_input_exits_2_with_one_line(relay_run, tmp_path, case):
     out = run_cli(tmp_path, "audit", bundle, "--site", site, "--data-root", root, "--no-verify", "--out", tmp_path / "o", *extra)
     assert out.code == 2
     line = one_line_error("\n".join(ln for ln in out.err.splitlines() if "signature not checked" not in ln and "read_any_bundle" not in ln))
-    assert {"unknown site": "Domain9", "missing root": "nowhere", "missing site folder": "empty", "missing bundle": "none.relay", "bad threshold": "1.5"}[case] in line
+    assert {"unknown site": "Domain9", "missing root": "nowhere", "missing site folder": "empty", "missing bundle": "none.relay", "bad threshold": "1.5"}[
+        case
+    ] in line
     assert not (tmp_path / "o").exists()
 
 

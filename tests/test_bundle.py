@@ -257,6 +257,7 @@ def test_signed_flag_must_match_the_signature_member(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
     forge(path, tmp_path / "f.relay", keys["a"], edit=lambda m: m.update(signed=False))
     rejects(tmp_path / "f.relay", "says unsigned but the last hop names a signer", trust=keys["trust"])
+
     def unsigned_but_signature_present(manifest):
         manifest["signed"] = False
         manifest["hops"][-1]["signer"] = None

@@ -245,13 +245,16 @@ def test_signed_manifests_with_fuzzed_fields(setup, replacements):
     _must_not_crash(setup, _signed_container(setup, manifest_bytes, members[WEIGHTS_NAME]), also_inspect=False)
 
 
-_header_entry = st.fixed_dictionaries(
-    {
-        "dtype": st.sampled_from([code for code, _ in DTYPES.values()] + ["F8", "C64", "", 3]),
-        "shape": st.lists(st.integers(-1, 5), max_size=3) | _json,
-        "data_offsets": st.lists(st.integers(-2, 200), min_size=0, max_size=3) | _json,
-    }
-) | _json
+_header_entry = (
+    st.fixed_dictionaries(
+        {
+            "dtype": st.sampled_from([code for code, _ in DTYPES.values()] + ["F8", "C64", "", 3]),
+            "shape": st.lists(st.integers(-1, 5), max_size=3) | _json,
+            "data_offsets": st.lists(st.integers(-2, 200), min_size=0, max_size=3) | _json,
+        }
+    )
+    | _json
+)
 
 
 @FUZZ

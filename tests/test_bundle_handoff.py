@@ -153,12 +153,12 @@ def test_the_relay_is_signed_bound_and_recorded(relay):
 # ----- 1. nothing named by a bundle is imported or called -------------------------------------------
 
 
-PROBE = '''
+PROBE = """
 import pathlib
 pathlib.Path({marker!r}).write_text("imported")
 from relaylearn.models.unet import UNetResNet18 as Net
 from relaylearn.strategies.sequential import *  # noqa
-'''
+"""
 
 
 @pytest.mark.parametrize("field", ["model", "strategy"])
@@ -190,9 +190,7 @@ def test_code_named_by_a_bundle_is_never_imported(relay, tmp_path, monkeypatch, 
 
 
 def test_a_plug_in_is_used_only_when_the_local_config_names_the_same_one(relay, tmp_path, monkeypatch, tiny_fundus):
-    (tmp_path / "relaylearn_plug_ok.py").write_text(
-        "from relaylearn.models.unet import UNetResNet18 as Net\nclass Other(Net):\n    pass\n"
-    )
+    (tmp_path / "relaylearn_plug_ok.py").write_text("from relaylearn.models.unet import UNetResNet18 as Net\nclass Other(Net):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     bundle = resign(relay.hops[0], tmp_path / "plug.relay", relay.sites[0],
                     edit=lambda m: m["config"]["model"].update(name="relaylearn_plug_ok:Net"))  # fmt: skip

@@ -33,8 +33,10 @@ def test_statistics_and_external_sites():
     matrix = {"sites": ["A", "B", "C", "D"], "trained": ["B", "A"], "R": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.9]], "acc": 0.55}
     assert external_dice(matrix) == pytest.approx(0.8)
     assert external_dice({**matrix, "trained": ["A+B+C+D"]}) is None
-    runs = {"order0_seed0": {"matrix": {**matrix, "bwt": -0.1, "forgetting": 0.2}, "wall_seconds": 10.0},
-            "order1_seed0": {"matrix": {**matrix, "acc": 0.65, "bwt": 0.1, "forgetting": 0.0}, "wall_seconds": 20.0}}
+    runs = {
+        "order0_seed0": {"matrix": {**matrix, "bwt": -0.1, "forgetting": 0.2}, "wall_seconds": 10.0},
+        "order1_seed0": {"matrix": {**matrix, "acc": 0.65, "bwt": 0.1, "forgetting": 0.0}, "wall_seconds": 20.0},
+    }
     (row,) = summarise({"ewc": runs}, {"ewc": "others/ewc"})
     assert row["acc_mean"] == pytest.approx(0.6) and row["acc_std"] == pytest.approx(0.1 / 2**0.5)
     assert row["bwt_mean"] == pytest.approx(0.0) and row["wall_s_total"] == 30.0
@@ -50,8 +52,9 @@ def test_statistics_and_external_sites():
 @pytest.mark.slow
 def test_compare_two_strategies_two_orders(tmp_path, tiny_fundus, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    configs = [str(tiny_config(tmp_path, tiny_fundus, strategy=s, steps=1, strategy_kwargs=kw))
-               for s, kw in (("sequential", {}), ("ewc", {"fisher_samples": 2}))]
+    configs = [
+        str(tiny_config(tmp_path, tiny_fundus, strategy=s, steps=1, strategy_kwargs=kw)) for s, kw in (("sequential", {}), ("ewc", {"fisher_samples": 2}))
+    ]
     assert main(["compare", "-c", *configs, "-n", "tiny", "--orders", "2", "--seeds", "1", "-q"]) == 0
     printed = capsys.readouterr().out
     root = tmp_path / "exps" / "compare" / "tiny"

@@ -22,12 +22,21 @@ from tests.strategies.test_relay import TINY
 pytestmark = pytest.mark.slow
 
 # val_fraction=0: the tiny sites' 6 images in batches of 4 over 2 ranks; holding one out would leave rank 1 a batch of one
-DDP_SETTINGS = ["-g", "cpu", "--set", "train.lightning.strategy=ddp_find_unused_parameters_true", "--set", "train.lightning.devices=2",
-                "--set", "dataset.kwargs.val_fraction=0", "-q"]
+DDP_SETTINGS = [
+    "-g",
+    "cpu",
+    "--set",
+    "train.lightning.strategy=ddp_find_unused_parameters_true",
+    "--set",
+    "train.lightning.devices=2",
+    "--set",
+    "dataset.kwargs.val_fraction=0",
+    "-q",
+]
 
 # Runs the real CLI; after every site it also writes, per rank, the sum of every floating tensor of
 # the strategy (parameters and buffers, float64), so the test can compare the ranks' final states.
-STATE_DUMPING_CLI = '''
+STATE_DUMPING_CLI = """
 import json, sys
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -45,7 +54,7 @@ def train_site_and_dump(self, group, parent, position):
 runner.RelayRun._train_site = train_site_and_dump
 from relaylearn.cli import main
 raise SystemExit(main(sys.argv[1:]))
-'''
+"""
 
 
 def _run_ddp(tmp_path: Path, command: list[str]) -> subprocess.CompletedProcess:

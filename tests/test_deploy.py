@@ -228,8 +228,17 @@ def test_bundle_signed_by_a_key_outside_the_trust_folder_is_rejected(relay, tmp_
     mallory = load_private_key(tmp_path / "keys" / "Mallory.key")
     hop1 = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
     forged = tmp_path / "forged.relay"
-    write_bundle(forged, hop1.tensors, strategy=hop1.strategy, config=hop1.config, registry=hop1.registry, site="Domain1",
-                 hop_started_utc=hop1.hops[-1]["started_utc"], parent=hop1, signing_key=mallory)
+    write_bundle(
+        forged,
+        hop1.tensors,
+        strategy=hop1.strategy,
+        config=hop1.config,
+        registry=hop1.registry,
+        site="Domain1",
+        hop_started_utc=hop1.hops[-1]["started_utc"],
+        parent=hop1,
+        signing_key=mallory,
+    )
     line = expect_rejected(relay, relay.hospitals[1], forged, mallory.fingerprint)
     assert "untrusted" in line
 
@@ -243,9 +252,17 @@ def test_rollback_to_an_older_bundle_is_rejected(relay):
 def unsigned_copy(relay: Relay, tmp_path: Path) -> Path:
     hop = read_bundle(relay.hops[-1], trust=None, allow_unsigned=True)
     path = tmp_path / "unsigned.relay"
-    write_bundle(path, hop.tensors, strategy=hop.strategy, config=hop.config, registry=hop.registry, site="Domain4",
-                 hop_started_utc=hop.hops[-1]["started_utc"], parent=read_bundle(relay.hops[-2], trust=None, allow_unsigned=True),
-                 signing_key=None)
+    write_bundle(
+        path,
+        hop.tensors,
+        strategy=hop.strategy,
+        config=hop.config,
+        registry=hop.registry,
+        site="Domain4",
+        hop_started_utc=hop.hops[-1]["started_utc"],
+        parent=read_bundle(relay.hops[-2], trust=None, allow_unsigned=True),
+        signing_key=None,
+    )
     return path
 
 
@@ -262,7 +279,9 @@ def test_insecure_unsigned_accepts_with_a_warning(relay, tmp_path, tiny_fundus):
     lab = tmp_path / "lab"
     lab.mkdir()
     config = write_config(lab, tiny_fundus, "lab", (1,))
-    result = run_cli(lab, "train", "-c", config, "-n", "lab", "-g", "cpu", "-q", "--in", unsigned, "--insecure-unsigned", "--hop", "5", "--out", lab / "out.relay")
+    result = run_cli(
+        lab, "train", "-c", config, "-n", "lab", "-g", "cpu", "-q", "--in", unsigned, "--insecure-unsigned", "--hop", "5", "--out", lab / "out.relay"
+    )
     assert result.code == 0, result.err
     warnings = [line for line in result.err.splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and "--insecure-unsigned" in warnings[0] and "unsigned.relay" in warnings[0]
@@ -301,7 +320,9 @@ def test_keygen_makes_a_private_0600_key_and_refuses_to_overwrite(tmp_path):
     assert first.code == 0, first.err
     private, public = tmp_path / "keys" / "Hospital-Z.key", tmp_path / "keys" / "Hospital-Z.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    assert f"fingerprint (read it out to the other sites to confirm the .pub they received): {load_private_key(private).fingerprint}" in first.out.replace("\n", " ")
+    assert f"fingerprint (read it out to the other sites to confirm the .pub they received): {load_private_key(private).fingerprint}" in first.out.replace(
+        "\n", " "
+    )
     assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
     before = private.read_bytes()
     again = run_cli(tmp_path, "keygen", "keys", "--site", "Hospital-Z")

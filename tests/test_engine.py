@@ -27,12 +27,23 @@ def test_channels_last_reaches_the_gans_and_the_copies_made_at_site_start(tmp_pa
         assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights), name
     images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (4, 32, 32))
     for position, site_name in enumerate(("A", "B")):
-        site = SiteContext(name=site_name, task_id=position + 1, position=position, num_images=4, num_epochs=1, steps_per_epoch=2,
-                           train_images=images, train_labels=labels, batch_size=4)
+        site = SiteContext(
+            name=site_name,
+            task_id=position + 1,
+            position=position,
+            num_images=4,
+            num_epochs=1,
+            steps_per_epoch=2,
+            train_images=images,
+            train_labels=labels,
+            batch_size=4,
+        )
         strategy.on_site_start(site)
         strategy.optimizers = strategy.configure_optimizers()
         for step in range(2):  # the second step of site B replays (mid-site switch)
-            logs = strategy.training_step((images.contiguous(memory_format=torch.channels_last), labels), StepContext(step=step, global_step=step, epoch=0, site=site))
+            logs = strategy.training_step(
+                (images.contiguous(memory_format=torch.channels_last), labels), StepContext(step=step, global_step=step, epoch=0, site=site)
+            )
             assert torch.isfinite(logs["loss"])
         if position == 1:
             assert strategy.replaying

@@ -55,9 +55,14 @@ def test_custom_data_layout_from_the_readme_trains_and_predicts(tmp_path):
     cfg = {
         "common": {
             "random_seed": 1,
-            "dataset": {"name": layout, "kwargs": {"root_path": str(tmp_path / "data"), "img_size": [32, 32], "num_classes": 2, "channels": 1, "val_fraction": 0}},
-            "strategy": {"name": "sequential"}, "model": {"name": "unet"},
-            "train": {"num_steps": 1, "batch_size": 4, "log_every_n_steps": 1, "loss": {"kwargs": {"ce_weight": [1.0, 2.0]}}}, "test": {"batch_size": 8, "bootstrap": 100},
+            "dataset": {
+                "name": layout,
+                "kwargs": {"root_path": str(tmp_path / "data"), "img_size": [32, 32], "num_classes": 2, "channels": 1, "val_fraction": 0},
+            },
+            "strategy": {"name": "sequential"},
+            "model": {"name": "unet"},
+            "train": {"num_steps": 1, "batch_size": 4, "log_every_n_steps": 1, "loss": {"kwargs": {"ce_weight": [1.0, 2.0]}}},
+            "test": {"batch_size": 8, "bootstrap": 100},
         },
         "all_tasks_datasets": [{"kwargs": {"task_id": 1, "task_name": "North"}}, {"kwargs": {"task_id": 2, "task_name": "South"}}],
         "current_tasks": {"task_ids": [1, 2]},

@@ -32,8 +32,17 @@ def make_bundle(path: Path, *, channels: int = 3, num_classes: int = 3, img: int
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
     state = strategy.state_to_bundle()
-    return write_bundle(path, state.tensors, strategy=task.strategy.name, config=shipped_config(task), registry=state.meta,
-                        site="Site1", hop_started_utc=utc_now(), parent=None, signing_key=None)
+    return write_bundle(
+        path,
+        state.tensors,
+        strategy=task.strategy.name,
+        config=shipped_config(task),
+        registry=state.meta,
+        site="Site1",
+        hop_started_utc=utc_now(),
+        parent=None,
+        signing_key=None,
+    )
 
 
 @pytest.fixture(scope="module")

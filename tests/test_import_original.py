@@ -74,7 +74,9 @@ def save_lightning_checkpoint(path: Path, model_state: dict[str, torch.Tensor], 
     sys.modules.update(modules)
     try:
         checkpoint = {
-            "epoch": 199, "global_step": 4680, "pytorch-lightning_version": "1.3.5",
+            "epoch": 199,
+            "global_step": 4680,
+            "pytorch-lightning_version": "1.3.5",
             "state_dict": {f"model.{k}": v for k, v in model_state.items()},
             "callbacks": {ModelCheckpoint: {"monitor": None, "best_model_score": None, "best_model_path": "x.ckpt"}},
             "optimizer_states": [{"state": {0: {"step": 3, "exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}],
@@ -100,11 +102,11 @@ def reference_unet(state: dict[str, torch.Tensor], in_channels: int = 3, num_cla
     from relaylearn.models.unet import UNetResNet18
 
     net = UNetResNet18(in_channels=in_channels, num_classes=num_classes)
-    net.encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.fc.")})
+    net.encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.") and not k.startswith("encoder.fc.")})
     for i, up in enumerate(net.decoder):
         prefix = f"up{i + 1}."
-        up.up.load_state_dict({k[len(prefix + "up."):]: v for k, v in state.items() if k.startswith(prefix + "up.")})
-        up.conv.load_state_dict({k[len(prefix + "conv.double_conv."):]: v for k, v in state.items() if k.startswith(prefix + "conv.double_conv.")})
+        up.up.load_state_dict({k[len(prefix + "up.") :]: v for k, v in state.items() if k.startswith(prefix + "up.")})
+        up.conv.load_state_dict({k[len(prefix + "conv.double_conv.") :]: v for k, v in state.items() if k.startswith(prefix + "conv.double_conv.")})
     net.head.load_state_dict({"weight": state["outc.conv.weight"], "bias": state["outc.conv.bias"]})
     return net.eval()
 
@@ -159,7 +161,7 @@ def test_relay_checkpoint_imports_generators_and_registry(tmp_path, capsys):
     assert not any("_old" in k for k in bundle.tensors)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(strategy.solver.eval()(x), reference_unet({k[len("solver."):]: v for k, v in state.items() if k.startswith("solver.")})(x))
+        assert torch.equal(strategy.solver.eval()(x), reference_unet({k[len("solver.") :]: v for k, v in state.items() if k.startswith("solver.")})(x))
 
 
 def test_pickled_object_is_refused_without_running_it(tmp_path):
@@ -175,8 +177,13 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
         read_original_checkpoint(ckpt)
     assert not marker.exists()
     # the command line: one line, exit 3
-    proc = subprocess.run([sys.executable, "-m", "relaylearn", "import-original", str(ckpt), "-c", "others/sequential", "--out", str(tmp_path / "o.relay")],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "relaylearn", "import-original", str(ckpt), "-c", "others/sequential", "--out", str(tmp_path / "o.relay")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 3
     assert proc.stderr.count("\n") == 1 and "refused" in proc.stderr
     assert not marker.exists() and not (tmp_path / "o.relay").exists()

@@ -93,9 +93,7 @@ def test_missing_garbage_and_non_ed25519_private_keys(tmp_path):
     os.close(fd)
     with pytest.raises(UserError, match="not a PEM private key"):
         load_private_key(garbage)
-    ec_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    ec_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     ec_path = tmp_path / "ec.key"
     fd = os.open(ec_path, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, ec_key)
@@ -133,9 +131,7 @@ def test_trust_dir_errors(tmp_path):
 def test_trust_dir_refuses_other_key_types_and_duplicates(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
-    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (other / "ec.pub").write_bytes(ec_pub)
     with pytest.raises(UserError, match="ec.pub.*not an Ed25519"):
         load_trust_dir(other)

@@ -198,9 +198,11 @@ def test_segmentation_scores_accumulates_and_summarises():
 
 
 def test_continual_metrics_3x3_hand_computed():
-    R = [[0.8, 0.99, 0.2],  # 0.99 on site 1 before training it must not count as "learned"
-         [0.9, 0.9, 0.4],
-         [0.6, 0.85, 0.95]]
+    R = [
+        [0.8, 0.99, 0.2],  # 0.99 on site 1 before training it must not count as "learned"
+        [0.9, 0.9, 0.4],
+        [0.6, 0.85, 0.95],
+    ]
     result = continual_metrics(R)
     assert result["acc"] == pytest.approx((0.6 + 0.85 + 0.95) / 3)
     assert result["acc_all"] == pytest.approx(result["acc"])
@@ -209,10 +211,7 @@ def test_continual_metrics_3x3_hand_computed():
 
 
 def test_continual_metrics_4x4_hand_computed():
-    R = [[0.5, 0.1, 0.2, 0.3],
-         [0.4, 0.6, 0.2, 0.3],
-         [0.45, 0.7, 0.7, 0.3],
-         [0.3, 0.55, 0.65, 0.8]]
+    R = [[0.5, 0.1, 0.2, 0.3], [0.4, 0.6, 0.2, 0.3], [0.45, 0.7, 0.7, 0.3], [0.3, 0.55, 0.65, 0.8]]
     result = continual_metrics(np.array(R))
     assert result["acc"] == pytest.approx(2.3 / 4)
     assert result["bwt"] == pytest.approx((-0.2 - 0.05 - 0.05) / 3)
@@ -220,9 +219,7 @@ def test_continual_metrics_4x4_hand_computed():
 
 
 def test_continual_metrics_with_site_order_and_external_test_sites():
-    R = [[0.1, 0.2, 0.9, 0.5, 0.4],
-         [0.8, 0.3, 0.7, 0.5, 0.6],
-         [0.6, 0.9, 0.8, 0.2, 0.3]]
+    R = [[0.1, 0.2, 0.9, 0.5, 0.4], [0.8, 0.3, 0.7, 0.5, 0.6], [0.6, 0.9, 0.8, 0.2, 0.3]]
     result = continual_metrics(R, trained_idx=[2, 0, 1])  # columns 3 and 4 are external sites
     assert result["acc"] == pytest.approx((0.8 + 0.6 + 0.9) / 3)
     assert result["acc_all"] == pytest.approx(2.8 / 5)

@@ -80,8 +80,17 @@ class _BrightIsClassOne(nn.Module):
 
 
 def test_generic_model_writes_class_ids_without_cup_to_disc(tmp_path):
-    model = LoadedModel(solver=_BrightIsClassOne(), img_size=(16, 16), out_range=(-1.0, 1.0), channels=1, num_classes=2,
-                        class_names=("class_0", "class_1"), layout=get_layout("folder"), bundle_sha256="0" * 64, strategy="stub")
+    model = LoadedModel(
+        solver=_BrightIsClassOne(),
+        img_size=(16, 16),
+        out_range=(-1.0, 1.0),
+        channels=1,
+        num_classes=2,
+        class_names=("class_0", "class_1"),
+        layout=get_layout("folder"),
+        bundle_sha256="0" * 64,
+        strategy="stub",
+    )
     image = np.zeros((30, 60), dtype=np.uint8)
     image[:, 30:] = 255
     Image.fromarray(image).save(tmp_path / "half.png")

@@ -65,8 +65,10 @@ def test_a_differing_lr_is_an_error_naming_the_key_and_both_values(tmp_path):
 
 def test_keys_left_unset_adopt_the_bundles_values_test_sites_included(tmp_path):
     cfg = site_config(tmp_path, strategy="ewc")  # sets no lr, no EWC option, no augmentation
-    incoming = load_config(str(tiny_config(tmp_path / "a", tmp_path, task_ids=(1,), strategy="ewc", strategy_kwargs={"lambda": 7.0})),
-                           ["train.optimizer.lr=0.005", "dataset.kwargs.augment=light"]).tasks[0]
+    incoming = load_config(
+        str(tiny_config(tmp_path / "a", tmp_path, task_ids=(1,), strategy="ewc", strategy_kwargs={"lambda": 7.0})),
+        ["train.optimizer.lr=0.005", "dataset.kwargs.augment=light"],
+    ).tasks[0]
     adopted, record = reconcile(cfg, bundle_of(incoming))
     task = adopted.tasks[0]
     assert task.train.optimizer.lr == 0.005 and task.strategy.kwargs["lambda_"] == 7.0

@@ -84,13 +84,17 @@ def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fun
     (trust / "relay-id").write_text("resume-relay\n")  # the relay both sites belong to
     (tmp_path / "a").mkdir()
     hop1_cfg = load_config(str(tiny_config(tmp_path / "a", tiny_fundus, task_ids=(1,), steps=1)))
-    hop1 = run_training(hop1_cfg, "a", TrainOptions(quiet=True, key=str(keys / "Hospital-A.key"), relay_id="resume-relay", exps_root=tmp_path / "a" / "exps", devices="cpu"))
+    hop1 = run_training(
+        hop1_cfg, "a", TrainOptions(quiet=True, key=str(keys / "Hospital-A.key"), relay_id="resume-relay", exps_root=tmp_path / "a" / "exps", devices="cpu")
+    )
     incoming = hop1.bundles[0]
 
     site = tmp_path / "b"
     site.mkdir()
     config = tiny_config(site, tiny_fundus, task_ids=(2,), steps=TOTAL_STEPS, checkpoint_every_n_steps=EVERY)
-    command = train_command(config, "--recipe", "local", "--in", str(incoming), "--key", str(keys / "Hospital-B.key"), "--trust", str(trust), "--out", str(tmp_path / "hop2.relay"))
+    command = train_command(
+        config, "--recipe", "local", "--in", str(incoming), "--key", str(keys / "Hospital-B.key"), "--trust", str(trust), "--out", str(tmp_path / "hop2.relay")
+    )
     run_dir = site / "exps" / "sequential" / "site"
     checkpoint = run_dir / "checkpoints" / "task_2" / "last.ckpt"
     kill_after_first_checkpoint(command, site, checkpoint)
@@ -128,13 +132,17 @@ def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fun
 def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeypatch, strategy, task_id, steps, every, killed_at):
     """Data order, random stream, optimizer and strategy state all continue where they stopped."""
     kwargs = TINY if strategy == "relay" else None
-    full_path = tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=tuple(range(1, task_id + 1)), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every)
+    full_path = tiny_config(
+        tmp_path, tiny_fundus, strategy=strategy, task_ids=tuple(range(1, task_id + 1)), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every
+    )
     raw = yaml.safe_load(full_path.read_text())
     raw["current_tasks"]["task_confs"] = {1: {"train": {"num_steps": 1}}} if task_id == 2 else {}  # site 1 only makes site 2's start
     full_path.write_text(yaml.safe_dump(raw))
     full = run_training(load_config(str(full_path)), "full", TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu"))
 
-    site_cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=(task_id,), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every)))
+    site_cfg = load_config(
+        str(tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=(task_id,), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every))
+    )
     incoming = {"in_bundle": str(full.bundles[0]), "insecure_unsigned": True, "recipe": "local"} if task_id == 2 else {}  # site 1 had a shorter budget
     opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu", **incoming)
     trained = []

@@ -41,10 +41,12 @@ def test_apply_picks_by_config_then_by_strategy(tmp_path, tiny_fundus):
     ewc = load_config(str(tiny_config(tmp_path / "a", tiny_fundus, strategy="ewc")))
     lwf = load_config(str(tiny_config(tmp_path / "b", tiny_fundus, strategy="lwf")))
     seq = load_config(str(tiny_config(tmp_path / "c", tiny_fundus, strategy="sequential")))
-    summary = {"strategies": {
-        "ewc": {"config": ewc.name, "strategy": "ewc", "complete": True, "pick": {"lambda_": 1e4}},
-        "lwf": {"config": "demo/lwf", "strategy": "lwf", "complete": True, "pick": {"alpha": 2.0, "tau": 1.0}},
-    }}
+    summary = {
+        "strategies": {
+            "ewc": {"config": ewc.name, "strategy": "ewc", "complete": True, "pick": {"lambda_": 1e4}},
+            "lwf": {"config": "demo/lwf", "strategy": "lwf", "complete": True, "pick": {"alpha": 2.0, "tau": 1.0}},
+        }
+    }
     (tmp_path / "tune.json").write_text(json.dumps(summary))
     (tuned_ewc, tuned_lwf, same_seq), note = apply_picks([ewc, lwf, seq], tmp_path)
     assert tuned_ewc.tasks[0].strategy.kwargs["lambda_"] == 1e4

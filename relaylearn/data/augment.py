@@ -80,16 +80,15 @@ RGB_ONLY_OPS = ("hue_saturation", "jpeg")
 
 PRESETS: dict[str, tuple[dict[str, Block], AugmentParams]] = {
     "original": (
-        {"colour": Block(0.5, 1, 2, COLOUR_OPS),
-         "degrade": Block(0.3, 1, 3, DEGRADE_OPS),
-         "geometry": Block(0.5, 1, 3, GEOMETRY_OPS)},
+        {"colour": Block(0.5, 1, 2, COLOUR_OPS), "degrade": Block(0.3, 1, 3, DEGRADE_OPS), "geometry": Block(0.5, 1, 3, GEOMETRY_OPS)},
         AugmentParams(),
     ),
     "light": (
-        {"colour": Block(0.5, 1, 2, ("hue_saturation", "brightness", "gamma")),
-         "geometry": Block(0.5, 1, 3, ("hflip", "vflip", "rotate", "scale", "translate"))},
-        AugmentParams(hue_saturation=(0.9, 1.1), brightness=(0.9, 1.1), gamma=(0.85, 1.2),
-                      rotate_deg=15.0, scale=(0.9, 1.1), translate=0.05),
+        {
+            "colour": Block(0.5, 1, 2, ("hue_saturation", "brightness", "gamma")),
+            "geometry": Block(0.5, 1, 3, ("hflip", "vflip", "rotate", "scale", "translate")),
+        },
+        AugmentParams(hue_saturation=(0.9, 1.1), brightness=(0.9, 1.1), gamma=(0.85, 1.2), rotate_deg=15.0, scale=(0.9, 1.1), translate=0.05),
     ),
     "none": ({}, AugmentParams()),
 }
@@ -101,8 +100,7 @@ def _uniform(bounds: tuple[float, float], size: int, device: torch.device) -> Te
     return torch.rand(size, device=device) * (high - low) + low
 
 
-def _on_selected(selected: Tensor, images: Tensor, op: Callable[..., Tensor], *per_sample: Tensor,
-                 compute_all: bool | None = None) -> Tensor:
+def _on_selected(selected: Tensor, images: Tensor, op: Callable[..., Tensor], *per_sample: Tensor, compute_all: bool | None = None) -> Tensor:
     """Apply ``op(images, *per_sample)`` to the samples where ``selected`` [B] is true.
 
     ``compute_all`` (default: on accelerators) runs the op on the whole batch and blends with
@@ -136,9 +134,16 @@ class SegmentationAugment(nn.Module):
     Both give the same result.
     """
 
-    def __init__(self, strength: str = "original", out_range: tuple[float, float] = (-1.0, 1.0), *,
-                 block_p: dict[str, float] | None = None, params: dict[str, Any] | None = None,
-                 image_fill: str = "min", compute_all: bool | None = None):
+    def __init__(
+        self,
+        strength: str = "original",
+        out_range: tuple[float, float] = (-1.0, 1.0),
+        *,
+        block_p: dict[str, float] | None = None,
+        params: dict[str, Any] | None = None,
+        image_fill: str = "min",
+        compute_all: bool | None = None,
+    ):
         super().__init__()
         if strength not in PRESETS:
             raise ConfigError(f"augment: unknown strength '{strength}' (expected one of {', '.join(PRESETS)})")
@@ -209,22 +214,19 @@ class SegmentationAugment(nn.Module):
             kernel = max(3, _odd(prm.motion_kernel * resolution))
             angle = torch.rand(batch, device=device) * 360.0
             direction = torch.rand(batch, device=device) * 2.0 - 1.0
-            return self._on(selected, unit, lambda x, a, d: motion_blur(x, kernel, a, d, border_type="reflect"),
-                            angle, direction)
+            return self._on(selected, unit, lambda x, a, d: motion_blur(x, kernel, a, d, border_type="reflect"), angle, direction)
         if op == "gaussian_blur":
             sigma = _uniform(prm.gaussian_sigma, batch, device).mul_(resolution).clamp_(min=1e-3)
             kernel = max(3, _odd(2 * math.ceil(3 * prm.gaussian_sigma[1] * resolution) + 1))
             return self._on(selected, unit, lambda x, s: gaussian_blur2d(x, kernel, s[:, None].expand(-1, 2)), sigma)
         if op == "sharpen":
-            return self._on(selected, unit, lambda x, f: sharpness(x, f).clamp(0.0, 1.0),
-                            _uniform(prm.sharpen, batch, device))
+            return self._on(selected, unit, lambda x, f: sharpness(x, f).clamp(0.0, 1.0), _uniform(prm.sharpen, batch, device))
         if op == "noise":  # one noise map for all channels (imgaug's per_channel=False)
             sigma = _uniform(prm.noise_sigma, batch, device)
             noise = torch.randn((batch, 1, *unit.shape[2:]), device=device, dtype=unit.dtype)
             return self._on(selected, unit, lambda x, s, n: (x + s[:, None, None, None] * n).clamp(0.0, 1.0), sigma, noise)
         if op == "jpeg":
-            return self._on(selected, unit, lambda x, q: jpeg_codec_differentiable(x, q).clamp(0.0, 1.0),
-                            _uniform(prm.jpeg_quality, batch, device))
+            return self._on(selected, unit, lambda x, q: jpeg_codec_differentiable(x, q).clamp(0.0, 1.0), _uniform(prm.jpeg_quality, batch, device))
         raise ValueError(f"unknown intensity op {op}")
 
     # ----- geometry ---------------------------------------------------------------------------
@@ -325,9 +327,13 @@ def from_config(spec: str | dict[str, Any] | None, out_range: tuple[float, float
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ConfigError(f"augment: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
-    return SegmentationAugment(spec.get("strength", "original"), tuple(spec.get("out_range", out_range)),
-                               block_p=spec.get("block_p"), params=spec.get("params"),
-                               image_fill=spec.get("image_fill", "min"))
+    return SegmentationAugment(
+        spec.get("strength", "original"),
+        tuple(spec.get("out_range", out_range)),
+        block_p=spec.get("block_p"),
+        params=spec.get("params"),
+        image_fill=spec.get("image_fill", "min"),
+    )
 
 
 SegmentationAugment.from_config = staticmethod(from_config)  # type: ignore[attr-defined]

@@ -143,7 +143,7 @@ def _slice_pairs_from_folders(site_dir: Path) -> dict[str, list[tuple[Path, Path
         raise DataError("no study folders found (expected one sub-folder per study, or a meta.txt)", site_dir)
     for folder in folders:
         files = _visible_files(folder, (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
-        masks = {p.stem[len(MASK_PREFIX):]: p for p in files if p.name.startswith(MASK_PREFIX)}
+        masks = {p.stem[len(MASK_PREFIX) :]: p for p in files if p.name.startswith(MASK_PREFIX)}
         slices = [p for p in files if not p.name.startswith(MASK_PREFIX)]
         if not slices:
             continue
@@ -234,8 +234,9 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
             meta = site_dir / META_FILE
             studies = _slice_pairs_from_meta(meta) if meta.is_file() else _slice_pairs_from_folders(site_dir)
             chosen = split_studies(list(studies), k.train_ratio, k.split_seed, site_dir)[0 if split == "train" else 1]
-            pairs = [_read_slice(study, image, mask, k) for study in sorted(chosen)
-                     for image, mask in sorted(studies[study], key=lambda p: _natural_key(p[0].name))]
+            pairs = [
+                _read_slice(study, image, mask, k) for study in sorted(chosen) for image, mask in sorted(studies[study], key=lambda p: _natural_key(p[0].name))
+            ]
         folder_items = _finish_items(pairs, k)
         for item in folder_items:
             item.folder = folder
@@ -245,8 +246,14 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
     _check_classes(items, k.num_classes)
     _disambiguate_names(items)
     images, labels = _resize_stack(items, tuple(k.img_size), tuple(k.out_range))
-    return SiteData(site=site_name or "+".join(folder_list), images=images, labels=labels, names=[i.name for i in items],
-                    subjects=[i.subject for i in items], sources=[i.source for i in items])
+    return SiteData(
+        site=site_name or "+".join(folder_list),
+        images=images,
+        labels=labels,
+        names=[i.name for i in items],
+        subjects=[i.subject for i in items],
+        sources=[i.source for i in items],
+    )
 
 
 def _finish_items(pairs: list[tuple[_Item, np.ndarray | None]], k) -> list[_Item]:
@@ -315,5 +322,11 @@ def neg_pos_loader(images: Tensor, labels: Tensor, k, batch_size: int, seed: int
     if not bool(positive.any()):
         raise DataError(f"neg_pos_ratio={k.neg_pos_ratio} needs slices with foreground, but the training split has none", where or None)
     sampler = NegPosBatchSampler(positive, k.neg_pos_ratio, batch_size, k.num_replica, seed, world_size=world_size)
-    return DataLoader(TensorDataset(images, labels), sampler=sampler, batch_size=None, num_workers=0,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        TensorDataset(images, labels),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -45,8 +45,7 @@ def decode_fundus_mask(mask: Image.Image, path: Path) -> np.ndarray:
     label = lookup[channel_sum]
     if label.min() < 0:
         value = channel_sum[label < 0][0] / (3 if array.ndim == 3 else 1)
-        raise DataError(f"mask grey level {value:g} is not near 255 (background), 128 (disc rim) or 0 (cup) "
-                        f"(tolerance ±{FUNDUS_TOLERANCE})", path)
+        raise DataError(f"mask grey level {value:g} is not near 255 (background), 128 (disc rim) or 0 (cup) (tolerance ±{FUNDUS_TOLERANCE})", path)
     return label
 
 

@@ -167,8 +167,7 @@ def _read_2d_pairs(pairs: list[tuple[Path, Path]], channels: int, decode_label) 
         image, scale = _pil_pixels(_open_pil(image_path), channels, image_path)
         label = decode_label(_open_pil(mask_path), mask_path)
         if image.shape[1:] != label.shape:
-            raise DataError(f"image is {image.shape[2]}×{image.shape[1]} but its mask is "
-                            f"{label.shape[1]}×{label.shape[0]} pixels", mask_path)
+            raise DataError(f"image is {image.shape[2]}×{image.shape[1]} but its mask is {label.shape[1]}×{label.shape[0]} pixels", mask_path)
         name = _stem(image_path)
         return _Item(image, label, name, name, image_path, mask_path, scale)
 
@@ -207,8 +206,7 @@ def _read_nifti_pairs(pairs: list[tuple[Path, Path]], channels: int) -> list[_It
                 raise DataError(f"3-D volume has 1 channel, but channels={channels} is configured", image_path)
             volume = volume[..., None]
         elif volume.ndim != 4 or volume.shape[3] != channels:
-            raise DataError(f"expected a 3-D volume (or 4-D with {channels} channels last), got shape {volume.shape}",
-                            image_path)
+            raise DataError(f"expected a 3-D volume (or 4-D with {channels} channels last), got shape {volume.shape}", image_path)
         if label.ndim != 3 or label.shape != volume.shape[:3]:
             raise DataError(f"label shape {label.shape} does not match image shape {volume.shape[:3]}", label_path)
         rounded = np.rint(label)
@@ -272,8 +270,18 @@ class Layout:
 
     def load(self, root: Path | str, folders: str | list[str], split: str, kwargs: Any, *, site_name: str | None = None) -> SiteData:
         """One split (``train`` / ``test``) of one site in memory; ``kwargs``: ``dataset.kwargs``."""
-        return load_site(self, root, folders, split, img_size=tuple(kwargs.img_size), out_range=tuple(kwargs.out_range),
-                         num_classes=kwargs.num_classes, channels=kwargs.channels, use_roi=kwargs.use_roi, site_name=site_name)
+        return load_site(
+            self,
+            root,
+            folders,
+            split,
+            img_size=tuple(kwargs.img_size),
+            out_range=tuple(kwargs.out_range),
+            num_classes=kwargs.num_classes,
+            channels=kwargs.channels,
+            use_roi=kwargs.use_roi,
+            site_name=site_name,
+        )
 
 
 _LAYOUTS: dict[str, type[Layout]] = {}
@@ -362,8 +370,7 @@ def _check_classes(items: list[_Item], num_classes: int) -> None:
         low, high = int(item.label.min()), int(item.label.max())
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
-            raise DataError(f"mask holds class id {bad}, outside 0..{num_classes - 1} (num_classes={num_classes})",
-                            item.label_source)
+            raise DataError(f"mask holds class id {bad}, outside 0..{num_classes - 1} (num_classes={num_classes})", item.label_source)
 
 
 def _resize_stack(items: list[_Item], img_size: tuple[int, int], out_range: tuple[float, float]) -> tuple[Tensor, Tensor]:
@@ -402,9 +409,19 @@ def _split_folder(root: Path, folder: str, split: str) -> Path:
     return split_dir
 
 
-def load_site(layout: str | Layout, root: Path | str, folders: str | list[str], split: str, *, img_size: tuple[int, int],
-              out_range: tuple[float, float] = (-1, 1), num_classes: int, channels: int = 3, use_roi: bool = True,
-              site_name: str | None = None) -> SiteData:
+def load_site(
+    layout: str | Layout,
+    root: Path | str,
+    folders: str | list[str],
+    split: str,
+    *,
+    img_size: tuple[int, int],
+    out_range: tuple[float, float] = (-1, 1),
+    num_classes: int,
+    channels: int = 3,
+    use_roi: bool = True,
+    site_name: str | None = None,
+) -> SiteData:
     """Decode one split of one site (several ``folders`` merge into one site) of a 2-D ``layout``
     (a name or a :class:`Layout`) into memory.
 
@@ -436,8 +453,9 @@ def load_site(layout: str | Layout, root: Path | str, folders: str | list[str], 
     _disambiguate_names(items)
     images, labels = _resize_stack(items, img_size, out_range)
     name = site_name or "+".join(folder_list)
-    return SiteData(site=name, images=images, labels=labels, names=[i.name for i in items],
-                    subjects=[i.subject for i in items], sources=[i.source for i in items])
+    return SiteData(
+        site=name, images=images, labels=labels, names=[i.name for i in items], subjects=[i.subject for i in items], sources=[i.source for i in items]
+    )
 
 
 def _disambiguate_names(items: list[_Item]) -> None:

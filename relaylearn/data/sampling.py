@@ -57,5 +57,11 @@ def site_loader(images: Tensor, labels: Tensor, batch_size: int, num_replica: in
     sampler = SiteBatchSampler(len(images), batch_size, num_replica, seed, rank, world_size)
     # its own generator: starting an epoch's iterator then draws nothing from the global random
     # stream, which a resumed run restores at the start of training (exact resume at epoch ends)
-    return DataLoader(TensorDataset(images, labels), sampler=sampler, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        TensorDataset(images, labels),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -74,34 +74,94 @@ SITE_COUNTS: dict[str, tuple[int, int]] = {
 SITE_LOOKS: dict[str, CameraLook] = {
     # Reference look: warm, moderately bright, sharp, mid-sized disc, light vignette.
     "Domain1": CameraLook(
-        gains=(1.0, 1.0, 1.0), brightness=(0.95, 1.1), contrast=(1.0, 1.15), gamma=(0.9, 1.05),
-        saturation=(0.95, 1.1), blur_px=(0.0, 0.4), vignette=(0.15, 0.3), gradient=(0.0, 0.1),
-        noise=(0.005, 0.015), chroma_noise=0.3, jpeg_quality=None, disc_radius=(0.34, 0.42),
-        cup_ratio=(0.35, 0.8), offset=0.08, pallor=(0.65, 0.9)),
+        gains=(1.0, 1.0, 1.0),
+        brightness=(0.95, 1.1),
+        contrast=(1.0, 1.15),
+        gamma=(0.9, 1.05),
+        saturation=(0.95, 1.1),
+        blur_px=(0.0, 0.4),
+        vignette=(0.15, 0.3),
+        gradient=(0.0, 0.1),
+        noise=(0.005, 0.015),
+        chroma_noise=0.3,
+        jpeg_quality=None,
+        disc_radius=(0.34, 0.42),
+        cup_ratio=(0.35, 0.8),
+        offset=0.08,
+        pallor=(0.65, 0.9),
+    ),
     # Dark, greenish, low contrast, large tightly-cropped disc.
     "Domain2": CameraLook(
-        gains=(0.7, 1.0, 0.8), brightness=(0.75, 0.9), contrast=(0.6, 0.75), gamma=(1.1, 1.25),
-        saturation=(0.6, 0.8), blur_px=(0.3, 0.8), vignette=(0.35, 0.55), gradient=(0.05, 0.2),
-        noise=(0.01, 0.025), chroma_noise=0.2, jpeg_quality=None, disc_radius=(0.45, 0.55),
-        cup_ratio=(0.3, 0.75), offset=0.06, pallor=(0.45, 0.7)),
+        gains=(0.7, 1.0, 0.8),
+        brightness=(0.75, 0.9),
+        contrast=(0.6, 0.75),
+        gamma=(1.1, 1.25),
+        saturation=(0.6, 0.8),
+        blur_px=(0.3, 0.8),
+        vignette=(0.35, 0.55),
+        gradient=(0.05, 0.2),
+        noise=(0.01, 0.025),
+        chroma_noise=0.2,
+        jpeg_quality=None,
+        disc_radius=(0.45, 0.55),
+        cup_ratio=(0.3, 0.75),
+        offset=0.06,
+        pallor=(0.45, 0.7),
+    ),
     # Bright, washed out, yellowish, blurry, small disc.
     "Domain3": CameraLook(
-        gains=(1.05, 1.15, 1.1), brightness=(1.2, 1.4), contrast=(0.65, 0.8), gamma=(0.6, 0.75),
-        saturation=(0.45, 0.65), blur_px=(1.2, 2.0), vignette=(0.0, 0.1), gradient=(0.0, 0.1),
-        noise=(0.005, 0.012), chroma_noise=0.2, jpeg_quality=None, disc_radius=(0.24, 0.31),
-        cup_ratio=(0.3, 0.7), offset=0.12, pallor=(0.5, 0.75)),
+        gains=(1.05, 1.15, 1.1),
+        brightness=(1.2, 1.4),
+        contrast=(0.65, 0.8),
+        gamma=(0.6, 0.75),
+        saturation=(0.45, 0.65),
+        blur_px=(1.2, 2.0),
+        vignette=(0.0, 0.1),
+        gradient=(0.0, 0.1),
+        noise=(0.005, 0.012),
+        chroma_noise=0.2,
+        jpeg_quality=None,
+        disc_radius=(0.24, 0.31),
+        cup_ratio=(0.3, 0.7),
+        offset=0.12,
+        pallor=(0.5, 0.75),
+    ),
     # High contrast, deep red, noisy, JPEG-compressed.
     "Domain4": CameraLook(
-        gains=(1.0, 0.85, 0.75), brightness=(0.85, 1.0), contrast=(1.35, 1.6), gamma=(1.0, 1.2),
-        saturation=(1.15, 1.35), blur_px=(0.0, 0.3), vignette=(0.2, 0.4), gradient=(0.1, 0.25),
-        noise=(0.04, 0.07), chroma_noise=0.6, jpeg_quality=(35, 60), disc_radius=(0.3, 0.38),
-        cup_ratio=(0.3, 0.8), offset=0.1, pallor=(0.5, 0.8)),
+        gains=(1.0, 0.85, 0.75),
+        brightness=(0.85, 1.0),
+        contrast=(1.35, 1.6),
+        gamma=(1.0, 1.2),
+        saturation=(1.15, 1.35),
+        blur_px=(0.0, 0.3),
+        vignette=(0.2, 0.4),
+        gradient=(0.1, 0.25),
+        noise=(0.04, 0.07),
+        chroma_noise=0.6,
+        jpeg_quality=(35, 60),
+        disc_radius=(0.3, 0.38),
+        cup_ratio=(0.3, 0.8),
+        offset=0.1,
+        pallor=(0.5, 0.8),
+    ),
     # External site: cool bluish-magenta cast, strong uneven illumination, slight blur.
     "Domain5": CameraLook(
-        gains=(0.85, 0.75, 1.25), brightness=(0.8, 0.95), contrast=(0.9, 1.1), gamma=(0.85, 1.0),
-        saturation=(0.7, 0.9), blur_px=(0.5, 1.0), vignette=(0.3, 0.5), gradient=(0.25, 0.4),
-        noise=(0.015, 0.03), chroma_noise=0.4, jpeg_quality=(60, 80), disc_radius=(0.3, 0.4),
-        cup_ratio=(0.3, 0.8), offset=0.1, pallor=(0.5, 0.75)),
+        gains=(0.85, 0.75, 1.25),
+        brightness=(0.8, 0.95),
+        contrast=(0.9, 1.1),
+        gamma=(0.85, 1.0),
+        saturation=(0.7, 0.9),
+        blur_px=(0.5, 1.0),
+        vignette=(0.3, 0.5),
+        gradient=(0.25, 0.4),
+        noise=(0.015, 0.03),
+        chroma_noise=0.4,
+        jpeg_quality=(60, 80),
+        disc_radius=(0.3, 0.4),
+        cup_ratio=(0.3, 0.8),
+        offset=0.1,
+        pallor=(0.5, 0.75),
+    ),
 }
 
 # Mask grey levels of the DoFE layout.
@@ -150,8 +210,7 @@ def _wrap(angle: np.ndarray) -> np.ndarray:
     return angle - (2 * np.pi) * np.rint(angle / (2 * np.pi))
 
 
-def _vessel_darkness(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, cx: float, cy: float,
-                     temporal: float, disc_r: float) -> np.ndarray:
+def _vessel_darkness(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, cx: float, cy: float, temporal: float, disc_r: float) -> np.ndarray:
     """Vessel tree as a darkness map in 0..1, drawn in polar coordinates around (cx, cy).
 
     Each vessel is a curve ``phi(r) = phi0 + bend·r + wiggle·sin(freq·r + phase)``; a pixel at
@@ -170,17 +229,25 @@ def _vessel_darkness(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, cx:
             phi0 = vertical + rng.uniform(-0.35, 0.35) + (k - 0.5) * 0.3
             bend = _wrap(np.array(toward_temporal - phi0)) * rng.uniform(0.25, 0.55)
             width = rng.uniform(0.028, 0.04) * (1.25 if k else 1.0)
-            vessels.append((phi0, float(bend), rng.uniform(0.03, 0.1), rng.uniform(4, 9), rng.uniform(0, 6.3),
-                            width, 0.0, 3.0))
+            vessels.append((phi0, float(bend), rng.uniform(0.03, 0.1), rng.uniform(4, 9), rng.uniform(0, 6.3), width, 0.0, 3.0))
     for _ in range(rng.integers(2, 6)):  # smaller vessels, nasal and temporal
         phi0 = rng.uniform(-np.pi, np.pi)
-        vessels.append((phi0, rng.uniform(-0.5, 0.5), rng.uniform(0.02, 0.08), rng.uniform(4, 10), rng.uniform(0, 6.3),
-                        rng.uniform(0.014, 0.022), rng.uniform(0.0, 0.3 * disc_r), rng.uniform(0.6, 1.6)))
+        vessels.append(
+            (
+                phi0,
+                rng.uniform(-0.5, 0.5),
+                rng.uniform(0.02, 0.08),
+                rng.uniform(4, 10),
+                rng.uniform(0, 6.3),
+                rng.uniform(0.014, 0.022),
+                rng.uniform(0.0, 0.3 * disc_r),
+                rng.uniform(0.6, 1.6),
+            )
+        )
     for parent in list(vessels[:4]):  # branches of the arcades
         r0 = rng.uniform(0.9, 1.8) * disc_r
         base = parent[0] + parent[1] * r0 + parent[2] * np.sin(parent[3] * r0 + parent[4])
-        vessels.append((base, rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.1), 0.04, 6.0, rng.uniform(0, 6.3),
-                        parent[5] * 0.6, r0, rng.uniform(1.2, 2.5)))
+        vessels.append((base, rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.1), 0.04, 6.0, rng.uniform(0, 6.3), parent[5] * 0.6, r0, rng.uniform(1.2, 2.5)))
     darkness = np.zeros_like(r)
     r_over_taper = r / np.clip(1.0 - 0.25 * r, 0.5, 1.0)  # vessels thin out away from the disc
     for phi0, bend, wiggle, freq, phase, width, r_start, r_end in (map(float, v) for v in vessels):
@@ -261,7 +328,8 @@ def _apply_camera(rng: np.random.Generator, image: np.ndarray, look: CameraLook)
     y, x = _grid(size)
     direction = rng.uniform(0, 2 * np.pi)
     illumination = (1.0 - rng.uniform(*look.vignette) * (x * x + y * y) / 2.0) * (
-        1.0 + rng.uniform(*look.gradient) * (math.cos(direction) * x + math.sin(direction) * y))
+        1.0 + rng.uniform(*look.gradient) * (math.cos(direction) * x + math.sin(direction) * y)
+    )
     gains = (np.asarray(look.gains) * rng.uniform(0.96, 1.04, 3)).astype(np.float32)
     image = image * illumination[None] * gains[:, None, None]
 
@@ -305,9 +373,9 @@ def publish_staged_sites(staging: Path, out: Path, sites) -> None:
         os.replace(staging / site, target)
 
 
-def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 0, progress: bool = False,
-                              overwrite: bool = False,
-                              counts: dict[str, tuple[int, int]] | None = None) -> dict[str, dict[str, int]]:
+def write_synthetic_benchmark(
+    out_dir: str | Path, size: int = 128, seed: int = 0, progress: bool = False, overwrite: bool = False, counts: dict[str, tuple[int, int]] | None = None
+) -> dict[str, dict[str, int]]:
     """Write the five-site synthetic fundus benchmark under ``out_dir`` (DoFE layout).
 
     ``counts`` ({site: (train, test)}, sites among ``SITE_LOOKS``) replaces the default DoFE
@@ -338,6 +406,7 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=total, desc="synthetic fundus", unit="img")
     summary: dict[str, dict[str, int]] = {}
     staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
@@ -368,8 +437,13 @@ def write_synthetic_benchmark(out_dir: str | Path, size: int = 128, seed: int = 
                         bar.update(1)
                 summary[site][split] = count
         publish_staged_sites(staging, out, counts)
-        info = {"generator": "relaylearn synthetic fundus", "seed": seed, "size": size, "sites": summary,
-                "external_test_sites": [s for s, (train, _) in counts.items() if train == 0]}
+        info = {
+            "generator": "relaylearn synthetic fundus",
+            "seed": seed,
+            "size": size,
+            "sites": summary,
+            "external_test_sites": [s for s, (train, _) in counts.items() if train == 0],
+        }
         tmp_json = staging / "synth_benchmark.json"
         tmp_json.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp_json, out / "synth_benchmark.json")

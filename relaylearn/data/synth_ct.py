@@ -126,8 +126,15 @@ def _save_slices(folder: Path, hu: np.ndarray, label: np.ndarray, hu_min: float)
         Image.fromarray(label[:, :, z]).save(folder / f"mask_{z:03d}.png")
 
 
-def write_synthetic_ct(out_dir: str | Path, size: int = 64, seed: int = 0, studies: int | dict[str, int] = STUDIES_PER_SITE,
-                       layout: str = "nifti", hu_min: float = -160.0, overwrite: bool = False) -> dict[str, dict[str, int]]:
+def write_synthetic_ct(
+    out_dir: str | Path,
+    size: int = 64,
+    seed: int = 0,
+    studies: int | dict[str, int] = STUDIES_PER_SITE,
+    layout: str = "nifti",
+    hu_min: float = -160.0,
+    overwrite: bool = False,
+) -> dict[str, dict[str, int]]:
     """Write four synthetic CT sites (``CT1``..``CT4``) under ``out_dir``.
 
     ``studies``: studies per site (or {site: n}); ``layout``: ``"nifti"`` (``ct_nifti``) or
@@ -177,8 +184,14 @@ def write_synthetic_ct(out_dir: str | Path, size: int = 64, seed: int = 0, studi
                 positives += int(label.reshape(-1, hu.shape[2]).any(axis=0).sum())
             summary[site] = {"studies": n, "slices": slices, "positive_slices": positives}
         publish_staged_sites(staging, out, counts)
-        info = {"generator": "relaylearn synthetic CT", "seed": seed, "size": size, "layout": layout, "sites": summary,
-                "scanners": {s: SCANNERS[s].__dict__ for s in counts}}
+        info = {
+            "generator": "relaylearn synthetic CT",
+            "seed": seed,
+            "size": size,
+            "layout": layout,
+            "sites": summary,
+            "scanners": {s: SCANNERS[s].__dict__ for s in counts},
+        }
         tmp_json = staging / "synth_ct.json"
         tmp_json.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp_json, out / "synth_ct.json")

@@ -140,10 +140,7 @@ class UNetResNet18(nn.Module):
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             height, width = x.shape[-2:]
             if height % ENCODER_STRIDE or width % ENCODER_STRIDE:
-                raise ConfigError(
-                    f"image size {height}x{width} is not divisible by {ENCODER_STRIDE}, "
-                    "which the U-Net solver requires"
-                )
+                raise ConfigError(f"image size {height}x{width} is not divisible by {ENCODER_STRIDE}, which the U-Net solver requires")
         s1, s2, s3, s4, s5 = self.encoder(x)
         out = s5
         for up, skip in zip(self.decoder, (s4, s3, s2, s1, x)):

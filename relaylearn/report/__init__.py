@@ -145,8 +145,18 @@ class ReportBuilder:
             h = headline(run.matrix)
             numbers = [h["acc"], h["bwt"], h["forgetting"], h["mean_all_sites"], h["external_dice"]]
             values.append(numbers)
-            rows.append([escape(run.label), escape(run.strategy or "?"), escape(" → ".join(run.trained)),
-                         _fmt(numbers[0]), _fmt(numbers[1], signed=True), _fmt(numbers[2]), _fmt(numbers[3]), _fmt(numbers[4])])
+            rows.append(
+                [
+                    escape(run.label),
+                    escape(run.strategy or "?"),
+                    escape(" → ".join(run.trained)),
+                    _fmt(numbers[0]),
+                    _fmt(numbers[1], signed=True),
+                    _fmt(numbers[2]),
+                    _fmt(numbers[3]),
+                    _fmt(numbers[4]),
+                ]
+            )
         best = set()
         if self.multi:  # higher is better except forgetting
             for c, better in zip(range(3, 8), (max, max, min, max, max)):
@@ -154,10 +164,12 @@ class ReportBuilder:
                 if column:
                     target = better(column)[0]
                     best |= {(r, c) for v, r in column if v == target}
-        lead = ("ACC: mean final Dice over the trained sites. BWT: mean change on each earlier site from just after "
-                "training it to the end (negative = forgotten). Forgetting: mean over earlier sites of the largest drop "
-                "from any earlier model to the final one. External: mean final Dice on sites never trained on. "
-                "Dice is the per-image mean over foreground classes (sample-wise)." + (" Best value per column in green." if self.multi else ""))
+        lead = (
+            "ACC: mean final Dice over the trained sites. BWT: mean change on each earlier site from just after "
+            "training it to the end (negative = forgotten). Forgetting: mean over earlier sites of the largest drop "
+            "from any earlier model to the final one. External: mean final Dice on sites never trained on. "
+            "Dice is the per-image mean over foreground classes (sample-wise)." + (" Best value per column in green." if self.multi else "")
+        )
         body = html.table(header, rows, numeric={3, 4, 5, 6, 7}, best=best)
         body += html.notes(f"{run.label}: {n}" if self.multi else n for run in self.runs for n in run.notes)
         return html.section("summary", "Summary", body, lead)
@@ -168,7 +180,9 @@ class ReportBuilder:
         for run in self.runs:
             uri = _guarded(notes, f"{run.label}: heat-map", lambda run=run: plots.matrix_heatmap(run))
             if uri:
-                figs.append(html.figure(uri, f"{self._title(run)} — R[i][j]: Dice on test site j after training through site i.", f"result matrix of {run.label}"))
+                figs.append(
+                    html.figure(uri, f"{self._title(run)} — R[i][j]: Dice on test site j after training through site i.", f"result matrix of {run.label}")
+                )
         lead = "Rows: the model after each hop; columns: test sites. Outlined: the row's own training site; * marks external test sites (never trained on)."
         return html.section("matrix", "Result matrix R", f'<div class="grid">{"".join(figs)}</div>' + html.notes(notes), lead)
 
@@ -188,14 +202,28 @@ class ReportBuilder:
         uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
         for run in self.runs:
             if not forgetting_per_site(run.matrix):
-                notes.append(f"{run.label}: no forgetting per site ({'pooled training' if any('+' in t for t in run.trained) else 'fewer than two sites trained'})")
-        body = html.figure(uri, "Per trained site j (all but the last): max over the models after site j and before the last of R[l][j], minus the final R[T][j]. Positive = forgotten.", "forgetting per site") if uri else ""
+                notes.append(
+                    f"{run.label}: no forgetting per site ({'pooled training' if any('+' in t for t in run.trained) else 'fewer than two sites trained'})"
+                )
+        body = (
+            html.figure(
+                uri,
+                "Per trained site j (all but the last): max over the models after site j and before the last of R[l][j], minus the final R[T][j]. Positive = forgotten.",
+                "forgetting per site",
+            )
+            if uri
+            else ""
+        )
         return html.section("forgetting", "Forgetting per site", body + html.notes(notes))
 
     def final_dice(self) -> str:
         notes: list[str] = []
         uri = _guarded(notes, "final Dice chart", lambda: plots.final_dice_bars(self.runs))
-        body = html.figure(uri, "Final model's Dice on every test site, 95 % bootstrap interval as error bar; * external site.", "final Dice per site") if uri else ""
+        body = (
+            html.figure(uri, "Final model's Dice on every test site, 95 % bootstrap interval as error bar; * external site.", "final Dice per site")
+            if uri
+            else ""
+        )
         per_class = []
         for run in self.runs:
             table = self._per_class_table(run)
@@ -233,11 +261,15 @@ class ReportBuilder:
         parts, notes = [], []
         for run, model in self._runs_with_model(self.runs, notes):
             run_notes: list[str] = []
-            rows = _guarded(run_notes, "predictions", lambda run=run, model=model, run_notes=run_notes: prediction_rows(run, model, self._data_for(run, model), run_notes))
+            rows = _guarded(
+                run_notes, "predictions", lambda run=run, model=model, run_notes=run_notes: prediction_rows(run, model, self._data_for(run, model), run_notes)
+            )
             heading = f"<h3>{escape(run.label)}</h3>" if self.multi else ""
             if rows:
-                caption = ("Per test site: worst, median and best image of the final model by Dice (per-image CSV), each as image, "
-                           f"ground truth and prediction (re-run from the last bundle, at the model's resolution). {_colour_legend(run)}")
+                caption = (
+                    "Per test site: worst, median and best image of the final model by Dice (per-image CSV), each as image, "
+                    f"ground truth and prediction (re-run from the last bundle, at the model's resolution). {_colour_legend(run)}"
+                )
                 parts.append(heading + html.image_panel(_embedded(rows), group=3, caption=caption))
             notes += [f"{run.label}: {n}" if self.multi else n for n in run_notes]
         lead = "What the final model does on real test images, including its worst case on every site."
@@ -252,8 +284,18 @@ class ReportBuilder:
         parts, notes = [], []
         for run, model in self._runs_with_model(relay_runs, notes):
             run_notes: list[str] = []
-            grids = _guarded(run_notes, "replay previews", lambda model=model, run=run, run_notes=run_notes: replay_rows(model, self._data_for(run, model), run_notes)) or []
-            figs = [html.image_panel(_embedded(rows), max_cell_px=90, title=site, caption="Top: generated by the generators in the bundle; bottom: real test pairs of the site.") for site, rows in grids]
+            grids = (
+                _guarded(
+                    run_notes, "replay previews", lambda model=model, run=run, run_notes=run_notes: replay_rows(model, self._data_for(run, model), run_notes)
+                )
+                or []
+            )
+            figs = [
+                html.image_panel(
+                    _embedded(rows), max_cell_px=90, title=site, caption="Top: generated by the generators in the bundle; bottom: real test pairs of the site."
+                )
+                for site, rows in grids
+            ]
             if figs:
                 parts.append((f"<h3>{escape(run.label)}</h3>" if self.multi else "") + f'<div class="grid">{"".join(figs)}</div>')
             notes += [f"{run.label}: {n}" if self.multi else n for n in run_notes]
@@ -283,12 +325,23 @@ class ReportBuilder:
             sites = [str(s) for s in replay.get("sites", [])]
             head = f"<h3>{escape(run.label)}</h3>" if self.multi else ""
             uri = _guarded(notes, f"{run.label}: fidelity heat-map", lambda replay=replay: plots.fidelity_heatmap(replay))
-            body = html.figure(uri, "F[k][s]: oracle Dice on pairs generated for site s by the generators leaving hop k; below: F / reference.", "replay fidelity") if uri else ""
+            body = (
+                html.figure(uri, "F[k][s]: oracle Dice on pairs generated for site s by the generators leaving hop k; below: F / reference.", "replay fidelity")
+                if uri
+                else ""
+            )
             refs = replay.get("reference", [])
-            body += html.table(["site", "reference (oracle on real test images)"], [[escape(s), _fmt(refs[i] if i < len(refs) else None)] for i, s in enumerate(sites)], numeric={1})
+            body += html.table(
+                ["site", "reference (oracle on real test images)"],
+                [[escape(s), _fmt(refs[i] if i < len(refs) else None)] for i, s in enumerate(sites)],
+                numeric={1},
+            )
             drift = replay_drift(replay["fidelity"], sites)
             if drift:
-                notes.append(f"{run.label + ': ' if self.multi else ''}replay drift: " + "; ".join(f"{s} fell by {d:.3f} from its first to its last hop" for s, d in drift.items()))
+                notes.append(
+                    f"{run.label + ': ' if self.multi else ''}replay drift: "
+                    + "; ".join(f"{s} fell by {d:.3f} from its first to its last hop" for s, d in drift.items())
+                )
             grids = []
             for k in range(1, len(replay["fidelity"]) + 1):
                 for i, s in enumerate(sites[: k - 1]):
@@ -301,8 +354,10 @@ class ReportBuilder:
             parts.append(head + body)
         if not parts and not notes:
             return None
-        lead = ("How well the generators still reproduce each earlier site: an oracle for the site (the solver right after training on it, "
-                "kept on this machine only) segments generated images; F is its Dice against the generated masks. A drop along the hops is replay drift.")
+        lead = (
+            "How well the generators still reproduce each earlier site: an oracle for the site (the solver right after training on it, "
+            "kept on this machine only) segments generated images; F is its Dice against the generated masks. A drop along the hops is replay drift."
+        )
         return html.section("fidelity", "Replay fidelity", "".join(parts) + html.notes(notes), lead)
 
     def hop_chain(self) -> str:
@@ -311,11 +366,16 @@ class ReportBuilder:
         parts, notes = [], []
         for run, model in self._runs_with_model(self.runs, notes):
             b = model.bundle
-            rows = [[r["order"], escape(r["site"]), r["started"], r["finished"], r["duration"], _hash(r["signer"], 16), _hash(r["parent"]), _hash(r["bundle"])] for r in hop_rows(b)]
+            rows = [
+                [r["order"], escape(r["site"]), r["started"], r["finished"], r["duration"], _hash(r["signer"], 16), _hash(r["parent"]), _hash(r["bundle"])]
+                for r in hop_rows(b)
+            ]
             signed = "signed" if b.manifest.get("signed") else "unsigned (single-machine simulation)"
-            caption = (f'<p class="lead">{escape(b.path.name)}: {signed}; strategy {escape(str(b.manifest.get("strategy")))}; '
-                       f'SHA-256 <span class="hash">{escape(b.sha256)}</span>. The report does not check signatures: '
-                       "use <code>relaylearn verify BUNDLE --trust DIR</code>.</p>")
+            caption = (
+                f'<p class="lead">{escape(b.path.name)}: {signed}; strategy {escape(str(b.manifest.get("strategy")))}; '
+                f'SHA-256 <span class="hash">{escape(b.sha256)}</span>. The report does not check signatures: '
+                "use <code>relaylearn verify BUNDLE --trust DIR</code>.</p>"
+            )
             table = html.table(["#", "site", "started (UTC)", "finished (UTC)", "took", "signer key", "started from bundle", "wrote bundle"], rows)
             parts.append((f"<h3>{escape(run.label)}</h3>" if self.multi else "") + caption + table)
         lead = "Every site the final bundle passed through, from its own manifest. Hashes are shortened; hover for the full value."
@@ -370,7 +430,9 @@ def _colour_legend(run: Run) -> str:
     for k in range(1, min(_dataset(run)[1], 10)):
         r, g, b = class_colour(k)
         label = names.get(f"dice_class_{k}", f"class {k}")
-        swatches.append(f'<span style="display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b});margin:0 4px 0 10px;border-radius:2px"></span>{escape(label)}')
+        swatches.append(
+            f'<span style="display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b});margin:0 4px 0 10px;border-radius:2px"></span>{escape(label)}'
+        )
     return "Colours:" + "".join(swatches)
 
 

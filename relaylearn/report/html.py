@@ -100,7 +100,7 @@ def table(header: Sequence[str] | None, rows: Sequence[Sequence[str]], numeric: 
     """``rows`` hold HTML-ready cells (escape text before); no ``header``: a key/value table;
     ``numeric`` columns align right;
     ``best`` = (row, column) cells to highlight."""
-    head = f'<thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in header)}</tr></thead>' if header else ""
+    head = f"<thead><tr>{''.join(f'<th>{escape(h)}</th>' for h in header)}</tr></thead>" if header else ""
     body = []
     for r, row in enumerate(rows):
         cells = []
@@ -122,10 +122,10 @@ def page(title: str, meta: str, sections: Sequence[tuple[str, str, str]], footer
     nav = "".join(f'<a href="#{escape(a)}">{escape(label)}</a>' for a, label, _ in sections)
     body = "".join(html for _, _, html in sections)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head>"
-        f"<body><header><h1>{escape(title)}</h1><div class=\"meta\">{meta}</div></header>"
+        f'<body><header><h1>{escape(title)}</h1><div class="meta">{meta}</div></header>'
         f"<nav>{nav}</nav><main>{body}</main><footer>{footer}</footer>"
         f"<script>{SELF_CHECK}</script></body></html>\n"
     )

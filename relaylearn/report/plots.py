@@ -40,7 +40,6 @@ def data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-
 def _finish_heatmap(fig, ax, im, colour_label: str) -> str:
     """Frameless axes and a labelled colour bar; the figure as a data URI."""
     ax.tick_params(length=0)
@@ -50,6 +49,7 @@ def _finish_heatmap(fig, ax, im, colour_label: str) -> str:
     cbar.set_label(colour_label, fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     return data_uri(fig)
+
 
 def png_uri(array: np.ndarray) -> str:
     """A uint8 image array [H, W] or [H, W, 3] as a PNG data URI (no resampling)."""
@@ -113,10 +113,22 @@ def dice_over_hops(run: Run) -> str:
         x = np.arange(hops) + (k - (len(series) - 1) / 2) * width
         mean = np.array([v[0] for v in values])
         err = np.array([[m - lo for m, lo, _ in values], [hi - m for m, _, hi in values]]).clip(min=0)
-        ax.errorbar(x, mean, yerr=err, marker="o", markersize=3.5, capsize=2.5, linewidth=1.3, elinewidth=0.9,
-                    linestyle="--" if site in external else "-", color=RUN_COLOURS[k % len(RUN_COLOURS)],
-                    label=site + (" (external)" if site in external else ""))
-    ax.set_xticks(range(hops), [f"{i + 1}. {_short(t)}" for i, t in enumerate(run.trained)], rotation=20 if hops > 3 else 0, ha="right" if hops > 3 else "center")
+        ax.errorbar(
+            x,
+            mean,
+            yerr=err,
+            marker="o",
+            markersize=3.5,
+            capsize=2.5,
+            linewidth=1.3,
+            elinewidth=0.9,
+            linestyle="--" if site in external else "-",
+            color=RUN_COLOURS[k % len(RUN_COLOURS)],
+            label=site + (" (external)" if site in external else ""),
+        )
+    ax.set_xticks(
+        range(hops), [f"{i + 1}. {_short(t)}" for i, t in enumerate(run.trained)], rotation=20 if hops > 3 else 0, ha="right" if hops > 3 else "center"
+    )
     ax.set_xlim(-0.5, hops - 0.5)
     ax.set_ylim(0.0, 1.02)
     ax.set_ylabel("Dice (sample mean, 95 % CI)")
@@ -177,8 +189,16 @@ def final_dice_bars(runs: Sequence[Run]) -> str:
         low = np.array([finals.get(s, (math.nan,) * 3)[1] for s in sites])
         high = np.array([finals.get(s, (math.nan,) * 3)[2] for s in sites])
         err = np.nan_to_num(np.stack([mean - low, high - mean]).clip(min=0))
-        ax.bar(np.arange(len(sites)) + offsets[k], mean, width, yerr=err, capsize=2, error_kw={"elinewidth": 0.8},
-               label=run.label, color=RUN_COLOURS[k % len(RUN_COLOURS)])
+        ax.bar(
+            np.arange(len(sites)) + offsets[k],
+            mean,
+            width,
+            yerr=err,
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+            label=run.label,
+            color=RUN_COLOURS[k % len(RUN_COLOURS)],
+        )
     trained = {s for run in runs for cols in run.trained_columns() for s in (run.sites[c] for c in cols)}
     ax.set_xticks(range(len(sites)), [_short(s) + ("" if s in trained else " *") for s in sites])
     ax.set_ylim(0.0, 1.02)

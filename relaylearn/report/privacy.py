@@ -78,7 +78,11 @@ def closest_pairs(run: Run, privacy: dict[str, Any], notes: list[str]) -> str:
             continue
         with Image.open(path) as im:
             picture = np.asarray(im.convert("RGB"))
-        figs.append(html.figure(png_uri(picture), f"{escape(site)}: generated (top) and their nearest training image (bottom), closest first", alt=f"closest pairs {site}"))
+        figs.append(
+            html.figure(
+                png_uri(picture), f"{escape(site)}: generated (top) and their nearest training image (bottom), closest first", alt=f"closest pairs {site}"
+            )
+        )
     return f'<h3>Closest generated / training pairs after hop {int(hops[-1]["hop"])}</h3><div class="grid">{"".join(figs)}</div>' if figs else ""
 
 
@@ -91,9 +95,11 @@ def privacy_section(runs: Sequence[Run], multi: bool) -> str | None:
         parts.append((f"<h3>{escape(run.label)}</h3>" if multi else "") + hop_table(privacy) + closest_pairs(run, privacy, notes))
     if not parts:
         return None
-    lead = ("After every hop, the generators (and discriminators, when they travel) of the bundle were audited for every site so far, "
-            "on that site's own train and test images. Near copies: generated images closer to a training image than the 5th "
-            "percentile of test→train distances (fresh images of the site give about 5 %). Median ratio: median gen→train over "
-            "median test→train distance (below 1: generated images hug the training set). AUC: membership inference separating "
-            "training from test images (0.5 = nothing learnt). 95 % bootstrap intervals in brackets; ⚑ = flagged.")
+    lead = (
+        "After every hop, the generators (and discriminators, when they travel) of the bundle were audited for every site so far, "
+        "on that site's own train and test images. Near copies: generated images closer to a training image than the 5th "
+        "percentile of test→train distances (fresh images of the site give about 5 %). Median ratio: median gen→train over "
+        "median test→train distance (below 1: generated images hug the training set). AUC: membership inference separating "
+        "training from test images (0.5 = nothing learnt). 95 % bootstrap intervals in brackets; ⚑ = flagged."
+    )
     return html.section("privacy", "Privacy audit of what travels", "".join(parts) + html.notes(notes), lead)

@@ -79,9 +79,7 @@ class StepContext:
     @property
     def progress(self) -> float:
         """Fraction of the site's training already done, in [0, 1)."""
-        return (self.epoch * self.site.steps_per_epoch + self.step % max(1, self.site.steps_per_epoch)) / max(
-            1, self.site.total_steps
-        )
+        return (self.epoch * self.site.steps_per_epoch + self.step % max(1, self.site.steps_per_epoch)) / max(1, self.site.total_steps)
 
 
 @dataclass
@@ -214,7 +212,7 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str = "common.strategy.kwargs") -> StrategyOptions:

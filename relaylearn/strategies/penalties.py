@@ -85,11 +85,7 @@ class AnchoredPenalty(Sequential):
 
     def penalty(self) -> Tensor:
         """The scalar penalty (0 while no importance is known)."""
-        terms = [
-            (self.importance[n] * (p - self.anchor[n]).pow(2)).sum()
-            for n, p in self.trainable_parameters().items()
-            if n in self.importance
-        ]
+        terms = [(self.importance[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in self.trainable_parameters().items() if n in self.importance]
         if not terms:
             return torch.zeros((), device=next(self.solver.parameters()).device)
         return self.penalty_weight * torch.stack(terms).sum()

@@ -76,7 +76,10 @@ GAN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class RelayOptions(StrategyOptions):
-    gan_preset: Literal["paper", "small"] = Field("paper", description="Defaults for pl_weight, style_mixing_prob and gan_steps_per_solver_step (keys given explicitly win): paper = 2, 0.8, 1; small (32 px) = 0, 0, 16.")
+    gan_preset: Literal["paper", "small"] = Field(
+        "paper",
+        description="Defaults for pl_weight, style_mixing_prob and gan_steps_per_solver_step (keys given explicitly win): paper = 2, 0.8, 1; small (32 px) = 0, 0, 16.",
+    )
     # networks (paper values, docs/method.md#networks)
     z_img: int = 128
     z_label: int = 64
@@ -89,7 +92,9 @@ class RelayOptions(StrategyOptions):
     d_label: DiscriminatorSize = DiscriminatorSize(channel_base=4096, channel_max=128)
     spade_hidden: int = 128
     # schedule
-    num_stages: Literal[1, 2] = Field(2, description="2: first half of a site fine-tunes on local data, then merge, then replay; 1: replay throughout, no merge.")
+    num_stages: Literal[1, 2] = Field(
+        2, description="2: first half of a site fine-tunes on local data, then merge, then replay; 1: replay throughout, no merge."
+    )
     weighted_merge: bool = True
     # GAN
     label_noise: float = 0.02
@@ -117,22 +122,35 @@ class RelayOptions(StrategyOptions):
     replay_site_selection: Literal["uniform", "distribution"] = "uniform"
     replay_truncation: float = 1.0
     replay_augment: Any = Field("original", description="Augmentation of replayed pairs for the solver: none | light | original.")
-    replay_once_per_batch: bool = Field(True, description="Generate one replay per batch and reuse it in the G, D and solver steps (the original generated three).")
+    replay_once_per_batch: bool = Field(
+        True, description="Generate one replay per batch and reuse it in the G, D and solver steps (the original generated three)."
+    )
     replay_generator_mode: Literal["eval", "train"] = "eval"
     quantize_replay_labels: bool = True
-    tie_image_site: bool = Field(True, description="The image generator's fake site id is the site of the label map it follows (false: drawn independently, as in the original).")
+    tie_image_site: bool = Field(
+        True, description="The image generator's fake site id is the site of the label map it follows (false: drawn independently, as in the original)."
+    )
     spade_equalized_lr: bool = Field(False, description="SPADE convolutions with equalised learning rate (false: plain convolutions, as in the original).")
     gan_steps_per_solver_step: int = Field(1, ge=1, description="G+D steps per solver step; the extra ones draw fresh real batches of the site (paper: 1).")
     gan_warmup_steps: int = Field(0, ge=0, description="GAN-only G+D steps at the start of every site, before the first solver step.")
-    gen_align_weight: float = Field(0.0, ge=0, description="Generator alignment: weight of an L1 term keeping the generators' outputs for earlier sites equal to the frozen previous generators' on the same latents (0 = off, as in the paper).")
+    gen_align_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Generator alignment: weight of an L1 term keeping the generators' outputs for earlier sites equal to the frozen previous generators' on the same latents (0 = off, as in the paper).",
+    )
     # distillation
     distil_weight: float = 0.5
     distil_tau: float = 2.0
     distil_teacher: Literal["previous", "current"] = "previous"
     # what travels
-    ship_discriminators: bool = Field(True, description="Discriminators are membership-inference oracles; false drops them from the bundle (the next site starts them fresh).")
+    ship_discriminators: bool = Field(
+        True, description="Discriminators are membership-inference oracles; false drops them from the bundle (the next site starts them fresh)."
+    )
     solver_lr: Optional[float] = Field(None, description="None: train.optimizer.lr.")
-    fused_optimizers: bool = Field(False, description="Fused Adam kernels for G, D and the solver (faster on GPUs; false: train.optimizer.fused for the solver, PyTorch's default for G and D).")
+    fused_optimizers: bool = Field(
+        False,
+        description="Fused Adam kernels for G, D and the solver (faster on GPUs; false: train.optimizer.fused for the solver, PyTorch's default for G and D).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -180,10 +198,33 @@ class Relay(Strategy):
             raise ConfigError(f"dataset.kwargs.img_size: the relay GAN needs a square power-of-two size >= 8 (got {list(data.img_size)})")
         c = o.site_capacity
         train_cfg = config.train
-        self.g_label = LabelGenerator(o.z_label, c, o.w_label, img_resolution=res, channel_base=o.g_label.channel_base, channel_max=o.g_label.channel_max, mapping_layers=o.g_label.mapping_layers)
-        self.g_img = ImageGenerator(o.z_img, c, o.w_img, img_resolution=res, img_channels=in_ch, channel_base=o.g_img.channel_base, channel_max=o.g_img.channel_max, mapping_layers=o.g_img.mapping_layers, spade_hidden=o.spade_hidden, spade_equalized_lr=o.spade_equalized_lr)
-        self.d_img = ProjectionDiscriminator(in_ch + 1, c, img_resolution=res, channel_base=o.d_img.channel_base, channel_max=o.d_img.channel_max, mapping_layers=o.d_img.mapping_layers)
-        self.d_label = ProjectionDiscriminator(1, c, img_resolution=res, channel_base=o.d_label.channel_base, channel_max=o.d_label.channel_max, mapping_layers=o.d_label.mapping_layers)
+        self.g_label = LabelGenerator(
+            o.z_label,
+            c,
+            o.w_label,
+            img_resolution=res,
+            channel_base=o.g_label.channel_base,
+            channel_max=o.g_label.channel_max,
+            mapping_layers=o.g_label.mapping_layers,
+        )
+        self.g_img = ImageGenerator(
+            o.z_img,
+            c,
+            o.w_img,
+            img_resolution=res,
+            img_channels=in_ch,
+            channel_base=o.g_img.channel_base,
+            channel_max=o.g_img.channel_max,
+            mapping_layers=o.g_img.mapping_layers,
+            spade_hidden=o.spade_hidden,
+            spade_equalized_lr=o.spade_equalized_lr,
+        )
+        self.d_img = ProjectionDiscriminator(
+            in_ch + 1, c, img_resolution=res, channel_base=o.d_img.channel_base, channel_max=o.d_img.channel_max, mapping_layers=o.d_img.mapping_layers
+        )
+        self.d_label = ProjectionDiscriminator(
+            1, c, img_resolution=res, channel_base=o.d_label.channel_base, channel_max=o.d_label.channel_max, mapping_layers=o.d_label.mapping_layers
+        )
         self.ada_img = AdaptiveAugment(o.ada_img, num_channels=in_ch + 1)
         self.ada_label = AdaptiveAugment(o.ada_label, num_channels=1)
         self.ada_img_ctl = AdaController(target=o.ada_target, interval=o.ada_interval, kimg=o.ada_kimg, batch_size=train_cfg.batch_size)
@@ -351,7 +392,9 @@ class Relay(Strategy):
             for m, w in zip(gens.values(), was):
                 m.train(w)
         if not images:
-            return torch.zeros(0, self.g_img.img_channels, self.g_img.img_resolution, self.g_img.img_resolution), torch.zeros(0, self.g_img.img_resolution, self.g_img.img_resolution, dtype=torch.long)
+            return torch.zeros(0, self.g_img.img_channels, self.g_img.img_resolution, self.g_img.img_resolution), torch.zeros(
+                0, self.g_img.img_resolution, self.g_img.img_resolution, dtype=torch.long
+            )
         return torch.cat(images), torch.cat(masks)
 
     def mix_with_replay(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -503,9 +546,16 @@ class Relay(Strategy):
         if o.gen_align_weight > 0 and self.previous is not None and self.registry_previous:
             m = max(1, n // 2)
             c_prev = self._one_hot(self._draw_ids(m, "previous", device))
-            align = alignment_loss(self.g_label, self.g_img, self.previous["g_label"], self.previous["g_img"],
-                                   torch.randn(m, o.z_label, device=device), torch.randn(m, o.z_img, device=device), c_prev,
-                                   lambda label_map: encode_labels(decode_labels(label_map, self.num_classes), self.num_classes))
+            align = alignment_loss(
+                self.g_label,
+                self.g_img,
+                self.previous["g_label"],
+                self.previous["g_img"],
+                torch.randn(m, o.z_label, device=device),
+                torch.randn(m, o.z_img, device=device),
+                c_prev,
+                lambda label_map: encode_labels(decode_labels(label_map, self.num_classes), self.num_classes),
+            )
             loss = loss + o.gen_align_weight * align
             logs["g_align"] = align.detach()
         if do_pl and o.pl_weight > 0:
@@ -589,12 +639,17 @@ class Relay(Strategy):
 
     def meta(self) -> dict[str, Any]:
         meta = super().meta()
-        meta.update({
-            "site_registry": {k: dict(v) for k, v in self.registry_previous.items()},
-            "site_registry_current": {k: dict(v) for k, v in self.registry_current.items()},
-            "merge_weight": self.merge_weight, "stage": self.stage, "site_capacity": self.options.site_capacity,
-            "gan_step": self.gan_step, "spade_conv": "equalized" if self.options.spade_equalized_lr else "plain",
-        })
+        meta.update(
+            {
+                "site_registry": {k: dict(v) for k, v in self.registry_previous.items()},
+                "site_registry_current": {k: dict(v) for k, v in self.registry_current.items()},
+                "merge_weight": self.merge_weight,
+                "stage": self.stage,
+                "site_capacity": self.options.site_capacity,
+                "gan_step": self.gan_step,
+                "spade_conv": "equalized" if self.options.spade_equalized_lr else "plain",
+            }
+        )
         return meta
 
     def load_meta(self, meta: dict[str, Any]) -> None:

@@ -39,15 +39,43 @@ def test_variants_parse_into_switches_and_unknown_names_fail():
 
 
 def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
-    summary = _load("gpu_summary").summarize([
-        json.dumps({"name": "relay_replay", "device": "cuda:H100", "config": "fundus/relay", "batch": 128, "img_size": [64, 64],
-                    "precision": "bf16", "channels_last": True, "compile": False, "fused_adam": False, "replay_per_substep": False,
-                    "aug_device": "none", "ms_per_iter": 101.5, "peak_mem_bytes": 2**31, "tflops": 20.0}),
-        json.dumps({"name": "sequential", "precision": "fp32", "error": "RuntimeError: boom"}),
-        "not json",
-        json.dumps({"name": "replay_smoke", "config": "fundus/relay", "img_size": [64, 64], "batch": 128, "steps_per_site": 9,
-                    "wall_s": 1.0, "matrix": {"R": [[0.5]], "sites": ["A"]}, "replay_fidelity": None, "replay_fidelity_note": "absent"}),
-    ])
+    summary = _load("gpu_summary").summarize(
+        [
+            json.dumps(
+                {
+                    "name": "relay_replay",
+                    "device": "cuda:H100",
+                    "config": "fundus/relay",
+                    "batch": 128,
+                    "img_size": [64, 64],
+                    "precision": "bf16",
+                    "channels_last": True,
+                    "compile": False,
+                    "fused_adam": False,
+                    "replay_per_substep": False,
+                    "aug_device": "none",
+                    "ms_per_iter": 101.5,
+                    "peak_mem_bytes": 2**31,
+                    "tflops": 20.0,
+                }
+            ),
+            json.dumps({"name": "sequential", "precision": "fp32", "error": "RuntimeError: boom"}),
+            "not json",
+            json.dumps(
+                {
+                    "name": "replay_smoke",
+                    "config": "fundus/relay",
+                    "img_size": [64, 64],
+                    "batch": 128,
+                    "steps_per_site": 9,
+                    "wall_s": 1.0,
+                    "matrix": {"R": [[0.5]], "sites": ["A"]},
+                    "replay_fidelity": None,
+                    "replay_fidelity_note": "absent",
+                }
+            ),
+        ]
+    )
     assert "| `relay_replay` | bf16+channels_last | 101.5 | 2.00 | 20.00 |" in summary
     assert "| `sequential` | fp32 | error: RuntimeError: boom |" in summary
     assert "replay fidelity: not measured (absent)" in summary and "9 batches per site" in summary
@@ -72,9 +100,32 @@ def test_exclusive_timers_count_nested_parts_once():
 @pytest.mark.slow
 def test_compare_runs_two_checkouts_side_by_side(tmp_path):
     config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
-    proc = subprocess.run([sys.executable, str(BENCH / "speed.py"), "--compare", str(ROOT), "--config", str(config), "--batch", "2",
-                           "--warmup", "0", "--iters", "1", "--reps", "2", "--threads", "1", "--only", "sequential,relay_site1", "--as-trained"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "speed.py"),
+            "--compare",
+            str(ROOT),
+            "--config",
+            str(config),
+            "--batch",
+            "2",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--reps",
+            "2",
+            "--threads",
+            "1",
+            "--only",
+            "sequential,relay_site1",
+            "--as-trained",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert [r["name"] for r in records] == ["sequential", "relay_site1"]
@@ -88,8 +139,14 @@ def test_compare_runs_two_checkouts_side_by_side(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout")
 def test_small_mode_runs_every_step_and_writes_json_lines(tmp_path, tiny_fundus):
     config = tiny_config(tmp_path, tiny_fundus, strategy="relay", strategy_kwargs=TINY)
-    env = {**os.environ, "PYTHON": sys.executable, "RESULTS_DIR": str(tmp_path / "results"), "SMALL_CONFIG": str(config),
-           "DATA_ROOT": str(tiny_fundus), "COMPILE_TIMEOUT": "1"}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "RESULTS_DIR": str(tmp_path / "results"),
+        "SMALL_CONFIG": str(config),
+        "DATA_ROOT": str(tiny_fundus),
+        "COMPILE_TIMEOUT": "1",
+    }
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--small"], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results,) = (tmp_path / "results").glob("gpu_check_*_small.jsonl")
@@ -97,7 +154,12 @@ def test_small_mode_runs_every_step_and_writes_json_lines(tmp_path, tiny_fundus)
     speed = [r for r in records if r["name"] in ("relay_site1", "relay_replay", "sequential")]
     assert len(speed) == 5 * 3 and not [r for r in speed if "error" in r]
     assert {(r["precision"], r["channels_last"], r["fused_adam"]) for r in speed} == {
-        ("fp32", False, False), ("bf16", False, False), ("fp32", True, False), ("fp32", False, True), ("bf16", True, True)}
+        ("fp32", False, False),
+        ("bf16", False, False),
+        ("fp32", True, False),
+        ("fp32", False, True),
+        ("bf16", True, True),
+    }
     assert all(r["tflops"] > 0 and r["peak_mem_bytes"] > 0 for r in speed)
     assert [r for r in records if r["name"] == "compile"]  # 1 s is too short to compile: recorded, not fatal
     (smoke,) = [r for r in records if r["name"] == "replay_smoke"]

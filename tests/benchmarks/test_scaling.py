@@ -17,8 +17,12 @@ SCALING = ROOT / "benchmarks" / "scaling.py"
 
 @pytest.mark.slow
 def test_scaling_json_has_every_site_count_and_the_bundle_stays_the_same_size():
-    proc = subprocess.run([sys.executable, str(SCALING), "--json", "--sites", "1,2,5", "--batch", "2", "--warmup", "0", "--iters", "1", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCALING), "--json", "--sites", "1,2,5", "--batch", "2", "--warmup", "0", "--iters", "1", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1  # --json: only the JSON line

@@ -29,15 +29,26 @@ def _speed_module():
 def test_quick_run_prints_one_record_per_measurement_with_the_switches_applied(tmp_path):
     config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)  # data is random: nothing is read
     switches = ["--precision", "bf16", "--channels-last", "--fused-adam", "--replay-per-substep", "--aug-device", "same"]
-    proc = subprocess.run([sys.executable, str(SPEED), "--quick", "--config", str(config), "--batch", "2", "--threads", "1", *switches],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SPEED), "--quick", "--config", str(config), "--batch", "2", "--threads", "1", *switches],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert [r["name"] for r in records] == ["relay_site1", "relay_replay", "sequential"]
     for r in records:
         assert "error" not in r, r["error"]
         assert r["device"] == "cpu" and r["batch"] == 2 and r["iters"] == 2 and r["flop_iters"] == 1
-        assert (r["precision"], r["channels_last"], r["fused_adam"], r["replay_per_substep"], r["aug_device"], r["compile"]) == ("bf16", True, True, True, "same", False)
+        assert (r["precision"], r["channels_last"], r["fused_adam"], r["replay_per_substep"], r["aug_device"], r["compile"]) == (
+            "bf16",
+            True,
+            True,
+            True,
+            "same",
+            False,
+        )
         assert r["fused_effective"] is True  # the optimisers really use the fused kernel
         assert r["ms_per_iter"] > 0 and r["tflops"] > 0
         assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] > 0 and r["peak_mem_kind"].startswith("process_")
@@ -48,8 +59,16 @@ def test_quick_run_prints_one_record_per_measurement_with_the_switches_applied(t
 
 def test_matrix_toggles_one_switch_at_a_time_against_the_baseline():
     speed = _speed_module()
-    args = Namespace(precision="fp32", channels_last=False, compile=False, fused_adam=False, replay_per_substep=False,
-                     aug_device="none", matrix=True, only="relay_site1,relay_replay,sequential")
+    args = Namespace(
+        precision="fp32",
+        channels_last=False,
+        compile=False,
+        fused_adam=False,
+        replay_per_substep=False,
+        aug_device="none",
+        matrix=True,
+        only="relay_site1,relay_replay,sequential",
+    )
     runs = list(speed.plan(args))
     baseline = speed.Switches()
     assert runs[:3] == [(name, baseline) for name in speed.MEASUREMENTS]

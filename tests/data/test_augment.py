@@ -142,8 +142,7 @@ def test_light_changes_less_than_original():
 def test_from_config():
     assert from_config("light").strength == "light"
     assert SegmentationAugment.from_config("original").strength == "original"
-    custom = from_config({"strength": "original", "block_p": {"degrade": 0.0}, "params": {"scale": [0.9, 1.1]},
-                          "out_range": [0, 1]})
+    custom = from_config({"strength": "original", "block_p": {"degrade": 0.0}, "params": {"scale": [0.9, 1.1]}, "out_range": [0, 1]})
     assert custom.blocks["degrade"].p == 0.0 and custom.params.scale == (0.9, 1.1) and custom.out_range == (0.0, 1.0)
     with pytest.raises(ConfigError, match="unknown strength 'heavy'"):
         from_config("heavy")

@@ -28,13 +28,12 @@ def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
 def _fundus_mask(size: int = 20) -> np.ndarray:
     """Grey levels: background 255, a rim of 128 around a cup of 0."""
     mask = np.full((size, size), 255, np.uint8)
-    mask[size // 5: size * 4 // 5, size // 5: size * 4 // 5] = 128
-    mask[size * 2 // 5: size * 3 // 5, size * 2 // 5: size * 3 // 5] = 0
+    mask[size // 5 : size * 4 // 5, size // 5 : size * 4 // 5] = 128
+    mask[size * 2 // 5 : size * 3 // 5, size * 2 // 5 : size * 3 // 5] = 0
     return mask
 
 
-def _fundus_site(root: Path, site: str = "SiteA", split: str = "train", names=("b", "a"), roi: bool = True,
-                 rgb_mask: bool = False, size: int = 20) -> Path:
+def _fundus_site(root: Path, site: str = "SiteA", split: str = "train", names=("b", "a"), roi: bool = True, rgb_mask: bool = False, size: int = 20) -> Path:
     base = root / site / split / ("ROIs" if roi else "")
     rng = np.random.default_rng(0)
     for name in names:

@@ -23,15 +23,19 @@ def tiny(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_default_counts_are_the_dofe_sizes_plus_an_external_site():
-    assert SITE_COUNTS == {"Domain1": (50, 51), "Domain2": (99, 60), "Domain3": (320, 80), "Domain4": (320, 80),
-                           "Domain5": (0, 80)}
+    assert SITE_COUNTS == {"Domain1": (50, 51), "Domain2": (99, 60), "Domain3": (320, 80), "Domain4": (320, 80), "Domain5": (0, 80)}
     assert set(SITE_LOOKS) == set(SITE_COUNTS)
 
 
 def test_layout_and_summary(tiny):
     root, summary = tiny
-    assert summary == {"Domain1": {"train": 3, "test": 2}, "Domain2": {"train": 2, "test": 2},
-                       "Domain3": {"train": 2, "test": 2}, "Domain4": {"train": 2, "test": 2}, "Domain5": {"test": 2}}
+    assert summary == {
+        "Domain1": {"train": 3, "test": 2},
+        "Domain2": {"train": 2, "test": 2},
+        "Domain3": {"train": 2, "test": 2},
+        "Domain4": {"train": 2, "test": 2},
+        "Domain5": {"test": 2},
+    }
     assert not (root / "Domain5" / "train").exists()
     for site, splits in summary.items():
         for split, count in splits.items():
@@ -124,11 +128,14 @@ def test_refuses_to_overwrite_a_non_empty_site(tmp_path):
     assert len(list((tmp_path / "Domain1" / "train" / "ROIs" / "image").iterdir())) == 1
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"counts": {"Hospital9": (1, 1)}}, "unknown synthetic site"),
-    ({"counts": {"Domain1": (0, 0)}}, "at least one image"),
-    ({"size": 8}, "at least 16"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"counts": {"Hospital9": (1, 1)}}, "unknown synthetic site"),
+        ({"counts": {"Domain1": (0, 0)}}, "at least one image"),
+        ({"size": 8}, "at least 16"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(DataError, match=message):
         write_synthetic_benchmark(tmp_path, **kwargs)

@@ -17,8 +17,7 @@ def count(module: torch.nn.Module) -> int:
 def torchvision_resnet18_state(in_channels: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict with torchvision's resnet18 names and shapes (fc included), random values."""
     torch.manual_seed(seed)
-    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v.clone()
-             for k, v in ResNet18Encoder(in_channels).state_dict().items()}
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in ResNet18Encoder(in_channels).state_dict().items()}
     state["fc.weight"] = torch.randn(1000, 512)
     state["fc.bias"] = torch.randn(1000)
     return state
@@ -35,8 +34,7 @@ def test_parameter_counts_match_the_hand_computed_figures():
 def test_encoder_names_are_torchvision_names():
     keys = list(ResNet18Encoder().state_dict())
     assert len(keys) == 120  # torchvision resnet18 has 122 entries, two of them fc.*
-    for name in ("conv1.weight", "bn1.num_batches_tracked", "layer2.0.downsample.0.weight",
-                 "layer3.0.downsample.1.running_var", "layer4.1.bn2.bias"):
+    for name in ("conv1.weight", "bn1.num_batches_tracked", "layer2.0.downsample.0.weight", "layer3.0.downsample.1.running_var", "layer4.1.bn2.bias"):
         assert name in keys
     assert not any(k.startswith("fc.") for k in keys)
 

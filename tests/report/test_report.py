@@ -79,14 +79,25 @@ def fake_matrix(trained: list[str], seed: int) -> list[list[float]]:
     return R
 
 
-def write_run(path: Path, strategy: str, trained: list[str], seed: int = 0, n_images: int = 5, bundle: Path | None = None, data_root: Path | None = None) -> Path:
+def write_run(
+    path: Path, strategy: str, trained: list[str], seed: int = 0, n_images: int = 5, bundle: Path | None = None, data_root: Path | None = None
+) -> Path:
     """A run folder as the trainer writes it: matrix.json, results + per-image CSVs, config, run.json."""
     R = fake_matrix(trained, seed)
     sequential = all("+" not in t for t in trained)
     metrics = continual_metrics(R, [SITES.index(t) for t in trained]) if sequential else {"acc": float(np.mean(R[-1][:4])), "bwt": 0.0, "forgetting": 0.0}
     per_class = {t: {s: {"dice_class_1": R[i][j] + 0.03, "dice_class_2": R[i][j] - 0.03} for j, s in enumerate(SITES)} for i, t in enumerate(trained)}
-    matrix = {"metric": "dice_sample", "sites": SITES, "trained": trained, "R": R, "acc": metrics["acc"], "bwt": metrics["bwt"],
-              "forgetting": metrics["forgetting"], "acc_all_sites": float(np.mean(R[-1])), "per_class": per_class}
+    matrix = {
+        "metric": "dice_sample",
+        "sites": SITES,
+        "trained": trained,
+        "R": R,
+        "acc": metrics["acc"],
+        "bwt": metrics["bwt"],
+        "forgetting": metrics["forgetting"],
+        "acc_all_sites": float(np.mean(R[-1])),
+        "per_class": per_class,
+    }
     (path / "metrics").mkdir(parents=True)
     (path / "metrics" / "matrix.json").write_text(json.dumps(matrix, indent=2))
     rng = np.random.default_rng(seed)
@@ -94,9 +105,20 @@ def write_run(path: Path, strategy: str, trained: list[str], seed: int = 0, n_im
     for i, t in enumerate(trained):
         for j, s in enumerate(SITES):
             dice = np.clip(R[i][j] + rng.normal(0, 0.08, n_images), 0, 1)
-            summary.append({"task_id": i + 1, "trained_site": t, "test_site": s, "num_images": n_images, "dice_sample": R[i][j],
-                            "dice_sample_ci_low": R[i][j] - 0.04, "dice_sample_ci_high": R[i][j] + 0.035})
-            per_image += [{"task_id": i + 1, "trained_site": t, "test_site": s, "name": f"{s.lower()}_{k:03d}", "dice_sample": float(d)} for k, d in enumerate(dice)]
+            summary.append(
+                {
+                    "task_id": i + 1,
+                    "trained_site": t,
+                    "test_site": s,
+                    "num_images": n_images,
+                    "dice_sample": R[i][j],
+                    "dice_sample_ci_low": R[i][j] - 0.04,
+                    "dice_sample_ci_high": R[i][j] + 0.035,
+                }
+            )
+            per_image += [
+                {"task_id": i + 1, "trained_site": t, "test_site": s, "name": f"{s.lower()}_{k:03d}", "dice_sample": float(d)} for k, d in enumerate(dice)
+            ]
     for prefix, rows in (("results", summary), ("per_image", per_image)):
         (path / "test_results").mkdir(exist_ok=True)
         with (path / "test_results" / f"{prefix}_2024-05-01_12-00-00.csv").open("w", newline="") as fh:
@@ -110,8 +132,18 @@ def write_run(path: Path, strategy: str, trained: list[str], seed: int = 0, n_im
         "current_tasks": {"task_ids": [1, 2, 3, 4]},
     }  # fmt: skip
     (path / "config.yaml").write_text(yaml.safe_dump(config))
-    (path / "run.json").write_text(json.dumps({"config": f"demo/{strategy}", "name": path.name, "seed": 7, "started_utc": "2024-05-01T12:00:00Z",
-                                               "argv": ["relaylearn", "train", "-c", f"demo/{strategy}"], "versions": {"relaylearn": "0.1", "torch": torch.__version__}}))
+    (path / "run.json").write_text(
+        json.dumps(
+            {
+                "config": f"demo/{strategy}",
+                "name": path.name,
+                "seed": 7,
+                "started_utc": "2024-05-01T12:00:00Z",
+                "argv": ["relaylearn", "train", "-c", f"demo/{strategy}"],
+                "versions": {"relaylearn": "0.1", "torch": torch.__version__},
+            }
+        )
+    )
     if bundle is not None:
         (path / "bundles").mkdir()
         shutil.copyfile(bundle, path / "bundles" / f"task_{len(trained)}.relay")
@@ -200,8 +232,17 @@ def demo_report(tmp_path_factory, bundle) -> Path:
 def test_demo_report_shows_every_strategy_side_by_side(demo_report):
     assert demo_report.name == "report.html" and demo_report.parent.name == "demo"
     page = demo_report.read_text()
-    for heading in ("Summary", "Result matrix R", "Dice after each hop", "Forgetting per site", "Final Dice per test site",
-                    "Predictions of the final model", "Replayed image/mask pairs", "Hop chain of the last bundle", "Run details"):
+    for heading in (
+        "Summary",
+        "Result matrix R",
+        "Dice after each hop",
+        "Forgetting per site",
+        "Final Dice per test site",
+        "Predictions of the final model",
+        "Replayed image/mask pairs",
+        "Hop chain of the last bundle",
+        "Run details",
+    ):
         assert f"<h2>{heading}</h2>" in page, heading
     summary = section_of(page, "summary")
     assert all(f"<td>{s}</td>" in summary for s in ("relay", "sequential", "joint")) and "other" not in summary
@@ -295,8 +336,15 @@ def test_replay_fidelity_section_shows_the_matrix_grids_and_drift(tmp_path):
     from relaylearn.report import build_report
 
     run = write_run(tmp_path / "relay" / "r", "relay", SITES[:3])
-    replay = {"sites": SITES[:3], "fidelity": [[None, None, None], [0.8, None, None], [0.6, 0.7, None]], "reference": [0.9, 0.85, 0.8],
-              "class_fractions": {"real": [[0.8, 0.15, 0.05]] * 3, "generated": [[None] * 3, [[0.8, 0.15, 0.05], None, None], [[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], None]]}}
+    replay = {
+        "sites": SITES[:3],
+        "fidelity": [[None, None, None], [0.8, None, None], [0.6, 0.7, None]],
+        "reference": [0.9, 0.85, 0.8],
+        "class_fractions": {
+            "real": [[0.8, 0.15, 0.05]] * 3,
+            "generated": [[None] * 3, [[0.8, 0.15, 0.05], None, None], [[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], None]],
+        },
+    }
     (run / "metrics" / "replay.json").write_text(json.dumps(replay))
     (run / "metrics" / "replay_samples").mkdir()
     for hop, site in ((2, 1), (3, 1), (3, 2)):

@@ -24,7 +24,9 @@ def _norm_at_step(tmp_path, clip: float) -> float:
     (optimizer,) = strategy.optimizers = strategy.configure_optimizers()
     seen = []
     optimizer.register_step_pre_hook(
-        lambda opt, *_: seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]))))
+        lambda opt, *_: seen.append(
+            float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None])))
+        )
     )
     strategy.training_step((images, labels), StepContext(step=0, global_step=0, epoch=0, site=site))
     return seen[0]

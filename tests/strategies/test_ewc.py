@@ -34,8 +34,17 @@ def make_strategy(name: str, solver: nn.Module, **kwargs):
 
 
 def make_site(images: torch.Tensor, labels: torch.Tensor, position: int = 0, steps: int = 1, name: str = "A") -> SiteContext:
-    return SiteContext(name=name, task_id=position + 1, position=position, num_images=len(images), num_epochs=1,
-                       steps_per_epoch=steps, train_images=images, train_labels=labels, batch_size=len(images))
+    return SiteContext(
+        name=name,
+        task_id=position + 1,
+        position=position,
+        num_images=len(images),
+        num_epochs=1,
+        steps_per_epoch=steps,
+        train_images=images,
+        train_labels=labels,
+        batch_size=len(images),
+    )
 
 
 def make_step(site: SiteContext, step: int = 0) -> StepContext:
@@ -158,7 +167,7 @@ def test_two_site_relay_ships_fisher_and_anchor(tmp_path, tiny_fundus):
     assert any(k.startswith("ewc_fisher.") for k in first)
     for name, fisher in first.items():
         if name.startswith("ewc_fisher."):
-            param = name[len("ewc_fisher."):]
+            param = name[len("ewc_fisher.") :]
             assert torch.equal(first[f"ewc_anchor.{param}"], first[f"solver.{param}"])
             assert (second[name] >= fisher - 1e-6).all(), "γ = 1: the Fisher only accumulates"
     matrix = json.loads((result.run_dir / "metrics" / "matrix.json").read_text())

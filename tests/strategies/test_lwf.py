@@ -27,7 +27,8 @@ def test_divergence_is_zero_for_equal_logits_and_positive_otherwise():
     other = torch.randn(2, 3, 5, 5)
     assert distillation_divergence(logits, other).item() > 1e-3
     assert distillation_divergence(logits, other, tau=2.0, tau_squared=True).item() == pytest.approx(
-        4 * distillation_divergence(logits, other, tau=2.0).item(), rel=1e-5)
+        4 * distillation_divergence(logits, other, tau=2.0).item(), rel=1e-5
+    )
 
 
 def test_divergence_has_the_gradient_of_the_soft_target_cross_entropy():
@@ -61,8 +62,7 @@ def test_teacher_is_a_frozen_copy_and_distillation_starts_at_zero():
     logs = lwf.training_step((IMAGES, LABELS), make_step(site, 1))
     assert logs["distillation"].item() > 0
     assert all(torch.equal(a, b) for a, b in zip(before, lwf.teacher.parameters())), "the teacher never trains"
-    assert logs["loss"].item() == pytest.approx(
-        lwf.criterion(lwf.solver(IMAGES), LABELS).item() + logs["distillation"].item(), rel=0.05)
+    assert logs["loss"].item() == pytest.approx(lwf.criterion(lwf.solver(IMAGES), LABELS).item() + logs["distillation"].item(), rel=0.05)
 
 
 def test_bundle_carries_only_the_solver():

@@ -104,8 +104,7 @@ def test_without_projection_the_output_would_change():
 def unet_like() -> nn.Module:
     """Conv → BN → transposed conv (in ≠ out) → 1×1 conv head: 3-channel images to 3 logits."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.ConvTranspose2d(6, 4, 2, 2), nn.Conv2d(4, 3, 1))
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, stride=2), nn.BatchNorm2d(6), nn.ReLU(), nn.ConvTranspose2d(6, 4, 2, 2), nn.Conv2d(4, 3, 1))
 
 
 IMAGES = randn(4, 3, 8, 8, seed=3)

@@ -16,12 +16,18 @@ from relaylearn.strategies.relay import decode_labels, encode_labels, merge_para
 from tests.conftest import tiny_config
 
 TINY = {
-    "z_img": 8, "z_label": 8, "w_img": 16, "w_label": 16, "site_capacity": 3, "spade_hidden": 8,
+    "z_img": 8,
+    "z_label": 8,
+    "w_img": 16,
+    "w_label": 16,
+    "site_capacity": 3,
+    "spade_hidden": 8,
     "g_img": {"mapping_layers": 1, "channel_base": 128, "channel_max": 16},
     "g_label": {"mapping_layers": 1, "channel_base": 64, "channel_max": 8},
     "d_img": {"channel_base": 128, "channel_max": 16, "mapping_layers": 1},
     "d_label": {"channel_base": 64, "channel_max": 8, "mapping_layers": 1},
-    "ada_kimg": 1, "replay_augment": "light",
+    "ada_kimg": 1,
+    "replay_augment": "light",
 }
 
 
@@ -31,8 +37,17 @@ def _strategy(tmp_path, data, **kw):
 
 
 def _site(name, position, n=8, steps=4):
-    return SiteContext(name=name, task_id=position + 1, position=position, num_images=n, num_epochs=1, steps_per_epoch=steps,
-                       train_images=torch.zeros(n, 3, 32, 32), train_labels=torch.zeros(n, 32, 32, dtype=torch.long), batch_size=4)
+    return SiteContext(
+        name=name,
+        task_id=position + 1,
+        position=position,
+        num_images=n,
+        num_epochs=1,
+        steps_per_epoch=steps,
+        train_images=torch.zeros(n, 3, 32, 32),
+        train_labels=torch.zeros(n, 32, 32, dtype=torch.long),
+        batch_size=4,
+    )
 
 
 def test_label_encoding_round_trips():
@@ -120,7 +135,9 @@ def test_two_site_relay_run_writes_bundles_the_next_site_resumes_from(tmp_path, 
     assert set(registry) == {"Domain1", "Domain2"} and registry["Domain2"]["id"] == 1
     # a third site continues from the second site's bundle
     cfg3 = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="relay", steps=2, task_ids=(3,), strategy_kwargs=TINY)))
-    r3 = run_training(cfg3, "r3", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(result.bundles[1]), insecure_unsigned=True, recipe="local"))  # a shorter budget than the bundle's
+    r3 = run_training(
+        cfg3, "r3", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(result.bundles[1]), insecure_unsigned=True, recipe="local")
+    )  # a shorter budget than the bundle's
     b3 = read_bundle(r3.bundles[0], trust=None, allow_unsigned=True)
     assert [h["site"] for h in b3.manifest["hops"]] == ["Domain1", "Domain2", "Domain3"]
 
@@ -223,7 +240,13 @@ def test_gan_presets_fill_only_what_the_config_leaves_out():
     for name in ("relay", "relay_deploy", "relay_test"):  # the paper presets keep the paper's values
         o = load_config(f"fundus/{name}").tasks[0].strategy.kwargs
         opts = RelayOptions(**o)
-        assert (opts.pl_weight, opts.style_mixing_prob, opts.gan_steps_per_solver_step, opts.tie_image_site, opts.spade_equalized_lr) == (2.0, 0.8, 1, True, False)
+        assert (opts.pl_weight, opts.style_mixing_prob, opts.gan_steps_per_solver_step, opts.tie_image_site, opts.spade_equalized_lr) == (
+            2.0,
+            0.8,
+            1,
+            True,
+            False,
+        )
 
 
 def test_generate_replay_is_deterministic_and_in_the_solver_range(tmp_path, tiny_fundus):
@@ -267,8 +290,9 @@ def _alignment(strategy, n=6):
     torch.manual_seed(1)
     c = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 3).float()
     quantize = lambda m: encode_labels(decode_labels(m, 3), 3)  # noqa: E731
-    return alignment_loss(strategy.g_label, strategy.g_img, strategy.previous["g_label"], strategy.previous["g_img"],
-                          torch.randn(n, 8), torch.randn(n, 8), c, quantize)
+    return alignment_loss(
+        strategy.g_label, strategy.g_img, strategy.previous["g_label"], strategy.previous["g_img"], torch.randn(n, 8), torch.randn(n, 8), c, quantize
+    )
 
 
 def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_ones_back(tmp_path, tiny_fundus):

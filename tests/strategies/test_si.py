@@ -137,5 +137,5 @@ def test_two_site_relay_ships_omega_and_anchor(tmp_path, tiny_fundus):
     assert any((first[k] > 0).any() for k in omegas), "two Adam steps give some importance"
     for k in omegas:
         assert (second[k] >= first[k]).all(), "Ω only grows"
-        param = k[len("si_omega."):]
+        param = k[len("si_omega.") :]
         assert torch.equal(second[f"si_anchor.{param}"], second[f"solver.{param}"])

@@ -100,8 +100,10 @@ def make_filter_bank(taps: int = FILTER_TAPS, cutoffs: tuple[float, ...] = FILTE
 
 def _matrix(rows: list[list[Tensor | float]], like: Tensor) -> Tensor:
     """Stacks per-sample entries (tensors [N] or scalars) into [N, len(rows), len(rows[0])]."""
+
     def entry(v: Tensor | float) -> Tensor:
         return v if isinstance(v, Tensor) else torch.full_like(like, float(v))
+
     return torch.stack([torch.stack([entry(v) for v in row], dim=-1) for row in rows], dim=-2)
 
 
@@ -162,8 +164,7 @@ class AdaptiveAugment(nn.Module):
     ``p`` (buffer, scalar) is the per-op probability; with p = 0 the output equals the input.
     """
 
-    def __init__(self, spec: str = "bgcfn", num_channels: int = 3, p: float = 0.0,
-                 faithful_hue_saturation: bool = False):
+    def __init__(self, spec: str = "bgcfn", num_channels: int = 3, p: float = 0.0, faithful_hue_saturation: bool = False):
         super().__init__()
         self.spec = spec
         self.ops = parse_spec(spec)
@@ -341,8 +342,7 @@ class AdaController(nn.Module):
     can be saved and all-reduced; nothing synchronises with the host.
     """
 
-    def __init__(self, target: float = 0.6, interval: int = 4, kimg: float = 500, batch_size: int = 128,
-                 world_size: int = 1):
+    def __init__(self, target: float = 0.6, interval: int = 4, kimg: float = 500, batch_size: int = 128, world_size: int = 1):
         super().__init__()
         if interval < 1 or kimg <= 0 or batch_size < 1 or world_size < 1:
             raise ValueError("AdaController: interval, kimg, batch_size and world_size must be positive")

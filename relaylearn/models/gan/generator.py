@@ -45,7 +45,7 @@ def channels_at(resolution: int, channel_base: int, channel_max: int) -> int:
 def check_resolution(img_resolution: int) -> int:
     """Returns log2(img_resolution); raises ``ValueError`` unless it is a power of two ≥ 4."""
     log2 = int(round(math.log2(img_resolution))) if img_resolution > 0 else 0
-    if img_resolution < 4 or 2 ** log2 != img_resolution:
+    if img_resolution < 4 or 2**log2 != img_resolution:
         raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
     return log2
 
@@ -67,8 +67,9 @@ class MappingNetwork(nn.Module):
         w_avg_beta: EMA decay of the tracked average w (``None``: not tracked, no truncation).
     """
 
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: int | None, num_layers: int = 8,
-                 lr_multiplier: float = 0.01, w_avg_beta: float | None = 0.995):
+    def __init__(
+        self, z_dim: int, c_dim: int, w_dim: int, num_ws: int | None, num_layers: int = 8, lr_multiplier: float = 0.01, w_avg_beta: float | None = 0.995
+    ):
         super().__init__()
         if z_dim <= 0 and c_dim <= 0:
             raise ValueError("MappingNetwork needs z_dim > 0 or c_dim > 0")
@@ -76,10 +77,7 @@ class MappingNetwork(nn.Module):
         self.w_avg_beta = w_avg_beta if num_ws is not None else None
         self.embed = EqualizedLinear(c_dim, w_dim) if c_dim > 0 else None
         features = [z_dim + (w_dim if c_dim > 0 else 0)] + [w_dim] * num_layers
-        self.layers = nn.ModuleList(
-            EqualizedLinear(features[i], features[i + 1], activation="lrelu", lr_multiplier=lr_multiplier)
-            for i in range(num_layers)
-        )
+        self.layers = nn.ModuleList(EqualizedLinear(features[i], features[i + 1], activation="lrelu", lr_multiplier=lr_multiplier) for i in range(num_layers))
         if self.w_avg_beta is not None:
             self.register_buffer("w_avg", torch.zeros(w_dim))
 
@@ -91,8 +89,7 @@ class MappingNetwork(nn.Module):
             raise ValueError(f"MappingNetwork: {name} must be [N, {dim}] or [N, S, {dim}], got {got}")
         return t
 
-    def forward(self, z: Tensor | None, c: Tensor | None, truncation_psi: float = 1.0,
-                update_w_avg: bool | None = None) -> Tensor:
+    def forward(self, z: Tensor | None, c: Tensor | None, truncation_psi: float = 1.0, update_w_avg: bool | None = None) -> Tensor:
         """z [N, z_dim] or [N, S, z_dim]; c one-hot [N, c_dim] or [N, S, c_dim] (S ∈ {1, 2}; a 2-D
         input next to a 3-D one is shared by all S styles).
 
@@ -198,9 +195,18 @@ class SynthesisBlock(nn.Module):
     toRGB; ``img`` accumulates the (FIR-upsampled) RGB outputs. Uses ``num_conv + 1`` ws.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
-                 conv_clamp: float | None, spade_hidden: int | None, label_channels: int,
-                 spade_equalized_lr: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        conv_clamp: float | None,
+        spade_hidden: int | None,
+        label_channels: int,
+        spade_equalized_lr: bool = False,
+    ):
         super().__init__()
         self.resolution = resolution
         self.is_first = in_channels == 0
@@ -217,8 +223,7 @@ class SynthesisBlock(nn.Module):
         if not self.is_first:
             self.register_buffer("resample_kernel", make_resample_kernel(), persistent=False)
 
-    def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, seg: Tensor | None,
-                noise_mode: str) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, seg: Tensor | None, noise_mode: str) -> tuple[Tensor, Tensor]:
         """ws [N, num_conv + 1, w_dim] → (features, accumulated image)."""
         if self.is_first:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
@@ -238,21 +243,29 @@ class SynthesisNetwork(nn.Module):
     Output [N, img_channels, img_resolution, img_resolution], fp32, unbounded.
     """
 
-    def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int, channel_max: int,
-                 conv_clamp: float | None = 256, spade_hidden: int | None = None, label_channels: int = 1,
-                 spade_equalized_lr: bool = False):
+    def __init__(
+        self,
+        w_dim: int,
+        img_resolution: int,
+        img_channels: int,
+        channel_base: int,
+        channel_max: int,
+        conv_clamp: float | None = 256,
+        spade_hidden: int | None = None,
+        label_channels: int = 1,
+        spade_equalized_lr: bool = False,
+    ):
         super().__init__()
         log2 = check_resolution(img_resolution)
         self.w_dim, self.img_resolution, self.img_channels = w_dim, img_resolution, img_channels
         self.uses_seg = bool(spade_hidden)
         self.label_channels = label_channels
-        resolutions = [2 ** i for i in range(2, log2 + 1)]
+        resolutions = [2**i for i in range(2, log2 + 1)]
         blocks = []
         for res in resolutions:
             in_ch = 0 if res == 4 else channels_at(res // 2, channel_base, channel_max)
             out_ch = channels_at(res, channel_base, channel_max)
-            blocks.append(SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, conv_clamp, spade_hidden,
-                                         label_channels, spade_equalized_lr))
+            blocks.append(SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, conv_clamp, spade_hidden, label_channels, spade_equalized_lr))
         self.blocks = nn.ModuleList(blocks)
         self.num_ws = sum(b.num_conv for b in blocks) + 1
 
@@ -262,12 +275,11 @@ class SynthesisNetwork(nn.Module):
         if self.uses_seg:
             if seg is None or seg.ndim != 4 or seg.shape[0] != ws.shape[0] or seg.shape[1] != self.label_channels:
                 got = None if seg is None else tuple(seg.shape)
-                raise ValueError(f"SynthesisNetwork: seg must be [{ws.shape[0]}, {self.label_channels}, H, W], "
-                                 f"got {got}")
+                raise ValueError(f"SynthesisNetwork: seg must be [{ws.shape[0]}, {self.label_channels}, H, W], got {got}")
         x = img = None
         w_idx = 0
         for block in self.blocks:
-            x, img = block(x, img, ws[:, w_idx:w_idx + block.num_conv + 1], seg, noise_mode)
+            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + 1], seg, noise_mode)
             w_idx += block.num_conv
         return img
 
@@ -279,19 +291,39 @@ class SynthesisNetwork(nn.Module):
 class _StyleGenerator(nn.Module):
     """Mapping + synthesis; shared by the label and the image generator."""
 
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int, channel_base: int,
-                 channel_max: int, mapping_layers: int, conv_clamp: float | None, spade_hidden: int | None,
-                 label_channels: int, mapping_lr_multiplier: float, w_avg_beta: float,
-                 spade_equalized_lr: bool = False):
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        img_resolution: int,
+        img_channels: int,
+        channel_base: int,
+        channel_max: int,
+        mapping_layers: int,
+        conv_clamp: float | None,
+        spade_hidden: int | None,
+        label_channels: int,
+        mapping_lr_multiplier: float,
+        w_avg_beta: float,
+        spade_equalized_lr: bool = False,
+    ):
         super().__init__()
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.synthesis = SynthesisNetwork(w_dim, img_resolution, img_channels, channel_base, channel_max,
-                                          conv_clamp=conv_clamp, spade_hidden=spade_hidden,
-                                          label_channels=label_channels, spade_equalized_lr=spade_equalized_lr)
+        self.synthesis = SynthesisNetwork(
+            w_dim,
+            img_resolution,
+            img_channels,
+            channel_base,
+            channel_max,
+            conv_clamp=conv_clamp,
+            spade_hidden=spade_hidden,
+            label_channels=label_channels,
+            spade_equalized_lr=spade_equalized_lr,
+        )
         self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(z_dim, c_dim, w_dim, self.num_ws, num_layers=mapping_layers,
-                                      lr_multiplier=mapping_lr_multiplier, w_avg_beta=w_avg_beta)
+        self.mapping = MappingNetwork(z_dim, c_dim, w_dim, self.num_ws, num_layers=mapping_layers, lr_multiplier=mapping_lr_multiplier, w_avg_beta=w_avg_beta)
 
 
 class LabelGenerator(_StyleGenerator):
@@ -301,14 +333,25 @@ class LabelGenerator(_StyleGenerator):
     ``synthesize(ws)`` is the synthesis half, for the path-length penalty.
     """
 
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int = 64, channel_base: int = 4096,
-                 channel_max: int = 128, mapping_layers: int = 2, img_channels: int = 1,
-                 conv_clamp: float | None = 256, mapping_lr_multiplier: float = 0.01, w_avg_beta: float = 0.995):
-        super().__init__(z_dim, c_dim, w_dim, img_resolution, img_channels, channel_base, channel_max,
-                         mapping_layers, conv_clamp, None, 1, mapping_lr_multiplier, w_avg_beta)
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        img_resolution: int = 64,
+        channel_base: int = 4096,
+        channel_max: int = 128,
+        mapping_layers: int = 2,
+        img_channels: int = 1,
+        conv_clamp: float | None = 256,
+        mapping_lr_multiplier: float = 0.01,
+        w_avg_beta: float = 0.995,
+    ):
+        super().__init__(
+            z_dim, c_dim, w_dim, img_resolution, img_channels, channel_base, channel_max, mapping_layers, conv_clamp, None, 1, mapping_lr_multiplier, w_avg_beta
+        )
 
-    def forward(self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, update_w_avg: bool | None = None,
-                noise_mode: str = "random") -> Tensor:
+    def forward(self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, update_w_avg: bool | None = None, noise_mode: str = "random") -> Tensor:
         ws = self.mapping(z, c, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
         return self.synthesis(ws, noise_mode=noise_mode)
 
@@ -325,18 +368,43 @@ class ImageGenerator(_StyleGenerator):
     synthesis half, for the path-length penalty. ``spade_equalized_lr``: see ``SPADE``.
     """
 
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int = 64, img_channels: int = 3,
-                 channel_base: int = 8192, channel_max: int = 256, mapping_layers: int = 4, spade_hidden: int = 128,
-                 label_channels: int = 1, conv_clamp: float | None = 256, mapping_lr_multiplier: float = 0.01,
-                 w_avg_beta: float = 0.995, spade_equalized_lr: bool = False):
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        img_resolution: int = 64,
+        img_channels: int = 3,
+        channel_base: int = 8192,
+        channel_max: int = 256,
+        mapping_layers: int = 4,
+        spade_hidden: int = 128,
+        label_channels: int = 1,
+        conv_clamp: float | None = 256,
+        mapping_lr_multiplier: float = 0.01,
+        w_avg_beta: float = 0.995,
+        spade_equalized_lr: bool = False,
+    ):
         if spade_hidden <= 0:
             raise ValueError(f"ImageGenerator: spade_hidden must be positive, got {spade_hidden}")
-        super().__init__(z_dim, c_dim, w_dim, img_resolution, img_channels, channel_base, channel_max,
-                         mapping_layers, conv_clamp, spade_hidden, label_channels, mapping_lr_multiplier, w_avg_beta,
-                         spade_equalized_lr)
+        super().__init__(
+            z_dim,
+            c_dim,
+            w_dim,
+            img_resolution,
+            img_channels,
+            channel_base,
+            channel_max,
+            mapping_layers,
+            conv_clamp,
+            spade_hidden,
+            label_channels,
+            mapping_lr_multiplier,
+            w_avg_beta,
+            spade_equalized_lr,
+        )
 
-    def forward(self, z: Tensor, c: Tensor, seg: Tensor, truncation_psi: float = 1.0,
-                update_w_avg: bool | None = None, noise_mode: str = "random") -> Tensor:
+    def forward(self, z: Tensor, c: Tensor, seg: Tensor, truncation_psi: float = 1.0, update_w_avg: bool | None = None, noise_mode: str = "random") -> Tensor:
         ws = self.mapping(z, c, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
         return self.synthesis(ws, seg, noise_mode=noise_mode)
 

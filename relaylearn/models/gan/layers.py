@@ -31,8 +31,7 @@ RESAMPLE_TAPS = (1.0, 3.0, 3.0, 1.0)
 # Bias + activation
 
 
-def bias_act(x: Tensor, bias: Tensor | None = None, activation: str = "linear", gain: float = 1.0,
-             clamp: float | None = None) -> Tensor:
+def bias_act(x: Tensor, bias: Tensor | None = None, activation: str = "linear", gain: float = 1.0, clamp: float | None = None) -> Tensor:
     """``clamp(act(x + bias) · act_gain · gain)``; ``bias`` [C] is added along dim 1."""
     if bias is not None:
         shape = [1, -1] + [1] * (x.ndim - 2)
@@ -126,8 +125,7 @@ class EqualizedLinear(nn.Module):
     learning rate of both weight and bias.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_init: float = 0.0,
-                 lr_multiplier: float = 1.0, activation: str = "linear"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_init: float = 0.0, lr_multiplier: float = 1.0, activation: str = "linear"):
         super().__init__()
         self.in_features, self.out_features, self.activation = in_features, out_features, activation
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
@@ -152,8 +150,16 @@ class EqualizedConv2d(nn.Module):
     activations (see module docstring). ``forward(x, gain)`` multiplies the output by ``gain``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
-                 activation: str = "linear", down: bool = False, conv_clamp: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        activation: str = "linear",
+        down: bool = False,
+        conv_clamp: float | None = None,
+    ):
         super().__init__()
         self.activation, self.down, self.conv_clamp = activation, down, conv_clamp
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
@@ -178,8 +184,7 @@ class EqualizedConv2d(nn.Module):
 # Style-modulated convolution
 
 
-def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True, up: bool = False,
-                     kernel: Tensor | None = None) -> Tensor:
+def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True, up: bool = False, kernel: Tensor | None = None) -> Tensor:
     """Convolution with per-sample input-channel scaling ``styles`` [N, I] (StyleGAN2).
 
     ``weight`` [O, I, k, k] already carries its gain. With ``demodulate`` every output channel
@@ -227,8 +232,9 @@ class StyledConv2d(nn.Module):
     forward(x [N, I, H, W], w [N, w_dim]) → [N, O, H', W'] (H' = 2H with ``up``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool = False,
-                 kernel_size: int = 3, conv_clamp: float | None = None):
+    def __init__(
+        self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool = False, kernel_size: int = 3, conv_clamp: float | None = None
+    ):
         super().__init__()
         self.up, self.conv_clamp = up, conv_clamp
         self.affine = EqualizedLinear(w_dim, in_channels, bias_init=1.0)

@@ -60,8 +60,9 @@ def generator_loss(nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tens
     return loss_img, loss_label
 
 
-def path_length_loss(nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor, pl_mean_img: Tensor,
-                     pl_mean_label: Tensor, decay: float) -> tuple[Tensor, Tensor, Tensor]:
+def path_length_loss(
+    nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor, pl_mean_img: Tensor, pl_mean_label: Tensor, decay: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Path-length penalties of both generators on the samples given (the caller shrinks the
     batch) → (sum of both penalties, new image-G mean, new label-G mean)."""
     ws_img = nets.g_img.mapping(z_img, c, update_w_avg=False)
@@ -73,8 +74,9 @@ def path_length_loss(nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Te
     return pen_img + pen_lab, mean_img, mean_label
 
 
-def discriminator_loss(nets: PairNetworks, images: Tensor, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor,
-                       c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
+def discriminator_loss(
+    nets: PairNetworks, images: Tensor, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool
+) -> DiscriminatorLoss:
     """``softplus(D(aug(fake))) + softplus(−D(aug(real)))`` for both discriminators; fakes from
     the (frozen) generators on latents ``z_*`` / one-hots ``c``, reals ``images`` with label maps
     ``seg`` conditioned on ``c_real`` [N,K]; R1 on the un-augmented reals when ``with_r1``."""
@@ -94,8 +96,16 @@ def discriminator_loss(nets: PairNetworks, images: Tensor, seg: Tensor, z_label:
     return DiscriminatorLoss(loss_img, loss_lab, r1, real_logits_img.detach(), real_logits_lab.detach())
 
 
-def alignment_loss(g_label: nn.Module, g_img: nn.Module, previous_g_label: nn.Module, previous_g_img: nn.Module,
-                   z_label: Tensor, z_img: Tensor, c: Tensor, quantize: Callable[[Tensor], Tensor]) -> Tensor:
+def alignment_loss(
+    g_label: nn.Module,
+    g_img: nn.Module,
+    previous_g_label: nn.Module,
+    previous_g_img: nn.Module,
+    z_label: Tensor,
+    z_img: Tensor,
+    c: Tensor,
+    quantize: Callable[[Tensor], Tensor],
+) -> Tensor:
     """Generator alignment: mean L1 distance between the current and the frozen previous
     generators on the same latents z [N,z_dim], one-hots c [N,K] and constant noise, both in eval
     mode (as the next site replays them): label maps [N,1,H,W] plus images [N,C,H,W] drawn on the

@@ -24,8 +24,9 @@ def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
     return grad.float().square().flatten(1).sum(dim=1)
 
 
-def path_length_penalty(synthesize_fn: Callable[[Tensor], Tensor] | None, ws: Tensor, output: Tensor | None,
-                        pl_mean: Tensor, decay: float = 0.01) -> tuple[Tensor, Tensor]:
+def path_length_penalty(
+    synthesize_fn: Callable[[Tensor], Tensor] | None, ws: Tensor, output: Tensor | None, pl_mean: Tensor, decay: float = 0.01
+) -> tuple[Tensor, Tensor]:
     """StyleGAN2 path-length penalty.
 
     Args:

@@ -19,8 +19,7 @@ def _seed():
 
 
 def tiny(img_channels: int = 4, **kwargs) -> ProjectionDiscriminator:
-    return ProjectionDiscriminator(img_channels, C_DIM, RES, channel_base=128, channel_max=16, mapping_layers=2,
-                                   **kwargs)
+    return ProjectionDiscriminator(img_channels, C_DIM, RES, channel_base=128, channel_max=16, mapping_layers=2, **kwargs)
 
 
 def test_shapes_and_layout():

@@ -30,8 +30,7 @@ def onehot(ids, styles: int | None = None) -> torch.Tensor:
 
 
 def tiny_image_generator(**kwargs) -> ImageGenerator:
-    return ImageGenerator(z_dim=8, c_dim=C_DIM, w_dim=12, img_resolution=RES, channel_base=128, channel_max=16,
-                          mapping_layers=2, spade_hidden=4, **kwargs)
+    return ImageGenerator(z_dim=8, c_dim=C_DIM, w_dim=12, img_resolution=RES, channel_base=128, channel_max=16, mapping_layers=2, spade_hidden=4, **kwargs)
 
 
 def tiny_label_generator() -> LabelGenerator:

@@ -81,8 +81,8 @@ def test_modulated_conv_equals_per_sample_weights(up):
     for n in range(3):
         w_n = w * styles[n].reshape(1, -1, 1, 1)
         w_n = w_n / (w_n.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).sqrt()
-        ref = conv2d_resample(x[n:n + 1], w_n, k, up=up)
-        assert torch.allclose(out[n:n + 1], ref, atol=1e-5)
+        ref = conv2d_resample(x[n : n + 1], w_n, k, up=up)
+        assert torch.allclose(out[n : n + 1], ref, atol=1e-5)
 
 
 def test_demodulation_gives_unit_output_variance():

@@ -20,7 +20,8 @@ def _nets():
         g_img=ImageGenerator(8, 3, 16, img_resolution=16, channel_base=128, channel_max=16, mapping_layers=1, spade_hidden=8),
         d_label=ProjectionDiscriminator(1, 3, img_resolution=16, channel_base=64, channel_max=8, mapping_layers=1),
         d_img=ProjectionDiscriminator(4, 3, img_resolution=16, channel_base=128, channel_max=16, mapping_layers=1),
-        ada_label=AdaptiveAugment("bg", num_channels=1), ada_img=AdaptiveAugment("bgc", num_channels=4),
+        ada_label=AdaptiveAugment("bg", num_channels=1),
+        ada_img=AdaptiveAugment("bgc", num_channels=4),
     )
 
 

@@ -20,10 +20,8 @@ def count(module: torch.nn.Module) -> int:
 def nets():
     torch.manual_seed(0)
     return {
-        "G_img": ImageGenerator(z_dim=128, c_dim=32, w_dim=256, img_resolution=64, channel_base=8192,
-                                channel_max=256, mapping_layers=4, spade_hidden=128),
-        "G_label": LabelGenerator(z_dim=64, c_dim=32, w_dim=128, img_resolution=64, channel_base=4096,
-                                  channel_max=128, mapping_layers=2),
+        "G_img": ImageGenerator(z_dim=128, c_dim=32, w_dim=256, img_resolution=64, channel_base=8192, channel_max=256, mapping_layers=4, spade_hidden=128),
+        "G_label": LabelGenerator(z_dim=64, c_dim=32, w_dim=128, img_resolution=64, channel_base=4096, channel_max=128, mapping_layers=2),
         "D_img": ProjectionDiscriminator(4, 32, 64, channel_base=8192, channel_max=256, mapping_layers=8),
         "D_label": ProjectionDiscriminator(1, 32, 64, channel_base=4096, channel_max=128, mapping_layers=8),
     }
@@ -46,8 +44,7 @@ def test_label_generator_with_the_original_w_dim_bug():
 
 
 def test_discriminator_parameter_counts(nets):
-    for name, total, blocks, cmap, epilogue in [("D_img", 6_455_040, 4_213_248, 534_784, 1_707_008),
-                                                 ("D_label", 1_617_600, 1_053_760, 136_320, 427_520)]:
+    for name, total, blocks, cmap, epilogue in [("D_img", 6_455_040, 4_213_248, 534_784, 1_707_008), ("D_label", 1_617_600, 1_053_760, 136_320, 427_520)]:
         d = nets[name]
         assert count(d) == total, name
         assert sum(count(b) for b in d.blocks) == blocks, name
