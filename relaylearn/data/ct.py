@@ -316,17 +316,9 @@ def positive_slices(labels: Tensor, k) -> Tensor:
 
 def neg_pos_loader(images: Tensor, labels: Tensor, k, batch_size: int, seed: int, world_size: int = 1, where: str = ""):
     """A training loader like :func:`relaylearn.data.sampling.site_loader` whose epochs follow ``k.neg_pos_ratio``."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from relaylearn.data.sampling import batch_loader
 
     positive = positive_slices(labels, k)
     if not bool(positive.any()):
         raise DataError(f"neg_pos_ratio={k.neg_pos_ratio} needs slices with foreground, but the training split has none", where or None)
-    sampler = NegPosBatchSampler(positive, k.neg_pos_ratio, batch_size, k.num_replica, seed, world_size=world_size)
-    return DataLoader(
-        TensorDataset(images, labels),
-        sampler=sampler,
-        batch_size=None,
-        num_workers=0,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return batch_loader(images, labels, NegPosBatchSampler(positive, k.neg_pos_ratio, batch_size, k.num_replica, seed, world_size=world_size), seed)

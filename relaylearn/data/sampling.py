@@ -54,7 +54,12 @@ class SiteBatchSampler(Sampler[list[int]]):
 
 def site_loader(images: Tensor, labels: Tensor, batch_size: int, num_replica: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A loader over an in-memory site: images [N,C,H,W], labels [N,H,W]; each item is a batch."""
-    sampler = SiteBatchSampler(len(images), batch_size, num_replica, seed, rank, world_size)
+    return batch_loader(images, labels, SiteBatchSampler(len(images), batch_size, num_replica, seed, rank, world_size), seed)
+
+
+def batch_loader(images: Tensor, labels: Tensor, sampler, seed: int) -> DataLoader:
+    """A loader over in-memory images [N,C,H,W] and labels [N,H,W] whose ``sampler`` yields whole
+    batches of indices."""
     # its own generator: starting an epoch's iterator then draws nothing from the global random
     # stream, which a resumed run restores at the start of training (exact resume at epoch ends)
     return DataLoader(
