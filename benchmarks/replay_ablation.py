@@ -7,7 +7,7 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_replay_only`` — ``distil_weight: 0``;
 * ``relay_no_replay`` — ``replay: false`` (merge + distillation only; its GANs get the paper's one
   G+D step per solver step, since nothing uses them);
-* ``relay_no_alignment`` — ``gen_align_weight: 0`` (the paper's GAN losses, no alignment term);
+* ``relay_alignment`` — ``gen_align_weight: 2`` (the generator-alignment term, not in the paper);
 * ``relay_no_discriminators`` — ``ship_discriminators: false`` (what the privacy option costs);
 * ``sequential`` and ``joint`` — the demo baselines.
 
@@ -44,7 +44,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay": ("demo/relay", []),
     "relay_replay_only": ("demo/relay", ["strategy.kwargs.distil_weight=0"]),
     "relay_no_replay": ("demo/relay", ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1"]),
-    "relay_no_alignment": ("demo/relay", ["strategy.kwargs.gen_align_weight=0"]),
+    "relay_alignment": ("demo/relay", ["strategy.kwargs.gen_align_weight=2"]),
     "relay_no_discriminators": ("demo/relay", ["strategy.kwargs.ship_discriminators=false"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
