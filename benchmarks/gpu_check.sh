@@ -3,8 +3,9 @@
 #   1. speed matrix at the paper config (fundus/relay, 64 px), batch 128: relay_site1, relay_replay,
 #      sequential; fp32 / all three below together / bf16 / channels-last / fused Adam, then compile
 #      (under its own time limit); ms per iteration, peak memory, achieved TFLOP/s;
-#   2. replay smoke: paper-size GANs at 64 px, two sites for as many batches as fit in
-#      SMOKE_SECONDS (default 190 s, from the measured replay iteration), Dice and, if this
+#   2. scaling: the replay iteration with 1, 4 and 16 earlier sites registered (fp32, batch 128);
+#   3. replay smoke: paper-size GANs at 64 px, two sites for as many batches as fit in
+#      SMOKE_SECONDS (default 150 s, from the measured replay iteration), Dice and, if this
 #      version writes metrics/replay.json, the replay fidelity of site 1 after site 2.
 # Results: benchmarks/results/gpu_check_<UTC time>.jsonl (one JSON line per measurement), a summary
 # on stdout.
@@ -14,7 +15,7 @@
 #
 # Environment: PYTHON (default python), RESULTS_DIR (default benchmarks/results), DATA_ROOT (synthetic
 # data is written to a temporary folder when unset), SMOKE_SECONDS, MATRIX_TIMEOUT, COMPILE_TIMEOUT,
-# SMOKE_TIMEOUT (hard limits in seconds).
+# SCALING_TIMEOUT, SMOKE_TIMEOUT (hard limits in seconds).
 set -uo pipefail
 
 SMALL=0
@@ -34,28 +35,37 @@ if [ $SMALL = 1 ]; then  # SMALL_CONFIG: a relay config (default demo/relay); 2 
   CONFIG=${SMALL_CONFIG:-demo/relay}
   SPEED=(--device cpu --config "$CONFIG" --batch 2 --warmup 1 --iters 1 --threads 1 --flop-iters 1)
   SMOKE=(--config "$CONFIG" --batch 2 --threads 1 --set test.bootstrap=100 --steps "${SMOKE_STEPS:-2}")
+  SCALING=(--device cpu --batch 2 --warmup 1 --iters 1 --threads 1 --sites 1,2)
   SMOKE_SECONDS=${SMOKE_SECONDS:-30}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-600}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-5}; SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-600}
+  SCALING_TIMEOUT=${SCALING_TIMEOUT:-300}
   SYNTH_SIZE=32
 else
   SPEED=(--config fundus/relay --batch 128 --warmup 3 --iters 10)
   SMOKE=(--config fundus/relay)
-  SMOKE_SECONDS=${SMOKE_SECONDS:-190}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-160}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-70}
+  SCALING=(--config fundus/relay --batch 128 --warmup 2 --iters 5 --sites 1,4,16)
+  SMOKE_SECONDS=${SMOKE_SECONDS:-150}; MATRIX_TIMEOUT=${MATRIX_TIMEOUT:-150}; COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-60}
+  SCALING_TIMEOUT=${SCALING_TIMEOUT:-50}
   SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-$(( SMOKE_SECONDS + 60 ))}
   SYNTH_SIZE=64
   $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
 fi
 
-echo "== 1/3 speed matrix (limit ${MATRIX_TIMEOUT}s)" >&2
+echo "== 1/4 speed matrix (limit ${MATRIX_TIMEOUT}s)" >&2
 timeout "$MATRIX_TIMEOUT" $PY benchmarks/speed.py "${SPEED[@]}" \
   --variants "fp32;bf16,channels_last,fused_adam;bf16;channels_last;fused_adam" >> "$RESULTS"
 echo "   exit $? after $(( $(date +%s) - started ))s" >&2
 
-echo "== 2/3 compile (limit ${COMPILE_TIMEOUT}s; compile time is not in ms_per_iter)" >&2
+echo "== 2/4 compile (limit ${COMPILE_TIMEOUT}s; compile time is not in ms_per_iter)" >&2
 timeout "$COMPILE_TIMEOUT" $PY benchmarks/speed.py "${SPEED[@]}" --only sequential,relay_replay --variants "compile" --flop-iters 0 >> "$RESULTS" \
   || echo '{"name": "compile", "error": "did not finish within '"$COMPILE_TIMEOUT"' s"}' >> "$RESULTS"
 echo "   done after $(( $(date +%s) - started ))s" >&2
 
-echo "== 3/3 replay smoke (${SMOKE_SECONDS}s of training)" >&2
+echo "== 3/4 scaling with 1..16 earlier sites (limit ${SCALING_TIMEOUT}s)" >&2
+timeout "$SCALING_TIMEOUT" $PY benchmarks/scaling.py --json "${SCALING[@]}" >> "$RESULTS" \
+  || echo '{"name": "scaling", "error": "failed or over '"$SCALING_TIMEOUT"' s"}' >> "$RESULTS"
+echo "   done after $(( $(date +%s) - started ))s" >&2
+
+echo "== 4/4 replay smoke (${SMOKE_SECONDS}s of training)" >&2
 DATA=${DATA_ROOT:-}
 if [ -z "$DATA" ]; then
   DATA="$TMP/synth"

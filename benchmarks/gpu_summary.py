@@ -47,6 +47,15 @@ def summarize(lines: list[str]) -> str:
     for r in records:
         if r.get("name") == "compile" and "error" in r:
             out.append(f"\ncompile: {r['error']}")
+        if r.get("name") == "scaling":
+            out.append("")
+            if "error" in r:
+                out.append(f"scaling: {r['error']}")
+                continue
+            out.append(f"scaling (batch {r['batch']}, {r['img_size']} px, earlier sites -> ms/iter, peak GiB):")
+            for k, ms in r["iter_ms"].items():
+                out.append(f"  {k:>3}: {ms:.1f} ms, {r['peak_mem_bytes'][k] / 2**30:.2f} GiB, bundle {r['bundle_bytes'][k]:,} bytes")
+            out.append(f"  ratios {json.dumps(r['ratio'])} -> {'flat' if r['flat'] else 'NOT flat'}")
         if r.get("name") == "replay_smoke":
             out.append("")
             if "error" in r:

@@ -147,7 +147,8 @@ def run(task: TaskConfig, sites: list[int], device: torch.device, warmup: int, i
         for earlier in sites:
             per_k[str(earlier)] = measure_sites(task, earlier, device, warmup, iters, Path(tmp))
     keys = ("iter_ms", "bundle_bytes", "bundle_tensor_bytes", "peak_mem_bytes")
-    out: dict = {key: {k: r[key] for k, r in per_k.items()} for key in keys}
+    out: dict = {"name": "scaling"}
+    out.update({key: {k: r[key] for k, r in per_k.items()} for key in keys})
     first, last = str(sites[0]), str(sites[-1])
     out["ratio"] = {key: round(out[key][last] / out[key][first], 4) for key in keys}
     out["flat"] = all(r <= FLAT for r in out["ratio"].values())
