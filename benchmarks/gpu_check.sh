@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, <= 8 minutes on one H100 (run from the repository root):
 #   1. speed matrix at the paper config (fundus/relay, 64 px), batch 128: relay_site1, relay_replay,
-#      sequential; fp32 / all three below together / bf16 / channels-last / fused Adam, then compile
+#      sequential; fp32 / bf16 / bf16 + cuDNN autotuning / bf16 + channels-last + fused Adam /
+#      fp32 + cuDNN autotuning (VARIANTS overrides the list), then compile
 #      (under its own time limit); ms per iteration, peak memory, achieved TFLOP/s;
 #   2. scaling: the replay iteration with 1, 4 and 16 earlier sites registered (fp32, batch 128);
 #   3. replay smoke: paper-size GANs at 64 px, two sites for as many batches as fit in
@@ -13,7 +14,7 @@
 #   benchmarks/gpu_check.sh                # on the GPU machine
 #   benchmarks/gpu_check.sh --small        # the same steps at toy size on the CPU (about 2 minutes)
 #
-# Environment: PYTHON (default python), RESULTS_DIR (default benchmarks/results), DATA_ROOT (synthetic
+# Environment: PYTHON (default python), VARIANTS (speed.py --variants), RESULTS_DIR (default benchmarks/results), DATA_ROOT (synthetic
 # data is written to a temporary folder when unset), SMOKE_SECONDS, MATRIX_TIMEOUT, COMPILE_TIMEOUT,
 # SCALING_TIMEOUT, SMOKE_TIMEOUT (hard limits in seconds).
 set -uo pipefail
@@ -52,7 +53,7 @@ fi
 
 echo "== 1/4 speed matrix (limit ${MATRIX_TIMEOUT}s)" >&2
 timeout "$MATRIX_TIMEOUT" $PY benchmarks/speed.py "${SPEED[@]}" \
-  --variants "fp32;bf16,channels_last,fused_adam;bf16;channels_last;fused_adam" >> "$RESULTS"
+  --variants "${VARIANTS:-fp32;bf16;bf16,cudnn_benchmark;bf16,channels_last,fused_adam;fp32,cudnn_benchmark}" >> "$RESULTS"
 echo "   exit $? after $(( $(date +%s) - started ))s" >&2
 
 echo "== 2/4 compile (limit ${COMPILE_TIMEOUT}s; compile time is not in ms_per_iter)" >&2

@@ -14,7 +14,7 @@ SWITCHES = ("precision", "channels_last", "compile", "fused_adam", "replay_per_s
 
 def variant(record: dict) -> str:
     on = [record["precision"]] if record.get("precision", "fp32") != "fp32" else []
-    on += [k for k in ("channels_last", "compile", "fused_adam", "replay_per_substep") if record.get(k)]
+    on += [k for k in ("channels_last", "compile", "fused_adam", "replay_per_substep", "cudnn_benchmark") if record.get(k)]
     if record.get("aug_device", "none") != "none":
         on.append(f"aug_{record['aug_device']}")
     return "+".join(on) or "fp32"
@@ -36,14 +36,16 @@ def summarize(lines: list[str]) -> str:
         first = speed[0]
         out.append(f"device: {device}; config {first.get('config')}, batch {first.get('batch')}, {first.get('img_size')} px, torch {first.get('torch')}")
         out.append("")
-        out.append("| measurement | variant | ms/iter | peak memory GiB | TFLOP/s |")
-        out.append("| --- | --- | ---: | ---: | ---: |")
+        out.append("| measurement | variant | ms/iter | plain / regularised iterations (median ms) | peak memory GiB | TFLOP/s |")
+        out.append("| --- | --- | ---: | --- | ---: | ---: |")
         for r in speed:
             if "error" in r:
-                out.append(f"| `{r['name']}` | {variant(r)} | error: {r['error'][:80]} | | |")
+                out.append(f"| `{r['name']}` | {variant(r)} | error: {r['error'][:80]} | | | |")
                 continue
             tflops = f"{r['tflops']:.2f}" if r.get("tflops") is not None else "–"
-            out.append(f"| `{r['name']}` | {variant(r)} | {r['ms_per_iter']:.1f} | {r['peak_mem_bytes'] / 2**30:.2f} | {tflops} |")
+            kinds = r.get("ms_by_iteration_kind") or {}
+            split = ", ".join(f"{k} {v['median_ms']:.1f} (×{v['n']})" for k, v in kinds.items()) or "–"
+            out.append(f"| `{r['name']}` | {variant(r)} | {r['ms_per_iter']:.1f} | {split} | {r['peak_mem_bytes'] / 2**30:.2f} | {tflops} |")
     for r in records:
         if r.get("name") == "compile" and "error" in r:
             out.append(f"\ncompile: {r['error']}")

@@ -18,8 +18,13 @@ iteration, as in training. Every switch is independent: ``--precision bf16`` (au
 One JSON line per measurement on stdout::
 
     {"name", "device", "config", "batch", "img_size", "precision", "channels_last", "compile",
-     "fused_adam", "replay_per_substep", "aug_device", "warmup", "iters", "ms_per_iter",
-     "peak_mem_bytes", "peak_mem_kind", "flops_per_iter", "flop_iters", "tflops", ...}
+     "fused_adam", "replay_per_substep", "aug_device", "cudnn_benchmark", "warmup", "iters",
+     "ms_per_iter", "ms_by_iteration_kind", "peak_mem_bytes", "peak_mem_kind", "flops_per_iter",
+     "flop_iters", "tflops", ...}
+
+``ms_per_iter`` is the mean over the timed iterations; ``ms_by_iteration_kind`` splits them by the
+relay's lazy regularisers ({"plain" | "pl" | "r1" | "pl+r1": {"n", "median_ms", "mean_ms"}}), so
+the cost of the path-length and R1 iterations shows apart from the plain ones.
 
 ``peak_mem_kind``: ``cuda_max_allocated`` (``torch.cuda.max_memory_allocated`` over the timed
 iterations) on a GPU; ``process_peak_rss`` on Linux CPUs (the process's resident-set high-water
@@ -80,6 +85,7 @@ class Switches:
     fused_adam: bool = False
     replay_per_substep: bool = False  # relay: a fresh replay for each of the G, D and solver steps
     aug_device: str = "none"  # none | cpu (host, before the copy) | same (on the training device)
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (GPU: autotuned convolution algorithms)
 
     def toggled(self) -> list[Switches]:
         """Every variant that differs from this one in exactly one switch."""
@@ -121,6 +127,58 @@ class PeakMemory:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def iteration_times(step: Callable[[int], None], first: int, count: int, device: torch.device, label: Callable[[], str] | None = None) -> list[tuple[float, str]]:
+    """Milliseconds of each call of ``step(i)`` for i in [first, first + count), with the label
+    ``label()`` gives after the call (CUDA events per iteration on a GPU, read at the end)."""
+    synchronize(device)
+    labels = []
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+        events[0].record()
+        for k, i in enumerate(range(first, first + count)):
+            step(i)
+            events[k + 1].record()
+            labels.append(label() if label else "")
+        events[-1].synchronize()
+        return [(a.elapsed_time(b), lab) for a, b, lab in zip(events[:-1], events[1:], labels)]
+    out = []
+    for i in range(first, first + count):
+        began = time.perf_counter()
+        step(i)
+        out.append(((time.perf_counter() - began) * 1000, label() if label else ""))
+    return out
+
+
+def regularisation_label(strategy: Strategy) -> Callable[[], str]:
+    """For the relay: which lazy regularisers the iteration just run included ("pl", "r1",
+    "pl+r1" or "plain"), from the strategy's GAN-step counter; "plain" for other strategies."""
+    options = getattr(strategy, "options", None)
+    if options is None or not hasattr(strategy, "gan_step"):
+        return lambda: "plain"
+    seen = {"gan_step": strategy.gan_step}
+
+    def label() -> str:
+        before, after = seen["gan_step"], strategy.gan_step
+        seen["gan_step"] = after
+        steps = range(before, after)
+        regularisers = (("pl", options.g_reg_interval, options.pl_weight), ("r1", options.d_reg_interval, options.r1_gamma))
+        parts = [name for name, interval, weight in regularisers if weight > 0 and any((s + 1) % interval == 0 for s in steps)]
+        return "+".join(parts) or "plain"
+
+    return label
+
+
+def split_by_label(times: list[tuple[float, str]]) -> dict[str, dict[str, float]]:
+    """``{label: {"n", "median_ms", "mean_ms"}}`` of :func:`iteration_times`' output."""
+    import statistics
+
+    out = {}
+    for lab in sorted({lab for _, lab in times}):
+        ms = [t for t, other in times if other == lab]
+        out[lab] = {"n": len(ms), "median_ms": round(statistics.median(ms), 3), "mean_ms": round(sum(ms) / len(ms), 3)}
+    return out
 
 
 def time_iterations(step: Callable[[int], None], first: int, count: int, device: torch.device) -> float:
@@ -333,6 +391,7 @@ def measure(
         "iters": iters,
     }
     memory = PeakMemory(device)
+    torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     try:
         task = task_for(base, measurement, switches, batch, trained=trained)
         prepared = prepare(measurement, task, switches, device, trained=trained)
@@ -352,10 +411,12 @@ def measure(
             prepared.step(i)
         synchronize(device)
         memory.reset()
-        ms = time_iterations(prepared.step, first + warmup, iters, device)
+        times = iteration_times(prepared.step, first + warmup, iters, device, regularisation_label(prepared.strategy))
+        ms = sum(t for t, _ in times) / len(times)
         counted = not math.isnan(flops)
         record.update(
             ms_per_iter=round(ms, 3),
+            ms_by_iteration_kind=split_by_label(times),
             peak_mem_bytes=memory.read(),
             peak_mem_kind=memory.kind,
             flops_per_iter=int(flops) if counted else None,
@@ -366,6 +427,7 @@ def measure(
         message = str(exc).strip().splitlines()
         record["error"] = f"{type(exc).__name__}: {message[0] if message else ''}"[:500]
     finally:
+        torch.backends.cudnn.benchmark = False
         if switches.compile:
             torch._dynamo.reset()
         if device.type == "cuda":
@@ -535,6 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fused-adam", action="store_true")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (GPU)")
     p.add_argument("--replay-per-substep", action="store_true")
     p.add_argument("--aug-device", choices=["none", "cpu", "same"], default="none")
     p.add_argument(
@@ -563,7 +626,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def switches_from(args: argparse.Namespace) -> Switches:
-    return Switches(args.precision, args.channels_last, args.compile, args.fused_adam, args.replay_per_substep, args.aug_device)
+    return Switches(args.precision, args.channels_last, args.compile, args.fused_adam, args.replay_per_substep, args.aug_device, args.cudnn_benchmark)
 
 
 VARIANT_WORDS = {
@@ -575,6 +638,7 @@ VARIANT_WORDS = {
     "replay_per_substep": {"replay_per_substep": True},
     "aug_cpu": {"aug_device": "cpu"},
     "aug_same": {"aug_device": "same"},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
 }
 
 

@@ -55,6 +55,7 @@ def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
                     "replay_per_substep": False,
                     "aug_device": "none",
                     "ms_per_iter": 101.5,
+                    "ms_by_iteration_kind": {"plain": {"n": 7, "median_ms": 60.0, "mean_ms": 61.0}, "pl": {"n": 3, "median_ms": 200.0, "mean_ms": 200.0}},
                     "peak_mem_bytes": 2**31,
                     "tflops": 20.0,
                 }
@@ -76,7 +77,7 @@ def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
             ),
         ]
     )
-    assert "| `relay_replay` | bf16+channels_last | 101.5 | 2.00 | 20.00 |" in summary
+    assert "| `relay_replay` | bf16+channels_last | 101.5 | plain 60.0 (×7), pl 200.0 (×3) | 2.00 | 20.00 |" in summary
     assert "| `sequential` | fp32 | error: RuntimeError: boom |" in summary
     assert "replay fidelity: not measured (absent)" in summary and "9 batches per site" in summary
 
@@ -153,15 +154,18 @@ def test_small_mode_runs_every_step_and_writes_json_lines(tmp_path, tiny_fundus)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     speed = [r for r in records if r["name"] in ("relay_site1", "relay_replay", "sequential")]
     assert len(speed) == 5 * 3 and not [r for r in speed if "error" in r]
-    assert {(r["precision"], r["channels_last"], r["fused_adam"]) for r in speed} == {
-        ("fp32", False, False),
-        ("bf16", False, False),
-        ("fp32", True, False),
-        ("fp32", False, True),
-        ("bf16", True, True),
+    assert {(r["precision"], r["channels_last"], r["fused_adam"], r["cudnn_benchmark"]) for r in speed} == {
+        ("fp32", False, False, False),
+        ("bf16", False, False, False),
+        ("bf16", False, False, True),
+        ("bf16", True, True, False),
+        ("fp32", False, False, True),
     }
+    assert all(sum(k["n"] for k in r["ms_by_iteration_kind"].values()) == r["iters"] for r in speed)
     assert all(r["tflops"] > 0 and r["peak_mem_bytes"] > 0 for r in speed)
     assert [r for r in records if r["name"] == "compile"]  # 1 s is too short to compile: recorded, not fatal
+    (scaling,) = [r for r in records if r["name"] == "scaling"]
+    assert "error" not in scaling and list(scaling["iter_ms"]) == ["1", "2"]
     (smoke,) = [r for r in records if r["name"] == "replay_smoke"]
     assert smoke["steps_per_site"] == 2 and len(smoke["matrix"]["R"]) == 2
     assert "replay_fidelity" in smoke

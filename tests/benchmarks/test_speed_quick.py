@@ -66,6 +66,7 @@ def test_matrix_toggles_one_switch_at_a_time_against_the_baseline():
         fused_adam=False,
         replay_per_substep=False,
         aug_device="none",
+        cudnn_benchmark=False,
         matrix=True,
         only="relay_site1,relay_replay,sequential",
     )
@@ -73,8 +74,32 @@ def test_matrix_toggles_one_switch_at_a_time_against_the_baseline():
     baseline = speed.Switches()
     assert runs[:3] == [(name, baseline) for name in speed.MEASUREMENTS]
     variants = {s for _, s in runs[3:]}
-    assert len(variants) == 7  # bf16, channels_last, compile, fused_adam, replay_per_substep, aug cpu, aug same
+    assert len(variants) == 8  # bf16, channels_last, compile, fused_adam, replay_per_substep, aug cpu, aug same, cudnn_benchmark
     for s in variants:
         changed = [k for k, v in vars(s).items() if v != getattr(baseline, k)]
         assert len(changed) == 1
     assert [name for name, s in runs if s.replay_per_substep] == ["relay_replay"]  # only the replay measurement replays
+
+
+def test_iterations_are_split_by_the_lazy_regularisers_they_ran():
+    speed = _speed_module()
+
+    class Options:
+        g_reg_interval, d_reg_interval, pl_weight, r1_gamma = 4, 8, 2.0, 0.1
+
+    class Relay:
+        options, gan_step = Options(), 0
+
+    relay = Relay()
+
+    def step(i):  # one GAN step per iteration, as the paper preset
+        relay.gan_step += 1
+
+    times = speed.iteration_times(step, 0, 8, speed.torch.device("cpu"), speed.regularisation_label(relay))
+    assert [lab for _, lab in times] == ["plain", "plain", "plain", "pl", "plain", "plain", "plain", "pl+r1"]
+    split = speed.split_by_label(times)
+    assert {k: v["n"] for k, v in split.items()} == {"plain": 6, "pl": 1, "pl+r1": 1}
+    Options.pl_weight = 0.0  # a regulariser with zero weight does not run, so it is not a label
+    relay.gan_step = 0
+    times = speed.iteration_times(step, 0, 4, speed.torch.device("cpu"), speed.regularisation_label(relay))
+    assert [lab for _, lab in times] == ["plain"] * 4
