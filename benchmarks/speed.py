@@ -129,7 +129,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def iteration_times(step: Callable[[int], None], first: int, count: int, device: torch.device, label: Callable[[], str] | None = None) -> list[tuple[float, str]]:
+def iteration_times(
+    step: Callable[[int], None], first: int, count: int, device: torch.device, label: Callable[[], str] | None = None
+) -> list[tuple[float, str]]:
     """Milliseconds of each call of ``step(i)`` for i in [first, first + count), with the label
     ``label()`` gives after the call (CUDA events per iteration on a GPU, read at the end)."""
     synchronize(device)
