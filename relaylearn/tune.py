@@ -12,6 +12,10 @@ best point (the first in grid order on a tie). ``--select-on test`` scores on th
 instead — the original code's "validation = test" protocol, optimistic, kept only to compare with
 it. Finished runs are skipped, so re-running the command resumes an interrupted tuning.
 
+A config whose strategy has nothing to tune (``sequential``, ``local``, ``joint``) is trained once
+at its preset as a *reference*: ``tune.md`` ends with each pick's validation ACC and forgetting
+beside the references', so "does tuning beat plain fine-tuning?" is read off one table.
+
 Outputs in ``exps/tune/<NAME>/``: ``tune.json`` (per strategy: the grid, every point's scores
 and runs, the pick) and ``tune.md`` (the same as tables). ``relaylearn compare --tuned
 exps/tune/<NAME>`` trains each strategy at its pick.
@@ -43,6 +47,7 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "owm": {"alpha": [1e-3, 1e-2, 1e-1, 1.0]},
     "relay": {"distil_weight": [0.25, 0.5, 1.0, 2.0], "gan_steps_per_solver_step": [1, 2]},
 }
+REFERENCES = ("sequential", "local", "joint")  # no strength to tune: trained once at the preset, shown beside the grids
 SELECT_ON = ("val", "test")
 
 
@@ -86,7 +91,9 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[s
 
 
 def point_folder(point: dict[str, Any]) -> str:
-    """A folder name for a grid point, e.g. ``alpha=0.5_tau=2.0``."""
+    """A folder name for a grid point, e.g. ``alpha=0.5_tau=2.0`` (``preset`` for no values)."""
+    if not point:
+        return "preset"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(f"{k}={v}" for k, v in point.items()))
 
 
@@ -121,7 +128,8 @@ def tune_markdown(summary: dict[str, Any]) -> str:
     where = "validation parts" if summary["select_on"] == "val" else "TEST split (optimistic: --select-on test)"
     lines = [f"# {summary['name']}: picked by ACC on the {where}, {summary['orders']} order(s) × {summary['seeds']} seed(s)", ""]
     for label, entry in summary["strategies"].items():
-        lines += [f"## {label} ({entry['config']})", ""]
+        kind = ", reference: nothing to tune, trained at its preset" if entry.get("reference") else ""
+        lines += [f"## {label} ({entry['config']}{kind})", ""]
         if entry["skipped_keys"]:
             lines += [f"Grid keys this strategy does not have (skipped): {', '.join(entry['skipped_keys'])}", ""]
         lines += ["| point | score (ACC) | forgetting | BWT | test ACC (not used) | wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
@@ -132,7 +140,39 @@ def tune_markdown(summary: dict[str, Any]) -> str:
                 f"| {_fmt(p['bwt_mean'], p['bwt_std'], signed=True)} | {_fmt(p['test_acc_mean'], p['test_acc_std'])} | {p['wall_seconds']:.0f} |"
             )
         lines.append("")
+    lines += picks_against_references(summary)
     return "\n".join(lines)
+
+
+def picks_against_references(summary: dict[str, Any]) -> list[str]:
+    """Markdown lines: each pick's validation ACC and forgetting next to each reference's (e.g.
+    sequential fine-tuning), with the difference in forgetting; no lines without both."""
+    entries = summary["strategies"]
+    references = {label: e["points"][0] for label, e in entries.items() if e.get("reference") and e.get("complete") and e["points"]}
+    picks = {label: e["points"][e["pick_index"]] for label, e in entries.items() if not e.get("reference") and e.get("pick_index") is not None}
+    if not references or not picks:
+        return []
+    lines = ["## Picks against the references", "", "| strategy | pick | ACC | forgetting | " + " | ".join(f"forgetting − {r}" for r in references) + " |"]
+    lines.append("|---|---|---:|---:|" + "---:|" * len(references))
+    for label, p in picks.items():
+        deltas = [
+            _fmt(p["forgetting_mean"] - r["forgetting_mean"], None, signed=True)
+            if p["forgetting_mean"] is not None and r["forgetting_mean"] is not None
+            else "–"
+            for r in references.values()
+        ]
+        lines.append(
+            f"| {label} | {p['folder']} | {_fmt(p['score_mean'], p['score_std'])} | {_fmt(p['forgetting_mean'], p['forgetting_std'])} | "
+            + " | ".join(deltas)
+            + " |"
+        )
+    for label, r in references.items():
+        lines.append(
+            f"| {label} (reference) | preset | {_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['forgetting_mean'], r['forgetting_std'])} |"
+            + " |" * len(references)
+        )
+    lines.append("")
+    return lines
 
 
 def tune_strategies(
@@ -163,6 +203,9 @@ def tune_strategies(
     plans = []  # (label, config, points, skipped keys)
     for cfg, label in zip(configs, strategy_labels(configs)):
         strategy = cfg.tasks[0].strategy.name
+        if strategy in REFERENCES and strategy not in grids:
+            plans.append((label, cfg, [{}], []))
+            continue
         if strategy not in grids:
             raise UserError(f"config {cfg.name}: strategy '{strategy}' has no grid (tunable: {', '.join(sorted(grids))}; add one with --grid)", cfg.path)
         if select_on == "val" and any(t.dataset.kwargs.val_fraction == 0 for t in cfg.tasks):
@@ -185,7 +228,8 @@ def tune_strategies(
         entry: dict[str, Any] = {
             "config": cfg.name,
             "strategy": strategy,
-            "grid": {k: v for k, v in grids[strategy].items() if k not in skipped},
+            "reference": strategy not in grids,
+            "grid": {k: v for k, v in grids.get(strategy, {}).items() if k not in skipped},
             "skipped_keys": skipped,
             "points": [],
             "complete": False,
@@ -207,7 +251,7 @@ def tune_strategies(
                     file=sys.stderr,
                 )
             _write(root, summary)  # partial results survive an interruption
-        best = pick_best(entry["points"])
+        best = None if entry["reference"] else pick_best(entry["points"])
         entry.update({"complete": True, "pick_index": best, "pick": entry["points"][best]["values"] if best is not None else None})
         _write(root, summary)
     bar.close()

@@ -100,10 +100,8 @@ def test_tune_picks_by_validation_acc_writes_outputs_and_resumes(tmp_path, tiny_
 
 def test_bad_input_exits_2(tmp_path, tiny_fundus, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    seq = str(tiny_config(tmp_path / "s", tiny_fundus, strategy="sequential"))
     lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
     cases = [
-        (["tune", "-c", seq, "-n", "x"], "has no grid"),
         (["tune", "-c", lwf, "-n", "a/b"], "without spaces or slashes"),
         (["tune", "-c", lwf, "-n", "x", "--select-on", "train"], "invalid choice"),
         (["tune", "-c", lwf, "-n", "x", "--set", "dataset.kwargs.val_fraction=0"], "no validation part"),
@@ -120,4 +118,36 @@ def test_bad_input_exits_2(tmp_path, tiny_fundus, capsys, monkeypatch):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    monkeypatch.setattr("relaylearn.tune.GRIDS", {k: v for k, v in GRIDS.items() if k != "lwf"})  # a strategy with no grid
+    assert main(["tune", "-c", lwf, "-n", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "has no grid" in err and err.count("\n") == 1
     assert not (tmp_path / "exps").exists()
+
+
+def test_a_strategy_without_strength_is_a_reference_trained_once_beside_the_picks(tmp_path, tiny_fundus, monkeypatch):
+    import relaylearn.tune as tune
+
+    seq = str(tiny_config(tmp_path / "s", tiny_fundus, strategy="sequential"))
+    lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
+    (tmp_path / "grid.yaml").write_text("lwf: {alpha: [0.5, 4.0]}\n")
+    trained = []
+
+    def fake_train(run, root, name, **kwargs):  # validation ACC / forgetting by strategy and alpha
+        alpha = run.config.tasks[0].strategy.kwargs.get("alpha")
+        trained.append((run.config.tasks[0].strategy.name, alpha))
+        acc, forgetting = {None: (0.40, 0.60), 0.5: (0.55, 0.45), 4.0: (0.30, 0.20)}[alpha]
+        return {"wall_seconds": 1.0, "matrix": {"acc": acc, "validation": {"acc": acc, "forgetting": forgetting, "bwt": -forgetting}}}
+
+    monkeypatch.setattr(tune, "train_or_resume", fake_train)
+    path = tune.tune_strategies([lwf, seq], "t", grid_file=str(tmp_path / "grid.yaml"), quiet=True, exps_root=tmp_path / "exps")
+    summary = json.loads(path.read_text())
+    assert sorted(trained, key=str) == sorted([("lwf", 0.5), ("lwf", 4.0), ("sequential", None)], key=str)
+    reference = summary["strategies"]["sequential"]
+    assert reference["reference"] and reference["pick"] is None and [p["folder"] for p in reference["points"]] == ["preset"]
+    assert summary["strategies"]["lwf"]["pick"] == {"alpha": 0.5}
+    md = (path.parent / "tune.md").read_text()
+    assert "## Picks against the references" in md
+    assert "| lwf | alpha=0.5 | 0.550 | 0.450 | -0.150 |" in md  # 0.45 − 0.60
+    configs, _ = apply_picks([load_config(seq), load_config(lwf)], path)  # the reference has no pick to apply
+    assert configs[0].tasks[0].strategy.kwargs == load_config(seq).tasks[0].strategy.kwargs
