@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from relaylearn.config import RunConfig, load_config
+from relaylearn.devices import release_memory
 from relaylearn.errors import UserError
 from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
@@ -328,6 +329,8 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
         started = time.time()
         result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
         matrix = result.matrix
+        del result
+        release_memory()  # the next run of this process starts from the same footprint
         wall += time.time() - started
         atomic_write(timing_path, json.dumps({"wall_seconds": wall}))
     replay_path = matrix_path.with_name("replay.json")

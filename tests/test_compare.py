@@ -9,6 +9,7 @@ import pytest
 
 from relaylearn.cli import main
 from relaylearn.compare import markdown_table, mean_std, site_orders, summarise
+from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.results import external_dice
 from tests.conftest import tiny_config
@@ -128,3 +129,29 @@ def test_relay_is_tested_against_the_best_non_pooled_method():
     assert paired["forgetting"]["mean_difference"] == pytest.approx(-0.2)
     assert "| acc | +0.127 ± 0.025 | 0.25 |" in paired_markdown(paired)
     assert relay_vs_best_other({"ewc": results["ewc"]}, {"ewc": "ewc"}) is None
+
+
+def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_path, tiny_fundus, monkeypatch):
+    import relaylearn.compare as compare
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)))
+    run = compare.plan_runs([cfg], 1, 1)[0]
+    matrix = {"R": [[0.5, 0.1], [0.4, 0.6]], "acc": 0.5}
+    released = []
+
+    class Result:
+        def __init__(self):
+            self.matrix = matrix
+
+    def fake_training(config, run_name, options):
+        folder = options.exps_root / config.name / run_name / "metrics"
+        folder.mkdir(parents=True)
+        (folder / "matrix.json").write_text(json.dumps(matrix))
+        return Result()
+
+    monkeypatch.setattr(compare, "run_training", fake_training)
+    monkeypatch.setattr(compare, "release_memory", lambda: released.append(True))
+    assert compare.train_or_resume(run, tmp_path / "r", "n")["matrix"] == matrix
+    assert released == [True]
+    compare.train_or_resume(run, tmp_path / "r", "n")  # complete: skipped, nothing to release
+    assert released == [True]
