@@ -388,7 +388,10 @@ def compare_strategies(
         root / "table.md",
         f"# {name}: {orders} order(s) × {seeds} seed(s), mean ± std\n\n{tuned_note}{table}\n{paired_markdown(paired)}\n![comparison](comparison.png)\n",
     )
-    print(table + "\n" + paired_markdown(paired))
+    from relaylearn.report import write_report
+
+    report = write_report(root)
+    print(table + "\n" + paired_markdown(paired) + f"\nreport: {report}")
     return root / "table.md"
 
 

@@ -77,6 +77,9 @@ def test_compare_two_strategies_two_orders(tmp_path, tiny_fundus, monkeypatch, c
     assert "No paired test" in table, "no relay config here"
     assert json.loads((root / "paired_test.json").read_text()) is None
     assert (root / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (root / "report.html").read_text()  # the comparison's own report: table, paired test, plot
+    assert "comparison tiny" in page and "<td>ewc</td>" in page and "<td>sequential</td>" in page
+    assert "No paired test" in page and "data:image/png;base64," in page and "report: exps/compare/tiny/report.html" in printed
 
     # simulate an interruption after site 1 of one run: only that site is trained again
     run_dir = root / "ewc" / "order0_seed0" / "ewc" / "tiny-o0-s0"

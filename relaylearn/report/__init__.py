@@ -456,13 +456,18 @@ def _hash(value: str, keep: int = 12) -> str:
 
 
 def build_report(run_dir: str | Path, name: str | None = None) -> str:
-    """The report page as a string (see :func:`write_report`)."""
+    """The report page as a string (see :func:`write_report`); a ``relaylearn compare`` folder gets
+    the comparison's page (:mod:`relaylearn.report.comparison`)."""
+    from relaylearn.report.comparison import build_comparison_page, is_comparison
+
+    if name is None and is_comparison(Path(run_dir)):
+        return build_comparison_page(Path(run_dir))
     return ReportBuilder(find_runs(Path(run_dir), name), Path(run_dir)).build()
 
 
 def write_report(run_dir: str | Path, name: str | None = None) -> Path:
-    """Write ``run_dir/report.html``: the run in ``run_dir``, or every ``run_dir/<strategy>/<name>/``
-    side by side. Returns its path; UserError when no ``metrics/matrix.json`` is found."""
+    """Write ``run_dir/report.html``: the run in ``run_dir``, every ``run_dir/<strategy>/<name>/``
+    side by side, or the comparison that ``relaylearn compare`` wrote in ``run_dir``. Returns its path; UserError when no ``metrics/matrix.json`` is found."""
     out = Path(run_dir) / REPORT_NAME
     atomic_write(out, build_report(run_dir, name).encode("utf-8"))
     return out

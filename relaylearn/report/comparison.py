@@ -1,0 +1,111 @@
+"""The report page of a ``relaylearn compare`` folder: the table (mean ± std over orders × seeds),
+the paired test of relay against the best other method, and the comparison plot.
+
+Reads what ``compare`` wrote (``table.csv``, ``paired_test.json``, ``comparison.png``,
+``table.md``'s note on tuned values); each run keeps its own report in its run folder."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from relaylearn import __version__
+from relaylearn.report import html
+
+COLUMNS = (  # (header, metric in table.csv, signed)
+    ("ACC", "acc", False),
+    ("BWT", "bwt", True),
+    ("forgetting", "forgetting", False),
+    ("external Dice", "external_dice", False),
+    ("final replay fidelity", "fidelity", False),
+    ("final MIA AUC", "mia_auc", False),
+)
+
+
+def is_comparison(folder: Path) -> bool:
+    """Whether ``folder`` is the output of ``relaylearn compare``."""
+    return (folder / "table.csv").is_file() and (folder / "matrices.json").is_file()
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _cell(row: dict[str, str], metric: str, signed: bool = False, digits: int = 3) -> str:
+    mean, std = _number(row.get(f"{metric}_mean")), _number(row.get(f"{metric}_std"))
+    if mean is None:
+        return "–"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    header = ["strategy", "config", "runs", *(h for h, _, _ in COLUMNS), "wall time / run (s)"]
+    body, best = [], set()
+    accs = [_number(r.get("acc_mean")) for r in rows]
+    forgettings = [_number(r.get("forgetting_mean")) for r in rows]
+    for row in rows:
+        body.append([escape(row.get("strategy", "?")), escape(row.get("config", "")), escape(row.get("runs", ""))]
+                    + [_cell(row, metric, signed) for _, metric, signed in COLUMNS] + [_cell(row, "wall_s", digits=0)])  # fmt: skip
+    for column, values, pick in ((3, accs, max), (5, forgettings, min)):
+        known = [v for v in values if v is not None]
+        if known:
+            best |= {(i, column) for i, v in enumerate(values) if v == pick(known)}
+    return html.table(header, body, numeric=set(range(2, len(header))), best=best)
+
+
+def _paired(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return html.note("No paired test: it needs a relay config and another non-pooled strategy.")
+    p = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
+    rows = []
+    for metric in ("acc", "forgetting"):
+        t = paired.get(metric) or {}
+        mean, std = t.get("mean_difference"), t.get("std_difference")
+        diff = "–" if mean is None else f"{mean:+.3f}" + ("" if std is None else f" ± {std:.3f}")
+        rows.append([escape(metric), diff, p(t.get("wilcoxon_p")), p(t.get("t_test_p"))])
+    lead = (
+        f"{escape(str(paired.get('relay')))} − {escape(str(paired.get('other')))} (the other method with the highest mean ACC; "
+        f"joint excluded), paired by order and seed over {len(paired.get('runs') or [])} run(s); two-sided p-values."
+    )
+    return f'<p class="lead">{lead}</p>' + html.table(["metric", "mean difference", "Wilcoxon signed-rank p", "paired t-test p"], rows, numeric={1, 2, 3})
+
+
+def _tuned_note(folder: Path) -> str:
+    """The lines of ``table.md`` that say where tuned values came from (empty without ``--tuned``)."""
+    path = folder / "table.md"
+    if not path.is_file():
+        return ""
+    lines = [line[2:] for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.startswith("- ") and "(tuned on " in line]
+    return "<ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul>" if lines else ""
+
+
+def build_comparison_page(folder: Path) -> str:
+    """The whole page for the comparison in ``folder``."""
+    rows = list(csv.DictReader(io.StringIO((folder / "table.csv").read_text(encoding="utf-8"))))
+    paired_path = folder / "paired_test.json"
+    paired = json.loads(paired_path.read_text()) if paired_path.is_file() else None
+    sections = [("table", "Table", html.section("table", "Strategies, mean ± std over orders × seeds", _table(rows) + _tuned_note(folder)))]
+    sections.append(("paired", "Paired test", html.section("paired", "Relay against the best other method", _paired(paired))))
+    plot = folder / "comparison.png"
+    if plot.is_file():
+        uri = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode("ascii")
+        sections.append(
+            ("plot", "Plot", html.section("plot", "ACC, forgetting and external-site Dice", html.figure(uri, "mean ± std per strategy", "comparison plot")))
+        )
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = f"{escape(str(folder))} · {len(rows)} strategies · each run's own report: relaylearn report &lt;run folder&gt; · generated {now}"
+    return html.page(
+        f"relaylearn — comparison {folder.name}", meta, sections, f"relaylearn {escape(__version__)} · self-contained report, no external resources"
+    )
