@@ -49,7 +49,7 @@ def release_memory() -> None:
     Collects reference cycles (the trainer, the module and the loggers refer to each other), empties
     the CUDA cache, and on glibc asks ``malloc_trim`` to return freed heap pages to the system.
     Without it a process that trains run after run (``relaylearn compare`` / ``tune``) held about
-    1 GB more per finished demo run; with it, it stays flat (benchmarks/README.md)."""
+    1 GB more per finished demo run; with it, it stays flat (README, "Fair baselines")."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

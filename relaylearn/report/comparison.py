@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from relaylearn import __version__
+from relaylearn.compare import _fmt as mean_std_text
 from relaylearn.report import html
 
 COLUMNS = (  # (header, metric in table.csv, signed)
@@ -43,11 +44,9 @@ def _number(text: str | None) -> float | None:
 
 
 def _cell(row: dict[str, str], metric: str, signed: bool = False, digits: int = 3) -> str:
+    """``mean ± std`` of ``metric`` in a table.csv row, as in table.md; "–" where it is missing."""
     mean, std = _number(row.get(f"{metric}_mean")), _number(row.get(f"{metric}_std"))
-    if mean is None:
-        return "–"
-    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return text if std is None else f"{text} ± {std:.{digits}f}"
+    return "–" if mean is None else mean_std_text(mean, std, digits, signed)
 
 
 def _table(rows: list[dict[str, str]]) -> str:
