@@ -49,6 +49,20 @@ def _cell(row: dict[str, str], metric: str, signed: bool = False, digits: int = 
     return "–" if mean is None else mean_std_text(mean, std, digits, signed)
 
 
+def _pools_data(label: str) -> bool:
+    """Whether the strategy of a table label (``joint``, ``relay-my_config``) trains on pooled data."""
+    from relaylearn.errors import ConfigError
+    from relaylearn.strategies import get_strategy_class
+
+    name = label.split("-", 1)[0]
+    if not name.isidentifier():
+        return False
+    try:
+        return bool(get_strategy_class(name).pooled_training)
+    except ConfigError:
+        return False
+
+
 def _table(rows: list[dict[str, str]]) -> str:
     header = ["strategy", "config", "runs", *(h for h, _, _ in COLUMNS), "wall time / run (s)"]
     body, best = [], set()
@@ -57,7 +71,9 @@ def _table(rows: list[dict[str, str]]) -> str:
     for row in rows:
         body.append([escape(row.get("strategy", "?")), escape(row.get("config", "")), escape(row.get("runs", ""))]
                     + [_cell(row, metric, signed) for _, metric, signed in COLUMNS] + [_cell(row, "wall_s", digits=0)])  # fmt: skip
-    for column, values, pick in ((3, accs, max), (5, forgettings, min)):
+    pooled = [_pools_data(row.get("strategy", "")) for row in rows]
+    for column, values, pick in ((3, accs, max), (5, forgettings, min)):  # best among the methods that keep data at home
+        values = [None if pool else v for v, pool in zip(values, pooled)]
         known = [v for v in values if v is not None]
         if known:
             best |= {(i, column) for i, v in enumerate(values) if v == pick(known)}
@@ -95,7 +111,8 @@ def build_comparison_page(folder: Path) -> str:
     rows = list(csv.DictReader(io.StringIO((folder / "table.csv").read_text(encoding="utf-8"))))
     paired_path = folder / "paired_test.json"
     paired = json.loads(paired_path.read_text()) if paired_path.is_file() else None
-    sections = [("table", "Table", html.section("table", "Strategies, mean ± std over orders × seeds", _table(rows) + _tuned_note(folder)))]
+    lead = "Marked: the highest ACC and the least forgetting among the methods that do not pool the sites' data."
+    sections = [("table", "Table", html.section("table", "Strategies, mean ± std over orders × seeds", _table(rows) + _tuned_note(folder), lead))]
     sections.append(("paired", "Paired test", html.section("paired", "Relay against the best other method", _paired(paired))))
     plot = folder / "comparison.png"
     if plot.is_file():

@@ -32,6 +32,14 @@ def test_a_compare_folder_gets_its_table_paired_test_and_tuning_note(tmp_path):
     assert '<td class="num">–</td>' in page  # an external Dice of nan is shown as missing
 
 
+def test_pooled_training_is_not_marked_best(tmp_path):
+    _write_comparison(tmp_path / "cmp")
+    table = tmp_path / "cmp" / "table.csv"
+    table.write_text(table.read_text() + "joint,demo/joint,6,0.9,0.02,0,0,0,0,0.7,0.1,50,1\n")
+    page = build_report(tmp_path / "cmp")
+    assert '<td class="num best">0.750 ± 0.020</td>' in page and '<td class="num">0.900 ± 0.020</td>' in page
+
+
 def test_names_from_the_files_are_escaped(tmp_path):
     _write_comparison(tmp_path / "cmp", strategy="<script>alert(1)</script>")
     page = build_report(tmp_path / "cmp")
