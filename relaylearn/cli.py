@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", dest="sets", action="append", default=[])
     tune.add_argument("-g", "--gpus", default=None)
     tune.add_argument("-q", "--quiet", action="store_true")
+    for command in (compare, tune):
+        command.add_argument("--workers", type=int, default=1, help="processes that share the runs (CPU: up to the number of cores; each gets cores/N threads)")
+        command.add_argument("--claim-only", action="store_true", help=argparse.SUPPRESS)  # a --workers helper
     return parser
 
 
@@ -349,6 +352,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # a --workers helper re-runs the same command
         return COMMANDS[args.command](args)
     except RelayError as exc:
         from relaylearn.bundle import escape_text

@@ -49,6 +49,7 @@ from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.results import external_dice
 from relaylearn.runner import TrainOptions, run_training
+from relaylearn.workers import check_workers, claim, finish_helpers, start_helpers
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
 METRICS = ("acc", "bwt", "forgetting", "external_dice")
@@ -356,10 +357,16 @@ def compare_strategies(
     quiet: bool = False,
     exps_root: Path = EXPS_ROOT,
     tuned: str | None = None,
+    workers: int = 1,
+    claim_only: bool = False,
+    argv: list[str] | None = None,
 ) -> Path:
     """Run (or resume) every config × order × seed and write the tables; returns ``table.md``.
 
-    ``tuned``: a ``relaylearn tune`` output folder; each config with a pick there trains at it."""
+    ``tuned``: a ``relaylearn tune`` output folder; each config with a pick there trains at it.
+    ``workers`` > 1: helper processes of the command ``argv`` share the runs
+    (:mod:`relaylearn.workers`); ``claim_only``: be such a helper (train claimed runs, write nothing)."""
+    check_workers(workers)
     if not name or any(c in name for c in " /\\"):
         raise UserError(f"-n {name!r}: comparison name must be non-empty without spaces or slashes")
     if len(set(config_specs)) != len(config_specs):
@@ -374,6 +381,15 @@ def compare_strategies(
     root = Path(exps_root) / "compare" / name
     results: dict[str, dict[str, dict[str, Any]]] = {}
     config_names = {run.label: run.source for run in runs}
+    if claim_only or workers > 1:
+        helpers = [] if claim_only else start_helpers(argv or [], workers, root)
+        for run in runs:
+            if claim(root, f"{run.label}__{run.key}"):
+                train_or_resume(run, root / run.label / run.key, name, devices=devices, quiet=True)
+        if claim_only:
+            return root / "table.md"
+        for problem in finish_helpers(helpers):
+            _say(quiet, f"{problem}; its unfinished run is resumed here")
     for i, run in enumerate(runs, 1):
         header = f"[{i}/{len(runs)}] {run.label} order {run.order} seed {run.config.tasks[0].random_seed}"
         results.setdefault(run.label, {})[run.key] = train_or_resume(run, root / run.label / run.key, name, devices=devices, quiet=quiet, header=header)
@@ -413,4 +429,7 @@ def run_compare(args) -> Path:
         quiet=args.quiet,
         exps_root=getattr(args, "exps_root", EXPS_ROOT),
         tuned=getattr(args, "tuned", None),
+        workers=getattr(args, "workers", 1),
+        claim_only=getattr(args, "claim_only", False),
+        argv=getattr(args, "argv", None),
     )

@@ -37,6 +37,7 @@ from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import ConfigError, UserError
 from relaylearn.files import EXPS_ROOT, atomic_write
+from relaylearn.workers import check_workers, claim, finish_helpers, start_helpers
 
 # Each strategy's grid: option -> values; every combination is one point. Add a key or a
 # strategy here (or in a --grid file); keys the installed strategy does not have are skipped.
@@ -188,8 +189,14 @@ def tune_strategies(
     devices: str | None = None,
     quiet: bool = False,
     exps_root: Path = EXPS_ROOT,
+    workers: int = 1,
+    claim_only: bool = False,
+    argv: list[str] | None = None,
 ) -> Path:
-    """Train (or resume) every grid point of every config and write the picks; returns ``tune.json``."""
+    """Train (or resume) every grid point of every config and write the picks; returns ``tune.json``.
+
+    ``workers`` / ``claim_only`` / ``argv``: share the runs between processes (:mod:`relaylearn.workers`)."""
+    check_workers(workers)
     from tqdm.auto import tqdm
 
     if not name or any(c in name for c in " /\\"):
@@ -220,6 +227,17 @@ def tune_strategies(
         plans.append((label, cfg, points, skipped))
 
     root = Path(exps_root) / "tune" / name
+    if claim_only or workers > 1:
+        helpers = [] if claim_only else start_helpers(argv or [], workers, root)
+        for label, cfg, points, _ in plans:
+            for point in points:
+                for run in plan_runs([with_strategy_kwargs(cfg, point)], orders, seeds):
+                    if claim(root, f"{label}__{point_folder(point)}__{run.key}"):
+                        train_or_resume(run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True)
+        if claim_only:
+            return root / "tune.json"
+        for problem in finish_helpers(helpers):
+            print(f"{problem}; its unfinished run is resumed here", file=sys.stderr)
     summary: dict[str, Any] = {"name": name, "select_on": select_on, "orders": orders, "seeds": seeds, "overrides": list(overrides or []), "strategies": {}}
     total = sum(len(points) for _, _, points, _ in plans) * orders * seeds
     bar = tqdm(total=total, desc=f"tune {name}", unit="run", disable=quiet, dynamic_ncols=True, file=sys.stderr)
@@ -314,4 +332,7 @@ def run_tune(args) -> Path:
         devices=args.gpus,
         quiet=args.quiet,
         exps_root=getattr(args, "exps_root", EXPS_ROOT),
+        workers=getattr(args, "workers", 1),
+        claim_only=getattr(args, "claim_only", False),
+        argv=getattr(args, "argv", None),
     )

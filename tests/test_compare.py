@@ -158,3 +158,29 @@ def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_p
     assert released == [True]
     compare.train_or_resume(run, tmp_path / "r", "n")  # complete: skipped, nothing to release
     assert released == [True]
+
+
+def test_workers_share_the_runs_and_give_the_same_table(tmp_path, tiny_fundus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", steps=1))
+    common = ["compare", "-c", config, "--orders", "2", "--seeds", "1", "-q"]
+    assert main([*common, "-n", "two", "--workers", "2"]) == 0
+    assert main([*common, "-n", "one"]) == 0
+    root = tmp_path / "exps" / "compare"
+    claims = sorted(p.name for p in (root / "two" / ".claims").iterdir())
+    assert claims == ["sequential__order0_seed0", "sequential__order1_seed0"]  # each run claimed once
+    two, one = (json.loads((root / n / "matrices.json").read_text()) for n in ("two", "one"))
+    for key in ("order0_seed0", "order1_seed0"):
+        assert two["sequential"][key]["matrix"]["R"] == one["sequential"][key]["matrix"]["R"], "seeded: where a run trains does not matter"
+    assert (root / "two" / "report.html").is_file()
+    assert main([*common, "-n", "bad", "--workers", "0"]) == 2
+
+
+def test_a_helper_trains_what_it_claims_and_writes_no_table(tmp_path, tiny_fundus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", steps=1))
+    root = tmp_path / "exps" / "compare" / "h"
+    (root / ".claims" / "sequential__order1_seed0").mkdir(parents=True)  # another process has this run
+    assert main(["compare", "-c", config, "-n", "h", "--orders", "2", "--claim-only", "-q"]) == 0
+    assert (root / "sequential" / "order0_seed0" / "wall_seconds.json").is_file()
+    assert not (root / "sequential" / "order1_seed0").exists() and not (root / "table.md").exists()

@@ -151,3 +151,16 @@ def test_a_strategy_without_strength_is_a_reference_trained_once_beside_the_pick
     assert "| lwf | alpha=0.5 | 0.550 | 0.450 | -0.150 |" in md  # 0.45 − 0.60
     configs, _ = apply_picks([load_config(seq), load_config(lwf)], path)  # the reference has no pick to apply
     assert configs[0].tasks[0].strategy.kwargs == load_config(seq).tasks[0].strategy.kwargs
+
+
+def test_a_tune_helper_trains_only_unclaimed_points_and_writes_nothing(tmp_path, tiny_fundus, monkeypatch):
+    import relaylearn.tune as tune
+
+    lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
+    (tmp_path / "grid.yaml").write_text("lwf: {alpha: [0.5, 4.0]}\n")
+    trained = []
+    monkeypatch.setattr(tune, "train_or_resume", lambda run, root, name, **kw: trained.append(run.config.tasks[0].strategy.kwargs["alpha"]))
+    root = tmp_path / "exps" / "tune" / "t"
+    (root / ".claims" / "lwf__alpha=4.0__order0_seed0").mkdir(parents=True)
+    out = tune.tune_strategies([lwf], "t", grid_file=str(tmp_path / "grid.yaml"), quiet=True, exps_root=tmp_path / "exps", claim_only=True)
+    assert trained == [0.5] and not out.exists()

@@ -1,0 +1,65 @@
+"""Sharing the runs of one ``relaylearn compare`` or ``tune`` between processes on one machine.
+
+``--workers N`` starts N − 1 helper processes of the same command (``--claim-only``); every
+process walks the same list of runs and trains those it *claims* (an atomic ``mkdir`` of
+``<output>/.claims/<run>``), so each run is trained once. The first process then waits for its
+helpers and walks the list once more as usual: finished runs are read back, a run a helper left
+unfinished (it crashed) is resumed there, and only that process writes the tables. Each process
+gets ``cpu_count // N`` threads. Meant for CPUs; on one GPU the processes would share it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from relaylearn.errors import UserError
+
+CLAIMS = ".claims"
+
+
+def check_workers(workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
+
+
+def claim(root: Path, key: str) -> bool:
+    """Claim the run ``key`` under ``root`` for this process; False if another process has it."""
+    folder = root / CLAIMS
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        (folder / key).mkdir()
+    except FileExistsError:
+        return False
+    (folder / key / "pid").write_text(f"{os.getpid()}\n")  # who trains it, for a user looking in
+    return True
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def start_helpers(argv: list[str], workers: int, root: Path) -> list[subprocess.Popen]:
+    """Clear old claims, give this process its share of the threads and start ``workers - 1``
+    helpers running ``relaylearn <argv> --claim-only -q``."""
+    import torch
+
+    shutil.rmtree(root / CLAIMS, ignore_errors=True)
+    threads = threads_per_worker(workers)
+    torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "relaylearn", *argv, "--claim-only", "-q"]
+    return [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(workers - 1)]
+
+
+def finish_helpers(helpers: list[subprocess.Popen]) -> list[str]:
+    """Wait for the helpers; one line per helper that failed (its last line of error output)."""
+    failed = []
+    for i, proc in enumerate(helpers, 1):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            last = (err or "").strip().splitlines()[-1:] or ["no output"]
+            failed.append(f"helper {i} exited with {proc.returncode}: {last[0]}")
+    return failed
