@@ -388,7 +388,7 @@ def compare_strategies(
                 train_or_resume(run, root / run.label / run.key, name, devices=devices, quiet=True)
         if claim_only:
             return root / "table.md"
-        for problem in finish_helpers(helpers):
+        for problem in finish_helpers(helpers, root):
             _say(quiet, f"{problem}; its unfinished run is resumed here")
     for i, run in enumerate(runs, 1):
         header = f"[{i}/{len(runs)}] {run.label} order {run.order} seed {run.config.tasks[0].random_seed}"

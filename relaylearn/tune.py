@@ -236,7 +236,7 @@ def tune_strategies(
                         train_or_resume(run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True)
         if claim_only:
             return root / "tune.json"
-        for problem in finish_helpers(helpers):
+        for problem in finish_helpers(helpers, root):
             print(f"{problem}; its unfinished run is resumed here", file=sys.stderr)
     summary: dict[str, Any] = {"name": name, "select_on": select_on, "orders": orders, "seeds": seeds, "overrides": list(overrides or []), "strategies": {}}
     total = sum(len(points) for _, _, points, _ in plans) * orders * seeds

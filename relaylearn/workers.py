@@ -51,15 +51,20 @@ def start_helpers(argv: list[str], workers: int, root: Path) -> list[subprocess.
     torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "relaylearn", *argv, "--claim-only", "-q"]
-    return [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(workers - 1)]
+    (root / CLAIMS).mkdir(parents=True, exist_ok=True)
+    helpers = []
+    for i in range(1, workers):  # error output to a file: a pipe nobody reads while training could fill and stall the helper
+        with open(root / CLAIMS / f"helper{i}.log", "w") as log:
+            helpers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log))
+    return helpers
 
 
-def finish_helpers(helpers: list[subprocess.Popen]) -> list[str]:
-    """Wait for the helpers; one line per helper that failed (its last line of error output)."""
+def finish_helpers(helpers: list[subprocess.Popen], root: Path) -> list[str]:
+    """Wait for the helpers; one line per helper that failed, with the last line of its log."""
     failed = []
     for i, proc in enumerate(helpers, 1):
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            last = (err or "").strip().splitlines()[-1:] or ["no output"]
-            failed.append(f"helper {i} exited with {proc.returncode}: {last[0]}")
+        if proc.wait() != 0:
+            log = root / CLAIMS / f"helper{i}.log"
+            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+            failed.append(f"helper {i} exited with {proc.returncode} ({log}: {lines[-1] if lines else 'no output'})")
     return failed

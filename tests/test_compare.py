@@ -167,8 +167,9 @@ def test_workers_share_the_runs_and_give_the_same_table(tmp_path, tiny_fundus, m
     assert main([*common, "-n", "two", "--workers", "2"]) == 0
     assert main([*common, "-n", "one"]) == 0
     root = tmp_path / "exps" / "compare"
-    claims = sorted(p.name for p in (root / "two" / ".claims").iterdir())
+    claims = sorted(p.name for p in (root / "two" / ".claims").iterdir() if p.is_dir())
     assert claims == ["sequential__order0_seed0", "sequential__order1_seed0"]  # each run claimed once
+    assert (root / "two" / ".claims" / "helper1.log").is_file()
     two, one = (json.loads((root / n / "matrices.json").read_text()) for n in ("two", "one"))
     for key in ("order0_seed0", "order1_seed0"):
         assert two["sequential"][key]["matrix"]["R"] == one["sequential"][key]["matrix"]["R"], "seeded: where a run trains does not matter"

@@ -1,0 +1,26 @@
+"""Sharing runs between processes: claims and helper failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from relaylearn.workers import CLAIMS, claim, finish_helpers
+
+
+def test_a_run_is_claimed_once_and_names_its_process(tmp_path):
+    assert claim(tmp_path, "relay__order0_seed0")
+    assert not claim(tmp_path, "relay__order0_seed0")
+    assert claim(tmp_path, "relay__order1_seed0")
+    assert (tmp_path / CLAIMS / "relay__order0_seed0" / "pid").read_text().strip().isdigit()
+
+
+def test_a_failed_helper_is_reported_with_its_last_log_line(tmp_path):
+    (tmp_path / CLAIMS).mkdir()
+    helpers = []
+    for i, code in ((1, 0), (2, 3)):
+        with open(tmp_path / CLAIMS / f"helper{i}.log", "w") as log:
+            script = f"import sys; sys.stderr.write('warming up' + chr(10) + 'relaylearn: error: disk full' + chr(10)); sys.exit({code})"
+            helpers.append(subprocess.Popen([sys.executable, "-c", script], stderr=log))
+    (problem,) = finish_helpers(helpers, tmp_path)
+    assert problem.startswith("helper 2 exited with 3") and problem.endswith("relaylearn: error: disk full)")
