@@ -39,6 +39,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.results import external_dice
 from relaylearn.runner import TrainOptions, run_training
-from relaylearn.workers import check_workers, claim, finish_helpers, start_helpers
+from relaylearn.workers import check_workers, train_shared
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
 METRICS = ("acc", "bwt", "forgetting", "external_dice")
@@ -382,13 +383,11 @@ def compare_strategies(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     config_names = {run.label: run.source for run in runs}
     if claim_only or workers > 1:
-        helpers = [] if claim_only else start_helpers(argv or [], workers, root)
-        for run in runs:
-            if claim(root, f"{run.label}__{run.key}"):
-                train_or_resume(run, root / run.label / run.key, name, devices=devices, quiet=True)
+        jobs = ((f"{run.label}__{run.key}", partial(train_or_resume, run, root / run.label / run.key, name, devices=devices, quiet=True)) for run in runs)
+        problems = train_shared(jobs, root, workers=workers, claim_only=claim_only, argv=argv or [])
         if claim_only:
             return root / "table.md"
-        for problem in finish_helpers(helpers, root):
+        for problem in problems:
             _say(quiet, f"{problem}; its unfinished run is resumed here")
     for i, run in enumerate(runs, 1):
         header = f"[{i}/{len(runs)}] {run.label} order {run.order} seed {run.config.tasks[0].random_seed}"

@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train
 from relaylearn.config import RunConfig, load_config
 from relaylearn.errors import ConfigError, UserError
 from relaylearn.files import EXPS_ROOT, atomic_write
-from relaylearn.workers import check_workers, claim, finish_helpers, start_helpers
+from relaylearn.workers import check_workers, train_shared
 
 # Each strategy's grid: option -> values; every combination is one point. Add a key or a
 # strategy here (or in a --grid file); keys the installed strategy does not have are skipped.
@@ -228,15 +229,19 @@ def tune_strategies(
 
     root = Path(exps_root) / "tune" / name
     if claim_only or workers > 1:
-        helpers = [] if claim_only else start_helpers(argv or [], workers, root)
-        for label, cfg, points, _ in plans:
-            for point in points:
-                for run in plan_runs([with_strategy_kwargs(cfg, point)], orders, seeds):
-                    if claim(root, f"{label}__{point_folder(point)}__{run.key}"):
-                        train_or_resume(run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True)
+        jobs = (
+            (
+                f"{label}__{point_folder(point)}__{run.key}",
+                partial(train_or_resume, run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True),
+            )
+            for label, cfg, points, _ in plans
+            for point in points
+            for run in plan_runs([with_strategy_kwargs(cfg, point)], orders, seeds)
+        )
+        problems = train_shared(jobs, root, workers=workers, claim_only=claim_only, argv=argv or [])
         if claim_only:
             return root / "tune.json"
-        for problem in finish_helpers(helpers, root):
+        for problem in problems:
             print(f"{problem}; its unfinished run is resumed here", file=sys.stderr)
     summary: dict[str, Any] = {"name": name, "select_on": select_on, "orders": orders, "seeds": seeds, "overrides": list(overrides or []), "strategies": {}}
     total = sum(len(points) for _, _, points, _ in plans) * orders * seeds

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from relaylearn.errors import UserError
@@ -68,3 +69,13 @@ def finish_helpers(helpers: list[subprocess.Popen], root: Path) -> list[str]:
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             failed.append(f"helper {i} exited with {proc.returncode} ({log}: {lines[-1] if lines else 'no output'})")
     return failed
+
+
+def train_shared(jobs: Iterable[tuple[str, Callable[[], object]]], root: Path, *, workers: int, claim_only: bool, argv: list[str]) -> list[str]:
+    """Run each ``(claim key, train)`` job this process claims; the first process (not
+    ``claim_only``) starts the helpers first and waits for them after. Returns failure lines."""
+    helpers = [] if claim_only else start_helpers(argv, workers, root)
+    for key, train in jobs:
+        if claim(root, key):
+            train()
+    return [] if claim_only else finish_helpers(helpers, root)
