@@ -47,7 +47,7 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "si": {"c": [0.5, 5.0, 50.0], "xi": [1e-3, 1e-1]},
     "lwf": {"alpha": [0.5, 2.0, 8.0], "tau": [1.0, 2.0]},
     "owm": {"alpha": [1e-3, 1e-2, 1e-1, 1.0]},
-    "relay": {"distil_weight": [0.25, 0.5, 1.0, 2.0], "gan_steps_per_solver_step": [1, 2]},
+    "relay": {"distil_weight": [0.25, 0.5, 1.0, 2.0], "gan_steps_per_solver_step": ["x1", "x2"]},
 }
 REFERENCES = ("sequential", "local", "joint")  # no strength to tune: trained once at the preset, shown beside the grids
 SELECT_ON = ("val", "test")
@@ -86,10 +86,36 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[s
     known = {name for key, field in fields.items() for name in (key, *(getattr(field.validation_alias, "choices", None) or []))}
     keys = [k for k in grid if k in known]
     skipped = [k for k in grid if k not in known]
-    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] if keys else []
+    values = [_resolve_relative(cfg, k, grid[k]) for k in keys]
+    points = [dict(zip(keys, combination)) for combination in itertools.product(*values)] if keys else []
     for point in points:
         with_strategy_kwargs(cfg, point)  # a ConfigError (exit 2) before anything trains
     return points, skipped
+
+
+RELATIVE = re.compile(r"x(\d+(?:\.\d+)?)")  # "x2": twice the config's own value
+
+
+def _resolve_relative(cfg: RunConfig, key: str, values: list[Any]) -> list[Any]:
+    """Grid values for ``key`` with each relative one (``"x0.5"``, ``"x2"``: a multiple of the value
+    the config trains with, its preset included) made absolute; integers stay integers (at least 1);
+    a value reached twice is kept once."""
+    from relaylearn.strategies import get_strategy_class
+
+    if not any(isinstance(v, str) and RELATIVE.fullmatch(v) for v in values):
+        return values
+    options = get_strategy_class(cfg.tasks[0].strategy.name).Options.model_validate(cfg.tasks[0].strategy.kwargs)
+    fields = type(options).model_fields
+    name = next((f for f, field in fields.items() if key == f or key in (getattr(field.validation_alias, "choices", None) or [])), key)
+    base = getattr(options, name)
+    out: list[Any] = []
+    for v in values:
+        match = RELATIVE.fullmatch(v) if isinstance(v, str) else None
+        if match:
+            v = max(1, round(base * float(match.group(1)))) if isinstance(base, int) and not isinstance(base, bool) else base * float(match.group(1))
+        if v not in out:
+            out.append(v)
+    return out
 
 
 def point_folder(point: dict[str, Any]) -> str:

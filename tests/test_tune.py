@@ -164,3 +164,14 @@ def test_a_tune_helper_trains_only_unclaimed_points_and_writes_nothing(tmp_path,
     (root / ".claims" / "lwf__alpha=4.0__order0_seed0").mkdir(parents=True)
     out = tune.tune_strategies([lwf], "t", grid_file=str(tmp_path / "grid.yaml"), quiet=True, exps_root=tmp_path / "exps", claim_only=True)
     assert trained == [0.5] and not out.exists()
+
+
+def test_relative_grid_values_scale_the_configs_own_value(tmp_path, tiny_fundus):
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="relay", strategy_kwargs={"gan_steps_per_solver_step": 8})))
+    points, _ = grid_points(cfg, {"gan_steps_per_solver_step": ["x0.5", "x1", "x2", 8]})
+    assert [p["gan_steps_per_solver_step"] for p in points] == [4, 8, 16]  # 8 given twice is kept once
+    default = load_config(str(tiny_config(tmp_path / "d", tiny_fundus, strategy="relay")))  # the paper default, 1 step
+    points, _ = grid_points(default, GRIDS["relay"])
+    assert sorted({p["gan_steps_per_solver_step"] for p in points}) == [1, 2] and len(points) == 8
+    points, _ = grid_points(default, {"distil_weight": ["x2"]})
+    assert points == [{"distil_weight": 2 * 0.5}]
