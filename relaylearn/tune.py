@@ -83,10 +83,17 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[s
     from relaylearn.strategies import get_strategy_class
 
     fields = get_strategy_class(cfg.tasks[0].strategy.name).Options.model_fields
-    known = {name for key, field in fields.items() for name in (key, *(getattr(field.validation_alias, "choices", None) or []))}
-    keys = [k for k in grid if k in known]
-    skipped = [k for k in grid if k not in known]
-    values = [_resolve_relative(cfg, k, grid[k]) for k in keys]
+    field_of = {name: key for key, field in fields.items() for name in (key, *(getattr(field.validation_alias, "choices", None) or []))}
+    keys = [k for k in grid if k in field_of]
+    skipped = [k for k in grid if k not in field_of]
+    options = None  # the config's own option values, read only when a grid value is relative
+    values = []
+    for k in keys:
+        if any(isinstance(v, str) and RELATIVE.fullmatch(v) for v in grid[k]):
+            options = options or get_strategy_class(cfg.tasks[0].strategy.name).Options.model_validate(cfg.tasks[0].strategy.kwargs)
+            values.append(_resolve_relative(grid[k], getattr(options, field_of[k])))
+        else:
+            values.append(grid[k])
     points = [dict(zip(keys, combination)) for combination in itertools.product(*values)] if keys else []
     for point in points:
         with_strategy_kwargs(cfg, point)  # a ConfigError (exit 2) before anything trains
@@ -96,18 +103,10 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[s
 RELATIVE = re.compile(r"x(\d+(?:\.\d+)?)")  # "x2": twice the config's own value
 
 
-def _resolve_relative(cfg: RunConfig, key: str, values: list[Any]) -> list[Any]:
-    """Grid values for ``key`` with each relative one (``"x0.5"``, ``"x2"``: a multiple of the value
+def _resolve_relative(values: list[Any], base: Any) -> list[Any]:
+    """Grid values with each relative one (``"x0.5"``, ``"x2"``: a multiple of ``base``, the value
     the config trains with, its preset included) made absolute; integers stay integers (at least 1);
     a value reached twice is kept once."""
-    from relaylearn.strategies import get_strategy_class
-
-    if not any(isinstance(v, str) and RELATIVE.fullmatch(v) for v in values):
-        return values
-    options = get_strategy_class(cfg.tasks[0].strategy.name).Options.model_validate(cfg.tasks[0].strategy.kwargs)
-    fields = type(options).model_fields
-    name = next((f for f, field in fields.items() if key == f or key in (getattr(field.validation_alias, "choices", None) or [])), key)
-    base = getattr(options, name)
     out: list[Any] = []
     for v in values:
         match = RELATIVE.fullmatch(v) if isinstance(v, str) else None
