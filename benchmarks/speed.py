@@ -240,7 +240,20 @@ def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int,
             raise SystemExit(f"speed.py: {measurement} needs a relay config (this one trains '{data['strategy']['name']}')")
         if not trained:
             data["strategy"]["kwargs"].update(replay_once_per_batch=not switches.replay_per_substep, fused_optimizers=switches.fused_adam)
+        data["strategy"]["kwargs"].update(one_gan_step_per_iteration())
     return TaskConfig.model_validate(data)
+
+
+def one_gan_step_per_iteration() -> dict:
+    """Keys that make a relay iteration one G+D step and one solver step, whatever GAN budget the
+    config gives (``gan_steps_per_solver_step``, ``gan_warmup_steps``), so checkouts from before
+    and after that budget existed measure the same work; empty where the measured checkout's
+    relay has no such keys."""
+    from relaylearn.strategies.relay import RelayOptions
+
+    fields = RelayOptions.model_fields
+    budget = {"gan_steps_per_solver_step": 1, "gan_warmup_steps": 0}
+    return {k: v for k, v in budget.items() if k in fields}
 
 
 def with_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

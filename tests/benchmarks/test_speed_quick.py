@@ -103,3 +103,15 @@ def test_iterations_are_split_by_the_lazy_regularisers_they_ran():
     relay.gan_step = 0
     times = speed.iteration_times(step, 0, 4, speed.torch.device("cpu"), speed.regularisation_label(relay))
     assert [lab for _, lab in times] == ["plain"] * 4
+
+
+def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_budget(tmp_path):
+    """Checkouts with and without a GAN budget of their own measure the same work per iteration."""
+    speed = _speed_module()
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs={**TINY, "gan_steps_per_solver_step": 8, "gan_warmup_steps": 5})
+    base = speed.load_config(str(config)).tasks[0]
+    for trained in (False, True):
+        task = speed.task_for(base, "relay_replay", speed.Switches(), 4, trained=trained)
+        assert task.strategy.kwargs["gan_steps_per_solver_step"] == 1
+        assert task.strategy.kwargs["gan_warmup_steps"] == 0
+    assert speed.task_for(base, "sequential", speed.Switches(), 4).strategy.name == "sequential"
