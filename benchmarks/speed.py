@@ -252,7 +252,7 @@ def one_gan_step_per_iteration() -> dict:
     from relaylearn.strategies.relay import RelayOptions
 
     fields = RelayOptions.model_fields
-    budget = {"gan_steps_per_solver_step": 1, "gan_warmup_steps": 0}
+    budget = {"gan_steps_per_solver_step": 1, "gan_warmup_steps": 0, "gan_first_site_warmup_steps": 0}
     return {k: v for k, v in budget.items() if k in fields}
 
 

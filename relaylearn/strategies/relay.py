@@ -32,8 +32,9 @@ Fixes of replay defects (ours or the original's):
     (``spade_equalized_lr: true`` = equalised learning rate).
 
 The GANs may get a budget of their own: ``gan_steps_per_solver_step`` G+D steps per batch
-(the paper: 1) and ``gan_warmup_steps`` GAN-only steps at the start of every site; the extra
-steps draw fresh real batches from the site's training images. ``gan_preset: small`` sets the
+(the paper: 1), ``gan_warmup_steps`` GAN-only steps at the start of every site and
+``gan_first_site_warmup_steps`` more at the model's first site, where the GANs start from
+scratch; the extra steps draw fresh real batches from the site's training images. ``gan_preset: small`` sets the
 small-scale defaults measured at 32 px (see ``GAN_PRESETS``).
 """
 
@@ -133,6 +134,9 @@ class RelayOptions(StrategyOptions):
     spade_equalized_lr: bool = Field(False, description="SPADE convolutions with equalised learning rate (false: plain convolutions, as in the original).")
     gan_steps_per_solver_step: int = Field(1, ge=1, description="G+D steps per solver step; the extra ones draw fresh real batches of the site (paper: 1).")
     gan_warmup_steps: int = Field(0, ge=0, description="GAN-only G+D steps at the start of every site, before the first solver step.")
+    gan_first_site_warmup_steps: int = Field(
+        0, ge=0, description="Extra GAN-only G+D steps at the model's first site, where the GANs start from scratch (on top of gan_warmup_steps)."
+    )
     gen_align_weight: float = Field(
         0.0,
         ge=0,
@@ -496,7 +500,7 @@ class Relay(Strategy):
             self.registry_current[self.site.name]["frequency"] += int(images.shape[0])
         logs: dict[str, Tensor] = {}
         if step.step == 0:  # GAN-only warm-up at the start of the site
-            for _ in range(o.gan_warmup_steps):
+            for _ in range(o.gan_warmup_steps + (o.gan_first_site_warmup_steps if self.site.position == 0 else 0)):
                 real = self._fresh_real_batch(images)
                 logs.update(self._gan_step(self.mix_with_replay(*real), real, step))
 

@@ -229,6 +229,23 @@ def test_gan_budget_runs_extra_and_warm_up_gan_steps(tmp_path, tiny_fundus):
     assert strategy.gan_step == 8 and strategy.meta()["gan_step"] == 8
 
 
+def test_first_site_warm_up_runs_only_where_the_gans_start_from_scratch(tmp_path, tiny_fundus):
+    strategy, _ = _strategy(tmp_path, tiny_fundus, gan_warmup_steps=1, gan_first_site_warmup_steps=3)
+    first = _site("A", 0)
+    first.train_images = torch.rand(8, 3, 32, 32) * 2 - 1
+    strategy.on_site_start(first)
+    strategy.optimizers = strategy.configure_optimizers()
+    strategy.training_step(_batch(), _step(first, index=0))
+    assert strategy.gan_step == 1 + 3 + 1  # warm-up of every site, of the first site, then the batch's own step
+    strategy.on_site_end(first)
+    second = _site("B", 1)
+    second.train_images = torch.rand(8, 3, 32, 32) * 2 - 1
+    strategy.on_site_start(second)
+    strategy.optimizers = strategy.configure_optimizers()
+    strategy.training_step(_batch(), _step(second, index=0))
+    assert strategy.gan_step == 5 + 1 + 1
+
+
 def test_gan_presets_fill_only_what_the_config_leaves_out():
     from relaylearn.strategies.relay import RelayOptions
 
