@@ -47,5 +47,7 @@ def test_summary_targets_and_table(tmp_path):
     assert t["replay_only_fidelity_ge_0.8x_every_site"] and t["replay_only_forgetting_le_third_of_sequential"]
     assert t["replay_only_forgetting_over_sequential"] == pytest.approx(0.25)
     table = m.markdown(summary, "# t")
-    assert "| relay_replay_only | 2 | 0.850 ± 0.000 | -0.100 ± 0.000 | 0.150 ± 0.071 | 0.500 ± 0.000 | 0.765 ± 0.064 | 0.85 ± 0.07 | 0.85 (A) | 100 ± 1 |" in table
+    assert (
+        "| relay_replay_only | 2 | 0.850 ± 0.000 | -0.100 ± 0.000 | 0.150 ± 0.071 | 0.500 ± 0.000 | 0.765 ± 0.064 | 0.85 ± 0.07 | 0.85 (A) | 100 ± 1 |" in table
+    )
     assert "| sequential | 1 |" in table and "| – |" in table
