@@ -6,7 +6,7 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
 * ``relay_replay_only`` — ``distil_weight: 0``;
 * ``relay_no_replay`` — ``replay: false`` (merge + distillation only; its GANs get the paper's one
-  G+D step per solver step, since nothing uses them);
+  G+D step per solver step and no warm-up, since nothing uses them);
 * ``relay_alignment`` — ``gen_align_weight: 2`` (the generator-alignment term, not in the paper);
 * ``relay_no_discriminators`` — ``ship_discriminators: false`` (what the privacy option costs);
 * ``relay_no_first_site_warmup`` — ``gan_first_site_warmup_steps: 0`` (the GANs' extra steps at
@@ -47,7 +47,7 @@ from relaylearn.results import external_dice
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay": ("demo/relay", []),
     "relay_replay_only": ("demo/relay", ["strategy.kwargs.distil_weight=0"]),
-    "relay_no_replay": ("demo/relay", ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1"]),
+    "relay_no_replay": ("demo/relay", ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1", "strategy.kwargs.gan_first_site_warmup_steps=0"]),
     "relay_alignment": ("demo/relay", ["strategy.kwargs.gen_align_weight=2"]),
     "relay_no_discriminators": ("demo/relay", ["strategy.kwargs.ship_discriminators=false"]),
     "relay_no_first_site_warmup": ("demo/relay", ["strategy.kwargs.gan_first_site_warmup_steps=0"]),
