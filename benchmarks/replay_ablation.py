@@ -40,14 +40,17 @@ from pathlib import Path
 
 from relaylearn.compare import compare_strategies
 from relaylearn.files import atomic_write
-from relaylearn.replay_fidelity import mean_final_fidelity
+from relaylearn.replay_fidelity import final_fidelity, mean_final_fidelity
 from relaylearn.results import external_dice
 
 #: variant -> (config, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay": ("demo/relay", []),
     "relay_replay_only": ("demo/relay", ["strategy.kwargs.distil_weight=0"]),
-    "relay_no_replay": ("demo/relay", ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1", "strategy.kwargs.gan_first_site_warmup_steps=0"]),
+    "relay_no_replay": (
+        "demo/relay",
+        ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1", "strategy.kwargs.gan_first_site_warmup_steps=0"],
+    ),
     "relay_alignment": ("demo/relay", ["strategy.kwargs.gen_align_weight=2"]),
     "relay_no_discriminators": ("demo/relay", ["strategy.kwargs.ship_discriminators=false"]),
     "relay_no_first_site_warmup": ("demo/relay", ["strategy.kwargs.gan_first_site_warmup_steps=0"]),
@@ -95,11 +98,8 @@ def summarise(root: Path, name: str, variants: list[str]) -> dict:
         row["fidelity_ratio"] = _stats([mean_final_fidelity(rp, relative=True) if rp else None for rp in replays])
         ratios: dict[str, list[float]] = {}
         for rp in replays:
-            if rp and rp.get("fidelity"):
-                for s, f in enumerate(rp["fidelity"][-1]):
-                    ref = rp["reference"][s] if s < len(rp["reference"]) else None
-                    if f is not None and ref:
-                        ratios.setdefault(rp["sites"][s], []).append(f / ref)
+            for site, ratio in (final_fidelity(rp, relative=True) if rp else {}).items():
+                ratios.setdefault(site, []).append(ratio)
         row["final_fidelity_ratio_per_site"] = {s: statistics.mean(v) for s, v in ratios.items()}
         row["wall_s"] = _stats([r["wall_seconds"] for r in runs])
         out[variant] = row

@@ -14,7 +14,7 @@ from pathlib import Path
 from relaylearn.config import CONFIG_DIR, load_config
 from relaylearn.errors import RelayError
 from relaylearn.files import atomic_write
-from relaylearn.replay_fidelity import mean_final_fidelity
+from relaylearn.replay_fidelity import final_fidelity
 from relaylearn.results import format_matrix, headline
 from relaylearn.runner import TrainOptions, run_training
 
@@ -42,20 +42,44 @@ def main(argv: list[str] | None = None) -> int:
             print(format_matrix(result.matrix))
             h = headline(result.matrix)
             replay_path = result.run_dir / "metrics" / "replay.json"
-            fidelity = mean_final_fidelity(json.loads(replay_path.read_text()), relative=True) if replay_path.is_file() else None
-            rows.append((strategy, h["acc"], h["bwt"], h["forgetting"], h["external_dice"], result.wall_seconds, fidelity))
+            per_site = final_fidelity(json.loads(replay_path.read_text()), relative=True) if replay_path.is_file() else {}
+            fidelity = sum(per_site.values()) / len(per_site) if per_site else None
+            lowest = min(per_site, key=per_site.get) if per_site else None
+            rows.append((strategy, h["acc"], h["bwt"], h["forgetting"], h["external_dice"], result.wall_seconds, fidelity, lowest and per_site[lowest], lowest))
     except RelayError as exc:
         print(f"relaylearn: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("\nstrategy      ACC     BWT  forgetting  external  wall(s)  replay fidelity (x reference)")
-    for name, acc, bwt, fgt, ext, wall, fidelity in rows:
-        print(f"{name:<11} {acc:6.3f} {bwt:+7.3f} {fgt:10.3f} {ext:9.3f} {wall:8.0f}  {'' if fidelity is None else f'{fidelity:.2f}'}")
+    print("\nstrategy      ACC     BWT  forgetting  external  wall(s)  replay fidelity (x reference): mean, lowest site")
+    for name, acc, bwt, fgt, ext, wall, fidelity, lowest, lowest_site in rows:
+        replay = "" if fidelity is None else f"{fidelity:.2f}, {lowest:.2f} ({lowest_site})"
+        print(f"{name:<11} {acc:6.3f} {bwt:+7.3f} {fgt:10.3f} {ext:9.3f} {wall:8.0f}  {replay}")
     print(f"total {time.time() - t_all:.0f} s")
     summary = Path("exps") / "demo" / f"summary_{args.name}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(
         summary,
-        json.dumps([dict(zip(["strategy", "acc", "bwt", "forgetting", "external_dice", "wall_s", "replay_fidelity_x_reference"], r)) for r in rows], indent=2),
+        json.dumps(
+            [
+                dict(
+                    zip(
+                        [
+                            "strategy",
+                            "acc",
+                            "bwt",
+                            "forgetting",
+                            "external_dice",
+                            "wall_s",
+                            "replay_fidelity_x_reference",
+                            "lowest_replay_fidelity_x_reference",
+                            "lowest_replay_site",
+                        ],
+                        r,
+                    )
+                )
+                for r in rows
+            ],
+            indent=2,
+        ),
     )
     try:
         from relaylearn.report import write_report

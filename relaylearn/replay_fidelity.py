@@ -99,14 +99,15 @@ def replay_drift(fidelity: list[list[float | None]], sites: list[str], tolerance
     return drift
 
 
-def mean_final_fidelity(replay: dict[str, Any], relative: bool = False) -> float | None:
-    """Mean over earlier sites of the last hop's F (divided by each site's reference if ``relative``)."""
+def final_fidelity(replay: dict[str, Any], relative: bool = False) -> dict[str, float]:
+    """The last hop's F per earlier site, {site: F} (divided by the site's reference if ``relative``;
+    sites without a reference are left out then)."""
     rows = replay.get("fidelity") or []
     if not rows:
-        return None
-    last, refs = rows[-1], replay.get("reference") or []
-    values = []
-    for s, f in enumerate(last):
+        return {}
+    sites, refs = replay.get("sites") or [], replay.get("reference") or []
+    out: dict[str, float] = {}
+    for s, f in enumerate(rows[-1]):
         if f is None:
             continue
         if relative:
@@ -114,7 +115,13 @@ def mean_final_fidelity(replay: dict[str, Any], relative: bool = False) -> float
             if not ref:
                 continue
             f = f / ref
-        values.append(f)
+        out[sites[s] if s < len(sites) else str(s)] = float(f)
+    return out
+
+
+def mean_final_fidelity(replay: dict[str, Any], relative: bool = False) -> float | None:
+    """Mean over earlier sites of the last hop's F (divided by each site's reference if ``relative``)."""
+    values = list(final_fidelity(replay, relative).values())
     return float(sum(values) / len(values)) if values else None
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relaylearn.config import load_config
-from relaylearn.replay_fidelity import class_fractions, mean_final_fidelity, replay_drift, replay_fidelity
+from relaylearn.replay_fidelity import class_fractions, final_fidelity, mean_final_fidelity, replay_drift, replay_fidelity
 from relaylearn.runner import TrainOptions, run_training
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY
@@ -53,6 +53,9 @@ def test_class_fractions_drift_and_mean_final_fidelity():
     assert mean_final_fidelity(replay) == pytest.approx(0.65)
     assert mean_final_fidelity(replay, relative=True) == pytest.approx((0.6 / 0.9 + 1.0) / 2)
     assert mean_final_fidelity({"fidelity": []}) is None
+    named = {**replay, "sites": ["A", "B", "C"], "reference": [0.9, 0.0, 0.8]}
+    assert final_fidelity(named) == {"A": pytest.approx(0.6), "B": pytest.approx(0.7)}
+    assert final_fidelity(named, relative=True) == {"A": pytest.approx(0.6 / 0.9)}  # B has no usable reference
 
 
 def test_relay_run_writes_replay_json_and_keeps_oracles_out_of_bundles(tmp_path, tiny_fundus):
