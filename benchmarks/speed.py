@@ -246,7 +246,7 @@ def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int,
 
 def one_gan_step_per_iteration() -> dict:
     """Keys that make a relay iteration one G+D step and one solver step, whatever GAN budget the
-    config gives (``gan_steps_per_solver_step``, ``gan_warmup_steps``), so checkouts from before
+    config gives (``gan_steps_per_solver_step`` and the warm-ups), so checkouts from before
     and after that budget existed measure the same work; empty where the measured checkout's
     relay has no such keys."""
     from relaylearn.strategies.relay import RelayOptions

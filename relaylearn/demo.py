@@ -43,44 +43,32 @@ def main(argv: list[str] | None = None) -> int:
             h = headline(result.matrix)
             replay_path = result.run_dir / "metrics" / "replay.json"
             per_site = final_fidelity(json.loads(replay_path.read_text()), relative=True) if replay_path.is_file() else {}
-            fidelity = sum(per_site.values()) / len(per_site) if per_site else None
             lowest = min(per_site, key=per_site.get) if per_site else None
-            rows.append((strategy, h["acc"], h["bwt"], h["forgetting"], h["external_dice"], result.wall_seconds, fidelity, lowest and per_site[lowest], lowest))
+            rows.append(
+                {
+                    "strategy": strategy,
+                    **{k: h[k] for k in ("acc", "bwt", "forgetting", "external_dice")},
+                    "wall_s": result.wall_seconds,
+                    "replay_fidelity_x_reference": sum(per_site.values()) / len(per_site) if per_site else None,
+                    "lowest_replay_fidelity_x_reference": per_site.get(lowest),
+                    "lowest_replay_site": lowest,
+                }
+            )
     except RelayError as exc:
         print(f"relaylearn: error: {exc}", file=sys.stderr)
         return exc.exit_code
     print("\nstrategy      ACC     BWT  forgetting  external  wall(s)  replay fidelity (x reference): mean, lowest site")
-    for name, acc, bwt, fgt, ext, wall, fidelity, lowest, lowest_site in rows:
-        replay = "" if fidelity is None else f"{fidelity:.2f}, {lowest:.2f} ({lowest_site})"
-        print(f"{name:<11} {acc:6.3f} {bwt:+7.3f} {fgt:10.3f} {ext:9.3f} {wall:8.0f}  {replay}")
+    for r in rows:
+        replay = (
+            ""
+            if r["lowest_replay_site"] is None
+            else f"{r['replay_fidelity_x_reference']:.2f}, {r['lowest_replay_fidelity_x_reference']:.2f} ({r['lowest_replay_site']})"
+        )
+        print(f"{r['strategy']:<11} {r['acc']:6.3f} {r['bwt']:+7.3f} {r['forgetting']:10.3f} {r['external_dice']:9.3f} {r['wall_s']:8.0f}  {replay}")
     print(f"total {time.time() - t_all:.0f} s")
     summary = Path("exps") / "demo" / f"summary_{args.name}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        summary,
-        json.dumps(
-            [
-                dict(
-                    zip(
-                        [
-                            "strategy",
-                            "acc",
-                            "bwt",
-                            "forgetting",
-                            "external_dice",
-                            "wall_s",
-                            "replay_fidelity_x_reference",
-                            "lowest_replay_fidelity_x_reference",
-                            "lowest_replay_site",
-                        ],
-                        r,
-                    )
-                )
-                for r in rows
-            ],
-            indent=2,
-        ),
-    )
+    atomic_write(summary, json.dumps(rows, indent=2))
     try:
         from relaylearn.report import write_report
 
