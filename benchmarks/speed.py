@@ -47,11 +47,12 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -469,15 +470,20 @@ def worker(args: argparse.Namespace, base: TaskConfig, config_name: str, device:
     return 0
 
 
+def worker_environment(root: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with ``root`` first on PYTHONPATH, so the worker imports that checkout; the
+    paths already there stay after it (packages installed with ``pip --target``, say)."""
+    return {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), environ.get("PYTHONPATH")]))}
+
+
 class Side:
     """One checkout measured by a worker process of this harness."""
 
     def __init__(self, label: str, root: Path, forwarded: list[str]):
-        import os
         import subprocess
 
         self.label, self.root = label, root
-        env = {**os.environ, "PYTHONPATH": str(root)}
+        env = worker_environment(root, os.environ)
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--code-root", str(root), *forwarded],
             stdin=subprocess.PIPE,

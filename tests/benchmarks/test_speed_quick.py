@@ -115,3 +115,11 @@ def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_
         assert task.strategy.kwargs["gan_steps_per_solver_step"] == 1
         assert task.strategy.kwargs["gan_warmup_steps"] == 0
     assert speed.task_for(base, "sequential", speed.Switches(), 4).strategy.name == "sequential"
+
+
+def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay():
+    speed = _speed_module()
+    env = speed.worker_environment(ROOT / "ref", {"PYTHONPATH": "/tmp/site", "HOME": "/h"})
+    assert env["PYTHONPATH"].split(":") == [str(ROOT / "ref"), "/tmp/site"]
+    assert env["HOME"] == "/h"
+    assert speed.worker_environment(ROOT, {})["PYTHONPATH"] == str(ROOT)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relaylearn.errors import ConfigError
+from relaylearn.models.gan.layers import depthwise_correlate
 
 SPEC_LETTERS = "bgcfn"
 FILTER_TAPS = 31
@@ -316,8 +317,8 @@ class AdaptiveAugment(nn.Module):
         pad = taps // 2
         mode = "reflect" if min(h, w) > pad else "replicate"
         y = x.reshape(1, n * c, h, w)
-        y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode=mode), weight[:, None, None, :], groups=n * c)
-        y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode=mode), weight[:, None, :, None], groups=n * c)
+        y = depthwise_correlate(F.pad(y, (pad, pad, 0, 0), mode=mode), weight[:, None, None, :])
+        y = depthwise_correlate(F.pad(y, (0, 0, pad, pad), mode=mode), weight[:, None, :, None])
         return y.reshape(n, c, h, w)
 
     # -- noise ----------------------------------------------------------------------------------

@@ -61,6 +61,50 @@ def make_resample_kernel(taps: tuple[float, ...] = RESAMPLE_TAPS) -> Tensor:
     return kernel / kernel.sum()
 
 
+class _DepthwiseCorrelation(torch.autograd.Function):
+    """``conv2d(x, weight, groups=C)`` for a constant ``weight`` [C, 1, kh, kw]. Its gradient is
+    :class:`_DepthwiseTransposedCorrelation` and vice versa, so every order of derivative is again
+    one depthwise convolution (autograd's own double backward of a grouped convolution runs one
+    convolution per group: thousands of kernel launches under R1 and the path-length penalty)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight.to(x.dtype), groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return _DepthwiseTransposedCorrelation.apply(grad, weight), None
+
+
+class _DepthwiseTransposedCorrelation(torch.autograd.Function):
+    """The adjoint of :class:`_DepthwiseCorrelation`: ``conv_transpose2d(g, weight, groups=C)``."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return F.conv_transpose2d(grad, weight.to(grad.dtype), groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return _DepthwiseCorrelation.apply(grad_grad, weight), None
+
+
+def depthwise_correlate(x: Tensor, weight: Tensor) -> Tensor:
+    """Valid (unpadded) per-channel correlation of ``x`` [N, C, H, W] with a constant ``weight``
+    [C, 1, kh, kw] → [N, C, H−kh+1, W−kw+1]; ``weight`` gets no gradient (it must not require one).
+
+    Same result as ``F.conv2d(x, weight, groups=C)``, but differentiable to any order at the
+    cost of one depthwise convolution per order (R1 and the path-length penalty need two)."""
+    if weight.requires_grad:
+        raise ValueError("depthwise_correlate: weight must be a constant (it requires grad)")
+    if weight.ndim != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"depthwise_correlate: weight must be [{x.shape[1]}, 1, kh, kw], got {tuple(weight.shape)}")
+    return _DepthwiseCorrelation.apply(x, weight)
+
+
 def fir_filter2d(x: Tensor, kernel: Tensor, padding: tuple[int, int, int, int], gain: float = 1.0) -> Tensor:
     """Depthwise 2-D FIR filtering of ``x`` [N, C, H, W] with ``kernel`` [k, k].
 
@@ -69,8 +113,7 @@ def fir_filter2d(x: Tensor, kernel: Tensor, padding: tuple[int, int, int, int], 
     """
     channels = x.shape[1]
     weight = (kernel * gain).to(x.dtype)[None, None].expand(channels, 1, -1, -1)
-    x = F.pad(x, padding)
-    return F.conv2d(x, weight, groups=channels)
+    return depthwise_correlate(F.pad(x, padding), weight)
 
 
 def upsample2d(x: Tensor, kernel: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from relaylearn.models.gan.layers import (
     NoiseInput,
     bias_act,
     conv2d_resample,
+    depthwise_correlate,
     downsample2d,
     make_resample_kernel,
     modulated_conv2d,
@@ -32,6 +33,46 @@ def test_resample_kernel_is_normalised_and_separable():
     assert k.shape == (4, 4)
     assert torch.isclose(k.sum(), torch.tensor(1.0))
     assert torch.allclose(k[0], torch.tensor([1, 3, 3, 1]) / 64)
+
+
+def test_depthwise_correlate_equals_grouped_conv_to_second_order():
+    """Same values and same first and second derivatives as autograd's grouped convolution
+    (an asymmetric kernel, so a wrong flip in the adjoint would show)."""
+    weight = torch.randn(3, 1, 4, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    results = []
+    for fn in (lambda t: depthwise_correlate(t, weight), lambda t: F.conv2d(t, weight, groups=3)):
+        y = fn(x)
+        (grad,) = torch.autograd.grad((y * probe).square().sum(), x, create_graph=True)
+        (grad2,) = torch.autograd.grad(grad.sin().sum(), x)
+        results.append((y.detach(), grad.detach(), grad2))
+    for ours, reference in zip(*results):
+        assert torch.allclose(ours, reference, atol=1e-10)
+    assert torch.autograd.gradgradcheck(lambda t: depthwise_correlate(t, weight), (x,))
+
+
+def test_depthwise_correlate_double_backward_is_one_convolution_per_order():
+    """R1's and the path-length penalty's cost: autograd's double backward of a grouped
+    convolution runs one convolution per group; ours runs a fixed few, whatever C is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    channels = 64
+    weight = make_resample_kernel()[None, None].expand(channels, 1, -1, -1)
+    x = torch.randn(2, channels, 8, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(depthwise_correlate(x, weight).square().sum(), x, create_graph=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        grad.square().sum().backward()
+    convolutions = sum(e.count for e in prof.key_averages() if e.key in ("aten::convolution", "aten::convolution_backward"))
+    assert 0 < convolutions <= 4
+
+
+def test_depthwise_correlate_rejects_a_trainable_or_misshaped_weight():
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match="constant"):
+        depthwise_correlate(x, torch.randn(2, 1, 3, 3, requires_grad=True))
+    with pytest.raises(ValueError, match=r"\[2, 1, kh, kw\]"):
+        depthwise_correlate(x, torch.randn(3, 1, 3, 3))
 
 
 def test_upsample_and_downsample_shapes_and_dc_gain():
