@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Nine variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Eleven variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -14,6 +14,8 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
   help);
 * ``relay_two_stages`` — ``num_stages: 2`` (the paper's schedule: the first half of every site
   without replay, then the mid-site merge);
+* ``relay_quality`` — configs/demo/relay_quality.yaml (16 G+D steps per batch instead of 5);
+* ``relay_quality_replay_only`` — the same with ``distil_weight: 0``;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -56,6 +58,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_no_discriminators": ("demo/relay", ["strategy.kwargs.ship_discriminators=false"]),
     "relay_first_site_warmup": ("demo/relay", ["strategy.kwargs.gan_first_site_warmup_steps=480"]),
     "relay_two_stages": ("demo/relay", ["strategy.kwargs.num_stages=2"]),
+    "relay_quality": ("demo/relay_quality", []),
+    "relay_quality_replay_only": ("demo/relay_quality", ["strategy.kwargs.distil_weight=0"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
