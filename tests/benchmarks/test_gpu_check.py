@@ -75,11 +75,13 @@ def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
                     "replay_fidelity_note": "absent",
                 }
             ),
+            json.dumps({"name": "replay_smoke_exit", "note": "the smoke wrote its result but exited with 124"}),
         ]
     )
     assert "| `relay_replay` | bf16+channels_last | 101.5 | plain 60.0 (×7), pl 200.0 (×3) | 2.00 | 20.00 |" in summary
     assert "| `sequential` | fp32 | error: RuntimeError: boom |" in summary
     assert "replay fidelity: not measured (absent)" in summary and "9 batches per site" in summary
+    assert "replay smoke: the smoke wrote its result but exited with 124" in summary
 
 
 def test_smoke_steps_fill_the_budget_and_never_go_below_two():
