@@ -131,3 +131,12 @@ def test_the_original_style_configs_keep_loading_with_the_originals_keys(name, t
     path.write_text(yaml.safe_dump(raw))
     with pytest.warns(UserWarning, match="is ignored"):
         assert load_config(str(path)).tasks == load_config(name).tasks
+
+
+def test_the_quality_preset_is_the_demo_relay_preset_with_more_gan_steps():
+    """The README's comparison of the two presets attributes every difference to the GAN budget."""
+    demo = load_config("demo/relay").tasks[0].model_dump()
+    quality = load_config("demo/relay_quality").tasks[0].model_dump()
+    assert demo["strategy"]["kwargs"].pop("gan_steps_per_solver_step") == 5
+    assert quality["strategy"]["kwargs"].pop("gan_steps_per_solver_step") == 16
+    assert quality == demo
