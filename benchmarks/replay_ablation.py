@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Eleven variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Twelve variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -16,6 +16,8 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
   without replay, then the mid-site merge);
 * ``relay_quality`` — configs/demo/relay_quality.yaml (16 G+D steps per batch instead of 5);
 * ``relay_quality_replay_only`` — the same with ``distil_weight: 0``;
+* ``relay_quality_steps120`` — the same GAN steps per site (960) spread over twice the solver
+  steps: 120 batches per site, 8 G+D steps per batch;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -60,6 +62,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_two_stages": ("demo/relay", ["strategy.kwargs.num_stages=2"]),
     "relay_quality": ("demo/relay_quality", []),
     "relay_quality_replay_only": ("demo/relay_quality", ["strategy.kwargs.distil_weight=0"]),
+    "relay_quality_steps120": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.gan_steps_per_solver_step=8"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
