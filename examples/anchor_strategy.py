@@ -9,7 +9,6 @@ Everything the next site needs goes through ``state_to_bundle``; here the receiv
 re-derived from the incoming solver at site start, so nothing extra has to travel.
 """
 
-import torch
 from pydantic import Field
 
 from relaylearn.strategies import SiteContext, StrategyOptions

@@ -18,7 +18,7 @@ for i, name in enumerate(sites):
     ax.add_patch(FancyBboxPatch((x, 0.5), 2.0, 2.3, boxstyle="round,pad=0.05", fc="#eef4fb", ec="#2c5d8a", lw=1.5))
     ax.text(x + 1.0, 2.55, name, ha="center", va="center", fontsize=11, weight="bold", color="#1d3d5c")
     ax.text(x + 1.0, 2.05, "local images\n(never leave)", ha="center", va="center", fontsize=8.5, color="#444")
-    body = ["train on local data", "train on local data\n+ replay of site 1"][i] if i < 2 else "train on local data\n+ replay of sites 1..%d" % i
+    body = ["train on local data", "train on local data\n+ replay of site 1"][i] if i < 2 else f"train on local data\n+ replay of sites 1..{i}"
     ax.text(x + 1.0, 1.35, body, ha="center", va="center", fontsize=8.5)
     ax.text(x + 1.0, 0.8, "verify  →  train  →  sign", ha="center", va="center", fontsize=8, color="#2c5d8a")
     if i < len(sites) - 1:
