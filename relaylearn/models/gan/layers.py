@@ -62,34 +62,23 @@ def make_resample_kernel(taps: tuple[float, ...] = RESAMPLE_TAPS) -> Tensor:
 
 
 class _DepthwiseCorrelation(torch.autograd.Function):
-    """``conv2d(x, weight, groups=C)`` for a constant ``weight`` [C, 1, kh, kw]. Its gradient is
-    :class:`_DepthwiseTransposedCorrelation` and vice versa, so every order of derivative is again
-    one depthwise convolution (autograd's own double backward of a grouped convolution runs one
-    convolution per group: thousands of kernel launches under R1 and the path-length penalty)."""
+    """``conv2d(x, weight, groups=C)`` for a constant ``weight`` [C, 1, kh, kw], or with
+    ``transposed`` its adjoint ``conv_transpose2d``. Each is the other's gradient, so every order
+    of derivative is again one depthwise convolution (autograd's own double backward of a grouped
+    convolution runs one convolution per group: thousands of kernel launches under R1 and the
+    path-length penalty)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, transposed: bool) -> Tensor:
         ctx.save_for_backward(weight)
-        return F.conv2d(x, weight.to(x.dtype), groups=weight.shape[0])
+        ctx.transposed = transposed
+        op = F.conv_transpose2d if transposed else F.conv2d
+        return op(x, weight.to(x.dtype), groups=weight.shape[0])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        return _DepthwiseTransposedCorrelation.apply(grad, weight), None
-
-
-class _DepthwiseTransposedCorrelation(torch.autograd.Function):
-    """The adjoint of :class:`_DepthwiseCorrelation`: ``conv_transpose2d(g, weight, groups=C)``."""
-
-    @staticmethod
-    def forward(ctx, grad: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(weight)
-        return F.conv_transpose2d(grad, weight.to(grad.dtype), groups=weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_grad: Tensor) -> tuple[Tensor, None]:
-        (weight,) = ctx.saved_tensors
-        return _DepthwiseCorrelation.apply(grad_grad, weight), None
+        return _DepthwiseCorrelation.apply(grad, weight, not ctx.transposed), None, None
 
 
 def depthwise_correlate(x: Tensor, weight: Tensor) -> Tensor:
@@ -102,7 +91,7 @@ def depthwise_correlate(x: Tensor, weight: Tensor) -> Tensor:
         raise ValueError("depthwise_correlate: weight must be a constant (it requires grad)")
     if weight.ndim != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"depthwise_correlate: weight must be [{x.shape[1]}, 1, kh, kw], got {tuple(weight.shape)}")
-    return _DepthwiseCorrelation.apply(x, weight)
+    return _DepthwiseCorrelation.apply(x, weight, False)
 
 
 def fir_filter2d(x: Tensor, kernel: Tensor, padding: tuple[int, int, int, int], gain: float = 1.0) -> Tensor:
