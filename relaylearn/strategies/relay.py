@@ -120,6 +120,10 @@ class RelayOptions(StrategyOptions):
     # replay
     replay: bool = Field(True, description="false: no generative replay at all (ablation: merge and distillation only).")
     replay_ratio: Literal["half", "even"] = "half"
+    solver_replay: Literal["replace", "append"] = Field(
+        "replace",
+        description="replace: the solver trains on the GANs' mixed batch (replay replaces reals, batch size B, as in the paper); append: on all B reals plus as many replayed pairs as replay_ratio asks of the whole batch (B for half), reusing the GAN steps' replay.",
+    )
     replay_site_selection: Literal["uniform", "distribution"] = "uniform"
     replay_truncation: float = 1.0
     replay_augment: Any = Field("original", description="Augmentation of replayed pairs for the solver: none | light | original.")
@@ -427,6 +431,25 @@ class Relay(Strategy):
             b - n_replay,
         )
 
+    def append_replay(self, images: Tensor, labels: Tensor, mixes: list) -> tuple[Tensor, Tensor, Tensor, int]:
+        """All B reals [B,...] followed by replayed pairs: (images, labels, site ids, B).
+
+        As many replayed pairs as ``replay_ratio`` asks of the whole batch (half: B, so the batch is
+        2B; even: B·#earlier sites), taken first from the replayed parts of ``mixes`` (the GAN
+        steps' mixed batches, as returned by ``mix_with_replay``), then freshly generated.
+        """
+        b = images.shape[0]
+        n_replay = b if self.options.replay_ratio == "half" else b * len(self.registry_previous)
+        parts = [(x[n:], y[n:], i[n:]) for x, y, i, n in mixes]
+        have = sum(p[0].shape[0] for p in parts)
+        if have < n_replay:
+            r_img, r_lab, r_ids = self.replay(n_replay - have, images.device)
+            parts.append((r_img.to(images.dtype), r_lab, r_ids))
+        current_id = self.registry_current[self.site.name]["id"]
+        r_img, r_lab, r_ids = (torch.cat(t)[:n_replay] for t in zip(*parts))
+        ids_real = torch.full((b,), current_id, dtype=torch.long, device=images.device)
+        return torch.cat([images, r_img]), torch.cat([labels, r_lab]), torch.cat([ids_real, r_ids]), b
+
     def augment_replay(self, images: Tensor, labels: Tensor, n_real: int) -> tuple[Tensor, Tensor]:
         """The solver's augmentation of the replayed part (samples ``n_real:``) of a mixed batch."""
         if self.replay_augment is None or n_real >= images.shape[0]:
@@ -504,15 +527,17 @@ class Relay(Strategy):
                 real = self._fresh_real_batch(images)
                 logs.update(self._gan_step(self.mix_with_replay(*real), real, step))
 
-        mixed = None
+        mixes = []
         for i in range(o.gan_steps_per_solver_step):
             real = (images, labels) if i == 0 else self._fresh_real_batch(images)
-            mix = self.mix_with_replay(*real)
-            mixed = mixed or mix
-            logs.update(self._gan_step(mix, real, step))
+            mixes.append(self.mix_with_replay(*real))
+            logs.update(self._gan_step(mixes[-1], real, step))
 
         # M step (solver only): replay augmented here and only here
-        x, y, ids, n_real = mixed if o.replay_once_per_batch else self.mix_with_replay(images, labels)
+        if o.solver_replay == "append" and self.replaying:
+            x, y, ids, n_real = self.append_replay(images, labels, mixes if o.replay_once_per_batch else [])
+        else:
+            x, y, ids, n_real = mixes[0] if o.replay_once_per_batch else self.mix_with_replay(images, labels)
         x, y = self.augment_replay(x, y, n_real)
         with _frozen(self.g_img, self.g_label, self.d_img, self.d_label):
             logits = self.solver(x)

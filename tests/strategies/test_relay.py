@@ -229,6 +229,24 @@ def test_gan_budget_runs_extra_and_warm_up_gan_steps(tmp_path, tiny_fundus):
     assert strategy.gan_step == 8 and strategy.meta()["gan_step"] == 8
 
 
+def test_appended_replay_keeps_every_real_and_reuses_the_gan_steps_replay(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, gan_steps_per_solver_step=2, solver_replay="append", replay_augment="none")
+    generated, solver_inputs = [], []
+    generate = strategy._generate
+    strategy._generate = lambda *a, **kw: (lambda out: (generated.append(out[0].detach().clone()), out)[1])(generate(*a, **kw))
+    strategy.solver.register_forward_pre_hook(lambda m, args: solver_inputs.append(args[0].detach().clone()))
+    images, labels = _batch()
+    strategy.training_step((images, labels), _step(site))
+    x = solver_inputs[0]
+    assert x.shape[0] == 16 and torch.equal(x[:8], images)  # all 8 reals, in order, then 8 replayed
+    assert len(generated) == 2  # one replay of 4 per G+D step, nothing generated for the solver
+    assert torch.equal(x[8:], torch.cat(generated))
+    single, site = _replaying(tmp_path / "one", tiny_fundus, solver_replay="append", replay_augment="none")
+    single.solver.register_forward_pre_hook(lambda m, args: solver_inputs.append(args[0].detach().clone()))
+    single.training_step(_batch(), _step(site))
+    assert solver_inputs[-1].shape[0] == 16  # a single G+D step's replay (4) is topped up to 8
+
+
 def test_first_site_warm_up_runs_only_where_the_gans_start_from_scratch(tmp_path, tiny_fundus):
     strategy, _ = _strategy(tmp_path, tiny_fundus, gan_warmup_steps=1, gan_first_site_warmup_steps=3)
     first = _site("A", 0)
