@@ -1,5 +1,6 @@
-"""relaylearn.engine speed settings: every network in channels_last (the relay's GANs too, and the
-frozen copies made at site start), and the solver's Adam honours ``train.optimizer.fused``."""
+"""relaylearn.engine speed settings: every network runs in channels_last (the relay's GANs with
+their weights in that layout, also the frozen copies made at site start; the solver through its
+input, with its weights in the default layout), and the solver's Adam honours ``train.optimizer.fused``."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ def test_channels_last_reaches_the_gans_and_the_copies_made_at_site_start(tmp_pa
     task = cfg.tasks[0]
     strategy = build_strategy(task, load_pretrained=False)
     prepare_networks(strategy, task.train)
-    for name in ("solver", "g_img", "g_label", "d_img", "d_label"):
+    for name in ("g_img", "g_label", "d_img", "d_label"):
         weights = _conv_weights(getattr(strategy, name))
         assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights), name
+    assert all(w.is_contiguous() for w in _conv_weights(strategy.solver))  # fused Adam needs no copies
+    solver_inputs = []
+    strategy.solver.register_forward_pre_hook(lambda m, args: solver_inputs.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randint(0, 3, (4, 32, 32))
     for position, site_name in enumerate(("A", "B")):
         site = SiteContext(
@@ -47,6 +51,7 @@ def test_channels_last_reaches_the_gans_and_the_copies_made_at_site_start(tmp_pa
             assert torch.isfinite(logs["loss"])
         if position == 1:
             assert strategy.replaying
+            assert solver_inputs and all(solver_inputs)  # replay mixed in, the solver still runs in channels_last
             assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(strategy.previous["g_img"]))
         strategy.on_site_end(site)
 

@@ -539,6 +539,8 @@ class Relay(Strategy):
         else:
             x, y, ids, n_real = mixes[0] if o.replay_once_per_batch else self.mix_with_replay(images, labels)
         x, y = self.augment_replay(x, y, n_real)
+        if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the solver runs in its input's layout
         with _frozen(self.g_img, self.g_label, self.d_img, self.d_label):
             logits = self.solver(x)
             loss_m = self.criterion(logits, y)

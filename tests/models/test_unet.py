@@ -117,3 +117,39 @@ def test_missing_unreadable_or_foreign_files_raise_config_error(tmp_path):
     wrong_suffix.write_bytes(b"")
     with pytest.raises(ConfigError, match=".safetensors or .pth"):
         load_resnet18_weights(encoder, wrong_suffix)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride):
+    """Values and gradients (input and every tap of the weight) equal nn.Conv2d's on a 1×1 map;
+    on larger maps the module is nn.Conv2d."""
+    from torch.nn import functional as F
+
+    from relaylearn.models.unet import CentreTapConv2d
+
+    torch.manual_seed(0)
+    conv = CentreTapConv2d(6, 5, 3, stride, 1, bias=True).double()
+    for size in (1, 3):
+        x = torch.randn(4, 6, size, size, dtype=torch.double, requires_grad=True)
+        out = conv(x)
+        reference = F.conv2d(x, conv.weight, conv.bias, stride, 1)
+        torch.testing.assert_close(out, reference)
+        grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+        expected = torch.autograd.grad(reference.square().sum(), (x, conv.weight, conv.bias))
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
+        if size == 1:
+            outer = grads[1].clone()
+            outer[:, :, 1, 1] = 0
+            assert torch.count_nonzero(outer) == 0 and torch.count_nonzero(grads[1][:, :, 1, 1]) > 0
+
+
+def test_the_encoder_runs_its_last_stage_on_the_centre_tap_at_32_px(monkeypatch):
+    """At 32 px the last stage's three 1×1-map convolutions use a 1×1 kernel (what makes them cheap)."""
+    from torch.nn import functional as F
+
+    kernels = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **k: (kernels.append((tuple(x.shape[-2:]), tuple(w.shape))), conv2d(x, w, *a, **k))[1])
+    UNetResNet18().encoder(torch.randn(2, 3, 32, 32))
+    assert sum(1 for size, w in kernels if size == (1, 1) and w == (512, 512, 1, 1)) == 3

@@ -148,6 +148,30 @@ def test_equalized_conv_lrelu_gain_and_clamp():
     assert y2.abs().max().item() <= 1.0 + 1e-6  # the clamp scales with the gain
 
 
+def test_bias_act_clamp_matches_torch_clamp_to_second_order():
+    """Values, gradients and second derivatives (what R1 and path-length penalties use) equal
+    ``x.clamp`` off the clamp's two boundary values."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.double) * 2).requires_grad_()
+    bias = torch.randn(3, dtype=torch.double, requires_grad=True)
+
+    def reference(x, bias):
+        y = F.leaky_relu(x + bias.reshape(1, -1, 1, 1), 0.2) * math.sqrt(2.0) * 1.5
+        return y.clamp(-1.5 * 1.5, 1.5 * 1.5)
+
+    got, want = bias_act(x, bias, "lrelu", gain=1.5, clamp=1.5), reference(x, bias)
+    torch.testing.assert_close(got, want)
+    assert (want.abs() == 2.25).sum() > 10  # the clamp is active on part of the input
+    g_got = torch.autograd.grad(got.tanh().sum(), (x, bias), create_graph=True)
+    g_want = torch.autograd.grad(want.tanh().sum(), (x, bias), create_graph=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+    h_got = torch.autograd.grad(sum(g.square().sum() for g in g_got), (x, bias))
+    h_want = torch.autograd.grad(sum(g.square().sum() for g in g_want), (x, bias))
+    for a, b in zip(h_got, h_want):
+        torch.testing.assert_close(a, b)
+
+
 def test_bias_act_lrelu_gain():
     x = torch.tensor([[-1.0, 2.0]])
     y = bias_act(x, torch.tensor([0.0, 1.0]), "lrelu")
