@@ -54,9 +54,9 @@ class DiscriminatorEpilogue(nn.Module):
         self.fc = EqualizedLinear(channels * resolution * resolution, channels, activation="lrelu")
         self.out = EqualizedLinear(channels, cmap_dim if cmap_dim > 0 else 1)
 
-    def forward(self, x: Tensor, cmap: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cmap: Tensor | None, chunks: int = 1) -> Tensor:
         if self.mbstd is not None:
-            x = self.mbstd(x)
+            x = self.mbstd(x, chunks)
         x = self.conv(x)
         x = self.out(self.fc(x.flatten(1))).float()
         if cmap is None:
@@ -67,7 +67,10 @@ class DiscriminatorEpilogue(nn.Module):
 class ProjectionDiscriminator(nn.Module):
     """x [N, img_channels, R, R], c [N, c_dim] (one- or two-hot) → real/fake logits [N] (fp32).
 
-    With ``c_dim == 0`` the discriminator is unconditional (a plain output FC to 1).
+    With ``c_dim == 0`` the discriminator is unconditional (a plain output FC to 1). ``chunks``:
+    x holds that many equal, independent batches one after another (e.g. fakes, then reals); the
+    logits equal those of one call per chunk (the minibatch statistics stay within a chunk), with
+    one pass through the network.
     """
 
     def __init__(
@@ -107,7 +110,7 @@ class ProjectionDiscriminator(nn.Module):
         )
         self.epilogue = DiscriminatorEpilogue(channels_4, self.cmap_dim, 4, mbstd_group, mbstd_channels, conv_clamp)
 
-    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor | None = None, chunks: int = 1) -> Tensor:
         expected = (self.img_channels, self.img_resolution, self.img_resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"ProjectionDiscriminator: x must be [N, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
@@ -117,6 +120,8 @@ class ProjectionDiscriminator(nn.Module):
                 got = None if c is None else tuple(c.shape)
                 raise ValueError(f"ProjectionDiscriminator: c must be [{x.shape[0]}, {self.c_dim}], got {got}")
             cmap = self.mapping(None, c)
+        if x.shape[0] % chunks:
+            raise ValueError(f"ProjectionDiscriminator: a batch of {x.shape[0]} does not split into {chunks} equal chunks")
         for block in self.blocks:
             x = block(x)
-        return self.epilogue(x, cmap)
+        return self.epilogue(x, cmap, chunks)

@@ -311,14 +311,17 @@ class MinibatchStdDev(nn.Module):
 
     Samples are split into groups of ``group_size`` (sample n belongs to group n mod N/G); if
     the batch size is not divisible by ``group_size`` the whole batch is one group.
-    [N, C, H, W] → [N, C + num_channels, H, W]. Computed in fp32.
+    [N, C, H, W] → [N, C + num_channels, H, W]. Computed in fp32. ``chunks``: x holds that many
+    equal, independent batches one after another, each grouped on its own (as separate calls).
     """
 
     def __init__(self, group_size: int = 4, num_channels: int = 1):
         super().__init__()
         self.group_size, self.num_channels = group_size, num_channels
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, chunks: int = 1) -> Tensor:
+        if chunks > 1:
+            return torch.cat([self(part) for part in x.chunk(chunks)])
         n, c, h, w = x.shape
         group = self.group_size if n % self.group_size == 0 else n
         f = self.num_channels

@@ -87,3 +87,16 @@ def test_autocast_bfloat16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = d(torch.randn(2, 4, RES, RES), torch.eye(C_DIM)[:2])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("n", [8, 6])  # groups of 4, and the whole-chunk fallback
+def test_chunks_give_the_logits_of_one_call_per_chunk(n):
+    torch.manual_seed(0)
+    d = ProjectionDiscriminator(3, 4, img_resolution=16, channel_base=128, channel_max=16, mapping_layers=1).double()
+    x = torch.randn(2 * n, 3, 16, 16, dtype=torch.double)
+    c = F.one_hot(torch.randint(0, 4, (2 * n,)), 4).double()
+    separate = torch.cat([d(x[:n], c[:n]), d(x[n:], c[n:])])
+    torch.testing.assert_close(d(x, c, chunks=2), separate)
+    assert not torch.allclose(d(x, c), separate)  # one batch of 2n: the minibatch statistics mix the halves
+    with pytest.raises(ValueError, match="equal chunks"):
+        d(x[:-1], c[:-1], chunks=2)

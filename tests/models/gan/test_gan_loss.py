@@ -36,3 +36,28 @@ def test_losses_are_positive_scalars_and_r1_is_computed_only_when_due():
     assert without.r1 is None and without.image > 0 and without.real_logits_image.shape == (n,)
     with_r1 = discriminator_loss(nets, images, seg, z_label, z_img, c, c[:, 0], with_r1=True)
     assert with_r1.r1 is not None and with_r1.r1 >= 0 and with_r1.r1.requires_grad
+
+
+def test_discriminator_loss_and_r1_equal_separate_passes_over_fakes_and_reals():
+    """One pass over fakes and reals per discriminator gives the losses, logits and R1 penalty of
+    separate passes (ADA at p = 0 is the identity)."""
+    import torch.nn.functional as F
+
+    from relaylearn.models.gan.regularizers import r1_penalty
+
+    nets, n = _nets(), 8
+    torch.manual_seed(1)
+    c = torch.nn.functional.one_hot(torch.randint(0, 3, (n, 1)), 3).float()
+    seg, images = torch.rand(n, 1, 16, 16) * 2 - 1, torch.rand(n, 3, 16, 16) * 2 - 1
+    z_label, z_img = torch.randn(n, 1, 8), torch.randn(n, 1, 8)
+    got = discriminator_loss(nets, images, seg, z_label, z_img, c, c[:, 0], with_r1=True)
+    with torch.no_grad():
+        fake_label, fake_img = nets.g_label(z_label, c), nets.g_img(z_img, c, seg)
+    real_img, real_seg = images.clone().requires_grad_(), seg.clone().requires_grad_()
+    real_logits_img = nets.d_img(torch.cat([real_img, seg], 1), c[:, 0])
+    real_logits_lab = nets.d_label(real_seg, c[:, 0])
+    image = F.softplus(nets.d_img(torch.cat([fake_img, seg], 1), c[:, 0])).mean() + F.softplus(-real_logits_img).mean()
+    label = F.softplus(nets.d_label(fake_label, c[:, 0])).mean() + F.softplus(-real_logits_lab).mean()
+    r1 = r1_penalty(real_logits_img, real_img).mean() + r1_penalty(real_logits_lab, real_seg).mean()
+    for a, b in ((got.image, image), (got.label, label), (got.r1, r1), (got.real_logits_image, real_logits_img.detach())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
