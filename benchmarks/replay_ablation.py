@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Twelve variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Fourteen variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -18,6 +18,10 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_quality_replay_only`` — the same with ``distil_weight: 0``;
 * ``relay_quality_steps120`` — the same GAN steps per site (960) spread over twice the solver
   steps: 120 batches per site, 8 G+D steps per batch;
+* ``relay_quality_append`` — the quality preset with ``solver_replay: append`` (the solver keeps
+  all 16 reals of its batch and gets 16 replayed pairs on top);
+* ``relay_quality_warmup`` — the quality preset with ``gan_warmup_steps: 320`` (GAN-only steps at
+  the start of every site, so the generators that leave a site know it better);
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -63,6 +67,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_quality": ("demo/relay_quality", []),
     "relay_quality_replay_only": ("demo/relay_quality", ["strategy.kwargs.distil_weight=0"]),
     "relay_quality_steps120": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.gan_steps_per_solver_step=8"]),
+    "relay_quality_append": ("demo/relay_quality", ["strategy.kwargs.solver_replay=append"]),
+    "relay_quality_warmup": ("demo/relay_quality", ["strategy.kwargs.gan_warmup_steps=320"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }

@@ -527,11 +527,13 @@ class Relay(Strategy):
                 real = self._fresh_real_batch(images)
                 logs.update(self._gan_step(self.mix_with_replay(*real), real, step))
 
-        mixes = []
+        mixes = []  # the first mixed batch, and with solver_replay 'append' every one (their replay)
         for i in range(o.gan_steps_per_solver_step):
             real = (images, labels) if i == 0 else self._fresh_real_batch(images)
-            mixes.append(self.mix_with_replay(*real))
-            logs.update(self._gan_step(mixes[-1], real, step))
+            mix = self.mix_with_replay(*real)
+            if i == 0 or o.solver_replay == "append":
+                mixes.append(mix)
+            logs.update(self._gan_step(mix, real, step))
 
         # M step (solver only): replay augmented here and only here
         if o.solver_replay == "append" and self.replaying:
@@ -539,7 +541,7 @@ class Relay(Strategy):
         else:
             x, y, ids, n_real = mixes[0] if o.replay_once_per_batch else self.mix_with_replay(images, labels)
         x, y = self.augment_replay(x, y, n_real)
-        if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
+        if images.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the solver runs in its input's layout
         with _frozen(self.g_img, self.g_label, self.d_img, self.d_label):
             logits = self.solver(x)
