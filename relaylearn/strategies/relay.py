@@ -405,6 +405,10 @@ class Relay(Strategy):
             )
         return torch.cat(images), torch.cat(masks)
 
+    def _current_site_ids(self, n: int, device) -> Tensor:
+        """The current site's generator id, n times: [n] long."""
+        return torch.full((n,), self.registry_current[self.site.name]["id"], dtype=torch.long, device=device)
+
     def mix_with_replay(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """Real batch [B,...] → (images, labels, site ids, number of real samples first).
 
@@ -413,8 +417,7 @@ class Relay(Strategy):
         learn from it as generated); ``augment_replay`` does that for the solver step.
         """
         b = images.shape[0]
-        current_id = self.registry_current[self.site.name]["id"]
-        ids_real = torch.full((b,), current_id, dtype=torch.long, device=images.device)
+        ids_real = self._current_site_ids(b, images.device)
         if not self.replaying or b < 2:
             return images, labels, ids_real, b
         if self.options.replay_ratio == "half":
@@ -445,10 +448,8 @@ class Relay(Strategy):
         if have < n_replay:
             r_img, r_lab, r_ids = self.replay(n_replay - have, images.device)
             parts.append((r_img.to(images.dtype), r_lab, r_ids))
-        current_id = self.registry_current[self.site.name]["id"]
         r_img, r_lab, r_ids = (torch.cat(t)[:n_replay] for t in zip(*parts))
-        ids_real = torch.full((b,), current_id, dtype=torch.long, device=images.device)
-        return torch.cat([images, r_img]), torch.cat([labels, r_lab]), torch.cat([ids_real, r_ids]), b
+        return torch.cat([images, r_img]), torch.cat([labels, r_lab]), torch.cat([self._current_site_ids(b, images.device), r_ids]), b
 
     def augment_replay(self, images: Tensor, labels: Tensor, n_real: int) -> tuple[Tensor, Tensor]:
         """The solver's augmentation of the replayed part (samples ``n_real:``) of a mixed batch."""
