@@ -87,10 +87,11 @@ def discriminator_loss(
     real_img = images.detach().requires_grad_(with_r1)
     real_seg = seg.detach().requires_grad_(with_r1)
     # fakes and reals through each discriminator in one pass (two independent chunks)
+    c_both = torch.cat([c_d, c_real])
     pairs = torch.cat([torch.cat([fake_img, seg], 1), torch.cat([real_img, seg], 1)])
-    fake_logits_img, real_logits_img = nets.d_img(nets.ada_img(pairs), torch.cat([c_d, c_real]), chunks=2).chunk(2)
+    fake_logits_img, real_logits_img = nets.d_img(nets.ada_img(pairs), c_both, chunks=2).chunk(2)
     label_maps = torch.cat([fake_label, real_seg])
-    fake_logits_lab, real_logits_lab = nets.d_label(nets.ada_label(label_maps), torch.cat([c_d, c_real]), chunks=2).chunk(2)
+    fake_logits_lab, real_logits_lab = nets.d_label(nets.ada_label(label_maps), c_both, chunks=2).chunk(2)
     loss_img = F.softplus(fake_logits_img).mean() + F.softplus(-real_logits_img).mean()
     loss_lab = F.softplus(fake_logits_lab).mean() + F.softplus(-real_logits_lab).mean()
     r1 = r1_penalty(real_logits_img, real_img).mean() + r1_penalty(real_logits_lab, real_seg).mean() if with_r1 else None
