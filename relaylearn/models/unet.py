@@ -32,17 +32,22 @@ ENCODER_STRIDE = 32
 
 
 class CentreTapConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, on a 1×1 input with "same" zero padding, convolves with the kernel's
-    centre tap only: ``[B,Cin,1,1] -> [B,Cout,1,1]``, the same result, as every other tap meets
-    padding zeros (their gradients are zero either way). At 32 px the encoder's last stage runs on
-    1×1 maps, where this skips 8/9 of its three 512×512 3×3 convolutions, forward and backward.
+    """``nn.Conv2d`` that, on a 1×1 input with "same" zero padding, applies the kernel's centre tap
+    only: ``[B,Cin,1,1] -> [B,Cout,1,1]``, the same result, as every other tap meets padding zeros
+    (their gradients are zero either way). At 32 px the encoder's last stage runs on 1×1 maps, where
+    this skips 8/9 of its three 512×512 3×3 convolutions, forward and backward; without groups the
+    centre tap is a matrix product (``F.linear``), and it is taken from the flattened kernel in
+    one indexing step, so the backward pass scatters into one zero-filled weight gradient.
     Any other input goes through ``nn.Conv2d`` unchanged; parameter names and shapes are its own."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         same_padding = isinstance(self.padding, tuple) and all(k % 2 == 1 and p == k // 2 for k, p in zip(self.kernel_size, self.padding))
         if input.shape[-2:] == (1, 1) and same_padding and self.dilation == (1, 1) and self.padding_mode == "zeros":
             ph, pw = self.padding
-            return F.conv2d(input, weight[:, :, ph : ph + 1, pw : pw + 1], bias, groups=self.groups)
+            centre = weight.flatten(2)[:, :, ph * self.kernel_size[1] + pw]  # [Cout, Cin/groups]
+            if self.groups == 1:
+                return F.linear(input.flatten(1), centre, bias)[:, :, None, None]
+            return F.conv2d(input, centre[:, :, None, None], bias, groups=self.groups)
         return super()._conv_forward(input, weight, bias)
 
 

@@ -34,7 +34,9 @@ Fixes of replay defects (ours or the original's):
 The GANs may get a budget of their own: ``gan_steps_per_solver_step`` G+D steps per batch
 (the paper: 1), ``gan_warmup_steps`` GAN-only steps at the start of every site and
 ``gan_first_site_warmup_steps`` more at the model's first site, where the GANs start from
-scratch; the extra steps draw fresh real batches from the site's training images. ``gan_preset: small`` sets the
+scratch; the extra steps draw fresh real batches from the site's training images.
+``generator_ema_steps`` keeps a moving average of the generators' weights during a site (StyleGAN2's
+G_ema) that replaces them at the site's end (off, as in the paper, by default). ``gan_preset: small`` sets the
 small-scale defaults measured at 32 px (see ``GAN_PRESETS``).
 """
 
@@ -140,6 +142,11 @@ class RelayOptions(StrategyOptions):
     gan_warmup_steps: int = Field(0, ge=0, description="GAN-only G+D steps at the start of every site, before the first solver step.")
     gan_first_site_warmup_steps: int = Field(
         0, ge=0, description="Extra GAN-only G+D steps at the model's first site, where the GANs start from scratch (on top of gan_warmup_steps)."
+    )
+    generator_ema_steps: float = Field(
+        0.0,
+        ge=0,
+        description="Half-life, in G steps, of a moving average of the generators' weights (StyleGAN2's G_ema), ramped up over the first G steps; the averaged generators leave the site (they replay, are previewed and travel). 0 = off: the last raw weights, as in the paper.",
     )
     gen_align_weight: float = Field(
         0.0,
@@ -248,6 +255,7 @@ class Relay(Strategy):
         self.stage = 1
         self.gan_step = 0  # G+D steps since the first site (lazy regularisation and ADA count these)
         self.previous: nn.ModuleDict | None = None  # frozen copies made at site start, never shipped
+        self.generator_ema: nn.ModuleDict | None = None  # moving averages of g_img/g_label during a site
 
     # ----- site registry -------------------------------------------------------------------------
     def _site_id(self, name: str) -> int:
@@ -317,6 +325,9 @@ class Relay(Strategy):
             with torch.no_grad():
                 self.ada_img.p.mul_(0.5)
                 self.ada_label.p.mul_(0.5)
+        self.generator_ema = None
+        if self.options.generator_ema_steps > 0:
+            self.generator_ema = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in ("g_img", "g_label")}).requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -332,9 +343,38 @@ class Relay(Strategy):
         if self.previous is not None and self.merge_weight > 0:
             for k in ("g_img", "g_label", "d_img", "d_label", "solver"):
                 merge_parameters(getattr(self, k), self.previous[k], self.merge_weight, w_cur)
+            self._reset_generator_ema()  # the average restarts from the merged generators
         self.merge_weight += w_cur
         if self.previous is not None:
             self.stage = 2
+
+    # ----- moving average of the generators ----------------------------------------------------------
+    @torch.no_grad()
+    def _update_generator_ema(self) -> None:
+        """After a G step: ema ← β·ema + (1−β)·g for g_img and g_label (buffers copied), with
+        β = 0.5^(1/h) and half-life h = min(generator_ema_steps, 0.05·G steps so far), StyleGAN2's
+        ramp-up, so the first site's average does not hold on to its random start."""
+        if self.generator_ema is None:
+            return
+        half_life = min(self.options.generator_ema_steps, 0.05 * (self.gan_step + 1))
+        beta = 0.5 ** (1.0 / max(half_life, 1e-8))
+        for k, ema in self.generator_ema.items():
+            net = getattr(self, k)
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - beta)
+            for b_ema, b in zip(ema.buffers(), net.buffers()):
+                b_ema.copy_(b)
+
+    @torch.no_grad()
+    def _reset_generator_ema(self) -> None:
+        for k, ema in (self.generator_ema or {}).items():
+            ema.load_state_dict(getattr(self, k).state_dict())
+
+    @torch.no_grad()
+    def _adopt_generator_ema(self) -> None:
+        """At the end of a site the averaged weights become the generators (and the average ends)."""
+        for k, ema in (self.generator_ema or {}).items():
+            getattr(self, k).load_state_dict(ema.state_dict())
+        self.generator_ema = None
 
     @property
     def replaying(self) -> bool:
@@ -498,6 +538,7 @@ class Relay(Strategy):
         with _frozen(self.d_img, self.d_label, self.solver):
             loss_g, g_logs = self._generator_loss(y, ids, do_pl)
             self.optimize(loss_g, g_opt, step)
+        self._update_generator_ema()
         logs.update(g_logs)
         x, y, ids, _ = mixed if o.replay_once_per_batch else self.mix_with_replay(*real)
         with _frozen(self.g_img, self.g_label, self.solver):
@@ -619,6 +660,7 @@ class Relay(Strategy):
 
     def on_site_end(self, site: SiteContext) -> None:
         super().on_site_end(site)
+        self._adopt_generator_ema()
         if self.options.num_stages == 1:  # no mid-site merge: still count the site's weight
             self.merge_weight += float(site.num_images) if self.options.weighted_merge else 1.0
         # the site is finished: it becomes an earlier site for the next one

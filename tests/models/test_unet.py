@@ -120,7 +120,8 @@ def test_missing_unreadable_or_foreign_files_raise_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride, groups):
     """Values and gradients (input and every tap of the weight) equal nn.Conv2d's on a 1×1 map;
     on larger maps the module is nn.Conv2d."""
     from torch.nn import functional as F
@@ -128,11 +129,11 @@ def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride)
     from relaylearn.models.unet import CentreTapConv2d
 
     torch.manual_seed(0)
-    conv = CentreTapConv2d(6, 5, 3, stride, 1, bias=True).double()
+    conv = CentreTapConv2d(6, 4, 3, stride, 1, bias=True, groups=groups).double()
     for size in (1, 3):
         x = torch.randn(4, 6, size, size, dtype=torch.double, requires_grad=True)
         out = conv(x)
-        reference = F.conv2d(x, conv.weight, conv.bias, stride, 1)
+        reference = F.conv2d(x, conv.weight, conv.bias, stride, 1, groups=groups)
         torch.testing.assert_close(out, reference)
         grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
         expected = torch.autograd.grad(reference.square().sum(), (x, conv.weight, conv.bias))
@@ -145,11 +146,14 @@ def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride)
 
 
 def test_the_encoder_runs_its_last_stage_on_the_centre_tap_at_32_px(monkeypatch):
-    """At 32 px the last stage's three 1×1-map convolutions use a 1×1 kernel (what makes them cheap)."""
+    """At 32 px the last stage's three 1×1-map convolutions are products with the 512×512 centre
+    tap (what makes them cheap), and no 3×3 kernel meets a 1×1 map."""
     from torch.nn import functional as F
 
-    kernels = []
-    conv2d = F.conv2d
+    kernels, products = [], []
+    conv2d, linear = F.conv2d, F.linear
     monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **k: (kernels.append((tuple(x.shape[-2:]), tuple(w.shape))), conv2d(x, w, *a, **k))[1])
+    monkeypatch.setattr(F, "linear", lambda x, w, *a, **k: (products.append(tuple(w.shape)), linear(x, w, *a, **k))[1])
     UNetResNet18().encoder(torch.randn(2, 3, 32, 32))
-    assert sum(1 for size, w in kernels if size == (1, 1) and w == (512, 512, 1, 1)) == 3
+    assert products.count((512, 512)) == 3
+    assert not [w for size, w in kernels if size == (1, 1) and w[-2:] != (1, 1)]

@@ -347,3 +347,32 @@ def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_
     assert "g_align" in logs
     off, site = _replaying(tmp_path / "off", tiny_fundus)
     assert "g_align" not in off.training_step(_batch(), _step(site))  # off by default (the paper)
+
+
+def test_generator_moving_average_follows_its_formula_and_leaves_the_site(tmp_path, tiny_fundus):
+    """With generator_ema_steps the generators that leave a site are the average of their weights
+    after every G step (β = 0.5^(1/h), h ramped up as 0.05·steps); off (the default) there is none."""
+    plain, site = _replaying(tmp_path / "plain", tiny_fundus)
+    assert plain.generator_ema is None
+    strategy, site = _replaying(tmp_path, tiny_fundus, generator_ema_steps=10, gan_steps_per_solver_step=3)
+    strategy.gan_step = 100  # ramp-up: h = min(10, 0.05·(step + 1)) = 5.05, 5.1, 5.15, ...
+    names = [n for n, _ in strategy.g_img.named_parameters()]
+    expected = {n: p.detach().clone() for n, p in strategy.g_img.named_parameters()}
+    start = {n: p.clone() for n, p in expected.items()}
+
+    def average(*_):
+        beta = 0.5 ** (1 / min(10, 0.05 * (strategy.gan_step + 1)))
+        for n, p in strategy.g_img.named_parameters():
+            expected[n] = beta * expected[n] + (1 - beta) * p.detach()
+
+    strategy.optimizers[0].register_step_post_hook(average)
+    strategy.training_step(_batch(), _step(site))
+    strategy.training_step(_batch(), _step(site, index=2))
+    raw = {n: p.detach().clone() for n, p in strategy.g_img.named_parameters()}
+    strategy.on_site_end(site)
+    shipped = dict(strategy.g_img.named_parameters())
+    assert strategy.generator_ema is None
+    for n in names:
+        torch.testing.assert_close(shipped[n].detach(), expected[n], rtol=1e-5, atol=1e-6)
+    moved = [n for n in names if not torch.equal(raw[n], start[n])]
+    assert moved and any(not torch.allclose(shipped[n], raw[n]) for n in moved)  # not the raw weights
