@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Fourteen variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Seventeen variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -22,6 +22,11 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
   all 16 reals of its batch and gets 16 replayed pairs on top);
 * ``relay_quality_warmup`` — the quality preset with ``gan_warmup_steps: 320`` (GAN-only steps at
   the start of every site, so the generators that leave a site know it better);
+* ``relay_ema`` — the demo preset with ``generator_ema_steps: 30`` (a moving average of the
+  generators' weights leaves each site);
+* ``relay_quality_long`` — the quality preset with twice the batches (120 per site, 16 G+D steps
+  each);
+* ``relay_quality_long_ema`` — the same with ``generator_ema_steps: 100``;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -69,6 +74,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_quality_steps120": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.gan_steps_per_solver_step=8"]),
     "relay_quality_append": ("demo/relay_quality", ["strategy.kwargs.solver_replay=append"]),
     "relay_quality_warmup": ("demo/relay_quality", ["strategy.kwargs.gan_warmup_steps=320"]),
+    "relay_ema": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30"]),
+    "relay_quality_long": ("demo/relay_quality", ["train.num_steps=120"]),
+    "relay_quality_long_ema": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.generator_ema_steps=100"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
