@@ -123,15 +123,16 @@ def test_hospital_killed_mid_site_resumes_from_its_checkpoint(tmp_path, tiny_fun
 
 
 @pytest.mark.parametrize(
-    ("strategy", "task_id", "steps", "every", "killed_at"),
+    ("strategy", "task_id", "steps", "every", "killed_at", "extra"),
     [
-        ("relay", 2, 4, 3, 3),  # a second site (replay, merge at batch 2): checkpoint after batch 3, mid-epoch
-        ("sequential", 1, 4, 2, 3),  # checkpoint after batch 2, the end of an epoch (2 batches per epoch)
+        ("relay", 2, 4, 3, 3, {}),  # a second site (replay, merge at batch 2): checkpoint after batch 3, mid-epoch
+        ("relay", 2, 4, 3, 3, {"generator_ema_steps": 2}),  # the generators' moving average continues too
+        ("sequential", 1, 4, 2, 3, {}),  # checkpoint after batch 2, the end of an epoch (2 batches per epoch)
     ],
 )
-def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeypatch, strategy, task_id, steps, every, killed_at):
+def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeypatch, strategy, task_id, steps, every, killed_at, extra):
     """Data order, random stream, optimizer and strategy state all continue where they stopped."""
-    kwargs = TINY if strategy == "relay" else None
+    kwargs = {**TINY, **extra} if strategy == "relay" else None
     full_path = tiny_config(
         tmp_path, tiny_fundus, strategy=strategy, task_ids=tuple(range(1, task_id + 1)), steps=steps, strategy_kwargs=kwargs, checkpoint_every_n_steps=every
     )
