@@ -142,10 +142,11 @@ def test_the_quality_preset_is_the_demo_relay_preset_with_more_gan_steps():
     assert quality == demo
 
 
-def test_the_long_quality_preset_is_the_quality_preset_with_more_batches_and_the_generator_average():
-    """The README attributes the long preset's results to these two changes (measured apart)."""
+def test_the_long_quality_preset_is_the_quality_preset_with_more_batches_the_generator_average_and_no_discriminators():
+    """The README attributes the long preset's results to these three changes (measured apart)."""
     quality = load_config("demo/relay_quality").tasks[0].model_dump()
     long = load_config("demo/relay_quality_long").tasks[0].model_dump()
     assert (quality["train"].pop("num_steps"), long["train"].pop("num_steps")) == (60, 120)
     assert (quality["strategy"]["kwargs"].pop("generator_ema_steps", 0), long["strategy"]["kwargs"].pop("generator_ema_steps")) == (0, 100)
+    assert (quality["strategy"]["kwargs"].pop("ship_discriminators", True), long["strategy"]["kwargs"].pop("ship_discriminators")) == (True, False)
     assert long == quality
