@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Seventeen variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Eighteen variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -27,6 +27,8 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_quality_long`` — the quality preset with twice the batches (120 per site, 16 G+D steps
   each);
 * ``relay_quality_long_ema`` — the same with ``generator_ema_steps: 100``;
+* ``relay_quality_long_preset`` — configs/demo/relay_quality_long.yaml as is (that, plus
+  ``ship_discriminators: false``);
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -77,6 +79,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_ema": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30"]),
     "relay_quality_long": ("demo/relay_quality", ["train.num_steps=120"]),
     "relay_quality_long_ema": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.generator_ema_steps=100"]),
+    "relay_quality_long_preset": ("demo/relay_quality_long", []),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
