@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Eighteen variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Twenty variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -29,6 +29,9 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_quality_long_ema`` — the same with ``generator_ema_steps: 100``;
 * ``relay_quality_long_preset`` — configs/demo/relay_quality_long.yaml as is (that, plus
   ``ship_discriminators: false``);
+* ``relay_quality_long_replay_only`` — the long preset with ``distil_weight: 0``;
+* ``relay_ema_gan6`` — the demo preset with ``generator_ema_steps: 30`` and 6 G+D steps per batch
+  instead of 5;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -80,6 +83,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_quality_long": ("demo/relay_quality", ["train.num_steps=120"]),
     "relay_quality_long_ema": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.generator_ema_steps=100"]),
     "relay_quality_long_preset": ("demo/relay_quality_long", []),
+    "relay_quality_long_replay_only": ("demo/relay_quality_long", ["strategy.kwargs.distil_weight=0"]),
+    "relay_ema_gan6": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30", "strategy.kwargs.gan_steps_per_solver_step=6"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
