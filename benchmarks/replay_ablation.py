@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Twenty variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Twenty-one variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
@@ -32,6 +32,7 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_quality_long_replay_only`` — the long preset with ``distil_weight: 0``;
 * ``relay_ema_gan6`` — the demo preset with ``generator_ema_steps: 30`` and 6 G+D steps per batch
   instead of 5;
+* ``relay_gan8`` — the demo preset with 8 G+D steps per batch instead of 5;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -85,6 +86,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_quality_long_preset": ("demo/relay_quality_long", []),
     "relay_quality_long_replay_only": ("demo/relay_quality_long", ["strategy.kwargs.distil_weight=0"]),
     "relay_ema_gan6": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30", "strategy.kwargs.gan_steps_per_solver_step=6"]),
+    "relay_gan8": ("demo/relay", ["strategy.kwargs.gan_steps_per_solver_step=8"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
