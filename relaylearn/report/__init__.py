@@ -15,7 +15,7 @@ sheet: it opens offline, can be mailed, and shows
 * for relay runs, the per-hop privacy audit (``metrics/privacy.json``): near copies and
   membership-inference AUCs per site per hop, and the closest generated/training pairs;
 * for relay runs simulated on one machine, the replay fidelity matrix (metrics/replay.json), with
-  a replay grid per earlier site and hop, and any replay drift;
+  a replay grid per earlier site and hop, real vs generated class fractions and any replay drift;
 * the hop chain of the last bundle (sites, times, signer fingerprints, bundle hashes);
 * run details (seed, versions, command line) and every problem met, as visible notes.
 
@@ -336,6 +336,10 @@ class ReportBuilder:
                 [[escape(s), _fmt(refs[i] if i < len(refs) else None)] for i, s in enumerate(sites)],
                 numeric={1},
             )
+            fractions = _guarded(
+                notes, f"{run.label}: class fractions", lambda replay=replay, run=run, sites=sites: _class_fraction_table(replay, sites, _class_names(run))
+            )
+            body += fractions or ""
             drift = replay_drift(replay["fidelity"], sites)
             if drift:
                 notes.append(
@@ -356,7 +360,8 @@ class ReportBuilder:
             return None
         lead = (
             "How well the generators still reproduce each earlier site: an oracle for the site (the solver right after training on it, "
-            "kept on this machine only) segments generated images; F is its Dice against the generated masks. A drop along the hops is replay drift."
+            "kept on this machine only) segments generated images; F is its Dice against the generated masks. A drop along the hops is replay drift. "
+            "The class table compares each class's share of the generated masks with the site's real ones: a class the label generator loses shows there."
         )
         return html.section("fidelity", "Replay fidelity", "".join(parts) + html.notes(notes), lead)
 
@@ -420,6 +425,26 @@ class ReportBuilder:
             title = f"relaylearn — {run.label} / {run.info.get('name', run.path.name)}"
             meta = f"{escape(str(run.path))} · strategy {escape(run.strategy or '?')} · {len(run.trained)} hop(s) · generated {now}"
         return html.page(title, meta, built, f"relaylearn {escape(__version__)} · self-contained report, no external resources")
+
+
+def _class_fraction_table(replay: dict, sites: list[str], names: dict[str, str]) -> str:
+    """Foreground class fractions (% of mask pixels) of each earlier site's real training masks
+    next to its generated masks after every later hop (``replay.json``'s ``class_fractions``):
+    a class that the label generator loses shows here before the solver unlearns it."""
+    fractions = replay.get("class_fractions") or {}
+    real, generated = fractions.get("real") or [], fractions.get("generated") or []
+    hops = len(generated)
+    if hops < 2 or not real:
+        return ""
+    pct = lambda v: "–" if not _is_number(v) else f"{100 * float(v):.1f} %"  # noqa: E731
+    rows = []
+    for i, site in enumerate(sites[: hops - 1]):
+        classes = real[i] if i < len(real) and real[i] else []
+        for k in range(1, len(classes)):
+            cells = [(generated[h][i] or [None] * len(classes))[k] if i < len(generated[h]) else None for h in range(i + 1, hops)]
+            rows.append([escape(site), escape(names.get(f"dice_class_{k}", f"class {k}")), pct(classes[k])] + ["–"] * i + [pct(c) for c in cells])
+    header = ["site", "class", "real (training masks)"] + [f"generated after hop {h + 1}" for h in range(1, hops)]
+    return html.table(header, rows, numeric=set(range(2, len(header))))
 
 
 def _colour_legend(run: Run) -> str:

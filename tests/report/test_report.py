@@ -353,6 +353,12 @@ def test_replay_fidelity_section_shows_the_matrix_grids_and_drift(tmp_path):
     section = section_of(page, "fidelity")
     assert section.count("<img") == 1 + 3  # the matrix and one grid per earlier site and hop
     assert f"replay drift: {SITES[0]} fell by 0.200" in section
+    # class fractions: real vs generated per earlier site, one column per hop that replays
+    assert "generated after hop 2" in section and "generated after hop 3" in section and "generated after hop 4" not in section
+    cup_row = [row for row in section.split("<tr") if f"<td>{SITES[0]}</td>" in row and ">cup<" in row]
+    assert len(cup_row) == 1 and ["5.0 %", "5.0 %", "10.0 %"] == re.findall(r">([\d.]+ %)<", cup_row[0])
+    disc_row = [row for row in section.split("<tr") if f"<td>{SITES[1]}</td>" in row and ">disc rim<" in row]
+    assert len(disc_row) == 1 and ["15.0 %", "20.0 %"] == re.findall(r">([\d.]+ %)<", disc_row[0]) and "–" in disc_row[0]
     assert_self_contained(page)
     # a run without replay.json has no such section
     assert '<section id="fidelity">' not in build_report(write_run(tmp_path / "seq" / "s", "sequential", SITES[:3]))
