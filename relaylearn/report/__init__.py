@@ -43,13 +43,16 @@ __all__ = ["write_report", "build_report"]
 REPORT_NAME = "report.html"
 
 
-def _fmt(value: Any, signed: bool = False) -> str:
+def _fmt(value: Any, signed: bool = False, percent: bool = False) -> str:
+    """A number as shown in the report ("–" when missing or NaN); ``percent``: a fraction as "12.3 %"."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         return "–"
     if math.isnan(v):
         return "–"
+    if percent:
+        return f"{100 * v:.1f} %"
     return f"{v:+.3f}" if signed else f"{v:.3f}"
 
 
@@ -436,13 +439,16 @@ def _class_fraction_table(replay: dict, sites: list[str], names: dict[str, str])
     hops = len(generated)
     if hops < 2 or not real:
         return ""
-    pct = lambda v: "–" if not _is_number(v) else f"{100 * float(v):.1f} %"  # noqa: E731
     rows = []
     for i, site in enumerate(sites[: hops - 1]):
         classes = real[i] if i < len(real) and real[i] else []
         for k in range(1, len(classes)):
             cells = [(generated[h][i] or [None] * len(classes))[k] if i < len(generated[h]) else None for h in range(i + 1, hops)]
-            rows.append([escape(site), escape(names.get(f"dice_class_{k}", f"class {k}")), pct(classes[k])] + ["–"] * i + [pct(c) for c in cells])
+            rows.append(
+                [escape(site), escape(names.get(f"dice_class_{k}", f"class {k}")), _fmt(classes[k], percent=True)]
+                + ["–"] * i
+                + [_fmt(c, percent=True) for c in cells]
+            )
     header = ["site", "class", "real (training masks)"] + [f"generated after hop {h + 1}" for h in range(1, hops)]
     return html.table(header, rows, numeric=set(range(2, len(header))))
 
