@@ -33,6 +33,8 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_ema_gan6`` — the demo preset with ``generator_ema_steps: 30`` and 6 G+D steps per batch
   instead of 5;
 * ``relay_gan8`` — the demo preset with 8 G+D steps per batch instead of 5;
+* ``relay_gan_lr1`` — the demo preset with the GANs' learning rates at 0.001 (``g_lr``, ``d_lr``)
+  instead of 0.002 / 0.0022;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -87,6 +89,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_quality_long_replay_only": ("demo/relay_quality_long", ["strategy.kwargs.distil_weight=0"]),
     "relay_ema_gan6": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30", "strategy.kwargs.gan_steps_per_solver_step=6"]),
     "relay_gan8": ("demo/relay", ["strategy.kwargs.gan_steps_per_solver_step=8"]),
+    "relay_gan_lr1": ("demo/relay", ["strategy.kwargs.g_lr=0.001", "strategy.kwargs.d_lr=0.001"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
