@@ -35,6 +35,9 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_gan8`` — the demo preset with 8 G+D steps per batch instead of 5;
 * ``relay_gan_lr1`` — the demo preset with the GANs' learning rates at 0.001 (``g_lr``, ``d_lr``)
   instead of 0.002 / 0.0022;
+* ``relay_snapshots`` — the demo preset with ``generator_snapshots: 5`` (the best of five copies of
+  the generators over the last half of a site, or the final ones, leaves it);
+* ``relay_ema_snapshots`` — the same with ``generator_ema_steps: 30``;
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -90,6 +93,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_ema_gan6": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30", "strategy.kwargs.gan_steps_per_solver_step=6"]),
     "relay_gan8": ("demo/relay", ["strategy.kwargs.gan_steps_per_solver_step=8"]),
     "relay_gan_lr1": ("demo/relay", ["strategy.kwargs.g_lr=0.001", "strategy.kwargs.d_lr=0.001"]),
+    "relay_snapshots": ("demo/relay", ["strategy.kwargs.generator_snapshots=5"]),
+    "relay_ema_snapshots": ("demo/relay", ["strategy.kwargs.generator_snapshots=5", "strategy.kwargs.generator_ema_steps=30"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }

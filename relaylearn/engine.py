@@ -167,15 +167,28 @@ class SiteModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.strategy.on_site_end(self.site)
+        self._log_site_summary()
         self._log_previews()
+
+    def _tensorboard(self):
+        """The TensorBoard writer on rank 0, or None."""
+        tb = getattr(self.logger, "experiment", None) if self.logger is not None and self.trainer.is_global_zero else None
+        return tb if tb is not None and hasattr(tb, "add_scalar") else None
+
+    def _log_site_summary(self) -> None:
+        """TensorBoard: the strategy's scalars about the finished site, as ``site/<key>``."""
+        tb = self._tensorboard()
+        summary = self.strategy.site_summary()
+        if tb is None or not summary:
+            return
+        for key, value in summary.items():
+            tb.add_scalar(f"site/{key}", value, self.strategy.global_step)
+        tb.flush()
 
     def _log_previews(self, per_site: int = 8) -> None:
         """TensorBoard: generated image/label pairs per site, for strategies that replay."""
-        logger = self.logger
-        if not self.strategy.replays() or logger is None or not self.trainer.is_global_zero:
-            return
-        tb = getattr(logger, "experiment", None)
-        if tb is None or not hasattr(tb, "add_images"):
+        tb = self._tensorboard()
+        if not self.strategy.replays() or tb is None or not hasattr(tb, "add_images"):
             return
         lo, hi = self.site.train_images.min().item(), self.site.train_images.max().item()
         num_classes = self.strategy.config.dataset.kwargs.num_classes

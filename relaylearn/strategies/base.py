@@ -137,6 +137,11 @@ class Strategy(nn.Module):
         """Called after the last batch of a site, before testing and writing the bundle."""
         self.sites_seen.append(site.name)
 
+    def site_summary(self) -> dict[str, float]:
+        """Scalars about the site just finished (after ``on_site_end``), logged to TensorBoard as
+        ``site/<key>``; empty by default."""
+        return {}
+
     def state_to_bundle(self) -> BundleState:
         """Everything the next site needs. Default: the solver's weights and ``meta()``."""
         return BundleState(tensors=prefixed(self.solver.state_dict(), "solver."), meta=self.meta())

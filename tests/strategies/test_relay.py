@@ -123,9 +123,12 @@ def test_bundle_state_has_no_old_copies_and_round_trips(tmp_path, tiny_fundus):
 
 
 def test_two_site_relay_run_writes_bundles_the_next_site_resumes_from(tmp_path, tiny_fundus):
-    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="relay", steps=4, strategy_kwargs=TINY)))
+    snapshots = {"generator_snapshots": 1, "snapshot_samples": 4}  # also exercised end to end here
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="relay", steps=4, strategy_kwargs={**TINY, **snapshots})))
     result = run_training(cfg, "r", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     assert len(result.matrix["R"]) == 2
+    events = b"".join(p.read_bytes() for p in (result.run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"site/snapshot/chosen_batch" in events  # the strategy's site summary reached TensorBoard
     from relaylearn.bundle import read_bundle
 
     b2 = read_bundle(result.bundles[1], trust=None, allow_unsigned=True)
@@ -347,6 +350,57 @@ def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_
     assert "g_align" in logs
     off, site = _replaying(tmp_path / "off", tiny_fundus)
     assert "g_align" not in off.training_step(_batch(), _step(site))  # off by default (the paper)
+
+
+def test_generator_snapshots_are_spread_over_the_end_of_the_site(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, generator_snapshots=3, snapshot_window=0.5)
+    site.budget_steps = 12  # the last 6 batches; the final one (11) is always a candidate
+    assert [t for t in range(12) if strategy._snapshot_due(_step(site, index=t))] == [5, 7, 9]
+    off, site = _replaying(tmp_path / "off", tiny_fundus)
+    site.budget_steps = 12
+    assert not any(off._snapshot_due(_step(site, index=t)) for t in range(12))  # off by default (the paper)
+
+
+def test_snapshot_selection_keeps_the_generators_whose_weakest_site_scores_best(tmp_path, tiny_fundus, monkeypatch):
+    strategy, site = _replaying(tmp_path, tiny_fundus, generator_snapshots=2)
+    taken = []
+    for batch in (1, 2):
+        with torch.no_grad():
+            for p in strategy.g_img.parameters():
+                p.add_(1.0)
+        strategy._take_generator_snapshot(batch)
+        taken.append({n: p.detach().clone() for n, p in strategy.g_img.named_parameters()})
+    with torch.no_grad():
+        for p in strategy.g_img.parameters():
+            p.add_(1.0)  # the final weights differ from both snapshots
+    # per candidate (batch 1, batch 2, final), per site (A, B): weakest 0.2, 0.5, 0.4
+    scores = iter([[0.9, 0.2], [0.5, 0.6], [0.7, 0.4]])
+    monkeypatch.setattr(strategy, "_score_generators", lambda sites: (sites == ["A", "B"] or pytest.fail(str(sites))) and next(scores))
+    strategy.on_site_end(site)
+    for n, p in strategy.g_img.named_parameters():
+        assert torch.equal(p, taken[1][n])
+    assert strategy.site_summary() == {
+        "snapshot/chosen_batch": 2.0,
+        "snapshot/weakest_site_score_chosen": 0.5,
+        "snapshot/weakest_site_score_final": 0.4,
+    }
+
+
+def test_snapshot_selection_scores_with_the_sites_solver_and_leaves_the_random_stream_alone(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, generator_snapshots=1, snapshot_samples=4)
+    strategy._take_generator_snapshot(0)  # candidate 0: the weights as they are
+    with torch.no_grad():
+        for p in strategy.g_label.parameters():
+            p.mul_(-1.0)  # the final weights: another label generator
+    state = torch.get_rng_state()
+    strategy.on_site_end(site)
+    assert torch.equal(torch.get_rng_state(), state)
+    sel = strategy.snapshot_selection
+    assert sel["sites"] == ["A", "B"] and sel["batches"] == [0, 3]
+    assert len(sel["scores"]) == 2 and all(0.0 <= v <= 1.0 for row in sel["scores"] for v in row)
+    assert min(sel["scores"][sel["chosen"]]) == max(min(row) for row in sel["scores"])
+    # the kept generators score as they did: same pairs (fixed seeds), same solver
+    assert strategy._score_generators(["A", "B"]) == sel["scores"][sel["chosen"]]
 
 
 def test_generator_moving_average_follows_its_formula_and_leaves_the_site(tmp_path, tiny_fundus):
