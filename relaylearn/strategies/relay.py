@@ -153,7 +153,9 @@ class RelayOptions(StrategyOptions):
         ge=0,
         description="Candidate copies of the leaving generators, spread over the last snapshot_window of a site; at its end the candidate (or the final weights) whose replay the site's solver segments best on its weakest known site leaves. 0 = off: the final weights, as in the paper.",
     )
-    snapshot_window: float = Field(0.5, gt=0, le=1, description="Fraction of the site's batches, counted back from its end, over which generator_snapshots are spread.")
+    snapshot_window: float = Field(
+        0.5, gt=0, le=1, description="Fraction of the site's batches, counted back from its end, over which generator_snapshots are spread."
+    )
     snapshot_samples: int = Field(64, ge=1, description="Generated pairs per known site to score each generator snapshot.")
     gen_align_weight: float = Field(
         0.0,
@@ -184,6 +186,7 @@ class RelayOptions(StrategyOptions):
 
 #: seed of the generated pairs that score generator snapshots (replay fidelity uses the run's seed + site)
 _SNAPSHOT_SEED = 7_000_000
+
 
 # ----- label maps ----------------------------------------------------------------------------------
 def encode_labels(labels: Tensor, num_classes: int) -> Tensor:
