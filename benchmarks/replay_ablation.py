@@ -38,6 +38,8 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_snapshots`` — the demo preset with ``generator_snapshots: 5`` (the best of five copies of
   the generators over the last half of a site, or the final ones, leaves it);
 * ``relay_ema_snapshots`` — the same with ``generator_ema_steps: 30``;
+* ``relay_distil2`` — the demo preset with ``distil_weight: 2`` instead of 0.5 (the same replay,
+  seed by seed: the GANs never see the solver);
 * ``sequential`` and ``joint`` — the demo baselines.
 
 Runs go seed by seed (all variants of seed 0 first), so an interrupted benchmark still has a
@@ -95,6 +97,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay_gan_lr1": ("demo/relay", ["strategy.kwargs.g_lr=0.001", "strategy.kwargs.d_lr=0.001"]),
     "relay_snapshots": ("demo/relay", ["strategy.kwargs.generator_snapshots=5"]),
     "relay_ema_snapshots": ("demo/relay", ["strategy.kwargs.generator_snapshots=5", "strategy.kwargs.generator_ema_steps=30"]),
+    "relay_distil2": ("demo/relay", ["strategy.kwargs.distil_weight=2"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }
