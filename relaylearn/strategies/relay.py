@@ -434,7 +434,8 @@ class Relay(Strategy):
         weakest site scores highest (ties: the later one). Local only: no data leaves the site."""
         if not self.generator_snapshots:
             return
-        candidates = [*self.generator_snapshots, (self.site.total_steps - 1, _copy_weights({k: getattr(self, k) for k in ("g_img", "g_label")}))]
+        self._take_generator_snapshot(self.site.total_steps - 1)  # the final weights (the average is already adopted)
+        candidates = self.generator_snapshots
         sites = sorted({**self.registry_previous, **self.registry_current}, key=self.site_id)
         scores = []
         for _, weights in candidates:
