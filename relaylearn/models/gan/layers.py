@@ -62,46 +62,54 @@ def make_resample_kernel(taps: tuple[float, ...] = RESAMPLE_TAPS) -> Tensor:
 
 
 class _DepthwiseCorrelation(torch.autograd.Function):
-    """``conv2d(x, weight, groups=C)`` for a constant ``weight`` [C, 1, kh, kw], or with
+    """``conv2d(x, weight, padding, groups=C)`` for a constant ``weight`` [C, 1, kh, kw], or with
     ``transposed`` its adjoint ``conv_transpose2d``. Each is the other's gradient, so every order
     of derivative is again one depthwise convolution (autograd's own double backward of a grouped
     convolution runs one convolution per group: thousands of kernel launches under R1 and the
     path-length penalty)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, transposed: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, padding: tuple[int, int], transposed: bool) -> Tensor:
         ctx.save_for_backward(weight)
-        ctx.transposed = transposed
+        ctx.padding, ctx.transposed = padding, transposed
         op = F.conv_transpose2d if transposed else F.conv2d
-        return op(x, weight.to(x.dtype), groups=weight.shape[0])
+        return op(x, weight.to(x.dtype), padding=padding, groups=weight.shape[0])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (weight,) = ctx.saved_tensors
-        return _DepthwiseCorrelation.apply(grad, weight, not ctx.transposed), None, None
+        return _DepthwiseCorrelation.apply(grad, weight, ctx.padding, not ctx.transposed), None, None, None
 
 
-def depthwise_correlate(x: Tensor, weight: Tensor) -> Tensor:
-    """Valid (unpadded) per-channel correlation of ``x`` [N, C, H, W] with a constant ``weight``
-    [C, 1, kh, kw] → [N, C, H−kh+1, W−kw+1]; ``weight`` gets no gradient (it must not require one).
+def depthwise_correlate(x: Tensor, weight: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """Per-channel correlation of ``x`` [N, C, H, W] with a constant ``weight`` [C, 1, kh, kw],
+    zero-padded by ``padding`` = (ph, pw) rows/columns on each side (0 ≤ p < k) →
+    [N, C, H + 2·ph − kh + 1, W + 2·pw − kw + 1]; ``weight`` gets no gradient (it must not require one).
 
-    Same result as ``F.conv2d(x, weight, groups=C)``, but differentiable to any order at the
-    cost of one depthwise convolution per order (R1 and the path-length penalty need two)."""
+    Same result as ``F.conv2d(x, weight, padding=padding, groups=C)``, but differentiable to any
+    order at the cost of one depthwise convolution per order (R1 and the path-length penalty need two)."""
     if weight.requires_grad:
         raise ValueError("depthwise_correlate: weight must be a constant (it requires grad)")
     if weight.ndim != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"depthwise_correlate: weight must be [{x.shape[1]}, 1, kh, kw], got {tuple(weight.shape)}")
-    return _DepthwiseCorrelation.apply(x, weight, False)
+    padding = (int(padding[0]), int(padding[1]))
+    if not all(0 <= p < k for p, k in zip(padding, weight.shape[-2:])):
+        raise ValueError(f"depthwise_correlate: padding must be in [0, k) for a {tuple(weight.shape[-2:])} kernel, got {padding}")
+    return _DepthwiseCorrelation.apply(x, weight, padding, False)
 
 
 def fir_filter2d(x: Tensor, kernel: Tensor, padding: tuple[int, int, int, int], gain: float = 1.0) -> Tensor:
     """Depthwise 2-D FIR filtering of ``x`` [N, C, H, W] with ``kernel`` [k, k].
 
-    ``padding`` is (left, right, top, bottom) zero padding. ``kernel`` must be symmetric
-    (correlation and convolution coincide).
+    ``padding`` is (left, right, top, bottom) zero padding; symmetric padding below k is done
+    by the convolution itself (no padded copy). ``kernel`` must be symmetric (correlation and
+    convolution coincide).
     """
     channels = x.shape[1]
     weight = (kernel * gain).to(x.dtype)[None, None].expand(channels, 1, -1, -1)
+    left, right, top, bottom = padding
+    if left == right < kernel.shape[-1] and top == bottom < kernel.shape[-2]:
+        return depthwise_correlate(x, weight, (top, left))
     return depthwise_correlate(F.pad(x, padding), weight)
 
 
@@ -166,10 +174,15 @@ class EqualizedLinear(nn.Module):
         self.bias_gain = lr_multiplier
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = (self.weight * self.weight_gain).to(x.dtype)
-        bias = None if self.bias is None else (self.bias * self.bias_gain).to(x.dtype)
-        x = F.linear(x, weight, bias)
-        return x if self.activation == "linear" else bias_act(x, None, self.activation)
+        # the gains ride along as addmm's alpha/beta: one kernel instead of three (launches are
+        # what a GPU iteration of the replay GAN waits for, benchmarks/README.md)
+        flat, weight = x.reshape(-1, self.in_features), self.weight.to(x.dtype)
+        if self.bias is None:
+            y = torch.mm(flat, weight.t()) * self.weight_gain
+        else:
+            y = torch.addmm(self.bias.to(x.dtype), flat, weight.t(), beta=self.bias_gain, alpha=self.weight_gain)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.activation == "linear" else bias_act(y, None, self.activation)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activation={self.activation}"

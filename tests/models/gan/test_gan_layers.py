@@ -17,6 +17,7 @@ from relaylearn.models.gan.layers import (
     conv2d_resample,
     depthwise_correlate,
     downsample2d,
+    fir_filter2d,
     make_resample_kernel,
     modulated_conv2d,
     upsample2d,
@@ -65,6 +66,34 @@ def test_depthwise_correlate_double_backward_is_one_convolution_per_order():
         grad.square().sum().backward()
     convolutions = sum(e.count for e in prof.key_averages() if e.key in ("aten::convolution", "aten::convolution_backward"))
     assert 0 < convolutions <= 4
+
+
+@pytest.mark.parametrize("padding", [(1, 2), (3, 0)])
+def test_depthwise_correlate_with_padding_equals_padded_grouped_conv_to_second_order(padding):
+    weight = torch.randn(3, 1, 4, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (lambda t: depthwise_correlate(t, weight, padding), lambda t: F.conv2d(t, weight, padding=padding, groups=3)):
+        y = fn(x)
+        (grad,) = torch.autograd.grad(y.cos().sum(), x, create_graph=True)
+        (grad2,) = torch.autograd.grad(grad.sin().sum(), x)
+        results.append((y.detach(), grad.detach(), grad2))
+    for ours, reference in zip(*results):
+        assert ours.shape == reference.shape
+        assert torch.allclose(ours, reference, atol=1e-10)
+
+
+def test_fir_filter_pads_in_the_convolution_or_explicitly_with_the_same_result():
+    k = make_resample_kernel()
+    x = torch.randn(2, 3, 9, 9)
+    for padding in [(1, 1, 1, 1), (2, 2, 0, 0), (2, 1, 2, 1), (4, 4, 4, 4)]:  # last two: explicit F.pad
+        expected = F.conv2d(F.pad(x, padding), (k * 4)[None, None].expand(3, 1, -1, -1), groups=3)
+        assert torch.allclose(fir_filter2d(x, k, padding, gain=4.0), expected, atol=1e-5)
+
+
+def test_depthwise_correlate_rejects_padding_of_a_kernel_size_or_more():
+    with pytest.raises(ValueError, match=r"padding must be in \[0, k\)"):
+        depthwise_correlate(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), (3, 0))
 
 
 def test_depthwise_correlate_rejects_a_trainable_or_misshaped_weight():
@@ -138,6 +167,21 @@ def test_equalized_linear_runtime_scaling_and_lr_multiplier():
     y = layer(torch.randn(256, 400))
     assert 0.85 < (y - 1).std().item() < 1.15  # unit-variance in, unit-variance out, bias 1
     assert torch.allclose(y.mean(), torch.tensor(1.0), atol=0.1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_equalized_linear_equals_scaled_weights_and_bias_on_any_leading_shape(bias):
+    """The gains applied inside addmm give what scaled parameters would, with their gradients."""
+    layer = EqualizedLinear(6, 5, bias=bias, bias_init=0.3, lr_multiplier=0.01, activation="lrelu").double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    y = layer(x)
+    b = None if layer.bias is None else layer.bias * layer.bias_gain
+    reference = bias_act(F.linear(x, layer.weight * layer.weight_gain, b), None, "lrelu")
+    assert y.shape == (2, 3, 5) and torch.allclose(y, reference, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+    expected = torch.autograd.grad(reference.square().sum(), list(layer.parameters()))
+    for ours, theirs in zip(grads, expected):
+        assert torch.allclose(ours, theirs, atol=1e-10)
 
 
 def test_equalized_conv_lrelu_gain_and_clamp():
