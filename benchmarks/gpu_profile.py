@@ -64,26 +64,25 @@ class DeviceTimers(profile_site.ExclusiveTimers):
         return call
 
 
-def install_network_parts(timers: DeviceTimers) -> None:
+def network_parts() -> list[tuple]:
+    """(owner, "forward", part name) of the networks timed on their own."""
     from relaylearn.models.gan import ada, discriminator, generator
     from relaylearn.models.unet import UNetResNet18
 
-    for owner, name in (
-        (generator.LabelGenerator, "label generator forward"),
-        (generator.ImageGenerator, "image generator forward"),
-        (discriminator.ProjectionDiscriminator, "discriminator forward"),
-        (ada.AdaptiveAugment, "ADA augmentation"),
-        (UNetResNet18, "U-Net forward"),
-    ):
-        owner.forward = timers.wrap(name, owner.forward)
+    return [
+        (generator.LabelGenerator, "forward", "label generator forward"),
+        (generator.ImageGenerator, "forward", "image generator forward"),
+        (discriminator.ProjectionDiscriminator, "forward", "discriminator forward"),
+        (ada.AdaptiveAugment, "forward", "ADA augmentation"),
+        (UNetResNet18, "forward", "U-Net forward"),
+    ]
 
 
 def time_parts(prepared, first: int, iters: int, device: torch.device) -> dict:
     timers = DeviceTimers(device)
-    originals = _save_patched()
+    undo = profile_site.install(timers)
+    undo += profile_site.patch(timers, network_parts())
     try:
-        profile_site.install(timers)
-        install_network_parts(timers)
         timers.reset()
         speed.synchronize(device)
         began = time.perf_counter()
@@ -91,41 +90,9 @@ def time_parts(prepared, first: int, iters: int, device: torch.device) -> dict:
             timers.wrap("(rest of the step)", prepared.step)(i)
         wall = time.perf_counter() - began
     finally:
-        _restore_patched(originals)
+        profile_site.uninstall(undo)
     parts = {k: round(v * 1000 / iters, 2) for k, v in sorted(timers.reset().items(), key=lambda kv: -kv[1])}
     return {"ms_per_iter_synced": round(wall * 1000 / iters, 2), "ms_per_iter_by_part": parts}
-
-
-def _patch_targets():
-    import lightning as L
-
-    from relaylearn import engine, runner
-    from relaylearn.data import augment
-    from relaylearn.models.gan import ada, discriminator, generator
-    from relaylearn.models.unet import UNetResNet18
-    from relaylearn.strategies import base
-    from relaylearn.strategies.relay import Relay
-
-    targets = [(runner.RelayRun, "_train_site"), (runner.RelayRun, "_write_bundle"), (L.Trainer, "fit")]
-    targets += [(engine.SiteModule, a) for a in ("training_step", "log_dict", "_log_previews")] + [(engine.LocalCheckpoint, "save")]
-    targets += [(Relay, a) for a in ("training_step", "_generator_loss", "_discriminator_loss", "replay", "mix_with_replay")]
-    targets += [(base.Strategy, "optimize"), (augment.SegmentationAugment, "forward")]
-    targets += [(generator.LabelGenerator, "forward"), (generator.ImageGenerator, "forward"), (discriminator.ProjectionDiscriminator, "forward")]
-    targets += [(ada.AdaptiveAugment, "forward"), (UNetResNet18, "forward"), (engine, "evaluate_site"), (runner, "evaluate_site")]
-    return targets
-
-
-def _save_patched() -> list:
-    return [(owner, attr, owner.__dict__.get(attr)) for owner, attr in _patch_targets()]
-
-
-def _restore_patched(saved: list) -> None:
-    for owner, attr, value in saved:
-        if value is None:
-            if attr in owner.__dict__:
-                delattr(owner, attr)
-        else:
-            setattr(owner, attr, value)
 
 
 # ----- 2. operators by device time ----------------------------------------------------------------

@@ -75,8 +75,9 @@ class ExclusiveTimers:
 OPTIMIZER_NAMES = ("G", "D", "solver")
 
 
-def install(timers: ExclusiveTimers) -> None:
-    """Wrap the parts of a site (classes patched in place, for this process only)."""
+def install(timers: ExclusiveTimers) -> list[tuple]:
+    """Wrap the parts of a site (classes patched in place, for this process only); returns the
+    patches for :func:`uninstall`."""
     import lightning as L
 
     from relaylearn import engine, runner
@@ -106,11 +107,29 @@ def install(timers: ExclusiveTimers) -> None:
         (base.Strategy, "optimize", optimizer_name),
         (augment.SegmentationAugment, "forward", "augmentation"),
     ]
-    for owner, attr, name in patches:
-        setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
-    engine.evaluate_site = timers.wrap("evaluation", engine.evaluate_site)
+    patches.append((engine, "evaluate_site", "evaluation"))
     if hasattr(runner, "evaluate_site"):  # checkouts whose runner imports it by name
-        runner.evaluate_site = engine.evaluate_site
+        patches.append((runner, "evaluate_site", "evaluation"))
+    return patch(timers, patches)
+
+
+def patch(timers: ExclusiveTimers, patches: list[tuple]) -> list[tuple]:
+    """``owner.attr = timers.wrap(name, owner.attr)`` for each (owner, attr, name); returns
+    (owner, attr, what the owner itself held) for :func:`uninstall`."""
+    undo = []
+    for owner, attr, name in patches:
+        undo.append((owner, attr, vars(owner).get(attr)))
+        setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
+    return undo
+
+
+def uninstall(undo: list[tuple]) -> None:
+    """Undo :func:`install` / :func:`patch` (in reverse order)."""
+    for owner, attr, held in reversed(undo):
+        if held is None:
+            delattr(owner, attr)  # the attribute was inherited
+        else:
+            setattr(owner, attr, held)
 
 
 def main(argv: list[str] | None = None) -> int:
