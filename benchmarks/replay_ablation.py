@@ -1,9 +1,13 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Twenty-one variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Twenty-two variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
-* ``relay`` — configs/demo/relay.yaml as is (replay + distillation + mid-site merge);
+* ``relay`` — configs/demo/relay.yaml as is (replay + distillation, the generator average and
+  snapshots);
+* ``relay_previous_preset`` — the demo preset before the generator average and snapshots came in
+  (``distil_weight: 0.5``, ``generator_ema_steps: 0``, ``generator_snapshots: 0``). Every other
+  ``demo/relay`` variant below starts from it, the base its README figures were measured on;
 * ``relay_replay_only`` — ``distil_weight: 0``;
 * ``relay_no_replay`` — ``replay: false`` (merge + distillation only; its GANs get the paper's one
   G+D step per solver step and no warm-up, since nothing uses them);
@@ -22,7 +26,7 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
   all 16 reals of its batch and gets 16 replayed pairs on top);
 * ``relay_quality_warmup`` — the quality preset with ``gan_warmup_steps: 320`` (GAN-only steps at
   the start of every site, so the generators that leave a site know it better);
-* ``relay_ema`` — the demo preset with ``generator_ema_steps: 30`` (a moving average of the
+* ``relay_ema`` — the previous demo preset with ``generator_ema_steps: 30`` (a moving average of the
   generators' weights leaves each site);
 * ``relay_quality_long`` — the quality preset with twice the batches (120 per site, 16 G+D steps
   each);
@@ -30,15 +34,15 @@ compare`` (so every run is resumable and a finished run is skipped when the comm
 * ``relay_quality_long_preset`` — configs/demo/relay_quality_long.yaml as is (that, plus
   ``ship_discriminators: false``);
 * ``relay_quality_long_replay_only`` — the long preset with ``distil_weight: 0``;
-* ``relay_ema_gan6`` — the demo preset with ``generator_ema_steps: 30`` and 6 G+D steps per batch
+* ``relay_ema_gan6`` — the previous demo preset with ``generator_ema_steps: 30`` and 6 G+D steps per batch
   instead of 5;
-* ``relay_gan8`` — the demo preset with 8 G+D steps per batch instead of 5;
-* ``relay_gan_lr1`` — the demo preset with the GANs' learning rates at 0.001 (``g_lr``, ``d_lr``)
+* ``relay_gan8`` — the previous demo preset with 8 G+D steps per batch instead of 5;
+* ``relay_gan_lr1`` — the previous demo preset with the GANs' learning rates at 0.001 (``g_lr``, ``d_lr``)
   instead of 0.002 / 0.0022;
-* ``relay_snapshots`` — the demo preset with ``generator_snapshots: 5`` (the best of five copies of
+* ``relay_snapshots`` — the previous demo preset with ``generator_snapshots: 5`` (the best of five copies of
   the generators over the last half of a site, or the final ones, leaves it);
 * ``relay_ema_snapshots`` — the same with ``generator_ema_steps: 30``;
-* ``relay_distil2`` — the demo preset with ``distil_weight: 2`` instead of 0.5 (the same replay,
+* ``relay_distil2`` — the previous demo preset with ``distil_weight: 2`` instead of 0.5 (the same replay,
   seed by seed: the GANs never see the solver);
 * ``sequential`` and ``joint`` — the demo baselines.
 
@@ -71,33 +75,38 @@ from relaylearn.replay_fidelity import final_fidelity, mean_final_fidelity
 from relaylearn.results import external_dice
 
 #: variant -> (config, extra overrides)
+#: configs/demo/relay.yaml as it was before its generator average, snapshots and distillation weight 2
+PREVIOUS_DEMO = ["strategy.kwargs.distil_weight=0.5", "strategy.kwargs.generator_ema_steps=0", "strategy.kwargs.generator_snapshots=0"]
+
+#: variant -> (config, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relay": ("demo/relay", []),
-    "relay_replay_only": ("demo/relay", ["strategy.kwargs.distil_weight=0"]),
+    "relay_previous_preset": ("demo/relay", PREVIOUS_DEMO),
+    "relay_replay_only": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.distil_weight=0"]),
     "relay_no_replay": (
         "demo/relay",
-        ["strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1", "strategy.kwargs.gan_first_site_warmup_steps=0"],
+        [*PREVIOUS_DEMO, "strategy.kwargs.replay=false", "strategy.kwargs.gan_steps_per_solver_step=1", "strategy.kwargs.gan_first_site_warmup_steps=0"],
     ),
-    "relay_alignment": ("demo/relay", ["strategy.kwargs.gen_align_weight=2"]),
-    "relay_no_discriminators": ("demo/relay", ["strategy.kwargs.ship_discriminators=false"]),
-    "relay_first_site_warmup": ("demo/relay", ["strategy.kwargs.gan_first_site_warmup_steps=480"]),
-    "relay_two_stages": ("demo/relay", ["strategy.kwargs.num_stages=2"]),
+    "relay_alignment": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.gen_align_weight=2"]),
+    "relay_no_discriminators": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.ship_discriminators=false"]),
+    "relay_first_site_warmup": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.gan_first_site_warmup_steps=480"]),
+    "relay_two_stages": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.num_stages=2"]),
     "relay_quality": ("demo/relay_quality", []),
     "relay_quality_replay_only": ("demo/relay_quality", ["strategy.kwargs.distil_weight=0"]),
     "relay_quality_steps120": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.gan_steps_per_solver_step=8"]),
     "relay_quality_append": ("demo/relay_quality", ["strategy.kwargs.solver_replay=append"]),
     "relay_quality_warmup": ("demo/relay_quality", ["strategy.kwargs.gan_warmup_steps=320"]),
-    "relay_ema": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30"]),
+    "relay_ema": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.generator_ema_steps=30"]),
     "relay_quality_long": ("demo/relay_quality", ["train.num_steps=120"]),
     "relay_quality_long_ema": ("demo/relay_quality", ["train.num_steps=120", "strategy.kwargs.generator_ema_steps=100"]),
     "relay_quality_long_preset": ("demo/relay_quality_long", []),
     "relay_quality_long_replay_only": ("demo/relay_quality_long", ["strategy.kwargs.distil_weight=0"]),
-    "relay_ema_gan6": ("demo/relay", ["strategy.kwargs.generator_ema_steps=30", "strategy.kwargs.gan_steps_per_solver_step=6"]),
-    "relay_gan8": ("demo/relay", ["strategy.kwargs.gan_steps_per_solver_step=8"]),
-    "relay_gan_lr1": ("demo/relay", ["strategy.kwargs.g_lr=0.001", "strategy.kwargs.d_lr=0.001"]),
-    "relay_snapshots": ("demo/relay", ["strategy.kwargs.generator_snapshots=5"]),
-    "relay_ema_snapshots": ("demo/relay", ["strategy.kwargs.generator_snapshots=5", "strategy.kwargs.generator_ema_steps=30"]),
-    "relay_distil2": ("demo/relay", ["strategy.kwargs.distil_weight=2"]),
+    "relay_ema_gan6": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.generator_ema_steps=30", "strategy.kwargs.gan_steps_per_solver_step=6"]),
+    "relay_gan8": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.gan_steps_per_solver_step=8"]),
+    "relay_gan_lr1": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.g_lr=0.001", "strategy.kwargs.d_lr=0.001"]),
+    "relay_snapshots": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.generator_snapshots=5"]),
+    "relay_ema_snapshots": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.generator_snapshots=5", "strategy.kwargs.generator_ema_steps=30"]),
+    "relay_distil2": ("demo/relay", [*PREVIOUS_DEMO, "strategy.kwargs.distil_weight=2"]),
     "sequential": ("demo/sequential", []),
     "joint": ("demo/joint", []),
 }

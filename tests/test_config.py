@@ -133,13 +133,34 @@ def test_the_original_style_configs_keep_loading_with_the_originals_keys(name, t
         assert load_config(str(path)).tasks == load_config(name).tasks
 
 
-def test_the_quality_preset_is_the_demo_relay_preset_with_more_gan_steps():
-    """The README's comparison of the two presets attributes every difference to the GAN budget."""
+def test_the_quality_preset_is_the_previous_demo_relay_preset_with_more_gan_steps():
+    """The README's comparison of the two presets attributes every difference to the GAN budget;
+    the demo preset has since taken the generator average, snapshots and distillation weight 2
+    (the previous preset = replay_ablation's PREVIOUS_DEMO overrides)."""
     demo = load_config("demo/relay").tasks[0].model_dump()
     quality = load_config("demo/relay_quality").tasks[0].model_dump()
-    assert demo["strategy"]["kwargs"].pop("gan_steps_per_solver_step") == 5
-    assert quality["strategy"]["kwargs"].pop("gan_steps_per_solver_step") == 16
+    demo_kwargs, quality_kwargs = demo["strategy"]["kwargs"], quality["strategy"]["kwargs"]
+    assert (demo_kwargs.pop("gan_steps_per_solver_step"), quality_kwargs.pop("gan_steps_per_solver_step")) == (5, 16)
+    assert (demo_kwargs.pop("distil_weight"), quality_kwargs.pop("distil_weight")) == (2, 0.5)
+    assert (demo_kwargs.pop("generator_ema_steps"), quality_kwargs.pop("generator_ema_steps", 0)) == (30, 0)
+    assert (demo_kwargs.pop("generator_snapshots"), quality_kwargs.pop("generator_snapshots", 0)) == (5, 0)
     assert quality == demo
+
+
+def test_the_ablation_benchmarks_previous_demo_preset_is_the_quality_presets_base():
+    """replay_ablation's variants start from PREVIOUS_DEMO, the preset the README measured them on."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replay_ablation", CONFIG_DIR.parent / "benchmarks" / "replay_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    previous = load_config("demo/relay", ablation.PREVIOUS_DEMO).tasks[0].model_dump()
+    quality = load_config("demo/relay_quality").tasks[0].model_dump()
+    for preset in (previous, quality):
+        kwargs = preset["strategy"]["kwargs"]
+        kwargs.pop("gan_steps_per_solver_step")
+        assert (kwargs.pop("generator_ema_steps", 0), kwargs.pop("generator_snapshots", 0)) == (0, 0)
+    assert quality == previous
 
 
 def test_the_long_quality_preset_is_the_quality_preset_with_more_batches_the_generator_average_and_no_discriminators():
