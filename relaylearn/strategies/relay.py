@@ -184,6 +184,9 @@ class RelayOptions(StrategyOptions):
         return data
 
 
+#: the two generators (label maps, then images conditioned on them): what replays and what the average and snapshots cover
+GENERATORS = ("g_img", "g_label")
+
 #: seed of the generated pairs that score generator snapshots (replay fidelity uses the run's seed + site)
 _SNAPSHOT_SEED = 7_000_000
 
@@ -349,7 +352,7 @@ class Relay(Strategy):
         self.generator_snapshots = []
         self.snapshot_selection = None
         if self.options.generator_ema_steps > 0:
-            self.generator_ema = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in ("g_img", "g_label")}).requires_grad_(False)
+            self.generator_ema = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in GENERATORS}).requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -409,11 +412,17 @@ class Relay(Strategy):
 
     def _leaving_generators(self) -> dict[str, nn.Module]:
         """The generators that would leave the site now (the moving average when on)."""
-        return dict(self.generator_ema.items()) if self.generator_ema is not None else {k: getattr(self, k) for k in ("g_img", "g_label")}
+        return dict(self.generator_ema.items()) if self.generator_ema is not None else {k: getattr(self, k) for k in GENERATORS}
 
     @torch.no_grad()
     def _take_generator_snapshot(self, batch: int) -> None:
         self.generator_snapshots.append((batch, _copy_weights(self._leaving_generators())))
+
+    @torch.no_grad()
+    def _load_generators(self, weights: dict[str, dict[str, Tensor]]) -> None:
+        """Generators ← a snapshot's weights (``_copy_weights`` output)."""
+        for k, sd in weights.items():
+            getattr(self, k).load_state_dict(sd)
 
     @torch.no_grad()
     def _score_generators(self, sites: list[str]) -> list[float]:
@@ -439,12 +448,10 @@ class Relay(Strategy):
         sites = sorted({**self.registry_previous, **self.registry_current}, key=self.site_id)
         scores = []
         for _, weights in candidates:
-            for k, sd in weights.items():
-                getattr(self, k).load_state_dict(sd)
+            self._load_generators(weights)
             scores.append(self._score_generators(sites))
         best = max(reversed(range(len(candidates))), key=lambda i: min(scores[i]))
-        for k, sd in candidates[best][1].items():
-            getattr(self, k).load_state_dict(sd)
+        self._load_generators(candidates[best][1])
         self.snapshot_selection = {"sites": sites, "batches": [b for b, _ in candidates], "scores": scores, "chosen": best}
         self.generator_snapshots = []
 
