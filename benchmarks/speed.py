@@ -281,12 +281,18 @@ class Prepared:
     flop_cycle: int  # iterations after which the relay's lazy regularisation pattern repeats
 
 
-def as_trained(task: TaskConfig) -> Switches:
-    """The switches training applies for this config (``train.precision``, ``train.channels_last``,
-    ``train.compile``; memory format and compile as the measured checkout's engine applies them)."""
+def as_trained(task: TaskConfig, device: torch.device) -> Switches:
+    """The switches training applies for this config on ``device`` (``train.precision``, ``auto``
+    resolved as the measured checkout resolves it; ``train.channels_last``, ``train.compile``;
+    memory format and compile as the measured checkout's engine applies them)."""
+    precision = task.train.precision
+    if precision == "auto":
+        from relaylearn.devices import resolve_precision
+
+        precision = resolve_precision(precision, "gpu" if device.type == "cuda" else "cpu", warn=False)
     fused = task.strategy.kwargs.get("fused_optimizers", False) if task.strategy.name == "relay" else task.train.optimizer.fused
     return Switches(
-        precision="bf16" if task.train.precision == "bf16-mixed" else "fp32",
+        precision="bf16" if precision == "bf16-mixed" else "fp32",
         channels_last=task.train.channels_last,
         compile=task.train.compile,
         fused_adam=bool(fused),
@@ -307,7 +313,7 @@ def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torc
     """A strategy at the measured point of a relay and a ``step(i)`` that trains iteration i.
 
     ``trained``: networks prepared as training prepares them for ``task`` (``prepare_like_training``)
-    instead of by the switches (``switches`` must then be ``as_trained(task)``)."""
+    instead of by the switches (``switches`` must then be ``as_trained(task, device)``)."""
     torch.manual_seed(seed)
     k = task.dataset.kwargs
     b, (h, w) = task.train.batch_size, k.img_size
@@ -382,7 +388,7 @@ def measure(
     """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails.
     ``trained``: the switches training applies (``as_trained``) instead of ``switches``."""
     if trained:
-        switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True))
+        switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True), device)
     record = {
         "name": measurement,
         "device": device_label(device),
@@ -456,7 +462,7 @@ def worker(args: argparse.Namespace, base: TaskConfig, config_name: str, device:
     for name in names:
         switches = switches_from(args)
         task = task_for(base, name, switches, batch, trained=args.as_trained)
-        switches = as_trained(task) if args.as_trained else switches
+        switches = as_trained(task, device) if args.as_trained else switches
         prepared[name] = prepare(name, task, switches, device, trained=args.as_trained)
         if switches.compile and not args.as_trained:
             compile_networks(prepared[name].strategy)

@@ -143,7 +143,10 @@ class TrainConfig(Strict):
     num_mimgs: Optional[float] = Field(None, gt=0, description="Millions of real training images drawn per site (the original's budget).")
     num_steps: Optional[int] = Field(None, ge=1, description="Batches per site (handy for tiny runs).")
     batch_size: int = Field(128, ge=1, description="Batch size per device.")
-    precision: Literal["32", "bf16-mixed", "16-mixed", "32-true"] = Field("32", description="Lightning precision; bf16-mixed is fast on recent GPUs.")
+    precision: Literal["32", "bf16-mixed", "16-mixed", "32-true", "auto"] = Field(
+        "32",
+        description="Lightning precision; auto = bf16-mixed where the device computes bf16 natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), else 32.",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -1,11 +1,13 @@
-"""Device selection from ``-g``: the one parser of GPU ids shared by training and inference; and
-handing a finished run's memory back (:func:`release_memory`)."""
+"""Device selection from ``-g``: the one parser of GPU ids shared by training and inference; the
+precision a device trains in (:func:`resolve_precision`); and handing a finished run's memory back
+(:func:`release_memory`)."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -33,6 +35,38 @@ def parse_devices(spec: str | None, lightning_cfg=None) -> tuple[str, Any]:
     if max(ids) >= torch.cuda.device_count():
         raise UserError(f"-g {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
     return "gpu", ids
+
+
+def native_bf16(accelerator: str) -> bool:
+    """Whether bf16 matrix products and convolutions run on native kernels here: a CUDA GPU with
+    bf16 support, or an x86 CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU, say) PyTorch
+    computes bf16 convolutions with slow reference kernels: a demo relay iteration took 10 s in
+    bf16 against 0.66 s in fp32 on such a CPU."""
+    if accelerator == "gpu":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check is not None and bool(check()) for check in checks)
+
+
+def resolve_precision(precision: str, accelerator: str, warn: bool = True) -> str:
+    """The Lightning precision ``train.precision`` means on ``accelerator`` ("cpu" / "gpu").
+
+    ``auto`` is ``bf16-mixed`` where :func:`native_bf16`, else ``32``; ``16-mixed`` (GPU only) is
+    ``auto`` on the CPU. ``bf16-mixed`` asked for by name is kept everywhere, with a warning where
+    it would run on slow kernels (``warn``: say so)."""
+    if accelerator == "cpu" and precision == "16-mixed":
+        if warn:
+            warnings.warn("train.precision 16-mixed is not supported on the CPU; using auto", stacklevel=2)
+        precision = "auto"
+    if precision == "auto":
+        return "bf16-mixed" if native_bf16(accelerator) else "32"
+    if warn and precision == "bf16-mixed" and not native_bf16(accelerator):
+        warnings.warn(
+            f"train.precision bf16-mixed: this {accelerator.upper()} has no native bf16 kernels, so training runs much slower than "
+            "in 32 (use train.precision auto or 32)",
+            stacklevel=2,
+        )
+    return precision
 
 
 def inference_device(spec: str | None, lightning_cfg=None) -> torch.device:

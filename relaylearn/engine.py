@@ -312,7 +312,7 @@ def fit_site(
     point (used with ``resume``); ``progress``: the label of a progress bar (None: no bar)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from relaylearn.devices import parse_devices
+    from relaylearn.devices import parse_devices, resolve_precision
 
     train, k = task.train, task.dataset.kwargs
     accelerator, devs = parse_devices(devices, train.lightning)
@@ -347,10 +347,7 @@ def fit_site(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt = LocalCheckpoint(checkpoint_dir / "last.ckpt", train.checkpoint_every_n_steps)
     callbacks: list[Callback] = [ckpt] + ([SiteProgressBar(progress)] if progress is not None else [])
-    precision = train.precision
-    if accelerator == "cpu" and precision == "16-mixed":
-        warnings.warn("16-mixed is not supported on the CPU; using bf16-mixed", stacklevel=2)
-        precision = "bf16-mixed"
+    precision = resolve_precision(train.precision, accelerator)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devs,

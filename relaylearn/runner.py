@@ -15,7 +15,7 @@ import torch
 
 from relaylearn.assembly import check_bundle_fits, load_split, local_plugins, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.devices import parse_devices
+from relaylearn.devices import parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, seed_site
 from relaylearn.errors import UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
@@ -131,6 +131,7 @@ class RelayRun:
             "started_utc": utc_now(),
             "argv": sys.argv,
             "versions": software_versions(detailed=True),
+            "precision": self._precisions(),
             "recipe": self.recipe_record,
         }
         atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
@@ -153,6 +154,14 @@ class RelayRun:
             keys.update(TrustStore.of((self.signing_key.site, self.signing_key.public_key)).keys)
             trust = TrustStore(keys)
         return read_bundle(path, trust=trust, allow_unsigned=allow_unsigned, expect_relay_id=self.relay_id, bind_sites=True)
+
+    def _precisions(self) -> dict[str, str]:
+        """Task id → the precision each site trains in on this machine (``auto`` resolved)."""
+        out = {}
+        for task in self.cfg.tasks:
+            accelerator, _ = parse_devices(self.opts.devices, task.train.lightning)
+            out[str(task.dataset.kwargs.task_id)] = resolve_precision(task.train.precision, accelerator, warn=False)
+        return out
 
     def _stated_relay_id(self) -> str | None:
         """``--relay-id``, else the ``relay-id`` file of the trust folder; both must agree."""

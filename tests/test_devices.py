@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from relaylearn import devices
 from relaylearn.config import LightningConfig
-from relaylearn.devices import inference_device, parse_devices
+from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.errors import UserError
 
 
@@ -22,6 +23,39 @@ def test_cpu_and_bad_specs():
         with pytest.raises(UserError, match="no CUDA GPU"):
             parse_devices("0")
         assert inference_device(None) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_it_runs_natively(monkeypatch, native):
+    monkeypatch.setattr(devices, "native_bf16", lambda accelerator: native)
+    expected = "bf16-mixed" if native else "32"
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("auto", "gpu") == expected
+    with pytest.warns(UserWarning, match="16-mixed is not supported on the CPU"):
+        assert resolve_precision("16-mixed", "cpu") == expected
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"
+    assert resolve_precision("32", "cpu") == "32"
+
+
+def test_bf16_by_name_is_kept_with_a_warning_where_it_is_slow(monkeypatch, recwarn):
+    monkeypatch.setattr(devices, "native_bf16", lambda accelerator: False)
+    with pytest.warns(UserWarning, match="no native bf16 kernels"):
+        assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cpu", warn=False) == "bf16-mixed"
+    monkeypatch.setattr(devices, "native_bf16", lambda accelerator: True)
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert not recwarn.list
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert devices.native_bf16("cpu") is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert devices.native_bf16("cpu") is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert devices.native_bf16("cpu") is False, "a torch without the checks: fp32"
 
 
 def test_release_memory_returns_freed_heap_pages():

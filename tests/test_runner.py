@@ -29,6 +29,7 @@ def test_sequential_writes_the_run_folder(tmp_path, tiny_fundus):
     assert len(csvs) == 1 and len(csvs[0].read_text().splitlines()) == 1 + 2 * 3
     run_info = json.loads((run / "run.json").read_text())
     assert run_info["seed"] == 7 and "torch" in run_info["versions"]
+    assert run_info["precision"] == {"1": "32", "2": "32"}, "the precision each site trained in"
     assert (run / "config.yaml").is_file() and (run / "resolved_config.yaml").is_file()
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert not list(run.rglob("*.tmp*")), "no temporary files left behind"
