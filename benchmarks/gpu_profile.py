@@ -17,6 +17,7 @@ One JSON line per result on stdout; with ``--tables DIR`` the profiler tables ar
     python benchmarks/gpu_profile.py                                  # GPU: fundus/relay, batch 128
     python benchmarks/gpu_profile.py --only relay_replay --precisions fp32 --fir --tables out/
     python benchmarks/gpu_profile.py --device cpu --config demo/relay --batch 2 --iters 1   # smoke
+    python benchmarks/gpu_profile.py --device cpu --batch 16 --as-trained --threads 2           # the demo as trained
 """
 
 from __future__ import annotations
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 128 on a GPU, 2 on the CPU")
     p.add_argument("--only", default="relay_replay,relay_site1,sequential")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument(
+        "--as-trained", action="store_true", help="one setting per measurement: precision, channels_last and fused Adam as training applies the config's"
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=None, help="iterations per part (default: one regularisation cycle)")
     p.add_argument("--prof-iters", type=int, default=4, help="iterations under torch.profiler (default 4)")
@@ -246,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         args.tables.mkdir(parents=True, exist_ok=True)
     fir_done = set()
     for measurement in args.only.split(","):
-        for precision in args.precisions.split(","):
-            if measurement == "sequential" and precision != "fp32":
-                continue
+        precisions = args.precisions.split(",")
+        for precision in precisions:
+            if measurement == "sequential" and precision != "fp32" or args.as_trained and precision != precisions[0]:
+                continue  # the sequential baseline has no GAN to cast; --as-trained: one setting
             record = {
                 "name": measurement,
                 "precision": precision,
@@ -258,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
             }
             try:
-                switches = speed.Switches(precision=precision)
-                task = speed.task_for(base, measurement, switches, batch)
-                prepared = speed.prepare(measurement, task, switches, device)
+                if args.as_trained:  # precision, memory format and optimizer kernels from the config
+                    task = speed.task_for(base, measurement, speed.Switches(), batch, trained=True)
+                    switches = speed.as_trained(task, device)
+                    record.update(precision=switches.precision, as_trained=True)
+                else:
+                    switches = speed.Switches(precision=precision)
+                    task = speed.task_for(base, measurement, switches, batch)
+                prepared = speed.prepare(measurement, task, switches, device, trained=args.as_trained)
                 iters = args.iters or prepared.flop_cycle
                 for i in range(args.warmup):
                     prepared.step(i)

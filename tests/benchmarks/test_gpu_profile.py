@@ -34,3 +34,14 @@ def test_profile_times_the_parts_lists_operators_and_checks_the_fir_variants(tmp
         assert result["ms_per_iter"] > 0 and result["max_rel_error"] < 1e-4, name
     assert (tmp_path / "t" / "relay_replay_fp32.txt").read_text().count("aten::") > 5
     assert (generator.ImageGenerator.forward, Relay.replay) == originals  # the timing patches are undone
+
+
+def test_as_trained_profiles_the_config_s_own_setting_once(tmp_path, capsys):
+    gpu_profile = _load("gpu_profile")
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
+    args = ["--device", "cpu", "--config", str(config), "--batch", "4", "--only", "relay_site1", "--precisions", "fp32,bf16", "--as-trained"]
+    assert gpu_profile.main([*args, "--iters", "1", "--prof-iters", "1", "--warmup", "0"]) == 0
+    (record,) = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert "error" not in record and record["as_trained"] is True
+    assert record["precision"] == "fp32", "the tiny config trains in 32"
+    assert record["parts"]["ms_per_iter_by_part"]["G: backward + Adam"] > 0
