@@ -91,6 +91,14 @@ def _class_names(run: Run) -> dict[str, str]:
     return {f"dice_class_{k}": name.replace("_", " ") for k, name in enumerate(names) if k > 0 and name != f"class_{k}"}
 
 
+def precision_text(precisions: dict[str, str]) -> str:
+    """run.json's task id → precision as one line: the value once where every site shares it."""
+    values = [str(v) for v in precisions.values()]
+    if len(set(values)) == 1:
+        return values[0]
+    return ", ".join(f"site {k}: {v}" for k, v in precisions.items())
+
+
 class ReportBuilder:
     """Collects the sections of the page for ``runs`` (one or several)."""
 
@@ -394,11 +402,12 @@ class ReportBuilder:
         for run in self.runs:
             info = run.info
             versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())
+            precision = precision_text(info.get("precision") or {})
             rows = [
                 ["folder", f"<code>{escape(str(run.path))}</code>"],
                 ["config", escape(str(info.get("config", "?")))], ["run name", escape(str(info.get("name", run.path.name)))],
                 ["seed", escape(str(info.get("seed", "?")))], ["started (UTC)", escape(str(info.get("started_utc", "?")))],
-                ["versions", escape(versions or "?")], ["command", f"<code>{escape(' '.join(map(str, info.get('argv', []))) or '?')}</code>"],
+                ["versions", escape(versions or "?")], ["precision", escape(precision or "?")], ["command", f"<code>{escape(' '.join(map(str, info.get('argv', []))) or '?')}</code>"],
                 ["results file", escape(run.results_file.name if run.results_file else "none")],
             ]  # fmt: skip
             parts.append(f"<details{' open' if not self.multi else ''}><summary>{escape(run.label)}</summary>{html.table(None, rows)}</details>")

@@ -141,6 +141,7 @@ def write_run(
                 "started_utc": "2024-05-01T12:00:00Z",
                 "argv": ["relaylearn", "train", "-c", f"demo/{strategy}"],
                 "versions": {"relaylearn": "0.1", "torch": torch.__version__},
+                "precision": {"1": "32", "2": "32", "3": "32", "4": "<b>32</b>" if strategy == "joint" else "32"},
             }
         )
     )
@@ -257,6 +258,9 @@ def test_demo_report_shows_every_strategy_side_by_side(demo_report):
     assert "joint: no forgetting per site (pooled training)" in page
     assert "Domain1 → Domain2 → Domain3 → Domain4" in page
     assert page.count("signer key") == 2 and "unsigned (single-machine simulation)" in page
+    details = section_of(page, "details")
+    assert "<td>precision</td><td>32</td>" in details, "one precision for every site: said once"
+    assert "site 4: &lt;b&gt;32&lt;/b&gt;" in details and "<b>32</b>" not in details, "per site where they differ, escaped"
     assert not list(demo_report.parent.glob(".report.html*")), "no temporary file left"
 
 
