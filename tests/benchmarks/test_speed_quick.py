@@ -123,3 +123,15 @@ def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay
     assert env["PYTHONPATH"].split(":") == [str(ROOT / "ref"), "/tmp/site"]
     assert env["HOME"] == "/h"
     assert speed.worker_environment(ROOT, {})["PYTHONPATH"] == str(ROOT)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_as_trained_resolves_auto_precision_as_training_does(tmp_path, monkeypatch, native):
+    from relaylearn import devices
+
+    speed = _speed_module()
+    monkeypatch.setattr(devices, "native_bf16", lambda accelerator: native)
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
+    base = speed.load_config(str(config), ["train.precision=auto", "train.channels_last=true"]).tasks[0]
+    switches = speed.as_trained(speed.task_for(base, "relay_site1", speed.Switches(), 4, trained=True), speed.torch.device("cpu"))
+    assert switches.precision == ("bf16" if native else "fp32") and switches.channels_last
