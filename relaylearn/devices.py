@@ -42,8 +42,8 @@ def native_bf16(accelerator: str) -> bool:
     bf16 support, or an x86 CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU, say) PyTorch
     computes bf16 convolutions with slow reference kernels: a demo relay iteration took 10 s in
     bf16 against 0.66 s in fp32 on such a CPU."""
-    if accelerator == "gpu":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if accelerator == "gpu":  # emulated bf16 (pre-Ampere GPUs) is slower than fp32
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check is not None and bool(check()) for check in checks)
 

@@ -53,6 +53,9 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     assert devices.native_bf16("cpu") is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert devices.native_bf16("cpu") is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert devices.native_bf16("gpu") is False, "a GPU that only emulates bf16: fp32"
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert devices.native_bf16("cpu") is False, "a torch without the checks: fp32"
