@@ -135,6 +135,10 @@ class RelayRun:
             "recipe": self.recipe_record,
         }
         atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
+        if any(t.train.precision == "auto" for t in self.cfg.tasks):
+            chosen = sorted(set(info["precision"].values()))
+            why = "native bf16 kernels here" if "bf16-mixed" in chosen else "no native bf16 kernels here"
+            self._log(f"precision: {', '.join(chosen)} (train.precision auto: {why})")
 
     def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False, own: bool = False):
         """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this

@@ -35,6 +35,16 @@ def test_sequential_writes_the_run_folder(tmp_path, tiny_fundus):
     assert not list(run.rglob("*.tmp*")), "no temporary files left behind"
 
 
+def test_auto_precision_says_what_it_chose(tmp_path, tiny_fundus, monkeypatch, capsys):
+    from relaylearn import devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda accelerator: False)
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", task_ids=(1,))), ["train.precision=auto"])
+    result = run_training(cfg, "t", TrainOptions(exps_root=tmp_path / "exps", devices="cpu"))
+    assert "precision: 32 (train.precision auto: no native bf16 kernels here)" in capsys.readouterr().err
+    assert json.loads((result.run_dir / "run.json").read_text())["precision"] == {"1": "32"}
+
+
 def test_same_seed_same_result(tmp_path, tiny_fundus):
     a = _run(tmp_path / "a", tiny_fundus, "sequential", task_ids=(1,))
     b = _run(tmp_path / "b", tiny_fundus, "sequential", task_ids=(1,))
