@@ -15,6 +15,10 @@ part. Categories:
 * ``logging``              – ``log_dict`` (TensorBoard scalars) and the replay previews at the site end
 * ``checkpointing``        – local resume checkpoints; ``bundle`` – writing the outgoing bundle
 * ``evaluation``           – testing the solver on every test site after the site
+* ``generator average`` / ``generator snapshots`` – the relay's moving average of the generators
+  after each G step, and the copies kept during a site and scored at its end (where present)
+* ``replay fidelity``      – scoring every earlier site's replay after the site (single-machine runs)
+* ``privacy audit``        – the audit after each hop (``audit.after_each_hop``)
 * ``Lightning + data``     – the rest of ``Trainer.fit`` (loop, data loader, hooks, progress bar)
 * ``site setup``           – the rest of the site (data loading, building the strategy, the trainer)
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import sys
 import tempfile
@@ -107,6 +112,17 @@ def install(timers: ExclusiveTimers) -> list[tuple]:
         (base.Strategy, "optimize", optimizer_name),
         (augment.SegmentationAugment, "forward", "augmentation"),
     ]
+    optional = [  # parts that only some checkouts have
+        (Relay, "_update_generator_ema", "generator average"),
+        (Relay, "_take_generator_snapshot", "generator snapshots"),
+        (Relay, "_select_generator_snapshot", "generator snapshots"),
+        (runner.RelayRun, "_privacy_audit", "privacy audit"),
+    ]
+    if importlib.util.find_spec("relaylearn.replay_fidelity") is not None:
+        from relaylearn import replay_fidelity
+
+        optional.append((replay_fidelity.FidelityRecorder, "record", "replay fidelity"))
+    patches += [(owner, attr, name) for owner, attr, name in optional if hasattr(owner, attr)]
     patches.append((engine, "evaluate_site", "evaluation"))
     if hasattr(runner, "evaluate_site"):  # checkouts whose runner imports it by name
         patches.append((runner, "evaluate_site", "evaluation"))

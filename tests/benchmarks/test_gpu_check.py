@@ -172,3 +172,32 @@ def test_small_mode_runs_every_step_and_writes_json_lines(tmp_path, tiny_fundus)
     assert smoke["steps_per_site"] == 2 and len(smoke["matrix"]["R"]) == 2
     assert "replay_fidelity" in smoke
     assert "| `relay_replay` | bf16+channels_last+fused_adam |" in proc.stdout
+
+
+def test_site_profile_times_the_generator_average_snapshots_fidelity_and_audit(monkeypatch):
+    from relaylearn.replay_fidelity import FidelityRecorder
+    from relaylearn.runner import RelayRun
+    from relaylearn.strategies.relay import Relay
+
+    profile_site = _load("profile_site")
+    parts = {
+        (Relay, "_update_generator_ema"): "generator average",
+        (Relay, "_take_generator_snapshot"): "generator snapshots",
+        (Relay, "_select_generator_snapshot"): "generator snapshots",
+        (RelayRun, "_privacy_audit"): "privacy audit",
+        (FidelityRecorder, "record"): "replay fidelity",
+    }
+    for owner, attr in parts:
+        monkeypatch.setattr(owner, attr, lambda *args: time.sleep(0.01))
+    stand_ins = {key: getattr(*key) for key in parts}
+    timers = profile_site.ExclusiveTimers()
+    undo = profile_site.install(timers)
+    try:
+        for owner, attr in parts:
+            getattr(owner, attr)(None)
+        seconds = timers.reset()
+    finally:
+        profile_site.uninstall(undo)
+    for name in set(parts.values()):
+        assert seconds[name] >= 0.009 * list(parts.values()).count(name), name
+    assert {key: getattr(*key) for key in parts} == stand_ins, "uninstall puts every method back"
