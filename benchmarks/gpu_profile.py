@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     for measurement in args.only.split(","):
         precisions = args.precisions.split(",")
         for precision in precisions:
-            if measurement == "sequential" and precision != "fp32" or args.as_trained and precision != precisions[0]:
-                continue  # the sequential baseline has no GAN to cast; --as-trained: one setting
+            skip = (precision != precisions[0]) if args.as_trained else (measurement == "sequential" and precision != "fp32")
+            if skip:  # --as-trained: one setting; else the sequential baseline has no GAN to cast
+                continue
             record = {
                 "name": measurement,
                 "precision": precision,
