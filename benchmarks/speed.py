@@ -301,8 +301,11 @@ def as_trained(task: TaskConfig, device: torch.device) -> Switches:
 
 def prepare_like_training(strategy: Strategy, task: TaskConfig) -> None:
     """What the engine does to the networks before a site starts, in the measured checkout."""
+    import relaylearn.devices as devices
     import relaylearn.engine as engine
 
+    if next(strategy.parameters()).device.type == "cpu" and hasattr(devices, "keep_freed_host_memory"):
+        devices.keep_freed_host_memory()  # the allocator's settings of CPU training (engine.fit_site)
     if hasattr(engine, "prepare_networks"):
         engine.prepare_networks(strategy, task.train)
     elif task.train.channels_last:  # engines before prepare_networks: the solver only
@@ -351,7 +354,8 @@ def prepare(measurement: str, task: TaskConfig, switches: Switches, device: torc
 
         augment = from_config(k.augment if k.augment not in (None, "none") else "original", tuple(k.out_range))
         augment.to(device if switches.aug_device == "same" else "cpu")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if switches.precision == "bf16" else contextlib.nullcontext
+    # as Lightning's bf16-mixed: no cast cache (a cached cast would outlive the optimizer steps inside the step)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) if switches.precision == "bf16" else contextlib.nullcontext
 
     def step(i: int) -> None:
         x, y = images, labels

@@ -194,7 +194,7 @@ class Strategy(nn.Module):
         if step.sanitize:
             sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
         self.clip_gradients(optimizer)
-        optimizer.step()
+        step_optimizer(optimizer)
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """``train.gradient_clip`` > 0: scale the gradients of ``optimizer``'s parameters so their
@@ -203,6 +203,18 @@ class Strategy(nn.Module):
         max_norm = self.train_cfg.gradient_clip
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, then forget autocast's casts of the weights it changed.
+
+    With its cast cache on (``torch.autocast``'s default), autocast keeps the low-precision copy
+    of every leaf weight it casts until the outermost autocast region ends; the optimizer updates
+    the weights in place, so a forward after a step in the same region would see the old values.
+    Lightning's ``bf16-mixed`` turns the cache off, but a strategy also runs under other loops
+    (``benchmarks/speed.py``, a user's own) that may wrap several steps in one region."""
+    optimizer.step()
+    torch.clear_autocast_cache()
 
 
 def sanitize_gradients(params) -> None:

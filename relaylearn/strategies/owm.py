@@ -79,7 +79,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from relaylearn.errors import ConfigError
 from relaylearn.strategies import register_strategy
-from relaylearn.strategies.base import BundleState, SiteContext, StepContext, StrategyOptions, sanitize_gradients, unprefixed
+from relaylearn.strategies.base import BundleState, SiteContext, StepContext, StrategyOptions, sanitize_gradients, step_optimizer, unprefixed
 from relaylearn.strategies.penalties import ParameterTensors
 from relaylearn.strategies.sequential import Sequential
 
@@ -441,7 +441,7 @@ class OWM(Sequential):
         sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
         self.update_and_project(self.current_alpha(step), step.all_reduce_mean)
         self.clip_gradients(optimizer)
-        optimizer.step()
+        step_optimizer(optimizer)
 
     # ----- bundle ----------------------------------------------------------------------------
     def state_to_bundle(self) -> BundleState:

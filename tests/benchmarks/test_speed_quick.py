@@ -135,3 +135,28 @@ def test_as_trained_resolves_auto_precision_as_training_does(tmp_path, monkeypat
     base = speed.load_config(str(config), ["train.precision=auto", "train.channels_last=true"]).tasks[0]
     switches = speed.as_trained(speed.task_for(base, "relay_site1", speed.Switches(), 4, trained=True), speed.torch.device("cpu"))
     assert switches.precision == ("bf16" if native else "fp32") and switches.channels_last
+
+
+def test_a_bf16_step_runs_under_autocast_as_lightning_runs_it(tmp_path, monkeypatch):
+    """bf16 autocast without its cast cache, as Lightning's bf16-mixed; and the CPU allocator set
+    up as CPU training sets it (prepared as trained)."""
+    from relaylearn import devices
+
+    speed = _speed_module()
+    allocator = []
+    monkeypatch.setattr(devices, "keep_freed_host_memory", lambda: allocator.append(1) or True)
+    config = tiny_config(tmp_path, tmp_path, strategy="sequential")
+    base = speed.load_config(str(config), ["train.precision=bf16-mixed"]).tasks[0]
+    switches = speed.Switches(precision="bf16")
+    task = speed.task_for(base, "sequential", switches, 4, trained=True)
+    prepared = speed.prepare("sequential", task, switches, speed.torch.device("cpu"), trained=True)
+    seen = []
+    step = prepared.strategy.training_step
+    monkeypatch.setattr(
+        prepared.strategy,
+        "training_step",
+        lambda *a: seen.append((speed.torch.is_autocast_enabled("cpu"), speed.torch.is_autocast_cache_enabled())) or step(*a),
+    )
+    prepared.step(0)
+    assert seen == [(True, False)]
+    assert allocator == [1]

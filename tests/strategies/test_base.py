@@ -56,3 +56,25 @@ def test_default_hooks_of_a_strategy_without_generators(tmp_path, tiny_fundus):
     assert strategy.previews(per_site=2) == {}
     with pytest.raises(NotImplementedError, match="does not replay"):
         strategy.generate_replay("Domain1", 2)
+
+
+def test_a_forward_after_a_step_in_the_same_autocast_region_sees_the_new_weights():
+    """Under an autocast region with its cast cache on (Lightning turns it off; benchmarks and
+    users' own loops may not), a forward after an optimizer step must use the updated weights,
+    not autocast's cached bf16 copy of the old ones (it did before ``step_optimizer``)."""
+    from types import SimpleNamespace
+
+    from relaylearn.strategies.sequential import Sequential
+
+    torch.manual_seed(0)
+    solver = torch.nn.Linear(4, 4, bias=False)
+    strategy = Sequential(Sequential.Options(), solver, SimpleNamespace(train=SimpleNamespace(gradient_clip=0.0, loss=SimpleNamespace(kwargs={}))))
+    optimizer = torch.optim.SGD(solver.parameters(), lr=0.5)
+    x = torch.ones(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = solver(x)
+        strategy.optimize(before.float().square().mean(), optimizer, StepContext(step=0, global_step=0, epoch=0, site=None))
+        after = solver(x)
+    expected = torch.nn.functional.linear(x.bfloat16(), solver.weight.detach().bfloat16())  # the new weights, cast afresh
+    assert (after.float() - before.float()).abs().max() > 0.1  # the step changed the output ...
+    torch.testing.assert_close(after, expected)  # ... to what the new weights give
