@@ -312,10 +312,12 @@ def fit_site(
     point (used with ``resume``); ``progress``: the label of a progress bar (None: no bar)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from relaylearn.devices import parse_devices, resolve_precision
+    from relaylearn.devices import keep_freed_host_memory, parse_devices, resolve_precision
 
     train, k = task.train, task.dataset.kwargs
     accelerator, devs = parse_devices(devices, train.lightning)
+    if accelerator == "cpu":
+        keep_freed_host_memory()
     world = (len(devs) if isinstance(devs, list) else int(devs)) * train.lightning.num_nodes
     epochs, total = epochs_for_budget(train, len(images), k.num_replica, train.batch_size, world)
     loader = site_loader(images, labels, train.batch_size, k.num_replica, seed, world_size=world)

@@ -45,6 +45,16 @@ def test_auto_precision_says_what_it_chose(tmp_path, tiny_fundus, monkeypatch, c
     assert json.loads((result.run_dir / "run.json").read_text())["precision"] == {"1": "32"}
 
 
+def test_cpu_training_keeps_freed_host_memory(tmp_path, tiny_fundus, monkeypatch):
+    from relaylearn import devices
+
+    calls = []
+    monkeypatch.setattr(devices, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", task_ids=(1,))))
+    run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu"))
+    assert calls, "the engine sets the allocator up for CPU training"
+
+
 def test_same_seed_same_result(tmp_path, tiny_fundus):
     a = _run(tmp_path / "a", tiny_fundus, "sequential", task_ids=(1,))
     b = _run(tmp_path / "b", tiny_fundus, "sequential", task_ids=(1,))
