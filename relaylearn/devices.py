@@ -92,9 +92,9 @@ def keep_freed_host_memory() -> bool:
 
     A CPU training step frees and re-allocates the same multi-megabyte buffers every iteration
     (weight gradients, activations); by default glibc serves such blocks with fresh ``mmap``s or
-    trims them off the heap, so every re-allocation page-faults on first touch. Two sites of the
-    demo relay at 30 batches (AVX512-BF16 CPU, two threads): 2.0 M → 0.43 M page faults, 4.7 →
-    2.0 s of system time, 4–9 % less wall time, the same peak memory and results. Once per process; nothing on other C libraries, and
+    trims them off the heap, so every re-allocation page-faults on first touch. The demo relay
+    (AVX512-BF16 CPU, two threads, two runs each way): 4.5–4.9 M → 0.6–0.7 M page faults, 10–11 →
+    4.2–4.3 s of system time, the same results; wall time −3 % / +0.4 % (within noise). Once per process; nothing on other C libraries, and
     nothing where the user set glibc's malloc tunables (``GLIBC_TUNABLES``, ``MALLOC_*_``) or
     ``RELAYLEARN_KEEP_FREED_MEMORY=0``. :func:`release_memory` still returns it all after a run."""
     global _allocator_tuned
