@@ -94,19 +94,18 @@ def keep_freed_host_memory() -> bool:
     (weight gradients, activations); by default glibc serves such blocks with fresh ``mmap``s or
     trims them off the heap, so every re-allocation page-faults on first touch. The demo relay
     (AVX512-BF16 CPU, two threads, two runs each way): 4.5–4.9 M → 0.6–0.7 M page faults, 10–11 →
-    4.2–4.3 s of system time, the same results; wall time −3 % / +0.4 % (within noise). Once per process; nothing on other C libraries, and
-    nothing where the user set glibc's malloc tunables (``GLIBC_TUNABLES``, ``MALLOC_*_``) or
-    ``RELAYLEARN_KEEP_FREED_MEMORY=0``. :func:`release_memory` still returns it all after a run."""
+    4.2–4.3 s of system time, the same results; wall time −3 % / +0.4 % (within noise).
+
+    Once per process; nothing on other C libraries, and nothing where the user set glibc's malloc
+    tunables (``GLIBC_TUNABLES``, ``MALLOC_*_``) or ``RELAYLEARN_KEEP_FREED_MEMORY=0``.
+    :func:`release_memory` still returns it all after a run."""
     global _allocator_tuned
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
     user_tuned = "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
-    if not sys.platform.startswith("linux") or user_tuned or os.environ.get("RELAYLEARN_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl)
+    mallopt = None if user_tuned or os.environ.get("RELAYLEARN_KEEP_FREED_MEMORY", "1") == "0" else _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _allocator_tuned = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
@@ -123,8 +122,16 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc_function(name: str):
+    """glibc's function ``name`` through ctypes, or None (not Linux, or another C library: musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
