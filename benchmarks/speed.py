@@ -300,7 +300,8 @@ def as_trained(task: TaskConfig, device: torch.device) -> Switches:
 
 
 def prepare_like_training(strategy: Strategy, task: TaskConfig) -> None:
-    """What the engine does to the networks before a site starts, in the measured checkout."""
+    """What the engine does before a site starts (the networks' layout; on the CPU, the allocator's
+    settings), in the measured checkout."""
     import relaylearn.devices as devices
     import relaylearn.engine as engine
 
