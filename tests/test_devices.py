@@ -119,8 +119,9 @@ def test_keep_freed_host_memory_stops_the_page_faults_of_reallocation():
     tuned, faults_tuned = _churn("1")
     untuned, faults_default = _churn("0")
     assert (tuned, untuned) == ("True", "False")
-    assert faults_default > 1000, "glibc's defaults hand the blocks back: every round faults them in again"
-    assert faults_tuned < faults_default / 20
+    if faults_default < 200:  # 4 608 pages a round with 4 KiB pages; far fewer with huge pages
+        pytest.skip(f"glibc's defaults faulted only {faults_default:.0f} pages a round here (transparent huge pages?)")
+    assert faults_tuned < faults_default / 20, "with the setting the freed blocks are reused without faulting in again"
 
 
 def test_keep_freed_host_memory_leaves_the_users_malloc_settings_alone(monkeypatch):
