@@ -132,6 +132,11 @@ class RelayOptions(StrategyOptions):
     replay_once_per_batch: bool = Field(
         True, description="Generate one replay per batch and reuse it in the G, D and solver steps (the original generated three)."
     )
+    replay_stock: int = Field(
+        256,
+        ge=0,
+        description="Replayed pairs the frozen generators make in one call and hand out batch by batch: the same distribution as one call per batch (they do not change within a site), with the calls' fixed cost shared; resumes exactly. 0 = generate each batch's replay when it is needed.",
+    )
     replay_generator_mode: Literal["eval", "train"] = "eval"
     quantize_replay_labels: bool = True
     tie_image_site: bool = Field(
@@ -279,6 +284,10 @@ class Relay(Strategy):
         self.generator_ema: nn.ModuleDict | None = None  # moving averages of g_img/g_label during a site
         self.generator_snapshots: list[tuple[int, dict[str, dict[str, Tensor]]]] = []  # (batch, weights) candidates to leave the site
         self.snapshot_selection: dict[str, Any] | None = None  # scores of the last selection
+        # replay stock (replay_stock > 0): refill k holds the site's pairs k·S … (k+1)·S − 1
+        self._stock: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None  # (k, (images, labels, ids))
+        self._stock_seed = 0  # drawn at site start; refill k is generated from seed + k
+        self._stock_drawn = 0  # pairs of the site's stock handed out so far
 
     # ----- site registry -------------------------------------------------------------------------
     def _site_id(self, name: str) -> int:
@@ -351,6 +360,9 @@ class Relay(Strategy):
         self.generator_ema = None
         self.generator_snapshots = []
         self.snapshot_selection = None
+        self._stock, self._stock_drawn = None, 0
+        # drawn only where a stock will be used, so runs without one keep their random stream
+        self._stock_seed = int(torch.randint(0, 2**62, ()).item()) if (self.previous is not None and self.options.replay_stock) else 0
         if self.options.generator_ema_steps > 0:
             self.generator_ema = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in GENERATORS}).requires_grad_(False)
 
@@ -485,9 +497,40 @@ class Relay(Strategy):
     @torch.no_grad()
     def replay(self, n: int, device, generators: nn.ModuleDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """n generated (images [n,C,H,W] in the data's range, labels [n,H,W], site ids [n]) of earlier
-        sites, from the frozen generators of the previous site (or ``generators``)."""
+        sites, from the frozen generators of the previous site (taken from the site's replay stock
+        when ``replay_stock`` > 0), or freshly from ``generators``."""
+        if generators is None and self.options.replay_stock > 0:
+            return self._replay_from_stock(n, device)
         ids = self._draw_ids(n, "previous", device)
         images, labels = self._generate(generators if generators is not None else self.previous, ids)
+        return images, labels, ids
+
+    def _replay_from_stock(self, n: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """The site's next n replayed pairs, as ``replay``. Refill k (S = ``replay_stock`` pairs,
+        one generator call) comes from its own seed, so which pairs a site replays depends only on
+        how many it has used: the split into batches does not matter, and a resumed site
+        regenerates the refill it was in."""
+        size, parts = self.options.replay_stock, []
+        while n > 0:
+            refill, offset = divmod(self._stock_drawn, size)
+            if self._stock is None or self._stock[0] != refill:
+                self._stock = (refill, self._make_stock(refill, size, device))
+            take = min(n, size - offset)
+            parts.append([t[offset : offset + take] for t in self._stock[1]])
+            self._stock_drawn += take
+            n -= take
+        images, labels, ids = (torch.cat(t) for t in zip(*parts))
+        return images, labels, ids
+
+    @torch.no_grad()
+    def _make_stock(self, refill: int, size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """Refill ``refill`` of the stock: ``size`` pairs (images, labels, ids) of the previous site's
+        frozen generators, the global random state left as it was."""
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._stock_seed + refill)
+            ids = self._draw_ids(size, "previous", device)
+            images, labels = self._generate(self.previous, ids)
         return images, labels, ids
 
     def site_id(self, site: int | str) -> int:
@@ -760,6 +803,7 @@ class Relay(Strategy):
             prev["frequency"] += e["frequency"]
         self.registry_current = {}
         self.previous = None
+        self._stock = None
 
     # ----- what travels ----------------------------------------------------------------------------
     SHIPPED = ("solver", "g_img", "g_label", "d_img", "d_label")
@@ -826,6 +870,15 @@ class Relay(Strategy):
         self.merge_weight = float(meta.get("merge_weight", 0.0))
         self.stage = int(meta.get("stage", 1))
         self.gan_step = int(meta.get("gan_step", self.global_step))
+
+    # local resume checkpoints: where the site's replay stock stood (never shipped)
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "replay_stock": {"seed": self._stock_seed, "drawn": self._stock_drawn}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        stock = state.get("replay_stock", {})
+        self._stock, self._stock_seed, self._stock_drawn = None, int(stock.get("seed", 0)), int(stock.get("drawn", 0))
 
     # ----- previews for TensorBoard and the report ----------------------------------------------
     @torch.no_grad()

@@ -233,7 +233,8 @@ def test_gan_budget_runs_extra_and_warm_up_gan_steps(tmp_path, tiny_fundus):
 
 
 def test_appended_replay_keeps_every_real_and_reuses_the_gan_steps_replay(tmp_path, tiny_fundus):
-    strategy, site = _replaying(tmp_path, tiny_fundus, gan_steps_per_solver_step=2, solver_replay="append", replay_augment="none")
+    # replay_stock 0: one generator call per G+D step, which this test counts
+    strategy, site = _replaying(tmp_path, tiny_fundus, gan_steps_per_solver_step=2, solver_replay="append", replay_augment="none", replay_stock=0)
     generated, solver_inputs = [], []
     generate = strategy._generate
     strategy._generate = lambda *a, **kw: (lambda out: (generated.append(out[0].detach().clone()), out)[1])(generate(*a, **kw))
@@ -248,6 +249,53 @@ def test_appended_replay_keeps_every_real_and_reuses_the_gan_steps_replay(tmp_pa
     single.solver.register_forward_pre_hook(lambda m, args: solver_inputs.append(args[0].detach().clone()))
     single.training_step(_batch(), _step(site))
     assert solver_inputs[-1].shape[0] == 16  # a single G+D step's replay (4) is topped up to 8
+
+
+def _draws(strategy, sizes):
+    """The replay ``strategy.replay`` hands out for requests of ``sizes`` pairs, concatenated."""
+    parts = [strategy.replay(n, torch.device("cpu")) for n in sizes]
+    return [torch.cat(t) for t in zip(*parts)]
+
+
+def test_replay_stock_hands_out_the_same_pairs_however_the_batches_split_them(tmp_path, tiny_fundus):
+    strategy, site = _replaying(tmp_path, tiny_fundus, replay_stock=6)
+    calls = []
+    generate = strategy._generate
+    strategy._generate = lambda gens, ids: (calls.append(ids.shape[0]), generate(gens, ids))[1]
+    state = torch.get_rng_state()
+    a = _draws(strategy, [4, 4, 5])  # 13 pairs: refills 0, 1 and the first pair of 2
+    assert calls == [6, 6, 6] and torch.equal(torch.get_rng_state(), state)  # global stream untouched
+    assert [t.shape[0] for t in a] == [13, 13, 13] and a[0].shape[1:] == (3, 32, 32) and a[1].shape[1:] == (32, 32)
+    seed = strategy._stock_seed
+    strategy.on_site_start(site)  # the same site again, with the same stock seed
+    strategy._stock_seed = seed
+    b = _draws(strategy, [1, 12])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0][:6], a[0][6:12])  # refills differ
+
+
+def test_replay_stock_resumes_where_a_local_checkpoint_left_it(tmp_path, tiny_fundus):
+    strategy, _ = _replaying(tmp_path, tiny_fundus, replay_stock=8)
+    _draws(strategy, [5])
+    saved = strategy.get_extra_state()
+    expected = _draws(strategy, [5, 5])
+    resumed, _ = _replaying(tmp_path / "r", tiny_fundus, replay_stock=8)
+    resumed.previous.load_state_dict(strategy.previous.state_dict())  # the same frozen generators (from the bundle)
+    assert resumed._stock_seed != saved["replay_stock"]["seed"]
+    resumed.set_extra_state(saved)
+    for x, y in zip(expected, _draws(resumed, [3, 7])):
+        assert torch.equal(x, y)
+
+
+def test_without_a_replay_stock_each_request_is_generated_and_the_stream_is_as_before(tmp_path, tiny_fundus):
+    strategy, _ = _replaying(tmp_path, tiny_fundus, replay_stock=0)
+    assert strategy._stock_seed == 0  # no extra random draw at the site start
+    calls = []
+    generate = strategy._generate
+    strategy._generate = lambda gens, ids: (calls.append(ids.shape[0]), generate(gens, ids))[1]
+    _draws(strategy, [4, 4])
+    assert calls == [4, 4]
 
 
 def test_first_site_warm_up_runs_only_where_the_gans_start_from_scratch(tmp_path, tiny_fundus):
