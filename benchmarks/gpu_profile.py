@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                     switches = speed.Switches(precision=precision)
                     task = speed.task_for(base, measurement, switches, batch)
                 prepared = speed.prepare(measurement, task, switches, device, trained=args.as_trained)
-                iters = args.iters or prepared.flop_cycle
                 for i in range(args.warmup):
                     prepared.step(i)
                 first = args.warmup
+                iters = args.iters or speed.timing_cycle(prepared, first)  # a whole cycle: its share of the replay stock's refills too
                 record["parts"] = time_parts(prepared, first, iters, device)
                 first += iters
                 table = args.tables / f"{measurement}_{precision}.txt" if args.tables else None

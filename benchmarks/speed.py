@@ -281,6 +281,24 @@ class Prepared:
     flop_cycle: int  # iterations after which the relay's lazy regularisation pattern repeats
 
 
+def timing_cycle(prepared: Prepared, iterations_run: int) -> int:
+    """Iterations after which the timed work repeats: the lazy-regularisation cycle and, for a relay
+    with a replay stock (``replay_stock`` pairs generated in one call every so many iterations),
+    the iterations between two refills at the same point of the stock, found from the pairs the
+    first ``iterations_run`` iterations took. Timing a whole number of cycles gives every
+    iteration its share of the refills."""
+    strategy = prepared.strategy
+    size = getattr(getattr(strategy, "options", None), "replay_stock", 0)
+    per_iteration = getattr(strategy, "_stock_drawn", 0) // max(iterations_run, 1)
+    refill_period = size // math.gcd(size, per_iteration) if size and per_iteration else 1
+    return math.lcm(prepared.flop_cycle, refill_period)
+
+
+def whole_cycles(iters: int, cycle: int) -> int:
+    """``iters`` rounded up to a whole number of ``cycle``-iteration cycles."""
+    return -(-iters // cycle) * cycle
+
+
 def as_trained(task: TaskConfig, device: torch.device) -> Switches:
     """The switches training applies for this config on ``device`` (``train.precision``, ``auto``
     resolved as the measured checkout resolves it; ``train.channels_last``, ``train.compile``;
@@ -389,9 +407,11 @@ def measure(
     flop_iters: int | None,
     trained: bool = False,
     flop_cache: dict | None = None,
+    round_to_cycle: bool = True,
 ) -> dict:
     """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails.
-    ``trained``: the switches training applies (``as_trained``) instead of ``switches``."""
+    ``trained``: the switches training applies (``as_trained``) instead of ``switches``.
+    ``round_to_cycle``: time a whole number of ``timing_cycle`` cycles (``iters`` rounded up)."""
     if trained:
         switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True), device)
     record = {
@@ -424,6 +444,10 @@ def measure(
         first = n_flop
         for i in range(first, first + warmup):
             prepared.step(i)
+        cycle = timing_cycle(prepared, first + warmup)
+        if round_to_cycle:
+            iters = whole_cycles(iters, cycle)
+        record.update(iters=iters, cycle=cycle)
         synchronize(device)
         memory.reset()
         times = iteration_times(prepared.step, first + warmup, iters, device, regularisation_label(prepared.strategy))
@@ -459,7 +483,8 @@ def device_label(device: torch.device) -> str:
 # ----- two checkouts side by side ----------------------------------------------------------------
 def worker(args: argparse.Namespace, base: TaskConfig, config_name: str, device: torch.device, batch: int) -> int:
     """``--code-root``: prepare every measurement, then answer ``NAME COUNT`` lines on stdin with
-    ``{"name", "ms_per_iter"}`` lines (COUNT more iterations of NAME, timed)."""
+    ``{"name", "ms_per_iter", "cycle"}`` lines (COUNT more iterations of NAME, timed; its
+    ``timing_cycle`` so far)."""
     import relaylearn
 
     names = args.only.split(",")
@@ -477,7 +502,7 @@ def worker(args: argparse.Namespace, base: TaskConfig, config_name: str, device:
         name, count = line.split()
         ms = time_iterations(prepared[name].step, next_step[name], int(count), device)
         next_step[name] += int(count)
-        print(json.dumps({"name": name, "ms_per_iter": ms}), flush=True)
+        print(json.dumps({"name": name, "ms_per_iter": ms, "cycle": timing_cycle(prepared[name], next_step[name])}), flush=True)
     return 0
 
 
@@ -511,10 +536,11 @@ class Side:
             raise SystemExit(f"speed.py: the worker for {self.label} ({self.root}) stopped (see its error above)")
         return json.loads(line)
 
-    def run(self, name: str, count: int) -> float:
+    def run(self, name: str, count: int) -> dict:
+        """``count`` more timed iterations of ``name``: ``{"ms_per_iter", "cycle", ...}``."""
         self.proc.stdin.write(f"{name} {count}\n")
         self.proc.stdin.flush()
-        return self._read()["ms_per_iter"]
+        return self._read()
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -557,22 +583,25 @@ def forwarded_args(argv: list[str]) -> list[str]:
 def compare(args: argparse.Namespace, argv: list[str], warmup: int, iters: int) -> int:
     """Both checkouts in one run: workers prepared once, then ``--reps`` rounds of ``iters`` timed
     iterations per measurement, alternating which checkout goes first. One JSON line per
-    measurement with the median ms/iter of each and ``speedup`` = ref / this."""
+    measurement with the median ms/iter of each and ``speedup`` = ref / this. Without
+    ``--quick`` a round times a whole number of both checkouts' ``timing_cycle`` (``iters``
+    rounded up; known after the warm-up, which is at least one iteration)."""
     from statistics import median
 
     names = args.only.split(",")
     with checkout_of(args.compare) as ref_root:
         sides = [Side("ref", ref_root, forwarded_args(argv)), Side("this", ROOT, forwarded_args(argv))]
         try:
+            cycles: dict[str, int] = {}
             for side in sides:
                 for name in names:
-                    if warmup:
-                        side.run(name, warmup)
+                    cycles[name] = math.lcm(cycles.get(name, 1), side.run(name, max(warmup, 1))["cycle"])
+            per_round = {name: iters if args.quick else whole_cycles(iters, cycles[name]) for name in names}
             times: dict[tuple[str, str], list[float]] = {}
             for rep in range(args.reps):
                 for name in names:
                     for side in sides if rep % 2 == 0 else sides[::-1]:
-                        times.setdefault((side.label, name), []).append(side.run(name, iters))
+                        times.setdefault((side.label, name), []).append(side.run(name, per_round[name])["ms_per_iter"])
         finally:
             for side in sides:
                 side.close()
@@ -585,8 +614,9 @@ def compare(args: argparse.Namespace, argv: list[str], warmup: int, iters: int) 
             "this_root": sides[1].imported_from,
             "as_trained": args.as_trained,
             "reps": args.reps,
-            "iters": iters,
-            "warmup": warmup,
+            "iters": per_round[name],
+            "cycle": cycles[name],
+            "warmup": max(warmup, 1),
             "ref_ms": round(median(ref), 1),
             "this_ms": round(median(this), 1),
             "speedup": round(median(ref) / median(this), 3),
@@ -608,7 +638,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--batch", type=int, help="batch size (default: 128 on a GPU, the config's on the CPU, 4 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default: 10 GPU, 2 CPU, 1 quick)")
-    p.add_argument("--iters", type=int, help="timed iterations (default: 40 GPU, 8 CPU, 2 quick)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        help="timed iterations (default: 40 GPU, 8 CPU, 2 quick), rounded up to whole cycles of the measured work except with --quick (see benchmarks/README.md)",
+    )
     p.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {', '.join(MEASUREMENTS)}")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny batch, 1 warm-up + 2 timed iterations, FLOPs of 1 iteration, 1 CPU thread unless --threads")
@@ -712,7 +746,20 @@ def main(argv: list[str] | None = None) -> int:
         return compare(args, list(sys.argv[1:] if argv is None else argv), warmup, iters)
     flop_cache: dict = {}
     for name, switches in plan(args):
-        record = measure(name, base, config, switches, device, batch, warmup, iters, flop_iters, trained=args.as_trained, flop_cache=flop_cache)
+        record = measure(
+            name,
+            base,
+            config,
+            switches,
+            device,
+            batch,
+            warmup,
+            iters,
+            flop_iters,
+            trained=args.as_trained,
+            flop_cache=flop_cache,
+            round_to_cycle=not args.quick,
+        )
         record["torch"] = torch.__version__
         record["threads"] = torch.get_num_threads()
         print(json.dumps(record), flush=True)

@@ -105,6 +105,25 @@ def test_iterations_are_split_by_the_lazy_regularisers_they_ran():
     assert [lab for _, lab in times] == ["plain"] * 4
 
 
+def test_timing_windows_hold_whole_refills_of_the_replay_stock(tmp_path):
+    """With a replay stock of 12 pairs and 2 replayed pairs per iteration (batch 4), the stock
+    refills every 6 iterations: a timing window is a multiple of lcm(regularisation cycle, 6)."""
+    import math
+
+    speed = _speed_module()
+    cycles = {}
+    for stock in (12, 0):
+        config = tiny_config(tmp_path / str(stock), tmp_path, strategy="relay", strategy_kwargs={**TINY, "replay_stock": stock})
+        task = speed.task_for(speed.load_config(str(config)).tasks[0], "relay_replay", speed.Switches(), 4)
+        prepared = speed.prepare("relay_replay", task, speed.Switches(), speed.torch.device("cpu"))
+        for i in range(3):
+            prepared.step(i)
+        cycles[stock] = (speed.timing_cycle(prepared, 3), prepared.flop_cycle)
+    assert cycles[12][0] == math.lcm(cycles[12][1], 6) > cycles[12][1]
+    assert cycles[0][0] == cycles[0][1]  # no stock: the regularisation cycle
+    assert [speed.whole_cycles(n, 24) for n in (1, 24, 25)] == [24, 24, 48]
+
+
 def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_budget(tmp_path):
     """Checkouts with and without a GAN budget of their own measure the same work per iteration."""
     speed = _speed_module()
