@@ -42,6 +42,7 @@ small-scale defaults measured at 32 px (see ``GAN_PRESETS``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any, Literal, Optional
@@ -526,9 +527,7 @@ class Relay(Strategy):
     def _make_stock(self, refill: int, size: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """Refill ``refill`` of the stock: ``size`` pairs (images, labels, ids) of the previous site's
         frozen generators, the global random state left as it was."""
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self._stock_seed + refill)
+        with _seeded_random_stream(self._stock_seed + refill, device):
             ids = self._draw_ids(size, "previous", device)
             images, labels = self._generate(self.previous, ids)
         return images, labels, ids
@@ -560,8 +559,7 @@ class Relay(Strategy):
             m.eval()
         images, masks = [], []
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
+            with _seeded_random_stream(seed, device):
                 for start in range(0, n, batch_size):
                     ids = torch.full((min(batch_size, n - start),), site_id, dtype=torch.long, device=device)
                     im, lab = self._generate(gens, ids)
@@ -886,6 +884,16 @@ class Relay(Strategy):
         """Replayed (images [n,C,H,W], labels [n,H,W]) per known site, from the current generators."""
         known = {**self.registry_previous, **self.registry_current}
         return {name: self.generate_replay(name, per_site, seed=seed + e["id"]) for name, e in known.items()}
+
+
+@contextlib.contextmanager
+def _seeded_random_stream(seed: int, device):
+    """Inside: the random stream of ``seed`` (host and ``device``); afterwards the global random
+    state is as it was before."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class _frozen:
