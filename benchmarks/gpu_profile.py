@@ -4,7 +4,8 @@ Three parts, each on the step that ``speed.prepare`` builds (no Lightning, one r
 
 1. ``parts``: exclusive time per part of the iteration (the ``profile_site.py`` parts plus the
    generator, discriminator, ADA and U-Net forwards), measured with a device synchronisation at
-   every part boundary (so the parts add up to the iteration, which runs slower than unsynchronised);
+   every part boundary (so the parts add up to the iteration, which runs slower than unsynchronised),
+   one part after another (the relay's ``overlap_solver_step`` off, also for the profiler);
 2. ``kernels``: ``torch.profiler`` over the same iterations: the operators with the most self
    device time (ms per iteration, calls per iteration), and how busy the device was
    (summed kernel time / wall time: well below 1 means the host cannot feed it);
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     switches = speed.Switches(precision=precision)
                     task = speed.task_for(base, measurement, switches, batch)
+                profile_site.one_part_at_a_time([task])  # the parts are timed one after another
                 prepared = speed.prepare(measurement, task, switches, device, trained=args.as_trained)
                 for i in range(args.warmup):
                     prepared.step(i)

@@ -80,6 +80,17 @@ class ExclusiveTimers:
 OPTIMIZER_NAMES = ("G", "D", "solver")
 
 
+def one_part_at_a_time(tasks) -> None:
+    """Exclusive timers need the parts of a step one after another: turn off the relay's solver
+    step beside its last G+D step (``overlap_solver_step``), where the checkout has it."""
+    from relaylearn.strategies.relay import RelayOptions
+
+    if "overlap_solver_step" in RelayOptions.model_fields:
+        for task in tasks:
+            if task.strategy.name == "relay":
+                task.strategy.kwargs["overlap_solver_step"] = False
+
+
 def install(timers: ExclusiveTimers) -> list[tuple]:
     """Wrap the parts of a site (classes patched in place, for this process only); returns the
     patches for :func:`uninstall`."""
@@ -166,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.sets, data_root=args.data_root)
     cfg.tasks = cfg.tasks[: args.sites]
+    one_part_at_a_time(cfg.tasks)
     timers = ExclusiveTimers()
     install(timers)
 

@@ -1,7 +1,7 @@
 """Device selection from ``-g``: the one parser of GPU ids shared by training and inference; the
 precision a device trains in (:func:`resolve_precision`); the host allocator's settings for CPU
-training (:func:`keep_freed_host_memory`); and handing a finished run's memory back
-(:func:`release_memory`)."""
+training (:func:`keep_freed_host_memory`); two pieces of CPU work side by side
+(:func:`run_beside`); and handing a finished run's memory back (:func:`release_memory`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import gc
 import os
 import sys
 import warnings
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 import torch
 
@@ -110,6 +112,43 @@ def keep_freed_host_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _allocator_tuned = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     return _allocator_tuned
+
+
+T = TypeVar("T")
+U = TypeVar("U")
+_helper_thread: tuple[int, ThreadPoolExecutor] | None = None  # (process id, executor)
+
+
+def run_beside(main: Callable[[], T], side: Callable[[], U]) -> tuple[T, U]:
+    """Run ``side`` in a helper thread while ``main`` runs in this one; return both results.
+
+    For two independent pieces of CPU work made of many small operators, which keep one core busy
+    each but gain little from a second intra-op thread: each runs with one intra-op thread, the
+    caller's count is restored afterwards. The helper thread gets the caller's grad mode and CPU
+    autocast settings (both are per thread). An exception in either is raised once both are done.
+
+    ``side`` must not draw random numbers or change the global random state: the generator is
+    shared by all threads, so the order of draws would depend on timing. It should not call into
+    a training loop's hooks either (they are not thread-safe)."""
+    global _helper_thread
+    if _helper_thread is None or _helper_thread[0] != os.getpid():  # a forked child has no such thread
+        _helper_thread = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaylearn-beside"))
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    autocast = {"enabled": torch.is_autocast_enabled("cpu"), "dtype": torch.get_autocast_dtype("cpu"), "cache_enabled": torch.is_autocast_cache_enabled()}
+
+    def in_helper() -> U:
+        torch.set_num_threads(1)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", **autocast):
+            return side()
+
+    torch.set_num_threads(1)  # before the helper starts: one thread each from the first operator
+    future = _helper_thread[1].submit(in_helper)
+    try:
+        first = main()
+    finally:
+        wait([future])  # both touch the caller's objects: never leave the helper running
+        torch.set_num_threads(threads)
+    return first, future.result()
 
 
 def release_memory() -> None:

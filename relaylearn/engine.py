@@ -144,6 +144,7 @@ class SiteModule(L.LightningModule):
             all_reduce_mean=self._all_reduce_mean,
             world_size=self.trainer.world_size,
             sanitize=self.trainer.precision != "16-mixed",
+            unwrapped=_bare_optimizer if self.trainer.world_size == 1 and self.trainer.precision != "16-mixed" else None,
         )
         logs = self.strategy.training_step((images, labels), ctx)
         self.strategy.global_step = ctx.global_step + 1
@@ -223,6 +224,12 @@ class SiteProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _bare_optimizer(optimizer):
+    """The torch optimizer behind Lightning's ``LightningOptimizer`` (whose ``step`` runs the
+    trainer's hooks and counters)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 class LocalCheckpoint(Callback):

@@ -130,3 +130,61 @@ def test_keep_freed_host_memory_leaves_the_users_malloc_settings_alone(monkeypat
             m.setattr(devices, "_allocator_tuned", None)
             m.setenv(name, value)
             assert devices.keep_freed_host_memory() is False, name
+
+
+# ----- run_beside --------------------------------------------------------------------------------
+def test_run_beside_runs_side_in_another_thread_with_the_callers_settings():
+    import threading
+
+    seen = {}
+
+    def side():
+        seen["thread"] = threading.get_ident()
+        seen["threads"] = torch.get_num_threads()
+        seen["grad"] = torch.is_grad_enabled()
+        seen["autocast"] = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        return torch.ones(2, 2) @ torch.ones(2, 2)
+
+    def main():
+        seen["main_threads"] = torch.get_num_threads()
+        return "main"
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            first, second = devices.run_beside(main, side)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert first == "main" and second.dtype == torch.bfloat16 and second[0, 0].item() == 2
+    assert seen["thread"] != threading.get_ident()
+    assert seen["threads"] == 1 and seen["main_threads"] == 1
+    assert seen["grad"] is False and seen["autocast"] == (True, torch.bfloat16)
+
+
+def test_run_beside_waits_for_both_and_raises_either_failure():
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def slow_side():
+        time.sleep(0.2)
+        done.set()
+        return 1
+
+    def failing_main():
+        raise ValueError("main failed")
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="main failed"):
+        devices.run_beside(failing_main, slow_side)
+    assert done.is_set()  # the helper was not left running
+    assert torch.get_num_threads() == before
+
+    def failing_side():
+        raise KeyError("side failed")
+
+    with pytest.raises(KeyError, match="side failed"):
+        devices.run_beside(lambda: 0, failing_side)

@@ -75,6 +75,10 @@ class StepContext:
     world_size: int = 1
     #: replace NaN/inf gradients before stepping (off under fp16 loss scaling, which needs the infs)
     sanitize: bool = True
+    #: the bare optimizer behind the loop's wrapper, for work a strategy runs in a helper thread
+    #: with a plain ``loss.backward()`` (the loop's hooks and counters are not thread-safe); None
+    #: where every backward and step must go through the loop (several processes, fp16 loss scaling)
+    unwrapped: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = field(default=lambda optimizer: optimizer)
 
     @property
     def progress(self) -> float:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from typing import Any, Literal, Optional
 
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from relaylearn.devices import run_beside
 from relaylearn.errors import ConfigError
 from relaylearn.losses import ExpLogLoss, distillation_loss
 from relaylearn.strategies import register_strategy
@@ -180,6 +182,10 @@ class RelayOptions(StrategyOptions):
     fused_optimizers: bool = Field(
         False,
         description="Fused Adam kernels for G, D and the solver (faster on GPUs; false: train.optimizer.fused for the solver, PyTorch's default for G and D).",
+    )
+    overlap_solver_step: bool = Field(
+        True,
+        description="On the CPU with two or more threads in one process: the solver step runs in a helper thread beside the batch's last G+D step (they are independent; one thread each). Same method, a different order of random draws than false.",
     )
 
     @model_validator(mode="before")
@@ -664,13 +670,13 @@ class Relay(Strategy):
         do_r1 = (self.gan_step + 1) % o.d_reg_interval == 0
         logs: dict[str, Tensor] = {}
         x, y, ids, _ = mixed
-        with _frozen(self.d_img, self.d_label, self.solver):
+        with _frozen(self.d_img, self.d_label):
             loss_g, g_logs = self._generator_loss(y, ids, do_pl)
             self.optimize(loss_g, g_opt, step)
         self._update_generator_ema()
         logs.update(g_logs)
         x, y, ids, _ = mixed if o.replay_once_per_batch else self.mix_with_replay(*real)
-        with _frozen(self.g_img, self.g_label, self.solver):
+        with _frozen(self.g_img, self.g_label):
             loss_d, d_logs = self._discriminator_loss(x, y, ids, do_r1)
             self.optimize(loss_d, d_opt, step)
         logs.update(d_logs)
@@ -687,7 +693,6 @@ class Relay(Strategy):
 
     def training_step(self, batch, step: StepContext) -> dict[str, Tensor]:
         o = self.options
-        m_opt = self.optimizers[2]
         self._maybe_switch_stage(step)
         images, labels = batch
         if self.stage == 1:
@@ -698,39 +703,73 @@ class Relay(Strategy):
                 real = self._fresh_real_batch(images)
                 logs.update(self._gan_step(self.mix_with_replay(*real), real, step))
 
+        overlap = self._overlaps_solver_step(step, images.device)
         mixes = []  # the first mixed batch, and with solver_replay 'append' every one (their replay)
+        beside_solver = None  # the G+D step that runs beside the solver step
         for i in range(o.gan_steps_per_solver_step):
             real = (images, labels) if i == 0 else self._fresh_real_batch(images)
             mix = self.mix_with_replay(*real)
             if i == 0 or o.solver_replay == "append":
                 mixes.append(mix)
-            logs.update(self._gan_step(mix, real, step))
+            if overlap and i == o.gan_steps_per_solver_step - 1:
+                beside_solver = (mix, real)
+            else:
+                logs.update(self._gan_step(mix, real, step))
 
-        # M step (solver only): replay augmented here and only here
-        if o.solver_replay == "append" and self.replaying:
-            x, y, ids, n_real = self.append_replay(images, labels, mixes if o.replay_once_per_batch else [])
+        x, y, n_real = self._solver_batch(images, labels, mixes)
+        if beside_solver is None:
+            logs.update(self._solver_step(x, y, n_real, step, self.optimizers[2]))
         else:
-            x, y, ids, n_real = mixes[0] if o.replay_once_per_batch else self.mix_with_replay(images, labels)
-        x, y = self.augment_replay(x, y, n_real)
-        if images.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)  # the solver runs in its input's layout
-        with _frozen(self.g_img, self.g_label, self.d_img, self.d_label):
-            logits = self.solver(x)
-            loss_m = self.criterion(logits, y)
-            if self.previous is not None and o.distil_weight > 0:
-                teacher = self.previous["solver"] if o.distil_teacher == "previous" else self.solver
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                distil = distillation_loss(logits, t_logits, tau=o.distil_tau)
-                loss_m = loss_m + o.distil_weight * distil
-                logs["distil"] = distil.detach()
-            self.optimize(loss_m, m_opt, step)
-        logs["loss"] = loss_m.detach()
-        logs["replay_fraction"] = torch.tensor(1 - n_real / x.shape[0])
+            helper_step = dataclasses.replace(step, backward=lambda loss: loss.backward())
+            gan_logs, solver_logs = run_beside(
+                lambda: self._gan_step(*beside_solver, step),
+                lambda: self._solver_step(x, y, n_real, helper_step, step.unwrapped(self.optimizers[2])),
+            )
+            logs.update(gan_logs)
+            logs.update(solver_logs)
         logs["ada_p_img"] = self.ada_img.p.detach().clone()
         logs["stage"] = torch.tensor(float(self.stage))
         if self._snapshot_due(step):
             self._take_generator_snapshot(step.step)
+        return logs
+
+    def _overlaps_solver_step(self, step: StepContext, device) -> bool:
+        """Whether the solver step runs beside the batch's last G+D step (``overlap_solver_step``):
+        on the CPU, with two or more intra-op threads, where the loop allows a helper thread."""
+        return self.options.overlap_solver_step and step.unwrapped is not None and torch.device(device).type == "cpu" and torch.get_num_threads() >= 2
+
+    def _solver_batch(self, images: Tensor, labels: Tensor, mixes: list) -> tuple[Tensor, Tensor, int]:
+        """The solver's batch (images [B',C,H,W], labels [B',H,W], number of reals first): the
+        first mixed batch (or all reals plus replay, with ``solver_replay: append``), its replayed
+        part augmented, in the real batch's memory format. Draws every random number the solver
+        step needs, so that step itself draws none."""
+        if self.options.solver_replay == "append" and self.replaying:
+            x, y, _, n_real = self.append_replay(images, labels, mixes if self.options.replay_once_per_batch else [])
+        else:
+            x, y, _, n_real = mixes[0] if self.options.replay_once_per_batch else self.mix_with_replay(images, labels)
+        x, y = self.augment_replay(x, y, n_real)
+        if images.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the solver runs in its input's layout
+        return x, y, n_real
+
+    def _solver_step(self, x: Tensor, y: Tensor, n_real: int, step: StepContext, optimizer) -> dict[str, Tensor]:
+        """One solver (M) step on images x [B,C,H,W] / labels y [B,H,W]: segmentation loss plus
+        distillation from the teacher. Touches only the solver (and reads the teacher): it may run
+        beside a G+D step."""
+        o = self.options
+        logs: dict[str, Tensor] = {}
+        logits = self.solver(x)
+        loss_m = self.criterion(logits, y)
+        if self.previous is not None and o.distil_weight > 0:
+            teacher = self.previous["solver"] if o.distil_teacher == "previous" else self.solver
+            with torch.no_grad():
+                t_logits = teacher(x)
+            distil = distillation_loss(logits, t_logits, tau=o.distil_tau)
+            loss_m = loss_m + o.distil_weight * distil
+            logs["distil"] = distil.detach()
+        self.optimize(loss_m, optimizer, step)
+        logs["loss"] = loss_m.detach()
+        logs["replay_fraction"] = torch.tensor(1 - n_real / x.shape[0])
         return logs
 
     def _gan_networks(self):

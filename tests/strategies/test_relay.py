@@ -478,3 +478,68 @@ def test_generator_moving_average_follows_its_formula_and_leaves_the_site(tmp_pa
         torch.testing.assert_close(shipped[n].detach(), expected[n], rtol=1e-5, atol=1e-6)
     moved = [n for n in names if not torch.equal(raw[n], start[n])]
     assert moved and any(not torch.allclose(shipped[n], raw[n]) for n in moved)  # not the raw weights
+
+
+def _train_two_batches(strategy, site, threads):
+    """Two batches of the same seed; the threads the forward passes of the solver and of its
+    distillation teacher ran in."""
+    import threading
+
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, args: seen.append(threading.get_ident())) for m in (strategy.solver, strategy.previous["solver"])]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(7)
+        for index in (1, 2):
+            strategy.training_step(_batch(), _step(site, index))
+    finally:
+        torch.set_num_threads(before)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_solver_step_runs_beside_the_last_gan_step_with_the_same_results(tmp_path, tiny_fundus):
+    import copy
+    import threading
+
+    # no replay augmentation: the solver's batch then draws no random numbers, so both orders
+    # of the steps see the same random stream
+    beside, site = _replaying(tmp_path, tiny_fundus, replay_augment="none")
+    in_turn = copy.deepcopy(beside)
+    in_turn.options = in_turn.options.model_copy(update={"overlap_solver_step": False})
+    for s in (beside, in_turn):
+        s.optimizers = s.configure_optimizers()
+    counts = [0, 0, 0]
+    for key, opt in enumerate(beside.optimizers):
+        opt.register_step_post_hook(lambda *a, key=key: counts.__setitem__(key, counts[key] + 1))
+    # beside each other, each part runs with one intra-op thread: one after the other with one
+    # thread in all must give the same numbers (one G+D step per batch, so every G+D step is beside)
+    beside_threads = _train_two_batches(beside, site, threads=2)
+    in_turn_threads = _train_two_batches(in_turn, site, threads=1)
+    assert counts == [2, 2, 2] and beside.gan_step == in_turn.gan_step == 2
+    main = threading.get_ident()
+    assert len(beside_threads) == 4 and all(t != main for t in beside_threads)  # student and teacher, in the helper
+    assert len(in_turn_threads) == 4 and all(t == main for t in in_turn_threads)
+    for (name, a), b in zip(beside.state_dict().items(), in_turn.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+    in_turn.options = in_turn.options.model_copy(update={"overlap_solver_step": True})
+    assert all(t == main for t in _train_two_batches(in_turn, site, threads=1))  # one thread: nothing to overlap
+
+
+def test_the_solver_step_stays_in_the_main_thread_where_the_loop_needs_it(tmp_path, tiny_fundus):
+    import dataclasses
+
+    strategy, site = _replaying(tmp_path, tiny_fundus)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert strategy._overlaps_solver_step(_step(site), "cpu")
+        assert not strategy._overlaps_solver_step(dataclasses.replace(_step(site), unwrapped=None), "cpu")  # DDP, fp16 scaling
+        assert not strategy._overlaps_solver_step(_step(site), "cuda")
+        strategy.options = strategy.options.model_copy(update={"overlap_solver_step": False})
+        assert not strategy._overlaps_solver_step(_step(site), "cpu")
+    finally:
+        torch.set_num_threads(before)
