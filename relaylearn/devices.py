@@ -127,9 +127,11 @@ def run_beside(main: Callable[[], T], side: Callable[[], U]) -> tuple[T, U]:
     caller's count is restored afterwards. The helper thread gets the caller's grad mode and CPU
     autocast settings (both are per thread). An exception in either is raised once both are done.
 
-    ``side`` must not draw random numbers or change the global random state: the generator is
-    shared by all threads, so the order of draws would depend on timing. It should not call into
-    a training loop's hooks either (they are not thread-safe)."""
+    At most one of the two may draw random numbers or change the global random state: the
+    generator is shared by all threads, so the order of draws would otherwise depend on timing.
+    ``side`` should not call into a training loop's hooks (they are not thread-safe). Memory that
+    ``side`` allocates comes from another ``malloc`` arena than the main thread's, one that gives
+    freed blocks back to the system more eagerly: leave the big allocations to ``main``."""
     global _helper_thread
     if _helper_thread is None or _helper_thread[0] != os.getpid():  # a forked child has no such thread
         _helper_thread = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaylearn-beside"))

@@ -97,8 +97,9 @@ def test_train_compile_off_leaves_the_solver_eager(tmp_path):
 
 
 def test_a_relay_trained_through_the_loop_with_two_threads_overlaps_its_solver_step_deterministically(tmp_path, tiny_fundus, monkeypatch):
-    """Under Lightning, on the CPU with two threads, the solver step runs in the helper thread
-    (bare optimizer, plain backward) beside the last G+D step; the same seed gives the same bundle."""
+    """Under Lightning, on the CPU with two threads, the last G+D step of each batch runs in the
+    helper thread (bare optimizers, plain backward) beside the solver step; the same seed gives
+    the same bundle."""
     import relaylearn.strategies.relay as relay
     from relaylearn.bundle import read_bundle
     from relaylearn.runner import TrainOptions, run_training

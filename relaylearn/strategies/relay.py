@@ -185,7 +185,7 @@ class RelayOptions(StrategyOptions):
     )
     overlap_solver_step: bool = Field(
         True,
-        description="On the CPU with two or more threads in one process: the solver step runs in a helper thread beside the batch's last G+D step (they are independent; one thread each). Same method, a different order of random draws than false.",
+        description="On the CPU with two or more threads in one process: the batch's last G+D step runs in a helper thread beside the solver step (they are independent; one thread each). Same method, a different order of random draws than false.",
     )
 
     @model_validator(mode="before")
@@ -661,11 +661,15 @@ class Relay(Strategy):
         seg = encode_labels(labels, self.num_classes)
         return seg + self.options.label_noise * torch.randn_like(seg).clamp(-3, 3)
 
-    def _gan_step(self, mixed: tuple[Tensor, Tensor, Tensor, int], real: tuple[Tensor, Tensor], step: StepContext) -> dict[str, Tensor]:
+    def _gan_step(self, mixed: tuple[Tensor, Tensor, Tensor, int], real: tuple[Tensor, Tensor], step: StepContext, unwrapped: bool = False) -> dict[str, Tensor]:
         """One G step and one D step on a mixed (real + un-augmented replay) batch; ``real``: the
-        real batch it came from (re-mixed for the D step when ``replay_once_per_batch`` is off)."""
+        real batch it came from (re-mixed for the D step when ``replay_once_per_batch`` is off).
+        ``unwrapped``: plain backward and bare optimizers (in a helper thread, beside the solver step)."""
         o = self.options
         g_opt, d_opt, _ = self.optimizers
+        if unwrapped:
+            g_opt, d_opt = step.unwrapped(g_opt), step.unwrapped(d_opt)
+            step = dataclasses.replace(step, backward=lambda loss: loss.backward())
         do_pl = (self.gan_step + 1) % o.g_reg_interval == 0
         do_r1 = (self.gan_step + 1) % o.d_reg_interval == 0
         logs: dict[str, Tensor] = {}
@@ -703,30 +707,25 @@ class Relay(Strategy):
                 real = self._fresh_real_batch(images)
                 logs.update(self._gan_step(self.mix_with_replay(*real), real, step))
 
-        overlap = self._overlaps_solver_step(step, images.device)
         mixes = []  # the first mixed batch, and with solver_replay 'append' every one (their replay)
-        beside_solver = None  # the G+D step that runs beside the solver step
         for i in range(o.gan_steps_per_solver_step):
             real = (images, labels) if i == 0 else self._fresh_real_batch(images)
             mix = self.mix_with_replay(*real)
             if i == 0 or o.solver_replay == "append":
                 mixes.append(mix)
-            if overlap and i == o.gan_steps_per_solver_step - 1:
-                beside_solver = (mix, real)
-            else:
+            if i < o.gan_steps_per_solver_step - 1:
                 logs.update(self._gan_step(mix, real, step))
-
+        # The solver's batch draws its random numbers before the last G+D step, which then runs
+        # beside the solver step or before it: one random stream for both schedules.
         x, y, n_real = self._solver_batch(images, labels, mixes)
-        if beside_solver is None:
-            logs.update(self._solver_step(x, y, n_real, step, self.optimizers[2]))
+        if self._overlaps_solver_step(step, images.device):
+            # the solver (most of the memory traffic) here, the GANs (many small operators) beside it
+            solver_logs, gan_logs = run_beside(lambda: self._solver_step(x, y, n_real, step), lambda: self._gan_step(mix, real, step, unwrapped=True))
         else:
-            helper_step = dataclasses.replace(step, backward=lambda loss: loss.backward())
-            gan_logs, solver_logs = run_beside(
-                lambda: self._gan_step(*beside_solver, step),
-                lambda: self._solver_step(x, y, n_real, helper_step, step.unwrapped(self.optimizers[2])),
-            )
-            logs.update(gan_logs)
-            logs.update(solver_logs)
+            gan_logs = self._gan_step(mix, real, step)
+            solver_logs = self._solver_step(x, y, n_real, step)
+        logs.update(gan_logs)
+        logs.update(solver_logs)
         logs["ada_p_img"] = self.ada_img.p.detach().clone()
         logs["stage"] = torch.tensor(float(self.stage))
         if self._snapshot_due(step):
@@ -734,7 +733,7 @@ class Relay(Strategy):
         return logs
 
     def _overlaps_solver_step(self, step: StepContext, device) -> bool:
-        """Whether the solver step runs beside the batch's last G+D step (``overlap_solver_step``):
+        """Whether the batch's last G+D step runs beside the solver step (``overlap_solver_step``):
         on the CPU, with two or more intra-op threads, where the loop allows a helper thread."""
         return self.options.overlap_solver_step and step.unwrapped is not None and torch.device(device).type == "cpu" and torch.get_num_threads() >= 2
 
@@ -752,10 +751,10 @@ class Relay(Strategy):
             x = x.contiguous(memory_format=torch.channels_last)  # the solver runs in its input's layout
         return x, y, n_real
 
-    def _solver_step(self, x: Tensor, y: Tensor, n_real: int, step: StepContext, optimizer) -> dict[str, Tensor]:
+    def _solver_step(self, x: Tensor, y: Tensor, n_real: int, step: StepContext) -> dict[str, Tensor]:
         """One solver (M) step on images x [B,C,H,W] / labels y [B,H,W]: segmentation loss plus
-        distillation from the teacher. Touches only the solver (and reads the teacher): it may run
-        beside a G+D step."""
+        distillation from the teacher. Touches only the solver (and reads the teacher) and draws
+        no random numbers: a G+D step may run beside it."""
         o = self.options
         logs: dict[str, Tensor] = {}
         logits = self.solver(x)
@@ -767,7 +766,7 @@ class Relay(Strategy):
             distil = distillation_loss(logits, t_logits, tau=o.distil_tau)
             loss_m = loss_m + o.distil_weight * distil
             logs["distil"] = distil.detach()
-        self.optimize(loss_m, optimizer, step)
+        self.optimize(loss_m, self.optimizers[2], step)
         logs["loss"] = loss_m.detach()
         logs["replay_fraction"] = torch.tensor(1 - n_real / x.shape[0])
         return logs

@@ -481,12 +481,15 @@ def test_generator_moving_average_follows_its_formula_and_leaves_the_site(tmp_pa
 
 
 def _train_two_batches(strategy, site, threads):
-    """Two batches of the same seed; the threads the forward passes of the solver and of its
-    distillation teacher ran in."""
+    """Two batches of the same seed → the threads the networks' forward passes ran in:
+    {"solver": solver and distillation teacher, "gan": generators and discriminators}."""
     import threading
 
-    seen = []
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.append(threading.get_ident())) for m in (strategy.solver, strategy.previous["solver"])]
+    seen = {"solver": [], "gan": []}
+    watched = {"solver": (strategy.solver, strategy.previous["solver"]), "gan": (strategy.g_img, strategy.g_label, strategy.d_img, strategy.d_label)}
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, key=key: seen[key].append(threading.get_ident())) for key, modules in watched.items() for m in modules
+    ]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -500,13 +503,11 @@ def _train_two_batches(strategy, site, threads):
     return seen
 
 
-def test_solver_step_runs_beside_the_last_gan_step_with_the_same_results(tmp_path, tiny_fundus):
+def test_last_gan_step_runs_beside_the_solver_step_with_the_same_results(tmp_path, tiny_fundus):
     import copy
     import threading
 
-    # no replay augmentation: the solver's batch then draws no random numbers, so both orders
-    # of the steps see the same random stream
-    beside, site = _replaying(tmp_path, tiny_fundus, replay_augment="none")
+    beside, site = _replaying(tmp_path, tiny_fundus)  # with replay augmentation: the solver's batch draws random numbers
     in_turn = copy.deepcopy(beside)
     in_turn.options = in_turn.options.model_copy(update={"overlap_solver_step": False})
     for s in (beside, in_turn):
@@ -515,18 +516,21 @@ def test_solver_step_runs_beside_the_last_gan_step_with_the_same_results(tmp_pat
     for key, opt in enumerate(beside.optimizers):
         opt.register_step_post_hook(lambda *a, key=key: counts.__setitem__(key, counts[key] + 1))
     # beside each other, each part runs with one intra-op thread: one after the other with one
-    # thread in all must give the same numbers (one G+D step per batch, so every G+D step is beside)
+    # thread in all must give the same numbers, random stream included (one G+D step per batch,
+    # so every G+D step runs beside a solver step)
     beside_threads = _train_two_batches(beside, site, threads=2)
     in_turn_threads = _train_two_batches(in_turn, site, threads=1)
     assert counts == [2, 2, 2] and beside.gan_step == in_turn.gan_step == 2
     main = threading.get_ident()
-    assert len(beside_threads) == 4 and all(t != main for t in beside_threads)  # student and teacher, in the helper
-    assert len(in_turn_threads) == 4 and all(t == main for t in in_turn_threads)
+    assert len(beside_threads["solver"]) == 4 and set(beside_threads["solver"]) == {main}  # student and teacher, twice
+    assert beside_threads["gan"] and main not in beside_threads["gan"]  # the G+D steps in the helper thread
+    assert {t for ts in in_turn_threads.values() for t in ts} == {main}
     for (name, a), b in zip(beside.state_dict().items(), in_turn.state_dict().values()):
         if torch.is_tensor(a):
             assert torch.equal(a, b), name
     in_turn.options = in_turn.options.model_copy(update={"overlap_solver_step": True})
-    assert all(t == main for t in _train_two_batches(in_turn, site, threads=1))  # one thread: nothing to overlap
+    threads = _train_two_batches(in_turn, site, threads=1)  # one thread: nothing to overlap
+    assert {t for ts in threads.values() for t in ts} == {main}
 
 
 def test_the_solver_step_stays_in_the_main_thread_where_the_loop_needs_it(tmp_path, tiny_fundus):
