@@ -14,6 +14,9 @@ iteration, as in training. Every switch is independent: ``--precision bf16`` (au
 ``--channels-last``, ``--compile`` (``nn.Module.compile`` of the solver and generators),
 ``--fused-adam``, ``--replay-per-substep`` (the original's three replays per batch) and
 ``--aug-device cpu|same`` (augment real batches on the host before the copy, or on the device).
+An iteration is one G+D step and one solver step, whatever the config's GAN budget, so that every
+checkout does the same work; ``--gan-budget config`` times one batch of training as the config
+budgets it instead (``gan_steps_per_solver_step`` G+D steps, then the solver step).
 
 One JSON line per measurement on stdout::
 
@@ -229,9 +232,10 @@ def site_context(name: str, position: int, images: torch.Tensor, labels: torch.T
     )
 
 
-def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int, trained: bool = False) -> TaskConfig:
+def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int, trained: bool = False, gan_budget: str = "one") -> TaskConfig:
     """The config of one measurement: the relay's (with the switches, unless ``trained``: as
-    configured) or the sequential baseline's."""
+    configured) or the sequential baseline's. ``gan_budget``: "one" G+D step per solver step
+    (comparable across checkouts), or the "config"'s own budget (what a batch of training does)."""
     data = base.model_dump(mode="python")
     data["train"]["batch_size"] = batch
     if measurement == "sequential":
@@ -241,7 +245,8 @@ def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int,
             raise SystemExit(f"speed.py: {measurement} needs a relay config (this one trains '{data['strategy']['name']}')")
         if not trained:
             data["strategy"]["kwargs"].update(replay_once_per_batch=not switches.replay_per_substep, fused_optimizers=switches.fused_adam)
-        data["strategy"]["kwargs"].update(one_gan_step_per_iteration())
+        if gan_budget == "one":
+            data["strategy"]["kwargs"].update(one_gan_step_per_iteration())
     return TaskConfig.model_validate(data)
 
 
@@ -408,12 +413,13 @@ def measure(
     trained: bool = False,
     flop_cache: dict | None = None,
     round_to_cycle: bool = True,
+    gan_budget: str = "one",
 ) -> dict:
     """One JSON-able record; ``error`` (one line) instead of numbers where the variant fails.
     ``trained``: the switches training applies (``as_trained``) instead of ``switches``.
     ``round_to_cycle``: time a whole number of ``timing_cycle`` cycles (``iters`` rounded up)."""
     if trained:
-        switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True), device)
+        switches = as_trained(task_for(base, measurement, Switches(), batch, trained=True, gan_budget=gan_budget), device)
     record = {
         "name": measurement,
         "device": device_label(device),
@@ -422,13 +428,14 @@ def measure(
         "img_size": list(base.dataset.kwargs.img_size),
         **asdict(switches),
         "as_trained": trained,
+        "gan_budget": gan_budget,
         "warmup": warmup,
         "iters": iters,
     }
     memory = PeakMemory(device)
     torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     try:
-        task = task_for(base, measurement, switches, batch, trained=trained)
+        task = task_for(base, measurement, switches, batch, trained=trained, gan_budget=gan_budget)
         prepared = prepare(measurement, task, switches, device, trained=trained)
         record["fused_effective"] = all(bool(g.get("fused")) for o in prepared.strategy.optimizers for g in o.param_groups)
         n_flop = flop_iters if flop_iters is not None else prepared.flop_cycle
@@ -491,7 +498,7 @@ def worker(args: argparse.Namespace, base: TaskConfig, config_name: str, device:
     prepared, next_step = {}, {}
     for name in names:
         switches = switches_from(args)
-        task = task_for(base, name, switches, batch, trained=args.as_trained)
+        task = task_for(base, name, switches, batch, trained=args.as_trained, gan_budget=args.gan_budget)
         switches = as_trained(task, device) if args.as_trained else switches
         prepared[name] = prepare(name, task, switches, device, trained=args.as_trained)
         if switches.compile and not args.as_trained:
@@ -613,6 +620,7 @@ def compare(args: argparse.Namespace, argv: list[str], warmup: int, iters: int) 
             "ref_root": sides[0].imported_from,
             "this_root": sides[1].imported_from,
             "as_trained": args.as_trained,
+            "gan_budget": args.gan_budget,
             "reps": args.reps,
             "iters": per_round[name],
             "cycle": cycles[name],
@@ -642,6 +650,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--iters",
         type=int,
         help="timed iterations (default: 40 GPU, 8 CPU, 2 quick), rounded up to whole cycles of the measured work except with --quick (see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--gan-budget",
+        choices=("one", "config"),
+        default="one",
+        help="one: an iteration is one G+D step and one solver step (default; the same work for every checkout); config: the config's own G+D steps per solver step, i.e. one batch of training",
     )
     p.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {', '.join(MEASUREMENTS)}")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -759,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             trained=args.as_trained,
             flop_cache=flop_cache,
             round_to_cycle=not args.quick,
+            gan_budget=args.gan_budget,
         )
         record["torch"] = torch.__version__
         record["threads"] = torch.get_num_threads()

@@ -122,9 +122,10 @@ _helper_thread: tuple[int, ThreadPoolExecutor] | None = None  # (process id, exe
 def run_beside(main: Callable[[], T], side: Callable[[], U]) -> tuple[T, U]:
     """Run ``side`` in a helper thread while ``main`` runs in this one; return both results.
 
-    For two independent pieces of CPU work made of many small operators, which keep one core busy
-    each but gain little from a second intra-op thread: each runs with one intra-op thread, the
-    caller's count is restored afterwards. The helper thread gets the caller's grad mode and CPU
+    For two independent pieces of CPU work that keep two cores busier side by side than one after
+    the other (e.g. thousands of small operators, which gain little from a second intra-op thread,
+    beside a few large convolutions): each runs with one intra-op thread, and the caller's count is
+    restored afterwards. The helper thread gets the caller's grad mode and CPU
     autocast settings (both are per thread). An exception in either is raised once both are done.
 
     At most one of the two may draw random numbers or change the global random state: the

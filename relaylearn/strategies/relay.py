@@ -7,7 +7,9 @@ sites, so the segmentation solver keeps what it learned there without any earlie
 leaving its hospital. Half-way through a site all networks are merged with the previous site's
 final ones, weighted by the number of images behind each (``weighted_merge``).
 
-Per batch (docs/method.md#one-batch): a G step, a D step and a solver (M) step.
+Per batch (docs/method.md#one-batch): a G step, a D step and a solver (M) step. On the CPU the
+batch's last G+D step runs in a helper thread beside the solver step, with the same random draws
+(``overlap_solver_step``; docs/method.md#the-last-gd-step-beside-the-solver-step).
 
 Fixes of the original's bugs, each with a switch back where the original is a reasonable choice:
   * distillation teacher = the previous site's frozen solver (``distil_teacher: current`` = the
@@ -46,7 +48,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -183,9 +185,9 @@ class RelayOptions(StrategyOptions):
         False,
         description="Fused Adam kernels for G, D and the solver (faster on GPUs; false: train.optimizer.fused for the solver, PyTorch's default for G and D).",
     )
-    overlap_solver_step: bool = Field(
-        True,
-        description="On the CPU with two or more threads in one process: the batch's last G+D step runs in a helper thread beside the solver step (they are independent; one thread each). Same method, a different order of random draws than false.",
+    overlap_solver_step: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="On the CPU in one process: the batch's last G+D step runs in a helper thread beside the solver step (they are independent; one intra-op thread each), with the same random draws as false (only floating-point rounding differs). auto: with exactly two intra-op threads, where it was measured to pay; true: with two or more; false: never.",
     )
 
     @model_validator(mode="before")
@@ -661,7 +663,9 @@ class Relay(Strategy):
         seg = encode_labels(labels, self.num_classes)
         return seg + self.options.label_noise * torch.randn_like(seg).clamp(-3, 3)
 
-    def _gan_step(self, mixed: tuple[Tensor, Tensor, Tensor, int], real: tuple[Tensor, Tensor], step: StepContext, unwrapped: bool = False) -> dict[str, Tensor]:
+    def _gan_step(
+        self, mixed: tuple[Tensor, Tensor, Tensor, int], real: tuple[Tensor, Tensor], step: StepContext, unwrapped: bool = False
+    ) -> dict[str, Tensor]:
         """One G step and one D step on a mixed (real + un-augmented replay) batch; ``real``: the
         real batch it came from (re-mixed for the D step when ``replay_once_per_batch`` is off).
         ``unwrapped``: plain backward and bare optimizers (in a helper thread, beside the solver step)."""
@@ -734,8 +738,12 @@ class Relay(Strategy):
 
     def _overlaps_solver_step(self, step: StepContext, device) -> bool:
         """Whether the batch's last G+D step runs beside the solver step (``overlap_solver_step``):
-        on the CPU, with two or more intra-op threads, where the loop allows a helper thread."""
-        return self.options.overlap_solver_step and step.unwrapped is not None and torch.device(device).type == "cpu" and torch.get_num_threads() >= 2
+        on the CPU, where the loop allows a helper thread, with exactly two intra-op threads
+        ("auto": measured there; with more, the solver's convolutions would give up more threads
+        than the overlap gains) or two or more (true)."""
+        setting, threads = self.options.overlap_solver_step, torch.get_num_threads()
+        wanted = threads == 2 if setting == "auto" else (setting and threads >= 2)
+        return wanted and step.unwrapped is not None and torch.device(device).type == "cpu"
 
     def _solver_batch(self, images: Tensor, labels: Tensor, mixes: list) -> tuple[Tensor, Tensor, int]:
         """The solver's batch (images [B',C,H,W], labels [B',H,W], number of reals first): the

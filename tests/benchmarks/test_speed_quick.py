@@ -134,6 +134,9 @@ def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_
         assert task.strategy.kwargs["gan_steps_per_solver_step"] == 1
         assert task.strategy.kwargs["gan_warmup_steps"] == 0
     assert speed.task_for(base, "sequential", speed.Switches(), 4).strategy.name == "sequential"
+    # --gan-budget config: one batch of training, as the config budgets it
+    kwargs = speed.task_for(base, "relay_replay", speed.Switches(), 4, trained=True, gan_budget="config").strategy.kwargs
+    assert kwargs["gan_steps_per_solver_step"] == 8 and kwargs["gan_warmup_steps"] == 5
 
 
 def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay():

@@ -528,7 +528,7 @@ def test_last_gan_step_runs_beside_the_solver_step_with_the_same_results(tmp_pat
     for (name, a), b in zip(beside.state_dict().items(), in_turn.state_dict().values()):
         if torch.is_tensor(a):
             assert torch.equal(a, b), name
-    in_turn.options = in_turn.options.model_copy(update={"overlap_solver_step": True})
+    in_turn.options = in_turn.options.model_copy(update={"overlap_solver_step": "auto"})
     threads = _train_two_batches(in_turn, site, threads=1)  # one thread: nothing to overlap
     assert {t for ts in threads.values() for t in ts} == {main}
 
@@ -540,9 +540,16 @@ def test_the_solver_step_stays_in_the_main_thread_where_the_loop_needs_it(tmp_pa
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert strategy._overlaps_solver_step(_step(site), "cpu")
+        assert strategy.options.overlap_solver_step == "auto" and strategy._overlaps_solver_step(_step(site), "cpu")
         assert not strategy._overlaps_solver_step(dataclasses.replace(_step(site), unwrapped=None), "cpu")  # DDP, fp16 scaling
         assert not strategy._overlaps_solver_step(_step(site), "cuda")
+        torch.set_num_threads(3)  # auto: only with the two threads it was measured with
+        assert not strategy._overlaps_solver_step(_step(site), "cpu")
+        strategy.options = strategy.options.model_copy(update={"overlap_solver_step": True})
+        assert strategy._overlaps_solver_step(_step(site), "cpu")
+        torch.set_num_threads(1)
+        assert not strategy._overlaps_solver_step(_step(site), "cpu")
+        torch.set_num_threads(2)
         strategy.options = strategy.options.model_copy(update={"overlap_solver_step": False})
         assert not strategy._overlaps_solver_step(_step(site), "cpu")
     finally:
