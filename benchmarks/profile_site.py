@@ -81,8 +81,8 @@ OPTIMIZER_NAMES = ("G", "D", "solver")
 
 
 def one_part_at_a_time(tasks) -> None:
-    """Exclusive timers need the parts of a step one after another: turn off the relay's solver
-    step beside its last G+D step (``overlap_solver_step``), where the checkout has it."""
+    """Exclusive timers need the parts of a step one after another: turn off the relay's last G+D
+    step beside the solver step (``overlap_solver_step``), where the checkout has it."""
     from relaylearn.strategies.relay import RelayOptions
 
     if "overlap_solver_step" in RelayOptions.model_fields:
