@@ -19,6 +19,18 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` (not a package) imported as module ``bench_<name>``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_fundus(tmp_path_factory) -> Path:
     """A DoFE-layout dataset: 3 sites, a few 32-px images each (written by the synthetic generator)."""

@@ -151,11 +151,9 @@ def test_the_quality_preset_is_the_previous_demo_relay_preset_with_more_gan_step
 
 def test_the_ablation_benchmarks_previous_demo_preset_is_the_quality_presets_base():
     """replay_ablation's variants start from PREVIOUS_DEMO, the preset the README measured them on."""
-    import importlib.util
+    from tests.conftest import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("replay_ablation", CONFIG_DIR.parent / "benchmarks" / "replay_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = load_benchmark("replay_ablation")
     previous = load_config("demo/relay", ablation.PREVIOUS_DEMO).tasks[0].model_dump()
     quality = load_config("demo/relay_quality").tasks[0].model_dump()
     for preset in (previous, quality):

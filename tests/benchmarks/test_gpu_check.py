@@ -4,7 +4,6 @@ two checkouts side by side; the profile's timers count nested parts once."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,22 +13,14 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, load_benchmark, tiny_config
 from tests.strategies.test_relay import TINY
 
 BENCH = ROOT / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_variants_parse_into_switches_and_unknown_names_fail():
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     fp32, combo = speed.parse_variants("fp32;bf16,channels_last,fused_adam")
     assert fp32 == speed.Switches()
     assert (combo.precision, combo.channels_last, combo.fused_adam, combo.compile) == ("bf16", True, True, False)
@@ -39,7 +30,7 @@ def test_variants_parse_into_switches_and_unknown_names_fail():
 
 
 def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
-    summary = _load("gpu_summary").summarize(
+    summary = load_benchmark("gpu_summary").summarize(
         [
             json.dumps(
                 {
@@ -85,13 +76,13 @@ def test_summary_lists_each_variant_and_says_when_the_fidelity_is_missing():
 
 
 def test_smoke_steps_fill_the_budget_and_never_go_below_two():
-    smoke = _load("replay_smoke")
+    smoke = load_benchmark("replay_smoke")
     assert smoke.steps_for(200, 100) == int(200 * (1 - smoke.OVERHEAD_SHARE) / 2 / 0.1)
     assert smoke.steps_for(1, 10_000) == 2
 
 
 def test_exclusive_timers_count_nested_parts_once():
-    timers = _load("profile_site").ExclusiveTimers()
+    timers = load_benchmark("profile_site").ExclusiveTimers()
     inner = timers.wrap("inner", lambda: time.sleep(0.02))
     outer = timers.wrap("outer", lambda: (time.sleep(0.02), inner()))
     outer()
@@ -179,7 +170,7 @@ def test_site_profile_times_the_generator_average_snapshots_fidelity_and_audit(m
     from relaylearn.runner import RelayRun
     from relaylearn.strategies.relay import Relay
 
-    profile_site = _load("profile_site")
+    profile_site = load_benchmark("profile_site")
     parts = {
         (Relay, "_update_generator_ema"): "generator average",
         (Relay, "_take_generator_snapshot"): "generator snapshots",

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.benchmarks.test_gpu_check import _load
-from tests.conftest import tiny_config
+from tests.conftest import load_benchmark, tiny_config
 from tests.strategies.test_relay import TINY
 
 
@@ -14,7 +13,7 @@ def test_profile_times_the_parts_lists_operators_and_checks_the_fir_variants(tmp
     from relaylearn.models.gan import generator
     from relaylearn.strategies.relay import Relay
 
-    gpu_profile = _load("gpu_profile")
+    gpu_profile = load_benchmark("gpu_profile")
     originals = (generator.ImageGenerator.forward, Relay.replay)
     config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
     args = ["--device", "cpu", "--config", str(config), "--batch", "4", "--only", "relay_replay,sequential", "--precisions", "fp32"]
@@ -37,7 +36,7 @@ def test_profile_times_the_parts_lists_operators_and_checks_the_fir_variants(tmp
 
 
 def test_as_trained_profiles_the_config_s_own_setting_once(tmp_path, capsys):
-    gpu_profile = _load("gpu_profile")
+    gpu_profile = load_benchmark("gpu_profile")
     config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
     args = ["--device", "cpu", "--config", str(config), "--batch", "4", "--only", "relay_site1", "--precisions", "fp32,bf16", "--as-trained"]
     assert gpu_profile.main([*args, "--iters", "1", "--prof-iters", "1", "--warmup", "0"]) == 0

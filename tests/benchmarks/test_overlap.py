@@ -3,22 +3,12 @@ turn, and the JSON line gives both medians (timings are not asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import torch
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import load_benchmark, tiny_config
 from tests.strategies.test_relay import TINY
-
-
-def _overlap_module():
-    spec = importlib.util.spec_from_file_location("bench_overlap", ROOT / "benchmarks" / "overlap.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_even_batches_overlap_and_odd_ones_run_in_turn(tmp_path, tiny_fundus, monkeypatch, capsys):
@@ -30,7 +20,7 @@ def test_even_batches_overlap_and_odd_ones_run_in_turn(tmp_path, tiny_fundus, mo
     config = tiny_config(tmp_path, tiny_fundus, strategy="relay", task_ids=(1, 2), strategy_kwargs=TINY)
     before = torch.get_num_threads()
     try:
-        assert _overlap_module().main(["--config", str(config), "--batches", "4", "--threads", "2"]) == 0
+        assert load_benchmark("overlap").main(["--config", str(config), "--batches", "4", "--threads", "2"]) == 0
     finally:
         torch.set_num_threads(before)
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_replay_ablation", ROOT / "benchmarks" / "replay_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def _write(root, variant, label, runs):
@@ -33,7 +23,7 @@ def _write(root, variant, label, runs):
 
 
 def test_summary_targets_and_table(tmp_path):
-    m = _module()
+    m = load_benchmark("replay_ablation")
     matrix = {"sites": ["A", "B", "X"], "trained": ["A", "B"], "R": [[0.9, 0.2, 0.3], [0.8, 0.9, 0.5]], "acc": 0.85, "bwt": -0.1, "forgetting": 0.1}
     replay = {"sites": ["A", "B"], "fidelity": [[None, None], [0.72, None]], "reference": [0.9, 0.9]}
     _write(tmp_path, "relay_replay_only", "relay", [(matrix, replay), ({**matrix, "forgetting": 0.2}, {**replay, "fidelity": [[None, None], [0.81, None]]})])

@@ -3,7 +3,6 @@ not asserted), and --matrix toggles exactly one switch per variant."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,18 +10,10 @@ from argparse import Namespace
 
 import pytest
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, load_benchmark, tiny_config
 from tests.strategies.test_relay import TINY
 
 SPEED = ROOT / "benchmarks" / "speed.py"
-
-
-def _speed_module():
-    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -58,7 +49,7 @@ def test_quick_run_prints_one_record_per_measurement_with_the_switches_applied(t
 
 
 def test_matrix_toggles_one_switch_at_a_time_against_the_baseline():
-    speed = _speed_module()
+    speed = load_benchmark("speed")
     args = Namespace(
         precision="fp32",
         channels_last=False,
@@ -82,7 +73,7 @@ def test_matrix_toggles_one_switch_at_a_time_against_the_baseline():
 
 
 def test_iterations_are_split_by_the_lazy_regularisers_they_ran():
-    speed = _speed_module()
+    speed = load_benchmark("speed")
 
     class Options:
         g_reg_interval, d_reg_interval, pl_weight, r1_gamma = 4, 8, 2.0, 0.1
@@ -110,7 +101,7 @@ def test_timing_windows_hold_whole_refills_of_the_replay_stock(tmp_path):
     refills every 6 iterations: a timing window is a multiple of lcm(regularisation cycle, 6)."""
     import math
 
-    speed = _speed_module()
+    speed = load_benchmark("speed")
     cycles = {}
     for stock in (12, 0):
         config = tiny_config(tmp_path / str(stock), tmp_path, strategy="relay", strategy_kwargs={**TINY, "replay_stock": stock})
@@ -126,7 +117,7 @@ def test_timing_windows_hold_whole_refills_of_the_replay_stock(tmp_path):
 
 def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_budget(tmp_path):
     """Checkouts with and without a GAN budget of their own measure the same work per iteration."""
-    speed = _speed_module()
+    speed = load_benchmark("speed")
     config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs={**TINY, "gan_steps_per_solver_step": 8, "gan_warmup_steps": 5})
     base = speed.load_config(str(config)).tasks[0]
     for trained in (False, True):
@@ -140,7 +131,7 @@ def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_
 
 
 def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay():
-    speed = _speed_module()
+    speed = load_benchmark("speed")
     env = speed.worker_environment(ROOT / "ref", {"PYTHONPATH": "/tmp/site", "HOME": "/h"})
     assert env["PYTHONPATH"].split(":") == [str(ROOT / "ref"), "/tmp/site"]
     assert env["HOME"] == "/h"
@@ -151,7 +142,7 @@ def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay
 def test_as_trained_resolves_auto_precision_as_training_does(tmp_path, monkeypatch, native):
     from relaylearn import devices
 
-    speed = _speed_module()
+    speed = load_benchmark("speed")
     monkeypatch.setattr(devices, "native_bf16", lambda accelerator: native)
     config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
     base = speed.load_config(str(config), ["train.precision=auto", "train.channels_last=true"]).tasks[0]
@@ -164,7 +155,7 @@ def test_a_bf16_step_runs_under_autocast_as_lightning_runs_it(tmp_path, monkeypa
     up as CPU training sets it (prepared as trained)."""
     from relaylearn import devices
 
-    speed = _speed_module()
+    speed = load_benchmark("speed")
     allocator = []
     monkeypatch.setattr(devices, "keep_freed_host_memory", lambda: allocator.append(1) or True)
     config = tiny_config(tmp_path, tmp_path, strategy="sequential")
