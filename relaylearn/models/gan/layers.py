@@ -31,11 +31,37 @@ RESAMPLE_TAPS = (1.0, 3.0, 3.0, 1.0)
 # Bias + activation
 
 
+#: elements of 16 bits in one 64-byte (AVX-512) vector
+_HALF_PER_VECTOR = 32
+
+
+def broadcast_for_add(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (broadcastable to ``x`` [N,C,H,W]) ready to be added to ``x``: expanded to ``x``'s
+    shape and channels-last layout where ``x`` is a 16-bit channels-last CPU tensor whose C is not
+    a multiple of 32, else ``y`` itself.
+
+    PyTorch's CPU kernel adds such a tensor and a broadcast operand (a bias [1,C,1,1], a noise map
+    [N,1,H,W]) in a scalar loop: at C = 16 (the generators' 32-px layers) 250–280 µs against 60–85 µs
+    for the copy and an add of equal layouts (bf16, AVX-512, one thread). The sum is the same bit
+    for bit, and so are the gradients (both sum over the broadcast dimensions)."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.ndim == 4
+        and x.shape[1] % _HALF_PER_VECTOR != 0
+        and y.shape != x.shape
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    ):
+        return y.expand_as(x).contiguous(memory_format=torch.channels_last)
+    return y
+
+
 def bias_act(x: Tensor, bias: Tensor | None = None, activation: str = "linear", gain: float = 1.0, clamp: float | None = None) -> Tensor:
     """``clamp(act(x + bias) · act_gain · gain)``; ``bias`` [C] is added along dim 1."""
     if bias is not None:
         shape = [1, -1] + [1] * (x.ndim - 2)
-        x = x + bias.reshape(shape)
+        x = x + broadcast_for_add(bias.reshape(shape), x)
     if activation == "lrelu":
         x = F.leaky_relu(x, LRELU_SLOPE)
     elif activation == "relu":
@@ -268,7 +294,7 @@ class NoiseInput(nn.Module):
             return x
         else:
             raise ValueError(f"unknown noise mode '{mode}' (known: {', '.join(self.MODES)})")
-        return x + noise * self.strength.to(x.dtype)
+        return x + broadcast_for_add(noise * self.strength.to(x.dtype), x)
 
 
 class StyledConv2d(nn.Module):

@@ -14,6 +14,7 @@ from relaylearn.models.gan.layers import (
     MinibatchStdDev,
     NoiseInput,
     bias_act,
+    broadcast_for_add,
     conv2d_resample,
     depthwise_correlate,
     downsample2d,
@@ -222,6 +223,42 @@ def test_bias_act_lrelu_gain():
     assert torch.allclose(y, torch.tensor([[-0.2, 3.0]]) * math.sqrt(2))
     with pytest.raises(ValueError):
         bias_act(x, None, "tanh")
+
+
+@pytest.mark.parametrize("operand", ["bias", "noise"])
+def test_broadcast_for_add_expands_16_bit_channels_last_operands_with_the_same_sums_and_gradients(operand):
+    """A bias [1,C,1,1] or noise map [N,1,H,W] added to a bf16 channels-last [N,16,H,W] comes
+    expanded in that layout; sums, gradients and second derivatives equal the broadcast add's
+    bit for bit."""
+    x0 = torch.randn(4, 16, 6, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    y0 = torch.randn(1, 16, 1, 1) if operand == "bias" else torch.randn(4, 1, 6, 6)
+    y0 = y0.to(torch.bfloat16)
+    expanded = broadcast_for_add(y0, x0)
+    assert expanded.shape == x0.shape and expanded.is_contiguous(memory_format=torch.channels_last)
+
+    def results(expand: bool):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        out = x + (broadcast_for_add(y, x) if expand else y)
+        grads = torch.autograd.grad(out.float().square().sum(), (x, y), create_graph=True)
+        second = torch.autograd.grad(sum(g.float().square().sum() for g in grads), (x, y))
+        return out, *grads, *second
+
+    for got, want in zip(results(True), results(False)):
+        assert torch.equal(got, want)
+
+
+def test_broadcast_for_add_leaves_other_operands_alone():
+    """fp32, contiguous layout, whole vectors of channels (32) or an operand of the full shape:
+    the operand itself, broadcast by the add."""
+    cl = torch.channels_last
+    bias = torch.randn(1, 16, 1, 1)
+    for x, y in [
+        (torch.randn(2, 16, 4, 4).contiguous(memory_format=cl), bias),
+        (torch.randn(2, 16, 4, 4).to(torch.bfloat16), bias.to(torch.bfloat16)),
+        (torch.randn(2, 32, 4, 4).to(torch.bfloat16).contiguous(memory_format=cl), torch.randn(1, 32, 1, 1).to(torch.bfloat16)),
+        (torch.randn(2, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=cl), torch.randn(2, 16, 4, 4).to(torch.bfloat16)),
+    ]:
+        assert broadcast_for_add(y, x) is y
 
 
 def test_noise_input_modes():
