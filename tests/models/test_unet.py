@@ -145,6 +145,53 @@ def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride,
             assert torch.count_nonzero(outer) == 0 and torch.count_nonzero(grads[1][:, :, 1, 1]) > 0
 
 
+@pytest.mark.parametrize("kernel", [(2, 2), (2, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_patch_transposed_convolution_equals_the_transposed_convolution(kernel, bias, layout):
+    """Kernel = stride: values and gradients (input, weight, bias) equal F.conv_transpose2d's, the
+    output in channels-last whatever the input's layout."""
+    from torch.nn import functional as F
+
+    from relaylearn.models.unet import PatchConvTranspose2d
+
+    torch.manual_seed(0)
+    up = PatchConvTranspose2d(6, 4, kernel, stride=kernel, bias=bias).double()
+    x = torch.randn(3, 6, 5, 4, dtype=torch.double).contiguous(memory_format=layout).requires_grad_()
+    out = up(x)
+    reference = F.conv_transpose2d(x, up.weight, up.bias, stride=kernel)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference)
+    params = (x, up.weight) + ((up.bias,) if bias else ())
+    for got, want in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(reference.square().sum(), params)):
+        torch.testing.assert_close(got, want)
+
+
+def test_patch_transposed_convolution_in_bf16_and_where_patches_overlap(monkeypatch):
+    """Under CPU bf16 autocast it stays within bf16 rounding of the fp32 result; with a kernel
+    larger than the stride it is nn.ConvTranspose2d (no matrix product)."""
+    from torch.nn import functional as F
+
+    from relaylearn.models.unet import PatchConvTranspose2d
+
+    torch.manual_seed(0)
+    up = PatchConvTranspose2d(32, 16, 2, stride=2)
+    x = torch.randn(4, 32, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = up(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), F.conv_transpose2d(x, up.weight, up.bias, stride=2), atol=0.05, rtol=0.02)
+
+    products = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: (products.append(1), linear(*a, **k))[1])
+    overlapping = PatchConvTranspose2d(32, 16, 4, stride=2)
+    torch.testing.assert_close(overlapping(x), F.conv_transpose2d(x, overlapping.weight, overlapping.bias, stride=2))
+    assert not products
+    up(x)
+    assert len(products) == 1
+
+
 def test_the_encoder_runs_its_last_stage_on_the_centre_tap_at_32_px(monkeypatch):
     """At 32 px the last stage's three 1×1-map convolutions are products with the 512×512 centre
     tap (what makes them cheap), and no 3×3 kernel meets a 1×1 map."""
