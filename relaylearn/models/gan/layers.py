@@ -41,7 +41,7 @@ def broadcast_for_add(y: Tensor, x: Tensor) -> Tensor:
     a multiple of 32, else ``y`` itself.
 
     PyTorch's CPU kernel adds such a tensor and a broadcast operand (a bias [1,C,1,1], a noise map
-    [N,1,H,W]) in a scalar loop: at C = 16 (the generators' 32-px layers) 250–280 µs against 60–85 µs
+    [N,1,H,W]) in a scalar loop: at C = 16 (the GANs' 32-px layers) 250–280 µs against 60–85 µs
     for the copy and an add of equal layouts (bf16, AVX-512, one thread). The sum is the same bit
     for bit, and so are the gradients (both sum over the broadcast dimensions)."""
     if (
