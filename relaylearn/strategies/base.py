@@ -195,6 +195,11 @@ class Strategy(nn.Module):
         """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → clip → optimizer step."""
         optimizer.zero_grad(set_to_none=True)
         step.backward(loss)
+        self.apply_gradients(optimizer, step)
+
+    def apply_gradients(self, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
+        """The end of :meth:`optimize`, once the gradients are in: replace NaN/inf gradients → clip
+        → optimizer step."""
         if step.sanitize:
             sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
         self.clip_gradients(optimizer)

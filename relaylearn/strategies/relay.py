@@ -48,6 +48,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -188,6 +189,10 @@ class RelayOptions(StrategyOptions):
     overlap_solver_step: Union[Literal["auto"], bool] = Field(
         "auto",
         description="On the CPU in one process: the batch's last G+D step runs in a helper thread beside the solver step (they are independent; one intra-op thread each), with the same random draws as false (only floating-point rounding differs). auto: with exactly two intra-op threads, where it was measured to pay; true: with two or more; false: never.",
+    )
+    gan_pairs_side_by_side: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="On the CPU in one process: in every G+D step not already beside the solver step, the image pair (image G, its D) and the label-map pair run their forward and backward passes in two threads, one intra-op thread each (their losses share no parameters; each pair draws from its own random generator, so the draws are those of false and only floating-point rounding differs). auto: with exactly two intra-op threads, where it was measured to pay; true: with two or more; false: never.",
     )
 
     @model_validator(mode="before")
@@ -668,10 +673,13 @@ class Relay(Strategy):
     ) -> dict[str, Tensor]:
         """One G step and one D step on a mixed (real + un-augmented replay) batch; ``real``: the
         real batch it came from (re-mixed for the D step when ``replay_once_per_batch`` is off).
+        Each step's loss is the sum of two independent halves, the image pair's and the label-map
+        pair's (:meth:`_generator_halves`); with ``gan_pairs_side_by_side`` they run in two threads.
         ``unwrapped``: plain backward and bare optimizers (in a helper thread, beside the solver step)."""
         o = self.options
         g_opt, d_opt, _ = self.optimizers
-        if unwrapped:
+        side_by_side = not unwrapped and self._runs_beside(o.gan_pairs_side_by_side, step, mixed[0].device)
+        if unwrapped or side_by_side:
             g_opt, d_opt = step.unwrapped(g_opt), step.unwrapped(d_opt)
             step = dataclasses.replace(step, backward=lambda loss: loss.backward())
         do_pl = (self.gan_step + 1) % o.g_reg_interval == 0
@@ -679,15 +687,21 @@ class Relay(Strategy):
         logs: dict[str, Tensor] = {}
         x, y, ids, _ = mixed
         with _frozen(self.d_img, self.d_label):
-            loss_g, g_logs = self._generator_loss(y, ids, do_pl)
-            self.optimize(loss_g, g_opt, step)
+            if side_by_side:
+                logs.update(self._optimize_halves_beside(self._generator_halves(y, ids, do_pl), g_opt, step))
+            else:
+                loss_g, g_logs = self._generator_loss(y, ids, do_pl)
+                self.optimize(loss_g, g_opt, step)
+                logs.update(g_logs)
         self._update_generator_ema()
-        logs.update(g_logs)
         x, y, ids, _ = mixed if o.replay_once_per_batch else self.mix_with_replay(*real)
         with _frozen(self.g_img, self.g_label):
-            loss_d, d_logs = self._discriminator_loss(x, y, ids, do_r1)
-            self.optimize(loss_d, d_opt, step)
-        logs.update(d_logs)
+            if side_by_side:
+                logs.update(self._optimize_halves_beside(self._discriminator_halves(x, y, ids, do_r1), d_opt, step))
+            else:
+                loss_d, d_logs = self._discriminator_loss(x, y, ids, do_r1)
+                self.optimize(loss_d, d_opt, step)
+                logs.update(d_logs)
         # ADA p and (under DDP) the path-length means averaged across ranks, per GAN step
         for ctl, pipe in ((self.ada_img_ctl, self.ada_img), (self.ada_label_ctl, self.ada_label)):
             ctl.world_size = step.world_size
@@ -737,11 +751,16 @@ class Relay(Strategy):
         return logs
 
     def _overlaps_solver_step(self, step: StepContext, device) -> bool:
-        """Whether the batch's last G+D step runs beside the solver step (``overlap_solver_step``):
-        on the CPU, where the loop allows a helper thread, with exactly two intra-op threads
-        ("auto": measured there; with more, the solver's convolutions would give up more threads
-        than the overlap gains) or two or more (true)."""
-        setting, threads = self.options.overlap_solver_step, torch.get_num_threads()
+        """Whether the batch's last G+D step runs beside the solver step (``overlap_solver_step``)."""
+        return self._runs_beside(self.options.overlap_solver_step, step, device)
+
+    @staticmethod
+    def _runs_beside(setting: str | bool, step: StepContext, device) -> bool:
+        """Whether two independent pieces of work run side by side in two threads, for a setting of
+        ``overlap_solver_step`` or ``gan_pairs_side_by_side``: on the CPU, where the loop allows a
+        helper thread, with exactly two intra-op threads ("auto": measured there; with more, the
+        convolutions would give up more threads than running side by side gains) or two or more (true)."""
+        threads = torch.get_num_threads()
         wanted = threads == 2 if setting == "auto" else (setting and threads >= 2)
         return wanted and step.unwrapped is not None and torch.device(device).type == "cpu"
 
@@ -784,56 +803,110 @@ class Relay(Strategy):
 
         return PairNetworks(self.g_label, self.g_img, self.d_label, self.d_img, self.ada_label, self.ada_img)
 
-    def _generator_loss(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        from relaylearn.models.gan.loss import alignment_loss, generator_loss, path_length_loss
+    def _pair_generators(self, device) -> tuple[torch.Generator, torch.Generator]:
+        """Two fresh generators on ``device`` for the image and the label-map half of a G or D step,
+        seeded from PyTorch's default CPU generator (so a run's seed fixes them)."""
+        seeds = torch.randint(0, 2**62, (2,)).tolist()
+        return torch.Generator(device=device).manual_seed(seeds[0]), torch.Generator(device=device).manual_seed(seeds[1])
+
+    def _generator_halves(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[_Half, _Half]:
+        """The G step's loss as its image half and its label-map half, independent of each other:
+        each touches only its own pair's networks, augmentation and path-length mean, and draws its
+        random numbers from its own generator. The inputs they share (noisy label maps, latents,
+        site one-hots, the alignment's references) are drawn here, from the default generators."""
+        from relaylearn.models.gan import loss as gan_loss
 
         o = self.options
         n, device = labels.shape[0], labels.device
         seg = self._noisy_seg(labels)
         z_img, z_label, c = self._fake_inputs(n, device, site_ids)
         nets = self._gan_networks()
-        loss_img, loss_label = generator_loss(nets, seg, z_label, z_img, c)
-        loss = loss_img + loss_label
-        logs = {"g_img": loss_img.detach(), "g_label": loss_label.detach()}
+        align = None
         if o.gen_align_weight > 0 and self.previous is not None and self.registry_previous:
             m = max(1, n // 2)
             c_prev = self._one_hot(self._draw_ids(m, "previous", device))
-            align = alignment_loss(
-                self.g_label,
-                self.g_img,
-                self.previous["g_label"],
-                self.previous["g_img"],
-                torch.randn(m, o.z_label, device=device),
-                torch.randn(m, o.z_img, device=device),
-                c_prev,
-                lambda label_map: encode_labels(decode_labels(label_map, self.num_classes), self.num_classes),
-            )
-            loss = loss + o.gen_align_weight * align
-            logs["g_align"] = align.detach()
-        if do_pl and o.pl_weight > 0:
-            m = max(1, n // o.pl_batch_shrink)
-            penalty, mean_img, mean_label = path_length_loss(nets, seg[:m], z_label[:m], z_img[:m], c[:m], self.pl_mean_img, self.pl_mean_label, o.pl_decay)
-            self.pl_mean_img.copy_(mean_img)
-            self.pl_mean_label.copy_(mean_label)
-            loss = loss + penalty * o.pl_weight * o.g_reg_interval
-            logs["pl_penalty"] = penalty.detach()
-        return loss, logs
+            z_align = torch.randn(m, o.z_label, device=device), torch.randn(m, o.z_img, device=device)
+            quantize = lambda label_map: encode_labels(decode_labels(label_map, self.num_classes), self.num_classes)  # noqa: E731
+            ref_label, ref_seg, ref_img = gan_loss.alignment_references(self.previous["g_label"], self.previous["g_img"], *z_align, c_prev, quantize)
+            align = (z_align, c_prev, ref_label, ref_seg, ref_img)
+        m_pl = max(1, n // o.pl_batch_shrink)
+        with_pl = do_pl and o.pl_weight > 0
 
-    def _discriminator_loss(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        from relaylearn.models.gan.loss import discriminator_loss
+        def image_half() -> tuple[Tensor, dict[str, Tensor]]:
+            loss = gan_loss.generator_loss_image(nets, seg, z_img, c)
+            logs = {"g_img": loss.detach()}
+            if align is not None:
+                (_, z_align_img), c_prev, _, ref_seg, ref_img = align
+                part = gan_loss.alignment_loss_image(self.g_img, z_align_img, c_prev, ref_seg, ref_img)
+                loss, logs["g_align"] = loss + o.gen_align_weight * part, part.detach()
+            if with_pl:
+                penalty, mean = gan_loss.path_length_loss_image(nets, seg[:m_pl], z_img[:m_pl], c[:m_pl], self.pl_mean_img, o.pl_decay)
+                self.pl_mean_img.copy_(mean)
+                loss, logs["pl_penalty"] = loss + penalty * o.pl_weight * o.g_reg_interval, penalty.detach()
+            return loss, logs
+
+        def label_half() -> tuple[Tensor, dict[str, Tensor]]:
+            loss = gan_loss.generator_loss_label(nets, z_label, c)
+            logs = {"g_label": loss.detach()}
+            if align is not None:
+                (z_align_label, _), c_prev, ref_label, _, _ = align
+                part = gan_loss.alignment_loss_label(self.g_label, z_align_label, c_prev, ref_label)
+                loss, logs["g_align"] = loss + o.gen_align_weight * part, part.detach()
+            if with_pl:
+                penalty, mean = gan_loss.path_length_loss_label(nets, z_label[:m_pl], c[:m_pl], self.pl_mean_label, o.pl_decay)
+                self.pl_mean_label.copy_(mean)
+                loss, logs["pl_penalty"] = loss + penalty * o.pl_weight * o.g_reg_interval, penalty.detach()
+            return loss, logs
+
+        return _with_generators((image_half, label_half), self._pair_generators(device))
+
+    def _discriminator_halves(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[_Half, _Half]:
+        """The D step's loss as its image half and its label-map half (see :meth:`_generator_halves`);
+        each feeds its own ADA controller."""
+        from relaylearn.models.gan import loss as gan_loss
 
         o = self.options
         seg = self._noisy_seg(labels)
         z_img, z_label, c = self._fake_inputs(images.shape[0], images.device, ids)
-        out = discriminator_loss(self._gan_networks(), images, seg, z_label, z_img, c, self._one_hot(ids), with_r1=do_r1 and o.r1_gamma > 0)
-        self.ada_img_ctl.accumulate(out.real_logits_image)
-        self.ada_label_ctl.accumulate(out.real_logits_label)
-        loss = out.image + out.label
-        logs = {"d_img": out.image.detach(), "d_label": out.label.detach()}
-        if out.r1 is not None:
-            loss = loss + out.r1 * (o.r1_gamma / 2) * o.d_reg_interval
-            logs["r1_penalty"] = out.r1.detach()
-        return loss, logs
+        nets, c_real, with_r1 = self._gan_networks(), self._one_hot(ids), do_r1 and o.r1_gamma > 0
+
+        def weighted(half, name: str, controller) -> tuple[Tensor, dict[str, Tensor]]:
+            controller.accumulate(half.real_logits)
+            loss, logs = half.loss, {name: half.loss.detach()}
+            if half.r1 is not None:
+                loss, logs["r1_penalty"] = loss + half.r1 * (o.r1_gamma / 2) * o.d_reg_interval, half.r1.detach()
+            return loss, logs
+
+        def image_half() -> tuple[Tensor, dict[str, Tensor]]:
+            return weighted(gan_loss.discriminator_loss_image(nets, images, seg, z_img, c, c_real, with_r1), "d_img", self.ada_img_ctl)
+
+        def label_half() -> tuple[Tensor, dict[str, Tensor]]:
+            return weighted(gan_loss.discriminator_loss_label(nets, seg, z_label, c, c_real, with_r1), "d_label", self.ada_label_ctl)
+
+        return _with_generators((image_half, label_half), self._pair_generators(images.device))
+
+    def _generator_loss(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """The G step's loss (scalar) and logs: its two halves one after the other."""
+        return _sum_halves(half() for half in self._generator_halves(labels, site_ids, do_pl))
+
+    def _discriminator_loss(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """The D step's loss (scalar) and logs: its two halves one after the other."""
+        return _sum_halves(half() for half in self._discriminator_halves(images, labels, ids, do_r1))
+
+    def _optimize_halves_beside(self, halves: tuple[_Half, _Half], optimizer: torch.optim.Optimizer, step: StepContext) -> dict[str, Tensor]:
+        """Forward and backward of the two halves of a G or D step side by side (the image half in
+        this thread, the label-map half in a helper thread), then one optimizer step; returns the
+        logs. The gradients are those of the summed loss: the halves share no parameters."""
+
+        def forward_backward(half: _Half) -> tuple[Tensor, dict[str, Tensor]]:
+            loss, logs = half()
+            step.backward(loss)
+            return loss, logs
+
+        optimizer.zero_grad(set_to_none=True)
+        image, label = run_beside(lambda: forward_backward(halves[0]), lambda: forward_backward(halves[1]))
+        self.apply_gradients(optimizer, step)
+        return _sum_halves((image, label))[1]
 
     def on_site_end(self, site: SiteContext) -> None:
         super().on_site_end(site)
@@ -940,6 +1013,34 @@ def _seeded_random_stream(seed: int, device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+#: one half of a G or D step's loss: () -> (scalar loss, logs)
+_Half = Callable[[], tuple[Tensor, dict[str, Tensor]]]
+
+
+def _with_generators(halves: tuple[_Half, _Half], generators: tuple[torch.Generator, torch.Generator]) -> tuple[_Half, _Half]:
+    """Each half drawing the GAN layers' random numbers from its own generator, in whatever thread it runs."""
+    from relaylearn.models.gan.random import drawing_from
+
+    def bound(half: _Half, generator: torch.Generator) -> _Half:
+        def run() -> tuple[Tensor, dict[str, Tensor]]:
+            with drawing_from(generator):
+                return half()
+
+        return run
+
+    return bound(halves[0], generators[0]), bound(halves[1], generators[1])
+
+
+def _sum_halves(results) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, logs) pairs → (summed loss, logs with the values of a key both halves log summed)."""
+    total, logs = None, {}
+    for loss, half_logs in results:
+        total = loss if total is None else total + loss
+        for key, value in half_logs.items():
+            logs[key] = logs[key] + value if key in logs else value
+    return total, logs
 
 
 class _frozen:

@@ -554,3 +554,79 @@ def test_the_solver_step_stays_in_the_main_thread_where_the_loop_needs_it(tmp_pa
         assert not strategy._overlaps_solver_step(_step(site), "cpu")
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_two_gan_pairs_run_side_by_side_with_the_same_results(tmp_path, tiny_fundus):
+    import copy
+    import threading
+
+    # two G+D steps per batch (the first one not beside the solver step), both regularisers due in
+    # every step, so each half's every part runs in its thread (the alignment's references are
+    # made before the halves, with the caller's threads: other rounding, hence off here)
+    kw = {"gan_steps_per_solver_step": 2, "g_reg_interval": 1, "d_reg_interval": 1, "pl_weight": 2.0, "r1_gamma": 1.0}
+    beside, site = _replaying(tmp_path, tiny_fundus, **kw)
+    in_turn = copy.deepcopy(beside)
+    in_turn.options = in_turn.options.model_copy(update={"gan_pairs_side_by_side": False, "overlap_solver_step": False})
+    for s in (beside, in_turn):
+        s.optimizers = s.configure_optimizers()
+    pair_threads = {"image": set(), "label": set()}
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, key=key: pair_threads[key].add(threading.get_ident()))
+        for key, modules in (("image", (beside.g_img, beside.d_img)), ("label", (beside.g_label, beside.d_label)))
+        for m in modules
+    ]
+    # side by side each half runs with one intra-op thread: in turn with one thread in all must
+    # give the same numbers, random draws included
+    _train_two_batches(beside, site, threads=2)
+    for handle in handles:
+        handle.remove()
+    _train_two_batches(in_turn, site, threads=1)
+    assert beside.gan_step == in_turn.gan_step == 4
+    main = threading.get_ident()
+    assert main in pair_threads["image"] and pair_threads["label"] - {main}  # the label pair in a helper thread
+    for (name, a), b in zip(beside.state_dict().items(), in_turn.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+
+
+def test_the_halves_of_a_gan_step_sum_to_its_loss_and_draw_their_own_numbers(tmp_path, tiny_fundus):
+    import copy
+
+    strategy, site = _replaying(tmp_path, tiny_fundus, g_reg_interval=1, pl_weight=2.0, gen_align_weight=1.0)
+    same = copy.deepcopy(strategy)  # the halves update state (path-length means, ADA statistics)
+    images, labels = _batch()
+    ids = torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(3)
+    image_half, label_half = strategy._generator_halves(labels, ids, do_pl=True)
+    label_first = label_half(), image_half()  # the order does not change what each half draws
+    torch.manual_seed(3)
+    loss, logs = same._generator_loss(labels, ids, do_pl=True)
+    assert torch.allclose(loss, label_first[0][0] + label_first[1][0])
+    assert torch.equal(logs["g_img"], label_first[1][1]["g_img"]) and torch.equal(logs["g_label"], label_first[0][1]["g_label"])
+    assert torch.allclose(logs["g_align"], label_first[0][1]["g_align"] + label_first[1][1]["g_align"])
+    assert torch.allclose(logs["pl_penalty"], label_first[0][1]["pl_penalty"] + label_first[1][1]["pl_penalty"])
+    torch.manual_seed(3)
+    _, in_turn = same._discriminator_loss(images, labels, ids, do_r1=True)
+    torch.manual_seed(3)
+    d_image, d_label = strategy._discriminator_halves(images, labels, ids, do_r1=True)
+    swapped = d_label()[1], d_image()[1]
+    assert torch.allclose(in_turn["r1_penalty"], swapped[0]["r1_penalty"] + swapped[1]["r1_penalty"])
+    assert torch.equal(in_turn["d_img"], swapped[1]["d_img"]) and torch.equal(in_turn["d_label"], swapped[0]["d_label"])
+
+
+def test_gan_pairs_run_side_by_side_only_where_the_loop_allows_a_helper_thread(tmp_path, tiny_fundus):
+    import dataclasses
+
+    strategy, site = _replaying(tmp_path, tiny_fundus)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        setting = strategy.options.gan_pairs_side_by_side
+        assert setting == "auto" and strategy._runs_beside(setting, _step(site), "cpu")
+        assert not strategy._runs_beside(setting, dataclasses.replace(_step(site), unwrapped=None), "cpu")
+        assert not strategy._runs_beside(setting, _step(site), "cuda")
+        torch.set_num_threads(3)
+        assert not strategy._runs_beside(setting, _step(site), "cpu") and strategy._runs_beside(True, _step(site), "cpu")
+        assert not strategy._runs_beside(False, _step(site), "cpu")
+    finally:
+        torch.set_num_threads(before)

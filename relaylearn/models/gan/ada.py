@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from relaylearn.errors import ConfigError
 from relaylearn.models.gan.layers import depthwise_correlate
+from relaylearn.models.gan.random import rand, randint, randn, randn_like
 
 SPEC_LETTERS = "bgcfn"
 FILTER_TAPS = 31
@@ -209,7 +210,7 @@ class AdaptiveAugment(nn.Module):
     @staticmethod
     def _sample_mask(p: Tensor | float, n: int, device: torch.device) -> Tensor:
         """Per-sample Bernoulli(p) mask [N] (bool)."""
-        return torch.rand(n, device=device) < p
+        return rand(n, device=device) < p
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -221,23 +222,23 @@ class AdaptiveAugment(nn.Module):
         g_inv = torch.eye(3, device=dev).expand(n, 3, 3)
 
         if "b" in self.ops:
-            flip = torch.where(self._sample_mask(p, n, dev), torch.randint(0, 2, (n,), device=dev), 0)
+            flip = torch.where(self._sample_mask(p, n, dev), randint(0, 2, (n,), device=dev), 0)
             g_inv = g_inv @ _scale(1 - 2 * flip.float(), ones)
-            quarter_turns = torch.where(self._sample_mask(p, n, dev), torch.randint(0, 4, (n,), device=dev), 0)
+            quarter_turns = torch.where(self._sample_mask(p, n, dev), randint(0, 4, (n,), device=dev), 0)
             g_inv = g_inv @ _rotate(self.quarter_turn_cos.float()[quarter_turns], self.quarter_turn_sin.float()[quarter_turns])
-            shift = (torch.rand(n, 2, device=dev) * 2 - 1) * XINT_MAX
+            shift = (rand(n, 2, device=dev) * 2 - 1) * XINT_MAX
             shift = torch.where(self._sample_mask(p, n, dev)[:, None], shift, 0)
             g_inv = g_inv @ _translate((shift[:, 0] * w).round(), (shift[:, 1] * h).round())
 
         if "g" in self.ops:
-            iso = torch.where(self._sample_mask(p, n, dev), torch.exp2(torch.randn(n, device=dev) * SCALE_STD), 1)
+            iso = torch.where(self._sample_mask(p, n, dev), torch.exp2(randn(n, device=dev) * SCALE_STD), 1)
             g_inv = g_inv @ _scale(1 / iso, 1 / iso)
             p_rot = 1 - torch.sqrt((1 - p).clamp(min=0))  # two rotation chances, total probability p
             g_inv = g_inv @ self._random_rotation(p_rot, n, dev)
-            aniso = torch.where(self._sample_mask(p, n, dev), torch.exp2(torch.randn(n, device=dev) * ANISO_STD), 1)
+            aniso = torch.where(self._sample_mask(p, n, dev), torch.exp2(randn(n, device=dev) * ANISO_STD), 1)
             g_inv = g_inv @ _scale(1 / aniso, aniso)
             g_inv = g_inv @ self._random_rotation(p_rot, n, dev)
-            frac = torch.where(self._sample_mask(p, n, dev)[:, None], torch.randn(n, 2, device=dev) * XFRAC_STD, 0)
+            frac = torch.where(self._sample_mask(p, n, dev)[:, None], randn(n, 2, device=dev) * XFRAC_STD, 0)
             g_inv = g_inv @ _translate(-frac[:, 0] * w, -frac[:, 1] * h)
 
         cols = torch.arange(w, device=dev, dtype=torch.float32) - (w - 1) / 2
@@ -250,7 +251,7 @@ class AdaptiveAugment(nn.Module):
         return bilinear_sample(x, u, v).reshape(x.shape)
 
     def _random_rotation(self, p: Tensor, n: int, dev: torch.device) -> Tensor:
-        angle = torch.where(self._sample_mask(p, n, dev), (torch.rand(n, device=dev) * 2 - 1) * math.pi, 0)
+        angle = torch.where(self._sample_mask(p, n, dev), (rand(n, device=dev) * 2 - 1) * math.pi, 0)
         return _rotate(torch.cos(angle), torch.sin(-angle))
 
     # -- colour ---------------------------------------------------------------------------------
@@ -263,17 +264,17 @@ class AdaptiveAugment(nn.Module):
         matrix = eye.expand(n, 3, 3)
         offset = torch.zeros(n, 3, device=dev)
 
-        brightness = torch.where(self._sample_mask(p, n, dev), torch.randn(n, device=dev) * BRIGHTNESS_STD, 0)
+        brightness = torch.where(self._sample_mask(p, n, dev), randn(n, device=dev) * BRIGHTNESS_STD, 0)
         offset = offset + brightness[:, None]
-        contrast = torch.where(self._sample_mask(p, n, dev), torch.exp2(torch.randn(n, device=dev) * CONTRAST_STD), 1)
+        contrast = torch.where(self._sample_mask(p, n, dev), torch.exp2(randn(n, device=dev) * CONTRAST_STD), 1)
         matrix, offset = matrix * contrast[:, None, None], offset * contrast[:, None]
-        flip = torch.where(self._sample_mask(p, n, dev), torch.randint(0, 2, (n,), device=dev), 0).float()
+        flip = torch.where(self._sample_mask(p, n, dev), randint(0, 2, (n,), device=dev), 0).float()
         matrix, offset = self._compose(eye - 2 * luma_proj * flip[:, None, None], matrix, offset)
 
         if c >= 3 and not (self.faithful_hue_saturation and c != 3):
-            angle = torch.where(self._sample_mask(p, n, dev), (torch.rand(n, device=dev) * 2 - 1) * math.pi, 0)
+            angle = torch.where(self._sample_mask(p, n, dev), (rand(n, device=dev) * 2 - 1) * math.pi, 0)
             matrix, offset = self._compose(self._luma_rotation(angle), matrix, offset)
-            sat = torch.where(self._sample_mask(p, n, dev), torch.exp2(torch.randn(n, device=dev) * SATURATION_STD), 1)
+            sat = torch.where(self._sample_mask(p, n, dev), torch.exp2(randn(n, device=dev) * SATURATION_STD), 1)
             matrix, offset = self._compose(luma_proj + (eye - luma_proj) * sat[:, None, None], matrix, offset)
 
         matrix, offset = matrix.to(x.dtype), offset.to(x.dtype)
@@ -307,7 +308,7 @@ class AdaptiveAugment(nn.Module):
         gains = torch.ones(n, bands, device=dev)
         for band in range(bands):
             t = torch.ones(n, bands, device=dev)
-            t[:, band] = torch.exp2(torch.randn(n, device=dev) * FILTER_STD)
+            t[:, band] = torch.exp2(randn(n, device=dev) * FILTER_STD)
             t = t / (self.filter_expected_power.float() * t.square()).sum(dim=1, keepdim=True).sqrt()
             gains = gains * torch.where(self._sample_mask(p, n, dev)[:, None], t, 1)
         # Identity + Σ (g − 1)·band: exactly the identity when every gain is 1.
@@ -325,8 +326,8 @@ class AdaptiveAugment(nn.Module):
 
     def _noise(self, x: Tensor, p: Tensor) -> Tensor:
         n = x.shape[0]
-        sigma = torch.where(self._sample_mask(p, n, x.device), torch.randn(n, device=x.device).abs() * NOISE_STD, 0)
-        return x + torch.randn_like(x) * sigma[:, None, None, None].to(x.dtype)
+        sigma = torch.where(self._sample_mask(p, n, x.device), randn(n, device=x.device).abs() * NOISE_STD, 0)
+        return x + randn_like(x) * sigma[:, None, None, None].to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from relaylearn.models.gan.layers import (
     make_resample_kernel,
     upsample2d,
 )
+from relaylearn.models.gan.random import rand
 
 
 def normalize_2nd_moment(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -142,7 +143,7 @@ class MappingNetwork(nn.Module):
             return w.expand(-1, self.num_ws, -1)
         if styles != 2 or self.num_ws < 2:
             raise ValueError(f"MappingNetwork: style mixing supports 2 styles and num_ws >= 2, got S={styles}")
-        coin_flips = torch.rand(self.num_ws - 2, device=w.device) < 0.5
+        coin_flips = rand(self.num_ws - 2, device=w.device) < 0.5
         cutoff = 1 + coin_flips.sum()
         first_style = torch.arange(self.num_ws, device=w.device) < cutoff  # [num_ws]
         return torch.where(first_style[None, :, None], w[:, :1], w[:, 1:])

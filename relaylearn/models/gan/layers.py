@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relaylearn.models.gan.random import randn
+
 LRELU_SLOPE = 0.2
 ACTIVATION_GAINS = {"linear": 1.0, "relu": math.sqrt(2.0), "lrelu": math.sqrt(2.0)}
 RESAMPLE_TAPS = (1.0, 3.0, 3.0, 1.0)
@@ -287,7 +289,7 @@ class NoiseInput(nn.Module):
 
     def forward(self, x: Tensor, mode: str = "random") -> Tensor:
         if mode == "random":
-            noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+            noise = randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
         elif mode == "const":
             noise = self.const_noise.to(x.dtype)
         elif mode == "none":

@@ -12,7 +12,8 @@ one-hots c [N,S,K]; label maps seg [N,1,H,W] in [-1, 1]; images [N,C,H,W].
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,15 +50,33 @@ def merge_styles(c: Tensor) -> Tensor:
     return s / s.amax(1, keepdim=True).clamp_min(1e-8)
 
 
-def generator_loss(nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """``softplus(−D(aug(G(z, c))))`` for both generators → (image loss, label loss), scalars.
-    The image generator draws on ``seg``, the (noisy) label maps of the mixed batch."""
-    c_d = merge_styles(c)
-    fake_label = nets.g_label(z_label, c)
+def generator_loss_image(nets: PairNetworks, seg: Tensor, z_img: Tensor, c: Tensor) -> Tensor:
+    """``softplus(−D_img(aug(G_img(z, c, seg), seg)))``, scalar: the image generator draws on
+    ``seg``, the (noisy) label maps of the mixed batch. Touches the image pair only."""
     fake_img = nets.g_img(z_img, c, seg)
-    loss_img = F.softplus(-nets.d_img(nets.ada_img(torch.cat([fake_img, seg], 1)), c_d)).mean()
-    loss_label = F.softplus(-nets.d_label(nets.ada_label(fake_label), c_d)).mean()
-    return loss_img, loss_label
+    return F.softplus(-nets.d_img(nets.ada_img(torch.cat([fake_img, seg], 1)), merge_styles(c))).mean()
+
+
+def generator_loss_label(nets: PairNetworks, z_label: Tensor, c: Tensor) -> Tensor:
+    """``softplus(−D_label(aug(G_label(z, c))))``, scalar. Touches the label-map pair only."""
+    return F.softplus(-nets.d_label(nets.ada_label(nets.g_label(z_label, c)), merge_styles(c))).mean()
+
+
+def generator_loss(nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Both generators' losses → (image loss, label loss), scalars (the two functions above)."""
+    return generator_loss_image(nets, seg, z_img, c), generator_loss_label(nets, z_label, c)
+
+
+def path_length_loss_image(nets: PairNetworks, seg: Tensor, z_img: Tensor, c: Tensor, pl_mean: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+    """Path-length penalty of the image generator on the samples given → (penalty, new mean)."""
+    ws = nets.g_img.mapping(z_img, c, update_w_avg=False)
+    return path_length_penalty(lambda w: nets.g_img.synthesize(w, seg), ws, nets.g_img.synthesize(ws, seg), pl_mean, decay=decay)
+
+
+def path_length_loss_label(nets: PairNetworks, z_label: Tensor, c: Tensor, pl_mean: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+    """Path-length penalty of the label generator on the samples given → (penalty, new mean)."""
+    ws = nets.g_label.mapping(z_label, c, update_w_avg=False)
+    return path_length_penalty(nets.g_label.synthesize, ws, nets.g_label.synthesize(ws), pl_mean, decay=decay)
 
 
 def path_length_loss(
@@ -65,13 +84,42 @@ def path_length_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Path-length penalties of both generators on the samples given (the caller shrinks the
     batch) → (sum of both penalties, new image-G mean, new label-G mean)."""
-    ws_img = nets.g_img.mapping(z_img, c, update_w_avg=False)
-    out_img = nets.g_img.synthesize(ws_img, seg)
-    pen_img, mean_img = path_length_penalty(lambda w: nets.g_img.synthesize(w, seg), ws_img, out_img, pl_mean_img, decay=decay)
-    ws_lab = nets.g_label.mapping(z_label, c, update_w_avg=False)
-    out_lab = nets.g_label.synthesize(ws_lab)
-    pen_lab, mean_label = path_length_penalty(nets.g_label.synthesize, ws_lab, out_lab, pl_mean_label, decay=decay)
+    pen_img, mean_img = path_length_loss_image(nets, seg, z_img, c, pl_mean_img, decay)
+    pen_lab, mean_label = path_length_loss_label(nets, z_label, c, pl_mean_label, decay)
     return pen_img + pen_lab, mean_img, mean_label
+
+
+@dataclass
+class HalfDiscriminatorLoss:
+    """One discriminator's part of :class:`DiscriminatorLoss`."""
+
+    loss: Tensor  # scalar logistic loss
+    r1: Tensor | None  # scalar mean R1 (None when not due)
+    real_logits: Tensor  # [N], detached
+
+
+def discriminator_loss_image(nets: PairNetworks, images: Tensor, seg: Tensor, z_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> HalfDiscriminatorLoss:
+    """The (image, label map) discriminator's logistic loss on fakes from the frozen image
+    generator (drawn on ``seg``) and on the reals ``images`` with ``seg``; R1 on the un-augmented
+    real images when ``with_r1``. Fakes and reals go through D in one pass (two chunks)."""
+    with torch.no_grad():
+        fake_img = nets.g_img(z_img, c, seg)
+    real_img = images.detach().requires_grad_(with_r1)
+    pairs = torch.cat([torch.cat([fake_img, seg], 1), torch.cat([real_img, seg], 1)])
+    fake_logits, real_logits = nets.d_img(nets.ada_img(pairs), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
+    loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+    return HalfDiscriminatorLoss(loss, r1_penalty(real_logits, real_img).mean() if with_r1 else None, real_logits.detach())
+
+
+def discriminator_loss_label(nets: PairNetworks, seg: Tensor, z_label: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> HalfDiscriminatorLoss:
+    """The label-map discriminator's logistic loss on fakes from the frozen label generator and on
+    the real label maps ``seg``; R1 on them when ``with_r1``."""
+    with torch.no_grad():
+        fake_label = nets.g_label(z_label, c)
+    real_seg = seg.detach().requires_grad_(with_r1)
+    fake_logits, real_logits = nets.d_label(nets.ada_label(torch.cat([fake_label, real_seg])), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
+    loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+    return HalfDiscriminatorLoss(loss, r1_penalty(real_logits, real_seg).mean() if with_r1 else None, real_logits.detach())
 
 
 def discriminator_loss(
@@ -80,22 +128,47 @@ def discriminator_loss(
     """``softplus(D(aug(fake))) + softplus(−D(aug(real)))`` for both discriminators; fakes from
     the (frozen) generators on latents ``z_*`` / one-hots ``c``, reals ``images`` with label maps
     ``seg`` conditioned on ``c_real`` [N,K]; R1 on the un-augmented reals when ``with_r1``."""
-    c_d = merge_styles(c)
+    image = discriminator_loss_image(nets, images, seg, z_img, c, c_real, with_r1)
+    label = discriminator_loss_label(nets, seg, z_label, c, c_real, with_r1)
+    r1 = image.r1 + label.r1 if with_r1 else None
+    return DiscriminatorLoss(image.loss, label.loss, r1, image.real_logits, label.real_logits)
+
+
+@contextmanager
+def _in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode within the block (SPADE's running statistics, as in replay)."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def alignment_references(
+    previous_g_label: nn.Module, previous_g_img: nn.Module, z_label: Tensor, z_img: Tensor, c: Tensor, quantize: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What the frozen previous generators make on latents z [N,z_dim], one-hots c [N,K] and
+    constant noise: (label maps [N,1,H,W], those label maps after ``quantize``, images [N,C,H,W]
+    drawn on the quantized maps), without gradients."""
     with torch.no_grad():
-        fake_label = nets.g_label(z_label, c)
-        fake_img = nets.g_img(z_img, c, seg)
-    real_img = images.detach().requires_grad_(with_r1)
-    real_seg = seg.detach().requires_grad_(with_r1)
-    # fakes and reals through each discriminator in one pass (two independent chunks)
-    c_both = torch.cat([c_d, c_real])
-    pairs = torch.cat([torch.cat([fake_img, seg], 1), torch.cat([real_img, seg], 1)])
-    fake_logits_img, real_logits_img = nets.d_img(nets.ada_img(pairs), c_both, chunks=2).chunk(2)
-    label_maps = torch.cat([fake_label, real_seg])
-    fake_logits_lab, real_logits_lab = nets.d_label(nets.ada_label(label_maps), c_both, chunks=2).chunk(2)
-    loss_img = F.softplus(fake_logits_img).mean() + F.softplus(-real_logits_img).mean()
-    loss_lab = F.softplus(fake_logits_lab).mean() + F.softplus(-real_logits_lab).mean()
-    r1 = r1_penalty(real_logits_img, real_img).mean() + r1_penalty(real_logits_lab, real_seg).mean() if with_r1 else None
-    return DiscriminatorLoss(loss_img, loss_lab, r1, real_logits_img.detach(), real_logits_lab.detach())
+        ref_label = previous_g_label(z_label, c, update_w_avg=False, noise_mode="const")
+        seg = quantize(ref_label)
+        return ref_label, seg, previous_g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
+
+
+def alignment_loss_label(g_label: nn.Module, z_label: Tensor, c: Tensor, ref_label: Tensor) -> Tensor:
+    """Mean L1 distance of the current label generator's maps (eval mode, constant noise) to ``ref_label``."""
+    with _in_eval_mode(g_label):
+        label = g_label(z_label, c, update_w_avg=False, noise_mode="const")
+    return F.l1_loss(label.float(), ref_label.float())
+
+
+def alignment_loss_image(g_img: nn.Module, z_img: Tensor, c: Tensor, seg: Tensor, ref_img: Tensor) -> Tensor:
+    """Mean L1 distance of the current image generator's images on ``seg`` (eval mode, constant noise) to ``ref_img``."""
+    with _in_eval_mode(g_img):
+        img = g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
+    return F.l1_loss(img.float(), ref_img.float())
 
 
 def alignment_loss(
@@ -113,15 +186,5 @@ def alignment_loss(
     mode (as the next site replays them): label maps [N,1,H,W] plus images [N,C,H,W] drawn on the
     previous label map after ``quantize``. Zero for unchanged generators; the gradient reaches the
     current generators only."""
-    with torch.no_grad():
-        ref_label = previous_g_label(z_label, c, update_w_avg=False, noise_mode="const")
-        seg = quantize(ref_label)
-        ref_img = previous_g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
-    was = g_label.training, g_img.training
-    g_label.eval(), g_img.eval()  # SPADE's running statistics, as in replay
-    try:
-        label = g_label(z_label, c, update_w_avg=False, noise_mode="const")
-        img = g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
-    finally:
-        g_label.train(was[0]), g_img.train(was[1])
-    return F.l1_loss(label.float(), ref_label.float()) + F.l1_loss(img.float(), ref_img.float())
+    ref_label, seg, ref_img = alignment_references(previous_g_label, previous_g_img, z_label, z_img, c, quantize)
+    return alignment_loss_label(g_label, z_label, c, ref_label) + alignment_loss_image(g_img, z_img, c, seg, ref_img)

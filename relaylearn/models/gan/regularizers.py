@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from relaylearn.models.gan.random import randn_like
+
 
 def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
     """Per-sample R1: ``Σ_{C,H,W} (∂ Σ real_logits / ∂ real_inputs)²`` → [N] (fp32).
@@ -50,7 +52,7 @@ def path_length_penalty(
         output = synthesize_fn(ws)
     output = output.float()
     height, width = output.shape[-2:]
-    noise = torch.randn_like(output) / (height * width) ** 0.5
+    noise = randn_like(output) / (height * width) ** 0.5
     (grad,) = torch.autograd.grad((output * noise).sum(), ws, create_graph=True)
     lengths = grad.float().square().sum(dim=2).mean(dim=1).sqrt()  # [N]
     new_mean = pl_mean.float().lerp(lengths.mean(), decay)
