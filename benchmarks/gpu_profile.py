@@ -5,7 +5,8 @@ Three parts, each on the step that ``speed.prepare`` builds (no Lightning, one r
 1. ``parts``: exclusive time per part of the iteration (the ``profile_site.py`` parts plus the
    generator, discriminator, ADA and U-Net forwards), measured with a device synchronisation at
    every part boundary (so the parts add up to the iteration, which runs slower than unsynchronised),
-   one part after another (the relay's ``overlap_solver_step`` off, also for the profiler);
+   one part after another (the relay's ``overlap_solver_step`` and ``gan_pairs_side_by_side`` off,
+   also for the profiler);
 2. ``kernels``: ``torch.profiler`` over the same iterations: the operators with the most self
    device time (ms per iteration, calls per iteration), and how busy the device was
    (summed kernel time / wall time: well below 1 means the host cannot feed it);

@@ -1,19 +1,22 @@
-"""The relay's ``overlap_solver_step`` in real training: on at even batches, off at odd ones.
+"""The relay's side-by-side settings in real training: on at even batches, off at odd ones.
 
 Trains the first ``--sites`` sites of a relay config (default ``demo/relay``, sites 1 and 2)
-through Lightning in this process, with the batch's last G+D step beside the solver step on every
-even batch of a site and one after the other on every odd one (both schedules draw the same random
-numbers), and times every ``training_step`` of the loop. The two halves of the run share the
-machine's load, so their ratio holds where absolute times do not. The first two batches of each
-site (warm-up, GAN-only steps) are left out.
+through Lightning in this process with one setting on every even batch of a site and off on every
+odd one (both schedules draw the same random numbers), and times every ``training_step`` of the
+loop. ``--what overlap`` (default): the batch's last G+D step beside the solver step
+(``overlap_solver_step``); ``--what pairs``: the image and label-map halves of the other G+D steps
+side by side (``gan_pairs_side_by_side``). The two halves of the run share the machine's load, so
+their ratio holds where absolute times do not. The first two batches of each site (warm-up,
+GAN-only steps) are left out.
 
     python benchmarks/overlap.py --threads 2                                      # the demo budget
     python benchmarks/overlap.py --threads 2 --set strategy.kwargs.gan_steps_per_solver_step=1
+    python benchmarks/overlap.py --threads 2 --what pairs
 
-Prints one JSON line: ``{"config", "sites", "batches", "threads", "overlap_ms", "in_turn_ms"
-(medians per batch), "speedup" (in_turn / overlap), "n"}``. The even batches overlap where the
-config's ``overlap_solver_step`` lets them (``auto``: with exactly two threads, ``--threads 2``);
-elsewhere both halves run in turn.
+Prints one JSON line: ``{"config", "what", "sites", "batches", "threads", "overlap_ms",
+"in_turn_ms" (medians per batch, with the setting on / off), "speedup" (in_turn / overlap), "n"}``.
+The even batches run side by side where the config's setting lets them (``auto``: with exactly
+two threads, ``--threads 2``); elsewhere both halves run in turn.
 """
 
 from __future__ import annotations
@@ -36,13 +39,19 @@ from relaylearn.strategies.relay import Relay  # noqa: E402
 FIRST_TIMED_BATCH = 2
 
 
-def alternate(batches_ms: dict[bool, list[float]]):
-    """Patch the loop and the relay so even batches overlap and odd ones do not; returns the undo."""
-    state = {"overlap": False}
-    overlaps, training_step = Relay._overlaps_solver_step, engine.SiteModule.training_step
+#: --what → the relay's method that decides whether that work runs side by side
+DECIDERS = {"overlap": "_overlaps_solver_step", "pairs": "_pairs_side_by_side"}
 
-    def overlaps_on_even_batches(self, step, device):
-        return state["overlap"] and overlaps(self, step, device)
+
+def alternate(batches_ms: dict[bool, list[float]], what: str = "overlap"):
+    """Patch the loop and the relay so even batches run ``what`` side by side and odd ones do not;
+    returns the undo."""
+    state = {"overlap": False}
+    name = DECIDERS[what]
+    decides, training_step = getattr(Relay, name), engine.SiteModule.training_step
+
+    def on_even_batches(self, step, device):
+        return state["overlap"] and decides(self, step, device)
 
     def timed(self, batch, batch_idx):
         local = self._local_step()
@@ -53,10 +62,12 @@ def alternate(batches_ms: dict[bool, list[float]]):
             batches_ms[state["overlap"]].append((time.perf_counter() - began) * 1000)
         return out
 
-    Relay._overlaps_solver_step, engine.SiteModule.training_step = overlaps_on_even_batches, timed
+    setattr(Relay, name, on_even_batches)
+    engine.SiteModule.training_step = timed
 
     def undo() -> None:
-        Relay._overlaps_solver_step, engine.SiteModule.training_step = overlaps, training_step
+        setattr(Relay, name, decides)
+        engine.SiteModule.training_step = training_step
 
     return undo
 
@@ -69,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=30, help="batches per site (train.num_steps; default 30)")
     p.add_argument("--data-root", default=None, help="dataset root (default: the config's)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--what", choices=sorted(DECIDERS), default="overlap", help="overlap: the last G+D step beside the solver step; pairs: the two GAN pairs side by side"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(task.strategy.name != "relay" for task in cfg.tasks):
         raise SystemExit(f"overlap.py: {args.config} does not train the relay")
     batches_ms: dict[bool, list[float]] = {True: [], False: []}
-    undo = alternate(batches_ms)
+    undo = alternate(batches_ms, args.what)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             run_training(cfg, "overlap", TrainOptions(quiet=True, exps_root=Path(tmp), devices="cpu"))
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     overlap, in_turn = (statistics.median(batches_ms[k]) if batches_ms[k] else float("nan") for k in (True, False))
     record = {
         "config": args.config,
+        "what": args.what,
         "sets": args.sets,
         "sites": len(cfg.tasks),
         "batches": args.batches,

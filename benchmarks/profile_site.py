@@ -80,15 +80,21 @@ class ExclusiveTimers:
 OPTIMIZER_NAMES = ("G", "D", "solver")
 
 
+#: the relay's settings that run parts of a step side by side, in the versions that have them
+SIDE_BY_SIDE_SETTINGS = ("overlap_solver_step", "gan_pairs_side_by_side")
+
+
 def one_part_at_a_time(tasks) -> None:
     """Exclusive timers need the parts of a step one after another: turn off the relay's last G+D
-    step beside the solver step (``overlap_solver_step``), where the checkout has it."""
+    step beside the solver step (``overlap_solver_step``) and the two GAN pairs side by side
+    (``gan_pairs_side_by_side``), where the checkout has them."""
     from relaylearn.strategies.relay import RelayOptions
 
-    if "overlap_solver_step" in RelayOptions.model_fields:
-        for task in tasks:
-            if task.strategy.name == "relay":
-                task.strategy.kwargs["overlap_solver_step"] = False
+    for setting in SIDE_BY_SIDE_SETTINGS:
+        if setting in RelayOptions.model_fields:
+            for task in tasks:
+                if task.strategy.name == "relay":
+                    task.strategy.kwargs[setting] = False
 
 
 def install(timers: ExclusiveTimers) -> list[tuple]:

@@ -678,7 +678,7 @@ class Relay(Strategy):
         ``unwrapped``: plain backward and bare optimizers (in a helper thread, beside the solver step)."""
         o = self.options
         g_opt, d_opt, _ = self.optimizers
-        side_by_side = not unwrapped and self._runs_beside(o.gan_pairs_side_by_side, step, mixed[0].device)
+        side_by_side = not unwrapped and self._pairs_side_by_side(step, mixed[0].device)
         if unwrapped or side_by_side:
             g_opt, d_opt = step.unwrapped(g_opt), step.unwrapped(d_opt)
             step = dataclasses.replace(step, backward=lambda loss: loss.backward())
@@ -753,6 +753,10 @@ class Relay(Strategy):
     def _overlaps_solver_step(self, step: StepContext, device) -> bool:
         """Whether the batch's last G+D step runs beside the solver step (``overlap_solver_step``)."""
         return self._runs_beside(self.options.overlap_solver_step, step, device)
+
+    def _pairs_side_by_side(self, step: StepContext, device) -> bool:
+        """Whether the image and label-map halves of a G+D step run side by side (``gan_pairs_side_by_side``)."""
+        return self._runs_beside(self.options.gan_pairs_side_by_side, step, device)
 
     @staticmethod
     def _runs_beside(setting: str | bool, step: StepContext, device) -> bool:
