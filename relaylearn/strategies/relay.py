@@ -9,7 +9,10 @@ final ones, weighted by the number of images behind each (``weighted_merge``).
 
 Per batch (docs/method.md#one-batch): a G step, a D step and a solver (M) step. On the CPU the
 batch's last G+D step runs in a helper thread beside the solver step, with the same random draws
-(``overlap_solver_step``; docs/method.md#the-last-gd-step-beside-the-solver-step).
+(``overlap_solver_step``; docs/method.md#the-last-gd-step-beside-the-solver-step). Each G and D
+step is two independent halves, the image pair's and the label-map pair's, each drawing from its
+own random generator; on the CPU the halves of the other G+D steps run side by side
+(``gan_pairs_side_by_side``; docs/method.md#the-two-gan-pairs-side-by-side).
 
 Fixes of the original's bugs, each with a switch back where the original is a reasonable choice:
   * distillation teacher = the previous site's frozen solver (``distil_teacher: current`` = the
