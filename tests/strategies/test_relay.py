@@ -9,7 +9,7 @@ from torch import nn
 from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
 from relaylearn.errors import ConfigError
-from relaylearn.models.gan.loss import alignment_loss, merge_styles
+from relaylearn.models.gan.loss import alignment_loss_image, alignment_loss_label, alignment_references, merge_styles
 from relaylearn.runner import TrainOptions, run_training
 from relaylearn.strategies.base import SiteContext
 from relaylearn.strategies.relay import decode_labels, encode_labels, merge_parameters
@@ -376,9 +376,9 @@ def _alignment(strategy, n=6):
     torch.manual_seed(1)
     c = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 3).float()
     quantize = lambda m: encode_labels(decode_labels(m, 3), 3)  # noqa: E731
-    return alignment_loss(
-        strategy.g_label, strategy.g_img, strategy.previous["g_label"], strategy.previous["g_img"], torch.randn(n, 8), torch.randn(n, 8), c, quantize
-    )
+    z_label, z_img = torch.randn(n, 8), torch.randn(n, 8)
+    ref_label, seg, ref_img = alignment_references(strategy.previous["g_label"], strategy.previous["g_img"], z_label, z_img, c, quantize)
+    return alignment_loss_label(strategy.g_label, z_label, c, ref_label) + alignment_loss_image(strategy.g_img, z_img, c, seg, ref_img)
 
 
 def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_ones_back(tmp_path, tiny_fundus):

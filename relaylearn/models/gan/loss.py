@@ -3,8 +3,10 @@ beside the networks as StyleGAN2-ADA keeps ``loss.py`` beside ``networks.py``
 (docs/method.md#one-batch).
 
 Non-saturating logistic losses, the lazy R1 / path-length regularisers (weights and intervals
-are the caller's), and the generator-alignment term. No optimiser steps and no schedules: the
-relay strategy decides when each loss runs and with which weight.
+are the caller's), and the generator-alignment term, each per pair (``*_image``: the image
+generator and the (image, label map) discriminator; ``*_label``: the label-map pair), as the two
+pairs share no parameter. No optimiser steps and no schedules: the relay strategy decides when
+each loss runs and with which weight.
 
 Shapes: z_label [N,S,z_label] / z_img [N,S,z_img] (S = 1, or 2 with style mixing); site
 one-hots c [N,S,K]; label maps seg [N,1,H,W] in [-1, 1]; images [N,C,H,W].
@@ -35,15 +37,6 @@ class PairNetworks:
     ada_img: nn.Module
 
 
-@dataclass
-class DiscriminatorLoss:
-    image: Tensor  # scalar: logistic loss of the (image, label map) discriminator
-    label: Tensor  # scalar: logistic loss of the label-map discriminator
-    r1: Tensor | None  # scalar: mean R1 of both discriminators (None when not due)
-    real_logits_image: Tensor  # [N]: for the ADA controller
-    real_logits_label: Tensor  # [N]
-
-
 def merge_styles(c: Tensor) -> Tensor:
     """Per-style one-hots [N,S,K] → one conditioning vector [N,K] for D (sum, / per-sample max)."""
     s = c.sum(1)
@@ -62,11 +55,6 @@ def generator_loss_label(nets: PairNetworks, z_label: Tensor, c: Tensor) -> Tens
     return F.softplus(-nets.d_label(nets.ada_label(nets.g_label(z_label, c)), merge_styles(c))).mean()
 
 
-def generator_loss(nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """Both generators' losses → (image loss, label loss), scalars (the two functions above)."""
-    return generator_loss_image(nets, seg, z_img, c), generator_loss_label(nets, z_label, c)
-
-
 def path_length_loss_image(nets: PairNetworks, seg: Tensor, z_img: Tensor, c: Tensor, pl_mean: Tensor, decay: float) -> tuple[Tensor, Tensor]:
     """Path-length penalty of the image generator on the samples given → (penalty, new mean)."""
     ws = nets.g_img.mapping(z_img, c, update_w_avg=False)
@@ -79,26 +67,16 @@ def path_length_loss_label(nets: PairNetworks, z_label: Tensor, c: Tensor, pl_me
     return path_length_penalty(nets.g_label.synthesize, ws, nets.g_label.synthesize(ws), pl_mean, decay=decay)
 
 
-def path_length_loss(
-    nets: PairNetworks, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor, pl_mean_img: Tensor, pl_mean_label: Tensor, decay: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Path-length penalties of both generators on the samples given (the caller shrinks the
-    batch) → (sum of both penalties, new image-G mean, new label-G mean)."""
-    pen_img, mean_img = path_length_loss_image(nets, seg, z_img, c, pl_mean_img, decay)
-    pen_lab, mean_label = path_length_loss_label(nets, z_label, c, pl_mean_label, decay)
-    return pen_img + pen_lab, mean_img, mean_label
-
-
 @dataclass
-class HalfDiscriminatorLoss:
-    """One discriminator's part of :class:`DiscriminatorLoss`."""
+class DiscriminatorLoss:
+    """One discriminator's D-step loss, with what the step needs beside it."""
 
     loss: Tensor  # scalar logistic loss
     r1: Tensor | None  # scalar mean R1 (None when not due)
     real_logits: Tensor  # [N], detached
 
 
-def discriminator_loss_image(nets: PairNetworks, images: Tensor, seg: Tensor, z_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> HalfDiscriminatorLoss:
+def discriminator_loss_image(nets: PairNetworks, images: Tensor, seg: Tensor, z_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
     """The (image, label map) discriminator's logistic loss on fakes from the frozen image
     generator (drawn on ``seg``) and on the reals ``images`` with ``seg``; R1 on the un-augmented
     real images when ``with_r1``. Fakes and reals go through D in one pass (two chunks)."""
@@ -108,10 +86,10 @@ def discriminator_loss_image(nets: PairNetworks, images: Tensor, seg: Tensor, z_
     pairs = torch.cat([torch.cat([fake_img, seg], 1), torch.cat([real_img, seg], 1)])
     fake_logits, real_logits = nets.d_img(nets.ada_img(pairs), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
     loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-    return HalfDiscriminatorLoss(loss, r1_penalty(real_logits, real_img).mean() if with_r1 else None, real_logits.detach())
+    return DiscriminatorLoss(loss, r1_penalty(real_logits, real_img).mean() if with_r1 else None, real_logits.detach())
 
 
-def discriminator_loss_label(nets: PairNetworks, seg: Tensor, z_label: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> HalfDiscriminatorLoss:
+def discriminator_loss_label(nets: PairNetworks, seg: Tensor, z_label: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
     """The label-map discriminator's logistic loss on fakes from the frozen label generator and on
     the real label maps ``seg``; R1 on them when ``with_r1``."""
     with torch.no_grad():
@@ -119,19 +97,7 @@ def discriminator_loss_label(nets: PairNetworks, seg: Tensor, z_label: Tensor, c
     real_seg = seg.detach().requires_grad_(with_r1)
     fake_logits, real_logits = nets.d_label(nets.ada_label(torch.cat([fake_label, real_seg])), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
     loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-    return HalfDiscriminatorLoss(loss, r1_penalty(real_logits, real_seg).mean() if with_r1 else None, real_logits.detach())
-
-
-def discriminator_loss(
-    nets: PairNetworks, images: Tensor, seg: Tensor, z_label: Tensor, z_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool
-) -> DiscriminatorLoss:
-    """``softplus(D(aug(fake))) + softplus(−D(aug(real)))`` for both discriminators; fakes from
-    the (frozen) generators on latents ``z_*`` / one-hots ``c``, reals ``images`` with label maps
-    ``seg`` conditioned on ``c_real`` [N,K]; R1 on the un-augmented reals when ``with_r1``."""
-    image = discriminator_loss_image(nets, images, seg, z_img, c, c_real, with_r1)
-    label = discriminator_loss_label(nets, seg, z_label, c, c_real, with_r1)
-    r1 = image.r1 + label.r1 if with_r1 else None
-    return DiscriminatorLoss(image.loss, label.loss, r1, image.real_logits, label.real_logits)
+    return DiscriminatorLoss(loss, r1_penalty(real_logits, real_seg).mean() if with_r1 else None, real_logits.detach())
 
 
 @contextmanager
@@ -169,22 +135,3 @@ def alignment_loss_image(g_img: nn.Module, z_img: Tensor, c: Tensor, seg: Tensor
     with _in_eval_mode(g_img):
         img = g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
     return F.l1_loss(img.float(), ref_img.float())
-
-
-def alignment_loss(
-    g_label: nn.Module,
-    g_img: nn.Module,
-    previous_g_label: nn.Module,
-    previous_g_img: nn.Module,
-    z_label: Tensor,
-    z_img: Tensor,
-    c: Tensor,
-    quantize: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """Generator alignment: mean L1 distance between the current and the frozen previous
-    generators on the same latents z [N,z_dim], one-hots c [N,K] and constant noise, both in eval
-    mode (as the next site replays them): label maps [N,1,H,W] plus images [N,C,H,W] drawn on the
-    previous label map after ``quantize``. Zero for unchanged generators; the gradient reaches the
-    current generators only."""
-    ref_label, seg, ref_img = alignment_references(previous_g_label, previous_g_img, z_label, z_img, c, quantize)
-    return alignment_loss_label(g_label, z_label, c, ref_label) + alignment_loss_image(g_img, z_img, c, seg, ref_img)

@@ -3,7 +3,14 @@
 import torch
 
 from relaylearn.models.gan import AdaptiveAugment, ImageGenerator, LabelGenerator, ProjectionDiscriminator
-from relaylearn.models.gan.loss import PairNetworks, discriminator_loss, generator_loss, merge_styles
+from relaylearn.models.gan.loss import (
+    PairNetworks,
+    discriminator_loss_image,
+    discriminator_loss_label,
+    generator_loss_image,
+    generator_loss_label,
+    merge_styles,
+)
 
 
 def test_merge_styles_gives_one_hot_for_one_site_and_equal_weights_for_two():
@@ -30,12 +37,18 @@ def test_losses_are_positive_scalars_and_r1_is_computed_only_when_due():
     c = torch.nn.functional.one_hot(torch.zeros(n, 1, dtype=torch.long), 3).float()
     seg, images = torch.rand(n, 1, 16, 16) * 2 - 1, torch.rand(n, 3, 16, 16) * 2 - 1
     z_label, z_img = torch.randn(n, 1, 8), torch.randn(n, 1, 8)
-    g_img, g_label = generator_loss(nets, seg, z_label, z_img, c)
+    g_img, g_label = generator_loss_image(nets, seg, z_img, c), generator_loss_label(nets, z_label, c)
     assert g_img.ndim == 0 and g_img > 0 and g_label > 0
-    without = discriminator_loss(nets, images, seg, z_label, z_img, c, c[:, 0], with_r1=False)
-    assert without.r1 is None and without.image > 0 and without.real_logits_image.shape == (n,)
-    with_r1 = discriminator_loss(nets, images, seg, z_label, z_img, c, c[:, 0], with_r1=True)
-    assert with_r1.r1 is not None and with_r1.r1 >= 0 and with_r1.r1.requires_grad
+    for half in (
+        discriminator_loss_image(nets, images, seg, z_img, c, c[:, 0], with_r1=False),
+        discriminator_loss_label(nets, seg, z_label, c, c[:, 0], with_r1=False),
+    ):
+        assert half.r1 is None and half.loss > 0 and half.real_logits.shape == (n,)
+    for half in (
+        discriminator_loss_image(nets, images, seg, z_img, c, c[:, 0], with_r1=True),
+        discriminator_loss_label(nets, seg, z_label, c, c[:, 0], with_r1=True),
+    ):
+        assert half.r1 is not None and half.r1 >= 0 and half.r1.requires_grad
 
 
 def test_discriminator_loss_and_r1_equal_separate_passes_over_fakes_and_reals():
@@ -50,7 +63,8 @@ def test_discriminator_loss_and_r1_equal_separate_passes_over_fakes_and_reals():
     c = torch.nn.functional.one_hot(torch.randint(0, 3, (n, 1)), 3).float()
     seg, images = torch.rand(n, 1, 16, 16) * 2 - 1, torch.rand(n, 3, 16, 16) * 2 - 1
     z_label, z_img = torch.randn(n, 1, 8), torch.randn(n, 1, 8)
-    got = discriminator_loss(nets, images, seg, z_label, z_img, c, c[:, 0], with_r1=True)
+    image_half = discriminator_loss_image(nets, images, seg, z_img, c, c[:, 0], with_r1=True)
+    label_half = discriminator_loss_label(nets, seg, z_label, c, c[:, 0], with_r1=True)
     with torch.no_grad():
         fake_label, fake_img = nets.g_label(z_label, c), nets.g_img(z_img, c, seg)
     real_img, real_seg = images.clone().requires_grad_(), seg.clone().requires_grad_()
@@ -58,6 +72,14 @@ def test_discriminator_loss_and_r1_equal_separate_passes_over_fakes_and_reals():
     real_logits_lab = nets.d_label(real_seg, c[:, 0])
     image = F.softplus(nets.d_img(torch.cat([fake_img, seg], 1), c[:, 0])).mean() + F.softplus(-real_logits_img).mean()
     label = F.softplus(nets.d_label(fake_label, c[:, 0])).mean() + F.softplus(-real_logits_lab).mean()
-    r1 = r1_penalty(real_logits_img, real_img).mean() + r1_penalty(real_logits_lab, real_seg).mean()
-    for a, b in ((got.image, image), (got.label, label), (got.r1, r1), (got.real_logits_image, real_logits_img.detach())):
+    r1_img, r1_lab = r1_penalty(real_logits_img, real_img).mean(), r1_penalty(real_logits_lab, real_seg).mean()
+    expected = (
+        (image_half.loss, image),
+        (label_half.loss, label),
+        (image_half.r1, r1_img),
+        (label_half.r1, r1_lab),
+        (image_half.real_logits, real_logits_img.detach()),
+        (label_half.real_logits, real_logits_lab.detach()),
+    )
+    for a, b in expected:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
