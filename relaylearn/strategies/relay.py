@@ -877,11 +877,11 @@ class Relay(Strategy):
         z_img, z_label, c = self._fake_inputs(images.shape[0], images.device, ids)
         nets, c_real, with_r1 = self._gan_networks(), self._one_hot(ids), do_r1 and o.r1_gamma > 0
 
-        def weighted(half, name: str, controller) -> tuple[Tensor, dict[str, Tensor]]:
-            controller.accumulate(half.real_logits)
-            loss, logs = half.loss, {name: half.loss.detach()}
-            if half.r1 is not None:
-                loss, logs["r1_penalty"] = loss + half.r1 * (o.r1_gamma / 2) * o.d_reg_interval, half.r1.detach()
+        def weighted(out: gan_loss.DiscriminatorLoss, name: str, controller) -> tuple[Tensor, dict[str, Tensor]]:
+            controller.accumulate(out.real_logits)
+            loss, logs = out.loss, {name: out.loss.detach()}
+            if out.r1 is not None:
+                loss, logs["r1_penalty"] = loss + out.r1 * (o.r1_gamma / 2) * o.d_reg_interval, out.r1.detach()
             return loss, logs
 
         def image_half() -> tuple[Tensor, dict[str, Tensor]]:
