@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -350,11 +351,33 @@ def _apply_set(common: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _validation_message(exc: ValidationError, prefix: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+#: how pydantic tags the error of each member of a union that a value matched none of (the last
+#: element of the error's location): a type name, optionally with its parameters
+_UNION_MEMBER_TAG = re.compile(r"[a-z_]+(\[.*\])?")
+
+
+def _union_members(errors: list[dict]) -> list[dict]:
+    """The first error and the errors of the other members of the same union, when the first
+    error is one member's of a union (a value that matches no member gets one error per member)."""
+    first = errors[0]
+    tag = first["loc"][-1] if first["loc"] else None
+    if not isinstance(tag, str) or not _UNION_MEMBER_TAG.fullmatch(tag) or first["type"] in ("extra_forbidden", "missing"):
+        return [first]
+    members = [e for e in errors if e["loc"][:-1] == first["loc"][:-1] and isinstance(e["loc"][-1], str) and _UNION_MEMBER_TAG.fullmatch(e["loc"][-1])]
+    return members if len(members) > 1 else [first]
+
+
+def validation_message(exc: ValidationError, prefix: str) -> str:
+    """A pydantic error as one line: the key under ``prefix`` and what is wrong with its value."""
+    errors = exc.errors()
+    members = _union_members(errors)
+    err = members[0]
+    loc_parts = err["loc"][:-1] if len(members) > 1 else err["loc"]
+    loc = ".".join(str(p) for p in loc_parts if not str(p).startswith("function-after"))
     key = f"{prefix}.{loc}" if loc else prefix
     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if len(members) > 1:  # "Input should be 'auto' or a valid boolean", not the first member's alone
+        msg = " or ".join([members[0]["msg"].split(",")[0]] + [m["msg"].split(",")[0].removeprefix("Input should be ") for m in members[1:]])
     if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
         msg += f" (got {err['input']!r})"
     return f"{key}: {msg}"
@@ -364,7 +387,7 @@ def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path) -> Any
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_validation_message(exc, prefix), path) from None
+        raise ConfigError(validation_message(exc, prefix), path) from None
 
 
 def load_config(spec: str, overrides: list[str] | None = None, data_root: str | None = None) -> RunConfig:

@@ -47,6 +47,22 @@ def test_bad_value_in_set_names_the_key_and_value(tmp_path, config):
     assert "train.batch_size" in line and "'many'" in line
 
 
+@pytest.mark.parametrize(
+    "strategy, option, says",
+    [
+        ("sequential", "strategy.kwargs.lamda=3", "common.strategy.kwargs.lamda: unknown key (strategy 'sequential')"),
+        ("relay", "strategy.kwargs.gan_pairs_side_by_side=maybe", "gan_pairs_side_by_side: Input should be 'auto' or a valid boolean (got 'maybe')"),
+    ],
+)
+def test_bad_strategy_option_names_the_config_before_anything_is_written(tmp_path, tiny_fundus, strategy, option, says):
+    config = tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=(1,), steps=1)
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q", "--set", option)
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert says in line and str(config) in line
+    assert not (tmp_path / "exps").exists()
+
+
 def test_missing_data_folder_names_the_path(tmp_path, config):
     missing = tmp_path / "no-data-here"
     result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-g", "cpu", "-q", "--data-root", missing)

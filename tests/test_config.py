@@ -171,3 +171,15 @@ def test_the_long_quality_preset_is_the_quality_preset_with_more_batches_the_gen
     assert (quality["strategy"]["kwargs"].pop("generator_ema_steps", 0), long["strategy"]["kwargs"].pop("generator_ema_steps")) == (0, 100)
     assert (quality["strategy"]["kwargs"].pop("ship_discriminators", True), long["strategy"]["kwargs"].pop("ship_discriminators")) == (True, False)
     assert long == quality
+
+
+def test_a_strategy_option_that_fits_no_member_of_its_union_names_them_all():
+    from relaylearn.strategies.base import parse_options
+    from relaylearn.strategies.relay import Relay
+
+    with pytest.raises(ConfigError) as err:
+        parse_options(Relay, {"gan_pairs_side_by_side": "maybe"})
+    want = "common.strategy.kwargs.gan_pairs_side_by_side: Input should be 'auto' or a valid boolean (got 'maybe') (strategy 'relay')"
+    assert str(err.value) == want  # not the first member's tag and message alone
+    with pytest.raises(ConfigError, match=r"common\.strategy\.kwargs\.overlap_solver_stepp: unknown key \(strategy 'relay'\)"):
+        parse_options(Relay, {"overlap_solver_stepp": True})

@@ -245,9 +245,9 @@ def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str
     """Validate a strategy's kwargs; an unknown key or wrong type is a ConfigError naming it."""
     from pydantic import ValidationError
 
+    from relaylearn.config import validation_message
+
     try:
         return cls.Options(**(kwargs or {}))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{where}.{key}: {err['msg']} (strategy '{cls.name}')") from None
+        raise ConfigError(f"{validation_message(exc, where)} (strategy '{cls.name}')") from None
