@@ -17,7 +17,7 @@ from relaylearn.assembly import check_bundle_fits, load_split, local_plugins, re
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, seed_site
-from relaylearn.errors import ConfigError, UserError, VerificationError
+from relaylearn.errors import UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
@@ -118,10 +118,7 @@ class RelayRun:
             if is_main_process() and ledger is not None:
                 ledger.check(self.incoming)
         for task in self.cfg.tasks:  # a bad strategy option fails before anything is written, naming the config
-            try:
-                parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs)
-            except ConfigError as exc:
-                raise ConfigError(exc.message, self.cfg.path) from None
+            parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files

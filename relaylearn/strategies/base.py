@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -241,8 +242,9 @@ def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str = "common.strategy.kwargs") -> StrategyOptions:
-    """Validate a strategy's kwargs; an unknown key or wrong type is a ConfigError naming it."""
+def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str = "common.strategy.kwargs", path: str | Path | None = None) -> StrategyOptions:
+    """Validate a strategy's kwargs; an unknown key or wrong type is a ConfigError naming it (and
+    the config file ``path``, when given)."""
     from pydantic import ValidationError
 
     from relaylearn.config import validation_message
@@ -250,4 +252,4 @@ def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str
     try:
         return cls.Options(**(kwargs or {}))
     except ValidationError as exc:
-        raise ConfigError(f"{validation_message(exc, where)} (strategy '{cls.name}')") from None
+        raise ConfigError(f"{validation_message(exc, where)} (strategy '{cls.name}')", path) from None
