@@ -148,16 +148,18 @@ def test_centre_tap_convolution_on_a_1x1_map_equals_the_full_convolution(stride,
 @pytest.mark.parametrize("kernel", [(2, 2), (2, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_patch_transposed_convolution_equals_the_transposed_convolution(kernel, bias, layout):
+@pytest.mark.parametrize("shape", [(3, 6, 5, 4), (1, 6, 2, 2)], ids=["columns (kh, kw, Cout)", "columns (Cout, kh, kw)"])
+def test_patch_transposed_convolution_equals_the_transposed_convolution(kernel, bias, layout, shape):
     """Kernel = stride: values and gradients (input, weight, bias) equal F.conv_transpose2d's, the
-    output in channels-last whatever the input's layout."""
+    output in channels-last whatever the input's layout; with the product's columns in either
+    order (N·H·W = 60 or 4 pixels against Cin = 6)."""
     from torch.nn import functional as F
 
     from relaylearn.models.unet import PatchConvTranspose2d
 
     torch.manual_seed(0)
     up = PatchConvTranspose2d(6, 4, kernel, stride=kernel, bias=bias).double()
-    x = torch.randn(3, 6, 5, 4, dtype=torch.double).contiguous(memory_format=layout).requires_grad_()
+    x = torch.randn(*shape, dtype=torch.double).contiguous(memory_format=layout).requires_grad_()
     out = up(x)
     reference = F.conv_transpose2d(x, up.weight, up.bias, stride=kernel)
     assert out.is_contiguous(memory_format=torch.channels_last)
