@@ -122,6 +122,10 @@ class RelayOptions(StrategyOptions):
     d_lr: Optional[float] = Field(None, description="None: 0.0025·c with c = I/(I+1), I = d_reg_interval (StyleGAN2's lazy-regularisation rule).")
     d_betas: Optional[tuple[float, float]] = None
     d_optimizer: Literal["fixed", "original"] = Field("fixed", description="original: lr 0.002353, β (0, 0.990585) as shipped (matches interval 16).")
+    d_step_fakes: Literal["fresh", "reuse"] = Field(
+        "fresh",
+        description="fresh: the D step draws new fakes from the just-updated generators (as StyleGAN2 and the original); reuse: it trains on the G step's fakes (detached), with their noisy label maps and site one-hots, which saves one generator forward per pair and G+D step (needs replay_once_per_batch, so that both steps see the same batch).",
+    )
     # ADA
     ada_img: str = "bgcfn"
     ada_label: str = "bg"
@@ -204,6 +208,12 @@ class RelayOptions(StrategyOptions):
         if isinstance(data, dict) and data.get("gan_preset", "paper") in GAN_PRESETS:
             return {**GAN_PRESETS[data.get("gan_preset", "paper")], **data}
         return data
+
+    @model_validator(mode="after")
+    def _reuse_needs_one_batch(self) -> RelayOptions:
+        if self.d_step_fakes == "reuse" and not self.replay_once_per_batch:
+            raise ValueError("d_step_fakes: reuse needs replay_once_per_batch: true (the D step must see the G step's batch)")
+        return self
 
 
 #: the two generators (label maps, then images conditioned on them): what replays and what the average and snapshots cover
@@ -687,22 +697,23 @@ class Relay(Strategy):
             step = dataclasses.replace(step, backward=lambda loss: loss.backward())
         do_pl = (self.gan_step + 1) % o.g_reg_interval == 0
         do_r1 = (self.gan_step + 1) % o.d_reg_interval == 0
+        fakes = GeneratorFakes() if o.d_step_fakes == "reuse" else None
         logs: dict[str, Tensor] = {}
         x, y, ids, _ = mixed
         with _frozen(self.d_img, self.d_label):
             if side_by_side:
-                logs.update(self._optimize_halves_beside(self._generator_halves(y, ids, do_pl), g_opt, step))
+                logs.update(self._optimize_halves_beside(self._generator_halves(y, ids, do_pl, fakes), g_opt, step))
             else:
-                loss_g, g_logs = self._generator_loss(y, ids, do_pl)
+                loss_g, g_logs = self._generator_loss(y, ids, do_pl, fakes)
                 self.optimize(loss_g, g_opt, step)
                 logs.update(g_logs)
         self._update_generator_ema()
         x, y, ids, _ = mixed if o.replay_once_per_batch else self.mix_with_replay(*real)
         with _frozen(self.g_img, self.g_label):
             if side_by_side:
-                logs.update(self._optimize_halves_beside(self._discriminator_halves(x, y, ids, do_r1), d_opt, step))
+                logs.update(self._optimize_halves_beside(self._discriminator_halves(x, y, ids, do_r1, fakes), d_opt, step))
             else:
-                loss_d, d_logs = self._discriminator_loss(x, y, ids, do_r1)
+                loss_d, d_logs = self._discriminator_loss(x, y, ids, do_r1, fakes)
                 self.optimize(loss_d, d_opt, step)
                 logs.update(d_logs)
         # ADA p and (under DDP) the path-length means averaged across ranks, per GAN step
@@ -816,17 +827,20 @@ class Relay(Strategy):
         seeds = torch.randint(0, 2**62, (2,)).tolist()
         return torch.Generator(device=device).manual_seed(seeds[0]), torch.Generator(device=device).manual_seed(seeds[1])
 
-    def _generator_halves(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[_Half, _Half]:
+    def _generator_halves(self, labels: Tensor, site_ids: Tensor, do_pl: bool, fakes: GeneratorFakes | None = None) -> tuple[_Half, _Half]:
         """The G step's loss as its image half and its label-map half, independent of each other:
         each touches only its own pair's networks, augmentation and path-length mean, and draws its
         random numbers from its own generator. The inputs they share (noisy label maps, latents,
-        site one-hots, the alignment's references) are drawn here, from the default generators."""
+        site one-hots, the alignment's references) are drawn here, from the default generators.
+        ``fakes``: filled with what the step generates (for ``d_step_fakes: reuse``)."""
         from relaylearn.models.gan import loss as gan_loss
 
         o = self.options
         n, device = labels.shape[0], labels.device
         seg = self._noisy_seg(labels)
         z_img, z_label, c = self._fake_inputs(n, device, site_ids)
+        if fakes is not None:
+            fakes.seg, fakes.c = seg, c
         nets = self._gan_networks()
         align = None
         if o.gen_align_weight > 0 and self.previous is not None and self.registry_previous:
@@ -840,7 +854,9 @@ class Relay(Strategy):
         with_pl = do_pl and o.pl_weight > 0
 
         def image_half() -> tuple[Tensor, dict[str, Tensor]]:
-            loss = gan_loss.generator_loss_image(nets, seg, z_img, c)
+            loss, fake_img = gan_loss.generator_loss_image(nets, seg, z_img, c)
+            if fakes is not None:
+                fakes.image = fake_img.detach()
             logs = {"g_img": loss.detach()}
             if align is not None:
                 (_, z_align_img), c_prev, _, ref_seg, ref_img = align
@@ -853,7 +869,9 @@ class Relay(Strategy):
             return loss, logs
 
         def label_half() -> tuple[Tensor, dict[str, Tensor]]:
-            loss = gan_loss.generator_loss_label(nets, z_label, c)
+            loss, fake_label = gan_loss.generator_loss_label(nets, z_label, c)
+            if fakes is not None:
+                fakes.label = fake_label.detach()
             logs = {"g_label": loss.detach()}
             if align is not None:
                 (z_align_label, _), c_prev, ref_label, _, _ = align
@@ -867,14 +885,19 @@ class Relay(Strategy):
 
         return _with_generators((image_half, label_half), self._pair_generators(device))
 
-    def _discriminator_halves(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[_Half, _Half]:
+    def _discriminator_halves(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool, fakes: GeneratorFakes | None = None) -> tuple[_Half, _Half]:
         """The D step's loss as its image half and its label-map half (see :meth:`_generator_halves`);
-        each feeds its own ADA controller."""
+        each feeds its own ADA controller. Fakes: ``fakes`` (the G step's, with its noisy label maps
+        and one-hots) when given, else drawn here (inputs) and in each half (the frozen generator's
+        forward)."""
         from relaylearn.models.gan import loss as gan_loss
 
         o = self.options
-        seg = self._noisy_seg(labels)
-        z_img, z_label, c = self._fake_inputs(images.shape[0], images.device, ids)
+        if fakes is None:
+            seg = self._noisy_seg(labels)
+            z_img, z_label, c = self._fake_inputs(images.shape[0], images.device, ids)
+        else:
+            seg, c = fakes.seg, fakes.c
         nets, c_real, with_r1 = self._gan_networks(), self._one_hot(ids), do_r1 and o.r1_gamma > 0
 
         def weighted(out: gan_loss.DiscriminatorLoss, name: str, controller) -> tuple[Tensor, dict[str, Tensor]]:
@@ -885,20 +908,32 @@ class Relay(Strategy):
             return loss, logs
 
         def image_half() -> tuple[Tensor, dict[str, Tensor]]:
-            return weighted(gan_loss.discriminator_loss_image(nets, images, seg, z_img, c, c_real, with_r1), "d_img", self.ada_img_ctl)
+            if fakes is None:
+                with torch.no_grad():
+                    fake_img = nets.g_img(z_img, c, seg)
+            else:
+                fake_img = fakes.image
+            return weighted(gan_loss.discriminator_loss_image(nets, images, seg, fake_img, c, c_real, with_r1), "d_img", self.ada_img_ctl)
 
         def label_half() -> tuple[Tensor, dict[str, Tensor]]:
-            return weighted(gan_loss.discriminator_loss_label(nets, seg, z_label, c, c_real, with_r1), "d_label", self.ada_label_ctl)
+            if fakes is None:
+                with torch.no_grad():
+                    fake_label = nets.g_label(z_label, c)
+            else:
+                fake_label = fakes.label
+            return weighted(gan_loss.discriminator_loss_label(nets, seg, fake_label, c, c_real, with_r1), "d_label", self.ada_label_ctl)
 
         return _with_generators((image_half, label_half), self._pair_generators(images.device))
 
-    def _generator_loss(self, labels: Tensor, site_ids: Tensor, do_pl: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _generator_loss(self, labels: Tensor, site_ids: Tensor, do_pl: bool, fakes: GeneratorFakes | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The G step's loss (scalar) and logs: its two halves one after the other."""
-        return _sum_halves(half() for half in self._generator_halves(labels, site_ids, do_pl))
+        return _sum_halves(half() for half in self._generator_halves(labels, site_ids, do_pl, fakes))
 
-    def _discriminator_loss(self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _discriminator_loss(
+        self, images: Tensor, labels: Tensor, ids: Tensor, do_r1: bool, fakes: GeneratorFakes | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The D step's loss (scalar) and logs: its two halves one after the other."""
-        return _sum_halves(half() for half in self._discriminator_halves(images, labels, ids, do_r1))
+        return _sum_halves(half() for half in self._discriminator_halves(images, labels, ids, do_r1, fakes))
 
     def _optimize_halves_beside(self, halves: tuple[_Half, _Half], optimizer: torch.optim.Optimizer, step: StepContext) -> dict[str, Tensor]:
         """Forward and backward of the two halves of a G or D step side by side (the image half in
@@ -1024,6 +1059,18 @@ def _seeded_random_stream(seed: int, device):
 
 #: one half of a G or D step's loss: () -> (scalar loss, logs)
 _Half = Callable[[], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclasses.dataclass
+class GeneratorFakes:
+    """What a G step generated, for a D step with ``d_step_fakes: reuse``: noisy label maps seg
+    [N,1,H,W], site one-hots c [N,S,K], fake images [N,C,H,W] and fake label maps [N,1,H,W]
+    (detached; each half of the step fills its own)."""
+
+    seg: Tensor | None = None
+    c: Tensor | None = None
+    image: Tensor | None = None
+    label: Tensor | None = None
 
 
 def _with_generators(halves: tuple[_Half, _Half], generators: tuple[torch.Generator, torch.Generator]) -> tuple[_Half, _Half]:

@@ -184,7 +184,7 @@ def test_replay_augmentation_reaches_the_solver_step_only(tmp_path, tiny_fundus)
     strategy.replay_augment = _Mark()
     seen = {}
     d_loss = strategy._discriminator_loss
-    strategy._discriminator_loss = lambda x, y, ids, r1: (seen.setdefault("d", x.detach().clone()), d_loss(x, y, ids, r1))[1]
+    strategy._discriminator_loss = lambda x, y, ids, r1, *fakes: (seen.setdefault("d", x.detach().clone()), d_loss(x, y, ids, r1, *fakes))[1]
     solver_inputs = []
     strategy.solver.register_forward_pre_hook(lambda m, args: solver_inputs.append(args[0].detach().clone()))
     strategy.training_step(_batch(), _step(site))
@@ -556,14 +556,15 @@ def test_the_solver_step_stays_in_the_main_thread_where_the_loop_needs_it(tmp_pa
         torch.set_num_threads(before)
 
 
-def test_the_two_gan_pairs_run_side_by_side_with_the_same_results(tmp_path, tiny_fundus):
+@pytest.mark.parametrize("d_step_fakes", ["fresh", "reuse"])
+def test_the_two_gan_pairs_run_side_by_side_with_the_same_results(tmp_path, tiny_fundus, d_step_fakes):
     import copy
     import threading
 
     # two G+D steps per batch (the first one not beside the solver step), both regularisers due in
     # every step, so each half's every part runs in its thread (the alignment's references are
     # made before the halves, with the caller's threads: other rounding, hence off here)
-    kw = {"gan_steps_per_solver_step": 2, "g_reg_interval": 1, "d_reg_interval": 1, "pl_weight": 2.0, "r1_gamma": 1.0}
+    kw = {"gan_steps_per_solver_step": 2, "g_reg_interval": 1, "d_reg_interval": 1, "pl_weight": 2.0, "r1_gamma": 1.0, "d_step_fakes": d_step_fakes}
     beside, site = _replaying(tmp_path, tiny_fundus, **kw)
     in_turn = copy.deepcopy(beside)
     in_turn.options = in_turn.options.model_copy(update={"gan_pairs_side_by_side": False, "overlap_solver_step": False})
@@ -587,6 +588,34 @@ def test_the_two_gan_pairs_run_side_by_side_with_the_same_results(tmp_path, tiny
     for (name, a), b in zip(beside.state_dict().items(), in_turn.state_dict().values()):
         if torch.is_tensor(a):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode, forwards_per_step", [("reuse", 1), ("fresh", 2)])
+def test_a_d_step_reusing_fakes_trains_on_the_g_steps_without_generating(tmp_path, tiny_fundus, monkeypatch, mode, forwards_per_step):
+    """d_step_fakes: reuse: the D step's fakes and label maps are the G step's (so each generator
+    runs once per G+D step instead of twice); fresh: new ones from the updated generators."""
+    from relaylearn.models.gan import loss as gan_loss
+
+    strategy, site = _replaying(tmp_path, tiny_fundus, d_step_fakes=mode, overlap_solver_step=False, gan_pairs_side_by_side=False)
+    made, seen = {}, {}
+    g_image, g_label = gan_loss.generator_loss_image, gan_loss.generator_loss_label
+    d_image, d_label = gan_loss.discriminator_loss_image, gan_loss.discriminator_loss_label
+    monkeypatch.setattr(gan_loss, "generator_loss_image", lambda *a: made.setdefault("image", g_image(*a)))
+    monkeypatch.setattr(gan_loss, "generator_loss_label", lambda *a: made.setdefault("label", g_label(*a)))
+    monkeypatch.setattr(gan_loss, "discriminator_loss_image", lambda nets, im, seg, fake, *a: (seen.update(image=fake), d_image(nets, im, seg, fake, *a))[1])
+    monkeypatch.setattr(gan_loss, "discriminator_loss_label", lambda nets, seg, fake, *a: (seen.update(label=fake), d_label(nets, seg, fake, *a))[1])
+    calls = {"g_img": 0, "g_label": 0}
+    for key in calls:
+        getattr(strategy, key).register_forward_pre_hook(lambda m, args, key=key: calls.__setitem__(key, calls[key] + 1))
+    strategy.training_step(_batch(), _step(site))
+    assert calls == {"g_img": forwards_per_step, "g_label": forwards_per_step}
+    assert [torch.equal(seen[k], made[k][1].detach()) for k in ("image", "label")] == [mode == "reuse"] * 2
+    assert not seen["image"].requires_grad and not seen["label"].requires_grad
+
+
+def test_reusing_fakes_needs_one_mixed_batch_per_gan_step(tmp_path, tiny_fundus):
+    with pytest.raises(ConfigError, match="d_step_fakes: reuse needs replay_once_per_batch"):
+        _strategy(tmp_path, tiny_fundus, d_step_fakes="reuse", replay_once_per_batch=False)
 
 
 def test_the_halves_of_a_gan_step_sum_to_its_loss_and_draw_their_own_numbers(tmp_path, tiny_fundus):

@@ -43,16 +43,18 @@ def merge_styles(c: Tensor) -> Tensor:
     return s / s.amax(1, keepdim=True).clamp_min(1e-8)
 
 
-def generator_loss_image(nets: PairNetworks, seg: Tensor, z_img: Tensor, c: Tensor) -> Tensor:
-    """``softplus(−D_img(aug(G_img(z, c, seg), seg)))``, scalar: the image generator draws on
-    ``seg``, the (noisy) label maps of the mixed batch. Touches the image pair only."""
+def generator_loss_image(nets: PairNetworks, seg: Tensor, z_img: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``softplus(−D_img(aug(G_img(z, c, seg), seg)))`` (scalar) and the fakes [N,C,H,W]: the image
+    generator draws on ``seg``, the (noisy) label maps of the mixed batch. Touches the image pair only."""
     fake_img = nets.g_img(z_img, c, seg)
-    return F.softplus(-nets.d_img(nets.ada_img(torch.cat([fake_img, seg], 1)), merge_styles(c))).mean()
+    return F.softplus(-nets.d_img(nets.ada_img(torch.cat([fake_img, seg], 1)), merge_styles(c))).mean(), fake_img
 
 
-def generator_loss_label(nets: PairNetworks, z_label: Tensor, c: Tensor) -> Tensor:
-    """``softplus(−D_label(aug(G_label(z, c))))``, scalar. Touches the label-map pair only."""
-    return F.softplus(-nets.d_label(nets.ada_label(nets.g_label(z_label, c)), merge_styles(c))).mean()
+def generator_loss_label(nets: PairNetworks, z_label: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``softplus(−D_label(aug(G_label(z, c))))`` (scalar) and the fake label maps [N,1,H,W].
+    Touches the label-map pair only."""
+    fake_label = nets.g_label(z_label, c)
+    return F.softplus(-nets.d_label(nets.ada_label(fake_label), merge_styles(c))).mean(), fake_label
 
 
 def path_length_loss_image(nets: PairNetworks, seg: Tensor, z_img: Tensor, c: Tensor, pl_mean: Tensor, decay: float) -> tuple[Tensor, Tensor]:
@@ -76,26 +78,24 @@ class DiscriminatorLoss:
     real_logits: Tensor  # [N], detached
 
 
-def discriminator_loss_image(nets: PairNetworks, images: Tensor, seg: Tensor, z_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
-    """The (image, label map) discriminator's logistic loss on fakes from the frozen image
-    generator (drawn on ``seg``) and on the reals ``images`` with ``seg``; R1 on the un-augmented
-    real images when ``with_r1``. Fakes and reals go through D in one pass (two chunks)."""
-    with torch.no_grad():
-        fake_img = nets.g_img(z_img, c, seg)
+def discriminator_loss_image(nets: PairNetworks, images: Tensor, seg: Tensor, fake_img: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
+    """The (image, label map) discriminator's logistic loss on the fakes ``fake_img`` [N,C,H,W]
+    (the image generator's on ``seg`` with one-hots ``c`` [N,S,K]; no gradient reaches the
+    generator) and on the reals ``images`` with ``seg``; R1 on the un-augmented real images when
+    ``with_r1``. Fakes and reals go through D in one pass (two chunks)."""
     real_img = images.detach().requires_grad_(with_r1)
-    pairs = torch.cat([torch.cat([fake_img, seg], 1), torch.cat([real_img, seg], 1)])
+    pairs = torch.cat([torch.cat([fake_img.detach(), seg], 1), torch.cat([real_img, seg], 1)])
     fake_logits, real_logits = nets.d_img(nets.ada_img(pairs), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
     loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
     return DiscriminatorLoss(loss, r1_penalty(real_logits, real_img).mean() if with_r1 else None, real_logits.detach())
 
 
-def discriminator_loss_label(nets: PairNetworks, seg: Tensor, z_label: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
-    """The label-map discriminator's logistic loss on fakes from the frozen label generator and on
-    the real label maps ``seg``; R1 on them when ``with_r1``."""
-    with torch.no_grad():
-        fake_label = nets.g_label(z_label, c)
+def discriminator_loss_label(nets: PairNetworks, seg: Tensor, fake_label: Tensor, c: Tensor, c_real: Tensor, with_r1: bool) -> DiscriminatorLoss:
+    """The label-map discriminator's logistic loss on the label generator's fakes ``fake_label``
+    [N,1,H,W] (one-hots ``c`` [N,S,K]; no gradient reaches the generator) and on the real label
+    maps ``seg``; R1 on them when ``with_r1``."""
     real_seg = seg.detach().requires_grad_(with_r1)
-    fake_logits, real_logits = nets.d_label(nets.ada_label(torch.cat([fake_label, real_seg])), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
+    fake_logits, real_logits = nets.d_label(nets.ada_label(torch.cat([fake_label.detach(), real_seg])), torch.cat([merge_styles(c), c_real]), chunks=2).chunk(2)
     loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
     return DiscriminatorLoss(loss, r1_penalty(real_logits, real_seg).mean() if with_r1 else None, real_logits.detach())
 

@@ -37,16 +37,19 @@ def test_losses_are_positive_scalars_and_r1_is_computed_only_when_due():
     c = torch.nn.functional.one_hot(torch.zeros(n, 1, dtype=torch.long), 3).float()
     seg, images = torch.rand(n, 1, 16, 16) * 2 - 1, torch.rand(n, 3, 16, 16) * 2 - 1
     z_label, z_img = torch.randn(n, 1, 8), torch.randn(n, 1, 8)
-    g_img, g_label = generator_loss_image(nets, seg, z_img, c), generator_loss_label(nets, z_label, c)
+    (g_img, fake_img), (g_label, fake_label) = generator_loss_image(nets, seg, z_img, c), generator_loss_label(nets, z_label, c)
     assert g_img.ndim == 0 and g_img > 0 and g_label > 0
+    assert fake_img.shape == (n, 3, 16, 16) and fake_label.shape == (n, 1, 16, 16) and fake_img.requires_grad
     for half in (
-        discriminator_loss_image(nets, images, seg, z_img, c, c[:, 0], with_r1=False),
-        discriminator_loss_label(nets, seg, z_label, c, c[:, 0], with_r1=False),
+        discriminator_loss_image(nets, images, seg, fake_img, c, c[:, 0], with_r1=False),
+        discriminator_loss_label(nets, seg, fake_label, c, c[:, 0], with_r1=False),
     ):
         assert half.r1 is None and half.loss > 0 and half.real_logits.shape == (n,)
+        half.loss.backward()
+    assert all(p.grad is None for p in [*nets.g_img.parameters(), *nets.g_label.parameters()])  # the fakes are taken detached
     for half in (
-        discriminator_loss_image(nets, images, seg, z_img, c, c[:, 0], with_r1=True),
-        discriminator_loss_label(nets, seg, z_label, c, c[:, 0], with_r1=True),
+        discriminator_loss_image(nets, images, seg, fake_img, c, c[:, 0], with_r1=True),
+        discriminator_loss_label(nets, seg, fake_label, c, c[:, 0], with_r1=True),
     ):
         assert half.r1 is not None and half.r1 >= 0 and half.r1.requires_grad
 
@@ -63,10 +66,10 @@ def test_discriminator_loss_and_r1_equal_separate_passes_over_fakes_and_reals():
     c = torch.nn.functional.one_hot(torch.randint(0, 3, (n, 1)), 3).float()
     seg, images = torch.rand(n, 1, 16, 16) * 2 - 1, torch.rand(n, 3, 16, 16) * 2 - 1
     z_label, z_img = torch.randn(n, 1, 8), torch.randn(n, 1, 8)
-    image_half = discriminator_loss_image(nets, images, seg, z_img, c, c[:, 0], with_r1=True)
-    label_half = discriminator_loss_label(nets, seg, z_label, c, c[:, 0], with_r1=True)
     with torch.no_grad():
         fake_label, fake_img = nets.g_label(z_label, c), nets.g_img(z_img, c, seg)
+    image_half = discriminator_loss_image(nets, images, seg, fake_img, c, c[:, 0], with_r1=True)
+    label_half = discriminator_loss_label(nets, seg, fake_label, c, c[:, 0], with_r1=True)
     real_img, real_seg = images.clone().requires_grad_(), seg.clone().requires_grad_()
     real_logits_img = nets.d_img(torch.cat([real_img, seg], 1), c[:, 0])
     real_logits_lab = nets.d_label(real_seg, c[:, 0])
