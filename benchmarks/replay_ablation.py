@@ -75,8 +75,13 @@ from relaylearn.replay_fidelity import final_fidelity, mean_final_fidelity
 from relaylearn.results import external_dice
 
 #: variant -> (config, extra overrides)
-#: configs/demo/relay.yaml as it was before its generator average, snapshots and distillation weight 2
-PREVIOUS_DEMO = ["strategy.kwargs.distil_weight=0.5", "strategy.kwargs.generator_ema_steps=0", "strategy.kwargs.generator_snapshots=0"]
+#: configs/demo/relay.yaml as it was before its generator average, snapshots, distillation weight 2 and reused D-step fakes
+PREVIOUS_DEMO = [
+    "strategy.kwargs.distil_weight=0.5",
+    "strategy.kwargs.generator_ema_steps=0",
+    "strategy.kwargs.generator_snapshots=0",
+    "strategy.kwargs.d_step_fakes=fresh",
+]
 
 #: variant -> (config, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -137,8 +137,8 @@ def test_the_original_style_configs_keep_loading_with_the_originals_keys(name, t
 
 def test_the_quality_preset_is_the_previous_demo_relay_preset_with_more_gan_steps():
     """The README's comparison of the two presets attributes every difference to the GAN budget;
-    the demo preset has since taken the generator average, snapshots and distillation weight 2
-    (the previous preset = replay_ablation's PREVIOUS_DEMO overrides)."""
+    the demo preset has since taken the generator average, snapshots, distillation weight 2 and the
+    D step on the G step's fakes (the previous preset = replay_ablation's PREVIOUS_DEMO overrides)."""
     demo = load_config("demo/relay").tasks[0].model_dump()
     quality = load_config("demo/relay_quality").tasks[0].model_dump()
     demo_kwargs, quality_kwargs = demo["strategy"]["kwargs"], quality["strategy"]["kwargs"]
@@ -146,6 +146,7 @@ def test_the_quality_preset_is_the_previous_demo_relay_preset_with_more_gan_step
     assert (demo_kwargs.pop("distil_weight"), quality_kwargs.pop("distil_weight")) == (2, 0.5)
     assert (demo_kwargs.pop("generator_ema_steps"), quality_kwargs.pop("generator_ema_steps", 0)) == (30, 0)
     assert (demo_kwargs.pop("generator_snapshots"), quality_kwargs.pop("generator_snapshots", 0)) == (5, 0)
+    assert (demo_kwargs.pop("d_step_fakes"), quality_kwargs.pop("d_step_fakes", "fresh")) == ("reuse", "fresh")
     assert quality == demo
 
 
@@ -159,7 +160,7 @@ def test_the_ablation_benchmarks_previous_demo_preset_is_the_quality_presets_bas
     for preset in (previous, quality):
         kwargs = preset["strategy"]["kwargs"]
         kwargs.pop("gan_steps_per_solver_step")
-        assert (kwargs.pop("generator_ema_steps", 0), kwargs.pop("generator_snapshots", 0)) == (0, 0)
+        assert (kwargs.pop("generator_ema_steps", 0), kwargs.pop("generator_snapshots", 0), kwargs.pop("d_step_fakes", "fresh")) == (0, 0, "fresh")
     assert quality == previous
 
 
