@@ -375,7 +375,7 @@ def validation_message(exc: ValidationError, prefix: str) -> str:
     loc_parts = err["loc"][:-1] if len(members) > 1 else err["loc"]
     loc = ".".join(str(p) for p in loc_parts if not str(p).startswith("function-after"))
     key = f"{prefix}.{loc}" if loc else prefix
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")  # a validator's own message
     if len(members) > 1:  # "Input should be 'auto' or a valid boolean", not the first member's alone
         msg = " or ".join([members[0]["msg"].split(",")[0]] + [m["msg"].split(",")[0].removeprefix("Input should be ") for m in members[1:]])
     if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
