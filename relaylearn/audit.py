@@ -413,7 +413,7 @@ def run_audit(
     """``relaylearn audit``: read (verify with ``trust``) the bundle, audit ``site`` on its own data,
     write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png``. Returns (report, json path)."""
     from relaylearn.assembly import load_split, read_any_bundle, strategy_from_bundle
-    from relaylearn.files import atomic_write
+    from relaylearn.files import atomic_write, json_text
     from relaylearn.imaging import png_bytes
     from relaylearn.strategies import available_strategies, get_strategy_class
 
@@ -446,7 +446,7 @@ def run_audit(
     atomic_write(png, png_bytes(result.closest_pairs))
     result.report["closest_pairs_png"] = str(png)
     json_path = out / f"{safe}.json"
-    atomic_write(json_path, json.dumps(result.report, indent=2))
+    atomic_write(json_path, json_text(result.report))
     return result.report, json_path
 
 
@@ -457,7 +457,7 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     (one entry per hop, replaced on re-run) and write the closest pairs under
     ``metrics/privacy/``. No-op (None) for strategies without generators or when disabled."""
     from relaylearn.assembly import load_split
-    from relaylearn.files import atomic_write
+    from relaylearn.files import atomic_write, json_text
     from relaylearn.imaging import png_bytes
 
     cfg = tasks[0].audit
@@ -484,7 +484,7 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     existing = json.loads(path.read_text()) if path.is_file() else {"schema": SCHEMA, "hops": []}
     entry = {"hop": hop, "trained": trained, "seconds": round(time.perf_counter() - started, 2), "sites": sites}
     existing["hops"] = sorted([h for h in existing.get("hops", []) if h.get("hop") != hop] + [entry], key=lambda h: h["hop"])
-    atomic_write(path, json.dumps(existing, indent=2))
+    atomic_write(path, json_text(existing))
     return entry
 
 

@@ -298,12 +298,13 @@ def cmd_report(args) -> int:
 
 def cmd_audit(args) -> int:
     from relaylearn.audit import AuditOptions, format_report, run_audit
+    from relaylearn.files import json_text
 
     options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
     report, path = run_audit(
         args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify
     )
-    print(json.dumps(report, indent=2) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
+    print(json_text(report) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
 import platform
 import secrets
@@ -41,6 +43,25 @@ def csv_text(rows: Sequence[dict], *, float_format: str, fields: Sequence[str] |
     for row in rows:
         writer.writerow({k: ("" if v is None else float_format.format(v) if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def finite_or_none(value):
+    """``value`` with every float that is NaN or ±inf (also inside dicts, lists and tuples)
+    replaced by None, so that it can be written as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_text(value, indent: int | None = 2) -> str:
+    """``value`` as strict JSON text (what every result file holds): an undefined figure (NaN, an
+    infinite ratio) is written as ``null``, never as the ``NaN`` / ``Infinity`` that Python's
+    ``json`` would write and other JSON readers reject."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
 
 
 def software_versions(detailed: bool = False) -> dict[str, str]:

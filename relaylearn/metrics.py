@@ -173,7 +173,8 @@ def bootstrap_statistic(
     rng = np.random.default_rng(seed)
     stats = np.array([statistic(*(a[rng.integers(0, a.size, a.size)] for a in arrays)) for _ in range(n_resamples)], dtype=np.float64)
     tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.nanpercentile(stats, [tail, 100.0 - tail])
+    with np.errstate(invalid="ignore"):  # an infinite statistic (a ratio over a zero median) makes a NaN bound, not a warning
+        low, high = np.nanpercentile(stats, [tail, 100.0 - tail])
     return value, float(low), float(high)
 
 

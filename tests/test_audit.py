@@ -4,6 +4,7 @@ output, bad input and the per-hop audit of a simulated relay."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -89,6 +90,29 @@ def test_noise_generator_is_not_flagged():
             assert check["auc"]["low"] < 0.5 < check["auc"]["high"]
         elif check["space"] != "image features":  # (channel means of noise can land near a real image's)
             assert check["near_copies"]["value"] == 0.0 and check["ratio_of_medians"]["value"] > 1
+
+
+def test_a_zero_median_distance_gives_null_figures_in_strict_json_without_warnings():
+    """A test split whose images all equal training images (duplicates across the split, or
+    blank CT slices) puts the median test→train distance at 0, so the ratio of medians is
+    undefined; the audit writes null for it, not the NaN / Infinity that strict JSON readers
+    reject, and numpy does not warn along the way."""
+    import warnings
+
+    from relaylearn.audit import memorisation_check
+    from relaylearn.files import json_text
+    from tests.test_files import strict_json
+
+    train = torch.eye(12)
+    test = train[:8].clone()  # exact copies: every test→train distance is 0
+    generated = 2 * torch.eye(12)[torch.arange(20) % 12]  # each at distance 1 from its nearest training row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check, distances, _ = memorisation_check("image pixels", generated, train, test, OPTIONS, seed=0)
+    assert torch.all(distances == 1.0)
+    assert check["ratio_of_medians"]["value"] == math.inf
+    written = strict_json(json_text(check))
+    assert written["ratio_of_medians"]["value"] is None and written["near_copy_distance"] == 0.0
 
 
 # ----- a real (tiny) relay run ------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""Output files: CSV text in each table's format, UTC stamps, software versions."""
+"""Output files: CSV text in each table's format, strict JSON, UTC stamps, software versions."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
-from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, csv_text, software_versions, utc_now
+import numpy as np
+import pytest
+
+from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, csv_text, json_text, software_versions, utc_now
 
 
 def test_csv_text_formats_floats_and_empty_cells(tmp_path):
@@ -20,3 +25,19 @@ def test_stamps_and_versions():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_now()) and TIMESTAMP_FORMAT.endswith("Z")
     assert set(software_versions()) == {"relaylearn", "python", "torch"}
     assert {"lightning", "numpy"} <= set(software_versions(detailed=True))
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity, as JavaScript's JSON.parse and jq do."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_text_writes_undefined_figures_as_null():
+    value = {"ratio": math.inf, "low": -math.inf, "auc": float("nan"), "n": 3, "ok": 0.5, "nested": [np.float64("nan"), (1.0, math.nan)], "s": "NaN"}
+    with pytest.raises(ValueError, match="NaN|Infinity"):
+        strict_json(json.dumps(value))  # what the standard library writes by default
+    assert strict_json(json_text(value)) == {"ratio": None, "low": None, "auc": None, "n": 3, "ok": 0.5, "nested": [None, [1.0, None]], "s": "NaN"}

@@ -39,7 +39,7 @@ def _cell(check: dict[str, Any] | None, figure: str) -> str:
         return "–"
     f = check[figure]
     if any(not isinstance(f.get(k), (int, float)) or math.isnan(f[k]) for k in ("value", "low", "high")):
-        return escape(str(f.get("value")))
+        return "–" if f.get("value") is None else escape(str(f.get("value")))
     percent = figure == "near_copies"
     text = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.2f}")
     body = f"{text(f['value'])} <small>[{text(f['low'])}, {text(f['high'])}]</small>"
