@@ -78,6 +78,22 @@ class DiscriminatorSize(StrategyOptions):
     mapping_layers: int = Field(8, ge=1)
 
 
+class LabelGeneratorSize(GeneratorSize):
+    """The label-map generator's size: a key a config leaves out keeps the label generator's own
+    paper value, not the image generator's."""
+
+    mapping_layers: int = Field(2, ge=1)
+    channel_base: int = Field(4096, ge=16)
+    channel_max: int = Field(128, ge=4)
+
+
+class LabelDiscriminatorSize(DiscriminatorSize):
+    """The label discriminator's size (its own paper values for the keys a config leaves out)."""
+
+    channel_base: int = Field(4096, ge=16)
+    channel_max: int = Field(128, ge=4)
+
+
 #: defaults a ``gan_preset`` gives to the keys a config leaves out ("paper": the class defaults).
 #: "small": StyleGAN2-ADA's low-resolution choices (no path-length penalty, no style mixing) and a
 #: GAN budget of 16 G+D steps per solver step, measured on 32-px fundus images.
@@ -99,9 +115,9 @@ class RelayOptions(StrategyOptions):
     w_label: int = 128
     site_capacity: int = Field(32, ge=1, description="Maximum number of sites (size of the one-hot site id).")
     g_img: GeneratorSize = GeneratorSize()
-    g_label: GeneratorSize = GeneratorSize(mapping_layers=2, channel_base=4096, channel_max=128)
+    g_label: LabelGeneratorSize = LabelGeneratorSize()
     d_img: DiscriminatorSize = DiscriminatorSize()
-    d_label: DiscriminatorSize = DiscriminatorSize(channel_base=4096, channel_max=128)
+    d_label: LabelDiscriminatorSize = LabelDiscriminatorSize()
     spade_hidden: int = 128
     # schedule
     num_stages: Literal[1, 2] = Field(
@@ -150,7 +166,10 @@ class RelayOptions(StrategyOptions):
         ge=0,
         description="Replayed pairs the frozen generators make in one call and hand out batch by batch: the same distribution as one call per batch (they do not change within a site), with the calls' fixed cost shared; resumes exactly. 0 = generate each batch's replay when it is needed.",
     )
-    replay_generator_mode: Literal["eval", "train"] = "eval"
+    replay_generator_mode: Literal["eval", "train"] = Field(
+        "eval",
+        description="Mode of the previous site's frozen generators when they replay: eval, or train as in the original (SPADE normalises with batch statistics and updates its running ones; w_avg keeps moving); the distillation teacher stays in eval mode either way.",
+    )
     quantize_replay_labels: bool = True
     tie_image_site: bool = Field(
         True, description="The image generator's fake site id is the site of the label map it follows (false: drawn independently, as in the original)."
@@ -380,7 +399,7 @@ class Relay(Strategy):
         if site.position > 0:
             self.previous = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in ("g_img", "g_label", "d_img", "d_label", "solver")})
             self.previous.requires_grad_(False)
-            self.previous.train(self.options.replay_generator_mode == "train")
+            self._set_previous_modes()
             with torch.no_grad():
                 self.ada_img.p.mul_(0.5)
                 self.ada_label.p.mul_(0.5)
@@ -396,21 +415,39 @@ class Relay(Strategy):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.previous is not None:  # Lightning calls .train() recursively; keep the frozen copies as configured
-            self.previous.train(self.options.replay_generator_mode == "train")
+            self._set_previous_modes()
         return self
 
+    def _set_previous_modes(self) -> None:
+        """The previous site's frozen copies in eval mode; its generators in train mode with
+        ``replay_generator_mode: train`` (the original's replay). The distillation teacher always
+        stays in eval mode: its BatchNorm uses its running statistics and never updates them."""
+        self.previous.eval()
+        if self.options.replay_generator_mode == "train":
+            for k in GENERATORS:
+                self.previous[k].train()
+
     def _maybe_switch_stage(self, step: StepContext) -> None:
-        """Half-way through the site (num_stages=2): merge with the previous site, then replay."""
-        if self.options.num_stages != 2 or self.stage != 1 or step.step < step.site.total_steps // 2:
+        """Half-way through a site after the first (num_stages=2): merge with the previous site,
+        then replay. The merge weight W grows by the site's weight once per site: here, or at the
+        end of a site without a merge (:meth:`on_site_end`)."""
+        if self.options.num_stages != 2 or self.previous is None or self.stage != 1 or step.step < step.site.total_steps // 2:
             return
-        w_cur = float(step.site.num_images) if self.options.weighted_merge else 1.0
-        if self.previous is not None and self.merge_weight > 0:
-            for k in ("g_img", "g_label", "d_img", "d_label", "solver"):
+        w_cur = self._site_weight(step.site)
+        if self.merge_weight > 0:
+            for k in self._shipped_networks():  # a discriminator that did not travel has no previous version
                 merge_parameters(getattr(self, k), self.previous[k], self.merge_weight, w_cur)
             self._reset_generator_ema()  # the average restarts from the merged generators
         self.merge_weight += w_cur
-        if self.previous is not None:
-            self.stage = 2
+        self.stage = 2
+
+    def _site_weight(self, site: SiteContext) -> float:
+        """A site's weight in the merge: its number of training images (``weighted_merge``), else 1."""
+        return float(site.num_images) if self.options.weighted_merge else 1.0
+
+    def _shipped_networks(self) -> tuple[str, ...]:
+        """The networks a bundle carries (the discriminators only with ``ship_discriminators``)."""
+        return tuple(k for k in self.SHIPPED if self.options.ship_discriminators or not k.startswith("d_"))
 
     # ----- moving average of the generators ----------------------------------------------------------
     @torch.no_grad()
@@ -954,8 +991,8 @@ class Relay(Strategy):
         super().on_site_end(site)
         self._adopt_generator_ema()
         self._select_generator_snapshot()
-        if self.options.num_stages == 1:  # no mid-site merge: still count the site's weight
-            self.merge_weight += float(site.num_images) if self.options.weighted_merge else 1.0
+        if self.stage == 1:  # no mid-site merge at this site (num_stages 1, or the first site): count its weight now
+            self.merge_weight += self._site_weight(site)
         # the site is finished: it becomes an earlier site for the next one
         for name, e in self.registry_current.items():
             prev = self.registry_previous.setdefault(name, {"id": e["id"], "frequency": 0})
@@ -969,9 +1006,7 @@ class Relay(Strategy):
 
     def state_to_bundle(self) -> BundleState:
         tensors: dict[str, Tensor] = {}
-        for k in self.SHIPPED:
-            if k.startswith("d_") and not self.options.ship_discriminators:
-                continue
+        for k in self._shipped_networks():
             tensors.update(prefixed(getattr(self, k).state_dict(), f"{k}."))
         tensors["ada_img.p"] = self.ada_img.p.detach().clone()
         tensors["ada_label.p"] = self.ada_label.p.detach().clone()

@@ -66,6 +66,89 @@ def test_merge_formula_on_tiny_tensors():
     assert cur.bias.item() == pytest.approx(1.0)
 
 
+def _walk_site(strategy, site):
+    """on_site_start, the stage switch as every batch of the site calls it, on_site_end."""
+    from relaylearn.strategies.base import StepContext
+
+    strategy.on_site_start(site)
+    for i in range(site.total_steps):
+        strategy._maybe_switch_stage(StepContext(step=i, global_step=i, epoch=0, site=site))
+    strategy.on_site_end(site)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2])
+def test_merge_weight_grows_by_each_sites_images_once(tmp_path, tiny_fundus, num_stages):
+    strategy, _ = _strategy(tmp_path, tiny_fundus, num_stages=num_stages)
+    _walk_site(strategy, _site("A", 0, n=8, steps=10))
+    assert strategy.merge_weight == 8  # the first site has no merge: its weight counts once
+    _walk_site(strategy, _site("B", 1, n=5, steps=10))
+    assert strategy.merge_weight == 13
+    _walk_site(strategy, _site("C", 2, n=7, steps=3))
+    assert strategy.merge_weight == 20
+
+
+def test_mid_site_merge_weighs_the_previous_sites_by_their_images(tmp_path, tiny_fundus):
+    from relaylearn.strategies.base import StepContext
+
+    strategy, _ = _strategy(tmp_path, tiny_fundus, num_stages=2)
+    _walk_site(strategy, _site("A", 0, n=8, steps=10))
+    site = _site("B", 1, n=24, steps=10)
+    strategy.on_site_start(site)
+    solver = next(strategy.solver.parameters())
+    previous = solver.detach().clone()
+    with torch.no_grad():
+        solver.add_(1.0)  # what site B's first half "learned"
+    for i in range(6):
+        strategy._maybe_switch_stage(StepContext(step=i, global_step=i, epoch=0, site=site))
+    assert strategy.stage == 2
+    torch.testing.assert_close(solver.detach(), previous + 24 / (8 + 24))  # (8·p_prev + 24·p_cur) / 32
+
+
+def test_discriminators_that_did_not_travel_are_not_merged(tmp_path, tiny_fundus):
+    from relaylearn.strategies.base import StepContext
+
+    strategy, _ = _strategy(tmp_path, tiny_fundus, num_stages=2, ship_discriminators=False)
+    _walk_site(strategy, _site("A", 0))
+    site = _site("B", 1, steps=4)
+    strategy.on_site_start(site)
+    with torch.no_grad():
+        for net in (strategy.d_img, strategy.solver):
+            for p in net.parameters():
+                p.add_(1.0)
+    trained_d = {k: v.clone() for k, v in strategy.d_img.state_dict().items()}
+    trained_solver = next(strategy.solver.parameters()).detach().clone()
+    for i in range(3):
+        strategy._maybe_switch_stage(StepContext(step=i, global_step=i, epoch=0, site=site))
+    assert strategy.stage == 2
+    assert all(torch.equal(v, strategy.d_img.state_dict()[k]) for k, v in trained_d.items())  # no previous version to merge with
+    assert not torch.equal(next(strategy.solver.parameters()).detach(), trained_solver)  # the solver did merge
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_replay_generator_mode_leaves_the_distillation_teacher_in_eval_mode(tmp_path, tiny_fundus, mode):
+    strategy, _ = _strategy(tmp_path, tiny_fundus, replay_generator_mode=mode)
+    _walk_site(strategy, _site("A", 0))
+    strategy.on_site_start(_site("B", 1))
+    strategy.train()
+    assert strategy.previous["g_img"].training == strategy.previous["g_label"].training == (mode == "train")
+    teacher = strategy.previous["solver"]
+    assert not any(m.training for m in teacher.modules())
+    stats = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        teacher(torch.rand(4, 3, 32, 32) * 2 - 1)
+    assert stats and all(torch.equal(v, teacher.state_dict()[k]) for k, v in stats.items())
+
+
+def test_a_partial_label_network_size_keeps_the_label_networks_own_defaults():
+    from relaylearn.strategies.relay import RelayOptions
+
+    o = RelayOptions(g_label={"channel_base": 2048}, d_label={"mapping_layers": 4})
+    assert (o.g_label.mapping_layers, o.g_label.channel_base, o.g_label.channel_max) == (2, 2048, 128)
+    assert (o.d_label.channel_base, o.d_label.channel_max, o.d_label.mapping_layers) == (4096, 128, 4)
+    assert (o.g_img.mapping_layers, o.g_img.channel_base, o.g_img.channel_max) == (4, 8192, 256)
+    assert RelayOptions().g_label.model_dump() == {"mapping_layers": 2, "channel_base": 4096, "channel_max": 128}
+
+
 def test_registry_grows_and_capacity_is_enforced(tmp_path, tiny_fundus):
     strategy, _ = _strategy(tmp_path, tiny_fundus)
     for position, name in enumerate(["A", "B", "C"]):
