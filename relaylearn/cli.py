@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from relaylearn.bundle import escape_text
 
+        if isinstance(exc, OSError) and exc.filename is not None:  # a file-system problem at a path the user chose: bad input
+            print(f"relaylearn: error: {escape_text(exc.filename)}: {escape_text(exc.strerror or exc)}", file=sys.stderr)
+            return 2
         print(f"relaylearn: internal error: {type(exc).__name__}: {escape_text(exc)} (set RELAYLEARN_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 

@@ -24,10 +24,16 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys and non-finite numbers (``.inf``, ``.nan``) are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ----- schema ---------------------------------------------------------------------------------
+#: the largest training resolution a config (or a bundle's recipe) may ask for, per side
+MAX_IMAGE_SIDE = 4096
+
+
 class DatasetKwargs(Strict):
     """One site's data. ``root_path``/``img_folder`` locate it; the rest is preprocessing."""
 
@@ -64,6 +70,20 @@ class DatasetKwargs(Strict):
         description="Share of the site's training images held out for validation (never trained on; whole studies where the layout has them); 0 = no validation part.",
     )
     val_seed: int = Field(0, description="Seed of the validation hold-out (the same images for every strategy, order and run seed).")
+
+    @field_validator("img_size")
+    @classmethod
+    def _sensible_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= side <= MAX_IMAGE_SIDE for side in size):
+            raise ValueError(f"each side must be between 1 and {MAX_IMAGE_SIDE} pixels")
+        return size
+
+    @field_validator("out_range", "hu_window")
+    @classmethod
+    def _increasing(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not bounds[0] < bounds[1]:
+            raise ValueError("the lower bound must be below the upper one")
+        return bounds
 
 
 #: built-in data layouts (relaylearn.data.layouts); your own is named "package.module:Class"
@@ -390,13 +410,32 @@ def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path) -> Any
         raise ConfigError(validation_message(exc, prefix), path) from None
 
 
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last one silently: a config edited in two places would train with half the edit)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file as plain data (UTF-8, no duplicate keys); ConfigError naming the file otherwise."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_NoDuplicateKeysLoader)  # noqa: S506 - a SafeLoader subclass
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read YAML: {str(exc).splitlines()[0]}", path) from None
+
+
 def load_config(spec: str, overrides: list[str] | None = None, data_root: str | None = None) -> RunConfig:
     """Load, override, merge and validate a config. Raises ConfigError naming file and key."""
     name, path = resolve_config_path(spec)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read YAML: {str(exc).splitlines()[0]}", path) from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping with common / all_tasks_datasets / current_tasks", path)
     cfg = _validate(RawConfig, raw, "config", path)

@@ -299,6 +299,16 @@ class SiteFit:
     resumed_at: int  # batches already trained when resumed from a local checkpoint (0: fresh)
 
 
+def real_data_augmentation(kwargs):
+    """The augmentation of real training images that ``dataset.kwargs.augment`` asks for (None for
+    none); ConfigError for a bad spec."""
+    if kwargs.augment in (None, "none"):
+        return None
+    from relaylearn.data.augment import from_config
+
+    return from_config(kwargs.augment, tuple(kwargs.out_range))
+
+
 def fit_site(
     strategy: Strategy,
     images: Tensor,
@@ -345,11 +355,7 @@ def fit_site(
         batch_size=train.batch_size,
         budget_steps=total,
     )
-    augment = None
-    if k.augment not in (None, "none"):
-        from relaylearn.data.augment import from_config as augment_from_config
-
-        augment = augment_from_config(k.augment, tuple(k.out_range))
+    augment = real_data_augmentation(k)
     module = SiteModule(
         strategy, site, augment=augment, log_every=train.log_every_n_steps, channels_last=train.channels_last, max_batches=total, sampler=loader.sampler
     )

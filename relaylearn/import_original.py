@@ -345,7 +345,7 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
         strategy=task.strategy.name,
         config=shipped_config(task),
         registry=state.meta,
-        site=task.dataset.site,
+        site=signing_key.site if signing_key is not None else task.dataset.site,  # a signed hop names its signer's site
         hop_started_utc=started,
         parent=None,
         signing_key=signing_key,

@@ -87,7 +87,7 @@ def read_image(path: Path, channels: int, hu: tuple[float, float, float] | None 
                 im = Image.fromarray(grey)
             im = im.convert("RGB" if channels == 3 else "L")
             array = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", path) from None
     if array.ndim == 2:
         array = array[:, :, None]
@@ -133,10 +133,15 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
     """
     if out.exists() and not out.is_dir():
         raise UserError("--out must be a folder, but a file is there", out)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    except OSError as exc:
+        raise UserError(f"cannot write: {exc.strerror or exc}", out) from None
     subfolders = ("masks", "overlays")
     rows = []
+    done = False
     try:
         for sub in subfolders:
             (staging / sub).mkdir()
@@ -159,9 +164,12 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
         atomic_write(csv_path, csv_text(rows, float_format="{:.4f}", lineterminator="\n"))
         info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
         atomic_write(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
+        done = True
         return csv_path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not done and created and not any(out.iterdir()):  # a failed run leaves no empty --out folder behind
+            out.rmdir()
 
 
 def run_predict(

@@ -16,8 +16,8 @@ import torch
 from relaylearn.assembly import check_bundle_fits, load_split, local_plugins, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import parse_devices, resolve_precision
-from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, seed_site
-from relaylearn.errors import UserError, VerificationError
+from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, seed_site
+from relaylearn.errors import ConfigError, UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
@@ -67,8 +67,8 @@ class RelayRun:
     """Trains the tasks of a config in order, writing everything under ``exps/<config>/<name>/``."""
 
     def __init__(self, cfg: RunConfig, name: str, opts: TrainOptions):
-        if not name or any(c in name for c in " /\\"):
-            raise UserError(f"-n {name!r}: run name must be non-empty without spaces or slashes")
+        if not name or any(c in name for c in " /\\") or not name.isprintable():
+            raise UserError(f"-n {name!r}: run name must be non-empty, printable, without spaces or slashes")
         self.cfg, self.name, self.opts = cfg, name, opts
         self.run_dir = Path(opts.exps_root) / cfg.name / name
         self.stamp = local_stamp()
@@ -102,8 +102,11 @@ class RelayRun:
             )
         if self.opts.in_bundle and self.opts.out_bundle and _same_file(self.opts.in_bundle, self.opts.out_bundle):
             raise UserError("--out is the same file as --in; write the outgoing bundle to a new name", self.opts.out_bundle)
-        for task in self.cfg.tasks:  # a bad -g fails before anything is written
+        for task in self.cfg.tasks:  # a bad -g or augmentation fails before anything is written
             parse_devices(self.opts.devices, task.train.lightning)
+            self._check_augmentation(task)
+        if self.opts.out_bundle:
+            _check_writable(Path(self.opts.out_bundle))
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
             raise UserError("run folder already has results; use --resume to continue it or another -n", self.run_dir)
@@ -114,6 +117,10 @@ class RelayRun:
 
             self.cfg, self.recipe_record = reconcile(self.cfg, self.incoming, self.opts.recipe, local_plugins(self.cfg))
             check_bundle_fits(self.incoming, self.cfg.tasks[0])
+            try:  # the local recipe passed above: what fails now came with the bundle
+                self._check_augmentation(self.cfg.tasks[0])
+            except UserError as exc:
+                raise VerificationError(f"the bundle's recipe does not build here: {exc.message}", self.incoming.path) from None
             ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
             if is_main_process() and ledger is not None:
                 ledger.check(self.incoming)
@@ -141,6 +148,13 @@ class RelayRun:
             chosen = sorted(set(info["precision"].values()))
             why = "native bf16 kernels here" if "bf16-mixed" in chosen else "no native bf16 kernels here"
             self._log(f"precision: {', '.join(chosen)} (train.precision auto: {why})")
+
+    def _check_augmentation(self, task: TaskConfig) -> None:
+        """``dataset.kwargs.augment`` builds (ConfigError naming the config otherwise)."""
+        try:
+            real_data_augmentation(task.dataset.kwargs)
+        except UserError as exc:
+            raise ConfigError(exc.message, exc.path or self.cfg.path) from None
 
     def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False, own: bool = False):
         """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this
@@ -292,7 +306,10 @@ class RelayRun:
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
         atomic_write(matrix_path, json.dumps(matrix, indent=2))
         if self.opts.out_bundle and bundles:
-            atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
+            try:
+                atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
+            except UserError as exc:  # checked before training; the disk may still fill up or go away
+                raise UserError(f"{exc.message}; the bundle this site wrote is {bundles[-1]}: copy that file instead", exc.path) from None
         return RunResult(self.run_dir, matrix, bundles, time.time() - started)
 
     def _log(self, msg: str) -> None:
@@ -444,6 +461,19 @@ class RelayRun:
         if self.signing_key is not None:
             return self.signing_key.site
         return task.dataset.site if "+" not in site_name else site_name
+
+
+def _check_writable(path: Path) -> None:
+    """Before training: ``path`` can be written (its folder exists or can be made, and lets us
+    write; the path is not a folder), so a site's hours of training never end in an unwritable
+    ``--out``."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.is_dir():
+        raise UserError("is a folder; --out needs a file name", path)
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write here: {folder} is not a writable folder", path)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

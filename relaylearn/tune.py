@@ -32,10 +32,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
-from relaylearn.config import RunConfig, load_config
+from relaylearn.config import RunConfig, load_config, read_yaml
 from relaylearn.errors import ConfigError, UserError
 from relaylearn.files import EXPS_ROOT, atomic_write
 from relaylearn.workers import check_workers, train_shared
@@ -59,10 +57,7 @@ def load_grids(path: str | None) -> dict[str, dict[str, list[Any]]]:
     if path is None:
         return grids
     path = Path(path.lstrip("="))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the grid file: {str(exc).splitlines()[0]}", path) from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or not data:
         raise ConfigError("expected a mapping strategy -> {option: [values, ...]}", path)
     for strategy, grid in data.items():

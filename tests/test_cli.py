@@ -102,3 +102,20 @@ def test_usage_errors_through_the_console_script(tmp_path):
         result = subprocess.run(command + args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, (args, result.stderr)
         assert expected in one_line_error(result.stderr)
+
+
+def test_a_run_name_with_control_characters_is_refused(tmp_path, config):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x\x1b[31m", "-q")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "printable" in line and "\x1b" not in line
+    assert not (tmp_path / "exps").exists()
+
+
+def test_a_file_system_error_at_a_chosen_path_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli(tmp_path, "data", "synth", blocker / "synth", "--size", "32")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "a_file" in line and "internal error" not in line

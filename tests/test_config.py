@@ -43,6 +43,11 @@ def test_data_root_replaces_every_site_root(tmp_path):
         ("test.save_predictions=true", "common.test.save_predictions: not supported by this version; write predicted masks with 'relaylearn predict'"),
         ("train.compile_me=true", "common.train.compile_me: unknown key"),
         ("train.gradient_clip=-1", "common.train.gradient_clip"),
+        ("dataset.kwargs.img_size=[0,0]", "common.dataset.kwargs.img_size: each side must be between 1 and 4096 pixels"),
+        ("dataset.kwargs.img_size=[20000,20000]", "common.dataset.kwargs.img_size: each side must be between 1 and 4096 pixels"),
+        ("dataset.kwargs.out_range=[1,1]", "common.dataset.kwargs.out_range: the lower bound must be below the upper one"),
+        ("dataset.kwargs.hu_window=[240,-160]", "common.dataset.kwargs.hu_window: the lower bound must be below the upper one"),
+        ("train.optimizer.lr=.inf", "common.train.optimizer.lr: Input should be a finite number"),
     ],
 )
 def test_bad_keys_name_the_key_and_file(tmp_path, override, key):
@@ -184,3 +189,26 @@ def test_a_strategy_option_that_fits_no_member_of_its_union_names_them_all():
     assert str(err.value) == want  # not the first member's tag and message alone
     with pytest.raises(ConfigError, match=r"common\.strategy\.kwargs\.overlap_solver_stepp: unknown key \(strategy 'relay'\)"):
         parse_options(Relay, {"overlap_solver_stepp": True})
+
+
+def test_a_key_given_twice_or_a_file_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
+    path = tiny_config(tmp_path, tmp_path)
+    text = path.read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text.replace("common:\n", "common:\n  random_seed: 1\n  random_seed: 2\n", 1))
+    with pytest.raises(ConfigError, match="key 'random_seed' appears twice") as err:
+        load_config(str(twice))
+    assert str(twice) in str(err.value)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe common: {}")
+    with pytest.raises(ConfigError, match="cannot read YAML") as err:
+        load_config(str(binary))
+    assert str(binary) in str(err.value)
+
+
+def test_a_strategy_option_must_be_finite():
+    from relaylearn.strategies.base import parse_options
+    from relaylearn.strategies.relay import Relay
+
+    with pytest.raises(ConfigError, match="distil_tau: Input should be a finite number"):
+        parse_options(Relay, {"distil_tau": float("inf")})

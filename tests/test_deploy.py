@@ -243,6 +243,46 @@ def test_bundle_signed_by_a_key_outside_the_trust_folder_is_rejected(relay, tmp_
     assert "untrusted" in line
 
 
+def test_a_trusted_bundle_whose_recipe_does_not_build_here_is_rejected_before_anything_is_written(relay, tmp_path):
+    """Signed by a trusted site, but its recipe asks for an augmentation this version cannot
+    build: exit 3 naming the bundle, before the ledger moves or a run file is written (the
+    site can still accept the genuine bundle afterwards)."""
+    signer = load_private_key(relay.hospitals[0].key)
+    hop1 = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
+    config = json.loads(json.dumps(hop1.config))
+    config["dataset"]["kwargs"]["augment"] = {"\x1b[31mbogus": 1}
+    odd = tmp_path / "odd_recipe.relay"
+    write_bundle(
+        odd,
+        hop1.tensors,
+        strategy=hop1.strategy,
+        config=config,
+        registry=hop1.registry,
+        site=signer.site,
+        hop_started_utc=hop1.hops[-1]["started_utc"],
+        parent=None,
+        signing_key=signer,
+        relay_id=RELAY_ID,
+    )
+    hospital = relay.hospitals[1]
+    line = expect_rejected(relay, hospital, odd, "odd_recipe.relay")
+    assert "recipe does not build here" in line and "\\x1b" in line
+    assert not hospital.run_dir(f"rejected-{odd.stem}").exists(), "no run file written"
+
+
+def test_an_unwritable_out_is_refused_before_training(relay, tmp_path):
+    hospital = relay.hospitals[1]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    ledger = hospital.key.parent / "ledger"
+    before = {p: p.read_bytes() for p in ledger.glob("*.json")}
+    result = hospital.train("unwritable-out", "--in", relay.hops[0], "--trust", relay.trust, "--out", blocker / "hop2.relay")
+    assert result.code == 2, result.err
+    assert "a_file" in only_line(result.err) and "writable" in result.err
+    assert not hospital.run_dir("unwritable-out").exists()
+    assert {p: p.read_bytes() for p in ledger.glob("*.json")} == before
+
+
 def test_rollback_to_an_older_bundle_is_rejected(relay):
     """Hospital C trained on hop 2 and wrote hop 3; getting hop 2 again is a rollback."""
     line = expect_rejected(relay, relay.hospitals[2], relay.hops[1], "rollback")

@@ -212,3 +212,20 @@ def test_unknown_tensor_names_are_reported():
 
     with pytest.raises(UserError, match="model.mystery.weight"):
         check_against(imported, {"solver.encoder.conv1.weight": torch.zeros(1)}, "config 'x'")
+
+
+def test_a_signed_import_names_its_signer_and_verifies(tmp_path, capsys):
+    """With --key the imported hop is bound to the key's site (as every signed hop), so the bundle
+    verifies against a trust folder holding that key."""
+    from relaylearn.keys import generate_keypair
+
+    generate_keypair(tmp_path / "keys", "Hospital-A")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "Hospital-A.pub").write_bytes((tmp_path / "keys" / "Hospital-A.pub").read_bytes())
+    ckpt = save_lightning_checkpoint(tmp_path / "last.ckpt", random_state(listing("unet-resnet18.txt"), seed=3))
+    out = tmp_path / "signed.relay"
+    key = str(tmp_path / "keys" / "Hospital-A.key")
+    assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(out), "--key", key]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--trust", str(trust)]) == 0, capsys.readouterr().err

@@ -160,3 +160,32 @@ def test_unreadable_image_exits_2_and_writes_nothing(bundle, tmp_path, capsys, m
     assert "b_broken.png" in err and "cannot read image" in err and len(err.strip().splitlines()) == 1
     assert not (out / "predictions.csv").exists()
     assert not list(out.rglob("*.png")), "no mask or overlay of the good image either"
+    assert not out.exists(), "the --out folder this run created is removed again"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` × ``height`` pixels and which holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_or_an_unwritable_out_is_one_line_and_exit_2(bundle, tmp_path, capsys):
+    from relaylearn.cli import main
+
+    bomb = tmp_path / "huge.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    assert main(["predict", "--bundle", str(bundle), "--out", str(tmp_path / "out"), "-g", "cpu", "--no-verify", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert "huge.png" in err and "cannot read image" in err and len(err.strip().splitlines()) == 1
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    image = tmp_path / "ok.png"
+    Image.fromarray(_rgb(32, 32)).save(image)
+    assert main(["predict", "--bundle", str(bundle), "--out", str(blocker / "out"), "-g", "cpu", "--no-verify", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "a_file" in err and "cannot write" in err and len(err.strip().splitlines()) == 1

@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from relaylearn import __version__
 from relaylearn.files import atomic_write
 from relaylearn.report import html, plots
+from relaylearn.report.html import escape
 from relaylearn.report.runs import Run, find_runs
 from relaylearn.results import forgetting_per_site, headline
 

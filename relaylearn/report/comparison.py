@@ -12,13 +12,13 @@ import io
 import json
 import math
 from datetime import datetime, timezone
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from relaylearn import __version__
 from relaylearn.compare import _fmt as mean_std_text
 from relaylearn.report import html
+from relaylearn.report.html import escape
 
 COLUMNS = (  # (header, metric in table.csv, signed)
     ("ACC", "acc", False),

@@ -5,7 +5,7 @@ image has decoded (used by the tests; harmless elsewhere)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from html import escape
+from html import escape as _html_escape
 
 CSS = """
 :root { --ink:#1d2430; --muted:#5b6575; --line:#e3e7ee; --accent:#2563eb; --bg:#f6f8fb; --note:#fff7e0; --note-line:#f0c36d; }
@@ -54,6 +54,15 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images-count', String(images.length));
 });
 """
+
+
+def escape(text: object, quote: bool = True) -> str:
+    """``text`` for HTML: markup characters escaped, and every non-printable character (control
+    codes, terminal escape sequences, line breaks, bidi overrides; names in a report can come from
+    a bundle) written as a visible escape such as ``\\x1b``."""
+    from relaylearn.bundle import escape_text
+
+    return _html_escape(escape_text(str(text)), quote=quote)
 
 
 def note(text: str) -> str:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from html import escape
 from typing import Any
 
 import numpy as np
 
 from relaylearn.report import html
+from relaylearn.report.html import escape
 from relaylearn.report.runs import Run
 
 #: (column header, check, space, figure) of the per-hop table

@@ -33,9 +33,9 @@ from relaylearn.errors import ConfigError
 
 
 class StrategyOptions(BaseModel):
-    """Options of a strategy (``common.strategy.kwargs``). Unknown keys are an error."""
+    """Options of a strategy (``common.strategy.kwargs``). Unknown keys and non-finite numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

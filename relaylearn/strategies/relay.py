@@ -1059,11 +1059,22 @@ class Relay(Strategy):
 
     def load_meta(self, meta: dict[str, Any]) -> None:
         super().load_meta(meta)
-        self.registry_previous = {k: {"id": int(v["id"]), "frequency": int(v["frequency"])} for k, v in meta.get("site_registry", {}).items()}
-        self.registry_current = {k: {"id": int(v["id"]), "frequency": int(v["frequency"])} for k, v in meta.get("site_registry_current", {}).items()}
+        self.registry_previous = self._checked_registry(meta.get("site_registry", {}))
+        self.registry_current = self._checked_registry(meta.get("site_registry_current", {}))
         self.merge_weight = float(meta.get("merge_weight", 0.0))
         self.stage = int(meta.get("stage", 1))
         self.gan_step = int(meta.get("gan_step", self.global_step))
+
+    def _checked_registry(self, registry: dict[str, Any]) -> dict[str, dict[str, int]]:
+        """A site registry read from a bundle or checkpoint: ids within the site capacity and
+        frequencies ≥ 0 (ValueError otherwise: the bundle does not fit)."""
+        out = {}
+        for name, entry in registry.items():
+            site_id, frequency = int(entry["id"]), int(entry["frequency"])
+            if not 0 <= site_id < self.options.site_capacity or frequency < 0:
+                raise ValueError(f"site registry: id {site_id} / frequency {frequency} outside 0..{self.options.site_capacity - 1} / ≥ 0")
+            out[name] = {"id": site_id, "frequency": frequency}
+        return out
 
     # local resume checkpoints: where the site's replay stock stood (never shipped)
     def get_extra_state(self) -> dict[str, Any]:

@@ -149,6 +149,15 @@ def test_a_partial_label_network_size_keeps_the_label_networks_own_defaults():
     assert RelayOptions().g_label.model_dump() == {"mapping_layers": 2, "channel_base": 4096, "channel_max": 128}
 
 
+@pytest.mark.parametrize("entry", [{"id": 10**9, "frequency": 1}, {"id": -1, "frequency": 1}, {"id": 0, "frequency": -5}])
+def test_a_registry_entry_outside_the_site_capacity_does_not_fit(tmp_path, tiny_fundus, entry):
+    """A bundle's registry holds ids that index the one-hot site vector: out of range, the bundle
+    does not fit (load_bundle_state turns the error into exit 3), never an error deep in training."""
+    strategy, _ = _strategy(tmp_path, tiny_fundus)
+    with pytest.raises(ValueError, match="site registry"):
+        strategy.load_meta({"site_registry": {"X": entry}})
+
+
 def test_registry_grows_and_capacity_is_enforced(tmp_path, tiny_fundus):
     strategy, _ = _strategy(tmp_path, tiny_fundus)
     for position, name in enumerate(["A", "B", "C"]):
