@@ -126,3 +126,19 @@ def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes |
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def check_new_bundle_path(path: Path) -> None:
+    """``path`` (a bundle's ``--out``) names a new file that can be written: its folder exists or
+    can be made, and lets us write. Checked before any work, so hours of training never end in an
+    unwritable ``--out``, and no file already there (the only copy of an earlier hop, say) is
+    replaced. UserError otherwise."""
+    if path.is_dir():
+        raise UserError("is a folder; --out needs a file name", path)
+    if path.exists() or path.is_symlink():
+        raise UserError("already exists; a bundle is never overwritten: choose another name or move that file away", path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write here: {folder} is not a writable folder", path)

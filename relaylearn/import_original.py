@@ -289,10 +289,11 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     from relaylearn.assembly import build_strategy, shipped_config
     from relaylearn.bundle import write_bundle
     from relaylearn.config import load_config
-    from relaylearn.files import utc_now
+    from relaylearn.files import check_new_bundle_path, utc_now
     from relaylearn.keys import load_private_key
     from relaylearn.strategies.base import BundleState
 
+    check_new_bundle_path(Path(out))
     signing_key = load_private_key(key) if key else None
     checkpoint = read_original_checkpoint(ckpt)
     imported = map_original_state(checkpoint["state_dict"], checkpoint.get("RL_meta"))

@@ -163,10 +163,12 @@ def shipped_task_config(config: Any, where: Any = None) -> TaskConfig:
     try:
         return TaskConfig.model_validate(config)
     except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
-        text = str(exc).strip().splitlines()
-        raise VerificationError(
-            f"bundle config does not match this relaylearn version: {escape_text(text[0] if text else type(exc).__name__)[:200]}", where
-        ) from None
+        from pydantic import ValidationError
+
+        from relaylearn.config import validation_message
+
+        text = validation_message(exc, "config") if isinstance(exc, ValidationError) else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VerificationError(f"bundle config does not match this relaylearn version: {escape_text(text)[:200]}", where) from None
 
 
 def _check_names(bundle_task: TaskConfig, plugins: set[str], where: Any) -> None:

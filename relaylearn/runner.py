@@ -18,7 +18,7 @@ from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, seed_site
 from relaylearn.errors import ConfigError, UserError, VerificationError
-from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp, software_versions, utc_now
+from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, local_stamp, software_versions, utc_now
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import Strategy, parse_options
@@ -106,7 +106,7 @@ class RelayRun:
             parse_devices(self.opts.devices, task.train.lightning)
             self._check_augmentation(task)
         if self.opts.out_bundle:
-            _check_writable(Path(self.opts.out_bundle))
+            check_new_bundle_path(Path(self.opts.out_bundle))
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
             raise UserError("run folder already has results; use --resume to continue it or another -n", self.run_dir)
@@ -461,19 +461,6 @@ class RelayRun:
         if self.signing_key is not None:
             return self.signing_key.site
         return task.dataset.site if "+" not in site_name else site_name
-
-
-def _check_writable(path: Path) -> None:
-    """Before training: ``path`` can be written (its folder exists or can be made, and lets us
-    write; the path is not a folder), so a site's hours of training never end in an unwritable
-    ``--out``."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if path.is_dir():
-        raise UserError("is a folder; --out needs a file name", path)
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write here: {folder} is not a writable folder", path)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

@@ -283,6 +283,17 @@ def test_an_unwritable_out_is_refused_before_training(relay, tmp_path):
     assert {p: p.read_bytes() for p in ledger.glob("*.json")} == before
 
 
+def test_an_existing_out_file_is_never_overwritten(relay, tmp_path):
+    hospital = relay.hospitals[1]
+    kept = tmp_path / "precious.relay"
+    kept.write_bytes(b"the only copy of something")
+    result = hospital.train("existing-out", "--in", relay.hops[0], "--trust", relay.trust, "--out", kept)
+    assert result.code == 2, result.err
+    assert "already exists" in only_line(result.err)
+    assert kept.read_bytes() == b"the only copy of something"
+    assert not hospital.run_dir("existing-out").exists()
+
+
 def test_rollback_to_an_older_bundle_is_rejected(relay):
     """Hospital C trained on hop 2 and wrote hop 3; getting hop 2 again is a rollback."""
     line = expect_rejected(relay, relay.hospitals[2], relay.hops[1], "rollback")

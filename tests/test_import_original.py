@@ -229,3 +229,12 @@ def test_a_signed_import_names_its_signer_and_verifies(tmp_path, capsys):
     assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(out), "--key", key]) == 0
     capsys.readouterr()
     assert main(["verify", str(out), "--trust", str(trust)]) == 0, capsys.readouterr().err
+
+
+def test_an_existing_out_file_is_not_replaced(tmp_path, capsys):
+    ckpt = save_lightning_checkpoint(tmp_path / "last.ckpt", random_state(listing("unet-resnet18.txt"), seed=4))
+    out = tmp_path / "signed.relay"
+    out.write_bytes(b"a bundle signed earlier")
+    assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"a bundle signed earlier"
