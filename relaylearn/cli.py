@@ -164,11 +164,11 @@ def cmd_data(args) -> int:
 
         t0 = time.time()
         summary = write_synthetic_ct(
-            Path(args.out_dir), size=args.size or 64, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite
+            Path(args.out_dir), size=64 if args.size is None else args.size, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite
         )
         print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
         return 0
-    args.size = args.size or 128
+    args.size = 128 if args.size is None else args.size
     if args.size < 32 or args.size > 2048:
         raise UserError(f"--size {args.size}: expected 32..2048 pixels")
     t0 = time.time()

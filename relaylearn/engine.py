@@ -330,8 +330,14 @@ def fit_site(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from relaylearn.devices import keep_freed_host_memory, parse_devices, resolve_precision
+    from relaylearn.errors import DataError
 
     train, k = task.train, task.dataset.kwargs
+    if len(images) < 2:  # BatchNorm cannot train on one sample
+        raise DataError(
+            f"site '{task.dataset.site}' has {len(images)} training image(s) after the validation hold-out "
+            f"(dataset.kwargs.val_fraction {k.val_fraction}); training needs at least 2"
+        )
     accelerator, devs = parse_devices(devices, train.lightning)
     if accelerator == "cpu":
         keep_freed_host_memory()

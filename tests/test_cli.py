@@ -119,3 +119,10 @@ def test_a_file_system_error_at_a_chosen_path_is_one_line_and_exit_2(tmp_path):
     assert result.code == 2
     line = one_line_error(result.err)
     assert "a_file" in line and "internal error" not in line
+
+
+def test_a_hold_out_that_leaves_one_training_image_is_one_line(tmp_path, config):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q", "-g", "cpu", "--set", "dataset.kwargs.val_fraction=0.99")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "val_fraction" in line and "at least 2" in line
