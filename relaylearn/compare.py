@@ -229,7 +229,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def csv_table(rows: list[dict[str, Any]]) -> str:
-    return csv_text(rows, float_format="{:.6g}", fields=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
+    return csv_text(rows, float_format="{:.10g}", fields=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
+
+
+#: a standard deviation of paired differences below this (relative to their mean) is float rounding
+SPREAD_FLOOR = 1e-9
 
 
 def paired_test(a: list[float], b: list[float]) -> dict[str, Any]:
@@ -245,7 +249,7 @@ def paired_test(a: list[float], b: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(differences), "mean_difference": mean, "std_difference": std, "wilcoxon_p": None, "t_test_p": None}
     if len(differences) >= 2 and any(d != 0 for d in differences):
         out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
-        if std:
+        if std is not None and std > SPREAD_FLOOR * max(1.0, abs(mean)):  # equal differences up to rounding: t is undefined
             out["t_test_p"] = float(stats.ttest_rel(a, b).pvalue)
     return out
 
@@ -264,8 +268,10 @@ def relay_vs_best_other(results: dict[str, dict[str, dict[str, Any]]], strategie
     best = max((label for label in others if mean_acc[label] is not None), key=lambda label: mean_acc[label], default=None)
     if best is None:
         return None
-    keys = sorted(set(results[relay]) & set(results[best]))
-    out: dict[str, Any] = {"relay": relay, "other": best, "runs": keys}
+    both = sorted(set(results[relay]) & set(results[best]))
+    same = lambda k: all(results[relay][k].get(f) == results[best][k].get(f) for f in ("order", "seed"))  # noqa: E731
+    keys = [k for k in both if same(k)]  # a pair is the same site order and run seed, not merely the same position
+    out: dict[str, Any] = {"relay": relay, "other": best, "runs": keys, "unpaired": [k for k in both if not same(k)]}
     for metric in ("acc", "forgetting"):
         a = [results[relay][k]["matrix"].get(metric) for k in keys]
         b = [results[best][k]["matrix"].get(metric) for k in keys]
@@ -288,7 +294,19 @@ def paired_markdown(paired: dict[str, Any] | None) -> str:
     for metric in ("acc", "forgetting"):
         t = paired[metric]
         lines.append(f"| {metric} | {_fmt(t['mean_difference'], t['std_difference'], signed=True)} | {p(t['wilcoxon_p'])} | {p(t['t_test_p'])} |")
+    lines += ["", wilcoxon_floor_note(len(paired["runs"]))]
+    if paired.get("unpaired"):
+        lines.append(f"Left out (the two configs' site orders or seeds differ there): {', '.join(paired['unpaired'])}.")
     return "\n".join(lines) + "\n"
+
+
+def wilcoxon_floor_note(n: int) -> str:
+    """What n pairs allow: the smallest two-sided p of the exact Wilcoxon signed-rank test is 2/2^n."""
+    if n < 2:
+        return "Fewer than 2 pairs: no test."
+    return f"With {n} pairs the smallest possible Wilcoxon p is {2 / 2**n:.3g}" + (
+        " (more orders or seeds are needed to reach 0.05)." if 2 / 2**n > 0.05 else "."
+    )
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:

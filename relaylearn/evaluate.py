@@ -27,9 +27,12 @@ def run_test(
     A ``bundle`` from elsewhere needs ``trust`` (or ``no_verify``); the run's own bundles are read
     unverified when no ``trust`` is given. ``results_<stamp>.json`` records which were verified."""
     from relaylearn.engine import evaluate_site
+    from relaylearn.strategies import get_strategy_class
 
     run_dir = Path(exps_root) / cfg.name / name.lstrip("=")
     task_ids = [t.dataset.kwargs.task_id for t in cfg.tasks]
+    if get_strategy_class(cfg.tasks[0].strategy.name).pooled_training:
+        task_ids = task_ids[:1]  # one model for all sites, written as the first task's bundle
     paths = [Path(bundle)] if bundle else [run_dir / "bundles" / f"task_{tid}.relay" for tid in task_ids]
     device = inference_device(devices, cfg.tasks[0].train.lightning)
     summary, per_image = [], []
@@ -38,6 +41,8 @@ def run_test(
     for task_id, path in zip(task_ids, paths):
         b = read_any_bundle(path, trust, no_verify=no_verify or bundle is None)
         sources.append(provenance(b))
+        if bundle:  # a given bundle: its rows are numbered by the hops it has been through
+            task_id = len(b.manifest.get("hops", [])) or task_id
         strategy, task = strategy_from_bundle(b, local_plugins(cfg))
         solver = strategy.solver.to(device)
         trained = "+".join(h["site"] for h in b.manifest.get("hops", [])[-1:]) or f"task_{task_id}"

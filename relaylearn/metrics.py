@@ -139,13 +139,13 @@ def bootstrap_ci(values: np.ndarray | Tensor | Sequence[float], n_resamples: int
     """Percentile bootstrap of the mean of a 1-D sample: returns (mean, low, high).
 
     Draws ``n_resamples`` resamples with replacement (``numpy.random.default_rng(seed)``), so the
-    result is deterministic for a given seed. An empty sample gives NaNs; ``n_resamples=0`` gives
-    the mean with NaN bounds.
+    result is deterministic for a given seed. An empty sample gives NaNs; one value or
+    ``n_resamples=0`` gives the mean with NaN bounds (one value says nothing about the spread).
     """
     sample = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
     if sample.size == 0:
         return math.nan, math.nan, math.nan
-    if n_resamples <= 0:
+    if n_resamples <= 0 or sample.size == 1:
         return float(sample.mean()), math.nan, math.nan
     rng = np.random.default_rng(seed)
     chunk = max(1, 2_000_000 // sample.size)  # bound the index array to about 16 MB

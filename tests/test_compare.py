@@ -117,6 +117,8 @@ def test_paired_test_on_hand_made_numbers():
     assert paired_test([1.1, 1.2, 1.3], [1.0, 1.0, 1.0])["t_test_p"] == pytest.approx(1 - (12 / 14) ** 0.5)
     assert paired_test([0.5, 0.5], [0.5, 0.5])["wilcoxon_p"] is None, "no differences: no test"
     assert paired_test([0.5], [0.4])["t_test_p"] is None
+    a = [0.8, 0.7, 0.6, 0.5, 0.9]  # the same difference on every run, up to float rounding: t is undefined, not p ≈ 0
+    assert paired_test(a, [x - 0.1 for x in a])["t_test_p"] is None
 
 
 def test_relay_is_tested_against_the_best_non_pooled_method():
@@ -131,7 +133,24 @@ def test_relay_is_tested_against_the_best_non_pooled_method():
     assert paired["acc"]["mean_difference"] == pytest.approx((0.1 + 0.15 + 0.13) / 3)
     assert paired["forgetting"]["mean_difference"] == pytest.approx(-0.2)
     assert "| acc | +0.127 ± 0.025 | 0.25 |" in paired_markdown(paired)
+    assert "With 3 pairs the smallest possible Wilcoxon p is 0.25 (more orders or seeds are needed to reach 0.05)." in paired_markdown(paired)
     assert relay_vs_best_other({"ewc": results["ewc"]}, {"ewc": "ewc"}) is None
+
+
+def test_runs_are_paired_by_their_order_and_seed_not_their_position():
+    from relaylearn.compare import paired_markdown, relay_vs_best_other
+
+    def runs(seed, accs):
+        return {f"order{k}_seed0": {"order": [1, 2, 3], "seed": seed + k % 2, "matrix": {"acc": a, "forgetting": 0.1}} for k, a in enumerate(accs)}
+
+    results = {
+        "relay": runs(1314, [0.7, 0.8, 0.75]),
+        "lwf": {**runs(1314, [0.6, 0.65, 0.62]), "order1_seed0": {"order": [1, 2, 3], "seed": 7, "matrix": {"acc": 0.6}}},
+    }
+    paired = relay_vs_best_other(results, {"relay": "relay", "lwf": "lwf"})
+    assert paired["runs"] == ["order0_seed0", "order2_seed0"] and paired["unpaired"] == ["order1_seed0"]
+    assert paired["acc"]["n"] == 2
+    assert "Left out (the two configs' site orders or seeds differ there): order1_seed0." in paired_markdown(paired)
 
 
 def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_path, tiny_fundus, monkeypatch):

@@ -169,6 +169,8 @@ def test_bootstrap_ci_contains_the_mean_and_is_deterministic():
     assert all(math.isnan(v) for v in bootstrap_ci([]))
     no_resampling = bootstrap_ci(values, n_resamples=0)
     assert no_resampling[0] == mean and math.isnan(no_resampling[1]) and math.isnan(no_resampling[2])
+    one = bootstrap_ci([0.8])  # one image says nothing about the spread: no zero-width interval
+    assert one[0] == 0.8 and math.isnan(one[1]) and math.isnan(one[2])
 
 
 def test_segmentation_scores_accumulates_and_summarises():

@@ -81,6 +81,19 @@ def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus):
     assert len(result.matrix["R"]) == 1
     assert result.matrix["bwt"] == 0.0
 
+    # `relaylearn test` of the pooled run evaluates its one bundle, with the same Dice
+    import csv
+
+    from relaylearn.evaluate import run_test
+
+    cfg = load_config(str(tmp_path / "joint.yaml"))
+    rows = list(csv.DictReader(run_test(cfg, "t", exps_root=tmp_path / "exps").open()))
+    assert {r["task_id"] for r in rows} == {"1"} and [r["test_site"] for r in rows] == result.matrix["sites"]
+    assert [round(float(r["dice_sample"]), 4) for r in rows] == [round(v, 4) for v in result.matrix["R"][0]]
+    # a bundle given with --bundle: its rows are numbered by its hops, not by the config's first task
+    given = run_test(cfg, "t", bundle=str(result.bundles[-1]), no_verify=True, exps_root=tmp_path / "exps")
+    assert {r["task_id"] for r in csv.DictReader(given.open())} == {"1"}
+
 
 def test_existing_run_needs_resume(tmp_path, tiny_fundus):
     cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1,))))

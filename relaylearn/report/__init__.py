@@ -178,7 +178,7 @@ class ReportBuilder:
         lead = (
             "ACC: mean final Dice over the trained sites. BWT: mean change on each earlier site from just after "
             "training it to the end (negative = forgotten). Forgetting: mean over earlier sites of the largest drop "
-            "from any earlier model to the final one. External: mean final Dice on sites never trained on. "
+            "from a model after that site's training (itself or a later one) to the final one. External: mean final Dice on sites never trained on. "
             "Dice is the per-image mean over foreground classes (sample-wise)." + (" Best value per column in green." if self.multi else "")
         )
         body = html.table(header, rows, numeric={3, 4, 5, 6, 7}, best=best)

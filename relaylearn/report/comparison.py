@@ -81,6 +81,8 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 
 def _paired(paired: dict[str, Any] | None) -> str:
+    from relaylearn.compare import wilcoxon_floor_note
+
     if not paired:
         return html.note("No paired test: it needs a relay config and another non-pooled strategy.")
     p = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
@@ -92,7 +94,8 @@ def _paired(paired: dict[str, Any] | None) -> str:
         rows.append([escape(metric), diff, p(t.get("wilcoxon_p")), p(t.get("t_test_p"))])
     lead = (
         f"{escape(str(paired.get('relay')))} − {escape(str(paired.get('other')))} (the other method with the highest mean ACC; "
-        f"joint excluded), paired by order and seed over {len(paired.get('runs') or [])} run(s); two-sided p-values."
+        f"joint excluded), paired by order and seed over {len(paired.get('runs') or [])} run(s); two-sided p-values. "
+        f"{escape(wilcoxon_floor_note(len(paired.get('runs') or [])))}"
     )
     return f'<p class="lead">{lead}</p>' + html.table(["metric", "mean difference", "Wilcoxon signed-rank p", "paired t-test p"], rows, numeric={1, 2, 3})
 
