@@ -263,6 +263,8 @@ class RelayRun:
                     val_rows.append(previous_val[position] if position < len(previous_val) else None)
                     trained.append(site_name)
                     trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
+                    if site_name in (previous.get("per_class") or {}):
+                        per_class[site_name] = previous["per_class"][site_name]
                 self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
                 bundles.append(bundle_path)
                 continue

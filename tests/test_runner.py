@@ -97,11 +97,12 @@ def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus):
 
 def test_existing_run_needs_resume(tmp_path, tiny_fundus):
     cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1,))))
-    run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
+    first = run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     with pytest.raises(UserError, match="--resume"):
         run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     again = run_training(cfg, "t", TrainOptions(quiet=True, resume=True, exps_root=tmp_path / "exps"))
     assert len(again.matrix["R"]) == 1
+    assert again.matrix["per_class"] == first.matrix["per_class"] != {}, "a skipped hop keeps its per-class Dice"
 
 
 def test_matrix_has_the_validation_parts(tmp_path, tiny_fundus):
