@@ -13,7 +13,7 @@ from torch import nn
 
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig
 from relaylearn.data.layouts import Layout, get_layout
-from relaylearn.errors import DataError, UserError, VerificationError
+from relaylearn.errors import DataError, RelayError, UserError, VerificationError
 from relaylearn.plugins import is_plugin
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import BundleState, Strategy, parse_options
@@ -104,9 +104,15 @@ def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
 def restore_strategy(task: TaskConfig, bundle=None) -> Strategy:
     """The strategy of ``task``: fresh (with the configured pretrained weights) without a
     ``bundle``, else restored from the verified ``bundle`` with an exact fit (exit 3 otherwise)."""
-    strategy = build_strategy(task, load_pretrained=bundle is None)
-    if bundle is not None:
-        load_bundle_state(strategy, bundle, task.strategy.name)
+    if bundle is None:
+        return build_strategy(task, load_pretrained=True)
+    try:
+        strategy = build_strategy(task, load_pretrained=False)
+    except RelayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a recipe the bundle brought that this version cannot build
+        raise VerificationError(f"the bundle's recipe does not build here: {_first_line(exc)}", bundle.path) from None
+    load_bundle_state(strategy, bundle, task.strategy.name)
     return strategy
 
 

@@ -87,6 +87,7 @@ MAX_WEIGHTS_BYTES = (1 << 32) - (4 << 20)
 MAX_FILE_BYTES = (1 << 32) - 1
 _MEMBER_CAPS = {MANIFEST_NAME: MAX_MANIFEST_BYTES, WEIGHTS_NAME: MAX_WEIGHTS_BYTES, SIGNATURE_NAME: MAX_SIGNATURE_BYTES}
 _MAX_SAFETENSORS_HEADER = 16 << 20
+MAX_TENSOR_DIMS = 8  # a network weight has at most 5 dimensions
 
 #: torch dtype name (as written in the manifest) → (safetensors code, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -148,12 +149,12 @@ def _fail(reason: str, path: Path | str) -> VerificationError:
     return VerificationError(reason, path)
 
 
-def _parse_container(data: memoryview, path: Path) -> dict[str, memoryview]:
-    """The three members of a canonical container, or VerificationError saying what is wrong."""
-    size = len(data)
+def _end_record(tail: bytes | memoryview, size: int, path: Path) -> tuple[int, int, int]:
+    """(members, central directory size, its offset) from the last ``_END.size`` bytes of a file of
+    ``size`` bytes, or VerificationError. Cheap: :func:`_read_file` checks it before reading the rest."""
     if size < _END.size:
         raise _fail(f"not a relay bundle: only {size} bytes", path)
-    sig, disk, cd_disk, on_disk, total, cd_size, cd_offset, comment = _END.unpack(data[size - _END.size :])
+    sig, disk, cd_disk, on_disk, total, cd_size, cd_offset, comment = _END.unpack(tail)
     if sig != _END_SIG:
         raise _fail("not a relay bundle: no ZIP end record at the end of the file (truncated, padded or not a ZIP)", path)
     if disk or cd_disk or on_disk != total or comment:
@@ -164,6 +165,13 @@ def _parse_container(data: memoryview, path: Path) -> dict[str, memoryview]:
         raise _fail("ZIP central directory does not end where the end record starts (truncated or padded)", path)
     if total * _CENTRAL.size > cd_size:
         raise _fail(f"ZIP end record claims {total} members but the central directory is only {cd_size} bytes", path)
+    return total, cd_size, cd_offset
+
+
+def _parse_container(data: memoryview, path: Path) -> dict[str, memoryview]:
+    """The three members of a canonical container, or VerificationError saying what is wrong."""
+    size = len(data)
+    total, cd_size, cd_offset = _end_record(data[max(0, size - _END.size) :], size, path)
 
     entries = []  # (name, method, flags, crc, compressed, uncompressed)
     pos, end = cd_offset, cd_offset + cd_size
@@ -404,7 +412,8 @@ def _parse_safetensors_index(weights: memoryview, path: Path) -> dict[str, dict]
         if not (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}):
             raise _fail(f"weights.safetensors entry {name!r} is malformed", path)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        valid_shape = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        # bounded before any arithmetic: math.prod over a long list of big ints is quadratic
+        valid_shape = isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(type(d) is int and 0 <= d <= MAX_WEIGHTS_BYTES for d in shape)
         valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
         if dtype not in _DTYPE_BY_CODE or not valid_shape or not valid_offsets:
             raise _fail(f"weights.safetensors entry {name!r} is malformed", path)
@@ -512,6 +521,10 @@ def _read_file(path: Path) -> bytes:
                 raise _fail("not a regular file", path)
             if info.st_size > MAX_FILE_BYTES:
                 raise _fail(f"file is {info.st_size} bytes, larger than any relay bundle can be", path)
+            if info.st_size >= _END.size:  # a file without a bundle's end record is refused before it is read
+                handle.seek(info.st_size - _END.size)
+                _end_record(handle.read(_END.size), info.st_size, path)
+                handle.seek(0)
             data = handle.read(info.st_size + 1)
     except OSError as exc:
         raise _fail(f"cannot read bundle: {exc.strerror or exc}", path) from None

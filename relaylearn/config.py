@@ -44,8 +44,8 @@ class DatasetKwargs(Strict):
     use_roi: bool = Field(True, description="DoFE layout: read images from the ROIs/ sub-folder.")
     img_size: tuple[int, int] = Field((64, 64), description="Training resolution (H, W) in pixels.")
     out_range: tuple[float, float] = Field((-1.0, 1.0), description="Intensity range images are scaled to.")
-    num_classes: int = Field(3, ge=2, description="Number of label classes including background.")
-    channels: int = Field(3, ge=1, description="Image channels (3 for RGB fundus).")
+    num_classes: int = Field(3, ge=2, le=256, description="Number of label classes including background.")
+    channels: int = Field(3, ge=1, le=64, description="Image channels (3 for RGB fundus).")
     num_replica: int = Field(1, ge=1, description="Each epoch visits every training image this many times.")
     augment: Union[str, dict[str, Any], None] = Field(
         None, description="Augmentation of REAL training images: none | light | original (the original never augments real data)."

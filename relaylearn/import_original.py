@@ -234,6 +234,8 @@ def map_original_state(state: dict[str, Tensor], rl_meta: Any = None) -> Importe
     order = [n for n in RELAY_NETWORKS if n in networks]
     merge_weight = float(model["merge_weight"]) if "merge_weight" in model else 0.0
     stage = int(model["cur_stage"]) if "cur_stage" in model else 1
+    if not (math.isfinite(merge_weight) and merge_weight >= 0) or stage not in (1, 2):
+        raise UserError(f"merge_weight {merge_weight} / cur_stage {stage}: expected a finite weight ≥ 0 and stage 1 or 2 (a relay checkpoint of the original)")
     return ImportedCheckpoint(order, tensors, _registry_from_meta(rl_meta), merge_weight, stage, dropped)
 
 
@@ -296,7 +298,10 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     check_new_bundle_path(Path(out))
     signing_key = load_private_key(key) if key else None
     checkpoint = read_original_checkpoint(ckpt)
-    imported = map_original_state(checkpoint["state_dict"], checkpoint.get("RL_meta"))
+    try:
+        imported = map_original_state(checkpoint["state_dict"], checkpoint.get("RL_meta"))
+    except UserError as exc:  # what is wrong is inside this file: name it
+        raise UserError(exc.message, exc.path or ckpt) from None
     sets = list(sets or [])
     w_avg = imported.tensors.get("g_label.mapping.w_avg")
     if w_avg is not None and w_avg.ndim == 1 and not any(s.split("=", 1)[0].endswith("w_label") for s in sets):

@@ -247,6 +247,10 @@ def reconcile(cfg: RunConfig, bundle, source: RecipeSource = "bundle", plugins: 
         theirs = recipe_of(bundle_task)
     except UserError as exc:
         raise VerificationError(f"bundle config: {exc.message}", bundle.path) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. a value nested too deep to serialise
+        from relaylearn.bundle import escape_text
+
+        raise VerificationError(f"bundle config: {escape_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]}", bundle.path) from None
     record: dict[str, Any] = {"source": source, "adopted": {}, "differs": {}}
     if source == "local":  # kept as it is; what differs is recorded
         for task in cfg.tasks:

@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import struct
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -281,6 +282,26 @@ def test_truncated_files_are_rejected(tmp_path, keys):
     rejects(tmp_path / "padded.relay", "no ZIP end record", trust=keys["trust"])
 
 
+def test_a_large_file_without_an_end_record_is_refused_before_it_is_read(tmp_path, keys, monkeypatch):
+    import relaylearn.bundle as bundle_module
+
+    sparse = tmp_path / "sparse.relay"
+    with open(sparse, "wb") as handle:  # 1 GiB of nothing, taking no disk space
+        handle.truncate(1 << 30)
+    read_sizes = []
+    real_open = open
+
+    def spying_open(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        read = handle.read
+        handle.read = lambda n=-1: read_sizes.append(n) or read(n)
+        return handle
+
+    monkeypatch.setattr(bundle_module, "open", spying_open, raising=False)
+    rejects(sparse, "no ZIP end record", trust=keys["trust"])
+    assert read_sizes and max(read_sizes) <= 64, read_sizes
+
+
 def test_missing_file_folder_and_device_are_verification_errors(tmp_path, keys):
     rejects(tmp_path / "nope.relay", "cannot read bundle", trust=keys["trust"])
     rejects(tmp_path, "not a regular file", trust=keys["trust"])
@@ -449,6 +470,13 @@ def test_safetensors_metadata_and_bad_headers_are_rejected(tmp_path, keys):
     rejects(tmp_path / "overlap.relay", "overlap or leave gaps", trust=keys["trust"])
     forge(path, tmp_path / "huge.relay", keys["a"], weights=struct.pack("<Q", 2**63) + b"{}")
     rejects(tmp_path / "huge.relay", "header length", trust=keys["trust"])
+    # a shape of 200 000 huge dimensions (the last 0, so the declared size is 0): refused before
+    # any arithmetic on it (a product over it took minutes), by a signer the site trusts
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**40] * 200_000 + [0], "data_offsets": [0, 0]}}).encode()
+    forge(path, tmp_path / "dims.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header)
+    started = time.perf_counter()
+    rejects(tmp_path / "dims.relay", "malformed", trust=keys["trust"])
+    assert time.perf_counter() - started < 10
 
 
 class _WritesMarker:

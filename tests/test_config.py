@@ -48,6 +48,8 @@ def test_data_root_replaces_every_site_root(tmp_path):
         ("dataset.kwargs.out_range=[1,1]", "common.dataset.kwargs.out_range: the lower bound must be below the upper one"),
         ("dataset.kwargs.hu_window=[240,-160]", "common.dataset.kwargs.hu_window: the lower bound must be below the upper one"),
         ("train.optimizer.lr=.inf", "common.train.optimizer.lr: Input should be a finite number"),
+        ("dataset.kwargs.channels=300000", "common.dataset.kwargs.channels: Input should be less than or equal to 64"),
+        ("dataset.kwargs.num_classes=100000", "common.dataset.kwargs.num_classes: Input should be less than or equal to 256"),
     ],
 )
 def test_bad_keys_name_the_key_and_file(tmp_path, override, key):
@@ -212,3 +214,19 @@ def test_a_strategy_option_must_be_finite():
 
     with pytest.raises(ConfigError, match="distil_tau: Input should be a finite number"):
         parse_options(Relay, {"distil_tau": float("inf")})
+
+
+def test_network_sizes_are_bounded_so_building_them_cannot_exhaust_memory():
+    from relaylearn.strategies.base import parse_options
+    from relaylearn.strategies.relay import Relay
+
+    for kwargs, says in (({"g_img": {"channel_max": 10**6}}, "g_img.channel_max"), ({"z_img": 10**7}, "z_img"), ({"site_capacity": 10**6}, "site_capacity")):
+        with pytest.raises(ConfigError, match=says):
+            parse_options(Relay, kwargs)
+
+
+def test_the_models_in_channels_must_match_the_datasets_channels():
+    from relaylearn.models import build_solver
+
+    with pytest.raises(ConfigError, match="in_channels: 300000 does not match the dataset's channels 3"):
+        build_solver("unet", {"in_channels": 300000}, in_channels=3, num_classes=3, load_pretrained=False)

@@ -140,6 +140,7 @@ def test_solver_checkpoint_imports_and_evaluates_identically(tmp_path, capsys):
 
 def test_relay_checkpoint_imports_generators_and_registry(tmp_path, capsys):
     state = random_state(listing("doublegan-fundus.txt"), seed=2)
+    state["merge_weight"], state["cur_stage"] = torch.tensor(5400.0), torch.tensor(2, dtype=torch.int32)  # as the original leaves them
     rl_meta = {
         "cs_previous_task": {f"Domain{i}": {"task_name": f"Domain{i}", "id": i - 1, "frequency": 1000 * i} for i in (1, 2, 3)},
         "cs_current_task": {"Domain4": {"task_name": "Domain4", "id": 3, "frequency": 4000}},
@@ -155,6 +156,7 @@ def test_relay_checkpoint_imports_generators_and_registry(tmp_path, capsys):
     assert bundle.strategy == "relay"
     assert list(strategy.registry_previous) == ["Domain1", "Domain2", "Domain3", "Domain4"]
     assert strategy.registry_previous["Domain4"] == {"id": 3, "frequency": 4000}
+    assert (strategy.merge_weight, strategy.stage) == (5400.0, 2)
     assert torch.equal(bundle.tensors["g_img.synthesis.blocks.4.to_rgb.weight"], state["G_img.synthesis.b64.torgb.weight"])
     assert torch.equal(bundle.tensors["d_img.blocks.0.from_rgb.weight"], state["D_img.b64.fromrgb.weight"])
     assert torch.equal(bundle.tensors["d_label.epilogue.fc.weight"], state["D_label.b4.fc.weight"])
@@ -238,3 +240,13 @@ def test_an_existing_out_file_is_not_replaced(tmp_path, capsys):
     assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == b"a bundle signed earlier"
+
+
+def test_a_relay_checkpoint_with_an_impossible_merge_weight_is_refused_naming_the_file(tmp_path, capsys):
+    state = random_state(listing("doublegan-fundus.txt"), seed=2)
+    state["merge_weight"], state["cur_stage"] = torch.tensor(-1.0), torch.tensor(1, dtype=torch.int32)
+    ckpt = save_lightning_checkpoint(tmp_path / "relay.ckpt", state)
+    assert main(["import-original", str(ckpt), "-c", "fundus/relay_test", "--out", str(tmp_path / "r.relay")]) == 2
+    err = capsys.readouterr().err
+    assert "relay.ckpt" in err and "merge_weight" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.relay").exists()

@@ -31,6 +31,8 @@ def build_solver(name: str, kwargs: dict[str, Any], *, in_channels: int, num_cla
         raise ConfigError(f"common.model.kwargs.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(allowed))})")
     kwargs.setdefault("in_channels", in_channels)
     kwargs.setdefault("num_classes", num_classes)
+    if kwargs["in_channels"] != in_channels:
+        raise ConfigError(f"common.model.kwargs.in_channels: {kwargs['in_channels']} does not match the dataset's channels {in_channels}")
     if kwargs["num_classes"] != num_classes:
         raise ConfigError(f"common.model.kwargs.num_classes: {kwargs['num_classes']} does not match the dataset's num_classes {num_classes}")
     if not load_pretrained:

@@ -20,6 +20,7 @@ safetensors) and JSON-able metadata. Nothing else crosses a site boundary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,13 @@ class Strategy(nn.Module):
         return {"sites_seen": list(self.sites_seen), "global_step": int(self.global_step)}
 
     def load_meta(self, meta: dict[str, Any]) -> None:
-        self.sites_seen = list(meta.get("sites_seen", []))
-        self.global_step = int(meta.get("global_step", 0))
+        """Read :meth:`meta` back (from a bundle or a checkpoint); ValueError for a value of the
+        wrong type or range (a bundle that does not fit), never a silent coercion."""
+        seen = meta.get("sites_seen", [])
+        if not (isinstance(seen, list) and all(isinstance(name, str) for name in seen)):
+            raise ValueError("sites_seen: expected a list of site names")
+        self.sites_seen = list(seen)
+        self.global_step = meta_number(meta, "global_step", 0, integer=True)
 
     # local resume checkpoints carry meta() through nn.Module's extra state
     def get_extra_state(self) -> dict[str, Any]:
@@ -225,6 +231,16 @@ def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
     (``benchmarks/speed.py``, a user's own) that may wrap several steps in one region."""
     optimizer.step()
     torch.clear_autocast_cache()
+
+
+def meta_number(meta: dict[str, Any], key: str, default: float, *, integer: bool = False, minimum: float = 0) -> Any:
+    """``meta[key]`` (``default`` when absent): a finite number (an int with ``integer``) of at
+    least ``minimum``; ValueError otherwise (the string "nan", a bool, a float where an int belongs)."""
+    value = meta.get(key, default)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{key}: expected {'an integer' if integer else 'a finite number'} ≥ {minimum}, got {value!r:.40}")
+    return value
 
 
 def sanitize_gradients(params) -> None:

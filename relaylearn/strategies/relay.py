@@ -63,35 +63,39 @@ from relaylearn.devices import run_beside
 from relaylearn.errors import ConfigError
 from relaylearn.losses import ExpLogLoss, distillation_loss
 from relaylearn.strategies import register_strategy
-from relaylearn.strategies.base import BundleState, SiteContext, StepContext, Strategy, StrategyOptions, prefixed, unprefixed
+from relaylearn.strategies.base import BundleState, SiteContext, StepContext, Strategy, StrategyOptions, meta_number, prefixed, unprefixed
+
+#: upper bounds of the GAN sizes a config (or an incoming bundle's recipe) may ask for: far above
+#: the paper's (8192 / 256 / 8), low enough that building the networks cannot exhaust memory
+MAX_CHANNEL_BASE, MAX_CHANNELS, MAX_MAPPING_LAYERS, MAX_LATENT = 1 << 20, 4096, 32, 4096
 
 
 class GeneratorSize(StrategyOptions):
-    mapping_layers: int = Field(4, ge=1)
-    channel_base: int = Field(8192, ge=16)
-    channel_max: int = Field(256, ge=4)
+    mapping_layers: int = Field(4, ge=1, le=MAX_MAPPING_LAYERS)
+    channel_base: int = Field(8192, ge=16, le=MAX_CHANNEL_BASE)
+    channel_max: int = Field(256, ge=4, le=MAX_CHANNELS)
 
 
 class DiscriminatorSize(StrategyOptions):
-    channel_base: int = Field(8192, ge=16)
-    channel_max: int = Field(256, ge=4)
-    mapping_layers: int = Field(8, ge=1)
+    channel_base: int = Field(8192, ge=16, le=MAX_CHANNEL_BASE)
+    channel_max: int = Field(256, ge=4, le=MAX_CHANNELS)
+    mapping_layers: int = Field(8, ge=1, le=MAX_MAPPING_LAYERS)
 
 
 class LabelGeneratorSize(GeneratorSize):
     """The label-map generator's size: a key a config leaves out keeps the label generator's own
     paper value, not the image generator's."""
 
-    mapping_layers: int = Field(2, ge=1)
-    channel_base: int = Field(4096, ge=16)
-    channel_max: int = Field(128, ge=4)
+    mapping_layers: int = Field(2, ge=1, le=MAX_MAPPING_LAYERS)
+    channel_base: int = Field(4096, ge=16, le=MAX_CHANNEL_BASE)
+    channel_max: int = Field(128, ge=4, le=MAX_CHANNELS)
 
 
 class LabelDiscriminatorSize(DiscriminatorSize):
     """The label discriminator's size (its own paper values for the keys a config leaves out)."""
 
-    channel_base: int = Field(4096, ge=16)
-    channel_max: int = Field(128, ge=4)
+    channel_base: int = Field(4096, ge=16, le=MAX_CHANNEL_BASE)
+    channel_max: int = Field(128, ge=4, le=MAX_CHANNELS)
 
 
 #: defaults a ``gan_preset`` gives to the keys a config leaves out ("paper": the class defaults).
@@ -109,16 +113,16 @@ class RelayOptions(StrategyOptions):
         description="Defaults for pl_weight, style_mixing_prob and gan_steps_per_solver_step (keys given explicitly win): paper = 2, 0.8, 1; small (32 px) = 0, 0, 16.",
     )
     # networks (paper values, docs/method.md#networks)
-    z_img: int = 128
-    z_label: int = 64
-    w_img: int = 256
-    w_label: int = 128
-    site_capacity: int = Field(32, ge=1, description="Maximum number of sites (size of the one-hot site id).")
+    z_img: int = Field(128, ge=1, le=MAX_LATENT)
+    z_label: int = Field(64, ge=1, le=MAX_LATENT)
+    w_img: int = Field(256, ge=1, le=MAX_LATENT)
+    w_label: int = Field(128, ge=1, le=MAX_LATENT)
+    site_capacity: int = Field(32, ge=1, le=1024, description="Maximum number of sites (size of the one-hot site id).")
     g_img: GeneratorSize = GeneratorSize()
     g_label: LabelGeneratorSize = LabelGeneratorSize()
     d_img: DiscriminatorSize = DiscriminatorSize()
     d_label: LabelDiscriminatorSize = LabelDiscriminatorSize()
-    spade_hidden: int = 128
+    spade_hidden: int = Field(128, ge=1, le=MAX_CHANNELS)
     # schedule
     num_stages: Literal[1, 2] = Field(
         2, description="2: first half of a site fine-tunes on local data, then merge, then replay; 1: replay throughout, no merge."
@@ -1061,18 +1065,31 @@ class Relay(Strategy):
         super().load_meta(meta)
         self.registry_previous = self._checked_registry(meta.get("site_registry", {}))
         self.registry_current = self._checked_registry(meta.get("site_registry_current", {}))
-        self.merge_weight = float(meta.get("merge_weight", 0.0))
-        self.stage = int(meta.get("stage", 1))
-        self.gan_step = int(meta.get("gan_step", self.global_step))
+        ids = [e["id"] for e in (*self.registry_previous.values(), *self.registry_current.values())]
+        overlap = set(self.registry_previous) & set(self.registry_current)
+        if len(set(ids)) != len(ids) - len(overlap):  # a returning site keeps its id; two sites never share one
+            raise ValueError("site registry: two sites share an id")
+        self.merge_weight = float(meta_number(meta, "merge_weight", 0.0))
+        self.stage = meta_number(meta, "stage", 1, integer=True, minimum=1)
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage: expected 1 or 2, got {self.stage}")
+        self.gan_step = meta_number(meta, "gan_step", self.global_step, integer=True)
 
     def _checked_registry(self, registry: dict[str, Any]) -> dict[str, dict[str, int]]:
         """A site registry read from a bundle or checkpoint: ids within the site capacity and
         frequencies ≥ 0 (ValueError otherwise: the bundle does not fit)."""
+        if not isinstance(registry, dict) or len(registry) > self.options.site_capacity:
+            raise ValueError(f"site registry: expected at most {self.options.site_capacity} sites (the site capacity)")
         out = {}
         for name, entry in registry.items():
-            site_id, frequency = int(entry["id"]), int(entry["frequency"])
-            if not 0 <= site_id < self.options.site_capacity or frequency < 0:
-                raise ValueError(f"site registry: id {site_id} / frequency {frequency} outside 0..{self.options.site_capacity - 1} / ≥ 0")
+            if not (isinstance(name, str) and isinstance(entry, dict)):
+                raise ValueError("site registry: expected site name -> {id, frequency}")
+            try:
+                site_id, frequency = meta_number(entry, "id", -1, integer=True), meta_number(entry, "frequency", -1, integer=True)
+            except ValueError as exc:
+                raise ValueError(f"site registry: {exc}") from None
+            if site_id >= self.options.site_capacity:
+                raise ValueError(f"site registry: id {site_id} outside 0..{self.options.site_capacity - 1}")
             out[name] = {"id": site_id, "frequency": frequency}
         return out
 

@@ -158,6 +158,39 @@ def test_a_registry_entry_outside_the_site_capacity_does_not_fit(tmp_path, tiny_
         strategy.load_meta({"site_registry": {"X": entry}})
 
 
+@pytest.mark.parametrize(
+    "meta, says",
+    [
+        ({"merge_weight": "nan"}, "merge_weight"),
+        ({"merge_weight": float("inf")}, "merge_weight"),
+        ({"stage": 3}, "stage"),
+        ({"gan_step": "12"}, "gan_step"),
+        ({"sites_seen": {"A": 1}}, "sites_seen"),
+        ({"site_registry": {f"S{i}": {"id": i % 3, "frequency": 0} for i in range(4)}}, "at most 3 sites"),
+        ({"site_registry": {"A": {"id": 0, "frequency": 1}, "B": {"id": 0, "frequency": 1}}}, "share an id"),
+    ],
+)
+def test_bundle_metadata_of_the_wrong_type_or_range_does_not_fit(tmp_path, tiny_fundus, meta, says):
+    """Values are checked, never coerced: float("nan") from the string "nan" would train a relay into NaN weights."""
+    strategy, _ = _strategy(tmp_path, tiny_fundus)
+    with pytest.raises(ValueError, match=says):
+        strategy.load_meta(meta)
+
+
+def test_a_recipe_the_strategy_cannot_build_is_a_verification_error(tmp_path, tiny_fundus):
+    from types import SimpleNamespace
+
+    from relaylearn.assembly import restore_strategy
+    from relaylearn.errors import VerificationError
+
+    _, cfg = _strategy(tmp_path, tiny_fundus)
+    task = cfg.tasks[0].model_copy(deep=True)
+    task.train.loss.kwargs["bogus"] = 1  # what a bundle's recipe could hold
+    with pytest.raises(VerificationError, match="recipe does not build here") as err:
+        restore_strategy(task, SimpleNamespace(path=tmp_path / "odd.relay"))
+    assert err.value.exit_code == 3 and "odd.relay" in str(err.value)
+
+
 def test_registry_grows_and_capacity_is_enforced(tmp_path, tiny_fundus):
     strategy, _ = _strategy(tmp_path, tiny_fundus)
     for position, name in enumerate(["A", "B", "C"]):
