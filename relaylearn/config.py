@@ -78,6 +78,13 @@ class DatasetKwargs(Strict):
             raise ValueError(f"each side must be between 1 and {MAX_IMAGE_SIDE} pixels")
         return size
 
+    @field_validator("img_folder")
+    @classmethod
+    def _each_folder_once(cls, folders):
+        if isinstance(folders, list) and len(set(folders)) != len(folders):
+            raise ValueError("a folder is listed twice (its images would count twice)")
+        return folders
+
     @field_validator("out_range", "hu_window")
     @classmethod
     def _increasing(cls, bounds: tuple[float, float]) -> tuple[float, float]:

@@ -39,6 +39,7 @@ from torch import Tensor
 from relaylearn.data.layouts import (
     SiteData,
     _check_classes,
+    _check_nifti_pair,
     _disambiguate_names,
     _Item,
     _load_nifti,
@@ -123,6 +124,7 @@ def _read_nifti_study(study: str, image_path: Path, label_path: Path) -> list[tu
         raise DataError(f"expected a 3-D CT volume, got shape {hu.shape}", image_path)
     if label.shape != hu.shape:
         raise DataError(f"label shape {label.shape} does not match volume shape {hu.shape}", label_path)
+    _check_nifti_pair(image_path, label_path, hu)
     rounded = np.rint(label)
     if not np.allclose(rounded, label, atol=1e-3):
         raise DataError("label volume holds non-integer values", label_path)
@@ -146,6 +148,8 @@ def _slice_pairs_from_folders(site_dir: Path) -> dict[str, list[tuple[Path, Path
         masks = {p.stem[len(MASK_PREFIX) :]: p for p in files if p.name.startswith(MASK_PREFIX)}
         slices = [p for p in files if not p.name.startswith(MASK_PREFIX)]
         if not slices:
+            if masks:
+                raise DataError(f"study folder has {len(masks)} mask(s) but no images", folder)
             continue
         if not masks:
             raise DataError(f"study folder has {len(slices)} image(s) but no masks (expected {MASK_PREFIX}<name>.png)", folder)
@@ -154,6 +158,9 @@ def _slice_pairs_from_folders(site_dir: Path) -> dict[str, list[tuple[Path, Path
             if image.stem not in masks:
                 raise DataError(f"slice has no mask {MASK_PREFIX}{image.stem}.png", image)
             pairs.append((image, masks[image.stem]))
+        orphans = sorted(set(masks) - {image.stem for image in slices})
+        if orphans:
+            raise DataError("mask has no image", masks[orphans[0]])
         studies[folder.name] = pairs
     if not studies:
         raise DataError("no slices found in the study folders", site_dir)
@@ -163,14 +170,25 @@ def _slice_pairs_from_folders(site_dir: Path) -> dict[str, list[tuple[Path, Path
 def _slice_pairs_from_meta(meta: Path) -> dict[str, list[tuple[Path, Path]]]:
     """study → [(slice, mask)] from a meta.txt CSV (study_id, img_file, label_file)."""
     studies: dict[str, list[tuple[Path, Path]]] = defaultdict(list)
+    site = meta.parent.resolve()
+    seen: set[Path] = set()
     try:
-        with meta.open(newline="") as fh:
+        with meta.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is not part of a column name
             reader = csv.DictReader(fh)
             missing = {"study_id", "img_file", "label_file"} - set(reader.fieldnames or [])
             if missing:
                 raise DataError(f"meta.txt lacks the column(s) {', '.join(sorted(missing))}", meta)
             for row in reader:
-                studies[str(row["study_id"])].append((meta.parent / row["img_file"], meta.parent / row["label_file"]))
+                if any(not row.get(column) for column in ("study_id", "img_file", "label_file")):
+                    raise DataError(f"meta.txt line {reader.line_num}: study_id, img_file and label_file must all be given", meta)
+                pair = (meta.parent / row["img_file"], meta.parent / row["label_file"])
+                for path in pair:
+                    if not path.resolve().is_relative_to(site):
+                        raise DataError(f"meta.txt line {reader.line_num}: {row['img_file']!r} / {row['label_file']!r} lie outside the site folder", meta)
+                    if path.resolve() in seen:  # one slice in two studies would put it on both sides of the split
+                        raise DataError(f"meta.txt line {reader.line_num}: file listed twice", path)
+                    seen.add(path.resolve())
+                studies[str(row["study_id"])].append(pair)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read meta.txt ({type(exc).__name__}: {exc})", meta) from None
     if not studies:

@@ -39,7 +39,10 @@ _FUNDUS_LOOKUP = {1: _fundus_lookup(1), 3: _fundus_lookup(3)}
 
 def decode_fundus_mask(mask: Image.Image, path: Path) -> np.ndarray:
     """DoFE mask -> int64 [h, w] class ids ``round(2·(255 − v)/255)``, v = channel mean; checks v is near 0/128/255."""
-    array = np.asarray(mask if mask.mode in ("L", "RGB") else mask.convert("RGB"))
+    if mask.mode.startswith("I"):  # 16-bit grey: 0..65535 back to 0..255 (convert() would clip, not scale)
+        array = np.round(np.asarray(mask, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+    else:
+        array = np.asarray(mask if mask.mode in ("L", "RGB") else mask.convert("RGB"))
     channel_sum = array.sum(axis=2, dtype=np.int64) if array.ndim == 3 else array.astype(np.int64)
     lookup = _FUNDUS_LOOKUP[3 if array.ndim == 3 else 1]
     label = lookup[channel_sum]

@@ -156,6 +156,9 @@ def _class_id_label(mask: Image.Image, path: Path) -> np.ndarray:
         if not (array == array[..., :1]).all():
             raise DataError("mask must be single-channel class ids (its colour channels differ)", path)
         array = array[..., 0]
+    if array.dtype.kind == "f":  # a float mask (e.g. a mode-F TIFF): class ids must be whole numbers
+        if not np.isfinite(array).all() or not np.array_equal(array, np.rint(array)):
+            raise DataError("mask holds non-integer values (class ids must be whole numbers)", path)
     return array.astype(np.int64)
 
 
@@ -187,6 +190,21 @@ def _load_nifti(path: Path) -> np.ndarray:
         raise DataError(f"cannot read NIfTI volume ({_one_line(error)})", path) from None
 
 
+def _check_nifti_pair(image_path: Path, label_path: Path, volume: np.ndarray) -> None:
+    """The label lies on the image's grid (same affine, from the headers) and the image holds only
+    finite values; DataError otherwise (a flipped or shifted label would train silently)."""
+    import nibabel as nib
+
+    if not np.isfinite(volume).all():
+        raise DataError("volume holds NaN or infinite values", image_path)
+    try:
+        image_affine, label_affine = nib.load(str(image_path)).affine, nib.load(str(label_path)).affine
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise DataError(f"cannot read NIfTI header ({_one_line(error)})", label_path) from None
+    if not np.allclose(image_affine, label_affine, atol=1e-3):
+        raise DataError("label volume's affine (orientation, spacing or origin) differs from its image's", label_path)
+
+
 def _normalise_volume(volume: np.ndarray) -> np.ndarray:
     """Robust per-volume intensity normalisation to 0..1 (0.5 / 99.5 percentiles)."""
     volume = volume.astype(np.float32)
@@ -209,6 +227,7 @@ def _read_nifti_pairs(pairs: list[tuple[Path, Path]], channels: int) -> list[_It
             raise DataError(f"expected a 3-D volume (or 4-D with {channels} channels last), got shape {volume.shape}", image_path)
         if label.ndim != 3 or label.shape != volume.shape[:3]:
             raise DataError(f"label shape {label.shape} does not match image shape {volume.shape[:3]}", label_path)
+        _check_nifti_pair(image_path, label_path, volume)
         rounded = np.rint(label)
         if not np.allclose(rounded, label, atol=1e-3):
             raise DataError("label volume holds non-integer values", label_path)

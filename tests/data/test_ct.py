@@ -192,3 +192,64 @@ def test_synth_refuses_an_occupied_folder(tmp_path):
         write_synthetic_ct(tmp_path, size=16, studies={"CT1": 2})
     with pytest.raises(DataError, match="at least 2 studies"):
         write_synthetic_ct(tmp_path / "x", size=16, studies={"CT1": 1})
+
+
+def _both_splits(layout: str, root: Path, site: str, **over) -> None:
+    for split in ("train", "test"):
+        load_ct_site(layout, root, site, split, kwargs(train_ratio=0.5, **over))
+
+
+def test_a_label_on_another_grid_or_a_non_finite_volume_is_refused(tmp_path):
+    import nibabel as nib
+
+    for study in ("a", "b"):
+        _write_volume(tmp_path / "S" / "image" / f"{study}.nii.gz", np.zeros((8, 8, 2), np.float32))
+        _write_volume(tmp_path / "S" / "label" / f"{study}.nii.gz", np.zeros((8, 8, 2), np.uint8))
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.uint8), flipped), str(tmp_path / "S" / "label" / "a.nii.gz"))
+    with pytest.raises(DataError, match=r"a\.nii\.gz: label volume's affine .* differs from its image's"):
+        _both_splits("ct_nifti", tmp_path, "S")
+    _write_volume(tmp_path / "S" / "label" / "a.nii.gz", np.zeros((8, 8, 2), np.uint8))
+    volume = np.zeros((8, 8, 2), np.float32)
+    volume[1, 1, 1] = np.nan
+    _write_volume(tmp_path / "S" / "image" / "b.nii.gz", volume)
+    with pytest.raises(DataError, match=r"b\.nii\.gz: volume holds NaN or infinite values"):
+        _both_splits("ct_nifti", tmp_path, "S")
+
+
+def test_slice_folders_refuse_masks_without_images(tmp_path):
+    write_synthetic_ct(tmp_path, size=16, seed=1, studies={"CT1": 2}, layout="slices")
+    study = sorted(p for p in (tmp_path / "CT1").iterdir() if p.is_dir())[0]
+    (study / "mask_999.png").write_bytes(next(study.glob("mask_*.png")).read_bytes())
+    with pytest.raises(DataError, match=r"mask_999\.png: mask has no image"):
+        _both_splits("ct_slices", tmp_path, "CT1", img_size=(16, 16))
+
+
+def _meta(site: Path, extra: list[str], bom: bool = False) -> None:
+    rows = ["study_id,img_file,label_file"]
+    for study in sorted(p.name for p in site.iterdir() if p.is_dir()):
+        rows += [f"{study},{study}/{png.name},{study}/mask_{png.name}" for png in sorted((site / study).glob("[0-9]*.png"))]
+    (site / "meta.txt").write_text(("\ufeff" if bom else "") + "\n".join(rows + extra) + "\n", encoding="utf-8")
+
+
+def test_meta_txt_rows_must_be_complete_inside_the_site_and_listed_once(tmp_path):
+    write_synthetic_ct(tmp_path, size=16, seed=1, studies={"CT4": 2}, layout="slices")
+    site = tmp_path / "CT4"
+    first = sorted(p.name for p in site.iterdir() if p.is_dir())[0]
+    _meta(site, [], bom=True)  # as a spreadsheet saves it
+    _both_splits("ct_slices", tmp_path, "CT4", img_size=(16, 16))
+    for extra, says in (
+        ([f"{first}x,{first}/000.png"], "must all be given"),
+        (["x,../../outside/000.png,../../outside/mask_000.png"], "outside the site folder"),
+        ([f"{first}x,{first}/000.png,{first}/mask_000.png"], "listed twice"),
+    ):
+        _meta(site, extra)
+        with pytest.raises(DataError, match=says):
+            _both_splits("ct_slices", tmp_path, "CT4", img_size=(16, 16))
+
+
+def test_a_folder_listed_twice_in_img_folder_is_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="listed twice"):
+        kwargs(img_folder=["A", "A"])

@@ -35,3 +35,14 @@ def test_fundus_masks_encode_and_decode_as_dofe_grey_levels(tmp_path):
     assert set(fundus.measures(m, 3)) == {"vertical_cup_to_disc"} and fundus.measures(m, 2) == {}
     with pytest.raises(DataError, match="grey level 60"):
         fundus.decode_label(Image.fromarray(np.full((2, 2), 60, np.uint8)), tmp_path / "bad.png")
+
+
+def test_a_16_bit_grey_mask_decodes_like_its_8_bit_original(tmp_path):
+    from PIL import Image
+
+    from relaylearn.data.dofe import decode_fundus_mask
+
+    grey = np.array([[255, 128, 0, 255]], dtype=np.uint8)
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit PNG mode
+    assert wide.mode.startswith("I")
+    assert decode_fundus_mask(wide, tmp_path / "m.png").tolist() == decode_fundus_mask(Image.fromarray(grey), tmp_path / "m.png").tolist() == [[0, 1, 2, 0]]
