@@ -537,7 +537,7 @@ def _authenticate(manifest_raw: memoryview, signature: bytes, *, trust: TrustSto
     """The trusted key whose signature covers the manifest (checked before the JSON is parsed)."""
     if signature == UNSIGNED_MARKER:
         if not allow_unsigned:
-            raise _fail("bundle is unsigned; unsigned bundles are accepted only in simulation or with --insecure-unsigned", path)
+            raise _fail("bundle is unsigned; unsigned bundles are accepted only in a one-machine simulation, or by train --insecure-unsigned for testing", path)
         return None
     if trust is None:
         if allow_unsigned:

@@ -247,9 +247,15 @@ def cmd_verify(args) -> int:
     from relaylearn.bundle import verify_bundle
     from relaylearn.keys import load_trust_dir, read_relay_id
 
-    bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust), expect_relay_id=read_relay_id(args.trust))
+    relay_id = read_relay_id(args.trust)
+    bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust), expect_relay_id=relay_id)
     hops = bundle.manifest.get("hops", [])
     print(f"OK: {args.bundle} signed by {bundle.signed_by}; relay {bundle.manifest['relay_id']}; {len(hops)} hop(s): " + " -> ".join(h["site"] for h in hops))
+    if relay_id is None:
+        print(
+            f"note: {args.trust} states no relay id (file relay-id), so which relay this bundle belongs to was not checked; train refuses until it does",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -224,6 +224,8 @@ def load_private_key(path: str | Path) -> SigningKey:
     """Load ``<site>.key``; UserError if missing, unreadable, readable by others, or not Ed25519."""
     path = Path(path)
     data = _read_key_file(path)
+    if b"PUBLIC KEY" in data and b"PRIVATE KEY" not in data:
+        raise UserError(f"this is a public key; pass the private key ({path.with_suffix('.key').name}) to --key", path)
     if os.name == "posix":
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
@@ -268,6 +270,14 @@ def load_trust_dir(path: str | Path) -> TrustStore:
         candidates = sorted(p for p in path.iterdir() if p.suffix == PUBLIC_KEY_SUFFIX and not p.is_dir())
     except OSError as exc:
         raise UserError(f"cannot list the trust folder: {exc.strerror}", path) from None
+    # a private key without its .pub beside it was copied here instead of the public key (a site's
+    # own keys folder, holding both halves, may serve as a trust folder)
+    private = [p for p in sorted(path.iterdir()) if p.is_file() and (p.suffix == ".key" or b"PRIVATE KEY" in _head(p))]
+    stray = [p for p in private if not p.with_suffix(PUBLIC_KEY_SUFFIX).is_file()]
+    if stray:
+        raise UserError(
+            "a private key is in the trust folder instead of its public key: remove it, and treat that key as leaked (make a new pair with keygen)", stray[0]
+        )
     if not candidates:
         raise UserError(f"trust folder holds no public keys (*{PUBLIC_KEY_SUFFIX})", path)
     keys: dict[str, TrustedKey] = {}
@@ -277,6 +287,15 @@ def load_trust_dir(path: str | Path) -> TrustStore:
             raise UserError(f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate)
         keys[trusted.fingerprint] = load_public_key(candidate)
     return TrustStore(keys)
+
+
+def _head(path: Path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of a file (empty if it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
 
 
 RELAY_ID_FILE = "relay-id"

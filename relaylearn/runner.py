@@ -107,9 +107,19 @@ class RelayRun:
             self._check_augmentation(task)
         if self.opts.out_bundle:
             check_new_bundle_path(Path(self.opts.out_bundle))
+            if self.signing_key is None and (self.opts.in_bundle or self.opts.trust) and is_main_process():
+                print(
+                    f"WARNING: no --key: {self.opts.out_bundle} will be UNSIGNED, and the next hospital will refuse it; pass --key keys/<site>.key",
+                    file=sys.stderr,
+                )
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
-            raise UserError("run folder already has results; use --resume to continue it or another -n", self.run_dir)
+            finished = max(bundles.glob("*.relay"), key=lambda p: p.stat().st_mtime)
+            raise UserError(
+                f"run folder already has results (its last bundle: {finished}; if a copy was lost, copy that file again); "
+                "use --resume to continue an unfinished run, or another -n",
+                self.run_dir,
+            )
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
             self._check_position(self.incoming)

@@ -353,6 +353,35 @@ def test_verify_exit_codes(relay, tmp_path):
     assert bad.code == 3 and "untrusted" in only_line(bad.err)
     missing = run_cli(relay.root, "verify", tmp_path / "nope.relay", "--trust", relay.trust)
     assert missing.code == 3 and "nope.relay" in only_line(missing.err)
+    no_relay_id = tmp_path / "keys_only"
+    no_relay_id.mkdir()
+    for hospital in relay.hospitals:
+        shutil.copy(hospital.public, no_relay_id)
+    unstated = run_cli(relay.root, "verify", relay.hops[-1], "--trust", no_relay_id)
+    assert unstated.code == 0 and "states no relay id" in only_line(unstated.err), "the signatures verify; the relay was not checked, and it says so"
+
+
+def test_an_outgoing_bundle_without_a_key_is_announced_as_unsigned(relay, tmp_path):
+    hospital = relay.hospitals[1]
+    result = run_cli(
+        hospital.folder,
+        "train",
+        "-c",
+        hospital.config,
+        "-n",
+        "nokey",
+        "-g",
+        "cpu",
+        "-q",
+        "--in",
+        relay.hops[0],
+        "--trust",
+        relay.trust,
+        "--out",
+        tmp_path / "x.relay",
+    )
+    assert result.code == 0, result.err
+    assert "WARNING: no --key" in result.err and "UNSIGNED" in result.err
 
 
 def test_inspect_needs_no_trust_and_prints_the_size(relay):

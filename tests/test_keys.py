@@ -140,3 +140,19 @@ def test_trust_dir_refuses_other_key_types_and_duplicates(tmp_path):
     (dup / "two.pub").write_bytes(public_path.read_bytes())
     with pytest.raises(UserError, match="same key"):
         load_trust_dir(dup)
+
+
+def test_a_private_key_copied_instead_of_the_public_one_is_named_as_leaked(tmp_path):
+    generate_keypair(tmp_path / "keys", "a")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "a.key").write_bytes((tmp_path / "keys" / "a.key").read_bytes())
+    with pytest.raises(UserError, match="private key is in the trust folder instead of its public key.*leaked") as err:
+        load_trust_dir(trust)
+    assert "a.key" in str(err.value)
+
+
+def test_a_public_key_given_as_the_private_key_says_which_file_to_pass(tmp_path):
+    generate_keypair(tmp_path / "keys", "a")
+    with pytest.raises(UserError, match=r"this is a public key; pass the private key \(a\.key\)"):
+        load_private_key(tmp_path / "keys" / "a.pub")

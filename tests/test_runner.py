@@ -98,7 +98,7 @@ def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus):
 def test_existing_run_needs_resume(tmp_path, tiny_fundus):
     cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1,))))
     first = run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match=r"its last bundle: .*task_1\.relay.*--resume"):
         run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     again = run_training(cfg, "t", TrainOptions(quiet=True, resume=True, exps_root=tmp_path / "exps"))
     assert len(again.matrix["R"]) == 1

@@ -399,7 +399,7 @@ def write_synthetic_benchmark(
     if not overwrite:
         for site in counts:
             if _site_is_occupied(out / site):
-                raise DataError("site folder already exists and is not empty (pass overwrite to replace it)", out / site)
+                raise DataError("site folder already exists and is not empty (pass --overwrite to replace it)", out / site)
     out.mkdir(parents=True, exist_ok=True)
 
     total = sum(train + test for train, test in counts.values())
