@@ -107,7 +107,7 @@ class RelayRun:
             self._check_augmentation(task)
         if self.opts.out_bundle:
             check_new_bundle_path(Path(self.opts.out_bundle))
-            if self.signing_key is None and (self.opts.in_bundle or self.opts.trust) and is_main_process():
+            if self.signing_key is None and (self.opts.in_bundle or self.opts.trust) and not self.opts.insecure_unsigned and is_main_process():
                 print(
                     f"WARNING: no --key: {self.opts.out_bundle} will be UNSIGNED, and the next hospital will refuse it; pass --key keys/<site>.key",
                     file=sys.stderr,
