@@ -258,21 +258,22 @@ def load_public_key(path: str | Path, *, check_site: bool = True) -> TrustedKey:
 
 
 def load_trust_dir(path: str | Path) -> TrustStore:
-    """Load every ``*.pub`` in the folder ``path`` (other files are ignored).
+    """Load every ``*.pub`` in the folder ``path`` (other files are ignored, except a private key).
 
-    UserError if the folder is missing, holds no ``.pub`` file, a ``.pub`` cannot be parsed, or two
-    files hold the same key.
+    UserError if the folder is missing, holds no ``.pub`` file, a ``.pub`` cannot be parsed, two
+    files hold the same key, or a private key lies there without its ``.pub``.
     """
     path = Path(path)
     if not path.is_dir():
         raise UserError("trust folder not found" if not path.exists() else "trust path is not a folder", path)
     try:
-        candidates = sorted(p for p in path.iterdir() if p.suffix == PUBLIC_KEY_SUFFIX and not p.is_dir())
+        entries = sorted(path.iterdir())
     except OSError as exc:
         raise UserError(f"cannot list the trust folder: {exc.strerror}", path) from None
+    candidates = [p for p in entries if p.suffix == PUBLIC_KEY_SUFFIX and not p.is_dir()]
     # a private key without its .pub beside it was copied here instead of the public key (a site's
     # own keys folder, holding both halves, may serve as a trust folder)
-    private = [p for p in sorted(path.iterdir()) if p.is_file() and (p.suffix == ".key" or b"PRIVATE KEY" in _head(p))]
+    private = [p for p in entries if p.is_file() and (p.suffix == ".key" or b"PRIVATE KEY" in _head(p))]
     stray = [p for p in private if not p.with_suffix(PUBLIC_KEY_SUFFIX).is_file()]
     if stray:
         raise UserError(
