@@ -136,6 +136,7 @@ class RelayRun:
                 ledger.check(self.incoming)
         for task in self.cfg.tasks:  # a bad strategy option fails before anything is written, naming the config
             parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path)
+        self._check_data()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
@@ -158,6 +159,21 @@ class RelayRun:
             chosen = sorted(set(info["precision"].values()))
             why = "native bf16 kernels here" if "bf16-mixed" in chosen else "no native bf16 kernels here"
             self._log(f"precision: {', '.join(chosen)} (train.precision auto: {why})")
+
+    def _check_data(self) -> None:
+        """Decode every file this run reads before anything is written or trained, so that a bad
+        file at the last site or in a test folder stops the run in seconds, not after hours. The
+        test sets and validation parts are kept (every site is evaluated on them); a training
+        folder with no validation part is decoded and dropped (its site decodes it again)."""
+        started = time.time()
+        for ds in self.cfg.test_datasets:
+            self._test_data(ds)
+        if self._has_validation():
+            self._validation_data()
+        else:
+            for task in self.cfg.tasks:
+                load_split(task.dataset, "train")
+        self._log(f"data: {len(self.cfg.test_datasets)} test set(s) and {len(self.cfg.tasks)} training folder(s) read ({time.time() - started:.0f} s)")
 
     def _check_augmentation(self, task: TaskConfig) -> None:
         """``dataset.kwargs.augment`` builds (ConfigError naming the config otherwise)."""
@@ -388,16 +404,23 @@ class RelayRun:
         from relaylearn.engine import predict_logits
         from relaylearn.metrics import dice_per_image
 
-        if any(t.dataset.kwargs.val_fraction == 0 for t in self.cfg.tasks):
+        if not self._has_validation():
             return None
-        if self._val_cache is None:
-            self._val_cache = {t.dataset.site: load_split(t.dataset, "val") for t in self.cfg.tasks}
         row = []
         for task in self.cfg.tasks:
-            data = self._val_cache[task.dataset.site]
+            data = self._validation_data()[task.dataset.site]
             predicted = predict_logits(solver, data.images, batch_size, device).argmax(1)
             row.append(float(dice_per_image(predicted, data.labels, task.dataset.kwargs.num_classes).mean()))
         return row
+
+    def _has_validation(self) -> bool:
+        return all(t.dataset.kwargs.val_fraction > 0 for t in self.cfg.tasks)
+
+    def _validation_data(self) -> dict[str, Any]:
+        """Validation part of every relay site, by site name (decoded once)."""
+        if self._val_cache is None:
+            self._val_cache = {t.dataset.site: load_split(t.dataset, "val") for t in self.cfg.tasks}
+        return self._val_cache
 
     def _add_validation(self, matrix: dict[str, Any], groups: list[list[TaskConfig]], val_rows: list) -> dict[str, Any]:
         """``matrix`` with ``"validation"``: the same matrix (R, ACC, BWT, forgetting) on the relay

@@ -115,3 +115,26 @@ def test_matrix_has_the_validation_parts(tmp_path, tiny_fundus):
     assert none["validation"]["sites"] == ["Domain1"]
     cfg = load_config(str(tiny_config(tmp_path / "z", tiny_fundus, task_ids=(1,))), ["dataset.kwargs.val_fraction=0"])
     assert run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "z" / "exps")).matrix["validation"] is None
+
+
+@pytest.mark.parametrize(
+    ("broken", "overrides"),
+    [("Domain3/test/ROIs/image/domain3_test_0001.png", []), ("Domain2/train/ROIs/mask/domain2_train_0004.png", ["dataset.kwargs.val_fraction=0"])],
+)
+def test_a_bad_file_anywhere_stops_the_run_before_training(tmp_path, tiny_fundus, monkeypatch, broken, overrides):
+    """A corrupt test image of the last test site, or a corrupt mask of the second site's training
+    folder, is found before the first site trains and before the run folder is written."""
+    import shutil
+
+    from relaylearn import runner
+    from relaylearn.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_fundus, data)
+    (data / broken).write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: pytest.fail("trained before the data was checked"))
+    cfg = load_config(str(tiny_config(tmp_path, data)), overrides)
+    with pytest.raises(DataError) as caught:
+        run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
+    assert broken.split("/")[-1] in str(caught.value)
+    assert not (tmp_path / "exps").exists(), "nothing written"
