@@ -618,6 +618,8 @@ def _load_tensors(checked: _Checked) -> dict[str, Tensor]:
             raise _fail(f"tensor {name!r} loaded with a dtype or shape other than the manifest's", checked.path)
         if _non_finite(tensor):
             raise _fail(f"tensor {name!r} holds NaN or infinite values (refused)", checked.path)
+        if tensor.dtype == torch.bool and tensor.numel() and int(tensor.view(torch.uint8).max()) > 1:
+            raise _fail(f"tensor {name!r} is bool but holds bytes other than 0 and 1 (refused)", checked.path)
     return tensors
 
 

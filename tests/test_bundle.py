@@ -734,6 +734,15 @@ def test_non_finite_tensors_are_refused_on_reading_and_writing(tmp_path, keys):
     rejects(forged, "'gen.w_avg' holds NaN or infinite", trust=keys["trust"])
 
 
+def test_bool_tensors_hold_only_zero_and_one(tmp_path, keys):
+    """A byte other than 0/1 in a bool tensor is undefined behaviour in torch: refused on reading."""
+    good = write(tmp_path / "good.relay", keys["a"])
+    tensors = sample_tensors()
+    tensors["gen.mask"] = torch.tensor([2, 0, 1], dtype=torch.uint8).view(torch.bool)
+    forged = forge(good, tmp_path / "forged.relay", keys["a"], weights=safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+    rejects(forged, "'gen.mask' is bool but holds bytes other than 0 and 1", trust=keys["trust"])
+
+
 def test_inspect_escapes_every_string_from_the_bundle(tmp_path, keys):
     nasty = "\x1b[2J\x1b[1;1HOK: verified\r\u202e"
     good = write(tmp_path / "good.relay", keys["a"], extra={nasty: nasty})
