@@ -277,6 +277,13 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
 def _finish_items(pairs: list[tuple[_Item, np.ndarray | None]], k) -> list[_Item]:
     """Check raw class ids, add HU-threshold classes, window HU, drop negatives."""
     _check_classes([item for item, _ in pairs], k.num_classes - int(k.add_bone_label) - int(k.add_bg_label))
+    kinds = {hu is None for _, hu in pairs}
+    if len(kinds) > 1:  # 8-bit grey and 16-bit HU would land on two different intensity scales
+        odd = next(item for item, hu in pairs if (hu is None) != (pairs[0][1] is None))
+        first = "16-bit (HU)" if pairs[0][1] is not None else "8-bit (grey)"
+        raise DataError(
+            f"this slice's bit depth differs from {pairs[0][0].source.name}, which is {first}: a site's slices must all be 16-bit or all 8-bit", odd.source
+        )
     out = []
     for item, hu in pairs:
         if k.drop_negative and not (item.label > 0).any():

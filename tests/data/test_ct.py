@@ -225,6 +225,17 @@ def test_slice_folders_refuse_masks_without_images(tmp_path):
         _both_splits("ct_slices", tmp_path, "CT1", img_size=(16, 16))
 
 
+def test_a_site_mixing_8_bit_and_16_bit_slices_is_refused(tmp_path):
+    from PIL import Image
+
+    write_synthetic_ct(tmp_path, size=16, seed=1, studies={"CT1": 2}, layout="slices")
+    study = sorted(p for p in (tmp_path / "CT1").iterdir() if p.is_dir())[0]
+    last = sorted(study.glob("[0-9]*.png"))[-1]
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(last)
+    with pytest.raises(DataError, match=rf"{last.name}: this slice's bit depth differs .* 16-bit \(HU\)"):
+        _both_splits("ct_slices", tmp_path, "CT1", img_size=(16, 16))
+
+
 def _meta(site: Path, extra: list[str], bom: bool = False) -> None:
     rows = ["study_id,img_file,label_file"]
     for study in sorted(p.name for p in site.iterdir() if p.is_dir()):
