@@ -140,25 +140,6 @@ def encoder_features(solver: nn.Module, images: Tensor, batch_size: int = 250) -
     return torch.cat(out)
 
 
-@torch.no_grad()
-def discriminator_scores(discriminator: nn.Module, inputs: Tensor, site_id: int, site_capacity: int, batch_size: int = 64) -> Tensor:
-    """Site-conditioned real/fake logits [N] of ``discriminator`` for inputs [N,C,H,W] (eval, no
-    augmentation). Batches of one kind only, so minibatch statistics never mix members and
-    non-members."""
-    was_training = discriminator.training
-    discriminator.eval()
-    device = next(discriminator.parameters()).device
-    try:
-        out = []
-        for start in range(0, inputs.shape[0], batch_size):
-            x = inputs[start : start + batch_size].to(device)
-            c = F.one_hot(torch.full((x.shape[0],), site_id, dtype=torch.long, device=device), site_capacity).float()
-            out.append(discriminator(x, c).float().reshape(-1).cpu())
-    finally:
-        discriminator.train(was_training)
-    return torch.cat(out)
-
-
 # ----- the checks ----------------------------------------------------------------------------------
 def _interval(value: float, low: float, high: float) -> dict[str, float]:
     return {"value": value, "low": low, "high": high}
@@ -219,8 +200,10 @@ def audit_generated(
     options: AuditOptions,
     features: Callable[[Tensor], Optional[Tensor]] | None = None,
     discriminators: dict[str, Callable[[Tensor, Tensor], Tensor]] | None = None,
+    out_range: tuple[float, float] = (-1.0, 1.0),
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """All checks for M generated pairs against one site's train and test splits.
+    """All checks for M generated pairs against one site's train and test splits (images in
+    ``out_range``).
 
     ``features(images [N,C,H,W]) -> [N,F]`` adds the feature-space checks; ``discriminators``
     maps "image"/"label" to ``score(images, labels) -> logits [N]`` for the white-box attack.
@@ -231,7 +214,7 @@ def audit_generated(
     gen_px, train_px, test_px = pixel_vectors(generated.images), pixel_vectors(train.images), pixel_vectors(test.images)
     check, gen_d, gen_idx = memorisation_check("image pixels", gen_px, train_px, test_px, options, seed)
     checks.append(check)
-    picture = closest_pairs_picture(generated.images, train.images, gen_d, gen_idx)
+    picture = closest_pairs_picture(generated.images, train.images, gen_d, gen_idx, out_range=out_range)
     spaces = [("image pixels", gen_px, train_px, test_px)]
     feats = [features(x) for x in (generated.images, train.images, test.images)] if features is not None else [None]
     if all(f is not None for f in feats):
@@ -252,16 +235,20 @@ def audit_generated(
     return checks, picture
 
 
-def closest_pairs_picture(generated: Tensor, train: Tensor, distances: Tensor, nearest_index: Tensor, count: int = CLOSEST_PAIRS) -> np.ndarray:
+def closest_pairs_picture(
+    generated: Tensor, train: Tensor, distances: Tensor, nearest_index: Tensor, count: int = CLOSEST_PAIRS, out_range: tuple[float, float] = (-1.0, 1.0)
+) -> np.ndarray:
     """The ``count`` generated images closest to a training image (top row, closest first) above
-    their nearest training image (bottom row): uint8 [2·H+gap, count·(W+gap), 3]."""
+    their nearest training image (bottom row), images [N,C,H,W] in ``out_range``:
+    uint8 [2·H+gap, count·(W+gap), 3]."""
+    from relaylearn.imaging import to_uint8
+
     order = torch.argsort(distances)[:count]
     gap = 2
 
-    def rgb(x: Tensor) -> np.ndarray:  # [C,H,W] in [-1,1] → uint8 [H,W,3]
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
-        return x.permute(1, 2, 0).numpy()
+    def rgb(x: Tensor) -> np.ndarray:  # [C,H,W] → uint8 [H,W,3]
+        x = to_uint8(x[None], out_range)[0]
+        return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x[..., :3]
 
     h, w = generated.shape[-2:]
     canvas = np.full((2 * h + gap, len(order) * (w + gap), 3), 255, dtype=np.uint8)
@@ -273,18 +260,12 @@ def closest_pairs_picture(generated: Tensor, train: Tensor, distances: Tensor, n
 
 
 # ----- one site of a strategy ------------------------------------------------------------------------
-def site_registry(strategy) -> dict[str, int]:
-    """Site name → conditioning id of every site the strategy's generators know."""
-    return {name: int(e["id"]) for reg in (strategy.registry_previous, strategy.registry_current) for name, e in reg.items()}
-
-
 def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: AuditOptions, discriminators_travel: bool) -> AuditResult:
-    """Audit the generators (and, if they travel, the discriminators) of a relay ``strategy`` for
-    one site of its registry, against that site's own train and test splits."""
-    from relaylearn.strategies.relay import encode_labels
-
+    """Audit the generators (and, if they travel, the discriminators) of a replaying ``strategy``
+    for one site it can replay (``strategy.replay_sites()``), against that site's own train and
+    test splits."""
     started = time.perf_counter()
-    registry = site_registry(strategy)
+    registry = strategy.replay_sites()
     if site not in registry:
         raise UserError(f"site {printable(site)!r} is not in the bundle's site registry (known: {', '.join(printable(s) for s in registry) or 'none'})")
     site_id = registry[site]
@@ -297,22 +278,16 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
         raise UserError(
             f"site {printable(site)}: the data has images of shape {tuple(train.images.shape[1:])} but the generators make {tuple(gen_images.shape[1:])}"
         )
-    k = strategy.num_classes
-    cap = strategy.options.site_capacity
-    scorers = None
-    if discriminators_travel:
-        scorers = {
-            "image": lambda x, y: discriminator_scores(strategy.d_img, torch.cat([x, encode_labels(y, k)], 1), site_id, cap),
-            "label": lambda x, y: discriminator_scores(strategy.d_label, encode_labels(y, k), site_id, cap),
-        }
+    data = strategy.config.dataset.kwargs
     checks, picture = audit_generated(
         SplitData(gen_images, gen_labels),
         train,
         test,
-        k,
+        data.num_classes,
         options,
         features=lambda x: encoder_features(strategy.solver, x, options.batch_size),
-        discriminators=scorers,
+        discriminators=(strategy.discriminator_scorers(site_id) or None) if discriminators_travel else None,
+        out_range=tuple(data.out_range),
     )
     report = {
         "schema": SCHEMA,
@@ -427,7 +402,7 @@ def run_audit(
         raise UserError(f"strategy {printable(name)!r} carries no generators: only bundles of a replaying strategy (relay) can be audited", path)
     strategy, task = strategy_from_bundle(bundle)
     strategy.to("cpu")
-    registry = site_registry(strategy)
+    registry = strategy.replay_sites()
     if site not in registry:
         raise UserError(f"--site {printable(site)}: not in the bundle's site registry (known: {', '.join(printable(s) for s in registry) or 'none'})", path)
     ds = _site_dataset(task, site, data_root, config)
@@ -461,20 +436,18 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     from relaylearn.imaging import png_bytes
 
     cfg = tasks[0].audit
-    if not cfg.after_each_hop or not strategy.replays():
+    if not cfg.after_each_hop or not strategy.replay_sites():
         return None
     load = load_split_fn or load_split
     options = AuditOptions(n_generated=cfg.n_generated, threshold=cfg.threshold, n_bootstrap=cfg.n_bootstrap, seed=tasks[0].random_seed)
     datasets = {t.dataset.site: t.dataset for t in tasks}
     started = time.perf_counter()
     sites = {}
-    for site in site_registry(strategy):
+    for site in strategy.replay_sites():
         if site not in datasets:
             continue
         train, test = load(datasets[site], "train"), load(datasets[site], "test")
-        result = audit_site(
-            strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, strategy.options.ship_discriminators
-        )
+        result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, True)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
         png = Path("privacy") / f"hop{hop}_{safe}_closest_pairs.png"
         atomic_write(run_dir / "metrics" / png, png_bytes(result.closest_pairs))

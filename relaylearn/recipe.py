@@ -283,14 +283,3 @@ def _tree_with(tree: dict, values: dict[str, Any]) -> dict:
     for key, value in values.items():
         _assign(tree, key, value)
     return tree
-
-
-def recipe_keys_table() -> str:
-    """Markdown: which keys are recipe and which are site (for the docs)."""
-    rows = ["| recipe (travels in the bundle; adopted or compared) | site (stays here) |", "|---|---|"]
-    recipe, site = list(RECIPE_KEYS), list(SITE_KEYS)
-    for i in range(max(len(recipe), len(site))):
-        left = f"`{recipe[i]}`" if i < len(recipe) else ""
-        right = f"`{site[i]}`" if i < len(site) else ""
-        rows.append(f"| {left} | {right} |")
-    return "\n".join(rows) + "\n"

@@ -223,3 +223,11 @@ def test_report_has_a_privacy_section_per_site_per_hop(relay_run):
     section = page.split('<section id="privacy">', 1)[1].split("</section>", 1)[0]
     assert section.count("<tr>") == 1 + 3  # header + (hop 1: Domain1) + (hop 2: Domain1, Domain2)
     assert "white-box AUC, image D" in section and section.count("data:image/png;base64,") == 2  # closest pairs, 2 sites
+
+
+def test_closest_pairs_picture_maps_the_data_range_to_black_and_white():
+    from relaylearn.audit import closest_pairs_picture
+
+    black, white = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    picture = closest_pairs_picture(black, white, torch.zeros(1), torch.zeros(1, dtype=torch.long), out_range=(0.0, 1.0))
+    assert picture[:2, :2].max() == 0 and picture[4:, :2].min() == 255  # generated above, its nearest training image below

@@ -36,8 +36,12 @@ def _discover() -> None:
         return
     _DISCOVERED = True
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():  # decorated or not: a class that names itself
+            if isinstance(obj, type) and issubclass(obj, Strategy) and obj.__module__ == module.__name__ and vars(obj).get("name"):
+                _REGISTRY.setdefault(obj.name, obj)
 
 
 def get_strategy_class(name: str) -> type[Strategy]:

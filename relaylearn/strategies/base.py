@@ -193,32 +193,57 @@ class Strategy(nn.Module):
         raise NotImplementedError(f"strategy '{self.name}' does not replay earlier sites")
 
     def previews(self, per_site: int = 8, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
-        """Site → (images [n, C, H, W] in [-1, 1], labels [n, H, W]) generated for people to look
-        at; empty for strategies without generators."""
+        """Site → (images [n, C, H, W] in ``out_range``, labels [n, H, W]) generated for people to
+        look at; empty for strategies without generators."""
+        return {}
+
+    def replay_sites(self) -> dict[str, int]:
+        """Site name → id of every site :meth:`generate_replay` can make pairs of; the privacy audit
+        after each hop walks these. Default: none (nothing to audit)."""
+        return {}
+
+    def discriminator_scorers(self, site_id: int) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+        """For the privacy audit, when discriminators travel in the bundle: check name → function
+        (images [N, C, H, W] in ``out_range``, labels [N, H, W]) → real/fake scores [N] for
+        ``site_id``. Default: none."""
         return {}
 
     # ----- helpers for subclasses ----------------------------------------------------------
-    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
-        """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → clip → optimizer step."""
+    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, step: StepContext) -> Tensor | float:
+        """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → :meth:`adjust_gradients`
+        → clip → optimizer step. Returns the factor clipping scaled the gradients by (see
+        :meth:`clip_gradients`); ``p.grad`` still holds the gradients the step used."""
         optimizer.zero_grad(set_to_none=True)
         step.backward(loss)
-        self.apply_gradients(optimizer, step)
+        return self.apply_gradients(optimizer, step)
 
-    def apply_gradients(self, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
-        """The end of :meth:`optimize`, once the gradients are in: replace NaN/inf gradients → clip
-        → optimizer step."""
+    def apply_gradients(self, optimizer: torch.optim.Optimizer, step: StepContext) -> Tensor | float:
+        """The end of :meth:`optimize`, once the gradients are in: replace NaN/inf gradients (not
+        under ``16-mixed``, whose loss scaler must see them) → :meth:`adjust_gradients` → clip →
+        optimizer step. Returns the clipping factor."""
         if step.sanitize:
             sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
-        self.clip_gradients(optimizer)
+        self.adjust_gradients(optimizer, step)
+        factor = self.clip_gradients(optimizer)
         step_optimizer(optimizer)
+        return factor
 
-    def clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+    def adjust_gradients(self, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
+        """Hook: change ``optimizer``'s gradients in place before they are clipped and applied
+        (OWM projects them). Under ``16-mixed`` they are still loss-scaled here. Default: nothing."""
+
+    def clip_gradients(self, optimizer: torch.optim.Optimizer) -> Tensor | float:
         """``train.gradient_clip`` > 0: scale the gradients of ``optimizer``'s parameters so their
         joint L2 norm is at most that value (each optimizer on its own, as Lightning's
-        ``gradient_clip_val`` did in the original). 0: nothing."""
+        ``gradient_clip_val`` did in the original). 0: nothing.
+
+        Returns the factor in (0, 1] the gradients were multiplied by (a 0-dim tensor, read
+        without a device sync; 1.0 when nothing was clipped)."""
         max_norm = self.train_cfg.gradient_clip
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+        if max_norm <= 0:
+            return 1.0
+        total = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+        return (max_norm / (total + 1e-6)).clamp(max=1.0)  # the factor clip_grad_norm_ applied
 
 
 def step_optimizer(optimizer: torch.optim.Optimizer) -> None:

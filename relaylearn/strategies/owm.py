@@ -79,7 +79,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from relaylearn.errors import ConfigError
 from relaylearn.strategies import register_strategy
-from relaylearn.strategies.base import BundleState, SiteContext, StepContext, StrategyOptions, sanitize_gradients, step_optimizer, unprefixed
+from relaylearn.strategies.base import BundleState, SiteContext, StepContext, StrategyOptions, unprefixed
 from relaylearn.strategies.penalties import ParameterTensors
 from relaylearn.strategies.sequential import Sequential
 
@@ -435,13 +435,9 @@ class OWM(Sequential):
                 rls_update(projectors[slot], reduce(x).to(projectors[slot]), alpha)
             layer.project(projectors)
 
-    def optimize(self, loss, optimizer, step: StepContext) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        step.backward(loss)
-        sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
+    def adjust_gradients(self, optimizer, step: StepContext) -> None:
+        """Project the solver's gradients (after the recorded inputs updated the projectors)."""
         self.update_and_project(self.current_alpha(step), step.all_reduce_mean)
-        self.clip_gradients(optimizer)
-        step_optimizer(optimizer)
 
     # ----- bundle ----------------------------------------------------------------------------
     def state_to_bundle(self) -> BundleState:

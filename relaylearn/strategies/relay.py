@@ -247,6 +247,25 @@ _SNAPSHOT_SEED = 7_000_000
 
 
 # ----- label maps ----------------------------------------------------------------------------------
+@torch.no_grad()
+def discriminator_scores(discriminator: nn.Module, inputs: Tensor, site_id: int, site_capacity: int, batch_size: int = 64) -> Tensor:
+    """Site-conditioned real/fake logits [N] of ``discriminator`` for inputs [N,C,H,W] (eval, no
+    augmentation). Batches of one kind only, so minibatch statistics never mix members and
+    non-members."""
+    was_training = discriminator.training
+    discriminator.eval()
+    device = next(discriminator.parameters()).device
+    try:
+        out = []
+        for start in range(0, inputs.shape[0], batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            c = F.one_hot(torch.full((x.shape[0],), site_id, dtype=torch.long, device=device), site_capacity).float()
+            out.append(discriminator(x, c).float().reshape(-1).cpu())
+    finally:
+        discriminator.train(was_training)
+    return torch.cat(out)
+
+
 def encode_labels(labels: Tensor, num_classes: int) -> Tensor:
     """Class ids [B,H,W] → one-channel map [B,1,H,W] in [-1, 1] (id·2/(K−1) − 1)."""
     return (labels.float() * (2.0 / (num_classes - 1)) - 1.0).unsqueeze(1)
@@ -598,6 +617,21 @@ class Relay(Strategy):
             ids = self._draw_ids(size, "previous", device)
             images, labels = self._generate(self.previous, ids)
         return images, labels, ids
+
+    def replay_sites(self) -> dict[str, int]:
+        """Site name → conditioning id of every site the generators know."""
+        return {name: int(e["id"]) for reg in (self.registry_previous, self.registry_current) for name, e in reg.items()}
+
+    def discriminator_scorers(self, site_id: int) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+        """The image and label discriminators' site-conditioned logits [N] for pairs (images
+        [N,C,H,W], labels [N,H,W]); none when ``ship_discriminators`` is off."""
+        if not self.options.ship_discriminators:
+            return {}
+        k, capacity = self.num_classes, self.options.site_capacity
+        return {
+            "image": lambda x, y: discriminator_scores(self.d_img, torch.cat([x, encode_labels(y, k)], 1), site_id, capacity),
+            "label": lambda x, y: discriminator_scores(self.d_label, encode_labels(y, k), site_id, capacity),
+        }
 
     def site_id(self, site: int | str) -> int:
         """The generators' id of a site known to this model: its name, or its id itself."""

@@ -77,17 +77,19 @@ class SI(AnchoredPenalty):
     def optimize(self, loss, optimizer, step: StepContext) -> None:
         params = self.trainable_parameters()
         before = {n: p.detach().clone() for n, p in params.items()}
-        super().optimize(loss, optimizer, step)  # p.grad still holds this step's gradient
+        clip = super().optimize(loss, optimizer, step)  # p.grad: this step's gradient × clip
         lr = float(optimizer.param_groups[0]["lr"])
         with torch.no_grad():
             for name, p in params.items():
                 if p.grad is None:
                     continue
-                task_grad = p.grad.float() - self.penalty_gradient(name, before[name])
+                task_grad = p.grad.float() / clip - self.penalty_gradient(name, before[name])
                 if self.options.importance == "path_integral":
-                    self.running[name].add_(-task_grad * (p.detach() - before[name]))
+                    contribution = -task_grad * (p.detach() - before[name])
                 else:
-                    self.running[name].add_(lr * task_grad.pow(2))
+                    contribution = lr * task_grad.pow(2)
+                # a step the 16-mixed loss scaler skipped (inf gradients) adds nothing
+                self.running[name].add_(torch.where(torch.isfinite(contribution), contribution, 0.0))
 
     def on_site_end(self, site: SiteContext) -> None:
         with torch.no_grad():

@@ -78,3 +78,40 @@ def test_a_forward_after_a_step_in_the_same_autocast_region_sees_the_new_weights
     expected = torch.nn.functional.linear(x.bfloat16(), solver.weight.detach().bfloat16())  # the new weights, cast afresh
     assert (after.float() - before.float()).abs().max() > 0.1  # the step changed the output ...
     torch.testing.assert_close(after, expected)  # ... to what the new weights give
+
+
+class ToyReplay(get_strategy_class("sequential")):
+    """A replaying plug-in that overrides only ``generate_replay`` (as the README says a
+    replaying strategy does): noise images with empty masks."""
+
+    name = "toy_replay"
+
+    def generate_replay(self, site, n, seed=0, batch_size=64):
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, torch.zeros(n, 32, 32, dtype=torch.long)
+
+
+def test_a_replaying_plug_in_without_the_audit_hooks_trains_and_is_not_audited(tmp_path, tiny_fundus):
+    from relaylearn.runner import TrainOptions, run_training
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="tests.strategies.test_base:ToyReplay")))
+    result = run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
+    assert len(result.matrix["R"]) == 2
+    assert not (result.run_dir / "metrics" / "privacy.json").exists(), "replay_sites() is empty: nothing to audit"
+    assert (result.run_dir / "metrics" / "replay.json").is_file(), "replay fidelity needs only generate_replay"
+
+
+def test_a_strategy_file_without_the_decorator_is_found(tmp_path, monkeypatch):
+    """Every module of the strategies package that defines a Strategy subclass with its own name
+    is found, as the package docstring and the README say."""
+    import relaylearn.strategies as package
+
+    (tmp_path / "my_anchor.py").write_text(
+        "from relaylearn.strategies.sequential import Sequential\n\n\nclass MyAnchor(Sequential):\n    name = 'my_anchor'\n\n\nclass Helper(MyAnchor):\n    pass\n"
+    )
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.setattr(package, "_REGISTRY", dict(package._REGISTRY))
+    monkeypatch.setattr(package, "_DISCOVERED", False)
+    monkeypatch.delitem(__import__("sys").modules, "relaylearn.strategies.my_anchor", raising=False)
+    assert get_strategy_class("my_anchor").__name__ == "MyAnchor", "a subclass that inherits the name does not replace it"
+    assert "sequential" in available_strategies()

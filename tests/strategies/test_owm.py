@@ -133,6 +133,27 @@ def test_training_steps_update_projectors_with_the_decaying_alpha():
     assert all(layer.recorded is None for layer in owm.layers)
 
 
+def test_inf_gradients_reach_the_optimizer_when_the_loop_does_not_sanitize():
+    """Under 16-mixed the loss scaler must see an overflow to skip the step: OWM projects the
+    gradients without replacing their infs (as every strategy does there)."""
+    from relaylearn.strategies.base import StepContext
+
+    owm = make_strategy("owm", unet_like())
+    site = make_site(IMAGES, LABELS)
+    owm.on_site_start(site)
+    seen = []
+    original_step = owm.optimizers[0].step
+    owm.optimizers[0].step = lambda *a, **k: seen.append(all(torch.isfinite(p.grad).all() for p in owm.solver.parameters())) or original_step(*a, **k)
+
+    def overflowing_backward(loss):
+        loss.backward()
+        owm.solver[0].weight.grad[0, 0, 0, 0] = float("inf")
+
+    for sanitize in (True, False):
+        owm.training_step((IMAGES, LABELS), StepContext(step=0, global_step=0, epoch=0, site=site, backward=overflowing_backward, sanitize=sanitize))
+    assert seen == [True, False]
+
+
 def test_projector_memory_is_checked_before_allocation(monkeypatch):
     import relaylearn.strategies.owm as owm_module
 

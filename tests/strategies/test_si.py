@@ -107,6 +107,43 @@ def test_gradient_of_the_penalty_is_not_counted_in_omega():
     assert logs["penalty"].item() == pytest.approx((c * omega_big * (theta - anchor) ** 2).sum().item(), rel=1e-5)
 
 
+def test_gradient_clipping_shrinks_the_step_not_the_task_gradient_in_omega():
+    si = quadratic_si(xi=0.1)
+    si.train_cfg = si.train_cfg.model_copy(update={"gradient_clip": 0.05})
+    theta = si.solver.theta.detach().clone()
+    si.on_site_start(SITE)
+    si.training_step(BATCH, make_step(SITE))
+    task_grad = A * (theta - CENTRE)
+    delta = -LR * task_grad * 0.05 / task_grad.norm()  # the clipped step
+    assert torch.allclose(si.solver.theta.detach(), theta + delta, atol=1e-7)
+    assert torch.allclose(si.running["theta"], -task_grad * delta, rtol=1e-4)
+
+
+class SkipsNonFinite(torch.optim.SGD):
+    """SGD that skips a step whose gradients are not finite, as the 16-mixed loss scaler does."""
+
+    def step(self, closure=None):
+        if all(torch.isfinite(p.grad).all() for group in self.param_groups for p in group["params"] if p.grad is not None):
+            super().step(closure)
+
+
+@pytest.mark.parametrize("importance", ["path_integral", "squared_gradient"])
+def test_a_step_skipped_for_inf_gradients_adds_nothing_to_omega(importance):
+    from relaylearn.strategies.base import StepContext
+
+    def overflowing_backward(loss):
+        loss.backward()
+        si.solver.theta.grad[0] = float("inf")
+
+    si = quadratic_si(importance=importance)
+    si.optimizers = [SkipsNonFinite(si.solver.parameters(), lr=LR)]
+    si.on_site_start(SITE)
+    si.training_step(BATCH, StepContext(step=0, global_step=0, epoch=0, site=SITE, backward=overflowing_backward, sanitize=False))
+    assert torch.equal(si.solver.theta.detach(), THETA0), "the step was skipped"
+    assert torch.isfinite(si.running["theta"]).all()
+    assert si.running["theta"][0] == 0
+
+
 def test_bundle_round_trip_keeps_omega_and_anchor_not_the_running_sum():
     si = quadratic_si()
     train(si, 5)
