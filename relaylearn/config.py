@@ -13,7 +13,7 @@ import platform
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from relaylearn.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+#: one Adam β: 0 ≤ β < 1
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Strict(BaseModel):
@@ -148,7 +152,7 @@ class ModelConfig(Strict):
 class OptimizerConfig(Strict):
     name: Literal["adam"] = Field("adam", description="Optimizer of the segmentation solver.")
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    betas: tuple[AdamBeta, AdamBeta] = Field((0.9, 0.999), description="Adam betas.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
     fused: Optional[bool] = Field(
         None, description="Use the fused Adam kernel (GPU and CPU; on the CPU about 3x faster optimizer steps); None = PyTorch's default."
@@ -498,6 +502,7 @@ def dump_yaml(data: Any) -> str:
 # ----- configuration reference (README) -------------------------------------------------------------
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("NoneType", "None")
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]\)\]", r"\1", text)  # a bounded number: its type (bounds are in the description)
     for noise in ("relaylearn.config.", "<class '", "'>"):
         text = text.replace(noise, "")
     return text

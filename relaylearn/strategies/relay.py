@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from relaylearn.config import AdamBeta
 from relaylearn.devices import run_beside
 from relaylearn.errors import ConfigError
 from relaylearn.losses import ExpLogLoss, distillation_loss
@@ -129,18 +130,18 @@ class RelayOptions(StrategyOptions):
     )
     weighted_merge: bool = True
     # GAN
-    label_noise: float = 0.02
-    style_mixing_prob: float = 0.8
+    label_noise: float = Field(0.02, ge=0)
+    style_mixing_prob: float = Field(0.8, ge=0, le=1)
     g_reg_interval: int = Field(4, ge=1)
     d_reg_interval: int = Field(8, ge=1)
-    pl_weight: float = 2.0
+    pl_weight: float = Field(2.0, ge=0)
     pl_batch_shrink: int = Field(2, ge=1)
-    pl_decay: float = 0.01
-    r1_gamma: float = 0.1
-    g_lr: float = 0.002
-    g_betas: tuple[float, float] = (0.0, 0.99199)
-    d_lr: Optional[float] = Field(None, description="None: 0.0025·c with c = I/(I+1), I = d_reg_interval (StyleGAN2's lazy-regularisation rule).")
-    d_betas: Optional[tuple[float, float]] = None
+    pl_decay: float = Field(0.01, ge=0, le=1)
+    r1_gamma: float = Field(0.1, ge=0)
+    g_lr: float = Field(0.002, gt=0)
+    g_betas: tuple[AdamBeta, AdamBeta] = (0.0, 0.99199)
+    d_lr: Optional[float] = Field(None, gt=0, description="None: 0.0025·c with c = I/(I+1), I = d_reg_interval (StyleGAN2's lazy-regularisation rule).")
+    d_betas: Optional[tuple[AdamBeta, AdamBeta]] = None
     d_optimizer: Literal["fixed", "original"] = Field("fixed", description="original: lr 0.002353, β (0, 0.990585) as shipped (matches interval 16).")
     d_step_fakes: Literal["fresh", "reuse"] = Field(
         "fresh",
@@ -149,9 +150,9 @@ class RelayOptions(StrategyOptions):
     # ADA
     ada_img: str = "bgcfn"
     ada_label: str = "bg"
-    ada_target: float = 0.6
-    ada_interval: int = 4
-    ada_kimg: float = 500
+    ada_target: float = Field(0.6, ge=0, le=1)
+    ada_interval: int = Field(4, ge=1)
+    ada_kimg: float = Field(500, gt=0)
     # replay
     replay: bool = Field(True, description="false: no generative replay at all (ablation: merge and distillation only).")
     replay_ratio: Literal["half", "even"] = "half"
@@ -204,14 +205,14 @@ class RelayOptions(StrategyOptions):
         description="Generator alignment: weight of an L1 term keeping the generators' outputs for earlier sites equal to the frozen previous generators' on the same latents (0 = off, as in the paper).",
     )
     # distillation
-    distil_weight: float = 0.5
-    distil_tau: float = 2.0
+    distil_weight: float = Field(0.5, ge=0)
+    distil_tau: float = Field(2.0, gt=0)
     distil_teacher: Literal["previous", "current"] = "previous"
     # what travels
     ship_discriminators: bool = Field(
         True, description="Discriminators are membership-inference oracles; false drops them from the bundle (the next site starts them fresh)."
     )
-    solver_lr: Optional[float] = Field(None, description="None: train.optimizer.lr.")
+    solver_lr: Optional[float] = Field(None, gt=0, description="None: train.optimizer.lr.")
     fused_optimizers: bool = Field(
         False,
         description="Fused Adam kernels for G, D and the solver (faster on GPUs; false: train.optimizer.fused for the solver, PyTorch's default for G and D).",

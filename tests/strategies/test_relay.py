@@ -785,3 +785,33 @@ def test_gan_pairs_run_side_by_side_only_where_the_loop_allows_a_helper_thread(t
         assert not strategy._runs_beside(False, _step(site), "cpu")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ada_interval": 0},
+        {"ada_kimg": 0},
+        {"g_lr": -1.0},
+        {"d_lr": 0},
+        {"solver_lr": 0},
+        {"distil_tau": 0},
+        {"style_mixing_prob": 1.5},
+        {"g_betas": [0.0, 1.0]},
+    ],
+)
+def test_options_that_would_fail_inside_training_are_config_errors(bad):
+    """Each of these used to pass validation and fail later (Adam, ADA) as an internal error."""
+    from relaylearn.strategies import get_strategy_class
+    from relaylearn.strategies.base import parse_options
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        parse_options(get_strategy_class("relay"), bad)
+
+
+def test_adam_betas_of_the_solver_are_bounded(tmp_path, tiny_fundus):
+    from relaylearn.config import load_config
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.betas"):
+        load_config(str(tiny_config(tmp_path, tiny_fundus)), ["train.optimizer.betas=[0.9, 1.0]"])
