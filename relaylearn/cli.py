@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True)
     predict.add_argument("--trust", default=None, help="folder of trusted public keys: verify the bundle")
     predict.add_argument("--no-verify", action="store_true", help="use the bundle without checking its signature (recorded in predictions.json)")
-    predict.add_argument("-c", "--config", default=None, help="local config whose plug-in model/strategy the bundle may use")
+    predict.add_argument(
+        "-c", "--config", default=None, help="local config: its plug-in model/strategy the bundle may use, and its dataset.kwargs.hu_min (16-bit CT slices)"
+    )
     predict.add_argument("-g", "--gpus", default=None)
+    predict.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out (masks/, overlays/ and the tables as a whole)")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
 
     export = sub.add_parser("export", help="export the segmentation model (never the generators)")
@@ -270,7 +273,18 @@ def cmd_inspect(args) -> int:
 def cmd_predict(args) -> int:
     from relaylearn.predict import run_predict
 
-    run_predict(args.bundle, args.out, args.inputs, trust=args.trust, devices=args.gpus, no_verify=args.no_verify, plugins=_plugins(args.config))
+    local = _local_config(args.config)
+    run_predict(
+        args.bundle,
+        args.out,
+        args.inputs,
+        trust=args.trust,
+        devices=args.gpus,
+        no_verify=args.no_verify,
+        plugins=_plugins(local),
+        overwrite=args.overwrite,
+        hu_min=None if local is None else local.common.dataset.kwargs.hu_min,
+    )
     return 0
 
 
@@ -282,14 +296,23 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _plugins(config: str | None) -> set[str]:
-    """The plug-in names a local config (-c) allows a bundle to use (none without -c)."""
+def _local_config(config: str | None):
+    """The local config named by -c (None without -c)."""
+    if not config:
+        return None
+    from relaylearn.config import load_config
+
+    return load_config(_name(config))
+
+
+def _plugins(config) -> set[str]:
+    """The plug-in names a local config (-c: a name, or one already loaded) allows a bundle to use
+    (none without -c)."""
     if not config:
         return set()
     from relaylearn.assembly import local_plugins
-    from relaylearn.config import load_config
 
-    return local_plugins(load_config(_name(config)))
+    return local_plugins(_local_config(config) if isinstance(config, str) else config)
 
 
 def cmd_report(args) -> int:

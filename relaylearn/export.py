@@ -34,13 +34,28 @@ METADATA_KEY = "relaylearn"
 TORCHSCRIPT_EXTRA_FILE = "relaylearn.json"
 
 
+def preprocessing(model: LoadedModel) -> str:
+    """How training turned a file into the model's input, in words (as ``predict`` does it)."""
+    resize = "bilinear antialiased resize to img_size, scaled to range"
+    if model.hu is not None:
+        hu_min, low, high = model.hu
+        return (
+            f"CT: Hounsfield units clipped to the window [{low:g}, {high:g}] and mapped to 0..1 (16-bit PNG slices hold HU - hu_min, "
+            f"hu_min {hu_min:g} at the training site; volumes are cut into slices along their last axis), {resize}"
+        )
+    if model.layout.name == "nifti":
+        return f"each volume scaled to 0..1 by its 0.5 and 99.5 percentiles (clipped) and cut into slices along its last axis, {resize}"
+    return f"RGB or grey: 8-bit / 255, 16-bit grey / 65535, {resize}"
+
+
 def export_metadata(model: LoadedModel, fmt: str) -> dict:
     """What a consumer needs to use the exported solver."""
     return {
         "producer": f"relaylearn {__version__}",
         "format": fmt,
         "input": {"name": "images", "dtype": "float32", "shape": ["N", model.channels, *model.img_size], "range": list(model.out_range),
-                  "preprocessing": "RGB or grey uint8 / 255, bilinear antialiased resize to img_size, scaled to range"},
+                  "preprocessing": preprocessing(model)},
+        "hu_window": None if model.hu is None else list(model.hu[1:]),
         "output": {"name": "logits", "dtype": "float32", "shape": ["N", model.num_classes, *model.img_size]},
         "img_size": list(model.img_size),
         "out_range": list(model.out_range),

@@ -1,4 +1,4 @@
-"""``relaylearn predict``: segment new images of any size with a bundle's solver.
+"""``relaylearn predict``: segment new images of any size, or NIfTI volumes, with a bundle's solver.
 
 For every input image ``<stem>`` the output folder receives
 
@@ -10,14 +10,24 @@ For every input image ``<stem>`` the output folder receives
   layout's extra measures (3-class fundus models: the vertical cup-to-disc ratio, cup height /
   disc height, disc = rim ∪ cup; NaN when no disc is found, 0 when a disc but no cup is found).
 
-Pre-processing matches training: the image is read as RGB (or grey for 1-channel models),
-resized to the model's ``img_size`` bilinearly with antialiasing and scaled to ``out_range``.
-Going back to the original size, the *logits* are upsampled bilinearly and the argmax is taken
-there (smoother boundaries than nearest-upsampling the low-resolution class map).
+A NIfTI volume ``<stem>.nii[.gz]`` (models of the ``nifti``, ``ct_nifti`` and ``ct_slices``
+layouts) is segmented slice by slice along its last axis, as training slices volumes, and gives
+``masks/<stem>.nii.gz``: class ids (uint8) on the input's grid (same shape and affine); its row
+counts voxels per class and their volume in mL (from the voxel size in the header).
+
+Pre-processing matches training: 8-bit images are read as RGB (or grey for 1-channel models) /
+255, 16-bit grey images / 65535 at full precision; CT models window Hounsfield units (16-bit slices
+hold HU − ``hu_min``; volumes hold HU) to the training window; ``nifti`` models normalise each
+volume by its 0.5 / 99.5 percentiles. The image is resized to the model's ``img_size`` bilinearly
+with antialiasing and scaled to ``out_range``. Going back to the original size, the *logits* are
+upsampled bilinearly and the argmax is taken there (smoother boundaries than nearest-upsampling
+the low-resolution class map). Images are read in their stored pixel grid, as training reads them
+(an EXIF rotation is reported, not applied).
 
 All outputs are written into a hidden staging folder first and renamed into place only when
-every image succeeded, so an unreadable image (DataError naming it, exit code 2) leaves nothing
-half-written under a final name.
+every input succeeded, so an unreadable image (DataError naming it, exit code 2) leaves nothing
+half-written under a final name. An ``--out`` folder that already holds predictions is refused
+unless ``overwrite`` is set, which replaces its ``masks/`` and ``overlays/`` as a whole.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,52 +52,92 @@ from relaylearn.errors import DataError, UserError
 from relaylearn.files import atomic_write, csv_text
 from relaylearn.imaging import overlay, png_bytes
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+VOLUME_LAYOUTS = ("nifti", "ct_nifti", "ct_slices")  # layouts whose models read NIfTI volumes
 BATCH_SIZE = 8
+EXIF_ORIENTATION = 0x0112
+OUTPUT_NAMES = ("masks", "overlays", "predictions.csv", "predictions.json")
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """File suffixes Pillow can open here (what a folder input is scanned for, besides volumes)."""
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+def output_stem(path: Path) -> str:
+    """``scan.nii.gz`` → ``scan``; ``eye.png`` → ``eye``."""
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def is_volume(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 # ----- inputs ------------------------------------------------------------------------------------
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders expanded to their image files (sorted, not recursive)."""
-    files: list[Path] = []
+@dataclass
+class Inputs:
+    """The files to segment, in order, and what a folder held besides them."""
+
+    files: list[Path]
+    skipped_files: int = 0  # files in a given folder that are neither images nor volumes
+    skipped_folders: int = 0  # sub-folders of a given folder (folders are not read recursively)
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> Inputs:
+    """Files as given; folders expanded to their image and NIfTI files (sorted, not recursive,
+    hidden files left out). DataError for a missing input or a folder with nothing to read."""
+    suffixes = image_suffixes()
+    found_files: list[Path] = []
+    skipped_files = skipped_folders = 0
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+            found = sorted(p for p in entries if p.is_file() and (p.suffix.lower() in suffixes or is_volume(p)))
+            skipped_folders += sum(p.is_dir() for p in entries)
+            skipped_files += sum(p.is_file() for p in entries) - len(found)
             if not found:
-                raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder", path)
-            files.extend(found)
+                raise DataError("no image or NIfTI files in this folder (sub-folders are not read)", path)
+            found_files.extend(found)
         elif path.is_file():
-            files.append(path)
+            found_files.append(path)
         else:
             raise DataError("input image or folder not found", path)
     stems: dict[str, Path] = {}
-    for f in files:
-        if f.stem in stems and stems[f.stem] != f:
-            raise UserError(f"two inputs would write the same output name '{f.stem}.png': {stems[f.stem]} and {f}")
-        stems[f.stem] = f
-    return list(dict.fromkeys(files))
+    for f in found_files:
+        stem = output_stem(f)
+        if stem in stems and stems[stem] != f:
+            raise UserError(f"two inputs would write the same output name '{stem}': {stems[stem]} and {f}")
+        stems[stem] = f
+    return Inputs(list(dict.fromkeys(found_files)), skipped_files, skipped_folders)
 
 
 def read_image(path: Path, channels: int, hu: tuple[float, float, float] | None = None) -> np.ndarray:
-    """Decode an image as uint8 [H, W, C] (RGB for 3 channels, grey for 1); DataError if unreadable.
+    """Decode an image as float32 [H, W, C] in 0..1 exactly as training decodes it (RGB for 3
+    channels, grey for 1; 8-bit / 255, 16-bit / 65535); DataError if unreadable.
 
-    ``hu`` (CT models): a 16-bit slice holds HU − hu_min; it is windowed to (low, high) HU → 0..255."""
+    ``hu`` (CT models): a 16-bit slice holds HU − hu_min; it is windowed to (low, high) HU."""
+    from relaylearn.data.ct import window_hu
+
     if channels not in (1, 3):
         raise UserError(f"predict supports 1- or 3-channel models, this one has {channels} channels")
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode.startswith("I") and hu is not None:  # CT slice: HU window as in training
-                hu_min, low, high = hu
-                window = (np.asarray(im, dtype=np.float64) + hu_min - low) / (high - low)
-                grey = (window.clip(0, 1) * 255.0).round().astype(np.uint8)
-                im = Image.fromarray(grey)
-            elif im.mode.startswith("I"):  # 16-bit grey: scale 0..65535 to 0..255 (as training divides by 65535)
-                grey = (np.asarray(im, dtype=np.float64).clip(0, 65535) / 257.0).round().astype(np.uint8)
-                im = Image.fromarray(grey)
-            im = im.convert("RGB" if channels == 3 else "L")
-            array = np.asarray(im, dtype=np.uint8)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(im, dtype=np.float32)
+                if hu is not None:  # CT slice: HU window as in training
+                    hu_min, low, high = hu
+                    grey = window_hu(pixels + np.float32(hu_min), (low, high))
+                else:
+                    grey = np.clip(pixels / np.float32(65535.0), 0.0, 1.0)
+                array = np.repeat(grey[:, :, None], channels, axis=2)
+            else:
+                array = np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / np.float32(255.0)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", path) from None
     if array.ndim == 2:
@@ -96,9 +147,50 @@ def read_image(path: Path, channels: int, hu: tuple[float, float, float] | None 
     return array
 
 
+def exif_rotated(path: Path) -> bool:
+    """The image carries an EXIF orientation other than "upright" (viewers show it turned)."""
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(EXIF_ORIENTATION, 1)) != 1
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return False
+
+
+def read_volume(path: Path, model: LoadedModel) -> tuple[np.ndarray, object]:
+    """A NIfTI volume → (slices float32 [Z, X, Y, C] in 0..1 as training prepares them, image).
+
+    Slices are cut along the last spatial axis (rows = first axis). CT models window HU; ``nifti``
+    models normalise the volume by its percentiles."""
+    import nibabel as nib
+
+    from relaylearn.data.ct import window_hu
+    from relaylearn.data.layouts import _normalise_volume
+
+    if model.layout.name not in VOLUME_LAYOUTS:
+        raise UserError(
+            f"this model was trained on 2-D images (layout '{model.layout.name}'); NIfTI volumes need a model of the {', '.join(VOLUME_LAYOUTS)} layouts", path
+        )
+    try:
+        image = nib.load(str(path))
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise DataError(f"cannot read NIfTI volume ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
+    if volume.ndim == 3:
+        volume = volume[..., None]
+    if volume.ndim != 4 or volume.shape[3] != model.channels or min(volume.shape) < 1:
+        raise DataError(f"expected a 3-D volume (or 4-D with {model.channels} channels last), got shape {volume.shape}", path)
+    if not np.isfinite(volume).all():
+        raise DataError("volume holds NaN or infinite values", path)
+    if model.hu is not None:
+        channels = [window_hu(volume[..., c], model.hu[1:]) for c in range(volume.shape[3])]
+    else:
+        channels = [_normalise_volume(volume[..., c]) for c in range(volume.shape[3])]
+    return np.stack(channels, axis=-1).transpose(2, 0, 1, 3), image  # [Z, X, Y, C]
+
+
 def to_model_input(image: np.ndarray, img_size: Sequence[int], out_range: Sequence[float]) -> Tensor:
-    """uint8 [H, W, C] → float [C, h, w] at ``img_size`` (bilinear, antialiased) in ``out_range``."""
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    """Image float [H, W, C] in 0..1 → float [C, h, w] at ``img_size`` (bilinear, antialiased) in ``out_range``."""
+    x = torch.from_numpy(np.array(image, dtype=np.float32, copy=True)).permute(2, 0, 1)
     if tuple(x.shape[1:]) != tuple(img_size):
         x = F.interpolate(x[None], size=tuple(img_size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0.0, 1.0)
     low, high = out_range
@@ -109,7 +201,7 @@ def to_model_input(image: np.ndarray, img_size: Sequence[int], out_range: Sequen
 def predict_class_maps(
     solver: nn.Module, images: Sequence[np.ndarray], img_size: Sequence[int], out_range: Sequence[float], device: torch.device | str = "cpu"
 ) -> list[np.ndarray]:
-    """Class maps (int64 [H, W] at each image's own size) for uint8 images [H, W, C]."""
+    """Class maps (int64 [H, W] at each image's own size) for images float [H, W, C] in 0..1."""
     batch = torch.stack([to_model_input(im, img_size, out_range) for im in images]).to(device)
     logits = solver(batch).float()
     maps = []
@@ -120,19 +212,70 @@ def predict_class_maps(
     return maps
 
 
+def to_display(image: np.ndarray) -> np.ndarray:
+    """float [H, W, C] in 0..1 → uint8 [H, W, C] (for overlays)."""
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
 # ----- outputs -----------------------------------------------------------------------------------
 def class_areas(class_map: np.ndarray, num_classes: int) -> list[int]:
     """Pixels of each class 0..num_classes-1."""
     return np.bincount(class_map.ravel(), minlength=num_classes)[:num_classes].astype(int).tolist()
 
 
-def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu") -> Path:
-    """Segment ``files`` with ``model``; write masks/, overlays/ and predictions.csv under ``out``.
+def volume_rows(model: LoadedModel, path: Path, class_map: np.ndarray, image) -> dict:
+    """The CSV row of a segmented volume: its size, voxels and mL of every class."""
+    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+    areas = class_areas(class_map, model.num_classes)
+    row = {
+        "image": str(path),
+        "mask": f"masks/{output_stem(path)}.nii.gz",
+        "width": class_map.shape[1],
+        "height": class_map.shape[0],
+        "slices": class_map.shape[2],
+    }
+    row.update({f"area_px_{name}": a for name, a in zip(model.class_names, areas)})
+    row.update({f"volume_ml_{name}": a * voxel_ml for name, a in zip(model.class_names, areas)})
+    return row
 
-    Returns the CSV path. Nothing appears under a final name unless every image succeeded.
-    """
+
+def segment_volume(model: LoadedModel, path: Path, staging: Path, device: torch.device | str) -> dict:
+    """Segment one NIfTI volume slice by slice; write ``masks/<stem>.nii.gz`` (uint8 class ids on the
+    input's grid) under ``staging``; return its CSV row."""
+    import nibabel as nib
+
+    slices, image = read_volume(path, model)
+    maps = []
+    for start in range(0, len(slices), BATCH_SIZE):
+        maps.extend(predict_class_maps(model.solver, list(slices[start : start + BATCH_SIZE]), model.img_size, model.out_range, device))
+    class_map = np.stack(maps, axis=2).astype(np.uint8)  # [X, Y, Z], as the input
+    mask = nib.Nifti1Image(class_map, image.affine)
+    mask.set_qform(image.affine, code=int(image.header["qform_code"]) or 1)
+    mask.set_sform(image.affine, code=int(image.header["sform_code"]) or 1)
+    nib.save(mask, str(staging / "masks" / f"{output_stem(path)}.nii.gz"))
+    return volume_rows(model, path, class_map, image)
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """``--out`` is a folder (or nothing yet) without links where outputs go, and holds no earlier
+    predictions unless ``overwrite``; UserError otherwise."""
     if out.exists() and not out.is_dir():
         raise UserError("--out must be a folder, but a file is there", out)
+    for name in OUTPUT_NAMES:
+        if (out / name).is_symlink():
+            raise UserError(f"{name} inside --out is a link; predict does not write through links", out / name)
+    earlier = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise UserError(f"--out already holds predictions ({', '.join(earlier)}); choose a new folder, or pass --overwrite to replace them", out)
+
+
+def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu", overwrite: bool = False) -> Path:
+    """Segment ``files`` (images and NIfTI volumes) with ``model``; write masks/, overlays/ and
+    predictions.csv under ``out``.
+
+    Returns the CSV path. Nothing appears under a final name unless every input succeeded; with
+    ``overwrite`` the earlier masks/ and overlays/ are replaced as a whole."""
+    check_out_folder(out, overwrite)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -145,21 +288,26 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
     try:
         for sub in subfolders:
             (staging / sub).mkdir()
-        for start in range(0, len(files), BATCH_SIZE):
-            chunk = files[start : start + BATCH_SIZE]
+        images_2d = [f for f in files if not is_volume(f)]
+        for start in range(0, len(images_2d), BATCH_SIZE):
+            chunk = images_2d[start : start + BATCH_SIZE]
             images = [read_image(f, model.channels, model.hu) for f in chunk]
             maps = predict_class_maps(model.solver, images, model.img_size, model.out_range, device)
             for f, image, class_map in zip(chunk, images, maps):
-                (staging / "masks" / f"{f.stem}.png").write_bytes(png_bytes(model.layout.encode_mask(class_map, model.num_classes)))
-                (staging / "overlays" / f"{f.stem}.png").write_bytes(png_bytes(overlay(image, class_map)))
-                row = {"image": str(f), "mask": f"masks/{f.stem}.png", "width": image.shape[1], "height": image.shape[0]}
+                stem = output_stem(f)
+                (staging / "masks" / f"{stem}.png").write_bytes(png_bytes(model.layout.encode_mask(class_map, model.num_classes)))
+                (staging / "overlays" / f"{stem}.png").write_bytes(png_bytes(overlay(to_display(image), class_map)))
+                row = {"image": str(f), "mask": f"masks/{stem}.png", "width": image.shape[1], "height": image.shape[0]}
                 row.update({f"area_px_{name}": a for name, a in zip(model.class_names, class_areas(class_map, model.num_classes))})
                 row.update(model.layout.measures(class_map, model.num_classes))
                 rows.append(row)
-        for sub in subfolders:  # every image succeeded: move the files to their final names
-            (out / sub).mkdir(exist_ok=True)
-            for tmp in sorted((staging / sub).iterdir()):
-                os.replace(tmp, out / sub / tmp.name)
+        rows.extend(segment_volume(model, f, staging, device) for f in files if is_volume(f))
+        order = {str(f): i for i, f in enumerate(files)}
+        rows.sort(key=lambda row: order[row["image"]])
+        for sub in subfolders:  # every input succeeded: move the files to their final names
+            if (out / sub).is_dir():  # overwrite: the earlier predictions go as a whole
+                os.replace(out / sub, staging / f"earlier-{sub}")
+            os.replace(staging / sub, out / sub)
         csv_path = out / "predictions.csv"
         atomic_write(csv_path, csv_text(rows, float_format="{:.4f}", lineterminator="\n"))
         info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
@@ -181,12 +329,30 @@ def run_predict(
     *,
     no_verify: bool = False,
     plugins: set[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
+    hu_min: float | None = None,
 ) -> Path:
     """``relaylearn predict``: returns the path of ``predictions.csv`` (``predictions.json`` beside
-    it records the bundle and whether it was verified)."""
-    files = expand_inputs(inputs)
+    it records the bundle and whether it was verified). ``hu_min``: how this site's 16-bit CT
+    slices store HU (the local config's ``dataset.kwargs.hu_min``; default: the bundle's)."""
+    from dataclasses import replace
+
+    found = expand_inputs(inputs)
+    check_out_folder(Path(out), overwrite)
     device = inference_device(devices)
     model = load_model(bundle, trust, device, no_verify=no_verify, plugins=plugins)
-    csv_path = predict_images(model, files, Path(out), device)
-    print(f"segmented {len(files)} image(s): masks and overlays in {out}, table {csv_path}")
+    if hu_min is not None and model.hu is not None:
+        model = replace(model, hu=(float(hu_min), *model.hu[1:]))
+    csv_path = predict_images(model, found.files, Path(out), device, overwrite=overwrite)
+    rotated = [f for f in found.files if not is_volume(f) and exif_rotated(f)]
+    if rotated:
+        print(
+            f"note: {len(rotated)} image(s) carry an EXIF rotation (e.g. {rotated[0].name}): segmented in their stored pixel grid, as training reads "
+            "images; their masks are in that grid, so a viewer that turns the image shows it turned against its mask"
+        )
+    if found.skipped_files or found.skipped_folders:
+        print(
+            f"note: skipped {found.skipped_files} file(s) that are neither images nor NIfTI volumes and {found.skipped_folders} sub-folder(s) (folders are not read recursively)"
+        )
+    print(f"segmented {len(found.files)} input(s): masks and overlays in {out}, table {csv_path}")
     return csv_path

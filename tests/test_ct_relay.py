@@ -20,7 +20,7 @@ from relaylearn.runner import TrainOptions, run_training
 from tests.strategies.test_relay import TINY
 
 
-def test_tiny_ct_relay_trains_end_to_end(tmp_path):
+def test_tiny_ct_relay_trains_end_to_end(tmp_path, monkeypatch):
     data = tmp_path / "ct"
     write_synthetic_ct(data, size=32, seed=3, studies={"CT1": 3, "CT2": 3})
     raw = yaml.safe_load((load_config("demo/ct_relay").path).read_text())
@@ -53,9 +53,28 @@ def test_tiny_ct_relay_trains_end_to_end(tmp_path):
     files = sorted(p for p in next(d for d in (slices / "CT1").iterdir() if d.is_dir()).glob("[0-9]*.png"))[:3]
     model = load_model(result.bundles[-1], no_verify=True)
     assert model.hu == (-160.0, -160.0, 240.0)
-    grey = read_image(files[0], 1, model.hu)[:, :, 0].astype(float)
-    expected = window_hu(np.asarray(Image.open(files[0]), dtype=np.float32) - 160.0, (-160, 240)) * 255
-    assert np.abs(grey - expected).max() <= 0.5 + 1e-6
+    grey = read_image(files[0], 1, model.hu)[:, :, 0]
+    assert np.array_equal(grey, window_hu(np.asarray(Image.open(files[0]), dtype=np.float32) - 160.0, (-160, 240))), "as training windows it"
     assert main(["predict", "--no-verify", "--bundle", str(result.bundles[-1]), "--out", str(tmp_path / "pred"), *map(str, files)]) == 0
     masks = sorted((tmp_path / "pred" / "masks").glob("*.png"))
     assert len(masks) == 3 and max(int(np.asarray(Image.open(m)).max()) for m in masks) <= 1
+
+    # a site whose slices store HU + 1024 says so in its local config (-c); the bundle's hu_min is the training site's
+    from relaylearn import predict
+
+    seen = []
+    monkeypatch.setattr(predict, "read_image", lambda path, channels, hu=None: seen.append(hu) or read_image(path, channels, hu))
+    local = tmp_path / "local.yaml"
+    local.write_text(
+        yaml.safe_dump(
+            {**raw, "common": {**raw["common"], "dataset": {**raw["common"]["dataset"], "kwargs": {**raw["common"]["dataset"]["kwargs"], "hu_min": -1024}}}}
+        )
+    )
+    argv = ["predict", "--no-verify", "--bundle", str(result.bundles[-1]), "--out", str(tmp_path / "pred"), *map(str, files)]
+    assert main([*argv, "-c", str(local), "--overwrite"]) == 0
+    assert seen and set(seen) == {(-1024.0, -160.0, 240.0)}
+
+    # the exported model's metadata states the HU window
+    assert main(["export", "--no-verify", "--bundle", str(result.bundles[-1]), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    assert meta["hu_window"] == [-160.0, 240.0] and "window [-160, 240]" in meta["input"]["preprocessing"]

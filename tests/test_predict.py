@@ -41,34 +41,52 @@ def test_read_image_handles_grey_rgb_alpha_and_16_bit(tmp_path):
     Image.fromarray(np.full((4, 6), 200, dtype=np.uint8)).save(tmp_path / "grey.png")
     Image.fromarray(np.full((4, 6, 4), 100, dtype=np.uint8), "RGBA").save(tmp_path / "alpha.png")
     Image.fromarray(np.full((4, 6), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
-    assert read_image(tmp_path / "grey.png", 3).shape == (4, 6, 3) and read_image(tmp_path / "grey.png", 3).max() == 200
-    assert read_image(tmp_path / "alpha.png", 3)[0, 0].tolist() == [100, 100, 100]
+    assert read_image(tmp_path / "grey.png", 3).shape == (4, 6, 3) and read_image(tmp_path / "grey.png", 3).max() == np.float32(200 / 255)
+    assert read_image(tmp_path / "alpha.png", 3)[0, 0].tolist() == [np.float32(100 / 255)] * 3
     assert read_image(tmp_path / "alpha.png", 1).shape == (4, 6, 1)
-    assert read_image(tmp_path / "deep.png", 1).max() == 255, "16-bit white stays white"
+    assert read_image(tmp_path / "deep.png", 1).max() == 1.0, "16-bit white stays white"
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="empty.jpg: cannot read image"):
         read_image(tmp_path / "empty.jpg", 3)
 
 
+def test_16_bit_images_reach_the_model_as_training_reads_them(tmp_path):
+    """12-bit content in a 16-bit PNG keeps its 4096 grey levels (it was cut to 8 bits)."""
+    from relaylearn.data.layouts import load_site
+    from relaylearn.predict import read_image
+
+    levels = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64) * 16
+    for part in ("image", "mask"):
+        (tmp_path / "S" / "test" / part).mkdir(parents=True)
+    Image.fromarray(levels).save(tmp_path / "S" / "test" / "image" / "x.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "S" / "test" / "mask" / "x.png")
+    trained_on = load_site("folder", tmp_path, "S", "test", img_size=(64, 64), out_range=(0.0, 1.0), num_classes=2, channels=1).images[0, 0]
+    predicted_from = to_model_input(read_image(tmp_path / "S" / "test" / "image" / "x.png", 1), (64, 64), (0.0, 1.0))[0]
+    assert torch.equal(predicted_from, trained_on)
+    assert len(torch.unique(predicted_from)) == 4096
+
+
 def test_model_input_is_resized_and_scaled():
-    x = to_model_input(np.full((50, 70, 3), 255, dtype=np.uint8), (32, 32), (-1.0, 1.0))
+    x = to_model_input(np.ones((50, 70, 3), dtype=np.float32), (32, 32), (-1.0, 1.0))
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.ones_like(x))
-    x = to_model_input(np.zeros((32, 32, 1), dtype=np.uint8), (32, 32), (0.0, 1.0))
+    x = to_model_input(np.zeros((32, 32, 1), dtype=np.float32), (32, 32), (0.0, 1.0))
     assert x.shape == (1, 32, 32) and x.max() == 0
 
 
 def test_expand_inputs_sorts_folders_and_keeps_only_images(tmp_path):
     folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("b.png", "a.JPG", "notes.txt", ".hidden.png"):
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.JPG", "d.gif", "e.nii.gz", "notes.txt", ".hidden.png", "sub/f.png"):
         (folder / name).write_bytes(b"x")
     single = tmp_path / "c.png"
     single.write_bytes(b"x")
-    assert [p.name for p in expand_inputs([folder, single])] == ["a.JPG", "b.png", "c.png"]
+    found = expand_inputs([folder, single])
+    assert [p.name for p in found.files] == ["a.JPG", "b.png", "d.gif", "e.nii.gz", "c.png"], "every format Pillow opens, and NIfTI volumes"
+    assert (found.skipped_files, found.skipped_folders) == (1, 1)
     with pytest.raises(DataError, match="not found"):
         expand_inputs([tmp_path / "nope.png"])
     (tmp_path / "b.png").write_bytes(b"x")
-    with pytest.raises(UserError, match="same output name 'b.png'"):
+    with pytest.raises(UserError, match="same output name 'b'"):
         expand_inputs([folder, tmp_path / "b.png"])
 
 
@@ -101,6 +119,62 @@ def test_generic_model_writes_class_ids_without_cup_to_disc(tmp_path):
     (row,) = _rows(csv_path)
     assert "vertical_cup_to_disc" not in row
     assert int(row["area_px_class_0"]) + int(row["area_px_class_1"]) == 30 * 60
+
+
+def _stub_model(layout: str = "folder", hu=None, img_size=(16, 16)) -> LoadedModel:
+    return LoadedModel(
+        solver=_BrightIsClassOne(),
+        img_size=img_size,
+        out_range=(-1.0, 1.0),
+        channels=1,
+        num_classes=2,
+        class_names=("class_0", "class_1"),
+        layout=get_layout(layout),
+        bundle_sha256="0" * 64,
+        strategy="stub",
+        hu=hu,
+    )
+
+
+def test_a_ct_volume_gives_a_nifti_mask_on_its_own_grid(tmp_path):
+    import nibabel as nib
+
+    hu = np.full((16, 16, 5), -1000.0, dtype=np.float32)
+    hu[3:9, 5:12, 1:4] = 300.0  # a bright cube, off centre
+    affine = np.array([[0, -0.8, 0, 10], [-0.7, 0, 0, -4], [0, 0, 2.5, 30], [0, 0, 0, 1]], dtype=float)
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), str(tmp_path / "scan.nii.gz"))
+    model = _stub_model("ct_nifti", hu=(-160.0, -160.0, 240.0))
+    csv_path = predict_images(model, [tmp_path / "scan.nii.gz"], tmp_path / "out")
+    mask = nib.load(str(tmp_path / "out" / "masks" / "scan.nii.gz"))
+    assert mask.shape == hu.shape and np.allclose(mask.affine, affine) and mask.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(mask.dataobj), (hu > 40).astype(np.uint8)), "the cube, voxel for voxel"
+    (row,) = _rows(csv_path)
+    assert (row["mask"], int(row["slices"]), int(row["area_px_class_1"])) == ("masks/scan.nii.gz", 5, 6 * 7 * 3)
+    assert float(row["volume_ml_class_1"]) == pytest.approx(6 * 7 * 3 * 0.8 * 0.7 * 2.5 / 1000, abs=1e-4)
+    with pytest.raises(UserError, match="trained on 2-D images"):
+        predict_images(_stub_model("folder"), [tmp_path / "scan.nii.gz"], tmp_path / "out2")
+
+
+def test_an_out_folder_with_predictions_is_refused_unless_overwrite(tmp_path):
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "b.png")
+    out = tmp_path / "out"
+    predict_images(_stub_model(), [tmp_path / "a.png"], out)
+    with pytest.raises(UserError, match=r"already holds predictions .*--overwrite"):
+        predict_images(_stub_model(), [tmp_path / "b.png"], out)
+    predict_images(_stub_model(), [tmp_path / "b.png"], out, overwrite=True)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["b.png"], "the earlier run's masks went as a whole"
+    assert [r["image"] for r in _rows(out / "predictions.csv")] == [str(tmp_path / "b.png")]
+
+
+def test_a_link_inside_out_is_not_written_through(tmp_path):
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "masks").symlink_to(tmp_path / "victim")
+    with pytest.raises(UserError, match="is a link"):
+        predict_images(_stub_model(), [tmp_path / "a.png"], tmp_path / "out", overwrite=True)
+    assert not any((tmp_path / "victim").iterdir())
 
 
 # ----- end to end with a bundle ------------------------------------------------------------------
@@ -137,7 +211,7 @@ def test_predict_any_size_writes_masks_overlays_and_table(bundle, tmp_path):
 
     model = load_model(bundle, no_verify=True)
     with torch.no_grad():
-        expected = model.solver(to_model_input(exact, (32, 32), (-1, 1))[None]).argmax(1)[0].numpy()
+        expected = model.solver(to_model_input(exact.astype(np.float32) / np.float32(255), (32, 32), (-1, 1))[None]).argmax(1)[0].numpy()
     mask = np.asarray(Image.open(out / "masks" / "exact.png"))
     assert (mask == np.asarray(DOFE_LEVELS, dtype=np.uint8)[expected]).all(), "at the model's size the mask is the solver's argmax"
     assert not list(out.rglob("*.tmp")) and not list(out.glob(".predict-*"))
