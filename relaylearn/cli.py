@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from relaylearn import __version__
-from relaylearn.errors import RelayError, UserError
+from relaylearn.errors import Interrupted, RelayError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,14 +246,26 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+def _existing_bundle(path: str) -> Path:
+    """The bundle file a command was given; a path that is not a file is bad input (exit 2), not
+    a failed verification (exit 3)."""
+    if not Path(path).is_file():
+        raise UserError("bundle not found" if not Path(path).exists() else "bundle is not a file", path)
+    return Path(path)
+
+
 def cmd_verify(args) -> int:
-    from relaylearn.bundle import verify_bundle
+    from relaylearn.bundle import escape_text, verify_bundle
     from relaylearn.keys import load_trust_dir, read_relay_id
 
     relay_id = read_relay_id(args.trust)
-    bundle = verify_bundle(Path(args.bundle), load_trust_dir(args.trust), expect_relay_id=relay_id)
+    trust = load_trust_dir(args.trust)
+    bundle = verify_bundle(_existing_bundle(args.bundle), trust, expect_relay_id=relay_id)
     hops = bundle.manifest.get("hops", [])
-    print(f"OK: {args.bundle} signed by {bundle.signed_by}; relay {bundle.manifest['relay_id']}; {len(hops)} hop(s): " + " -> ".join(h["site"] for h in hops))
+    print(
+        escape_text(f"OK: {args.bundle} signed by {bundle.signed_by}; relay {bundle.manifest['relay_id']}; {len(hops)} hop(s): ")
+        + " -> ".join(escape_text(h["site"]) for h in hops)
+    )
     if relay_id is None:
         print(
             f"note: {args.trust} states no relay id (file relay-id), so which relay this bundle belongs to was not checked; train refuses until it does",
@@ -265,7 +277,7 @@ def cmd_verify(args) -> int:
 def cmd_inspect(args) -> int:
     from relaylearn.bundle import format_inspect, inspect_bundle
 
-    info = inspect_bundle(Path(args.bundle))
+    info = inspect_bundle(_existing_bundle(args.bundle))
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
     return 0
 
@@ -387,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     except RelayError as exc:
         from relaylearn.bundle import escape_text
 
-        print(f"relaylearn: error: {escape_text(exc)}", file=sys.stderr)
+        print(f"relaylearn: {'' if isinstance(exc, Interrupted) else 'error: '}{escape_text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("relaylearn: interrupted", file=sys.stderr)

@@ -4,9 +4,11 @@ LightningModule; :func:`evaluate_site` scores the solver."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,6 +311,28 @@ def real_data_augmentation(kwargs):
     return from_config(kwargs.augment, tuple(kwargs.out_range))
 
 
+@contextlib.contextmanager
+def _stops_as_interrupted(trainer, site_name: str):
+    """Ctrl-C and SIGTERM inside ``trainer.fit`` as :class:`Interrupted` (exit 130 / 143, one line
+    saying how to continue). Lightning turns Ctrl-C into ``sys.exit(1)`` and SIGTERM into a
+    ``SystemExit`` without a code (exit 0: a wrapper script would take the hop as done), and
+    leaves Ctrl-C ignored for the rest of the process."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from relaylearn.errors import Interrupted
+
+    hint = f"while site {site_name} trained; its last checkpoint is kept: run the same command again with --resume to continue"
+    try:
+        yield
+    except SIGTERMException:
+        raise Interrupted(f"terminated (SIGTERM) {hint}", exit_code=143) from None
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise Interrupted(f"interrupted (Ctrl-C) {hint}") from None
+
+
 def fit_site(
     strategy: Strategy,
     images: Tensor,
@@ -396,10 +420,10 @@ def fit_site(
     resume_from = ckpt.path if (resume and ckpt.path.is_file()) else None
     if resume_from:
         log(f"[{site_name}] resuming from {resume_from}")
+    with _stops_as_interrupted(trainer, site_name):
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)  # local-only checkpoint
+    if resume_from:
         log(f"[{site_name}] resumed at batch {module.resumed_at} of {total}")
-    else:
-        trainer.fit(module, train_dataloaders=loader)
     return SiteFit(
         device=module.device,
         tensorboard=trainer.logger.experiment if trainer.is_global_zero else None,

@@ -34,3 +34,14 @@ class VerificationError(RelayError):
     """A relay bundle failed verification (exit code 3)."""
 
     exit_code = 3
+
+
+class Interrupted(RelayError):
+    """Training was stopped by Ctrl-C (exit code 130) or a termination signal (143); the local
+    checkpoint is kept for ``--resume``."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

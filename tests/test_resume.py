@@ -167,3 +167,34 @@ def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeyp
     got = read_bundle(resumed.bundles[0], trust=None, allow_unsigned=True)
     assert got.registry == expected.registry
     assert [name for name in expected.tensors if not torch.equal(expected.tensors[name], got.tensors[name])] == []
+
+
+@pytest.mark.parametrize(("stop", "code", "words"), [("ctrl-c", 130, "interrupted (Ctrl-C)"), ("sigterm", 143, "terminated (SIGTERM)")])
+def test_a_stopped_training_exits_non_zero_and_says_how_to_continue(tmp_path, tiny_fundus, monkeypatch, capsys, stop, code, words):
+    """Lightning turns Ctrl-C into exit 1 without a word and SIGTERM into exit 0 (a wrapper would
+    take the hop as done); here both are one line, a non-zero code, and --resume continues."""
+    from relaylearn.cli import main
+    from relaylearn.strategies.sequential import Sequential
+
+    original = Sequential.training_step
+    calls = []
+
+    def stopping_step(self, batch, step):
+        calls.append(1)
+        if len(calls) == 3:
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler stops the loop at the next batch
+        return original(self, batch, step)
+
+    monkeypatch.setattr(Sequential, "training_step", stopping_step)
+    config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,), steps=8, checkpoint_every_n_steps=2)
+    argv = ["train", "-c", str(config), "-n", "s", "-g", "cpu", "-q"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "--resume" in err[0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C works again afterwards"
+    assert not list((tmp_path / "exps").rglob("*.relay"))
+    monkeypatch.setattr(Sequential, "training_step", original)
+    assert main([*argv, "--resume"]) == 0
