@@ -663,7 +663,7 @@ def read_bundle(
     if bind_sites and trust is not None:
         _check_hop_signers(checked.manifest["hops"], trust, path)
     if ledger is not None:
-        ledger.check_lineage(_lineage(checked.manifest, checked.sha256))
+        ledger.check_lineage(_lineage(checked.manifest, checked.sha256), path)
     tensors = _load_tensors(checked)
     return Bundle(path, checked.sha256, checked.manifest, tensors, checked.signer.site if checked.signer else None)
 
@@ -965,14 +965,21 @@ class SiteLedger:
         common = next((i for i, (a, b) in enumerate(zip(incoming, stored)) if a != b), min(len(incoming), len(stored)))
         return f"fork: this bundle's chain diverges at hop {common + 1} from the one this site last saw"
 
-    def check_lineage(self, lineage: list[str]) -> None:
+    def knows(self, lineage: list[str]) -> bool:
+        """The stored lineage is ``lineage`` or extends it (this site has seen that bundle)."""
+        stored = self.lineage()
+        return len(stored) >= len(lineage) and stored[: len(lineage)] == lineage
+
+    def check_lineage(self, lineage: list[str], path: str | Path | None = None) -> None:
+        """VerificationError (naming the bundle file ``path``) unless a bundle of ``lineage`` may be
+        accepted here (rule in the class doc)."""
         problem = self._problem(lineage, allow_equal_written=False)
         if problem:
-            raise VerificationError(f"{problem} (site ledger {self.path})")
+            raise VerificationError(f"{problem} (site ledger {self.path})", path)
 
     def check(self, bundle: Bundle) -> None:
         """Raise VerificationError unless ``bundle`` may be accepted here (rule in the class doc)."""
-        self.check_lineage(bundle.lineage)
+        self.check_lineage(bundle.lineage, bundle.path)
 
     def record(self, bundle: Bundle | str | Path, *, written: bool = False) -> None:
         """Store ``bundle`` (a Bundle, or the path of one this site just wrote) as last seen.

@@ -109,6 +109,11 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """A nested mapping → {dotted key: leaf value} (``{"train": {"lr": 1}}`` → ``{"train.lr": 1}``)."""
+    return {key.removeprefix("."): value for key, value in _flatten(tree, "").items()}
+
+
 def _set_keys(model: BaseModel, prefix: str = "") -> set[str]:
     """Dotted keys a config gave explicitly (in its files or ``--set``), defaults excluded."""
     keys: set[str] = set()
@@ -141,7 +146,7 @@ def recipe_of(task: TaskConfig) -> dict[str, Any]:
     """The recipe of a resolved site config as {dotted key: value}, strategy options with defaults."""
     dumped = task.model_dump(mode="json")
     dumped["strategy"]["kwargs"] = _options(task).model_dump(mode="json")
-    flat = {key.removeprefix("."): value for key, value in _flatten(dumped, "").items()}
+    flat = flatten(dumped)
     return {key: value for key, value in flat.items() if is_recipe_key(key)}
 
 

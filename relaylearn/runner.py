@@ -15,7 +15,7 @@ import torch
 
 from relaylearn.assembly import check_bundle_fits, load_split, local_plugins, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
-from relaylearn.devices import parse_devices, resolve_precision
+from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, seed_site
 from relaylearn.errors import ConfigError, UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, local_stamp, software_versions, utc_now
@@ -82,6 +82,7 @@ class RelayRun:
         self._fidelity = None  # replay fidelity recorder (single-machine simulation)
         self._val_cache: dict[str, Any] | None = None
         self._test_cache: dict[str, Any] = {}
+        self._lock = None  # the open lock file of the run folder (main process)
 
     # -- set-up --
     def _prepare(self) -> None:
@@ -132,16 +133,21 @@ class RelayRun:
             except UserError as exc:
                 raise VerificationError(f"the bundle's recipe does not build here: {exc.message}", self.incoming.path) from None
             ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
-            if is_main_process() and ledger is not None:
+            if is_main_process() and ledger is not None and not self._resumed_past(ledger):
                 ledger.check(self.incoming)
         for task in self.cfg.tasks:  # a bad strategy option fails before anything is written, naming the config
             parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path)
+        resolved = [t.model_dump(mode="json") for t in self.cfg.tasks]
+        if self.opts.resume:
+            self._check_same_config(resolved)
         self._check_data()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not is_main_process():
             return  # a DDP worker that Lightning re-executed: rank 0 writes the run's files
+        self._lock_run_dir()
         atomic_write(self.run_dir / "config.yaml", dump_yaml(self.cfg.raw))
-        atomic_write(self.run_dir / "resolved_config.yaml", dump_yaml([t.model_dump(mode="json") for t in self.cfg.tasks]))
+        atomic_write(self.run_dir / "resolved_config.yaml", dump_yaml(resolved))
+        earlier = self._earlier_run_info()
         info = {
             "config": self.cfg.name,
             "config_path": str(self.cfg.path),
@@ -153,7 +159,12 @@ class RelayRun:
             "versions": software_versions(detailed=True),
             "precision": self._precisions(),
             "recipe": self.recipe_record,
+            "results_stamp": self.stamp,
         }
+        if earlier is not None:  # --resume: the run keeps its start, its first command and its results files
+            resumed = [*earlier.get("resumed", []), {"utc": info["started_utc"], "argv": info["argv"], "versions": info["versions"]}]
+            info = {**info, **{k: earlier[k] for k in ("started_utc", "argv", "versions", "results_stamp") if k in earlier}, "resumed": resumed}
+            self.stamp = info["results_stamp"]
         atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
         if any(t.train.precision == "auto" for t in self.cfg.tasks):
             chosen = sorted(set(info["precision"].values()))
@@ -174,6 +185,75 @@ class RelayRun:
             for task in self.cfg.tasks:
                 load_split(task.dataset, "train")
         self._log(f"data: {len(self.cfg.test_datasets)} test set(s) and {len(self.cfg.tasks)} training folder(s) read ({time.time() - started:.0f} s)")
+
+    def _check_same_config(self, resolved: list[dict]) -> None:
+        """``--resume`` continues the run with the config it started with: ConfigError naming every
+        key that differs (data paths, devices and logging intervals may change; keys the earlier
+        run did not have yet, from an older relaylearn, are not compared)."""
+        path = self.run_dir / "resolved_config.yaml"
+        if not path.is_file():
+            return
+        import yaml
+
+        from relaylearn.recipe import flatten
+
+        before = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(before, list) or len(before) != len(resolved):
+            raise ConfigError(
+                f"--resume: the run was started with {len(before) if isinstance(before, list) else '?'} site(s) and this config has {len(resolved)}; start a new run with another -n",
+                self.cfg.path,
+            )
+        may_change = ("dataset.kwargs.root_path", "dataset.kwargs.img_folder", "train.lightning.", "train.log_every_n_steps", "train.checkpoint_every_n_steps")
+        changed = []
+        for old_task, new_task in zip(before, resolved):
+            old_flat, new_flat = flatten(old_task), flatten(new_task)
+            changed += [
+                f"{key}: {new_flat[key]!r} now, {old_flat[key]!r} before"
+                for key in new_flat
+                if key in old_flat and old_flat[key] != new_flat[key] and not key.startswith(may_change)
+            ]
+        if changed:
+            shown = "; ".join(list(dict.fromkeys(changed))[:5])
+            raise ConfigError(
+                f"--resume with another config than the run started with ({shown}); resume with the same config and --set, or start a new run with another -n",
+                self.cfg.path,
+            )
+
+    def _earlier_run_info(self) -> dict | None:
+        """The ``run.json`` of the run being resumed (None when not resuming, or none readable)."""
+        path = self.run_dir / "run.json"
+        if not (self.opts.resume and path.is_file()):
+            return None
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _lock_run_dir(self) -> None:
+        """Hold an exclusive lock on the run folder while this process trains in it: a second
+        ``train`` with the same ``-n`` is refused instead of overwriting this one's bundles."""
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no lock
+            return
+        handle = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UserError("another relaylearn process is training in this run folder; wait for it, or use another -n", self.run_dir) from None
+        self._lock = handle
+
+    def _resumed_past(self, ledger) -> bool:
+        """``--resume`` of a hop whose bundle this run already wrote and recorded: the incoming
+        bundle is that bundle's parent, so the ledger (which moved past it) is not asked again."""
+        task_id = self.cfg.tasks[-1].dataset.kwargs.task_id
+        own = self.run_dir / "bundles" / f"task_{task_id}.relay"
+        if not (self.opts.resume and own.is_file()):
+            return False
+        mine = self._read_bundle(own, allow_unsigned=not self.signed, own=True)
+        return ledger.lineage() == mine.lineage and mine.lineage[:-1] == self.incoming.lineage
 
     def _check_augmentation(self, task: TaskConfig) -> None:
         """``dataset.kwargs.augment`` builds (ConfigError naming the config otherwise)."""
@@ -238,7 +318,8 @@ class RelayRun:
 
         Kept at one fixed place per site, whatever the working directory: ``--ledger DIR``, else
         ``ledger/`` beside the site's key, else ``ledger/`` in the trust folder; the file is
-        ``<relay_id>.<site>.json``. None (no ledger) when the site has neither key nor trust folder."""
+        ``<relay_id>.<site>.json``, with the site its key was made for (else the config's site name).
+        None (no ledger) when the site has neither key nor trust folder."""
         from relaylearn.bundle import SiteLedger
 
         if self.opts.ledger:
@@ -249,10 +330,19 @@ class RelayRun:
             folder = Path(self.opts.trust).resolve() / "ledger"
         else:
             return None
-        return SiteLedger(folder / f"{relay_id}.{site}.json")
+        owner = self.signing_key.site if self.signing_key is not None else site  # a hospital is its key, whatever its config calls the site
+        return SiteLedger(folder / f"{relay_id}.{owner}.json")
 
     # -- main loop --
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:  # the run folder is free again, also after an error
+                self._lock.close()
+                self._lock = None
+
+    def _run(self) -> RunResult:
         started = time.time()
         self._prepare()
         sites = [d.site for d in self.cfg.test_datasets]
@@ -271,7 +361,23 @@ class RelayRun:
         bundles: list[Path] = []
 
         parent = self.incoming  # the bundle this site starts from
+        from_outside = True  # parent came from another site (or --in / checkpoint.load), not from this run
+        earlier_rows = self._earlier_results() if self.opts.resume else {}
+        deployed = self.opts.in_bundle is not None or self.signing_key is not None
         self._fidelity = self._fidelity_recorder(strategy_cls)
+
+        def add_results(task_id: int, site_name: str, results: dict) -> None:
+            for test_site, res in results.items():
+                summary.append(summary_row(task_id, site_name, test_site, res))
+                per_image.extend(per_image_rows(task_id, site_name, test_site, res))
+                per_class.setdefault(site_name, {})[test_site] = class_dice(res)
+
+        def write_metrics() -> None:  # before the site's bundle: a bundle on disk always has its row
+            matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
+            atomic_write(matrix_path, json.dumps(matrix, indent=2))
+            write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
+            write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
+
         for position, group in enumerate(groups):
             task = group[0]
             task_id = task.dataset.kwargs.task_id
@@ -281,58 +387,62 @@ class RelayRun:
                 load = Path(task.checkpoint.load)
                 parent = self._read_bundle(load if load.is_absolute() else self.run_dir / load, allow_unsigned=not self.signed and self.trust is None)
                 check_bundle_fits(parent, task)
+            columns = [sites.index(t.dataset.site) for t in group if t.dataset.site in sites]
             if self.opts.resume and bundle_path.is_file():
-                parent = self._read_bundle(bundle_path, allow_unsigned=not self.signed, own=True)
-                if previous and position < len(previous.get("R", [])):
-                    rows.append(previous["R"][position])
-                    previous_val = (previous.get("validation") or {}).get("R") or []
-                    val_rows.append(previous_val[position] if position < len(previous_val) else None)
-                    trained.append(site_name)
-                    trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
-                    if site_name in (previous.get("per_class") or {}):
-                        per_class[site_name] = previous["per_class"][site_name]
+                parent, from_outside = self._read_bundle(bundle_path, allow_unsigned=not self.signed, own=True), False
+                kept = _previous_hop(previous, position, site_name)
+                if kept is not None and task_id in earlier_rows:
+                    row, val_row, site_class = kept
+                    summary.extend(earlier_rows[task_id][0])
+                    per_image.extend(earlier_rows[task_id][1])
+                    if site_class is not None:
+                        per_class[site_name] = site_class
+                else:  # a bundle without its metrics (a run stopped between the two, by an older relaylearn): evaluate it again
+                    self._log(f"[{site_name}] the run's metrics lack this site: evaluating its bundle again")
+                    row, results, val_row = self._evaluate(restore_strategy(task, parent).solver, task, inference_device(self.opts.devices), site_name)
+                    add_results(task_id, site_name, results)
+                rows.append(row)
+                val_rows.append(val_row)
+                trained.append(site_name)
+                trained_cols.append(columns)
+                ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed and is_main_process() else None
+                if ledger is not None and not ledger.knows(parent.lineage):  # the run stopped before it recorded its own bundle
+                    ledger.record(parent, written=True)
                 self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
                 bundles.append(bundle_path)
                 continue
-            deployed = self.opts.in_bundle is not None or self.signing_key is not None
-            if parent is not None and deployed and is_main_process():
+            if parent is not None and from_outside and deployed and is_main_process():
                 ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"])
                 if ledger is not None:
                     ledger.check(parent)
                     ledger.record(parent)
             hop = self._train_site(group, parent, position)
-            strategy, row, results = hop.strategy, hop.row, hop.results
-            rows.append(row)
+            strategy = hop.strategy
+            rows.append(hop.row)
             val_rows.append(hop.validation)
             trained.append(site_name)
-            trained_cols.append([sites.index(t.dataset.site) for t in group if t.dataset.site in sites])
-            for test_site, res in results.items():
-                summary.append(summary_row(task_id, site_name, test_site, res))
-                per_image.extend(per_image_rows(task_id, site_name, test_site, res))
-                per_class.setdefault(site_name, {})[test_site] = class_dice(res)
+            trained_cols.append(columns)
+            add_results(task_id, site_name, hop.results)
             bundles.append(bundle_path)
             if not is_main_process():  # DDP worker: wait for rank 0's bundle and start the next site from it
                 self._sync()
-                parent = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True)
+                parent, from_outside = self._read_bundle(bundle_path, allow_unsigned=self.signing_key is None, own=True), False
                 continue
-            parent = self._write_bundle(bundle_path, hop, task, parent, site_name)
-            self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
-            self._sync()
+            write_metrics()
+            parent, from_outside = self._write_bundle(bundle_path, hop, task, parent, site_name), False
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
                 ledger.record(parent, written=True)
+            self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
+            self._sync()
             stale = self._checkpoint_dir(task) / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
-            matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
-            atomic_write(matrix_path, json.dumps(matrix, indent=2))
-            write_results_csv(self.run_dir / "test_results" / f"results_{self.stamp}.csv", summary)
-            write_results_csv(self.run_dir / "test_results" / f"per_image_{self.stamp}.csv", per_image)
         matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
             return RunResult(self.run_dir, matrix, bundles, time.time() - started, is_main=False)
-        atomic_write(matrix_path, json.dumps(matrix, indent=2))
+        write_metrics()
         if self.opts.out_bundle and bundles:
             try:
                 atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
@@ -375,18 +485,12 @@ class RelayRun:
             progress=None if self.opts.quiet else f"site {position + 1}/{len(self.cfg.tasks)} {site_name}",
         )
         self._barrier = fit.barrier
-        results = {
-            ds.site: evaluate_site(strategy.solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, fit.device, task.test.bootstrap)
-            for ds in self.cfg.test_datasets
-        }
-        row = [final_dice(results[ds.site]) for ds in self.cfg.test_datasets]
-        self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
+        row, results, validation = self._evaluate(strategy.solver, task, fit.device, site_name)
         tb = fit.tensorboard
         if tb is not None:
             for s, v in zip(results, row):
                 tb.add_scalar(f"test/dice_sample/{s}", v, position + 1)
             tb.flush()
-        validation = self._validation_row(strategy.solver, fit.device, task.test.batch_size)
         strategy.to("cpu")
         if self._fidelity is not None and len(group) == 1:  # replay fidelity of every earlier site
             log = (lambda tag, value, step: tb.add_scalar(tag, value, step)) if tb is not None else None
@@ -394,6 +498,35 @@ class RelayRun:
             if tb is not None:
                 tb.flush()
         return HopOutcome(strategy, row, results, validation, started, len(images))
+
+    def _evaluate(self, solver, task: TaskConfig, device, site_name: str) -> tuple[list[float], dict[str, dict], list[float] | None]:
+        """(row of R, test site → evaluation, validation row) of ``solver`` after ``site_name``."""
+        results = {
+            ds.site: evaluate_site(solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap)
+            for ds in self.cfg.test_datasets
+        }
+        row = [final_dice(results[ds.site]) for ds in self.cfg.test_datasets]
+        self._log(f"[{site_name}] Dice on " + ", ".join(f"{s}={v:.3f}" for s, v in zip(results, row)))
+        return row, results, self._validation_row(solver, device, task.test.batch_size)
+
+    def _earlier_results(self) -> dict[int, tuple[list[dict], list[dict]]]:
+        """task id → (its rows of results_*.csv, of per_image_*.csv) written by this run before it
+        was stopped (the latest file holding the task wins), to carry into the resumed run's files."""
+        import csv
+
+        found: dict[int, tuple[list[dict], list[dict]]] = {}
+        folder = self.run_dir / "test_results"
+        for results in sorted(folder.glob("results_*.csv"), key=lambda p: p.stat().st_mtime):
+            per_image = folder / f"per_image_{results.name.removeprefix('results_')}"
+            try:
+                summary_rows = list(csv.DictReader(results.open(newline="", encoding="utf-8")))
+                image_rows = list(csv.DictReader(per_image.open(newline="", encoding="utf-8"))) if per_image.is_file() else []
+            except (OSError, UnicodeDecodeError, csv.Error):
+                continue
+            for task_id in {row.get("task_id") for row in summary_rows}:
+                if task_id and task_id.isdigit():
+                    found[int(task_id)] = ([r for r in summary_rows if r["task_id"] == task_id], [r for r in image_rows if r.get("task_id") == task_id])
+        return found
 
     def _checkpoint_dir(self, task: TaskConfig) -> Path:
         """Where a site's local resume checkpoint ``last.ckpt`` lives (never shipped)."""
@@ -496,6 +629,15 @@ class RelayRun:
         if self.signing_key is not None:
             return self.signing_key.site
         return task.dataset.site if "+" not in site_name else site_name
+
+
+def _previous_hop(previous: dict | None, position: int, site_name: str) -> tuple[list[float], list[float] | None, dict | None] | None:
+    """(row of R, validation row, per-class Dice) of the hop at ``position`` from the matrix.json of
+    the run being resumed, if it holds that hop for ``site_name`` (None otherwise)."""
+    if not previous or position >= len(previous.get("R") or []) or (previous.get("trained") or [])[position : position + 1] != [site_name]:
+        return None
+    validation = (previous.get("validation") or {}).get("R") or []
+    return previous["R"][position], validation[position] if position < len(validation) else None, (previous.get("per_class") or {}).get(site_name)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

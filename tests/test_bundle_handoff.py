@@ -144,9 +144,9 @@ def test_the_relay_is_signed_bound_and_recorded(relay):
     assert [h["site"] for h in last.hops] == ["Hospital-A", "Hospital-B", "Hospital-C"]
     ok = run_cli(relay.root, "verify", relay.hops[-1], "--trust", relay.trust)
     assert ok.code == 0 and f"relay {RELAY}" in ok.out
-    # each site's ledger is beside its key, one file per relay and site
+    # each site's ledger is beside its key, one file per relay and site (the site its key names)
     for site in relay.sites:
-        assert [p.name for p in site.ledger.iterdir()] == [f"{RELAY}.Domain{site.task_id}.json"]
+        assert [p.name for p in site.ledger.iterdir()] == [f"{RELAY}.{site.name}.json"]
         assert not (site.folder / "exps" / ".ledger").exists()
 
 
@@ -253,7 +253,7 @@ def test_a_signed_bundle_that_does_not_fit_moves_nothing_and_the_genuine_one_sti
     assert not site.ledger.exists()
     genuine = site.train("genuine", "--in", relay.hops[0], "--trust", relay.trust, "--out", tmp_path / "hop2.relay")
     assert genuine.code == 0, genuine.err
-    assert [p.name for p in site.ledger.iterdir()] == [f"{RELAY}.Domain2.json"]
+    assert [p.name for p in site.ledger.iterdir()] == [f"{RELAY}.{site.name}.json"]
 
 
 def test_non_finite_weights_are_refused_at_load(relay, tmp_path):
@@ -315,7 +315,7 @@ def test_a_rollback_is_refused_from_any_working_directory(relay, tmp_path):
     moved = run_cli(elsewhere, "train", "-c", site.config, "-n", "moved", "-g", "cpu", "-q", "--key", site.key, "--ledger", tmp_path / "ledger",
                     "--in", relay.hops[1], "--trust", relay.trust, "--out", tmp_path / "o.relay")  # fmt: skip
     assert moved.code == 0, moved.err
-    assert [p.name for p in (tmp_path / "ledger").iterdir()] == [f"{RELAY}.Domain3.json"] and snapshot(site.ledger) == before
+    assert [p.name for p in (tmp_path / "ledger").iterdir()] == [f"{RELAY}.{site.name}.json"] and snapshot(site.ledger) == before
 
 
 # ----- 6. bundle text is escaped; 9. unverified use is explicit and recorded -----------------------
@@ -369,3 +369,48 @@ def test_verify_and_inspect_take_a_missing_path_as_bad_input_and_escape_the_name
     odd.write_bytes(relay.hops[-1].read_bytes())
     ok = run_cli(relay.root, "verify", odd, "--trust", relay.trust)
     assert ok.code == 0 and "\x1b" not in ok.out and "evil\\x1b[31mRED.relay" in ok.out
+
+
+def test_a_new_task_name_does_not_start_an_empty_ledger(relay, tmp_path):
+    """The ledger belongs to the hospital (its key), not to the dataset name of one config: hop 2
+    again, under another task_name, is still a rollback for the site that wrote hop 3."""
+    site = relay.sites[2]
+    renamed = yaml.safe_load(site.config.read_text())
+    for dataset in renamed["all_tasks_datasets"]:
+        dataset["kwargs"]["task_name"] += "-scanner2"
+    config = tmp_path / "renamed.yaml"
+    config.write_text(yaml.safe_dump(renamed))
+    result = run_cli(site.folder, "train", "-c", config, "-n", "renamed", "-g", "cpu", "-q", "--key", site.key,
+                     "--in", relay.hops[1], "--trust", relay.trust, "--out", tmp_path / "o.relay")  # fmt: skip
+    assert result.code == 3 and "rollback" in only_line(result.err), result.err
+    assert str(relay.hops[1]) in only_line(result.err), "the line names the bundle"
+
+
+def test_resume_after_the_hop_was_recorded_but_not_copied_finishes_the_copy(relay, tmp_path):
+    """Killed after the ledger recorded the written hop and before --out was copied: --resume
+    recognises the hop as its own and copies it (the ledger is not asked again, and does not move)."""
+    site = fresh(relay.sites[1], tmp_path)
+    out = tmp_path / "hop2.relay"
+    args = ["--in", relay.hops[0], "--trust", relay.trust, "--out", out]
+    assert site.train("r", *args).code == 0
+    own = site.folder / "exps" / site.config.stem / "r" / "bundles" / "task_2.relay"
+    out.unlink()  # as if the process died before the copy
+    before = snapshot(site.ledger)
+    resumed = site.train("r", *args, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert out.read_bytes() == own.read_bytes() and snapshot(site.ledger) == before
+
+
+def test_resume_records_the_own_bundle_the_ledger_missed(relay, tmp_path):
+    """Killed after the bundle was written and before the ledger recorded it: --resume records it,
+    so the site still refuses its own bundle back."""
+    site = fresh(relay.sites[1], tmp_path)
+    args = ["--in", relay.hops[0], "--trust", relay.trust, "--out", tmp_path / "hop2.relay"]
+    assert site.train("r", *args).code == 0
+    (ledger,) = site.ledger.iterdir()  # back to what it held before the run wrote its hop
+    state = json.loads(ledger.read_text())
+    ledger.write_text(json.dumps({**state, "lineage": read_bundle(relay.hops[0], trust=None, allow_unsigned=True).lineage, "last": "received"}))
+    (tmp_path / "hop2.relay").unlink()
+    assert site.train("r", *args, "--resume").code == 0
+    assert json.loads(ledger.read_text())["last"] == "written"
+    refused(relay, site, tmp_path / "hop2.relay", "wrote this bundle itself", tmp_path, "--hop", "3")

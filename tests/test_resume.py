@@ -198,3 +198,62 @@ def test_a_stopped_training_exits_non_zero_and_says_how_to_continue(tmp_path, ti
     assert not list((tmp_path / "exps").rglob("*.relay"))
     monkeypatch.setattr(Sequential, "training_step", original)
     assert main([*argv, "--resume"]) == 0
+
+
+def _finished(tmp_path, tiny_fundus, *sets):
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1, 2), steps=2)), list(sets))
+    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu")
+    return cfg, opts, run_training(cfg, "r", opts)
+
+
+def test_resume_keeps_the_runs_records_and_one_results_file(tmp_path, tiny_fundus):
+    """A resumed run keeps its start, first command and results file (the stopped part's rows are
+    carried over), and records when it was resumed."""
+    import csv
+    import dataclasses
+    import json
+
+    cfg, opts, first = _finished(tmp_path, tiny_fundus)
+    run = first.run_dir
+    (run / "bundles" / "task_2.relay").unlink()  # as if stopped before site 2's bundle
+    before = json.loads((run / "run.json").read_text())
+    again = run_training(cfg, "r", dataclasses.replace(opts, resume=True))
+    info = json.loads((run / "run.json").read_text())
+    assert (info["started_utc"], info["argv"], info["results_stamp"]) == (before["started_utc"], before["argv"], before["results_stamp"])
+    assert len(info["resumed"]) == 1
+    (results,) = (run / "test_results").glob("results_*.csv")
+    assert sorted({r["task_id"] for r in csv.DictReader(results.open())}) == ["1", "2"]
+    assert again.matrix["R"] == first.matrix["R"]
+
+
+def test_resume_evaluates_a_bundle_whose_row_is_missing(tmp_path, tiny_fundus):
+    """A run stopped after writing a site's bundle and before its metrics (older versions wrote
+    them in that order): the row is computed again from the bundle, not dropped or shifted."""
+    import dataclasses
+    import json
+
+    cfg, opts, first = _finished(tmp_path, tiny_fundus)
+    matrix_path = first.run_dir / "metrics" / "matrix.json"
+    matrix = json.loads(matrix_path.read_text())
+    matrix_path.write_text(json.dumps({**matrix, "R": matrix["R"][:1], "trained": matrix["trained"][:1]}))
+    for csv_file in (first.run_dir / "test_results").glob("*.csv"):
+        csv_file.unlink()
+    again = run_training(cfg, "r", dataclasses.replace(opts, resume=True))
+    assert again.matrix["trained"] == ["Domain1", "Domain2"]
+    assert torch.allclose(torch.tensor(again.matrix["R"]), torch.tensor(first.matrix["R"]), atol=1e-5)
+
+
+def test_resume_with_another_config_or_beside_a_running_process_is_refused(tmp_path, tiny_fundus):
+    import dataclasses
+    import fcntl
+
+    from relaylearn.errors import ConfigError, UserError
+
+    cfg, opts, first = _finished(tmp_path, tiny_fundus)
+    changed = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1, 2), steps=2)), ["train.optimizer.lr=0.05"])
+    with pytest.raises(ConfigError, match=r"--resume with another config .*train\.optimizer\.lr: 0\.05 now, 0\.001 before"):
+        run_training(changed, "r", dataclasses.replace(opts, resume=True))
+    with open(first.run_dir / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another relaylearn process is training in this run folder"):
+            run_training(cfg, "r", dataclasses.replace(opts, resume=True))
