@@ -38,6 +38,7 @@ from torch import Tensor
 
 from relaylearn.data.layouts import (
     SiteData,
+    _by_name,
     _check_classes,
     _check_nifti_pair,
     _disambiguate_names,
@@ -101,15 +102,15 @@ def first_foreground_class(bone: bool, air: bool) -> int:
 # ----- readers ------------------------------------------------------------------------------------
 def _nifti_studies(site_dir: Path) -> dict[str, tuple[Path, Path]]:
     image_dir, label_dir = site_dir / "image", site_dir / "label"
-    images = _visible_files(image_dir, (".nii.gz", ".nii"))
-    labels = {_stem(p): p for p in _visible_files(label_dir, (".nii.gz", ".nii"))}
+    images = _by_name(_visible_files(image_dir, (".nii.gz", ".nii")), _stem)
+    labels = _by_name(_visible_files(label_dir, (".nii.gz", ".nii")), _stem)
     if not images:
         raise DataError("no NIfTI volumes found", image_dir)
     studies = {}
-    for image in images:
-        if _stem(image) not in labels:
+    for study, image in images.items():
+        if study not in labels:
             raise DataError(f"volume has no label volume in {label_dir}", image)
-        studies[_stem(image)] = (image, labels[_stem(image)])
+        studies[study] = (image, labels[study])
     orphan = next((p for s, p in labels.items() if s not in studies), None)
     if orphan is not None:
         raise DataError(f"label volume has no image in {image_dir}", orphan)
