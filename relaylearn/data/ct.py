@@ -340,11 +340,17 @@ def positive_slices(labels: Tensor, k) -> Tensor:
     return (labels >= first).flatten(1).any(1)
 
 
+def require_positive_slices(positive: Tensor, k, where: str = "") -> None:
+    """DataError unless some training slice holds foreground (``positive``: :func:`positive_slices`):
+    ``neg_pos_ratio`` draws its negatives per positive slice."""
+    if not bool(positive.any()):
+        raise DataError(f"neg_pos_ratio={k.neg_pos_ratio} needs slices with foreground, but the training split has none", where or None)
+
+
 def neg_pos_loader(images: Tensor, labels: Tensor, k, batch_size: int, seed: int, world_size: int = 1, where: str = ""):
     """A training loader like :func:`relaylearn.data.sampling.site_loader` whose epochs follow ``k.neg_pos_ratio``."""
     from relaylearn.data.sampling import batch_loader
 
     positive = positive_slices(labels, k)
-    if not bool(positive.any()):
-        raise DataError(f"neg_pos_ratio={k.neg_pos_ratio} needs slices with foreground, but the training split has none", where or None)
+    require_positive_slices(positive, k, where)
     return batch_loader(images, labels, NegPosBatchSampler(positive, k.neg_pos_ratio, batch_size, k.num_replica, seed, world_size=world_size), seed)
