@@ -25,19 +25,35 @@ def load_split(ds: DatasetConfig, split: str):
     ``"train"`` and ``"val"`` are the two parts of the site's ``train`` folder
     (:func:`relaylearn.data.split.validation_split`, study-wise by ``subjects``); ``"test"`` is the
     ``test`` folder."""
+    if split not in ("train", "val"):
+        return _read_folder(ds, split)
+    data, parts = load_training_folder(ds)
+    return data if parts is None else part_of(data, parts[0] if split == "train" else parts[1])
+
+
+def load_training_folder(ds: DatasetConfig):
+    """The site's ``train`` folder, decoded, and the indices (training part, validation part) of
+    its items; None instead of the indices when ``val_fraction`` is 0 (everything trains)."""
     from relaylearn.data.split import validation_split
 
+    data = _read_folder(ds, "train")
     k = ds.kwargs
-    folders = k.img_folder if k.img_folder is not None else ds.site
-    source_split = "train" if split == "val" else split
-    data = get_layout(ds.name).load(ds.root, folders, source_split, k, site_name=ds.site)
-    if split not in ("train", "val") or k.val_fraction == 0:
-        return data
+    if k.val_fraction == 0:
+        return data, None
     try:
-        parts = validation_split(len(data), k.val_fraction, k.val_seed, groups=data.subjects)
+        return data, validation_split(len(data), k.val_fraction, k.val_seed, groups=data.subjects)
     except DataError as exc:
         raise DataError(f"site {ds.site}: {exc.message}") from None
-    keep = parts[0] if split == "train" else parts[1]
+
+
+def _read_folder(ds: DatasetConfig, split: str):
+    k = ds.kwargs
+    folders = k.img_folder if k.img_folder is not None else ds.site
+    return get_layout(ds.name).load(ds.root, folders, split, k, site_name=ds.site)
+
+
+def part_of(data, keep: list[int]):
+    """The items ``keep`` (indices) of a decoded split."""
     index = torch.as_tensor(keep, dtype=torch.long)
     return replace(
         data,

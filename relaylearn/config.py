@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from relaylearn.errors import ConfigError
 
@@ -25,6 +25,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 #: one Adam β: 0 ≤ β < 1
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
+
+#: validation context of a config whose site data is not read as it stands (``common`` before each
+#: site's keys are merged over it, a bundle's shipped config): checks of options against the layout's data are skipped
+PARTIAL = {"partial": True}
 
 
 class Strict(BaseModel):
@@ -66,7 +70,10 @@ class DatasetKwargs(Strict):
     )
     drop_negative: bool = Field(False, description="CT layouts: drop slices without foreground (train and test).")
     add_bone_label: bool = Field(False, description="CT layouts: pixels above 150 HU become class 0 (other classes +1).")
-    add_bg_label: bool = Field(False, description="CT layouts: pixels below −500 HU become class 0 (other classes +1).")
+    add_bg_label: bool = Field(
+        False,
+        description="CT layouts: pixels below −500 HU become class 0 (other classes +1); with ct_slices, hu_min must be below −500 (pixel 0 = hu_min HU).",
+    )
     val_fraction: float = Field(
         0.15,
         ge=0,
@@ -115,6 +122,20 @@ class DatasetConfig(Strict):
     kwargs: DatasetKwargs = DatasetKwargs()
 
     _known_layout = field_validator("name")(_layout_name)
+
+    @model_validator(mode="after")
+    def _air_fits_the_slices(self, info: ValidationInfo):
+        """add_bg_label with ct_slices: a 16-bit slice holds HU − hu_min, so no pixel lies below hu_min."""
+        k = self.kwargs
+        if self.name == "ct_slices" and k.add_bg_label and not (info.context or {}).get("partial"):
+            from relaylearn.data.ct import AIR_HU
+
+            if k.hu_min >= AIR_HU:
+                raise ValueError(
+                    f"kwargs.add_bg_label: air (< {AIR_HU:g} HU) never occurs in ct_slices with kwargs.hu_min={k.hu_min:g} "
+                    f"(a 16-bit slice holds HU − hu_min, nothing below hu_min); use slices written with hu_min below {AIR_HU:g}, or no add_bg_label"
+                )
+        return self
 
     @property
     def root(self) -> str:
@@ -414,9 +435,9 @@ def validation_message(exc: ValidationError, prefix: str) -> str:
     return f"{key}: {msg}"
 
 
-def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path) -> Any:
+def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path, context: dict | None = None) -> Any:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, prefix), path) from None
 
@@ -466,7 +487,7 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
             kw = conf.get("dataset", {}).get("kwargs", {})
             if "root_path" in kw:
                 kw["root_path"] = str(data_root)
-    _validate(CommonConfig, common, "common", path)
+    _validate(CommonConfig, common, "common", path, PARTIAL)  # each site's keys are merged over it below
 
     test_datasets: list[DatasetConfig] = []
     by_id: dict[int, dict] = {}

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from relaylearn.config import IGNORED_KEYS, UNSUPPORTED_KEYS, RunConfig, TaskConfig
+from relaylearn.config import IGNORED_KEYS, PARTIAL, UNSUPPORTED_KEYS, RunConfig, TaskConfig
 from relaylearn.errors import ConfigError, UserError, VerificationError
 
 #: dotted keys of a site's resolved config (``TaskConfig``) that make the recipe; a key belongs to
@@ -166,7 +166,7 @@ def shipped_task_config(config: Any, where: Any = None) -> TaskConfig:
         if isinstance(node, dict):
             node.pop(keys[-1], None)
     try:
-        return TaskConfig.model_validate(config)
+        return TaskConfig.model_validate(config, context=PARTIAL)  # the bundle's site data is not read here
     except Exception as exc:  # noqa: BLE001 - any schema problem of a verified bundle
         from pydantic import ValidationError
 
@@ -229,11 +229,12 @@ def compare(local: TaskConfig, theirs: dict[str, Any]) -> tuple[dict[str, tuple[
     return differences, adoptable
 
 
-def _adopt(task: TaskConfig, values: dict[str, Any], path: Any) -> TaskConfig:
-    """``task`` with ``values`` (dotted keys) put in; ConfigError if the result is not a valid config."""
+def _adopt(model: BaseModel, values: dict[str, Any], path: Any, where: str = "common") -> Any:
+    """``model`` (a site's config or a test site's dataset) with ``values`` (dotted keys) put in;
+    ConfigError if the result is not valid."""
     from relaylearn.config import _validate
 
-    return _validate(TaskConfig, _tree_with(task.model_dump(mode="json"), values), "(bundle recipe adopted) common", path)
+    return _validate(type(model), _tree_with(model.model_dump(mode="json"), values), f"(bundle recipe adopted) {where}", path)
 
 
 def reconcile(cfg: RunConfig, bundle, source: RecipeSource = "bundle", plugins: set[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:
@@ -278,7 +279,7 @@ def reconcile(cfg: RunConfig, bundle, source: RecipeSource = "bundle", plugins: 
         adopted.update(adoptable)
     dataset_values = {k.removeprefix("dataset."): v for k, v in adopted.items() if k.startswith("dataset.")}
     tests = (
-        [type(ds).model_validate(_tree_with(ds.model_dump(mode="json"), dataset_values)) for ds in cfg.test_datasets] if dataset_values else cfg.test_datasets
+        [_adopt(ds, dataset_values, cfg.path, f"all_tasks_datasets[{i}]") for i, ds in enumerate(cfg.test_datasets)] if dataset_values else cfg.test_datasets
     )
     record["adopted"] = {k: _show(v) for k, v in adopted.items()}
     return cfg.model_copy(update={"tasks": tasks, "test_datasets": tests}), record

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from relaylearn.assembly import check_bundle_fits, load_split, local_plugins, restore_strategy, shipped_config
+from relaylearn.assembly import check_bundle_fits, load_split, load_training_folder, local_plugins, part_of, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, seed_site
@@ -174,16 +174,29 @@ class RelayRun:
     def _check_data(self) -> None:
         """Decode every file this run reads before anything is written or trained, so that a bad
         file at the last site or in a test folder stops the run in seconds, not after hours. The
-        test sets and validation parts are kept (every site is evaluated on them); a training
-        folder with no validation part is decoded and dropped (its site decodes it again)."""
+        test sets and validation parts are kept (every site is evaluated on them); the training
+        folders are decoded and dropped (each site decodes its own again). A site that trains with
+        ``neg_pos_ratio`` needs a slice with foreground in what it trains on (after the hold-out)."""
+        from relaylearn.data.ct import positive_slices, require_positive_slices
+
         started = time.time()
         for ds in self.cfg.test_datasets:
             self._test_data(ds)
-        if self._has_validation():
-            self._validation_data()
-        else:
-            for task in self.cfg.tasks:
-                load_split(task.dataset, "train")
+        validation = {} if self._has_validation() else None
+        for group in self._groups():
+            k = group[0].dataset.kwargs  # a group trains with its first site's options (fit_site)
+            positive = []
+            for task in group:
+                data, parts = load_training_folder(task.dataset)
+                if validation is not None:
+                    validation[task.dataset.site] = part_of(data, parts[1])
+                if k.neg_pos_ratio:
+                    slices = positive_slices(data.labels, k)
+                    positive.append(slices if parts is None else slices[parts[0]])
+            if k.neg_pos_ratio:
+                require_positive_slices(torch.cat(positive), k, "+".join(t.dataset.site for t in group))
+        if validation is not None:
+            self._val_cache = validation
         self._log(f"data: {len(self.cfg.test_datasets)} test set(s) and {len(self.cfg.tasks)} training folder(s) read ({time.time() - started:.0f} s)")
 
     def _check_same_config(self, resolved: list[dict]) -> None:
@@ -254,6 +267,11 @@ class RelayRun:
             return False
         mine = self._read_bundle(own, allow_unsigned=not self.signed, own=True)
         return ledger.lineage() == mine.lineage and mine.lineage[:-1] == self.incoming.lineage
+
+    def _groups(self) -> list[list[TaskConfig]]:
+        """The sites in the order they train: one each, or all at once for a pooled strategy."""
+        pooled = get_strategy_class(self.cfg.tasks[0].strategy.name).pooled_training
+        return [self.cfg.tasks] if pooled else [[t] for t in self.cfg.tasks]
 
     def _check_augmentation(self, task: TaskConfig) -> None:
         """``dataset.kwargs.augment`` builds (ConfigError naming the config otherwise)."""
@@ -347,7 +365,7 @@ class RelayRun:
         self._prepare()
         sites = [d.site for d in self.cfg.test_datasets]
         strategy_cls = get_strategy_class(self.cfg.tasks[0].strategy.name)
-        groups = [self.cfg.tasks] if strategy_cls.pooled_training else [[t] for t in self.cfg.tasks]
+        groups = self._groups()
 
         matrix_path = self.run_dir / "metrics" / "matrix.json"
         previous = json.loads(matrix_path.read_text()) if (self.opts.resume and matrix_path.is_file()) else None

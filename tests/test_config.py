@@ -230,3 +230,30 @@ def test_the_models_in_channels_must_match_the_datasets_channels():
 
     with pytest.raises(ConfigError, match="in_channels: 300000 does not match the dataset's channels 3"):
         build_solver("unet", {"in_channels": 300000}, in_channels=3, num_classes=3, load_pretrained=False)
+
+
+def test_the_air_class_needs_ct_slices_that_can_hold_air(tmp_path):
+    """A 16-bit ct_slices PNG holds HU − hu_min: with hu_min −160 no pixel lies below −500 HU, so
+    add_bg_label's class would never be trained. Refused when the config loads, naming the site."""
+    from relaylearn.recipe import shipped_task_config
+
+    path = tiny_config(tmp_path, tmp_path)
+    air = ["dataset.name=ct_slices", "dataset.kwargs.channels=1", "dataset.kwargs.add_bg_label=true"]
+    with pytest.raises(
+        ConfigError, match=r"all_tasks_datasets\[0\]: kwargs\.add_bg_label: air \(< -500 HU\) never occurs in ct_slices with kwargs\.hu_min=-160 "
+    ):
+        load_config(str(path), air)
+    assert load_config(str(path), [*air, "dataset.kwargs.hu_min=-1024"]).tasks[0].dataset.kwargs.add_bg_label
+    assert (
+        load_config(str(path), ["dataset.name=ct_nifti", "dataset.kwargs.channels=1", "dataset.kwargs.add_bg_label=true"]).tasks[0].dataset.kwargs.add_bg_label
+    )
+    raw = yaml.safe_load(path.read_text())  # hu_min per site: common's default is no site's
+    for site in raw["all_tasks_datasets"]:
+        site["kwargs"]["hu_min"] = -1024
+    raw["all_tasks_datasets"][2]["kwargs"]["hu_min"] = -500
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"all_tasks_datasets\[2\]: kwargs\.add_bg_label: .* kwargs\.hu_min=-500 "):
+        load_config(str(path), air)
+    shipped = load_config(str(path), air[:2]).tasks[0].model_dump(mode="json")  # a bundle written before the check still reads
+    shipped["dataset"]["kwargs"].update(add_bg_label=True, hu_min=-160)
+    assert shipped_task_config(shipped).dataset.kwargs.add_bg_label

@@ -77,6 +77,17 @@ def test_keys_left_unset_adopt_the_bundles_values_test_sites_included(tmp_path):
     assert record["adopted"] == {"train.optimizer.lr": "0.005", "strategy.kwargs.lambda_": "7.0", "dataset.kwargs.augment": '"light"'}
 
 
+def test_an_adopted_air_class_must_fit_the_local_slices(tmp_path):
+    """The bundle's add_bg_label lands on a ct_slices site whose PNGs hold nothing below hu_min −160 HU."""
+    slices = ["dataset.name=ct_slices", "dataset.kwargs.channels=1"]
+    cfg = site_config(tmp_path, slices)
+    incoming = load_config(
+        str(tiny_config(tmp_path / "a", tmp_path, task_ids=(1,))), [*slices, "dataset.kwargs.add_bg_label=true", "dataset.kwargs.hu_min=-1024"]
+    )
+    with pytest.raises(ConfigError, match=r"\(bundle recipe adopted\) common\.dataset: kwargs\.add_bg_label: .* kwargs\.hu_min=-160 "):
+        reconcile(cfg, bundle_of(incoming.tasks[0]))
+
+
 def test_a_strategy_option_set_under_its_alias_counts_as_set(tmp_path):
     cfg = site_config(tmp_path, strategy="ewc", strategy_kwargs={"lambda": 100.0})
     incoming = load_config(str(tiny_config(tmp_path / "a", tmp_path, task_ids=(1,), strategy="ewc", strategy_kwargs={"lambda": 7.0}))).tasks[0]

@@ -138,3 +138,59 @@ def test_a_bad_file_anywhere_stops_the_run_before_training(tmp_path, tiny_fundus
         run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
     assert broken.split("/")[-1] in str(caught.value)
     assert not (tmp_path / "exps").exists(), "nothing written"
+
+
+def _ct_config(tmp_path, data, strategy: str = "sequential", val_fraction: float = 0.0):
+    """Two synthetic CT sites (CT1, CT2) with neg_pos_ratio 1, as in configs/demo/ct_sequential."""
+    import yaml
+
+    raw = yaml.safe_load(load_config("demo/ct_sequential").path.read_text())
+    raw["common"]["dataset"]["kwargs"].update({"root_path": str(data), "img_size": [16, 16], "val_fraction": val_fraction})
+    raw["common"]["strategy"]["name"] = strategy
+    raw["common"]["train"].update({"num_steps": 1, "batch_size": 4})
+    raw["common"]["test"] = {"batch_size": 16, "bootstrap": 100}
+    raw["all_tasks_datasets"] = raw["all_tasks_datasets"][:2]
+    raw["current_tasks"]["task_ids"] = [1, 2]
+    path = tmp_path / f"ct_{strategy}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(str(path))
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.15])
+def test_a_site_without_foreground_to_train_on_stops_the_run_before_training(tmp_path, monkeypatch, val_fraction):
+    """neg_pos_ratio needs positive slices in what a site trains on: CT2's training part has none
+    (with a validation part, its only foreground lies there), found before CT1 trains."""
+    import nibabel as nib
+    import numpy as np
+
+    from relaylearn import runner
+    from relaylearn.assembly import load_split
+    from relaylearn.data.synth_ct import write_synthetic_ct
+    from relaylearn.errors import DataError
+
+    data = tmp_path / "ct"
+    write_synthetic_ct(data, size=16, seed=1, studies={"CT1": 5, "CT2": 5})
+    cfg = _ct_config(tmp_path, data, val_fraction=val_fraction)
+    ct2 = cfg.tasks[1].dataset
+    held_out = set(load_split(ct2, "val").subjects) if val_fraction else set()
+    for study in set(load_split(ct2, "train").subjects) | held_out:
+        path = data / "CT2" / "label" / f"{study}.nii.gz"
+        label = nib.load(str(path))
+        mask = np.zeros(label.shape, np.uint8)
+        mask[4:8, 4:8] = study in held_out
+        nib.save(nib.Nifti1Image(mask, label.affine, label.header), str(path))
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: pytest.fail("trained before the data was checked"))
+    with pytest.raises(DataError) as caught:
+        run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
+    assert str(caught.value) == "CT2: neg_pos_ratio=1 needs slices with foreground, but the training split has none"
+    assert not (tmp_path / "exps").exists(), "nothing written"
+
+    class Trained(Exception):
+        pass
+
+    def fit(*a, **k):
+        raise Trained
+
+    monkeypatch.setattr(runner, "fit_site", fit)  # pooled training: CT1's foreground is in the same batches
+    with pytest.raises(Trained):
+        run_training(_ct_config(tmp_path, data, "joint", val_fraction), "j", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))

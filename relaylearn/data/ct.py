@@ -38,6 +38,7 @@ from torch import Tensor
 
 from relaylearn.data.layouts import (
     SiteData,
+    _by_name,
     _check_classes,
     _check_nifti_pair,
     _disambiguate_names,
@@ -101,15 +102,15 @@ def first_foreground_class(bone: bool, air: bool) -> int:
 # ----- readers ------------------------------------------------------------------------------------
 def _nifti_studies(site_dir: Path) -> dict[str, tuple[Path, Path]]:
     image_dir, label_dir = site_dir / "image", site_dir / "label"
-    images = _visible_files(image_dir, (".nii.gz", ".nii"))
-    labels = {_stem(p): p for p in _visible_files(label_dir, (".nii.gz", ".nii"))}
+    images = _by_name(_visible_files(image_dir, (".nii.gz", ".nii")), _stem)
+    labels = _by_name(_visible_files(label_dir, (".nii.gz", ".nii")), _stem)
     if not images:
         raise DataError("no NIfTI volumes found", image_dir)
     studies = {}
-    for image in images:
-        if _stem(image) not in labels:
+    for study, image in images.items():
+        if study not in labels:
             raise DataError(f"volume has no label volume in {label_dir}", image)
-        studies[_stem(image)] = (image, labels[_stem(image)])
+        studies[study] = (image, labels[study])
     orphan = next((p for s, p in labels.items() if s not in studies), None)
     if orphan is not None:
         raise DataError(f"label volume has no image in {image_dir}", orphan)
@@ -339,11 +340,17 @@ def positive_slices(labels: Tensor, k) -> Tensor:
     return (labels >= first).flatten(1).any(1)
 
 
+def require_positive_slices(positive: Tensor, k, where: str = "") -> None:
+    """DataError unless some training slice holds foreground (``positive``: :func:`positive_slices`):
+    ``neg_pos_ratio`` draws its negatives per positive slice."""
+    if not bool(positive.any()):
+        raise DataError(f"neg_pos_ratio={k.neg_pos_ratio} needs slices with foreground, but the training split has none", where or None)
+
+
 def neg_pos_loader(images: Tensor, labels: Tensor, k, batch_size: int, seed: int, world_size: int = 1, where: str = ""):
     """A training loader like :func:`relaylearn.data.sampling.site_loader` whose epochs follow ``k.neg_pos_ratio``."""
     from relaylearn.data.sampling import batch_loader
 
     positive = positive_slices(labels, k)
-    if not bool(positive.any()):
-        raise DataError(f"neg_pos_ratio={k.neg_pos_ratio} needs slices with foreground, but the training split has none", where or None)
+    require_positive_slices(positive, k, where)
     return batch_loader(images, labels, NegPosBatchSampler(positive, k.neg_pos_ratio, batch_size, k.num_replica, seed, world_size=world_size), seed)

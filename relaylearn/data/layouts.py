@@ -94,13 +94,8 @@ def _pair_files(image_dir: Path, mask_dir: Path, suffixes: tuple[str, ...] | Non
     masks = _visible_files(mask_dir, suffixes)
     if not images:
         raise DataError("no images found", image_dir)
-    for folder, files in ((image_dir, images), (mask_dir, masks)):
-        counts = Counter(key(p) for p in files)
-        duplicate = next((k for k, n in counts.items() if n > 1), None)
-        if duplicate is not None:
-            raise DataError(f"several files share the name '{duplicate}'", folder)
-    masks_by_key = {key(p): p for p in masks}
-    image_keys = {key(p) for p in images}
+    image_keys = set(_by_name(images, key))
+    masks_by_key = _by_name(masks, key)
     for image in images:
         if key(image) not in masks_by_key:
             raise DataError(f"image has no mask in {mask_dir}", image)
@@ -108,6 +103,17 @@ def _pair_files(image_dir: Path, mask_dir: Path, suffixes: tuple[str, ...] | Non
         if key(mask) not in image_keys:
             raise DataError(f"mask has no image in {image_dir}", mask)
     return [(image, masks_by_key[key(image)]) for image in images]
+
+
+def _by_name(files: list[Path], key) -> dict[str, Path]:
+    """``{key(file): file}``; DataError naming the second of two files with one name (``a.nii``, ``a.nii.gz``)."""
+    out: dict[str, Path] = {}
+    for path in files:
+        name = key(path)
+        if name in out:
+            raise DataError(f"several files share the name '{name}' ({out[name].name} and {path.name})", path)
+        out[name] = path
+    return out
 
 
 def _stem(path: Path) -> str:

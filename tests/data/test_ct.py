@@ -163,6 +163,17 @@ def test_label_value_outside_the_classes(tmp_path):
             load_ct_site("ct_nifti", tmp_path, "S", split, kwargs(train_ratio=0.5))
 
 
+@pytest.mark.parametrize("folder", ["image", "label"])
+def test_two_volumes_of_one_study_name_are_refused(tmp_path, folder):
+    """s0.nii beside s0.nii.gz is one study twice: refused, naming the second file (not one dropped)."""
+    for study in ("s0", "s1"):
+        _write_volume(tmp_path / "S" / "image" / f"{study}.nii.gz", np.zeros((8, 8, 2), np.int16))
+        _write_volume(tmp_path / "S" / "label" / f"{study}.nii.gz", np.zeros((8, 8, 2), np.uint8))
+    _write_volume(tmp_path / "S" / folder / "s0.nii", np.zeros((8, 8, 2), np.int16 if folder == "image" else np.uint8))
+    with pytest.raises(DataError, match=rf"{folder}/s0\.nii\.gz: several files share the name 's0' \(s0\.nii and s0\.nii\.gz\)"):
+        _both_splits("ct_nifti", tmp_path, "S")
+
+
 def test_study_folder_with_images_but_no_masks(tmp_path):
     write_synthetic_ct(tmp_path, size=16, seed=1, studies={"CT1": 2}, layout="slices")
     study = sorted(p for p in (tmp_path / "CT1").iterdir() if p.is_dir())[1]

@@ -230,6 +230,15 @@ def test_unpaired_files(tmp_path):
         load_site("fundus", tmp_path, "SiteA", "train", **FUNDUS_KW)
 
 
+def test_two_files_of_one_name_are_refused_naming_the_second(tmp_path):
+    base = tmp_path / "Site" / "train"
+    for name in ("p1.jpg", "p1.png"):
+        _save(base / "image" / name, np.full((12, 10, 3), 200, np.uint8))
+    _save(base / "mask" / "p1.png", np.zeros((12, 10), np.uint8))
+    with pytest.raises(DataError, match=r"image/p1\.png: several files share the name 'p1' \(p1\.jpg and p1\.png\)"):
+        load_site("folder", tmp_path, "Site", "train", img_size=(12, 10), num_classes=2)
+
+
 def test_corrupt_file(tmp_path):
     base = _fundus_site(tmp_path, names=("a",))
     (base / "image" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
