@@ -20,9 +20,13 @@ Outputs in ``exps/compare/<NAME>/``:
   fidelity (metrics/replay.json: last hop, mean over earlier sites) and the final MIA AUC (the
   black-box membership-inference AUC after the last hop, averaged over sites, see
   ``relaylearn audit``), each mean ± sample standard deviation over orders × seeds, and the wall
-  time per run;
+  time per run. ``table.csv`` has the columns ``strategy``, ``config`` (the config it came from),
+  ``runs``, ``<metric>_mean`` / ``<metric>_std`` for ``acc``, ``bwt``, ``forgetting``,
+  ``external_dice``, ``fidelity``, ``mia_auc`` and ``wall_s`` (empty where undefined), and
+  ``wall_s_total``; ``table.md`` shows the same without ``config`` and ``wall_s_total``;
 * ``matrices.json`` — ``{strategy: {"order<k>_seed<s>": {"order", "seed", "wall_seconds",
-  "matrix": <matrix.json>}}}``;
+  "matrix": <matrix.json>, "replay_fidelity", "mia_auc"}}}`` (the last two null where the
+  run wrote no ``metrics/replay.json`` / ``metrics/privacy.json``);
 * ``paired_test.json`` and a section of ``table.md`` — relay against the other non-pooled method
   with the highest mean ACC, paired by order × seed, on ACC and forgetting: Wilcoxon
   signed-rank and paired t-test p-values (two-sided, scipy);
@@ -310,7 +314,9 @@ def wilcoxon_floor_note(n: int) -> str:
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
-    """Horizontal bars (mean ± std) of ACC, forgetting and external Dice per strategy, as a PNG."""
+    """Horizontal bars (mean ± std) of ACC, forgetting and external Dice per strategy, as a PNG.
+    Each axis spans 0 to 1 and further where a bar or its whisker reaches (forgetting can be
+    negative: the final model is better on a site than any model before), with a line at 0."""
     import io
 
     from relaylearn.report.plots import new_figure
@@ -324,7 +330,11 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
         stds = [r[f"{metric}_std"] or 0.0 for r in rows]
         ax.barh(ticks, means, xerr=stds, color="#1f77b4", ecolor="#333333", capsize=2, height=0.6)
         ax.set_title(title, fontsize=9)
-        ax.set_xlim(0, 1)
+        ends = [end for m, s in zip(means, stds) if not math.isnan(m) for end in (m - s, m + s)]
+        low, high = min([0.0, *ends]), max([1.0, *ends])
+        pad = 0.03 * (high - low)  # keeps a whisker's cap off the frame
+        ax.set_xlim(low - pad if low < 0 else 0.0, high + pad if high > 1 else 1.0)
+        ax.axvline(0.0, color="#444444", linewidth=0.8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ticks, [r["strategy"] for r in rows])
     axes[0].invert_yaxis()

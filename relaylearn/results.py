@@ -17,9 +17,11 @@ def trained_columns(sites: list[str], trained: list[str]) -> list[list[int]]:
     return [[sites.index(s) for s in name.split("+") if s in sites] for name in trained]
 
 
-def external_columns(sites: list[str], trained: list[str]) -> list[int]:
-    """Columns of the test sites never trained on."""
-    seen = {c for cols in trained_columns(sites, trained) for c in cols}
+def external_columns(sites: list[str], trained: list[str], configured: list[str] | None = None) -> list[int]:
+    """Columns of the test sites never trained on. With ``configured`` (the sites the config
+    trains, ``current_tasks``), a site an unfinished run has yet to train is not external either:
+    only the config's test-only sites are."""
+    seen = {c for cols in trained_columns(sites, trained) for c in cols} | {sites.index(s) for s in configured or [] if s in sites}
     return [j for j in range(len(sites)) if j not in seen]
 
 
@@ -40,9 +42,10 @@ def matrix_json(sites: list[str], trained: list[str], rows: list[list[float]], c
     return out
 
 
-def external_dice(matrix: dict[str, Any]) -> float | None:
-    """Mean of the last row of R over the sites never trained on (None when there are none)."""
-    columns = external_columns(list(matrix["sites"]), list(matrix["trained"]))
+def external_dice(matrix: dict[str, Any], configured: list[str] | None = None) -> float | None:
+    """Mean of the last row of R over the external sites (see :func:`external_columns`; None when
+    there are none)."""
+    columns = external_columns(list(matrix["sites"]), list(matrix["trained"]), configured)
     if not columns or not matrix["R"]:
         return None
     last = matrix["R"][-1]
@@ -74,11 +77,12 @@ def format_matrix(matrix: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def headline(matrix: dict[str, Any]) -> dict[str, float]:
+def headline(matrix: dict[str, Any], configured: list[str] | None = None) -> dict[str, float]:
     """The numbers a summary table shows of one run: ``acc``, ``bwt``, ``forgetting``,
-    ``mean_all_sites`` (final row's mean) and ``external_dice``; NaN where undefined."""
+    ``mean_all_sites`` (final row's mean) and ``external_dice`` (``configured``: as for
+    :func:`external_columns`); NaN where undefined."""
     final = [float(v) for v in matrix["R"][-1]] if matrix.get("R") else []
-    external = external_dice(matrix)
+    external = external_dice(matrix, configured)
     return {
         "acc": float(matrix.get("acc", math.nan)), "bwt": float(matrix.get("bwt", math.nan)),
         "forgetting": float(matrix.get("forgetting", math.nan)),

@@ -4,6 +4,7 @@ through the command line, including the resume after an interruption."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +205,42 @@ def test_a_helper_trains_what_it_claims_and_writes_no_table(tmp_path, tiny_fundu
     assert main(["compare", "-c", config, "-n", "h", "--orders", "2", "--claim-only", "-q"]) == 0
     assert (root / "sequential" / "order0_seed0" / "wall_seconds.json").is_file()
     assert not (root / "sequential" / "order1_seed0").exists() and not (root / "table.md").exists()
+
+
+def test_comparison_plot_shows_negative_forgetting(tmp_path, monkeypatch):
+    from relaylearn.compare import plot_comparison
+    from relaylearn.report import plots
+
+    figures, new_figure = [], plots.new_figure
+    monkeypatch.setattr(plots, "new_figure", lambda *size: figures.append(new_figure(*size)) or figures[-1])
+    row = {
+        "strategy": "sequential",
+        "acc_mean": 0.5,
+        "acc_std": 0.1,
+        "forgetting_mean": -0.3,
+        "forgetting_std": 0.05,
+        "external_dice_mean": None,
+        "external_dice_std": None,
+    }
+    plot_comparison([row], tmp_path / "comparison.png")
+    acc, forgetting, external = figures[0].axes
+    assert forgetting.get_xlim()[0] <= -0.35 < 0 < 1 <= forgetting.get_xlim()[1], "the bar and its whisker are inside the axis"
+    assert acc.get_xlim() == external.get_xlim() == (0.0, 1.0)
+    assert any(tuple(line.get_xdata()) == (0.0, 0.0) for line in forgetting.lines), "a line at zero"
+
+
+def test_the_docs_name_every_table_column_and_matrices_entry(tmp_path, tiny_fundus, monkeypatch):
+    import relaylearn.compare as compare
+
+    run = compare.plan_runs([load_config(str(tiny_config(tmp_path, tiny_fundus)))], 1, 1)[0]
+    folder = tmp_path / "r" / run.config.name / "n-o0-s0" / "metrics"
+    folder.mkdir(parents=True)
+    (folder / "matrix.json").write_text(json.dumps({"sites": ["A"], "trained": ["A"] * len(run.order), "R": [[0.5]] * len(run.order), "acc": 0.5}))
+    entry = compare.train_or_resume(run, tmp_path / "r", "n")  # complete: read, not trained
+    assert all(f'"{key}"' in compare.__doc__ for key in entry), "matrices.json entries"
+    (row,) = summarise({"relay": {run.key: entry}}, {"relay": "demo/relay"})
+    for column in row:
+        metric = column.removesuffix("_mean").removesuffix("_std")
+        assert f"``{column}``" in compare.__doc__ or (metric != column and f"``{metric}``" in compare.__doc__), column
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("## Comparing strategies")[1].split("\n\n|")[0]
+    assert all(name in readme for name in ("`config`", "`wall_s_total`", "replay fidelity", "MIA AUC", "`matrices.json`"))

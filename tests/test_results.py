@@ -39,3 +39,10 @@ def test_format_matrix_prints_r_and_the_headline():
     text = format_matrix(matrix_json(SITES, ["A", "B", "C"], R, [[0], [1], [2]], {}))
     lines = text.splitlines()
     assert len(lines) == 2 + 3 + 1 and lines[-1].startswith("ACC=0.683  BWT=-0.175")
+
+
+def test_the_sites_an_unfinished_run_has_yet_to_train_are_not_external():
+    m = matrix_json(SITES, ["A", "B"], R[:2], [[0], [1]], {})  # the config trains A, B, C; D is test-only
+    assert external_columns(SITES, ["A", "B"], ["A", "B", "C"]) == [3]
+    assert external_dice(m, ["A", "B", "C"]) == pytest.approx(0.5) and headline(m, ["A", "B", "C"])["external_dice"] == pytest.approx(0.5)
+    assert external_dice(m) == pytest.approx((0.5 + 0.5) / 2), "without the config: every site not trained on"

@@ -17,7 +17,9 @@ sheet: it opens offline, can be mailed, and shows
 * for relay runs simulated on one machine, the replay fidelity matrix (metrics/replay.json), with
   a replay grid per earlier site and hop, real vs generated class fractions and any replay drift;
 * the hop chain of the last bundle (sites, times, signer fingerprints, bundle hashes);
-* run details (seed, versions, command line) and every problem met, as visible notes.
+* run details (seed, versions, command line) and every problem met, as visible notes; a run that
+  has not trained every site its config names (interrupted) is marked unfinished, with the
+  command that resumes it, and is never marked best.
 
 Whatever is missing (no bundle, data moved, no per-image CSV) is skipped with a note; only an
 unusable ``metrics/matrix.json`` (or none at all) is an error.
@@ -36,7 +38,7 @@ from relaylearn.files import atomic_write
 from relaylearn.report import html, plots
 from relaylearn.report.html import escape
 from relaylearn.report.runs import Run, find_runs
-from relaylearn.results import forgetting_per_site, headline
+from relaylearn.results import headline
 
 __all__ = ["write_report", "build_report"]
 
@@ -148,19 +150,27 @@ class ReportBuilder:
     def _title(self, run: Run) -> str:
         return f"<b>{escape(run.label)}</b>"
 
+    def _with_rows(self, notes: list[str], what: str) -> list[Run]:
+        """The runs that have trained a site; a note for each other one (R is empty)."""
+        for run in self.runs:
+            if not run.R:
+                notes.append(f"{run.label}: no {what}: R is empty (no site has finished training)")
+        return [run for run in self.runs if run.R]
+
     # ----- sections -------------------------------------------------------------------------
     def summary(self) -> str:
         header = ["run", "strategy", "trained sites (in order)", "ACC", "BWT", "forgetting", "mean Dice, all sites", "external Dice"]
         rows, values = [], []
         for run in self.runs:
-            h = headline(run.matrix)
+            h = headline(run.matrix, run.configured)
             numbers = [h["acc"], h["bwt"], h["forgetting"], h["mean_all_sites"], h["external_dice"]]
             values.append(numbers)
             rows.append(
                 [
                     escape(run.label),
                     escape(run.strategy or "?"),
-                    escape(" → ".join(run.trained)),
+                    escape(" → ".join(run.trained))
+                    + (f" <b>(unfinished: {escape(', '.join(run.missing_sites()))} not yet)</b>" if run.missing_sites() else ""),
                     _fmt(numbers[0]),
                     _fmt(numbers[1], signed=True),
                     _fmt(numbers[2]),
@@ -169,17 +179,20 @@ class ReportBuilder:
                 ]
             )
         best = set()
-        if self.multi:  # higher is better except forgetting
+        finished = [not run.missing_sites() for run in self.runs]
+        if self.multi:  # higher is better except forgetting; an unfinished run is never best
             for c, better in zip(range(3, 8), (max, max, min, max, max)):
-                column = [(float(v[c - 3]), r) for r, v in enumerate(values) if _is_number(v[c - 3])]
+                column = [(float(v[c - 3]), r) for r, v in enumerate(values) if _is_number(v[c - 3]) and finished[r]]
                 if column:
                     target = better(column)[0]
                     best |= {(r, c) for v, r in column if v == target}
         lead = (
             "ACC: mean final Dice over the trained sites. BWT: mean change on each earlier site from just after "
             "training it to the end (negative = forgotten). Forgetting: mean over earlier sites of the largest drop "
-            "from a model after that site's training (itself or a later one) to the final one. External: mean final Dice on sites never trained on. "
-            "Dice is the per-image mean over foreground classes (sample-wise)." + (" Best value per column in green." if self.multi else "")
+            "from a model after that site's training (itself or a later one) to the final one. "
+            "External: mean final Dice on the test-only sites (tested, not in the config's training sites). "
+            "Dice is the per-image mean over foreground classes (sample-wise)."
+            + (" Best value per column among the finished runs in green." if self.multi else "")
         )
         body = html.table(header, rows, numeric={3, 4, 5, 6, 7}, best=best)
         body += html.notes(f"{run.label}: {n}" if self.multi else n for run in self.runs for n in run.notes)
@@ -188,19 +201,19 @@ class ReportBuilder:
     def heatmaps(self) -> str:
         notes: list[str] = []
         figs = []
-        for run in self.runs:
+        for run in self._with_rows(notes, "heat-map"):
             uri = _guarded(notes, f"{run.label}: heat-map", lambda run=run: plots.matrix_heatmap(run))
             if uri:
                 figs.append(
                     html.figure(uri, f"{self._title(run)} — R[i][j]: Dice on test site j after training through site i.", f"result matrix of {run.label}")
                 )
-        lead = "Rows: the model after each hop; columns: test sites. Outlined: the row's own training site; * marks external test sites (never trained on)."
+        lead = "Rows: the model after each hop; columns: test sites. Outlined: the row's own training site; * marks external sites (test-only: tested, not among the config's training sites)."
         return html.section("matrix", "Result matrix R", f'<div class="grid">{"".join(figs)}</div>' + html.notes(notes), lead)
 
     def dice_curves(self) -> str:
         notes: list[str] = []
         figs = []
-        for run in self.runs:
+        for run in self._with_rows(notes, "Dice plot"):
             uri = _guarded(notes, f"{run.label}: Dice plot", lambda run=run: plots.dice_over_hops(run))
             if uri:
                 source = f"from {escape(run.results_file.name)}" if run.results_file else "from matrix.json (no intervals: results CSV missing)"
@@ -212,10 +225,15 @@ class ReportBuilder:
         notes: list[str] = []
         uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
         for run in self.runs:
-            if not forgetting_per_site(run.matrix):
-                notes.append(
-                    f"{run.label}: no forgetting per site ({'pooled training' if any('+' in t for t in run.trained) else 'fewer than two sites trained'})"
+            if not plots.forgetting_values(run):
+                why = (
+                    "pooled training"
+                    if any("+" in t for t in run.trained)
+                    else "fewer than two sites trained"
+                    if len(run.trained) < 2
+                    else "undefined: R holds NaN"
                 )
+                notes.append(f"{run.label}: no forgetting per site ({why})")
         body = (
             html.figure(
                 uri,
@@ -229,6 +247,7 @@ class ReportBuilder:
 
     def final_dice(self) -> str:
         notes: list[str] = []
+        self._with_rows(notes, "final Dice")  # a note for each run without a row: the chart leaves them out
         uri = _guarded(notes, "final Dice chart", lambda: plots.final_dice_bars(self.runs))
         body = (
             html.figure(uri, "Final model's Dice on every test site, 95 % bootstrap interval as error bar; * external site.", "final Dice per site")
@@ -435,7 +454,9 @@ class ReportBuilder:
         else:
             run = self.runs[0]
             title = f"relaylearn — {run.label} / {run.info.get('name', run.path.name)}"
-            meta = f"{escape(str(run.path))} · strategy {escape(run.strategy or '?')} · {len(run.trained)} hop(s) · generated {now}"
+            missing = run.missing_sites()
+            hops = f"unfinished: {len(run.trained)} hop(s), {', '.join(missing)} not trained yet" if missing else f"{len(run.trained)} hop(s)"
+            meta = f"{escape(str(run.path))} · strategy {escape(run.strategy or '?')} · {escape(hops)} · generated {now}"
         return html.page(title, meta, built, f"relaylearn {escape(__version__)} · self-contained report, no external resources")
 
 

@@ -2,7 +2,8 @@
 the paired test of relay against the best other method, and the comparison plot.
 
 Reads what ``compare`` wrote (``table.csv``, ``paired_test.json``, ``comparison.png``,
-``table.md``'s note on tuned values); each run keeps its own report in its run folder."""
+``table.md``'s note on tuned values). The runs' folders hold no report of their own:
+``relaylearn report <run folder>`` writes one."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def image_panel(rows: Sequence[tuple[str, Sequence[tuple[str, str]]]], group: in
     ncols = max((len(cells) for _, cells in rows), default=0)
     spacer = [bool(group) and c > 0 and c % group == 0 for c in range(ncols)]
     columns = ["max-content"] + [("12px " if gap else "") + f"minmax(0, {max_cell_px}px)" for gap in spacer]
-    parts = ['<div class="panelbox">' + (f"<h3>{escape(title)}</h3>" if title else "")]
+    parts = ['<figure class="panelbox">' + (f"<h3>{escape(title)}</h3>" if title else "")]
     parts.append(f'<div class="panel" style="grid-template-columns:{" ".join(columns)}">')
     for label, cells in rows:
         parts.append(f'<div class="rowlabel">{escape(label)}</div>')
@@ -101,7 +101,7 @@ def image_panel(rows: Sequence[tuple[str, Sequence[tuple[str, str]]]], group: in
     parts.append("</div>")
     if caption:
         parts.append(f"<figcaption>{caption}</figcaption>")
-    parts.append("</div>")
+    parts.append("</figure>")
     return "".join(parts)
 
 

@@ -70,6 +70,16 @@ def _with_style(draw):
     return wrapper
 
 
+def run_colours(runs: Sequence[Run]) -> dict[str, str]:
+    """One colour per run (by its place among ``runs``), the same in every chart of the page."""
+    return {run.label: RUN_COLOURS[k % len(RUN_COLOURS)] for k, run in enumerate(runs)}
+
+
+def forgetting_values(run: Run) -> dict[str, float]:
+    """The run's forgetting per trained site, leaving out undefined (NaN) values."""
+    return {site: v for site, v in forgetting_per_site(run.matrix).items() if not math.isnan(v)}
+
+
 def _short(name: str, width: int = 14) -> str:
     """Tick label: long names shortened; pooled training rows ('A+B+C') as 'pooled (3 sites)'."""
     if "+" in name and len(name) > width:
@@ -107,7 +117,7 @@ def dice_over_hops(run: Run) -> str:
     hops = len(run.trained)
     fig = new_figure(max(4.2, 1.0 + 0.9 * hops), 3.0)
     ax = fig.add_subplot()
-    external = {run.sites[j] for j in run.external_columns()}
+    external = run.external_sites()
     width = 0.35 / max(1, len(series) - 1) if len(series) > 1 else 0.0
     for k, (site, values) in enumerate(series.items()):
         x = np.arange(hops) + (k - (len(series) - 1) / 2) * width
@@ -148,8 +158,9 @@ def _grouped_positions(groups: int, members: int) -> tuple[np.ndarray, float]:
 @_with_style
 def forgetting_bars(runs: Sequence[Run]) -> str | None:
     """Per trained site: max earlier R[l][j] − final R[T][j], one bar per run. None if no run has
-    a value (single site, or pooled training)."""
-    values = {run.label: forgetting_per_site(run.matrix) for run in runs}
+    a value (single site, pooled training, or NaN in R)."""
+    colours = run_colours(runs)
+    values = {run.label: forgetting_values(run) for run in runs}
     values = {label: v for label, v in values.items() if v}
     if not values:
         return None
@@ -159,7 +170,7 @@ def forgetting_bars(runs: Sequence[Run]) -> str | None:
     offsets, width = _grouped_positions(len(sites), len(values))
     for k, (label, per_site) in enumerate(values.items()):
         heights = [per_site.get(s, math.nan) for s in sites]
-        bars = ax.bar(np.arange(len(sites)) + offsets[k], heights, width, label=label, color=RUN_COLOURS[k % len(RUN_COLOURS)])
+        bars = ax.bar(np.arange(len(sites)) + offsets[k], heights, width, label=label, color=colours[label])
         if len(values) * len(sites) <= 24:
             ax.bar_label(bars, fmt="%.3f", fontsize=6.5, padding=1.5)
     ax.axhline(0.0, color="#444", linewidth=0.8)
@@ -177,8 +188,13 @@ def forgetting_bars(runs: Sequence[Run]) -> str | None:
 
 
 @_with_style
-def final_dice_bars(runs: Sequence[Run]) -> str:
-    """Final model's Dice on every test site with its 95 % interval, one bar per run."""
+def final_dice_bars(runs: Sequence[Run]) -> str | None:
+    """Final model's Dice on every test site with its 95 % interval, one bar per run that has
+    trained a site (None if none has)."""
+    colours = run_colours(runs)
+    runs = [run for run in runs if run.R]
+    if not runs:
+        return None
     sites = list(dict.fromkeys(s for run in runs for s in run.sites))
     fig = new_figure(max(3.8, 1.2 + 0.32 * len(sites) * max(2, len(runs))), 2.9)
     ax = fig.add_subplot()
@@ -197,10 +213,10 @@ def final_dice_bars(runs: Sequence[Run]) -> str:
             capsize=2,
             error_kw={"elinewidth": 0.8},
             label=run.label,
-            color=RUN_COLOURS[k % len(RUN_COLOURS)],
+            color=colours[run.label],
         )
-    trained = {s for run in runs for cols in run.trained_columns() for s in (run.sites[c] for c in cols)}
-    ax.set_xticks(range(len(sites)), [_short(s) + ("" if s in trained else " *") for s in sites])
+    external = {s for s in sites if all(s in run.external_sites() for run in runs if s in run.sites)}
+    ax.set_xticks(range(len(sites)), [_short(s) + (" *" if s in external else "") for s in sites])
     ax.set_ylim(0.0, 1.02)
     ax.set_ylabel("final Dice (95 % CI)")
     ax.set_xlabel("test site")

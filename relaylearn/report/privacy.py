@@ -19,6 +19,7 @@ COLUMNS = (
     ("near copies, pixels", "memorisation", "image pixels", "near_copies"),
     ("median ratio, pixels", "memorisation", "image pixels", "ratio_of_medians"),
     ("near copies, features", "memorisation", "image features", "near_copies"),
+    ("near copies, labels", "memorisation", "label maps", "near_copies"),
     ("black-box AUC, pixels", "membership black box", "image pixels", "auc"),
     ("black-box AUC, features", "membership black box", "image features", "auc"),
     ("black-box AUC, labels", "membership black box", "label maps", "auc"),

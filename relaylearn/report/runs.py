@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Run:
     matrix: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # run.json
     config: dict[str, Any] | None = None  # config.yaml (raw)
+    configured: list[str] | None = None  # the sites the config trains, in order (resolved_config.yaml); None: unknown
     results: list[dict[str, Any]] = field(default_factory=list)  # summary rows of one results CSV
     per_image: list[dict[str, Any]] = field(default_factory=list)
     results_file: Path | None = None
@@ -55,7 +57,16 @@ class Run:
         return results.trained_columns(self.sites, self.trained)
 
     def external_columns(self) -> list[int]:
-        return results.external_columns(self.sites, self.trained)
+        """Columns of the test-only sites (the configured sites still to train are not external)."""
+        return results.external_columns(self.sites, self.trained, self.configured)
+
+    def external_sites(self) -> set[str]:
+        return {self.sites[j] for j in self.external_columns()}
+
+    def missing_sites(self) -> list[str]:
+        """The configured sites not trained yet: an unfinished (interrupted) run has some."""
+        done = {site for name in self.trained for site in name.split("+")}
+        return [site for site in self.configured or [] if site not in done]
 
     def final_task_id(self) -> str | None:
         """task_id of the last trained row, from the results CSV."""
@@ -167,8 +178,40 @@ def load_run(path: Path, label: str | None = None) -> Run:
         run.config = config
     else:
         run.notes.append("no readable config.yaml")
+    run.configured = configured_sites(path)
+    missing = run.missing_sites()
+    if missing:
+        done = len(run.configured) - len(missing)
+        run.notes.append(
+            f"{done} of {len(run.configured)} configured sites trained ({', '.join(missing)} not yet): the run is unfinished; {resume_hint(run.info)}"
+        )
     _pick_results(run)
     return run
+
+
+def configured_sites(path: Path) -> list[str] | None:
+    """The sites the run's config trains (``current_tasks``, in order) from its
+    ``resolved_config.yaml``; None where it is missing or unreadable."""
+    from pydantic import ValidationError
+
+    from relaylearn.config import DatasetConfig
+
+    try:
+        tasks = yaml.safe_load((path / "resolved_config.yaml").read_text())
+        return [DatasetConfig.model_validate(task["dataset"]).site for task in tasks]
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValidationError):
+        return None
+
+
+def resume_hint(info: dict[str, Any]) -> str:
+    """How to finish an unfinished run: its ``relaylearn train`` command with ``--resume``
+    (``compare``, ``tune`` and the demo resume their unfinished runs when run again)."""
+    argv = [str(a) for a in info.get("argv") or []]
+    if len(argv) > 1 and argv[1] == "train":
+        return "resume it with: relaylearn " + shlex.join(argv[1:] + ([] if "--resume" in argv else ["--resume"]))
+    if argv:
+        return f"running the command that started it again resumes it: {shlex.join(argv)}"
+    return "resume it with: relaylearn train -c CONFIG -n NAME --resume"
 
 
 def find_runs(run_dir: Path, name: str | None = None) -> list[Run]:

@@ -1,6 +1,6 @@
 """The report's privacy table: one cell per figure, undefined figures shown as a dash."""
 
-from relaylearn.report.privacy import _cell
+from relaylearn.report.privacy import _cell, hop_table
 
 
 def test_cells_show_value_interval_and_flag_and_a_dash_for_an_undefined_figure():
@@ -11,3 +11,16 @@ def test_cells_show_value_interval_and_flag_and_a_dash_for_an_undefined_figure()
     undefined = {"flagged": False, "ratio_of_medians": {"value": None, "low": None, "high": None}}  # null in privacy.json
     assert _cell(undefined, "ratio_of_medians") == "–"
     assert _cell(None, "auc") == "–"
+
+
+def test_every_check_of_the_audit_has_a_column_so_a_flag_on_label_map_memorisation_shows():
+    interval = {"value": 0.4, "low": 0.3, "high": 0.5}
+    memorisation = [{"check": "memorisation", "space": space, "flagged": space == "label maps", "near_copies": interval, "ratio_of_medians": interval}
+                    for space in ("image pixels", "image features", "label maps")]  # fmt: skip
+    membership = [{"check": check, "space": space, "flagged": False, "auc": interval}
+                  for check, spaces in (("membership black box", ("image pixels", "image features", "label maps")),
+                                        ("membership white box", ("image discriminator", "label discriminator")))
+                  for space in spaces]  # fmt: skip
+    site = {"n_generated": 10, "checks": memorisation + membership, "flagged": ["memorisation (label maps)"]}
+    table = hop_table({"hops": [{"hop": 2, "trained": "Domain2", "sites": {"Domain1": site}}]})
+    assert "<th>near copies, labels</th>" in table and table.count("⚑") == 1

@@ -80,9 +80,17 @@ def fake_matrix(trained: list[str], seed: int) -> list[list[float]]:
 
 
 def write_run(
-    path: Path, strategy: str, trained: list[str], seed: int = 0, n_images: int = 5, bundle: Path | None = None, data_root: Path | None = None
+    path: Path,
+    strategy: str,
+    trained: list[str],
+    seed: int = 0,
+    n_images: int = 5,
+    bundle: Path | None = None,
+    data_root: Path | None = None,
+    configured: list[str] = SITES[:4],
 ) -> Path:
-    """A run folder as the trainer writes it: matrix.json, results + per-image CSVs, config, run.json."""
+    """A run folder as the trainer writes it: matrix.json, results + per-image CSVs, config (training
+    ``configured``; Domain5 is test-only), resolved config, run.json."""
     R = fake_matrix(trained, seed)
     sequential = all("+" not in t for t in trained)
     metrics = continual_metrics(R, [SITES.index(t) for t in trained]) if sequential else {"acc": float(np.mean(R[-1][:4])), "bwt": 0.0, "forgetting": 0.0}
@@ -129,9 +137,11 @@ def write_run(
         "common": {"dataset": {"name": "fundus", "kwargs": {"root_path": str(data_root or path / "no-data"), "img_size": [IMG, IMG], "num_classes": 3}},
                    "strategy": {"name": strategy}, "train": {"num_steps": 1}},
         "all_tasks_datasets": [{"kwargs": {"task_id": i + 1, "task_name": s, "img_folder": s}} for i, s in enumerate(SITES)],
-        "current_tasks": {"task_ids": [1, 2, 3, 4]},
+        "current_tasks": {"task_ids": [SITES.index(s) + 1 for s in configured]},
     }  # fmt: skip
     (path / "config.yaml").write_text(yaml.safe_dump(config))
+    resolved = [{"dataset": {"name": "fundus", "kwargs": {"task_id": SITES.index(s) + 1, "task_name": s, "img_folder": s}}} for s in configured]
+    (path / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
     (path / "run.json").write_text(
         json.dumps(
             {
@@ -366,3 +376,61 @@ def test_replay_fidelity_section_shows_the_matrix_grids_and_drift(tmp_path):
     assert_self_contained(page)
     # a run without replay.json has no such section
     assert '<section id="fidelity">' not in build_report(write_run(tmp_path / "seq" / "s", "sequential", SITES[:3]))
+
+
+def test_an_unfinished_run_says_so_is_never_best_and_counts_only_test_only_sites_as_external(tmp_path):
+    from relaylearn.report import build_report
+
+    demo = tmp_path / "demo"
+    write_run(demo / "relay" / "x", "relay", SITES[:4], seed=1)
+    stopped = write_run(demo / "sequential" / "x", "sequential", SITES[:2], seed=0)  # killed while Domain3 trained
+    summary = section_of(build_report(demo, name="x"), "summary")
+    assert (
+        "2 of 4 configured sites trained (Domain3, Domain4 not yet): the run is unfinished; resume it with: relaylearn train -c demo/sequential --resume"
+        in summary
+    )
+    sequential_row = next(row for row in summary.split("<tr>") if "<td>sequential</td>" in row)
+    assert "(unfinished: Domain3, Domain4 not yet)" in sequential_row
+    assert "best" not in sequential_row, "its ACC over two sites is the highest, but the run is unfinished"
+    R = json.loads((stopped / "metrics" / "matrix.json").read_text())["R"]
+    assert f'<td class="num">{R[-1][4]:.3f}</td>' in sequential_row, "external Dice: Domain5 only, not the sites still to train"
+    page = build_report(stopped)
+    assert "strategy sequential · unfinished: 2 hop(s), Domain3, Domain4 not trained yet" in page
+
+
+def _legend_colours(uri) -> dict[str, tuple]:
+    """Legend label → bar colour of a chart (``uri``: the figure itself, see the test below)."""
+    handles, labels = uri.axes[0].get_legend_handles_labels()
+    return {label: tuple(handle.patches[0].get_facecolor()) for handle, label in zip(handles, labels)}
+
+
+def test_a_run_has_the_same_colour_in_every_chart(tmp_path, monkeypatch):
+    from relaylearn.report import plots
+    from relaylearn.report.runs import find_runs
+
+    demo = tmp_path / "demo"
+    write_run(demo / "joint" / "x", "joint", ["+".join(SITES[:4])], seed=3)  # no forgetting per site: not in that chart
+    write_run(demo / "relay" / "x", "relay", SITES[:4], seed=1)
+    write_run(demo / "sequential" / "x", "sequential", SITES[:4], seed=2)
+    runs = find_runs(demo, "x")
+    monkeypatch.setattr(plots, "data_uri", lambda fig: fig)
+    forgetting, final = _legend_colours(plots.forgetting_bars(runs)), _legend_colours(plots.final_dice_bars(runs))
+    assert set(forgetting) == {"relay", "sequential"} and set(final) == {"joint", "relay", "sequential"}
+    assert all(forgetting[label] == final[label] for label in forgetting)
+    assert len(set(final.values())) == 3
+
+
+def _run_with_matrix(path: Path, trained: list[str], R: list[list[float]]) -> Path:
+    (path / "metrics").mkdir(parents=True)
+    (path / "metrics" / "matrix.json").write_text(json.dumps({"sites": SITES[:3], "trained": trained, "R": R}))
+    return path
+
+
+def test_an_empty_matrix_or_an_undefined_forgetting_is_a_note_not_a_broken_chart(tmp_path):
+    from relaylearn.report import build_report
+
+    page = build_report(_run_with_matrix(tmp_path / "empty", [], []))
+    assert "Error" not in page and "no heat-map: R is empty (no site has finished training)" in section_of(page, "matrix")
+    assert images_in(page, "matrix") == images_in(page, "dice") == images_in(page, "final") == 0
+    page = build_report(_run_with_matrix(tmp_path / "nan", SITES[:2], [[0.8, float("nan"), 0.2], [float("nan"), 0.7, 0.1]]))
+    assert images_in(page, "forgetting") == 0 and "no forgetting per site (undefined: R holds NaN)" in section_of(page, "forgetting")
