@@ -31,6 +31,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _seed(text: str) -> int:
+    """A --seed value: a whole number from 0 to 2^31-1 (argparse error, exit 2, otherwise)."""
+    from relaylearn.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (a whole number from 0 to {MAX_SEED})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relaylearn", description="Relay Learning: train one model across hospitals that never connect.")
     parser.add_argument("--version", action="version", version=f"relaylearn {__version__}")
@@ -41,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser("synth", help="write the embedded synthetic multi-site fundus benchmark (DoFE layout)")
     synth.add_argument("out_dir")
     synth.add_argument("--size", type=int, default=None, help="image side in pixels (default 128; --kind ct: 64)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=_seed, default=0)
     synth.add_argument("--overwrite", action="store_true")
     synth.add_argument("--kind", choices=["fundus", "ct"], default="fundus", help="fundus (DoFE layout, 5 sites) or ct (4 CT scanners, ct_nifti layout)")
     synth.add_argument("--studies", type=int, default=10, help="--kind ct: studies per site (default 10)")
@@ -115,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-verify", action="store_true", help="audit the bundle without checking its signature (recorded in the report)")
     audit.add_argument("--n-generated", type=int, default=1000, help="generated pairs (default 1000)")
     audit.add_argument("--threshold", type=float, default=0.6, help="membership-inference AUC above which a check is flagged (default 0.6)")
-    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--seed", type=_seed, default=0)
     audit.add_argument("--out", default=None, help="folder for <site>.json and <site>_closest_pairs.png (default exps/audit/<bundle name>)")
     audit.add_argument("--json", action="store_true", help="print the figures as JSON")
 

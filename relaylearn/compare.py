@@ -49,11 +49,11 @@ from typing import Any
 
 from relaylearn.config import RunConfig, load_config
 from relaylearn.devices import release_memory
-from relaylearn.errors import UserError
+from relaylearn.errors import ConfigError, UserError
 from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.results import external_dice
-from relaylearn.runner import TrainOptions, run_training
+from relaylearn.runner import TrainOptions, config_changes, resolved_config, run_training
 from relaylearn.workers import check_workers, train_shared
 
 ORDER_SEED = 20231024  # fixed: every strategy sees the same random orders
@@ -353,6 +353,9 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
     matrix = json.loads(matrix_path.read_text()) if matrix_path.is_file() else None
     wall = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.is_file() else 0.0
     if is_complete(matrix, expected_rows(run)):
+        changes = config_changes(matrix_path.parent.parent, resolved_config(run.config))
+        if changes:
+            raise ConfigError(f"{name}: this run was trained with another config ({changes}); a new budget or seed needs a new -n", matrix_path.parent.parent)
         _say(quiet or not header, f"{header}: done, skipping")
     else:
         _say(quiet or not header, f"{header}: training")

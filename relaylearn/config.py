@@ -23,6 +23,10 @@ from relaylearn.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+#: seeds stay in numpy's range (0 .. 2^32-1) after a site adds its task id
+MAX_SEED = 2**31 - 1
+MAX_TASK_ID = 1_000_000
+
 #: one Adam β: 0 ≤ β < 1
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -47,7 +51,7 @@ class DatasetKwargs(Strict):
 
     root_path: Union[str, dict[str, str]] = Field("data/synth", description="Dataset root; may be a dict keyed by OS name (Linux/Windows/Darwin).")
     img_folder: Union[str, list[str], None] = Field(None, description="Site folder(s) under root_path; a list merges several folders into one site.")
-    task_id: Optional[int] = Field(None, description="Integer id of the site (1-based, defines the relay order in the original).")
+    task_id: Optional[int] = Field(None, ge=0, le=MAX_TASK_ID, description="Integer id of the site (1-based, defines the relay order in the original).")
     task_name: Optional[str] = Field(None, description="Unique site name (pseudonymous name in bundles, conditioning key for the replay GAN).")
     use_roi: bool = Field(True, description="DoFE layout: read images from the ROIs/ sub-folder.")
     img_size: tuple[int, int] = Field((64, 64), description="Training resolution (H, W) in pixels.")
@@ -261,7 +265,7 @@ class AuditConfig(Strict):
 
 
 class CommonConfig(Strict):
-    random_seed: int = Field(1314, description="Seed; site k uses random_seed + task_id.")
+    random_seed: int = Field(1314, ge=0, le=MAX_SEED, description="Seed (0 to 2^31-1); site k uses random_seed + task_id.")
     dataset: DatasetConfig = DatasetConfig()
     strategy: NamedKwargs = NamedKwargs(name="sequential")
     model: ModelConfig = ModelConfig()

@@ -137,7 +137,7 @@ class RelayRun:
                 ledger.check(self.incoming)
         for task in self.cfg.tasks:  # a bad strategy option fails before anything is written, naming the config
             parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path)
-        resolved = [t.model_dump(mode="json") for t in self.cfg.tasks]
+        resolved = resolved_config(self.cfg)
         if self.opts.resume:
             self._check_same_config(resolved)
         self._check_data()
@@ -158,6 +158,7 @@ class RelayRun:
             "argv": sys.argv,
             "versions": software_versions(detailed=True),
             "precision": self._precisions(),
+            "threads": torch.get_num_threads(),  # a seeded run repeats exactly for a given thread count
             "recipe": self.recipe_record,
             "results_stamp": self.stamp,
         }
@@ -200,35 +201,11 @@ class RelayRun:
         self._log(f"data: {len(self.cfg.test_datasets)} test set(s) and {len(self.cfg.tasks)} training folder(s) read ({time.time() - started:.0f} s)")
 
     def _check_same_config(self, resolved: list[dict]) -> None:
-        """``--resume`` continues the run with the config it started with: ConfigError naming every
-        key that differs (data paths, devices and logging intervals may change; keys the earlier
-        run did not have yet, from an older relaylearn, are not compared)."""
-        path = self.run_dir / "resolved_config.yaml"
-        if not path.is_file():
-            return
-        import yaml
-
-        from relaylearn.recipe import flatten
-
-        before = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if not isinstance(before, list) or len(before) != len(resolved):
+        """``--resume`` continues the run with the config it started with."""
+        changes = config_changes(self.run_dir, resolved)
+        if changes:
             raise ConfigError(
-                f"--resume: the run was started with {len(before) if isinstance(before, list) else '?'} site(s) and this config has {len(resolved)}; start a new run with another -n",
-                self.cfg.path,
-            )
-        may_change = ("dataset.kwargs.root_path", "dataset.kwargs.img_folder", "train.lightning.", "train.log_every_n_steps", "train.checkpoint_every_n_steps")
-        changed = []
-        for old_task, new_task in zip(before, resolved):
-            old_flat, new_flat = flatten(old_task), flatten(new_task)
-            changed += [
-                f"{key}: {new_flat[key]!r} now, {old_flat[key]!r} before"
-                for key in new_flat
-                if key in old_flat and old_flat[key] != new_flat[key] and not key.startswith(may_change)
-            ]
-        if changed:
-            shown = "; ".join(list(dict.fromkeys(changed))[:5])
-            raise ConfigError(
-                f"--resume with another config than the run started with ({shown}); resume with the same config and --set, or start a new run with another -n",
+                f"--resume with another config than the run started with ({changes}); resume with the same config and --set, or start a new run with another -n",
                 self.cfg.path,
             )
 
@@ -647,6 +624,47 @@ class RelayRun:
         if self.signing_key is not None:
             return self.signing_key.site
         return task.dataset.site if "+" not in site_name else site_name
+
+
+#: keys a resumed run may change: where the data is, which devices, how often it logs
+MAY_CHANGE_ON_RESUME = (
+    "dataset.kwargs.root_path",
+    "dataset.kwargs.img_folder",
+    "train.lightning.",
+    "train.log_every_n_steps",
+    "train.checkpoint_every_n_steps",
+)
+
+
+def resolved_config(cfg: RunConfig) -> list[dict]:
+    """The per-site config a run records in ``resolved_config.yaml``."""
+    return [t.model_dump(mode="json") for t in cfg.tasks]
+
+
+def config_changes(run_dir: Path, resolved: list[dict]) -> str:
+    """How ``resolved`` (see :func:`resolved_config`) differs from the config the run in
+    ``run_dir`` recorded ("" when it does not, or nothing was recorded): up to five
+    ``key: now, before`` items. Keys in :data:`MAY_CHANGE_ON_RESUME`, and keys the earlier run
+    did not have (an older relaylearn), are not compared."""
+    import yaml
+
+    from relaylearn.recipe import flatten
+
+    path = run_dir / "resolved_config.yaml"
+    if not path.is_file():
+        return ""
+    before = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(before, list) or len(before) != len(resolved):
+        return f"{len(resolved)} site(s) now, {len(before) if isinstance(before, list) else '?'} before"
+    changed = []
+    for old_task, new_task in zip(before, resolved):
+        old_flat, new_flat = flatten(old_task), flatten(new_task)
+        changed += [
+            f"{key}: {new_flat[key]!r} now, {old_flat[key]!r} before"
+            for key in new_flat
+            if key in old_flat and old_flat[key] != new_flat[key] and not key.startswith(MAY_CHANGE_ON_RESUME)
+        ]
+    return "; ".join(list(dict.fromkeys(changed))[:5])
 
 
 def _previous_hop(previous: dict | None, position: int, site_name: str) -> tuple[list[float], list[float] | None, dict | None] | None:

@@ -74,8 +74,14 @@ def finish_helpers(helpers: list[subprocess.Popen], root: Path) -> list[str]:
 def train_shared(jobs: Iterable[tuple[str, Callable[[], object]]], root: Path, *, workers: int, claim_only: bool, argv: list[str]) -> list[str]:
     """Run each ``(claim key, train)`` job this process claims; the first process (not
     ``claim_only``) starts the helpers first and waits for them after. Returns failure lines."""
+    import torch
+
+    threads = torch.get_num_threads()
     helpers = [] if claim_only else start_helpers(argv, workers, root)
-    for key, train in jobs:
-        if claim(root, key):
-            train()
+    try:
+        for key, train in jobs:
+            if claim(root, key):
+                train()
+    finally:
+        torch.set_num_threads(threads)  # the caller gets its threads back
     return [] if claim_only else finish_helpers(helpers, root)

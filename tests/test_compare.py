@@ -4,6 +4,7 @@ through the command line, including the resume after an interruption."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -184,8 +185,17 @@ def test_workers_share_the_runs_and_give_the_same_table(tmp_path, tiny_fundus, m
     monkeypatch.chdir(tmp_path)
     config = str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", steps=1))
     common = ["compare", "-c", config, "--orders", "2", "--seeds", "1", "-q"]
-    assert main([*common, "-n", "two", "--workers", "2"]) == 0
-    assert main([*common, "-n", "one"]) == 0
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    threads = torch.get_num_threads()
+    assert main([*common, "-n", "two", "--workers", "2"]) == 0  # one thread per worker
+    assert torch.get_num_threads() == threads, "the caller gets its threads back"
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "-n", "one"]) == 0  # one worker at the same thread count
+    finally:
+        torch.set_num_threads(threads)
     root = tmp_path / "exps" / "compare"
     claims = sorted(p.name for p in (root / "two" / ".claims").iterdir() if p.is_dir())
     assert claims == ["sequential__order0_seed0", "sequential__order1_seed0"]  # each run claimed once
@@ -193,6 +203,7 @@ def test_workers_share_the_runs_and_give_the_same_table(tmp_path, tiny_fundus, m
     two, one = (json.loads((root / n / "matrices.json").read_text()) for n in ("two", "one"))
     for key in ("order0_seed0", "order1_seed0"):
         assert two["sequential"][key]["matrix"]["R"] == one["sequential"][key]["matrix"]["R"], "seeded: where a run trains does not matter"
+        assert json.loads((root / "two" / "sequential" / key / "sequential" / f"two-o{key[5]}-s0" / "run.json").read_text())["threads"] == 1
     assert (root / "two" / "report.html").is_file()
     assert main([*common, "-n", "bad", "--workers", "0"]) == 2
 
@@ -244,3 +255,15 @@ def test_the_docs_name_every_table_column_and_matrices_entry(tmp_path, tiny_fund
         assert f"``{column}``" in compare.__doc__ or (metric != column and f"``{metric}``" in compare.__doc__), column
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("## Comparing strategies")[1].split("\n\n|")[0]
     assert all(name in readme for name in ("`config`", "`wall_s_total`", "replay fidelity", "MIA AUC", "`matrices.json`"))
+
+
+def test_a_finished_comparison_re_run_with_another_budget_is_refused(tmp_path, tiny_fundus, monkeypatch, capsys):
+    """The old runs are not relabelled with the new seed or budget."""
+    monkeypatch.chdir(tmp_path)
+    config = str(tiny_config(tmp_path, tiny_fundus, strategy="sequential", steps=1, task_ids=(1,)))
+    common = ["compare", "-c", config, "-n", "c", "--orders", "1", "--seeds", "1", "-q", "-g", "cpu"]
+    assert main(common) == 0
+    assert main(common) == 0, "the same command: finished runs are skipped"
+    capsys.readouterr()
+    assert main([*common, "--set", "random_seed=99"]) == 2
+    assert "random_seed: 99 now, 7 before" in capsys.readouterr().err

@@ -257,3 +257,20 @@ def test_the_air_class_needs_ct_slices_that_can_hold_air(tmp_path):
     shipped = load_config(str(path), air[:2]).tasks[0].model_dump(mode="json")  # a bundle written before the check still reads
     shipped["dataset"]["kwargs"].update(add_bg_label=True, hu_min=-160)
     assert shipped_task_config(shipped).dataset.kwargs.add_bg_label
+
+
+@pytest.mark.parametrize("bad", ["random_seed=-5", "random_seed=4294967294", "dataset.kwargs.task_id=-1"])
+def test_seeds_outside_numpys_range_are_config_errors(tmp_path, tiny_fundus, bad):
+    """They used to fail as an internal error when a site started (after earlier sites trained)."""
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[-1]):
+        load_config(str(tiny_config(tmp_path, tiny_fundus)), [bad])
+
+
+def test_a_seed_option_out_of_range_is_a_usage_error(tmp_path, capsys):
+    from relaylearn.cli import main
+
+    assert main(["data", "synth", str(tmp_path / "out"), "--seed", "-1", "--size", "32"]) == 2
+    assert "is not a seed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
