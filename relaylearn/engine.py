@@ -311,6 +311,18 @@ def real_data_augmentation(kwargs):
     return from_config(kwargs.augment, tuple(kwargs.out_range))
 
 
+def require_training_images(count: int, task, site_name: str) -> None:
+    """DataError unless a site has the 2 training images BatchNorm needs (after the validation
+    hold-out); ``task``: its config (``dataset.kwargs.val_fraction`` goes into the message)."""
+    from relaylearn.errors import DataError
+
+    if count < 2:
+        raise DataError(
+            f"site '{site_name}' has {count} training image(s) after the validation hold-out "
+            f"(dataset.kwargs.val_fraction {task.dataset.kwargs.val_fraction}); training needs at least 2"
+        )
+
+
 @contextlib.contextmanager
 def _stops_as_interrupted(trainer, site_name: str):
     """Ctrl-C and SIGTERM inside ``trainer.fit`` as :class:`Interrupted` (exit 130 / 143, one line
@@ -354,14 +366,9 @@ def fit_site(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from relaylearn.devices import keep_freed_host_memory, parse_devices, resolve_precision
-    from relaylearn.errors import DataError
 
     train, k = task.train, task.dataset.kwargs
-    if len(images) < 2:  # BatchNorm cannot train on one sample
-        raise DataError(
-            f"site '{task.dataset.site}' has {len(images)} training image(s) after the validation hold-out "
-            f"(dataset.kwargs.val_fraction {k.val_fraction}); training needs at least 2"
-        )
+    require_training_images(len(images), task, site_name)
     accelerator, devs = parse_devices(devices, train.lightning)
     if accelerator == "cpu":
         keep_freed_host_memory()

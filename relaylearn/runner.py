@@ -16,8 +16,8 @@ import torch
 from relaylearn.assembly import check_bundle_fits, load_split, load_training_folder, local_plugins, part_of, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
-from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, seed_site
-from relaylearn.errors import ConfigError, UserError, VerificationError
+from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
+from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, local_stamp, software_versions, utc_now
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
@@ -187,15 +187,19 @@ class RelayRun:
         for group in self._groups():
             k = group[0].dataset.kwargs  # a group trains with its first site's options (fit_site)
             positive = []
+            count = 0
             for task in group:
                 data, parts = load_training_folder(task.dataset)
+                count += len(data) if parts is None else len(parts[0])
                 if validation is not None:
                     validation[task.dataset.site] = part_of(data, parts[1])
                 if k.neg_pos_ratio:
                     slices = positive_slices(data.labels, k)
                     positive.append(slices if parts is None else slices[parts[0]])
+            site_name = "+".join(t.dataset.site for t in group)
+            require_training_images(count, group[0], site_name)
             if k.neg_pos_ratio:
-                require_positive_slices(torch.cat(positive), k, "+".join(t.dataset.site for t in group))
+                require_positive_slices(torch.cat(positive), k, site_name)
         if validation is not None:
             self._val_cache = validation
         self._log(f"data: {len(self.cfg.test_datasets)} test set(s) and {len(self.cfg.tasks)} training folder(s) read ({time.time() - started:.0f} s)")
@@ -433,6 +437,7 @@ class RelayRun:
             stale = self._checkpoint_dir(task) / "last.ckpt"
             stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
             stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
+            stale.with_name(DATA_RECORD).unlink(missing_ok=True)
         matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
@@ -464,6 +469,8 @@ class RelayRun:
         images = torch.cat([d.images for d in datas])
         labels = torch.cat([d.labels for d in datas])
         site_name = "+".join(t.dataset.site for t in group)
+        if is_main_process():
+            self._check_same_data(task, site_name, images, labels)
         strategy = restore_strategy(task, parent)
         fit = fit_site(
             strategy,
@@ -522,6 +529,30 @@ class RelayRun:
                 if task_id and task_id.isdigit():
                     found[int(task_id)] = ([r for r in summary_rows if r["task_id"] == task_id], [r for r in image_rows if r.get("task_id") == task_id])
         return found
+
+    def _check_same_data(self, task: TaskConfig, site_name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Beside a site's resume checkpoint, a record of the data it trains on (count and SHA-256
+        of the decoded tensors): a resume on other data is refused (it would neither continue the
+        same data order nor equal an uninterrupted run); a fresh start writes the record."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for tensor in (images, labels):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        record = {"images": len(images), "sha256": digest.hexdigest()}
+        folder = self._checkpoint_dir(task)
+        earlier = folder / DATA_RECORD
+        if self.opts.resume and (folder / "last.ckpt").is_file() and earlier.is_file():
+            before = json.loads(earlier.read_text())
+            if before != record:
+                raise DataError(
+                    f"the training data of site {site_name} changed since the run stopped ({record['images']} image(s) now, {before.get('images')} before, "
+                    "or their pixels differ): restore it to resume, or start a new run with another -n",
+                    earlier,
+                )
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(earlier, json.dumps(record))
 
     def _checkpoint_dir(self, task: TaskConfig) -> Path:
         """Where a site's local resume checkpoint ``last.ckpt`` lives (never shipped)."""
@@ -625,6 +656,9 @@ class RelayRun:
             return self.signing_key.site
         return task.dataset.site if "+" not in site_name else site_name
 
+
+#: beside a site's resume checkpoint: what it trains on (``_check_same_data``)
+DATA_RECORD = "data.json"
 
 #: keys a resumed run may change: where the data is, which devices, how often it logs
 MAY_CHANGE_ON_RESUME = (

@@ -126,3 +126,4 @@ def test_a_hold_out_that_leaves_one_training_image_is_one_line(tmp_path, config)
     assert result.code == 2
     line = one_line_error(result.err)
     assert "val_fraction" in line and "at least 2" in line
+    assert not (tmp_path / "exps").exists(), "found before the run folder is written (and before a ledger would move)"

@@ -257,3 +257,35 @@ def test_resume_with_another_config_or_beside_a_running_process_is_refused(tmp_p
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another relaylearn process is training in this run folder"):
             run_training(cfg, "r", dataclasses.replace(opts, resume=True))
+
+
+def test_resume_on_changed_training_data_is_refused(tmp_path, tiny_fundus, monkeypatch, capsys):
+    """The same data order and an uninterrupted run's result need the same data: a site whose
+    training images changed since it stopped is not resumed silently."""
+    import shutil
+
+    from relaylearn.cli import main
+    from relaylearn.strategies.sequential import Sequential
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_fundus, data)
+    original = Sequential.training_step
+    calls = []
+
+    def stopping_step(self, batch, step):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, step)
+
+    monkeypatch.setattr(Sequential, "training_step", stopping_step)
+    config = tiny_config(tmp_path, data, task_ids=(1,), steps=8, checkpoint_every_n_steps=2)
+    argv = ["train", "-c", str(config), "-n", "s", "-g", "cpu", "-q"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 130
+    monkeypatch.setattr(Sequential, "training_step", original)
+    for part in ("image", "mask"):
+        sorted((data / "Domain1" / "train" / "ROIs" / part).iterdir())[-1].unlink()
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "the training data of site Domain1 changed since the run stopped" in capsys.readouterr().err
