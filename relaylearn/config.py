@@ -289,6 +289,11 @@ class TaskConfig(CommonConfig):
 
     checkpoint: CheckpointConfig = CheckpointConfig()
 
+    @property
+    def site_seed(self) -> int:
+        """The seed this site trains with: ``random_seed + task_id``."""
+        return self.random_seed + (self.dataset.kwargs.task_id or 0)
+
 
 class CurrentTasks(Strict):
     task_ids: list[int] = Field(min_length=1)

@@ -153,7 +153,7 @@ class RelayRun:
             "config_path": str(self.cfg.path),
             "name": self.name,
             "seed": self.cfg.tasks[0].random_seed,
-            "task_seeds": {t.dataset.kwargs.task_id: t.random_seed + (t.dataset.kwargs.task_id or 0) for t in self.cfg.tasks},
+            "task_seeds": {t.dataset.kwargs.task_id: t.site_seed for t in self.cfg.tasks},
             "started_utc": utc_now(),
             "argv": sys.argv,
             "versions": software_versions(detailed=True),
@@ -462,7 +462,7 @@ class RelayRun:
     def _train_site(self, group: list[TaskConfig], parent, position: int) -> HopOutcome:
         """Restore → fit → evaluate one site (a group of several for pooled training)."""
         task = group[0]
-        seed = task.random_seed + (task.dataset.kwargs.task_id or 0)
+        seed = task.site_seed
         seed_site(seed)
         started = utc_now()
         datas = [load_split(t.dataset, "train") for t in group]
