@@ -353,7 +353,7 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
     matrix = json.loads(matrix_path.read_text()) if matrix_path.is_file() else None
     wall = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.is_file() else 0.0
     if is_complete(matrix, expected_rows(run)):
-        changes = config_changes(matrix_path.parent.parent, resolved_config(run.config))
+        changes = config_changes(matrix_path.parent.parent, resolved_config(run.config), [d.site for d in run.config.test_datasets])
         if changes:
             raise ConfigError(f"{name}: this run was trained with another config ({changes}); a new budget or seed needs a new -n", matrix_path.parent.parent)
         _say(quiet or not header, f"{header}: done, skipping")

@@ -206,7 +206,7 @@ class RelayRun:
 
     def _check_same_config(self, resolved: list[dict]) -> None:
         """``--resume`` continues the run with the config it started with."""
-        changes = config_changes(self.run_dir, resolved)
+        changes = config_changes(self.run_dir, resolved, [d.site for d in self.cfg.test_datasets])
         if changes:
             raise ConfigError(
                 f"--resume with another config than the run started with ({changes}); resume with the same config and --set, or start a new run with another -n",
@@ -389,7 +389,7 @@ class RelayRun:
             columns = [sites.index(t.dataset.site) for t in group if t.dataset.site in sites]
             if self.opts.resume and bundle_path.is_file():
                 parent, from_outside = self._read_bundle(bundle_path, allow_unsigned=not self.signed, own=True), False
-                kept = _previous_hop(previous, position, site_name)
+                kept = _previous_hop(previous, position, site_name, sites)
                 if kept is not None and task_id in earlier_rows:
                     row, val_row, site_class = kept
                     summary.extend(earlier_rows[task_id][0])
@@ -409,6 +409,11 @@ class RelayRun:
                     ledger.record(parent, written=True)
                 self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
                 bundles.append(bundle_path)
+                if is_main_process():  # a run stopped after this bundle, before the site's last steps
+                    hop_number = len(parent.manifest.get("hops", [])) or position + 1
+                    if task.audit.after_each_hop and strategy_cls.replays() and not _audited(self.run_dir, hop_number):
+                        self._privacy_audit(restore_strategy(task, parent), hop_number, site_name)
+                    self._remove_resume_point(task)
                 continue
             if parent is not None and from_outside and deployed and is_main_process():
                 ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"])
@@ -434,10 +439,7 @@ class RelayRun:
                 ledger.record(parent, written=True)
             self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
             self._sync()
-            stale = self._checkpoint_dir(task) / "last.ckpt"
-            stale.unlink(missing_ok=True)  # the site is done: its resume point is the bundle now
-            stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
-            stale.with_name(DATA_RECORD).unlink(missing_ok=True)
+            self._remove_resume_point(task)
         matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
         self._sync()  # DDP: every rank has finished training before rank 0 reports
         if not is_main_process():
@@ -449,6 +451,13 @@ class RelayRun:
             except UserError as exc:  # checked before training; the disk may still fill up or go away
                 raise UserError(f"{exc.message}; the bundle this site wrote is {bundles[-1]}: copy that file instead", exc.path) from None
         return RunResult(self.run_dir, matrix, bundles, time.time() - started)
+
+    def _remove_resume_point(self, task: TaskConfig) -> None:
+        """The site is done: its resume point is its bundle now."""
+        stale = self._checkpoint_dir(task) / "last.ckpt"
+        stale.unlink(missing_ok=True)
+        stale.with_suffix(".tmp").unlink(missing_ok=True)  # a checkpoint half-written when a run was killed
+        stale.with_name(DATA_RECORD).unlink(missing_ok=True)
 
     def _log(self, msg: str) -> None:
         if not self.opts.quiet and is_main_process():
@@ -675,39 +684,68 @@ def resolved_config(cfg: RunConfig) -> list[dict]:
     return [t.model_dump(mode="json") for t in cfg.tasks]
 
 
-def config_changes(run_dir: Path, resolved: list[dict]) -> str:
-    """How ``resolved`` (see :func:`resolved_config`) differs from the config the run in
-    ``run_dir`` recorded ("" when it does not, or nothing was recorded): up to five
-    ``key: now, before`` items. Keys in :data:`MAY_CHANGE_ON_RESUME`, and keys the earlier run
-    did not have (an older relaylearn), are not compared."""
+#: option mappings whose keys a config chooses (a key set now and not before is a change)
+FREE_FORM_OPTIONS = ("strategy.kwargs.", "model.kwargs.", "train.loss.kwargs.")
+
+
+def config_changes(run_dir: Path, resolved: list[dict], test_sites: list[str]) -> str:
+    """How ``resolved`` (see :func:`resolved_config`) and the ``test_sites`` (the columns of R)
+    differ from what the run in ``run_dir`` recorded ("" when they do not, or nothing was
+    recorded): up to five ``key: now, before`` items. Keys in :data:`MAY_CHANGE_ON_RESUME` are not
+    compared, nor schema fields the earlier run did not have (an older relaylearn)."""
     import yaml
 
     from relaylearn.recipe import flatten
 
+    changed = []
+    try:
+        columns = json.loads((run_dir / "metrics" / "matrix.json").read_text())["sites"]
+    except (OSError, ValueError, KeyError, TypeError):
+        columns = None
+    if columns is not None and columns != test_sites:
+        changed.append(f"test sites: {', '.join(test_sites)} now, {', '.join(map(str, columns))} before")
     path = run_dir / "resolved_config.yaml"
     if not path.is_file():
-        return ""
+        return "; ".join(changed)
     before = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(before, list) or len(before) != len(resolved):
         return f"{len(resolved)} site(s) now, {len(before) if isinstance(before, list) else '?'} before"
-    changed = []
+    unset = object()
     for old_task, new_task in zip(before, resolved):
         old_flat, new_flat = flatten(old_task), flatten(new_task)
-        changed += [
-            f"{key}: {new_flat[key]!r} now, {old_flat[key]!r} before"
-            for key in new_flat
-            if key in old_flat and old_flat[key] != new_flat[key] and not key.startswith(MAY_CHANGE_ON_RESUME)
-        ]
+        for key in dict.fromkeys([*new_flat, *old_flat]):
+            old, new = old_flat.get(key, unset), new_flat.get(key, unset)
+            if old == new or key.startswith(MAY_CHANGE_ON_RESUME):
+                continue
+            if old is unset and not (key + ".").startswith(FREE_FORM_OPTIONS):
+                continue  # a field an older relaylearn did not have
+            if {} in (old, new) and unset in (old, new):
+                continue  # an empty option mapping: its keys on the other side are the change
+            changed.append(f"{key}: {'unset' if new is unset else repr(new)} now, {'unset' if old is unset else repr(old)} before")
     return "; ".join(list(dict.fromkeys(changed))[:5])
 
 
-def _previous_hop(previous: dict | None, position: int, site_name: str) -> tuple[list[float], list[float] | None, dict | None] | None:
+def _previous_hop(previous: dict | None, position: int, site_name: str, sites: list[str]) -> tuple[list[float], list[float] | None, dict | None] | None:
     """(row of R, validation row, per-class Dice) of the hop at ``position`` from the matrix.json of
-    the run being resumed, if it holds that hop for ``site_name`` (None otherwise)."""
-    if not previous or position >= len(previous.get("R") or []) or (previous.get("trained") or [])[position : position + 1] != [site_name]:
+    the run being resumed, if it holds that hop for ``site_name`` with the test sites ``sites`` as
+    its columns (None otherwise)."""
+    if (
+        not previous
+        or previous.get("sites") != sites
+        or position >= len(previous.get("R") or [])
+        or (previous.get("trained") or [])[position : position + 1] != [site_name]
+    ):
         return None
     validation = (previous.get("validation") or {}).get("R") or []
     return previous["R"][position], validation[position] if position < len(validation) else None, (previous.get("per_class") or {}).get(site_name)
+
+
+def _audited(run_dir: Path, hop: int) -> bool:
+    """Whether ``metrics/privacy.json`` holds the privacy audit after ``hop``."""
+    try:
+        return any(h.get("hop") == hop for h in json.loads((run_dir / "metrics" / "privacy.json").read_text())["hops"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:

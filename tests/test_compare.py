@@ -246,7 +246,9 @@ def test_the_docs_name_every_table_column_and_matrices_entry(tmp_path, tiny_fund
     run = compare.plan_runs([load_config(str(tiny_config(tmp_path, tiny_fundus)))], 1, 1)[0]
     folder = tmp_path / "r" / run.config.name / "n-o0-s0" / "metrics"
     folder.mkdir(parents=True)
-    (folder / "matrix.json").write_text(json.dumps({"sites": ["A"], "trained": ["A"] * len(run.order), "R": [[0.5]] * len(run.order), "acc": 0.5}))
+    sites = [d.site for d in run.config.test_datasets]
+    matrix = {"sites": sites, "trained": sites[:1] * len(run.order), "R": [[0.5] * len(sites)] * len(run.order), "acc": 0.5}
+    (folder / "matrix.json").write_text(json.dumps(matrix))
     entry = compare.train_or_resume(run, tmp_path / "r", "n")  # complete: read, not trained
     assert all(f'"{key}"' in compare.__doc__ for key in entry), "matrices.json entries"
     (row,) = summarise({"relay": {run.key: entry}}, {"relay": "demo/relay"})

@@ -289,3 +289,57 @@ def test_resume_on_changed_training_data_is_refused(tmp_path, tiny_fundus, monke
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 2
     assert "the training data of site Domain1 changed since the run stopped" in capsys.readouterr().err
+
+
+def test_resume_compares_free_option_keys_and_the_test_sites(tmp_path, tiny_fundus):
+    """A loss/strategy/model option set now and not before (those blocks take any key) and another
+    set of test sites are changes too: the earlier rows would be published under them."""
+    import dataclasses
+
+    from relaylearn.errors import ConfigError
+
+    cfg, opts, first = _finished(tmp_path, tiny_fundus)
+    resume = dataclasses.replace(opts, resume=True)
+    added = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1, 2), steps=2)), ["train.loss.kwargs.gamma=0.9"])
+    with pytest.raises(ConfigError, match=r"train\.loss\.kwargs\.gamma: 0\.9 now, unset before"):
+        run_training(added, "r", resume)
+    fewer_tests = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1, 2), steps=2)))
+    fewer_tests.test_datasets = fewer_tests.test_datasets[:2]
+    with pytest.raises(ConfigError, match=r"test sites: Domain1, Domain2 now, Domain1, Domain2, Domain3 before"):
+        run_training(fewer_tests, "r", resume)
+    assert run_training(cfg, "r", resume).matrix["R"] == first.matrix["R"]
+
+
+def test_resume_after_a_bundle_finishes_the_sites_audit_and_removes_its_checkpoint(tmp_path, tiny_fundus):
+    """Stopped after site 1's bundle, before its privacy audit and the removal of its resume point:
+    --resume does both (the audit equals the one an uninterrupted run wrote)."""
+    import dataclasses
+    import json
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="relay", strategy_kwargs=TINY, task_ids=(1, 2), steps=2)))
+    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu")
+    first = run_training(cfg, "r", opts)
+    privacy_path = first.run_dir / "metrics" / "privacy.json"
+    privacy = json.loads(privacy_path.read_text())
+    assert [h["hop"] for h in privacy["hops"]] == [1, 2]
+    privacy_path.write_text(json.dumps({**privacy, "hops": privacy["hops"][1:]}))
+    leftover = first.run_dir / "checkpoints" / "task_1" / "last.ckpt"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"stale")
+    run_training(cfg, "r", dataclasses.replace(opts, resume=True))
+    again = json.loads(privacy_path.read_text())
+    assert [h["hop"] for h in again["hops"]] == [1, 2] and not leftover.exists()
+    (before_site,), (after_site,) = privacy["hops"][0]["sites"].values(), again["hops"][0]["sites"].values()
+    assert after_site["flagged"] == before_site["flagged"]  # the same audit, from the bundle's generators (float rounding aside)
+    for old, new in zip(before_site["checks"], after_site["checks"], strict=True):
+        old_ratio, new_ratio = (c.get("ratio_of_medians", {}).get("value") for c in (old, new))
+        assert new["check"] == old["check"] and (new_ratio == old_ratio or new_ratio == pytest.approx(old_ratio, rel=1e-5))
+
+
+def test_earlier_rows_are_kept_only_for_the_same_test_sites():
+    from relaylearn.runner import _previous_hop
+
+    previous = {"sites": ["A", "B"], "trained": ["A"], "R": [[0.5, 0.1]], "validation": {"R": [[0.4]]}, "per_class": {}}
+    assert _previous_hop(previous, 0, "A", ["A", "B"]) == ([0.5, 0.1], [0.4], None)
+    assert _previous_hop(previous, 0, "A", ["A", "B", "C"]) is None  # evaluated again with the new column
+    assert _previous_hop(previous, 0, "B", ["A", "B"]) is None
