@@ -49,7 +49,7 @@ from typing import Any
 
 from relaylearn.config import RunConfig, load_config
 from relaylearn.devices import release_memory
-from relaylearn.errors import ConfigError, UserError
+from relaylearn.errors import ConfigError, UserError, resumes_by_rerunning
 from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.results import external_dice
@@ -360,7 +360,8 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
     else:
         _say(quiet or not header, f"{header}: training")
         started = time.time()
-        result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
+        with resumes_by_rerunning():
+            result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
         matrix = result.matrix
         del result
         release_memory()  # the next run of this process starts from the same footprint
