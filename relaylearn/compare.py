@@ -49,8 +49,8 @@ from typing import Any
 
 from relaylearn.config import RunConfig, load_config
 from relaylearn.devices import release_memory
-from relaylearn.errors import ConfigError, UserError
-from relaylearn.files import EXPS_ROOT, atomic_write, csv_text
+from relaylearn.errors import ConfigError, UserError, resumes_by_rerunning
+from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.results import external_dice
 from relaylearn.runner import TrainOptions, config_changes, resolved_config, run_training
@@ -360,7 +360,8 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
     else:
         _say(quiet or not header, f"{header}: training")
         started = time.time()
-        result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
+        with resumes_by_rerunning():
+            result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
         matrix = result.matrix
         del result
         release_memory()  # the next run of this process starts from the same footprint
@@ -399,8 +400,7 @@ def compare_strategies(
     ``workers`` > 1: helper processes of the command ``argv`` share the runs
     (:mod:`relaylearn.workers`); ``claim_only``: be such a helper (train claimed runs, write nothing)."""
     check_workers(workers)
-    if not name or any(c in name for c in " /\\"):
-        raise UserError(f"-n {name!r}: comparison name must be non-empty without spaces or slashes")
+    check_output_name(name, "comparison")
     if len(set(config_specs)) != len(config_specs):
         raise UserError("-c: a config is listed twice")
     configs = [load_config(spec.lstrip("="), overrides, data_root) for spec in config_specs]

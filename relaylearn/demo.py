@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from relaylearn.config import CONFIG_DIR, load_config
-from relaylearn.errors import RelayError
+from relaylearn.errors import RelayError, resumes_by_rerunning
 from relaylearn.files import atomic_write
 from relaylearn.replay_fidelity import final_fidelity
 from relaylearn.results import format_matrix, headline
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"\n=== demo/{strategy} ===", flush=True)
             cfg = load_config(f"demo/{strategy}", data_root=args.data_root)
-            result = run_training(cfg, args.name, TrainOptions(resume=True, quiet=args.quiet))
+            with resumes_by_rerunning():
+                result = run_training(cfg, args.name, TrainOptions(resume=True, quiet=args.quiet))
             print(format_matrix(result.matrix))
             h = headline(result.matrix)
             replay_path = result.run_dir / "metrics" / "replay.json"

@@ -333,7 +333,7 @@ def _stops_as_interrupted(trainer, site_name: str):
 
     from relaylearn.errors import Interrupted
 
-    hint = f"while site {site_name} trained; its last checkpoint is kept: run the same command again with --resume to continue"
+    hint = f"while site {site_name} trained; its last checkpoint is kept"
     try:
         yield
     except SIGTERMException:

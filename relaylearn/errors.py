@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,10 +40,28 @@ class VerificationError(RelayError):
 
 class Interrupted(RelayError):
     """Training was stopped by Ctrl-C (exit code 130) or a termination signal (143); the local
-    checkpoint is kept for ``--resume``."""
+    checkpoint is kept. ``how_to_continue`` ends the line: ``--resume`` unless the command resumes
+    by itself (:func:`resumes_by_rerunning`)."""
 
     exit_code = 130
+    RESUME = "run the same command again with --resume to continue"
+    RERUN = "run the same command again to continue (finished runs are skipped)"
 
-    def __init__(self, message: str, exit_code: int = 130):
+    def __init__(self, message: str, exit_code: int = 130, how_to_continue: str = RESUME):
         super().__init__(message)
         self.exit_code = exit_code
+        self.how_to_continue = how_to_continue
+
+    def __str__(self) -> str:
+        return f"{self.message}: {self.how_to_continue}"
+
+
+@contextmanager
+def resumes_by_rerunning() -> Iterator[None]:
+    """For commands that resume when run again (compare, tune, the demo; they take no
+    ``--resume``): an :class:`Interrupted` inside says so."""
+    try:
+        yield
+    except Interrupted as exc:
+        exc.how_to_continue = Interrupted.RERUN
+        raise

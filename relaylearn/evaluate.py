@@ -9,7 +9,7 @@ from relaylearn.assembly import load_split, local_plugins, provenance, read_any_
 from relaylearn.config import RunConfig
 from relaylearn.devices import inference_device
 from relaylearn.errors import UserError
-from relaylearn.files import EXPS_ROOT, atomic_write, local_stamp
+from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, local_stamp
 from relaylearn.results import per_image_rows, summary_row, write_results_csv
 
 
@@ -29,7 +29,9 @@ def run_test(
     from relaylearn.engine import evaluate_site
     from relaylearn.strategies import get_strategy_class
 
-    run_dir = Path(exps_root) / cfg.name / name.lstrip("=")
+    name = name.lstrip("=")
+    check_output_name(name, "run")
+    run_dir = Path(exps_root) / cfg.name / name
     task_ids = [t.dataset.kwargs.task_id for t in cfg.tasks]
     if get_strategy_class(cfg.tasks[0].strategy.name).pooled_training:
         task_ids = task_ids[:1]  # one model for all sites, written as the first task's bundle

@@ -23,6 +23,12 @@ EXPS_ROOT = Path("exps")
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
+def check_output_name(name: str, what: str) -> None:
+    """``-n NAME`` names one folder under ``exps/``: UserError unless it is a plain folder name."""
+    if not name or any(c in name for c in " /\\") or not name.isprintable() or name in (".", ".."):
+        raise UserError(f"-n {name!r}: {what} name must be non-empty, printable, without spaces or slashes, and not . or ..")
+
+
 def utc_now() -> str:
     """The current UTC time, e.g. ``2024-05-01T12:00:00Z``."""
     return datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)

@@ -25,8 +25,9 @@ Name mapping (``state_dict`` entries carry the prefix ``model.``):
   (``resample_filter``, ADA ``Hz_geom`` / ``Hz_fbank``: constants rebuilt by relaylearn),
   ``zero_loss``, ``ada_D_signs_real_*``, FID feature extractors, strategy bookkeeping buffers.
 
-Every mapped tensor must exist in the network the config builds, with the same shape, and every
-tensor that network ships must be found; otherwise the import stops with one line (exit 2).
+Every mapped tensor must exist in the network the config builds, with the same shape, a real
+dtype of the same kind (float → float casts only) and finite values, and every tensor that
+network ships must be found; otherwise the import stops with one line naming the file (exit 2).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ import torch
 from torch import Tensor
 
 from relaylearn.errors import UserError, VerificationError
+from relaylearn.strategies.base import meta_number
 
 #: networks of the original's relay model (DoubleGAN) → relaylearn's attribute names
 RELAY_NETWORKS = {"solver": "solver", "G_img": "g_img", "G_label": "g_label", "D_img": "d_img", "D_label": "d_label"}
@@ -66,12 +70,14 @@ class ImportedCheckpoint:
     """An original checkpoint mapped to relaylearn names.
 
     ``networks``: original network names found (``solver`` alone, or with ``G_img`` …);
-    ``tensors``: relaylearn name → tensor; ``registry``: site name → {"id", "frequency"} of the
-    finished sites (empty for a solver-only checkpoint); ``dropped``: counts of what was left out.
+    ``tensors``: relaylearn name → tensor; ``origin``: relaylearn name → the checkpoint's name;
+    ``registry``: site name → {"id", "frequency"} of the finished sites (empty for a solver-only
+    checkpoint); ``dropped``: counts of what was left out.
     """
 
     networks: list[str]
     tensors: dict[str, Tensor]
+    origin: dict[str, str] = field(default_factory=dict)
     registry: dict[str, dict[str, int]] = field(default_factory=dict)
     merge_weight: float = 0.0
     stage: int = 1
@@ -188,20 +194,25 @@ def map_original_state(state: dict[str, Tensor], rl_meta: Any = None) -> Importe
 
     relay = any(k.startswith("solver.") for k in model)
     tensors: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+
+    def put(new: str, name: str) -> None:
+        tensors[new], origin[new] = model[name], f"model.{name}"
+
     networks: list[str] = []
     if not relay:
         networks.append("solver")
-        for name, t in model.items():
+        for name in model:
             new = _map_unet(name)
             if new is None:
                 drop("unused encoder.fc")
             else:
-                tensors[f"<unmapped>{name}" if new.startswith("<unmapped>") else f"solver.{new}"] = t
-        return ImportedCheckpoint(networks, tensors, dropped=dropped)
+                put(f"<unmapped>{name}" if new.startswith("<unmapped>") else f"solver.{new}", name)
+        return ImportedCheckpoint(networks, tensors, origin, dropped=dropped)
 
     tops = {k.split(".")[1] for k in model if re.match(r"D_img\.b\d+\.", k)}
     top = max((int(b[1:]) for b in tops), default=4)
-    for name, t in model.items():
+    for name in model:
         head, _, rest = name.partition(".")
         if head.endswith("_old") and head[: -len("_old")] in RELAY_NETWORKS:
             drop("*_old copies")
@@ -217,30 +228,40 @@ def map_original_state(state: dict[str, Tensor], rl_meta: Any = None) -> Importe
             if new is None:
                 drop("fixed filters / unused fc")
             else:
-                tensors[f"<unmapped>{name}" if new.startswith("<unmapped>") else f"{RELAY_NETWORKS[head]}.{new}"] = t
+                put(f"<unmapped>{name}" if new.startswith("<unmapped>") else f"{RELAY_NETWORKS[head]}.{new}", name)
         elif head in ("augment_pipe_img", "augment_pipe_label"):
             if rest == "p":
-                tensors["ada_img.p" if head.endswith("img") else "ada_label.p"] = t
+                put("ada_img.p" if head.endswith("img") else "ada_label.p", name)
             else:
                 drop("fixed filters / unused fc")
         elif name in ("pl_mean_img", "pl_mean_label"):
-            tensors[name] = t
+            put(name, name)
         elif name in _DROPPED_SCALARS:
             drop("dummies and statistics")
         elif head.startswith("fid"):
             drop("FID feature extractors")
         else:
-            tensors[f"<unmapped>{name}"] = t
+            put(f"<unmapped>{name}", name)
     order = [n for n in RELAY_NETWORKS if n in networks]
-    merge_weight = float(model["merge_weight"]) if "merge_weight" in model else 0.0
-    stage = int(model["cur_stage"]) if "cur_stage" in model else 1
+    merge_weight, stage = _scalar(model, "merge_weight", 0.0), _scalar(model, "cur_stage", 1)
     if not (math.isfinite(merge_weight) and merge_weight >= 0) or stage not in (1, 2):
         raise UserError(f"merge_weight {merge_weight} / cur_stage {stage}: expected a finite weight ≥ 0 and stage 1 or 2 (a relay checkpoint of the original)")
-    return ImportedCheckpoint(order, tensors, _registry_from_meta(rl_meta), merge_weight, stage, dropped)
+    return ImportedCheckpoint(order, tensors, origin, _registry_from_meta(rl_meta), float(merge_weight), int(stage), dropped)
+
+
+def _scalar(model: dict[str, Tensor], name: str, default: float) -> float:
+    """The single real number ``model[name]`` holds (``default`` when absent)."""
+    t = model.get(name)
+    if t is None:
+        return default
+    if t.numel() != 1 or t.is_complex():
+        raise UserError(f"tensor 'model.{name}' has shape {list(t.shape)} and dtype {t.dtype}: expected a single real number")
+    return t.item()
 
 
 def _registry_from_meta(rl_meta: Any) -> dict[str, dict[str, int]]:
-    """``RL_meta`` → one registry of finished sites (the site being trained at save time included)."""
+    """``RL_meta`` → one registry of finished sites (the site being trained at save time included);
+    ids and frequencies must be integers ≥ 0 (ids shared by two sites are refused by the strategy)."""
     registry: dict[str, dict[str, int]] = {}
     if not isinstance(rl_meta, dict):
         return registry
@@ -250,9 +271,11 @@ def _registry_from_meta(rl_meta: Any) -> dict[str, dict[str, int]]:
             raise UserError(f"RL_meta.{part}: expected a mapping of site name -> {{id, frequency}}")
         for name, e in entries.items():
             try:
-                site_id, freq = int(e["id"]), int(e.get("frequency", 0))
-            except (TypeError, KeyError, ValueError):
-                raise UserError(f"RL_meta.{part}.{str(name)[:40]}: expected {{'id': int, 'frequency': int}}") from None
+                if not isinstance(e, dict):
+                    raise ValueError("expected {'id': int, 'frequency': int}")
+                site_id, freq = meta_number(e, "id", None, integer=True), meta_number(e, "frequency", 0, integer=True)
+            except ValueError as exc:
+                raise UserError(f"RL_meta.{part}.{str(name)[:40]}: {exc}") from None
             slot = registry.setdefault(str(name), {"id": site_id, "frequency": 0})
             slot["frequency"] += freq
     return dict(sorted(registry.items(), key=lambda kv: kv[1]["id"]))
@@ -262,7 +285,8 @@ def _registry_from_meta(rl_meta: Any) -> dict[str, dict[str, int]]:
 def check_against(imported: ImportedCheckpoint, expected: dict[str, Tensor], what: str) -> dict[str, Tensor]:
     """Tensors of ``imported`` restricted to and checked against ``expected`` (name → tensor).
 
-    Raises UserError naming the first unmapped, unknown, missing or wrongly shaped tensor.
+    Raises UserError naming the first unmapped, unknown or missing tensor, or one of the wrong
+    shape, dtype (complex, or of another kind: float ↔ integer) or with NaN / infinite values.
     """
     unmapped = sorted(k for k in imported.tensors if k.startswith("<unmapped>"))
     if unmapped:
@@ -272,24 +296,44 @@ def check_against(imported: ImportedCheckpoint, expected: dict[str, Tensor], wha
         )
     unknown = sorted(set(imported.tensors) - set(expected))
     if unknown:
-        raise UserError(f"checkpoint tensor '{unknown[0]}' does not exist in the network {what} builds")
+        raise UserError(f"checkpoint {_label(imported, unknown[0])} does not exist in the network {what} builds")
     missing = sorted(set(expected) - set(imported.tensors))
     if missing:
         raise UserError(f"checkpoint lacks '{missing[0]}' ({len(missing)} tensor(s) missing) that {what} needs")
     for name, ref in expected.items():
         got = imported.tensors[name]
+        tensor = _label(imported, name)
         if tuple(got.shape) != tuple(ref.shape):
             raise UserError(
-                f"tensor '{name}' has shape {list(got.shape)} in the checkpoint but {list(ref.shape)} "
+                f"{tensor} has shape {list(got.shape)} in the checkpoint but {list(ref.shape)} "
                 f"in the network {what} builds (check model/strategy sizes, channels and num_classes)"
             )
+        if got.is_complex() or got.is_floating_point() != ref.is_floating_point():
+            raise UserError(f"{tensor} has dtype {got.dtype} in the checkpoint but {ref.dtype} in the network {what} builds")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise UserError(f"{tensor} holds NaN or infinite values (did the original training diverge?)")
     return {name: imported.tensors[name].to(expected[name].dtype).contiguous() for name in expected}
+
+
+def _label(imported: ImportedCheckpoint, name: str) -> str:
+    """``tensor '<checkpoint name>' ('<relaylearn name>')`` for messages."""
+    return f"tensor '{imported.origin[name]}' ('{name}')" if name in imported.origin else f"tensor '{name}'"
+
+
+@contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """A UserError raised inside names ``path`` (what is wrong is inside that file)."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(exc.message, exc.path or path) from None
 
 
 def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | None = None, sets: list[str] | None = None) -> tuple[Path, ImportedCheckpoint]:
     """Read ``ckpt``, map and check it against the network ``config`` builds, write a bundle at ``out``."""
     from relaylearn.assembly import build_strategy, shipped_config
     from relaylearn.bundle import write_bundle
+    from relaylearn.compare import with_strategy_kwargs
     from relaylearn.config import load_config
     from relaylearn.files import check_new_bundle_path, utc_now
     from relaylearn.keys import load_private_key
@@ -298,51 +342,41 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     check_new_bundle_path(Path(out))
     signing_key = load_private_key(key) if key else None
     checkpoint = read_original_checkpoint(ckpt)
-    try:
+    with _naming(ckpt):
         imported = map_original_state(checkpoint["state_dict"], checkpoint.get("RL_meta"))
-    except UserError as exc:  # what is wrong is inside this file: name it
-        raise UserError(exc.message, exc.path or ckpt) from None
-    sets = list(sets or [])
-    w_avg = imported.tensors.get("g_label.mapping.w_avg")
-    if w_avg is not None and w_avg.ndim == 1 and not any(s.split("=", 1)[0].endswith("w_label") for s in sets):
-        # the original's label generator used z_label as its latent width, whatever w_label said
-        sets.append(f"strategy.kwargs.w_label={int(w_avg.shape[0])}")
-        imported.notes.append(f"strategy.kwargs.w_label={int(w_avg.shape[0])} (the original's label-generator width; continue this relay with the same value)")
     cfg = load_config(config, sets)
-    task = cfg.tasks[-1]
-    strategy = build_strategy(task, load_pretrained=False)
-    relay_config = task.strategy.name == "relay"
+    relay_config = cfg.tasks[-1].strategy.name == "relay"
     if relay_config and not imported.is_relay:
         raise UserError(
             f"the checkpoint holds only a solver, but config '{cfg.name}' uses strategy 'relay', which needs "
             "the generators: use a config with strategy sequential, local or joint"
         )
+    if relay_config:
+        cfg = with_strategy_kwargs(cfg, _relay_settings(imported, sets or []))
+    task = cfg.tasks[-1]
+    strategy = build_strategy(task, load_pretrained=False)
     if imported.is_relay and not relay_config:  # keep the solver only
         imported.dropped["generators/discriminators (config is not relay)"] = sum(1 for k in imported.tensors if not k.startswith("solver."))
         imported.tensors = {k: v for k, v in imported.tensors.items() if k.startswith("solver.")}
-    if relay_config and "D_img" not in imported.networks:
-        strategy.options.ship_discriminators = False
     expected = strategy.state_to_bundle().tensors
-    tensors = check_against(imported, expected, f"config '{cfg.name}'")
+    with _naming(ckpt):
+        tensors = check_against(imported, expected, f"config '{cfg.name}'")
 
     sites_by_task = sorted((d.kwargs.task_id or 0, d.site) for d in cfg.test_datasets)
     last_id = task.dataset.kwargs.task_id or 0
     meta = strategy.meta()
-    if imported.is_relay and relay_config and imported.registry:
-        if len(imported.registry) > strategy.options.site_capacity or max(e["id"] for e in imported.registry.values()) >= strategy.options.site_capacity:
-            raise UserError(f"RL_meta lists site ids beyond strategy.kwargs.site_capacity={strategy.options.site_capacity}")
-        meta["sites_seen"] = list(imported.registry)
-    else:
-        meta["sites_seen"] = [site for tid, site in sites_by_task if tid <= last_id] or [task.dataset.site]
+    meta["sites_seen"] = [site for tid, site in sites_by_task if tid <= last_id] or [task.dataset.site]
+    if relay_config:  # the site registry is checked as when a bundle is read
+        if imported.registry and (
+            len(imported.registry) > strategy.options.site_capacity or max(e["id"] for e in imported.registry.values()) >= strategy.options.site_capacity
+        ):
+            raise UserError(f"RL_meta lists site ids beyond strategy.kwargs.site_capacity={strategy.options.site_capacity}", ckpt)
+        meta.update(site_registry=imported.registry, site_registry_current={}, merge_weight=imported.merge_weight, stage=imported.stage)
+        meta["sites_seen"] = list(imported.registry) or meta["sites_seen"]
     try:
         strategy.state_from_bundle(BundleState(tensors=tensors, meta=meta))
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise UserError(f"imported tensors do not load into strategy '{task.strategy.name}': {str(exc).splitlines()[0]}") from None
-    if relay_config:
-        strategy.registry_previous = dict(imported.registry)
-        strategy.registry_current = {}
-        strategy.merge_weight = imported.merge_weight
-        strategy.stage = imported.stage
+        raise UserError(f"the checkpoint does not load into strategy '{task.strategy.name}': {str(exc).splitlines()[0]}", ckpt) from None
     state = strategy.state_to_bundle()
     started = utc_now()
     path = write_bundle(
@@ -358,6 +392,21 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
         extra={"imported_from": "original Relay Learning checkpoint", "networks": imported.networks},
     )
     return Path(path), imported
+
+
+def _relay_settings(imported: ImportedCheckpoint, sets: list[str]) -> dict[str, Any]:
+    """Strategy options a relay checkpoint fixes, noted in ``imported.notes``: the original's
+    label-generator width (unless ``--set`` gives ``w_label``), no discriminators if it has none."""
+    settings: dict[str, Any] = {}
+    w_avg = imported.tensors.get("g_label.mapping.w_avg")
+    if w_avg is not None and w_avg.ndim == 1 and not any(s.split("=", 1)[0].endswith("w_label") for s in sets):
+        # the original's label generator used z_label as its latent width, whatever w_label said
+        settings["w_label"] = int(w_avg.shape[0])
+        imported.notes.append(f"strategy.kwargs.w_label={settings['w_label']} (the original's label-generator width; continue this relay with the same value)")
+    if "D_img" not in imported.networks:
+        settings["ship_discriminators"] = False
+        imported.notes.append("strategy.kwargs.ship_discriminators=false (the checkpoint holds no discriminators)")
+    return settings
 
 
 def describe(imported: ImportedCheckpoint) -> str:

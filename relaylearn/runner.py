@@ -18,7 +18,7 @@ from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
 from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
-from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, local_stamp, software_versions, utc_now
+from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, check_output_name, local_stamp, software_versions, utc_now
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import Strategy, parse_options
@@ -67,8 +67,7 @@ class RelayRun:
     """Trains the tasks of a config in order, writing everything under ``exps/<config>/<name>/``."""
 
     def __init__(self, cfg: RunConfig, name: str, opts: TrainOptions):
-        if not name or any(c in name for c in " /\\") or not name.isprintable():
-            raise UserError(f"-n {name!r}: run name must be non-empty, printable, without spaces or slashes")
+        check_output_name(name, "run")
         self.cfg, self.name, self.opts = cfg, name, opts
         self.run_dir = Path(opts.exps_root) / cfg.name / name
         self.stamp = local_stamp()

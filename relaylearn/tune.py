@@ -35,7 +35,7 @@ from typing import Any
 from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
 from relaylearn.config import RunConfig, load_config, read_yaml
 from relaylearn.errors import ConfigError, UserError
-from relaylearn.files import EXPS_ROOT, atomic_write
+from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name
 from relaylearn.workers import check_workers, train_shared
 
 # Each strategy's grid: option -> values; every combination is one point. Add a key or a
@@ -53,6 +53,9 @@ SELECT_ON = ("val", "test")
 
 def load_grids(path: str | None) -> dict[str, dict[str, list[Any]]]:
     """:data:`GRIDS`, with the strategies named in the YAML file ``path`` replaced by its grids."""
+    from relaylearn.plugins import is_plugin
+    from relaylearn.strategies import available_strategies
+
     grids = {name: dict(grid) for name, grid in GRIDS.items()}
     if path is None:
         return grids
@@ -61,6 +64,8 @@ def load_grids(path: str | None) -> dict[str, dict[str, list[Any]]]:
     if not isinstance(data, dict) or not data:
         raise ConfigError("expected a mapping strategy -> {option: [values, ...]}", path)
     for strategy, grid in data.items():
+        if not (isinstance(strategy, str) and (strategy in available_strategies() or is_plugin(strategy))):
+            raise ConfigError(f"{strategy}: unknown strategy (known: {', '.join(available_strategies())})", path)
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"{strategy}: expected a mapping option -> [values, ...]", path)
         for key, values in grid.items():
@@ -72,21 +77,29 @@ def load_grids(path: str | None) -> dict[str, dict[str, list[Any]]]:
     return grids
 
 
-def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+def grid_points(cfg: RunConfig, grid: dict[str, list[Any]], source: str | Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Every combination of the grid's values for the options ``cfg``'s strategy has (each checked
-    against the strategy's options), and the grid keys it does not have."""
+    against the strategy's options), and the grid keys it does not have. ``source``: the grid's
+    file, named by errors in the grid (default: the config)."""
     from relaylearn.strategies import get_strategy_class
 
-    fields = get_strategy_class(cfg.tasks[0].strategy.name).Options.model_fields
+    strategy = cfg.tasks[0].strategy.name
+    fields = get_strategy_class(strategy).Options.model_fields
     field_of = {name: key for key, field in fields.items() for name in (key, *(getattr(field.validation_alias, "choices", None) or []))}
     keys = [k for k in grid if k in field_of]
     skipped = [k for k in grid if k not in field_of]
+    same = next((k for i, k in enumerate(keys) if field_of[k] in [field_of[j] for j in keys[:i]]), None)
+    if same is not None:
+        raise ConfigError(f"{strategy}.{same}: names the option '{field_of[same]}' another key of the grid names already", source or cfg.path)
     options = None  # the config's own option values, read only when a grid value is relative
     values = []
     for k in keys:
         if any(isinstance(v, str) and RELATIVE.fullmatch(v) for v in grid[k]):
-            options = options or get_strategy_class(cfg.tasks[0].strategy.name).Options.model_validate(cfg.tasks[0].strategy.kwargs)
-            values.append(_resolve_relative(grid[k], getattr(options, field_of[k])))
+            options = options or get_strategy_class(strategy).Options.model_validate(cfg.tasks[0].strategy.kwargs)
+            base = getattr(options, field_of[k])
+            if isinstance(base, bool) or not isinstance(base, (int, float)):
+                raise ConfigError(f"{strategy}.{k}: a relative value needs a numeric config value (config {cfg.name} gives {base!r:.40})", source or cfg.path)
+            values.append(_resolve_relative(grid[k], base))
         else:
             values.append(grid[k])
     points = [dict(zip(keys, combination)) for combination in itertools.product(*values)] if keys else []
@@ -98,7 +111,7 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]]) -> tuple[list[dict[s
 RELATIVE = re.compile(r"x(\d+(?:\.\d+)?)")  # "x2": twice the config's own value
 
 
-def _resolve_relative(values: list[Any], base: Any) -> list[Any]:
+def _resolve_relative(values: list[Any], base: float) -> list[Any]:
     """Grid values with each relative one (``"x0.5"``, ``"x2"``: a multiple of ``base``, the value
     the config trains with, its preset included) made absolute; integers stay integers (at least 1);
     a value reached twice is kept once."""
@@ -106,7 +119,7 @@ def _resolve_relative(values: list[Any], base: Any) -> list[Any]:
     for v in values:
         match = RELATIVE.fullmatch(v) if isinstance(v, str) else None
         if match:
-            v = max(1, round(base * float(match.group(1)))) if isinstance(base, int) and not isinstance(base, bool) else base * float(match.group(1))
+            v = max(1, round(base * float(match.group(1)))) if isinstance(base, int) else base * float(match.group(1))
         if v not in out:
             out.append(v)
     return out
@@ -220,8 +233,7 @@ def tune_strategies(
     check_workers(workers)
     from tqdm.auto import tqdm
 
-    if not name or any(c in name for c in " /\\"):
-        raise UserError(f"-n {name!r}: tuning name must be non-empty without spaces or slashes")
+    check_output_name(name, "tuning")
     if select_on not in SELECT_ON:
         raise UserError(f"--select-on {select_on}: expected one of {', '.join(SELECT_ON)}")
     if len(set(config_specs)) != len(config_specs):
@@ -242,7 +254,8 @@ def tune_strategies(
                 "(set common.dataset.kwargs.val_fraction > 0, or --select-on test)",
                 cfg.path,
             )
-        points, skipped = grid_points(cfg, grids[strategy])
+        from_file = grid_file and grids[strategy] != GRIDS.get(strategy)  # an error in this grid names the file
+        points, skipped = grid_points(cfg, grids[strategy], grid_file.lstrip("=") if from_file else None)
         if not points:
             raise UserError(f"config {cfg.name}: strategy '{strategy}' has none of the grid's options {sorted(grids[strategy])}", cfg.path)
         plans.append((label, cfg, points, skipped))

@@ -71,9 +71,24 @@ def finish_helpers(helpers: list[subprocess.Popen], root: Path) -> list[str]:
     return failed
 
 
+def stop_helpers(helpers: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Terminate the helpers still running (they stop like a killed ``train``: checkpoint kept)
+    and wait for them; one that outlasts ``grace_s`` is killed."""
+    for proc in helpers:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in helpers:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def train_shared(jobs: Iterable[tuple[str, Callable[[], object]]], root: Path, *, workers: int, claim_only: bool, argv: list[str]) -> list[str]:
     """Run each ``(claim key, train)`` job this process claims; the first process (not
-    ``claim_only``) starts the helpers first and waits for them after. Returns failure lines."""
+    ``claim_only``) starts the helpers first and waits for them after (stops them if it fails or
+    is interrupted). Returns failure lines."""
     import torch
 
     threads = torch.get_num_threads()
@@ -82,6 +97,9 @@ def train_shared(jobs: Iterable[tuple[str, Callable[[], object]]], root: Path, *
         for key, train in jobs:
             if claim(root, key):
                 train()
+    except BaseException:
+        stop_helpers(helpers)  # none is left training on after this command has ended
+        raise
     finally:
         torch.set_num_threads(threads)  # the caller gets its threads back
     return [] if claim_only else finish_helpers(helpers, root)

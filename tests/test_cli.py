@@ -112,6 +112,15 @@ def test_a_run_name_with_control_characters_is_refused(tmp_path, config):
     assert not (tmp_path / "exps").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "test", "compare", "tune"])
+@pytest.mark.parametrize("name", ["..", ".", "/tmp/elsewhere"])
+def test_a_run_name_that_leaves_the_run_folder_is_refused_by_every_command(tmp_path, config, command, name):
+    result = run_cli(tmp_path, command, "-c", config, "-n", name, *(["-q"] if command in ("train", "compare") else []))
+    assert result.code == 2
+    assert "name must be" in one_line_error(result.err)
+    assert not (tmp_path / "exps").exists()
+
+
 def test_a_file_system_error_at_a_chosen_path_is_one_line_and_exit_2(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

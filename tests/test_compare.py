@@ -269,3 +269,34 @@ def test_a_finished_comparison_re_run_with_another_budget_is_refused(tmp_path, t
     capsys.readouterr()
     assert main([*common, "--set", "random_seed=99"]) == 2
     assert "random_seed: 99 now, 7 before" in capsys.readouterr().err
+
+
+def _stopped_training(*args, **kwargs):
+    """A training stopped by SIGTERM, raised through the engine's own handler."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from relaylearn.engine import _stops_as_interrupted
+
+    with _stops_as_interrupted(None, "Domain1"):
+        raise SIGTERMException
+
+
+def test_an_interrupted_run_says_how_its_command_continues(tmp_path, tiny_fundus, monkeypatch, capsys):
+    """train takes --resume; compare and tune resume by running the same command again (they
+    have no --resume), so their line must not send the user to it."""
+    import relaylearn.runner as runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "run_training", _stopped_training)
+    monkeypatch.setattr("relaylearn.compare.run_training", _stopped_training)
+    lwf = str(tiny_config(tmp_path, tiny_fundus, strategy="lwf"))
+    (tmp_path / "grid.yaml").write_text("lwf: {alpha: [0.5]}\n")
+    for argv, resume in [
+        (["train", "-c", lwf, "-n", "t", "-q"], True),
+        (["compare", "-c", lwf, "-n", "c", "-q"], False),
+        (["tune", "-c", lwf, "-n", "u", "--grid", "grid.yaml", "-q"], False),
+    ]:
+        assert main(argv) == 143, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "terminated (SIGTERM) while site Domain1 trained" in err[0], err
+        assert ("--resume" in err[0]) == resume and "run the same command again" in err[0], err

@@ -36,3 +36,14 @@ def test_summary_gives_mean_and_lowest_replay_fidelity(tmp_path, monkeypatch, ca
     summary = {row["strategy"]: row for row in json.loads((tmp_path / "exps" / "demo" / "summary_t.json").read_text())}
     assert summary["relay"]["lowest_replay_site"] == "A" and abs(summary["relay"]["lowest_replay_fidelity_x_reference"] - 0.5) < 1e-9
     assert summary["sequential"]["replay_fidelity_x_reference"] is None and summary["sequential"]["lowest_replay_site"] is None
+
+
+def test_an_interrupted_demo_says_run_it_again(tmp_path, monkeypatch, capsys):
+    """The demo resumes when run again; it has no --resume to send the user to."""
+    from tests.test_compare import _stopped_training
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "run_training", _stopped_training)
+    assert demo.main(["--only", "sequential", "-q"]) == 143
+    err = capsys.readouterr().err
+    assert "run the same command again" in err and "--resume" not in err

@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, csv_text, json_text, software_versions, utc_now
+from relaylearn.errors import UserError
+from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, check_output_name, csv_text, json_text, software_versions, utc_now
 
 
 def test_csv_text_formats_floats_and_empty_cells(tmp_path):
@@ -41,3 +42,10 @@ def test_json_text_writes_undefined_figures_as_null():
     with pytest.raises(ValueError, match="NaN|Infinity"):
         strict_json(json.dumps(value))  # what the standard library writes by default
     assert strict_json(json_text(value)) == {"ratio": None, "low": None, "auc": None, "n": 3, "ok": 0.5, "nested": [None, [1.0, None]], "s": "NaN"}
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a b", "a\\b", "a\nb"])
+def test_an_output_name_is_one_plain_folder(name):
+    with pytest.raises(UserError, match="name must be non-empty"):
+        check_output_name(name, "run")
+    check_output_name("run.1", "run")

@@ -250,3 +250,79 @@ def test_a_relay_checkpoint_with_an_impossible_merge_weight_is_refused_naming_th
     err = capsys.readouterr().err
     assert "relay.ckpt" in err and "merge_weight" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.relay").exists()
+
+
+def _relay_state(seed: int = 2) -> dict[str, torch.Tensor]:
+    state = random_state(listing("doublegan-fundus.txt"), seed=seed)
+    state["merge_weight"], state["cur_stage"] = torch.tensor(5400.0), torch.tensor(2, dtype=torch.int32)
+    return state
+
+
+def test_a_relay_checkpoint_without_discriminators_gives_a_bundle_that_loads(tmp_path, capsys):
+    state = {k: v for k, v in _relay_state().items() if not k.startswith("D_")}
+    ckpt = save_lightning_checkpoint(tmp_path / "nod.ckpt", state)
+    out = tmp_path / "nod.relay"
+    assert main(["import-original", str(ckpt), "-c", "fundus/relay_test", "--out", str(out)]) == 0, capsys.readouterr().err
+    bundle, strategy = _read(out)  # as predict / test load it: the saved config says no discriminators
+    assert "ship_discriminators=false" in capsys.readouterr().out
+    assert bundle.manifest["config"]["strategy"]["kwargs"]["ship_discriminators"] is False
+    assert not any(k.startswith("d_") for k in bundle.tensors)
+    assert torch.equal(bundle.tensors["g_img.synthesis.blocks.4.to_rgb.weight"], state["G_img.synthesis.b64.torgb.weight"])
+
+
+def test_a_relay_checkpoint_with_a_non_relay_config_keeps_the_solver(tmp_path, capsys):
+    state = _relay_state()
+    ckpt = save_lightning_checkpoint(tmp_path / "relay.ckpt", state)
+    out = tmp_path / "solver.relay"
+    assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "config is not relay" in capsys.readouterr().out
+    bundle, _ = _read(out)
+    assert bundle.strategy == "sequential" and "w_label" not in bundle.manifest["config"]["strategy"]["kwargs"]
+    assert torch.equal(bundle.tensors["solver.head.weight"], state["solver.outc.conv.weight"])
+
+
+def test_a_bad_site_registry_or_scalar_is_refused_naming_the_file(tmp_path, capsys):
+    state = _relay_state()
+    site = {"id": 0, "frequency": 10}
+    cases = [
+        ({"A": site, "B": site}, {}, "two sites share an id"),
+        ({"A": {"id": -1, "frequency": 10}}, {}, "id: expected an integer ≥ 0"),
+        ({"A": {"id": 0, "frequency": -5}}, {}, "frequency: expected an integer ≥ 0"),
+        ({"A": {"id": 0.5, "frequency": 5}}, {}, "id: expected an integer"),
+        ({"A": site}, {"merge_weight": torch.tensor([1.0, 2.0])}, "'model.merge_weight' has shape [2]"),
+        ({"A": site}, {"cur_stage": torch.zeros(0)}, "'model.cur_stage' has shape [0]"),
+    ]
+    for i, (previous, scalars, message) in enumerate(cases):
+        ckpt = save_lightning_checkpoint(tmp_path / f"bad{i}.ckpt", {**state, **scalars}, rl_meta={"cs_previous_task": previous, "cs_current_task": {}})
+        out = tmp_path / f"bad{i}.relay"
+        assert main(["import-original", str(ckpt), "-c", "fundus/relay_test", "--out", str(out)]) == 2, message
+        err = capsys.readouterr().err
+        assert f"bad{i}.ckpt" in err and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_a_bad_tensor_is_refused_naming_the_file_and_its_name(tmp_path, capsys):
+    state = random_state(listing("unet-resnet18.txt"), seed=6)
+    bias = "outc.conv.bias"
+    cases = [
+        ({bias: torch.tensor([float("nan"), 0.0, 0.0])}, "'model.outc.conv.bias' ('solver.head.bias') holds NaN or infinite values"),
+        ({bias: torch.tensor([float("inf"), 0.0, 0.0])}, "'model.outc.conv.bias' ('solver.head.bias') holds NaN or infinite values"),
+        ({bias: torch.zeros(3, dtype=torch.complex64)}, "has dtype torch.complex64"),
+        ({bias: torch.tensor([1, 2, 3])}, "has dtype torch.int64 in the checkpoint but torch.float32"),
+        ({bias: torch.zeros(5)}, "'model.outc.conv.bias' ('solver.head.bias') has shape [5]"),
+        ({bias: None}, "checkpoint lacks 'solver.head.bias'"),
+        ({"encoder.layer9.weight": torch.zeros(3)}, "'model.encoder.layer9.weight' ('solver.encoder.layer9.weight') does not exist"),
+        ({"mystery.weight": torch.zeros(3)}, "'model.mystery.weight' has no counterpart"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        changed = {k: v for k, v in {**state, **change}.items() if v is not None}
+        ckpt = save_lightning_checkpoint(tmp_path / f"bad{i}.ckpt", changed)
+        out = tmp_path / f"bad{i}.relay"
+        assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(out)]) == 2, message
+        err = capsys.readouterr().err
+        assert f"bad{i}.ckpt: " in err and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    # float → float casts are fine
+    ckpt = save_lightning_checkpoint(tmp_path / "f64.ckpt", {**state, bias: state[bias].double()})
+    assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(tmp_path / "f64.relay")]) == 0
+    assert _read(tmp_path / "f64.relay")[0].tensors["solver.head.bias"].dtype == torch.float32

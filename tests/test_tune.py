@@ -175,3 +175,34 @@ def test_relative_grid_values_scale_the_configs_own_value(tmp_path, tiny_fundus)
     assert sorted({p["gan_steps_per_solver_step"] for p in points}) == [1, 2] and len(points) == 8
     points, _ = grid_points(default, {"distil_weight": ["x2"]})
     assert points == [{"distil_weight": 2 * 0.5}]
+
+
+def test_bad_grids_and_names_are_refused_before_anything_trains(tmp_path, tiny_fundus, capsys, monkeypatch):
+    import relaylearn.tune as tune
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(tune, "train_or_resume", no_training)
+    monkeypatch.chdir(tmp_path)
+    lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
+    ewc = str(tiny_config(tmp_path / "e", tiny_fundus, strategy="ewc"))
+    relay = str(tiny_config(tmp_path / "r", tiny_fundus, strategy="relay"))
+    cases = [
+        ([lwf], ".", None, "not . or .."),
+        ([lwf], "..", None, "not . or .."),
+        ([lwf], "x", "lwff: {alpha: [0.0]}", "lwff: unknown strategy (known: "),
+        ([ewc], "x", "ewc: {lambda: [1.0], lambda_: [2.0]}", "ewc.lambda_: names the option 'lambda_' another key"),
+        ([relay], "x", "relay: {solver_lr: [x2]}", "relay.solver_lr: a relative value needs a numeric config value"),
+        ([relay], "x", "relay: {ship_discriminators: [x2]}", "relay.ship_discriminators: a relative value needs a numeric config value"),
+    ]
+    for i, (configs, name, grid, message) in enumerate(cases):
+        argv = ["tune", *(a for c in configs for a in ("-c", c)), "-n", name, "-q"]
+        if grid is not None:
+            (tmp_path / f"grid{i}.yaml").write_text(grid + "\n")
+            argv += ["--grid", f"grid{i}.yaml"]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+        assert grid is None or f"grid{i}.yaml: " in err, err
+    assert not (tmp_path / "exps").exists()

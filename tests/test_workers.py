@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from relaylearn.workers import CLAIMS, claim, finish_helpers
 
 
@@ -24,3 +26,22 @@ def test_a_failed_helper_is_reported_with_its_last_log_line(tmp_path):
             helpers.append(subprocess.Popen([sys.executable, "-c", script], stderr=log))
     (problem,) = finish_helpers(helpers, tmp_path)
     assert problem.startswith("helper 2 exited with 3") and problem.endswith("relaylearn: error: disk full)")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_helpers_are_stopped_when_the_first_process_fails(tmp_path, monkeypatch, failure):
+    import relaylearn.workers as workers
+
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    monkeypatch.setattr(workers, "start_helpers", lambda argv, n, root: [helper])
+
+    def failing():
+        raise failure
+
+    try:
+        with pytest.raises(type(failure)):
+            workers.train_shared([("run0", failing)], tmp_path, workers=2, claim_only=False, argv=[])
+        assert helper.poll() is not None, "the helper was left running"
+    finally:
+        helper.kill()
+        helper.wait()
