@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from relaylearn.assembly import load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
 from relaylearn.config import RunConfig
 from relaylearn.devices import inference_device
 from relaylearn.errors import UserError
-from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, local_stamp
+from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, local_stamp, software_versions, utc_now
 from relaylearn.results import per_image_rows, summary_row, write_results_csv
 
 
@@ -25,7 +26,8 @@ def run_test(
     """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV.
 
     A ``bundle`` from elsewhere needs ``trust`` (or ``no_verify``); the run's own bundles are read
-    unverified when no ``trust`` is given. ``results_<stamp>.json`` records which were verified."""
+    unverified when no ``trust`` is given. ``results_<stamp>.json`` records which were verified,
+    the config, test sites, bootstrap size, command and software versions."""
     from relaylearn.engine import evaluate_site
     from relaylearn.strategies import get_strategy_class
 
@@ -59,6 +61,16 @@ def run_test(
     stamp = local_stamp()
     out = run_dir / "test_results" / f"results_{stamp}.csv"
     write_results_csv(out, summary)
-    atomic_write(out.with_suffix(".json"), json.dumps({"bundles": sources}, indent=2) + "\n")
+    record = {
+        "bundles": sources,
+        "config": cfg.name,
+        "config_path": str(cfg.path),
+        "test_sites": [ds.site for ds in cfg.test_datasets],
+        "bootstrap": cfg.tasks[0].test.bootstrap,
+        "utc": utc_now(),
+        "argv": sys.argv,
+        "versions": software_versions(detailed=True),
+    }
+    atomic_write(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     write_results_csv(run_dir / "test_results" / f"per_image_{stamp}.csv", per_image)
     return out

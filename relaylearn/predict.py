@@ -264,6 +264,9 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
     for name in OUTPUT_NAMES:
         if (out / name).is_symlink():
             raise UserError(f"{name} inside --out is a link; predict does not write through links", out / name)
+    for name in ("masks", "overlays"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise UserError(f"{name} inside --out is not a folder; move it away or choose another --out", out / name)
     earlier = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if earlier and not overwrite:
         raise UserError(f"--out already holds predictions ({', '.join(earlier)}); choose a new folder, or pass --overwrite to replace them", out)

@@ -162,8 +162,9 @@ class RelayRun:
             "results_stamp": self.stamp,
         }
         if earlier is not None:  # --resume: the run keeps its start, its first command and its results files
-            resumed = [*earlier.get("resumed", []), {"utc": info["started_utc"], "argv": info["argv"], "versions": info["versions"]}]
-            info = {**info, **{k: earlier[k] for k in ("started_utc", "argv", "versions", "results_stamp") if k in earlier}, "resumed": resumed}
+            this_start = ("started_utc", "argv", "versions", "precision", "threads")
+            resumed = [*earlier.get("resumed", []), {"utc" if k == "started_utc" else k: info[k] for k in this_start}]
+            info = {**info, **{k: earlier[k] for k in (*this_start, "results_stamp") if k in earlier}, "resumed": resumed}
             self.stamp = info["results_stamp"]
         atomic_write(self.run_dir / "run.json", json.dumps(info, indent=2))
         if any(t.train.precision == "auto" for t in self.cfg.tasks):

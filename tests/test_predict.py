@@ -177,6 +177,15 @@ def test_a_link_inside_out_is_not_written_through(tmp_path):
     assert not any((tmp_path / "victim").iterdir())
 
 
+def test_a_file_where_an_output_folder_goes_is_named(tmp_path):
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "masks").write_text("notes")
+    with pytest.raises(UserError, match="masks inside --out is not a folder") as refused:
+        predict_images(_stub_model(), [tmp_path / "a.png"], tmp_path / "out", overwrite=True)
+    assert refused.value.path == str(tmp_path / "out" / "masks") and (tmp_path / "out" / "masks").read_text() == "notes"
+
+
 # ----- end to end with a bundle ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):

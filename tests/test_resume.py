@@ -221,6 +221,8 @@ def test_resume_keeps_the_runs_records_and_one_results_file(tmp_path, tiny_fundu
     info = json.loads((run / "run.json").read_text())
     assert (info["started_utc"], info["argv"], info["results_stamp"]) == (before["started_utc"], before["argv"], before["results_stamp"])
     assert len(info["resumed"]) == 1
+    (entry,) = info["resumed"]
+    assert entry["threads"] == torch.get_num_threads() and entry["precision"] == before["precision"], "how the resumed part ran"
     (results,) = (run / "test_results").glob("results_*.csv")
     assert sorted({r["task_id"] for r in csv.DictReader(results.open())}) == ["1", "2"]
     assert again.matrix["R"] == first.matrix["R"]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from relaylearn.config import load_config
 from relaylearn.errors import UserError
@@ -93,6 +94,9 @@ def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus):
     # a bundle given with --bundle: its rows are numbered by its hops, not by the config's first task
     given = run_test(cfg, "t", bundle=str(result.bundles[-1]), no_verify=True, exps_root=tmp_path / "exps")
     assert {r["task_id"] for r in csv.DictReader(given.open())} == {"1"}
+    record = json.loads(given.with_suffix(".json").read_text())  # what a paper needs to say how it was tested
+    assert (record["config"], record["test_sites"], record["bootstrap"]) == (cfg.name, result.matrix["sites"], cfg.tasks[0].test.bootstrap)
+    assert record["versions"]["torch"] == torch.__version__ and record["bundles"][0]["verified"] is False
 
 
 def test_existing_run_needs_resume(tmp_path, tiny_fundus):
