@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relaylearn.bundle import escape_text
+from relaylearn.config import MAX_AUDIT_PAIRS
 from relaylearn.errors import UserError
 from relaylearn.metrics import bootstrap_statistic, roc_auc
 
@@ -62,8 +63,8 @@ class AuditOptions:
     batch_size: int = 250
 
     def __post_init__(self):
-        if self.n_generated < 2:
-            raise UserError(f"--n-generated {self.n_generated}: expected at least 2 generated pairs")
+        if not 2 <= self.n_generated <= MAX_AUDIT_PAIRS:
+            raise UserError(f"--n-generated {self.n_generated}: expected 2 to {MAX_AUDIT_PAIRS} generated pairs")
         if not 0.5 <= self.threshold <= 1.0:
             raise UserError(f"--threshold {self.threshold}: expected an AUC between 0.5 and 1")
 

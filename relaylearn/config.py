@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import platform
 import re
+import types
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -26,6 +27,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: seeds stay in numpy's range (0 .. 2^32-1) after a site adds its task id
 MAX_SEED = 2**31 - 1
 MAX_TASK_ID = 1_000_000
+#: an epoch draws num_items × num_replica indices
+MAX_NUM_REPLICA = 10_000
+#: generated pairs of one privacy audit (held in memory with their distances to every real image)
+MAX_AUDIT_PAIRS = 100_000
 
 #: one Adam β: 0 ≤ β < 1
 AdamBeta = Annotated[float, Field(ge=0, lt=1)]
@@ -35,10 +40,41 @@ AdamBeta = Annotated[float, Field(ge=0, lt=1)]
 PARTIAL = {"partial": True}
 
 
+def _bare(annotation: Any) -> Any:
+    """``annotation`` without ``Annotated[...]``'s bounds."""
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is (or holds, in a list or tuple) a boolean where ``annotation`` wants an
+    int or float and takes no boolean: pydantic's lax mode would read ``true`` as 1."""
+    annotation = _bare(annotation)
+    members = [_bare(m) for m in get_args(annotation)] if get_origin(annotation) in (Union, types.UnionType) else [annotation]
+    if isinstance(value, bool):
+        return any(m in (int, float) for m in members) and not any(m in (bool, Any) or get_origin(m) is Literal for m in members)
+    if isinstance(value, (list, tuple)):
+        for member in members:
+            origin, args = get_origin(member), get_args(member)
+            if origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):
+                args = (args[0],) * len(value)
+            elif origin is not tuple:
+                continue
+            if any(_bool_for_number(arg, item) for arg, item in zip(args, value)):
+                return True
+    return False
+
+
 class Strict(BaseModel):
-    """Unknown keys and non-finite numbers (``.inf``, ``.nan``) are errors."""
+    """Unknown keys, non-finite numbers (``.inf``, ``.nan``) and booleans given for numbers are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if _bool_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError("Input should be a number, not a boolean")
+        return value
 
 
 # ----- schema ---------------------------------------------------------------------------------
@@ -58,7 +94,7 @@ class DatasetKwargs(Strict):
     out_range: tuple[float, float] = Field((-1.0, 1.0), description="Intensity range images are scaled to.")
     num_classes: int = Field(3, ge=2, le=256, description="Number of label classes including background.")
     channels: int = Field(3, ge=1, le=64, description="Image channels (3 for RGB fundus).")
-    num_replica: int = Field(1, ge=1, description="Each epoch visits every training image this many times.")
+    num_replica: int = Field(1, ge=1, le=MAX_NUM_REPLICA, description=f"Each epoch visits every training image this many times (at most {MAX_NUM_REPLICA}).")
     augment: Union[str, dict[str, Any], None] = Field(
         None, description="Augmentation of REAL training images: none | light | original (the original never augments real data)."
     )
@@ -166,12 +202,54 @@ class NamedKwargs(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Strategy options (see the per-strategy tables below).")
 
 
+class UNetOptions(Strict):
+    """``model.kwargs`` of the built-in ``unet`` (relaylearn.models.unet.UNetResNet18)."""
+
+    in_channels: int = Field(None, ge=1, le=64, description="Image channels; must equal dataset.kwargs.channels (default: those).")
+    num_classes: int = Field(None, ge=2, le=256, description="Output classes; must equal dataset.kwargs.num_classes (default: those).")
+    bilinear: bool = Field(False, description="Decoder upsamples bilinearly (else with learned transposed convolutions).")
+    pretrained_path: Optional[str] = Field(None, description="A LOCAL ImageNet ResNet-18 state dict (.safetensors or .pth) for the encoder; site 1 only.")
+
+
+class ExpLogOptions(Strict):
+    """``train.loss.kwargs`` of the ExpLog loss (the keyword arguments of relaylearn.losses.ExpLogLoss)."""
+
+    soft_dice: bool = Field(True, description="Soft Dice; false: generalised Dice (class weights 1/volume²).")
+    do_bg: bool = Field(False, description="Count the background class in the mean Dice.")
+    batch_dice: bool = Field(True, description="Dice over the whole batch (else per image, then averaged).")
+    ce_weight: Union[list[Annotated[float, Field(gt=0)]], Literal["auto"], None] = Field(
+        "auto",
+        description="Cross-entropy class weights, one per class (background first, each > 0); auto: 1.0 for the background and 2.0 for every other class; None: unweighted.",
+    )
+    gamma: float = Field(0.3, gt=0, le=10, description="Exponent of the Dice term (−ln Dice)^gamma, in (0, 10].")
+    dice_weight: float = Field(0.8, ge=0, description="Weight of the Dice term.")
+    ce_weight_total: float = Field(0.2, ge=0, description="Weight of the cross-entropy term.")
+    smooth: float = Field(1.0, ge=0, description="Smoothing of the soft Dice (2tp + smooth) / (2tp + fp + fn + smooth).")
+
+    @model_validator(mode="after")
+    def _some_term(self):
+        if self.dice_weight == 0 and self.ce_weight_total == 0:
+            raise ValueError("dice_weight and ce_weight_total are both 0: the loss would be 0 and nothing would train")
+        return self
+
+
+def _given_options(options: type[BaseModel], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` validated by ``options``: the keys given, with their validated values."""
+    return options.model_validate(kwargs).model_dump(exclude_unset=True)
+
+
 class ModelConfig(Strict):
     name: str = Field("unet", description="Segmentation network: 'unet' (U-Net with a ResNet-18 encoder) or your own nn.Module as 'package.module:Class'.")
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="in_channels, num_classes (default: from the dataset), bilinear, pretrained_path (a LOCAL ImageNet ResNet-18 state dict; site 1 only).",
+        description="Options of the built-in unet (`unet` table below, checked when the config loads); your own model's are its constructor's keyword arguments.",
     )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _unet_options(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The built-in unet's options are typed; your own model takes its keyword arguments as given."""
+        return _given_options(UNetOptions, kwargs) if info.data.get("name") == "unet" else kwargs
 
 
 class OptimizerConfig(Strict):
@@ -186,13 +264,22 @@ class OptimizerConfig(Strict):
 
 class LossConfig(Strict):
     name: Literal["explog"] = Field("explog", description="Segmentation loss: the original's ExpLog loss (soft Dice + weighted CE).")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="ExpLogLoss options (see relaylearn.losses).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="ExpLogLoss options (`explog` options below; see relaylearn.losses).")
+
+    @field_validator("kwargs")
+    @classmethod
+    def _explog_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return _given_options(ExpLogOptions, kwargs)
 
 
 class LightningConfig(Strict):
-    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, ...")
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = Field(
+        "auto", description="Lightning strategy: auto, ddp or ddp_find_unused_parameters_true (the ones the engine's per-rank batches are made for)."
+    )
     num_nodes: int = Field(1, ge=1, description="Machines per site for multi-node training (Lightning).")
-    devices: Union[int, str, None] = Field(None, description="Devices when -g is not given (e.g. 2 CPU processes for DDP on the CPU).")
+    devices: Optional[int] = Field(
+        None, ge=1, le=1024, description="Processes per machine when -g is not given or is cpu (e.g. 2 CPU processes for DDP on the CPU); None: 1."
+    )
 
 
 class TrainConfig(Strict):
@@ -259,7 +346,7 @@ class AuditConfig(Strict):
         True,
         description="Relay runs with every site on one machine: audit what the generators (and shipped discriminators) reveal about every earlier site after each hop, into metrics/privacy.json.",
     )
-    n_generated: int = Field(1000, ge=2, description="Generated pairs per site for the per-hop audit.")
+    n_generated: int = Field(1000, ge=2, le=MAX_AUDIT_PAIRS, description=f"Generated pairs per site for the per-hop audit (2 to {MAX_AUDIT_PAIRS}).")
     threshold: float = Field(0.6, ge=0.5, le=1.0, description="Membership-inference ROC AUC above which a check is flagged.")
     n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the audit's 95 % intervals.")
 
@@ -273,6 +360,16 @@ class CommonConfig(Strict):
     test: TestConfig = TestConfig()
     bundle: BundleConfig = BundleConfig()
     audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _a_weight_per_class(self, info: ValidationInfo):
+        """An explicit ``ce_weight`` has one entry per class of the site's data."""
+        weights, classes = self.train.loss.kwargs.get("ce_weight"), self.dataset.kwargs.num_classes
+        if isinstance(weights, list) and len(weights) != classes and not (info.context or {}).get("partial"):
+            raise ValueError(
+                f"train.loss.kwargs.ce_weight: {len(weights)} entries, but dataset.kwargs.num_classes is {classes} (one weight per class, background first)"
+            )
+        return self
 
 
 class CheckpointSave(Strict):
@@ -298,6 +395,15 @@ class TaskConfig(CommonConfig):
 class CurrentTasks(Strict):
     task_ids: list[int] = Field(min_length=1)
     task_confs: dict[int, dict[str, Any]] = {}
+
+    @field_validator("task_ids")
+    @classmethod
+    def _each_site_once(cls, ids: list[int]) -> list[int]:
+        """A site listed twice would overwrite its own bundle (and make backward transfer meaningless)."""
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"task id {twice[0]} is listed twice (each site trains once per relay)")
+        return ids
 
 
 class PartialDataset(Strict):
@@ -390,11 +496,11 @@ def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=16")
         key, value = item.split("=", 1)
-        keys = [k for k in key.strip().split(".") if k]
-        if not keys:
-            raise ConfigError(f"--set {item!r}: empty key")
+        keys = key.strip().split(".")
         if keys[0] == "common":
             keys = keys[1:]
+        if not keys or "" in keys:
+            raise ConfigError(f"--set {item!r}: empty key{' segment' if keys else ''} (expected KEY=VALUE, e.g. train.batch_size=16)")
         try:
             parsed = yaml.safe_load(value) if value != "" else None
         except yaml.YAMLError:
@@ -415,6 +521,8 @@ def _apply_set(common: dict, keys: list[str], value: Any) -> None:
 #: how pydantic tags the error of each member of a union that a value matched none of (the last
 #: element of the error's location): a type name, optionally with its parameters
 _UNION_MEMBER_TAG = re.compile(r"[a-z_]+(\[.*\])?")
+#: a union member's tag with parameters (``list[constrained-float]``): never a key, left out of the key's name
+_TYPED_MEMBER_TAG = re.compile(r"[a-z_]+\[.*\]")
 
 
 def _union_members(errors: list[dict]) -> list[dict]:
@@ -434,7 +542,7 @@ def validation_message(exc: ValidationError, prefix: str) -> str:
     members = _union_members(errors)
     err = members[0]
     loc_parts = err["loc"][:-1] if len(members) > 1 else err["loc"]
-    loc = ".".join(str(p) for p in loc_parts if not str(p).startswith("function-after"))
+    loc = ".".join(str(p) for p in loc_parts if not str(p).startswith("function-after") and not _TYPED_MEMBER_TAG.fullmatch(str(p)))
     key = f"{prefix}.{loc}" if loc else prefix
     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")  # a validator's own message
     if len(members) > 1:  # "Input should be 'auto' or a valid boolean", not the first member's alone
@@ -469,6 +577,10 @@ def read_yaml(path: Path) -> Any:
     """A YAML file as plain data (UTF-8, no duplicate keys); ConfigError naming the file otherwise."""
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_NoDuplicateKeysLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:  # where and what, not the parser's state ("while scanning ...")
+        mark, problem = exc.problem_mark or exc.context_mark, exc.problem or exc.context
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"cannot read YAML{where}: {problem}", path) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read YAML: {str(exc).splitlines()[0]}", path) from None
 
@@ -565,11 +677,13 @@ def config_reference_markdown() -> str:
     )
     from relaylearn.strategies import available_strategies, get_strategy_class
 
-    for name in available_strategies():
-        rows = _rows(get_strategy_class(name).Options, "")
+    tables = [("Model `unet`", "common.model.kwargs", UNetOptions), ("Loss `explog`", "common.train.loss.kwargs", ExpLogOptions)]
+    tables += [(f"Strategy `{name}`", "common.strategy.kwargs", get_strategy_class(name).Options) for name in available_strategies()]
+    for title, where, options in tables:
+        rows = _rows(options, "")
         if not rows:
             continue
-        lines += ["", f"**Strategy `{name}`** (`common.strategy.kwargs`)", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += ["", f"**{title}** (`{where}`)", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         lines += [f"| `{k}` | `{t}` | `{d}` | {m} |" for k, t, d, m in rows]
     return "\n".join(lines) + "\n"
 

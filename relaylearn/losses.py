@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,13 @@ def _dice_counts(probs: Tensor, one_hot: Tensor, batch_dice: bool) -> tuple[Tens
     return tp, fp, fn
 
 
+def auto_class_weights(num_classes: int, device: torch.device | str = "cpu") -> Tensor:
+    """``ce_weight="auto"``: float32 [num_classes], 1 for the background (class 0) and 2 for every other class."""
+    weights = torch.full((num_classes,), 2.0, device=device)
+    weights[0] = 1.0
+    return weights
+
+
 class ExpLogLoss(nn.Module):
     """Exponential-logarithmic Dice plus weighted cross-entropy, as in the original solver.
 
@@ -32,9 +40,11 @@ class ExpLogLoss(nn.Module):
     summed over batch and space when ``batch_dice`` (else per image, then averaged). With
     ``soft_dice=False`` D̄ is instead a generalised Dice (class weights 1/volume², Sudre 2017;
     ``smooth`` then unused).
-    WCE is PyTorch's cross-entropy with class weights ``ce_weight`` (None: unweighted) and weighted-mean reduction
+    WCE is PyTorch's cross-entropy with class weights ``ce_weight`` (``"auto"``: 1 for the background and
+    2 for every other class, as many as the logits have classes; None: unweighted) and weighted-mean reduction
     (Σ w_y·nll / Σ w_y). When D̄ rounds to exactly 1 the Dice term is 0 with zero gradient
-    (the original would produce NaN gradients there).
+    (the original would produce NaN gradients there). A config's ``train.loss.kwargs`` are these
+    options, validated by ``relaylearn.config.ExpLogOptions``.
     """
 
     def __init__(
@@ -43,7 +53,7 @@ class ExpLogLoss(nn.Module):
         soft_dice: bool = True,
         do_bg: bool = False,
         batch_dice: bool = True,
-        ce_weight: Sequence[float] | None = (1.0, 2.0, 2.0),
+        ce_weight: Sequence[float] | Literal["auto"] | None = "auto",
         gamma: float = 0.3,
         dice_weight: float = 0.8,
         ce_weight_total: float = 0.2,
@@ -57,7 +67,8 @@ class ExpLogLoss(nn.Module):
         self.dice_weight = dice_weight
         self.ce_weight_total = ce_weight_total
         self.smooth = smooth
-        weights = None if ce_weight is None else torch.tensor(list(ce_weight), dtype=torch.float32)
+        self.auto_weights = ce_weight == "auto"
+        weights = None if ce_weight is None or self.auto_weights else torch.tensor(list(ce_weight), dtype=torch.float32)
         # not persistent: a fixed hyper-parameter, not state to carry between sites
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -89,7 +100,10 @@ class ExpLogLoss(nn.Module):
         # x^gamma has an infinite slope at 0: evaluate it on a clamped base and select 0 there
         safe_base = neg_log_dice.clamp_min(1e-12)
         dice_term = torch.where(neg_log_dice > 0, safe_base**self.gamma, torch.zeros_like(safe_base))
-        weights = None if self.class_weights is None else self.class_weights.to(logits.device, torch.float32)
+        if self.auto_weights:
+            weights = auto_class_weights(num_classes, logits.device)
+        else:
+            weights = None if self.class_weights is None else self.class_weights.to(logits.device, torch.float32)
         weighted_ce = F.cross_entropy(logits.float(), target.long(), weight=weights)
         return self.dice_weight * dice_term + self.ce_weight_total * weighted_ce
 

@@ -231,3 +231,13 @@ def test_closest_pairs_picture_maps_the_data_range_to_black_and_white():
     black, white = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
     picture = closest_pairs_picture(black, white, torch.zeros(1), torch.zeros(1, dtype=torch.long), out_range=(0.0, 1.0))
     assert picture[:2, :2].max() == 0 and picture[4:, :2].min() == 255  # generated above, its nearest training image below
+
+
+@pytest.mark.parametrize("n", ["1", "99999999999"])
+def test_the_number_of_generated_pairs_is_bounded_before_anything_is_read(tmp_path, n):
+    """99999999999 pairs ran unbounded (only the lower bound was checked)."""
+    result = run_cli(tmp_path, "audit", tmp_path / "no.relay", "--site", "A", "--data-root", tmp_path, "--n-generated", n)
+    assert result.code == 2
+    assert f"--n-generated {n}: expected 2 to 100000 generated pairs" in one_line_error(result.err)
+    with pytest.raises(UserError, match="expected 2 to 100000"):
+        AuditOptions(n_generated=100_001)

@@ -136,3 +136,30 @@ def test_a_hold_out_that_leaves_one_training_image_is_one_line(tmp_path, config)
     line = one_line_error(result.err)
     assert "val_fraction" in line and "at least 2" in line
     assert not (tmp_path / "exps").exists(), "found before the run folder is written (and before a ledger would move)"
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("train.loss.kwargs.foo=1", "common.train.loss.kwargs.foo: unknown key"),
+        ("train.lightning.devices=abc", "common.train.lightning.devices: Input should be a valid integer"),
+        ("dataset.kwargs.augment={params: 3}", "augment.params: expected a mapping, got 3"),
+        ("common=5", "--set 'common=5': empty key"),
+        ("train..batch_size=4", "--set 'train..batch_size=4': empty key segment"),
+        ("train.batch_size=true", "common.train.batch_size: Input should be a number, not a boolean"),
+    ],
+)
+def test_free_form_and_malformed_overrides_are_one_line_before_anything_is_written(tmp_path, config, override, says):
+    """These were internal errors (exit 1) when training started, or silently accepted."""
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q", "-g", "cpu", "--set", override)
+    assert result.code == 2
+    assert says in one_line_error(result.err)
+    assert not (tmp_path / "exps").exists()
+
+
+def test_a_yaml_syntax_error_names_the_line_and_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("common:\n\trandom_seed: 1\n")
+    result = run_cli(tmp_path, "train", "-c", bad, "-n", "x", "-q")
+    assert result.code == 2
+    assert f"{bad}: cannot read YAML at line 2, column 1: found character '\\t' that cannot start any token" in one_line_error(result.err)

@@ -50,6 +50,25 @@ def test_data_root_replaces_every_site_root(tmp_path):
         ("train.optimizer.lr=.inf", "common.train.optimizer.lr: Input should be a finite number"),
         ("dataset.kwargs.channels=300000", "common.dataset.kwargs.channels: Input should be less than or equal to 64"),
         ("dataset.kwargs.num_classes=100000", "common.dataset.kwargs.num_classes: Input should be less than or equal to 256"),
+        # free-form blocks that used to fail as internal errors when training started, or train silently wrong
+        ("train.loss.kwargs.foo=1", "common.train.loss.kwargs.foo: unknown key"),
+        ("train.loss.kwargs.gamma=abc", "common.train.loss.kwargs.gamma: Input should be a valid number"),
+        ("train.loss.kwargs.dice_weight=.nan", "common.train.loss.kwargs.dice_weight: Input should be a finite number"),
+        ("train.loss.kwargs.ce_weight=[1,-2,2]", "common.train.loss.kwargs.ce_weight.1: Input should be greater than 0"),
+        ("train.loss.kwargs={dice_weight: 0, ce_weight_total: 0}", "common.train.loss.kwargs: dice_weight and ce_weight_total are both 0"),
+        ("model.kwargs.in_channels=2.5", "common.model.kwargs.in_channels: Input should be a valid integer"),
+        ("model.kwargs.bilinear=maybe", "common.model.kwargs.bilinear: Input should be a valid boolean"),
+        ("model.kwargs.width=8", "common.model.kwargs.width: unknown key"),
+        ("train.lightning.devices=abc", "common.train.lightning.devices: Input should be a valid integer"),
+        ("train.lightning.devices=0", "common.train.lightning.devices: Input should be greater than or equal to 1"),
+        ("train.lightning.strategy=bogus", "common.train.lightning.strategy: Input should be 'auto', 'ddp' or 'ddp_find_unused_parameters_true'"),
+        # lax pydantic read true as 1
+        ("train.batch_size=true", "common.train.batch_size: Input should be a number, not a boolean (got True)"),
+        ("train.optimizer.lr=true", "common.train.optimizer.lr: Input should be a number, not a boolean"),
+        ("train.optimizer.betas=[0.9, false]", "common.train.optimizer.betas: Input should be a number, not a boolean"),
+        ("train.lightning.devices=true", "common.train.lightning.devices: Input should be a number, not a boolean"),
+        ("dataset.kwargs.num_replica=1000000000", "common.dataset.kwargs.num_replica: Input should be less than or equal to 10000"),
+        ("audit.n_generated=99999999999", "common.audit.n_generated: Input should be less than or equal to 100000"),
     ],
 )
 def test_bad_keys_name_the_key_and_file(tmp_path, override, key):
@@ -81,6 +100,71 @@ def test_unknown_task_id_and_missing_file(tmp_path):
 def test_set_needs_key_value():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set(["train.batch_size"])
+
+
+@pytest.mark.parametrize("item", ["common=5", "common.=1", "train..batch_size=4", ".train.batch_size=4", "train.batch_size.=4", "=4"])
+def test_set_refuses_an_empty_key_or_segment(item):
+    """``common=5`` was an internal error (IndexError); ``train..batch_size=4`` set train.batch_size."""
+    with pytest.raises(ConfigError, match="empty key") as err:
+        parse_set([item])
+    assert repr(item) in str(err.value) and err.value.exit_code == 2
+    assert parse_set(["common.train.batch_size=4"]) == [(["train", "batch_size"], 4)]
+
+
+def test_a_site_listed_twice_in_task_ids_is_refused(tmp_path):
+    """Its second hop overwrote the first one's bundle, and BWT compared the site with itself."""
+    path = tiny_config(tmp_path, tmp_path, task_ids=(1, 2, 1))
+    with pytest.raises(ConfigError, match=r"config\.current_tasks\.task_ids: task id 1 is listed twice") as err:
+        load_config(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_the_default_class_weights_follow_the_classes_and_a_given_list_must_match_them(tmp_path):
+    """ce_weight defaulted to [1, 2, 2]: any other class count failed once training started."""
+    path = tiny_config(tmp_path, tmp_path)
+    assert "ce_weight" not in load_config(str(path), ["dataset.kwargs.num_classes=2"]).tasks[0].train.loss.kwargs  # "auto"
+    two = load_config(str(path), ["dataset.kwargs.num_classes=2", "train.loss.kwargs.ce_weight=[1, 3]"])
+    assert two.tasks[0].train.loss.kwargs == {"ce_weight": [1.0, 3.0]}
+    with pytest.raises(ConfigError, match=r"current_tasks\.task_confs\.1: train\.loss\.kwargs\.ce_weight: 3 entries, but dataset\.kwargs\.num_classes is 5"):
+        load_config(str(path), ["dataset.kwargs.num_classes=5", "train.loss.kwargs.ce_weight=[1, 2, 2]"])
+
+
+def test_typed_model_and_loss_options_keep_only_the_keys_given_with_their_values_checked(tmp_path):
+    path = tiny_config(tmp_path, tmp_path)
+    task = load_config(str(path), ["model.kwargs.in_channels=3.0", "model.kwargs.bilinear=no", "train.loss.kwargs.gamma=1"]).tasks[0]
+    assert task.model.kwargs == {"in_channels": 3, "bilinear": False} and type(task.model.kwargs["in_channels"]) is int
+    assert task.train.loss.kwargs == {"gamma": 1.0}
+    quoted = load_config(str(path), ['model.kwargs.bilinear="no"']).tasks[0]
+    assert quoted.model.kwargs["bilinear"] is False  # was passed on as the string "no", which is true
+    own = load_config(str(path), ["model.name=examples.tiny_net:TinyNet", "model.kwargs.width=8"]).tasks[0]
+    assert own.model.kwargs == {"width": 8}  # your own model's keyword arguments stay free
+
+
+def test_the_loss_options_are_the_losses_keyword_arguments():
+    """ExpLogOptions validates what ExpLogLoss takes: the same names and defaults."""
+    import inspect
+
+    from relaylearn.config import ExpLogOptions
+    from relaylearn.losses import ExpLogLoss
+
+    signature = inspect.signature(ExpLogLoss).parameters
+    assert list(signature) == list(ExpLogOptions.model_fields)
+    assert {name: p.default for name, p in signature.items()} == {name: f.default for name, f in ExpLogOptions.model_fields.items()}
+
+
+def test_booleans_are_not_numbers_in_strategy_options_and_site_lists(tmp_path):
+    from relaylearn.strategies.base import parse_options
+    from relaylearn.strategies.relay import Relay
+
+    with pytest.raises(ConfigError, match=r"z_img: Input should be a number, not a boolean \(got True\)"):
+        parse_options(Relay, {"z_img": True})
+    assert parse_options(Relay, {"gan_pairs_side_by_side": True}).gan_pairs_side_by_side is True  # a boolean where one is taken
+    raw = yaml.safe_load(tiny_config(tmp_path, tmp_path).read_text())
+    raw["current_tasks"]["task_ids"] = [True]
+    path = tmp_path / "bool.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"config\.current_tasks\.task_ids: Input should be a number, not a boolean"):
+        load_config(str(path))
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
@@ -193,14 +277,20 @@ def test_a_strategy_option_that_fits_no_member_of_its_union_names_them_all():
         parse_options(Relay, {"overlap_solver_stepp": True})
 
 
-def test_a_key_given_twice_or_a_file_that_is_not_utf8_is_an_error_naming_the_file(tmp_path):
+def test_a_key_given_twice_a_syntax_error_or_a_file_that_is_not_utf8_is_an_error_naming_the_file_and_line(tmp_path):
+    """A syntax error kept only the parser's state ("while scanning for the next token"), not the problem or the line."""
     path = tiny_config(tmp_path, tmp_path)
     text = path.read_text()
     twice = tmp_path / "twice.yaml"
     twice.write_text(text.replace("common:\n", "common:\n  random_seed: 1\n  random_seed: 2\n", 1))
-    with pytest.raises(ConfigError, match="key 'random_seed' appears twice") as err:
+    with pytest.raises(ConfigError, match=r"at line \d+, column 3: key 'random_seed' appears twice") as err:
         load_config(str(twice))
     assert str(twice) in str(err.value)
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("common:\n\trandom_seed: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(tab))
+    assert str(err.value) == f"{tab}: cannot read YAML at line 2, column 1: found character '\\t' that cannot start any token"
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe common: {}")
     with pytest.raises(ConfigError, match="cannot read YAML") as err:

@@ -76,7 +76,16 @@ def test_saturated_perfect_prediction_has_finite_gradients():
 
 def test_class_weight_count_must_match_the_classes():
     with pytest.raises(ConfigError, match="ce_weight has 3 entries .* 4 classes"):
-        ExpLogLoss()(torch.randn(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+        ExpLogLoss(ce_weight=(1.0, 2.0, 2.0))(torch.randn(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5])
+def test_the_default_class_weights_follow_the_classes(num_classes):
+    """The default was [1, 2, 2]: binary or 5-class data failed unless ce_weight was set."""
+    torch.manual_seed(2)
+    logits, target = torch.randn(2, num_classes, 4, 4), torch.randint(0, num_classes, (2, 4, 4))
+    explicit = ExpLogLoss(ce_weight=[1.0] + [2.0] * (num_classes - 1))(logits, target)
+    assert ExpLogLoss()(logits, target).item() == explicit.item()
 
 
 def test_loss_weights_are_not_in_the_state_dict():

@@ -93,6 +93,56 @@ PRESETS: dict[str, tuple[dict[str, Block], AugmentParams]] = {
     "none": ({}, AugmentParams()),
 }
 IMAGE_FILLS = ("min", "border", "reflection")
+#: allowed range of an :class:`AugmentParams` field (both ends included); any other field: 0 or more
+PARAM_RANGES = {
+    "invert_p": (0.0, 1.0),
+    "flip_p": (0.0, 1.0),
+    "jpeg_quality": (1.0, 100.0),
+    "motion_kernel": (1.0, 64.0),  # pixels at 64 px
+    "gaussian_sigma": (0.0, 16.0),  # the kernel grows with it
+    "rotate_deg": (0.0, 180.0),
+    "shear_deg": (0.0, 80.0),  # tan(90°) is infinite
+    "translate": (0.0, 1.0),
+    "scale": (0.01, 100.0),
+}
+
+
+def _number(value: Any, key: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a float in [low, high]; ConfigError naming ``augment.<key>`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"augment.{key}: expected a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"augment.{key}: must be in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _pair(value: Any, key: str, low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
+    """``value`` as (lower, upper) with lower ≤ upper, both in [low, high]."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"augment.{key}: expected [lower, upper], got {value!r}")
+    lower, upper = (_number(v, key, low, high) for v in value)
+    if lower > upper:
+        raise ConfigError(f"augment.{key}: the lower bound {lower:g} is above the upper one {upper:g}")
+    return lower, upper
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """``value`` as a mapping (None: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"augment.{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _param(key: str, value: Any) -> Any:
+    """One checked :class:`AugmentParams` override (the type of its default, in ``PARAM_RANGES``)."""
+    low, high = PARAM_RANGES.get(key, (0.0, math.inf))
+    default = getattr(AugmentParams(), key)
+    if isinstance(default, tuple):
+        return _pair(value, f"params.{key}", low, high)
+    number = _number(value, f"params.{key}", low, high)
+    return int(number) if isinstance(default, int) else number
 
 
 def _uniform(bounds: tuple[float, float], size: int, device: torch.device) -> Tensor:
@@ -145,27 +195,26 @@ class SegmentationAugment(nn.Module):
         compute_all: bool | None = None,
     ):
         super().__init__()
-        if strength not in PRESETS:
-            raise ConfigError(f"augment: unknown strength '{strength}' (expected one of {', '.join(PRESETS)})")
-        if image_fill not in IMAGE_FILLS:
-            raise ConfigError(f"augment: unknown image_fill '{image_fill}' (expected one of {', '.join(IMAGE_FILLS)})")
+        if not isinstance(strength, str) or strength not in PRESETS:
+            raise ConfigError(f"augment: unknown strength {strength!r} (expected one of {', '.join(PRESETS)})")
+        if not isinstance(image_fill, str) or image_fill not in IMAGE_FILLS:
+            raise ConfigError(f"augment: unknown image_fill {image_fill!r} (expected one of {', '.join(IMAGE_FILLS)})")
         blocks, defaults = PRESETS[strength]
         blocks = dict(blocks)
-        for name, p in (block_p or {}).items():
+        for name, p in _mapping(block_p, "block_p").items():
             if name not in blocks:
                 raise ConfigError(f"augment.block_p: no block '{name}' in preset '{strength}' (has {', '.join(blocks) or 'none'})")
-            if not 0.0 <= float(p) <= 1.0:
-                raise ConfigError(f"augment.block_p.{name}: probability must be in [0, 1], got {p}")
-            blocks[name] = replace(blocks[name], p=float(p))
+            blocks[name] = replace(blocks[name], p=_number(p, f"block_p.{name}", 0.0, 1.0))
         known = {f.name for f in fields(AugmentParams)}
-        for key in params or {}:
+        for key in _mapping(params, "params"):
             if key not in known:
                 raise ConfigError(f"augment.params: unknown key '{key}' (known: {', '.join(sorted(known))})")
-        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (params or {}).items()}
         self.strength = strength
         self.blocks = blocks
-        self.params = replace(defaults, **overrides)
-        self.out_range = (float(out_range[0]), float(out_range[1]))
+        self.params = replace(defaults, **{key: _param(key, value) for key, value in _mapping(params, "params").items()})
+        self.out_range = _pair(out_range, "out_range")
+        if self.out_range[0] == self.out_range[1]:
+            raise ConfigError(f"augment.out_range: the lower bound must be below the upper one, got {list(out_range)}")
         self.image_fill = image_fill
         self.compute_all = compute_all
 
@@ -329,7 +378,7 @@ def from_config(spec: str | dict[str, Any] | None, out_range: tuple[float, float
         raise ConfigError(f"augment: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
     return SegmentationAugment(
         spec.get("strength", "original"),
-        tuple(spec.get("out_range", out_range)),
+        spec.get("out_range", out_range),
         block_p=spec.get("block_p"),
         params=spec.get("params"),
         image_fill=spec.get("image_fill", "min"),

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from relaylearn.errors import DataError
+
 
 class SiteBatchSampler(Sampler[list[int]]):
     """Yields index batches over ``num_items × num_replica`` draws, reshuffled every epoch.
@@ -41,15 +43,40 @@ class SiteBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.total_batches if self.world_size == 1 else max(1, self.total_batches // self.world_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _copies(self, g: torch.Generator) -> Iterator[Tensor]:
+        """The epoch's ``num_replica`` shuffled copies of the items, one at a time."""
+        for _ in range(self.num_replica):
+            yield torch.randperm(self.num_items, generator=g)
+
+    def _batches(self) -> Iterator[Tensor]:
+        """The epoch's ``total_batches`` index batches, drawn lazily (one copy of the items in
+        memory at a time); the last one takes every remaining draw (a lone last item joins it)."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.cat([torch.randperm(self.num_items, generator=g) for _ in range(self.num_replica)])
-        batches = list(order.split(self.batch_size))
-        if len(batches) > self.total_batches:  # fold a lone last item into the batch before it
-            batches[-2:] = [torch.cat(batches[-2:])]
+        last_size = self.num_items * self.num_replica - self.batch_size * (self.total_batches - 1)
+        pieces: list[Tensor] = []  # of the batch being filled
+        size, made = 0, 0
+        for copy in self._copies(g):
+            while len(copy):
+                target = self.batch_size if made < self.total_batches - 1 else last_size
+                pieces.append(copy[: target - size])
+                copy, size = copy[target - size :], size + len(pieces[-1])
+                if size == target:
+                    yield torch.cat(pieces)
+                    pieces, size, made = [], 0, made + 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.total_batches < self.world_size:  # a rank without a batch would wait for the others forever
+            raise DataError(
+                f"{self.num_items * self.num_replica} training draws make {self.total_batches} batch(es) of {self.batch_size}, "
+                f"fewer than the {self.world_size} processes; use a smaller batch size or fewer devices"
+            )
         start, self.skip = self.skip, 0
-        for i in range(start, len(self)):
-            yield batches[i * self.world_size + self.rank].tolist() if self.world_size > 1 else batches[i].tolist()
+        for j, batch in enumerate(self._batches()):
+            i, rank = divmod(j, self.world_size)  # under DDP this rank takes every world_size-th batch
+            if i >= len(self):
+                return
+            if rank == self.rank and i >= start:
+                yield batch.tolist()
 
 
 def site_loader(images: Tensor, labels: Tensor, batch_size: int, num_replica: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:

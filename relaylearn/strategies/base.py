@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from relaylearn.config import Strict
 from relaylearn.errors import ConfigError
 
 
-class StrategyOptions(BaseModel):
-    """Options of a strategy (``common.strategy.kwargs``). Unknown keys and non-finite numbers are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class StrategyOptions(Strict):
+    """Options of a strategy (``common.strategy.kwargs``). Unknown keys, non-finite numbers and
+    booleans given for numbers are errors."""
 
 
 @dataclass

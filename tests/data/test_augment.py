@@ -156,6 +156,36 @@ def test_from_config():
         from_config({"block_p": {"colour": 2}})
 
 
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ({"params": 3}, "augment.params: expected a mapping, got 3"),
+        ({"block_p": 2}, "augment.block_p: expected a mapping, got 2"),
+        ({"out_range": 5}, "augment.out_range: expected [lower, upper], got 5"),
+        ({"out_range": [1, 1]}, "augment.out_range: the lower bound must be below the upper one"),
+        ({"strength": ["light"]}, "augment: unknown strength ['light']"),
+        ({"image_fill": {}}, "augment: unknown image_fill {}"),
+        ({"block_p": {"colour": "often"}}, "augment.block_p.colour: expected a finite number, got 'often'"),
+        ({"params": {"gamma": "abc"}}, "augment.params.gamma: expected [lower, upper], got 'abc'"),
+        ({"params": {"gamma": [1.5, 0.5]}}, "augment.params.gamma: the lower bound 1.5 is above the upper one 0.5"),
+        ({"params": {"flip_p": True}}, "augment.params.flip_p: expected a finite number, got True"),
+        ({"params": {"shear_deg": 90}}, r"augment.params.shear_deg: must be in [0, 80], got 90"),
+        ({"params": {"gaussian_sigma": [0, 1e9]}}, "augment.params.gaussian_sigma: must be in [0, 16]"),
+    ],
+)
+def test_from_config_checks_types_and_ranges(spec, says):
+    """Wrong types failed as TypeError / AttributeError when training started, or later in kornia."""
+    with pytest.raises(ConfigError) as err:
+        from_config(spec)
+    assert says in str(err.value)
+
+
+def test_parameter_overrides_keep_their_types():
+    augment = from_config({"params": {"motion_kernel": 5, "jpeg_quality": [80, 90], "translate": 0}})
+    assert augment.params.motion_kernel == 5 and type(augment.params.motion_kernel) is int
+    assert augment.params.jpeg_quality == (80.0, 90.0) and augment.params.translate == 0.0
+
+
 def test_speed_is_reported():
     """Batch 64 × 3×64×64 on the CPU: measured and printed, not asserted (the machine is shared)."""
     images = torch.rand(64, 3, 64, 64) * 2 - 1
