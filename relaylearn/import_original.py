@@ -36,7 +36,7 @@ import math
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,8 +356,9 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     task = cfg.tasks[-1]
     strategy = build_strategy(task, load_pretrained=False)
     if imported.is_relay and not relay_config:  # keep the solver only
-        imported.dropped["generators/discriminators (config is not relay)"] = sum(1 for k in imported.tensors if not k.startswith("solver."))
-        imported.tensors = {k: v for k, v in imported.tensors.items() if k.startswith("solver.")}
+        _drop(imported, lambda k: not k.startswith("solver."), "generators/discriminators (config is not relay)")
+    elif relay_config and not strategy.options.ship_discriminators:  # --set strategy.kwargs.ship_discriminators=false
+        _drop(imported, lambda k: not k.startswith(("solver.", "g_img.", "g_label.")), "discriminators (ship_discriminators is false)")
     expected = strategy.state_to_bundle().tensors
     with _naming(ckpt):
         tensors = check_against(imported, expected, f"config '{cfg.name}'")
@@ -392,6 +393,14 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
         extra={"imported_from": "original Relay Learning checkpoint", "networks": imported.networks},
     )
     return Path(path), imported
+
+
+def _drop(imported: ImportedCheckpoint, dropped: Callable[[str], bool], why: str) -> None:
+    """Leave out the mapped tensors whose names ``dropped`` selects, counted under ``why``."""
+    count = sum(1 for k in imported.tensors if dropped(k))
+    if count:
+        imported.dropped[why] = count
+        imported.tensors = {k: v for k, v in imported.tensors.items() if not dropped(k)}
 
 
 def _relay_settings(imported: ImportedCheckpoint, sets: list[str]) -> dict[str, Any]:

@@ -270,6 +270,17 @@ def test_a_relay_checkpoint_without_discriminators_gives_a_bundle_that_loads(tmp
     assert torch.equal(bundle.tensors["g_img.synthesis.blocks.4.to_rgb.weight"], state["G_img.synthesis.b64.torgb.weight"])
 
 
+def test_discriminators_are_left_out_when_the_config_ships_none(tmp_path, capsys):
+    state = _relay_state()
+    ckpt = save_lightning_checkpoint(tmp_path / "relay.ckpt", state)
+    out = tmp_path / "nod.relay"
+    argv = ["import-original", str(ckpt), "-c", "fundus/relay_test", "--out", str(out), "--set", "strategy.kwargs.ship_discriminators=false"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "discriminators (ship_discriminators is false)" in capsys.readouterr().out
+    bundle, _ = _read(out)
+    assert not any(k.startswith("d_") for k in bundle.tensors) and any(k.startswith("g_label.") for k in bundle.tensors)
+
+
 def test_a_relay_checkpoint_with_a_non_relay_config_keeps_the_solver(tmp_path, capsys):
     state = _relay_state()
     ckpt = save_lightning_checkpoint(tmp_path / "relay.ckpt", state)
