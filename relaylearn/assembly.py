@@ -13,7 +13,7 @@ from torch import nn
 
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig
 from relaylearn.data.layouts import Layout, get_layout
-from relaylearn.errors import DataError, RelayError, UserError, VerificationError
+from relaylearn.errors import ConfigError, DataError, RelayError, UserError, VerificationError
 from relaylearn.plugins import is_plugin
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import BundleState, Strategy, parse_options
@@ -76,15 +76,61 @@ def shipped_config(task: TaskConfig) -> dict[str, Any]:
     return cfg
 
 
-def build_strategy(task: TaskConfig, load_pretrained: bool) -> Strategy:
-    """A fresh strategy (and its solver) for ``task``."""
+def build_task_solver(task: TaskConfig, load_pretrained: bool) -> nn.Module:
+    """A fresh solver of ``task``'s ``model`` block for its dataset's channels and classes."""
     from relaylearn.models import build_solver
 
+    k = task.dataset.kwargs
+    return build_solver(task.model.name, task.model.kwargs, in_channels=k.channels, num_classes=k.num_classes, load_pretrained=load_pretrained)
+
+
+def build_strategy(task: TaskConfig, load_pretrained: bool, solver: nn.Module | None = None) -> Strategy:
+    """A fresh strategy (and its solver, unless ``solver`` is given) for ``task``."""
     cls = get_strategy_class(task.strategy.name)
     options = parse_options(cls, task.strategy.kwargs)
+    return cls(options, solver if solver is not None else build_task_solver(task, load_pretrained), task)
+
+
+def check_task_builds(task: TaskConfig, load_pretrained: bool) -> Strategy:
+    """Pre-flight of a site's config, in about the time it takes to build its networks: the solver
+    builds (with ``load_pretrained``, a configured ``pretrained_path`` is read into it), takes a
+    training batch of ``train.batch_size`` at ``dataset.kwargs.img_size`` (a solver may say what
+    it needs with ``check_training_input(batch_size, height, width)``), maps a batch of 2 zero
+    images to logits of the configured classes, the strategy builds on it, and its loss (a
+    ``criterion``, where it has one) takes those logits. Returns the strategy; a ConfigError
+    naming the key (not the file) otherwise."""
     k = task.dataset.kwargs
-    solver = build_solver(task.model.name, task.model.kwargs, in_channels=k.channels, num_classes=k.num_classes, load_pretrained=load_pretrained)
-    return cls(options, solver, task)
+    height, width = k.img_size
+    model = f"model '{task.model.name}'"
+    solver = _built(lambda: build_task_solver(task, load_pretrained), f"common.model: {model} does not build")
+    check_input = getattr(solver, "check_training_input", None)
+    if check_input is not None:
+        check_input(task.train.batch_size, height, width)
+    zeros = torch.zeros(2, k.channels, height, width)
+    with torch.no_grad():
+        solver.eval()
+        logits = _built(lambda: solver(zeros), f"common.dataset.kwargs.img_size: {model} does not run on {k.channels}-channel {height}x{width} images")
+        solver.train()
+    expected = (2, k.num_classes, height, width)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"common.model: {model} maps images [2, {k.channels}, {height}, {width}] to {got}, not to logits {list(expected)}")
+    strategy = _built(lambda: build_strategy(task, load_pretrained, solver=solver), f"common.strategy: strategy '{task.strategy.name}' does not build")
+    criterion = getattr(strategy, "criterion", None)
+    if isinstance(criterion, nn.Module):
+        with torch.no_grad():
+            _built(lambda: criterion(logits, torch.zeros(2, height, width, dtype=torch.long)), "common.train.loss: the loss does not run")
+    return strategy
+
+
+def _built(make, failure: str):
+    """``make()``; a RelayError passes, any other error becomes a ConfigError ``failure: <its first line>``."""
+    try:
+        return make()
+    except RelayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a config makes a network or loss do
+        raise ConfigError(f"{failure}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,9 +178,10 @@ def restore_strategy(task: TaskConfig, bundle=None) -> Strategy:
     return strategy
 
 
-def check_bundle_fits(bundle, task: TaskConfig) -> None:
+def check_bundle_fits(bundle, task: TaskConfig) -> Strategy:
     """Before anything is recorded or written: the verified ``bundle`` must come from this site's
-    strategy and its tensors must load into it exactly (names, shapes, dtypes). Exit 3 otherwise."""
+    strategy and its tensors must load into it exactly (names, shapes, dtypes). Exit 3 otherwise.
+    Returns the strategy restored from it."""
     from relaylearn.bundle import escape_text
 
     if bundle.strategy != task.strategy.name:
@@ -142,7 +189,7 @@ def check_bundle_fits(bundle, task: TaskConfig) -> None:
             f"bundle was written by strategy '{escape_text(bundle.strategy)}' but this site's config uses '{task.strategy.name}'",
             bundle.path,
         )
-    restore_strategy(task, bundle)
+    return restore_strategy(task, bundle)
 
 
 def strategy_from_bundle(bundle, plugins: tuple[str, ...] | set[str] = ()) -> tuple[Strategy, TaskConfig]:

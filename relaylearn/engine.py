@@ -454,10 +454,15 @@ def predict_logits(solver: torch.nn.Module, images: Tensor, batch_size: int = 64
 
 
 def evaluate_site(solver: torch.nn.Module, data, num_classes: int, batch_size: int = 64, device: Any = "cpu", bootstrap: int = 5000) -> dict:
-    """Per-image and summary segmentation metrics of ``solver`` on one site's test data."""
+    """Per-image and summary segmentation metrics of ``solver`` on one site's test data, whose
+    labels have ``num_classes`` classes: UserError when the solver predicts another number (a
+    class it cannot predict would count as a perfect Dice wherever it is absent)."""
+    from relaylearn.errors import UserError
     from relaylearn.metrics import SegmentationScores
 
     scores = SegmentationScores(num_classes=num_classes, n_bootstrap=bootstrap)
     logits = predict_logits(solver, data.images, batch_size, device)
+    if logits.numel() and logits.shape[1] != num_classes:
+        raise UserError(f"the test data has {num_classes} classes but the model predicts {logits.shape[1]}")
     scores.update(logits.argmax(1), data.labels, data.names)
     return scores.compute()

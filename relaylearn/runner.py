@@ -3,6 +3,7 @@ hospital's step in deployment): verify → restore → fit → evaluate → writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from relaylearn.assembly import check_bundle_fits, load_split, load_training_folder, local_plugins, part_of, restore_strategy, shipped_config
+from relaylearn.assembly import check_bundle_fits, check_task_builds, load_split, load_training_folder, local_plugins, part_of, restore_strategy, shipped_config
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
@@ -120,13 +121,15 @@ class RelayRun:
                 "use --resume to continue an unfinished run, or another -n",
                 self.run_dir,
             )
+        self._check_sites_agree()
+        strategy = self._check_networks()
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
             self._check_position(self.incoming)
             from relaylearn.recipe import reconcile
 
             self.cfg, self.recipe_record = reconcile(self.cfg, self.incoming, self.opts.recipe, local_plugins(self.cfg))
-            check_bundle_fits(self.incoming, self.cfg.tasks[0])
+            strategy = check_bundle_fits(self.incoming, self.cfg.tasks[0])
             try:  # the local recipe passed above: what fails now came with the bundle
                 self._check_augmentation(self.cfg.tasks[0])
             except UserError as exc:
@@ -136,6 +139,9 @@ class RelayRun:
                 ledger.check(self.incoming)
         for task in self.cfg.tasks:  # a bad strategy option fails before anything is written, naming the config
             parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path)
+        with self._naming_the_config():  # the sites the run adds fit the strategy (the relay's site capacity)
+            strategy.check_sites(["+".join(t.dataset.site for t in group) for group in self._groups()])
+        del strategy
         resolved = resolved_config(self.cfg)
         if self.opts.resume:
             self._check_same_config(resolved)
@@ -171,6 +177,80 @@ class RelayRun:
             chosen = sorted(set(info["precision"].values()))
             why = "native bf16 kernels here" if "bf16-mixed" in chosen else "no native bf16 kernels here"
             self._log(f"precision: {', '.join(chosen)} (train.precision auto: {why})")
+
+    def _check_sites_agree(self) -> None:
+        """One model for the whole run: every site that trains has the first one's ``channels`` and
+        ``num_classes``, and so does every test site (where a class the model cannot predict would
+        count as a perfect Dice)."""
+        first = self.cfg.tasks[0]
+        for name in ("num_classes", "channels"):
+            want = getattr(first.dataset.kwargs, name)
+            for task in self.cfg.tasks[1:]:
+                got = getattr(task.dataset.kwargs, name)
+                if got != want:
+                    raise ConfigError(
+                        f"{self._dataset_key(task.dataset, name)}: site {task.dataset.site} has {got} but site {first.dataset.site} has {want}; "
+                        f"every site of a run trains one model, with the same {name}",
+                        self.cfg.path,
+                    )
+            for ds in self.cfg.test_datasets:
+                got = getattr(ds.kwargs, name)
+                if got != want:
+                    raise ConfigError(
+                        f"{self._dataset_key(ds, name, test=True)}: test site {ds.site} has {got} but the model is trained with {want} "
+                        f"(the training sites' {name}); a test site needs the same",
+                        self.cfg.path,
+                    )
+
+    def _dataset_key(self, ds: DatasetConfig, name: str, test: bool = False) -> str:
+        """The config key that sets ``dataset.kwargs.<name>`` for site ``ds`` (for a site that
+        trains, its ``current_tasks.task_confs`` entry first; with ``test``, what it is tested with)."""
+        raw = self.cfg.raw if isinstance(self.cfg.raw, dict) else {}
+        confs = (raw.get("current_tasks") or {}).get("task_confs") or {}
+        task_id = ds.kwargs.task_id
+        own = confs.get(task_id, confs.get(str(task_id))) if task_id is not None and not test else None
+        if name in (((own or {}).get("dataset") or {}).get("kwargs") or {}):
+            return f"current_tasks.task_confs.{task_id}.dataset.kwargs.{name}"
+        for i, test_site in enumerate(self.cfg.test_datasets):
+            entries = raw.get("all_tasks_datasets") or []
+            if test_site.site == ds.site and i < len(entries) and name in ((entries[i] or {}).get("kwargs") or {}):
+                return f"all_tasks_datasets[{i}].kwargs.{name}"
+        return f"common.dataset.kwargs.{name}"
+
+    def _check_networks(self) -> Strategy:
+        """Build every distinct site config's solver, strategy and loss once and run a batch of
+        zeros through them (:func:`relaylearn.assembly.check_task_builds`), so that a bad model,
+        strategy or loss option, an image size or a batch size the networks cannot take stops the
+        run in seconds, naming the config. The first site's configured pretrained weights are
+        read where it starts from them. Returns the first site's strategy (fresh)."""
+        started = time.time()
+        first = self.cfg.tasks[0]
+        own_first_bundle = self.run_dir / "bundles" / f"task_{first.dataset.kwargs.task_id}.relay"
+        pretrained = not (self.opts.in_bundle or first.checkpoint.load or (self.opts.resume and own_first_bundle.is_file()))
+        checked: set[str] = set()
+        strategy = None
+        for task in self.cfg.tasks:
+            recipe = task.model_dump(mode="json", include={"dataset", "model", "strategy", "train"})
+            for site_key in ("root_path", "img_folder", "task_id", "task_name"):
+                recipe["dataset"]["kwargs"].pop(site_key, None)
+            reads_weights = pretrained and task is first and task.model.kwargs.get("pretrained_path") is not None
+            key = json.dumps([recipe, reads_weights], sort_keys=True, default=str)
+            if key not in checked:
+                checked.add(key)
+                with self._naming_the_config():
+                    built = check_task_builds(task, load_pretrained=reads_weights)
+                if strategy is None:
+                    strategy = built
+        self._log(f"networks: {len(checked)} site config(s) built and checked ({time.time() - started:.1f} s)")
+        return strategy
+
+    @contextlib.contextmanager
+    def _naming_the_config(self):
+        """A ConfigError raised inside names the config file (when it names no file itself)."""
+        try:
+            yield
+        except ConfigError as exc:
+            raise ConfigError(exc.message, exc.path or self.cfg.path) from None
 
     def _check_data(self) -> None:
         """Decode every file this run reads before anything is written or trained, so that a bad
@@ -256,10 +336,8 @@ class RelayRun:
 
     def _check_augmentation(self, task: TaskConfig) -> None:
         """``dataset.kwargs.augment`` builds (ConfigError naming the config otherwise)."""
-        try:
+        with self._naming_the_config():
             real_data_augmentation(task.dataset.kwargs)
-        except UserError as exc:
-            raise ConfigError(exc.message, exc.path or self.cfg.path) from None
 
     def _read_bundle(self, path: Path, allow_unsigned: bool, warn: bool = False, own: bool = False):
         """Verify and read a bundle. Unsigned ones are accepted silently only for bundles this

@@ -163,3 +163,21 @@ def test_a_yaml_syntax_error_names_the_line_and_the_problem(tmp_path):
     result = run_cli(tmp_path, "train", "-c", bad, "-n", "x", "-q")
     assert result.code == 2
     assert f"{bad}: cannot read YAML at line 2, column 1: found character '\\t' that cannot start any token" in one_line_error(result.err)
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("dataset.kwargs.img_size=[24,24]", "common.dataset.kwargs.img_size: image size 24x24 is not divisible by 32"),
+        ("train.batch_size=1", "common.train.batch_size: 1 image(s) of 32x32"),
+        ("model.kwargs.pretrained_path=/nonexistent.pth", "common.model.kwargs.pretrained_path: pretrained weights file not found (/nonexistent.pth)"),
+    ],
+)
+def test_a_config_the_solver_cannot_train_with_is_one_line_before_anything_is_written(tmp_path, config, option, says):
+    """Found by building the networks before the run folder is written (was a crash, or a message
+    without the config file, after it: config.yaml, run.json, checkpoints/ left behind)."""
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q", "-g", "cpu", "--set", option)
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert f"{config}: {says}" in line
+    assert not (tmp_path / "exps").exists()

@@ -118,3 +118,20 @@ def test_a_relay_trained_through_the_loop_with_two_threads_overlaps_its_solver_s
     first, second = (read_bundle(r.bundles[-1], trust=None, allow_unsigned=True) for r in runs)
     assert [name for name in first.tensors if not torch.equal(first.tensors[name], second.tensors[name])] == []
     assert runs[0].matrix["R"] == runs[1].matrix["R"]
+
+
+def test_evaluate_site_refuses_test_data_with_other_classes_than_the_model_predicts(tmp_path):
+    """A class the model cannot predict would count Dice 1.0 on every image without it."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from relaylearn.engine import evaluate_site
+    from relaylearn.errors import UserError
+
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path)))
+    solver = build_strategy(cfg.tasks[0], load_pretrained=False).solver  # 3 classes
+    data = SimpleNamespace(images=torch.zeros(2, 3, 32, 32), labels=torch.zeros(2, 32, 32, dtype=torch.long), names=["a", "b"])
+    with pytest.raises(UserError, match="the test data has 4 classes but the model predicts 3"):
+        evaluate_site(solver, data, num_classes=4, batch_size=2, bootstrap=10)
+    assert evaluate_site(solver, data, num_classes=3, batch_size=2, bootstrap=10)["per_image"]

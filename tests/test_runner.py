@@ -149,7 +149,7 @@ def _ct_config(tmp_path, data, strategy: str = "sequential", val_fraction: float
     import yaml
 
     raw = yaml.safe_load(load_config("demo/ct_sequential").path.read_text())
-    raw["common"]["dataset"]["kwargs"].update({"root_path": str(data), "img_size": [16, 16], "val_fraction": val_fraction})
+    raw["common"]["dataset"]["kwargs"].update({"root_path": str(data), "img_size": [32, 32], "val_fraction": val_fraction})
     raw["common"]["strategy"]["name"] = strategy
     raw["common"]["train"].update({"num_steps": 1, "batch_size": 4})
     raw["common"]["test"] = {"batch_size": 16, "bootstrap": 100}
@@ -198,3 +198,100 @@ def test_a_site_without_foreground_to_train_on_stops_the_run_before_training(tmp
     monkeypatch.setattr(runner, "fit_site", fit)  # pooled training: CT1's foreground is in the same batches
     with pytest.raises(Trained):
         run_training(_ct_config(tmp_path, data, "joint", val_fraction), "j", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
+
+
+def _refused_before_training(tmp_path, monkeypatch, cfg, opts: TrainOptions | None = None) -> str:
+    """The ConfigError ``run_training(cfg)`` stops with: before a site trains and before anything is written."""
+    from relaylearn import runner
+    from relaylearn.errors import ConfigError
+
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: pytest.fail("trained before the config was checked"))
+    exps = tmp_path / "exps"
+    with pytest.raises(ConfigError) as caught:
+        run_training(cfg, "refused", opts or TrainOptions(quiet=True, exps_root=exps))
+    assert caught.value.exit_code == 2 and caught.value.path == str(cfg.path), "names the config file"
+    assert not (exps / cfg.name / "refused").exists(), "nothing written"
+    return caught.value.message
+
+
+SMALL_RELAY = {"gan_preset": "small", "g_img": {"channel_max": 16}, "d_img": {"channel_max": 16}}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "overrides", "says"),
+    [
+        ("sequential", ["dataset.kwargs.img_size=[24,24]"], "common.dataset.kwargs.img_size: image size 24x24 is not divisible by 32"),
+        ("sequential", ["dataset.kwargs.img_size=[40,32]"], "common.dataset.kwargs.img_size: image size 40x32 is not divisible by 32"),
+        ("relay", ["dataset.kwargs.img_size=[96,96]"], "dataset.kwargs.img_size: the relay GAN needs a square power-of-two size"),
+        ("sequential", ["model.kwargs.foo=1"], "common.model.kwargs.foo: unknown key"),
+        ("sequential", ["model.kwargs.num_classes=5"], "common.model.kwargs.num_classes: 5 does not match the dataset's num_classes 3"),
+        ("sequential", ["model.kwargs.pretrained_path=/nonexistent.pth"], "common.model.kwargs.pretrained_path: pretrained weights file not found"),
+        ("sequential", ["model.name=resnet"], "common.model.name: unknown model 'resnet'"),
+        ("sequential", ["train.batch_size=1"], "common.train.batch_size: 1 image(s) of 32x32 leave BatchNorm one value per channel"),
+        ("relay", ["strategy.kwargs.site_capacity=1"], "strategy.kwargs.site_capacity: site 'Domain2' would be site number 2"),
+    ],
+)
+def test_a_config_the_networks_cannot_take_stops_the_run_before_anything_is_written(tmp_path, tiny_fundus, monkeypatch, strategy, overrides, says):
+    """Each site config's solver, strategy and loss are built, and a batch of zeros run through the
+    solver, before the run folder is written: an image size, batch size, model option or site
+    capacity the networks cannot take is one ConfigError naming the config and the key (a
+    site_capacity too small for the run's sites was refused only when the site past it started,
+    after the earlier sites trained)."""
+    kwargs = SMALL_RELAY if strategy == "relay" else None
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy=strategy, strategy_kwargs=kwargs)), overrides)
+    assert _refused_before_training(tmp_path, monkeypatch, cfg).startswith(says)
+
+
+def test_batch_size_one_is_fine_where_the_bottleneck_has_pixels(tmp_path, tiny_fundus, monkeypatch):
+    from relaylearn import runner
+
+    class Trained(Exception):
+        pass
+
+    def fit(*a, **k):
+        raise Trained
+
+    monkeypatch.setattr(runner, "fit_site", fit)
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1,), img=64)), ["train.batch_size=1"])  # a 2x2 bottleneck
+    with pytest.raises(Trained):
+        run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ({"test_site": {"num_classes": 4}}, "all_tasks_datasets[2].kwargs.num_classes: test site Domain3 has 4 but the model is trained with 3"),
+        ({"test_site": {"channels": 1}}, "all_tasks_datasets[2].kwargs.channels: test site Domain3 has 1 but the model is trained with 3"),
+        ({"task_conf": {"channels": 1}}, "current_tasks.task_confs.2.dataset.kwargs.channels: site Domain2 has 1 but site Domain1 has 3"),
+        ({"task_conf": {"num_classes": 2}}, "current_tasks.task_confs.2.dataset.kwargs.num_classes: site Domain2 has 2 but site Domain1 has 3"),
+    ],
+)
+def test_sites_of_a_run_share_classes_and_channels(tmp_path, tiny_fundus, monkeypatch, where, says):
+    """A test site with other classes was scored silently (a class the model cannot predict counts
+    Dice 1.0); a training site with other channels crashed at the first site's validation."""
+    import yaml
+
+    path = tiny_config(tmp_path, tiny_fundus)
+    raw = yaml.safe_load(path.read_text())
+    if "test_site" in where:
+        raw["all_tasks_datasets"][2]["kwargs"].update(where["test_site"])
+    else:
+        raw["current_tasks"]["task_confs"] = {2: {"dataset": {"kwargs": where["task_conf"]}}}
+    path.write_text(yaml.safe_dump(raw))
+    assert _refused_before_training(tmp_path, monkeypatch, load_config(str(path))).startswith(says)
+
+
+def test_a_bundle_whose_relay_is_full_is_refused_before_anything_is_written(tmp_path, tiny_fundus, monkeypatch):
+    """With --in, the sites already in the incoming bundle's registry count against the site capacity."""
+    kwargs = {**SMALL_RELAY, "site_capacity": 1}
+    first = run_training(
+        load_config(
+            str(tiny_config(tmp_path / "a", tiny_fundus, strategy="relay", task_ids=(1,), steps=1, strategy_kwargs=kwargs)), ["audit.after_each_hop=false"]
+        ),
+        "first",
+        TrainOptions(quiet=True, exps_root=tmp_path / "exps"),
+    )
+    cfg = load_config(str(tiny_config(tmp_path / "b", tiny_fundus, strategy="relay", task_ids=(2,), steps=1, strategy_kwargs=kwargs)))
+    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(first.bundles[0]), insecure_unsigned=True)
+    says = _refused_before_training(tmp_path, monkeypatch, cfg, opts)
+    assert says.startswith("strategy.kwargs.site_capacity: site 'Domain2' would be site number 2")

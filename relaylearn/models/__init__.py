@@ -37,4 +37,9 @@ def build_solver(name: str, kwargs: dict[str, Any], *, in_channels: int, num_cla
         raise ConfigError(f"common.model.kwargs.num_classes: {kwargs['num_classes']} does not match the dataset's num_classes {num_classes}")
     if not load_pretrained:
         kwargs["pretrained_path"] = None
-    return UNetResNet18(**kwargs)
+    try:
+        return UNetResNet18(**kwargs)
+    except ConfigError as exc:  # the weights file: name the key that points at it
+        if exc.path is None:
+            raise
+        raise ConfigError(f"common.model.kwargs.pretrained_path: {exc.message} ({exc.path})") from None

@@ -194,16 +194,37 @@ class UNetResNet18(nn.Module):
         if pretrained_path is not None:
             load_resnet18_weights(self.encoder, pretrained_path)
 
+    def check_training_input(self, batch_size: int, height: int, width: int) -> None:
+        """ConfigError unless training batches of ``batch_size`` images of ``height`` × ``width``
+        run: both sides divisible by 32, and more than one value per channel for BatchNorm at the
+        H/32 × W/32 bottleneck (a batch of one 32-px image has a single one)."""
+        problem = _size_problem(height, width)
+        if problem:
+            raise ConfigError(f"common.dataset.kwargs.img_size: {problem}")
+        cells = (height // ENCODER_STRIDE) * (width // ENCODER_STRIDE)
+        if batch_size * cells < 2:
+            raise ConfigError(
+                f"common.train.batch_size: {batch_size} image(s) of {height}x{width} leave BatchNorm one value per channel at the U-Net's "
+                f"{height // ENCODER_STRIDE}x{width // ENCODER_STRIDE} bottleneck; training needs a batch_size of at least {-(-2 // cells)} at this img_size"
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            height, width = x.shape[-2:]
-            if height % ENCODER_STRIDE or width % ENCODER_STRIDE:
-                raise ConfigError(f"image size {height}x{width} is not divisible by {ENCODER_STRIDE}, which the U-Net solver requires")
+            problem = _size_problem(*x.shape[-2:])
+            if problem:
+                raise ConfigError(problem)
         s1, s2, s3, s4, s5 = self.encoder(x)
         out = s5
         for up, skip in zip(self.decoder, (s4, s3, s2, s1, x)):
             out = up(out, skip)
         return self.head(out)
+
+
+def _size_problem(height: int, width: int) -> str | None:
+    """Why the U-Net cannot take images of ``height`` × ``width`` (None: it can)."""
+    if height % ENCODER_STRIDE or width % ENCODER_STRIDE:
+        return f"image size {height}x{width} is not divisible by {ENCODER_STRIDE}, which the U-Net solver requires"
+    return None
 
 
 @dataclass

@@ -142,6 +142,11 @@ class Strategy(nn.Module):
         """Called after the last batch of a site, before testing and writing the bundle."""
         self.sites_seen.append(site.name)
 
+    def check_sites(self, sites: list[str]) -> None:
+        """Pre-flight: ConfigError unless this strategy, as it stands (fresh, or restored from the
+        bundle a run starts from), can go on to train the sites named ``sites``, in that order.
+        Default: any sites."""
+
     def site_summary(self) -> dict[str, float]:
         """Scalars about the site just finished (after ``on_site_end``), logged to TensorBoard as
         ``site/<key>``; empty by default."""

@@ -364,7 +364,10 @@ class Relay(Strategy):
         for reg in (self.registry_current, self.registry_previous):
             if name in reg:
                 return reg[name]["id"]
-        used = [e["id"] for reg in (self.registry_previous, self.registry_current) for e in reg.values()]
+        return self._new_site_id(name, [e["id"] for reg in (self.registry_previous, self.registry_current) for e in reg.values()])
+
+    def _new_site_id(self, name: str, used: list[int]) -> int:
+        """The id a site new to the registry gets, next to the ids ``used``; ConfigError past the capacity."""
         new_id = max(used) + 1 if used else 0
         if new_id >= self.options.site_capacity:
             raise ConfigError(
@@ -372,6 +375,13 @@ class Relay(Strategy):
                 f"started with capacity {self.options.site_capacity}; the capacity is fixed by the first site's bundle"
             )
         return new_id
+
+    def check_sites(self, sites: list[str]) -> None:
+        """Every site of ``sites`` new to the registry fits in the site capacity (before the first trains)."""
+        known = {name: e["id"] for reg in (self.registry_previous, self.registry_current) for name, e in reg.items()}
+        for name in sites:
+            if name not in known:
+                known[name] = self._new_site_id(name, list(known.values()))
 
     def _bank(self, which: str) -> tuple[Tensor, Tensor]:
         """(ids [S], weights [S]) of the 'previous', 'current' or 'all' sites."""
