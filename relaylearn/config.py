@@ -320,7 +320,8 @@ class TrainConfig(Strict):
     def _one_budget(self):
         given = [k for k in ("num_epochs", "num_mimgs", "num_steps") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"exactly one of num_epochs / num_mimgs / num_steps must be set (got {given or 'none'})")
+            hint = f"; keep one, e.g. --set train.{given[0]}=null" if len(given) > 1 else ""
+            raise ValueError(f"exactly one of num_epochs / num_mimgs / num_steps must be set (got {given or 'none'}){hint}")
         if self.gradient_clip > 0 and self.precision == "16-mixed":
             raise ValueError("gradient_clip does not work with precision 16-mixed (its gradients are loss-scaled); use bf16-mixed or 32")
         return self
@@ -344,7 +345,7 @@ class BundleConfig(Strict):
 class AuditConfig(Strict):
     after_each_hop: bool = Field(
         True,
-        description="Relay runs with every site on one machine: audit what the generators (and shipped discriminators) reveal about every earlier site after each hop, into metrics/privacy.json.",
+        description="Relay runs: after each hop, audit what the generators (and shipped discriminators) reveal about every earlier site whose data is here (all of them when simulated on one machine; a hospital's own hop: itself), into metrics/privacy.json and metrics/privacy/ (closest-pair PNGs of training images: keep them at the site).",
     )
     n_generated: int = Field(1000, ge=2, le=MAX_AUDIT_PAIRS, description=f"Generated pairs per site for the per-hop audit (2 to {MAX_AUDIT_PAIRS}).")
     threshold: float = Field(0.6, ge=0.5, le=1.0, description="Membership-inference ROC AUC above which a check is flagged.")
@@ -354,7 +355,7 @@ class AuditConfig(Strict):
 class CommonConfig(Strict):
     random_seed: int = Field(1314, ge=0, le=MAX_SEED, description="Seed (0 to 2^31-1); site k uses random_seed + task_id.")
     dataset: DatasetConfig = DatasetConfig()
-    strategy: NamedKwargs = NamedKwargs(name="sequential")
+    strategy: NamedKwargs  # required: a forgotten strategy must not train the unprotected baseline silently
     model: ModelConfig = ModelConfig()
     train: TrainConfig
     test: TestConfig = TestConfig()

@@ -336,6 +336,8 @@ def _stops_as_interrupted(trainer, site_name: str):
     hint = f"while site {site_name} trained; its last checkpoint is kept"
     try:
         yield
+        if trainer.received_sigterm:  # it came after the last batch, in the site's closing work: Lightning only noted it
+            raise SIGTERMException
     except SIGTERMException:
         raise Interrupted(f"terminated (SIGTERM) {hint}", exit_code=143) from None
     except SystemExit:

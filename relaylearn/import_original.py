@@ -358,7 +358,7 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
     if imported.is_relay and not relay_config:  # keep the solver only
         _drop(imported, lambda k: not k.startswith("solver."), "generators/discriminators (config is not relay)")
     elif relay_config and not strategy.options.ship_discriminators:  # --set strategy.kwargs.ship_discriminators=false
-        _drop(imported, lambda k: not k.startswith(("solver.", "g_img.", "g_label.")), "discriminators (ship_discriminators is false)")
+        _drop(imported, lambda k: k.startswith(("d_img.", "d_label.")), "discriminators (ship_discriminators is false)")
     expected = strategy.state_to_bundle().tensors
     with _naming(ckpt):
         tensors = check_against(imported, expected, f"config '{cfg.name}'")

@@ -39,7 +39,10 @@ def test_data_root_replaces_every_site_root(tmp_path):
         ("train.batch_sze=3", "common.train.batch_sze: unknown key"),
         ("train.batch_size=many", "common.train.batch_size"),
         ("dataset.kwargs.num_classes=1", "common.dataset.kwargs.num_classes"),
-        ("train.num_epochs=3", "exactly one of num_epochs"),
+        (
+            "train.num_epochs=3",
+            "exactly one of num_epochs / num_mimgs / num_steps must be set (got ['num_epochs', 'num_steps']); keep one, e.g. --set train.num_epochs=null",
+        ),
         ("test.save_predictions=true", "common.test.save_predictions: not supported by this version; write predicted masks with 'relaylearn predict'"),
         ("train.compile_me=true", "common.train.compile_me: unknown key"),
         ("train.gradient_clip=-1", "common.train.gradient_clip"),
@@ -364,3 +367,12 @@ def test_a_seed_option_out_of_range_is_a_usage_error(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path / "out"), "--seed", "-1", "--size", "32"]) == 2
     assert "is not a seed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_a_strategy_is_refused(tmp_path):
+    """It trained the unprotected sequential baseline without a word (the reference said required)."""
+    path = tmp_path / "c.yaml"
+    common = {"dataset": {"name": "fundus", "kwargs": {"root_path": str(tmp_path), "num_classes": 3}}, "train": {"num_steps": 2}}
+    path.write_text(yaml.safe_dump({"common": common, "all_tasks_datasets": [{"kwargs": {"task_id": 1}}], "current_tasks": {"task_ids": [1]}}))
+    with pytest.raises(ConfigError, match="common.strategy: Field required"):
+        load_config(str(path))

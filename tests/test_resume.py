@@ -200,6 +200,26 @@ def test_a_stopped_training_exits_non_zero_and_says_how_to_continue(tmp_path, ti
     assert main([*argv, "--resume"]) == 0
 
 
+def test_a_sigterm_after_the_last_batch_still_stops_the_run(tmp_path, tiny_fundus, monkeypatch, capsys):
+    """Lightning only notes a SIGTERM that comes after a site's last batch (in its closing work,
+    e.g. EWC's Fisher pass); the run went on to the next site and exited 0."""
+    from relaylearn.cli import main
+    from relaylearn.strategies.sequential import Sequential
+
+    ended = []
+
+    def terminated_while_closing(self, site):
+        ended.append(site)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Sequential, "on_site_end", terminated_while_closing)
+    config = tiny_config(tmp_path, tiny_fundus, task_ids=(1, 2), steps=2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "-c", str(config), "-n", "s", "-g", "cpu", "-q"]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert len(ended) == 1 and not list((tmp_path / "exps").rglob("*.relay")), "site 2 did not start"
+
+
 def _finished(tmp_path, tiny_fundus, *sets):
     cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1, 2), steps=2)), list(sets))
     opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", devices="cpu")

@@ -223,7 +223,6 @@ SMALL_RELAY = {"gan_preset": "small", "g_img": {"channel_max": 16}, "d_img": {"c
         ("sequential", ["dataset.kwargs.img_size=[24,24]"], "common.dataset.kwargs.img_size: image size 24x24 is not divisible by 32"),
         ("sequential", ["dataset.kwargs.img_size=[40,32]"], "common.dataset.kwargs.img_size: image size 40x32 is not divisible by 32"),
         ("relay", ["dataset.kwargs.img_size=[96,96]"], "dataset.kwargs.img_size: the relay GAN needs a square power-of-two size"),
-        ("sequential", ["model.kwargs.foo=1"], "common.model.kwargs.foo: unknown key"),
         ("sequential", ["model.kwargs.num_classes=5"], "common.model.kwargs.num_classes: 5 does not match the dataset's num_classes 3"),
         ("sequential", ["model.kwargs.pretrained_path=/nonexistent.pth"], "common.model.kwargs.pretrained_path: pretrained weights file not found"),
         ("sequential", ["model.name=resnet"], "common.model.name: unknown model 'resnet'"),
