@@ -22,6 +22,7 @@ def make_bundle(path: Path, *, channels: int = 3, num_classes: int = 3, img: int
 
     task = TaskConfig.model_validate({
         "train": {"num_steps": 1},
+        "strategy": {"name": "sequential"},
         "dataset": {"name": dataset, "kwargs": {"img_size": [img, img], "num_classes": num_classes, "channels": channels, "task_id": 1, "task_name": "Site1"}},
     })  # fmt: skip
     torch.manual_seed(seed)
