@@ -44,6 +44,7 @@ from relaylearn.bundle import escape_text
 from relaylearn.config import MAX_AUDIT_PAIRS
 from relaylearn.errors import UserError
 from relaylearn.metrics import bootstrap_statistic, roc_auc
+from relaylearn.models import in_eval_mode
 
 SCHEMA = "relaylearn-privacy-audit/1"
 #: percentile of test→train distances below which a generated image counts as a near copy
@@ -125,19 +126,15 @@ def encoder_features(solver: nn.Module, images: Tensor, batch_size: int = 250) -
     encoder = getattr(solver, "encoder", None)
     if not isinstance(encoder, nn.Module):
         return None
-    was_training = solver.training
-    solver.eval()
     device = next(solver.parameters()).device
-    try:
-        out = []
+    out = []
+    with in_eval_mode(solver):
         for start in range(0, images.shape[0], batch_size):
             maps = encoder(images[start : start + batch_size].to(device))
             deepest = maps[-1] if isinstance(maps, (list, tuple)) else maps
             if not isinstance(deepest, Tensor) or deepest.ndim != 4:
                 return None
             out.append(deepest.float().mean(dim=(2, 3)).cpu())
-    finally:
-        solver.train(was_training)
     return torch.cat(out)
 
 

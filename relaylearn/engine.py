@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from relaylearn.data.sampling import SiteBatchSampler, site_loader
+from relaylearn.models import in_eval_mode
 from relaylearn.strategies.base import SiteContext, StepContext, Strategy
 
 
@@ -445,13 +446,11 @@ def fit_site(
 @torch.no_grad()
 def predict_logits(solver: torch.nn.Module, images: Tensor, batch_size: int = 64, device: torch.device | str = "cpu") -> Tensor:
     """Logits [N, K, H, W] (on the CPU) of ``solver`` on images [N, C, H, W], in eval mode."""
-    was_training = solver.training
-    solver.eval()
     outs = []
-    for chunk in images.split(batch_size):
-        chunk = chunk.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        outs.append(solver(chunk).float().cpu())
-    solver.train(was_training)
+    with in_eval_mode(solver):
+        for chunk in images.split(batch_size):
+            chunk = chunk.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            outs.append(solver(chunk).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 

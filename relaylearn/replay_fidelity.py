@@ -60,12 +60,7 @@ def oracle_dice(oracle: nn.Module, images: Tensor, masks: Tensor, num_classes: i
     against masks [N,H,W] (mean over foreground classes; 1 for a class absent from both)."""
     from relaylearn.engine import predict_logits
 
-    was = oracle.training
-    oracle.eval()
-    try:
-        pred = predict_logits(oracle, images, batch_size=batch_size, device=device).argmax(1).cpu()
-    finally:
-        oracle.train(was)
+    pred = predict_logits(oracle, images, batch_size=batch_size, device=device).argmax(1).cpu()  # in eval mode
     return dice_per_image(pred, masks.cpu(), num_classes).mean(1)
 
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from relaylearn.errors import ConfigError
+
+
+@contextmanager
+def in_eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode within the block (BatchNorm running statistics, no dropout); its
+    train/eval mode as before afterwards, also after an error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def build_solver(name: str, kwargs: dict[str, Any], *, in_channels: int, num_classes: int, load_pretrained: bool = True) -> nn.Module:

@@ -37,6 +37,7 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import Tensor
 
+from relaylearn.models import in_eval_mode
 from relaylearn.strategies import register_strategy
 from relaylearn.strategies.base import SiteContext, StrategyOptions
 from relaylearn.strategies.penalties import AnchoredPenalty
@@ -69,20 +70,15 @@ class EWC(AnchoredPenalty):
         chosen = torch.randperm(len(site.train_images), generator=generator)[:count]
         device = next(self.solver.parameters()).device
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        was_training = self.solver.training
-        self.solver.eval()
-        try:
-            with torch.enable_grad():
-                for i in chosen.tolist():
-                    image = site.train_images[i : i + 1].to(device)
-                    label = site.train_labels[i : i + 1].to(device)
-                    loss = self.criterion(self.solver(image), label)
-                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                    for total, grad in zip(sums.values(), grads):
-                        if grad is not None:
-                            total.add_(grad.detach().float().pow(2))
-        finally:
-            self.solver.train(was_training)
+        with in_eval_mode(self.solver), torch.enable_grad():
+            for i in chosen.tolist():
+                image = site.train_images[i : i + 1].to(device)
+                label = site.train_labels[i : i + 1].to(device)
+                loss = self.criterion(self.solver(image), label)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for total, grad in zip(sums.values(), grads):
+                    if grad is not None:
+                        total.add_(grad.detach().float().pow(2))
         return {n: s / max(1, count) for n, s in sums.items()}
 
     def on_site_end(self, site: SiteContext) -> None:

@@ -63,6 +63,7 @@ from relaylearn.config import AdamBeta
 from relaylearn.devices import run_beside
 from relaylearn.errors import ConfigError
 from relaylearn.losses import ExpLogLoss, distillation_loss
+from relaylearn.models import in_eval_mode
 from relaylearn.strategies import register_strategy
 from relaylearn.strategies.base import BundleState, SiteContext, StepContext, Strategy, StrategyOptions, meta_number, prefixed, unprefixed
 
@@ -253,17 +254,13 @@ def discriminator_scores(discriminator: nn.Module, inputs: Tensor, site_id: int,
     """Site-conditioned real/fake logits [N] of ``discriminator`` for inputs [N,C,H,W] (eval, no
     augmentation). Batches of one kind only, so minibatch statistics never mix members and
     non-members."""
-    was_training = discriminator.training
-    discriminator.eval()
     device = next(discriminator.parameters()).device
-    try:
-        out = []
+    out = []
+    with in_eval_mode(discriminator):
         for start in range(0, inputs.shape[0], batch_size):
             x = inputs[start : start + batch_size].to(device)
             c = F.one_hot(torch.full((x.shape[0],), site_id, dtype=torch.long, device=device), site_capacity).float()
             out.append(discriminator(x, c).float().reshape(-1).cpu())
-    finally:
-        discriminator.train(was_training)
     return torch.cat(out)
 
 

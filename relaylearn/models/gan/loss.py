@@ -14,14 +14,14 @@ one-hots c [N,S,K]; label maps seg [N,1,H,W] in [-1, 1]; images [N,C,H,W].
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relaylearn.models import in_eval_mode
 from relaylearn.models.gan.regularizers import path_length_penalty, r1_penalty
 
 
@@ -100,17 +100,6 @@ def discriminator_loss_label(nets: PairNetworks, seg: Tensor, fake_label: Tensor
     return DiscriminatorLoss(loss, r1_penalty(real_logits, real_seg).mean() if with_r1 else None, real_logits.detach())
 
 
-@contextmanager
-def _in_eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode within the block (SPADE's running statistics, as in replay)."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
-
-
 def alignment_references(
     previous_g_label: nn.Module, previous_g_img: nn.Module, z_label: Tensor, z_img: Tensor, c: Tensor, quantize: Callable[[Tensor], Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,13 +114,13 @@ def alignment_references(
 
 def alignment_loss_label(g_label: nn.Module, z_label: Tensor, c: Tensor, ref_label: Tensor) -> Tensor:
     """Mean L1 distance of the current label generator's maps (eval mode, constant noise) to ``ref_label``."""
-    with _in_eval_mode(g_label):
+    with in_eval_mode(g_label):  # SPADE's running statistics, as in replay
         label = g_label(z_label, c, update_w_avg=False, noise_mode="const")
     return F.l1_loss(label.float(), ref_label.float())
 
 
 def alignment_loss_image(g_img: nn.Module, z_img: Tensor, c: Tensor, seg: Tensor, ref_img: Tensor) -> Tensor:
     """Mean L1 distance of the current image generator's images on ``seg`` (eval mode, constant noise) to ``ref_img``."""
-    with _in_eval_mode(g_img):
+    with in_eval_mode(g_img):
         img = g_img(z_img, c, seg, update_w_avg=False, noise_mode="const")
     return F.l1_loss(img.float(), ref_img.float())
