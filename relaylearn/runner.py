@@ -183,24 +183,19 @@ class RelayRun:
         ``num_classes``, and so does every test site (where a class the model cannot predict would
         count as a perfect Dice)."""
         first = self.cfg.tasks[0]
+        others = [(t.dataset, False) for t in self.cfg.tasks[1:]] + [(ds, True) for ds in self.cfg.test_datasets]
         for name in ("num_classes", "channels"):
             want = getattr(first.dataset.kwargs, name)
-            for task in self.cfg.tasks[1:]:
-                got = getattr(task.dataset.kwargs, name)
-                if got != want:
-                    raise ConfigError(
-                        f"{self._dataset_key(task.dataset, name)}: site {task.dataset.site} has {got} but site {first.dataset.site} has {want}; "
-                        f"every site of a run trains one model, with the same {name}",
-                        self.cfg.path,
-                    )
-            for ds in self.cfg.test_datasets:
+            for ds, test in others:
                 got = getattr(ds.kwargs, name)
-                if got != want:
-                    raise ConfigError(
-                        f"{self._dataset_key(ds, name, test=True)}: test site {ds.site} has {got} but the model is trained with {want} "
-                        f"(the training sites' {name}); a test site needs the same",
-                        self.cfg.path,
-                    )
+                if got == want:
+                    continue
+                problem = (
+                    f"test site {ds.site} has {got} but the model is trained with {want} (the training sites' {name}); a test site needs the same"
+                    if test
+                    else f"site {ds.site} has {got} but site {first.dataset.site} has {want}; every site of a run trains one model, with the same {name}"
+                )
+                raise ConfigError(f"{self._dataset_key(ds, name, test=test)}: {problem}", self.cfg.path)
 
     def _dataset_key(self, ds: DatasetConfig, name: str, test: bool = False) -> str:
         """The config key that sets ``dataset.kwargs.<name>`` for site ``ds`` (for a site that
@@ -488,7 +483,7 @@ class RelayRun:
                 self._log(f"[{site_name}] already trained (bundle {bundle_path}), skipping")
                 bundles.append(bundle_path)
                 if is_main_process():  # a run stopped after this bundle, before the site's last steps
-                    hop_number = len(parent.manifest.get("hops", [])) or position + 1
+                    hop_number = _hop_number(parent, position)
                     if task.audit.after_each_hop and strategy_cls.replays() and not _audited(self.run_dir, hop_number):
                         self._privacy_audit(restore_strategy(task, parent), hop_number, site_name)
                     self._remove_resume_point(task)
@@ -515,7 +510,7 @@ class RelayRun:
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
                 ledger.record(parent, written=True)
-            self._privacy_audit(strategy, len(parent.manifest.get("hops", [])) or position + 1, site_name)
+            self._privacy_audit(strategy, _hop_number(parent, position), site_name)
             self._sync()
             self._remove_resume_point(task)
         matrix = self._add_validation(matrix_json(sites, trained, rows, trained_cols, per_class), groups[: len(rows)], val_rows)
@@ -816,6 +811,11 @@ def _previous_hop(previous: dict | None, position: int, site_name: str, sites: l
         return None
     validation = (previous.get("validation") or {}).get("R") or []
     return previous["R"][position], validation[position] if position < len(validation) else None, (previous.get("per_class") or {}).get(site_name)
+
+
+def _hop_number(bundle, position: int) -> int:
+    """The relay hop (from 1) of the bundle this run wrote at ``position`` (0-based) of its sites."""
+    return len(bundle.manifest.get("hops", [])) or position + 1
 
 
 def _audited(run_dir: Path, hop: int) -> bool:
