@@ -10,6 +10,8 @@ import math
 import os
 import platform
 import secrets
+import shutil
+import subprocess
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,6 +84,9 @@ def software_versions(detailed: bool = False) -> dict[str, str]:
     import numpy
 
     versions.update({"lightning": lightning.__version__, "numpy": numpy.__version__})
+    commit = source_commit(Path(__file__).resolve().parents[1])
+    if commit:
+        versions["relaylearn_commit"] = commit
     try:
         import monai
 
@@ -89,6 +94,24 @@ def software_versions(detailed: bool = False) -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return versions
+
+
+def source_commit(checkout: Path) -> str | None:
+    """The git commit of a relaylearn source ``checkout`` (an editable install), with
+    ``+local-changes`` when tracked files differ from it; None when ``checkout`` is not a git
+    work tree or git is not installed (a wheel install: the version number says it all)."""
+    git = shutil.which("git")
+    if git is None or not (checkout / ".git").exists():
+        return None
+    try:
+        head = subprocess.run([git, "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run([git, "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return commit + ("+local-changes" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def _fsync_dir(directory: Path) -> None:

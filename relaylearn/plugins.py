@@ -5,6 +5,8 @@ never does (see :func:`relaylearn.assembly.strategy_from_bundle`)."""
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from relaylearn.errors import ConfigError
 
@@ -17,8 +19,18 @@ def is_plugin(name: str) -> bool:
 def import_object(spec: str, what: str):
     """``"package.module:Name"`` → the object; ConfigError naming ``what`` (the config key) otherwise."""
     module_name, _, attr = spec.partition(":")
+    _search_working_folder()
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{what} '{spec}' cannot be imported: {exc}") from None
+
+
+def _search_working_folder() -> None:
+    """Let plug-ins be found in the folder the command runs from, as ``python -m relaylearn``
+    finds them (the installed ``relaylearn`` command does not search it). Appended last, so a
+    file there never shadows an installed package."""
+    here = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == here for p in sys.path):
+        sys.path.append(here)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 
 from relaylearn.errors import UserError
-from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, check_output_name, csv_text, json_text, software_versions, utc_now
+from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, check_output_name, csv_text, json_text, software_versions, source_commit, utc_now
 
 
 def test_csv_text_formats_floats_and_empty_cells(tmp_path):
@@ -26,6 +28,23 @@ def test_stamps_and_versions():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_now()) and TIMESTAMP_FORMAT.endswith("Z")
     assert set(software_versions()) == {"relaylearn", "python", "torch"}
     assert {"lightning", "numpy"} <= set(software_versions(detailed=True))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_source_commit_of_a_checkout(tmp_path):
+    assert source_commit(tmp_path) is None  # not a git work tree (a wheel install)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert source_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_commit(tmp_path) == head + "+local-changes"
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "new.py").write_text("")  # untracked files are not changes to the source
+    assert source_commit(tmp_path) == head
 
 
 def strict_json(text: str):

@@ -312,10 +312,11 @@ class NegPosBatchSampler(SiteBatchSampler):
         self.num_negatives = self.ratio * len(self.positives) if len(self.negatives) else 0
         super().__init__(len(self.positives) + self.num_negatives, batch_size, num_replica, seed, rank, world_size)
 
-    def _epoch_order(self, g: torch.Generator) -> Tensor:
-        copies = []
+    def _copies(self, g: torch.Generator) -> Iterator[Tensor]:
+        """The epoch's ``num_replica`` copies, one at a time: all positives plus freshly drawn
+        negatives, shuffled (dataset indices). Batching, resume and DDP are the base class's."""
+        n, m = self.num_negatives, len(self.negatives)
         for _ in range(self.num_replica):
-            n, m = self.num_negatives, len(self.negatives)
             if n == 0:
                 drawn = self.negatives[:0]
             elif n <= m:
@@ -323,15 +324,7 @@ class NegPosBatchSampler(SiteBatchSampler):
             else:
                 drawn = self.negatives[torch.randint(m, (n,), generator=g)]
             chosen = torch.cat([self.positives, drawn])
-            copies.append(chosen[torch.randperm(len(chosen), generator=g)])
-        return torch.cat(copies)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        batches = self._epoch_order(g).split(self.batch_size)
-        start, self.skip = self.skip, 0
-        for i in range(start, len(self)):
-            yield batches[i * self.world_size + self.rank].tolist() if self.world_size > 1 else batches[i].tolist()
+            yield chosen[torch.randperm(len(chosen), generator=g)]
 
 
 def positive_slices(labels: Tensor, k) -> Tensor:

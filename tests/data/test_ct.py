@@ -143,6 +143,16 @@ def test_neg_pos_sampler_redraws_negatives_every_epoch():
     assert sum(1 for b in few for i in b if i == 3) == 9  # too few negatives: drawn with replacement
 
 
+def test_neg_pos_sampler_keeps_a_lone_last_slice_and_splits_ranks():
+    positive = torch.tensor([True] * 3 + [False] * 4)
+    lone = NegPosBatchSampler(positive, ratio=0, batch_size=2)  # 3 draws in batches of 2
+    batches = list(lone)
+    assert len(batches) == len(lone) == 1 and sorted(batches[0]) == [0, 1, 2]  # the third positive joins the batch
+    ranks = [NegPosBatchSampler(positive, ratio=1, batch_size=2, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    drawn = [[i for b in s for i in b] for s in ranks]
+    assert len(drawn[0]) == len(drawn[1]) == 2 * len(ranks[0]) and not set(drawn[0]) & set(drawn[1])
+
+
 # ----- bad input --------------------------------------------------------------------------------
 def test_volume_and_label_of_different_shapes(tmp_path):
     _write_volume(tmp_path / "S" / "image" / "a.nii.gz", np.zeros((8, 8, 3), np.int16))
