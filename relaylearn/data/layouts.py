@@ -25,7 +25,7 @@ are ignored; everything is sorted, so the order is deterministic.
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +47,10 @@ class SiteData:
     """One split of one site, in memory.
 
     images: float32 [N, C, H, W] in ``out_range``; labels: int64 [N, H, W] class ids;
-    names: file stem per item (``<volume>_<slice>`` for NIfTI slices; ``<folder>/<stem>`` where a
-    stem occurs in several merged folders); subjects: subject id per item (== name for 2-D images,
-    volume name for slices); sources: image file per item.
+    names: file stem per item (``<volume>_<slice>`` for NIfTI slices; ``<folder>/`` in front of
+    the name and subject of every item of a subject whose subject or names occur in several merged
+    folders); subjects: subject id per item (== name for 2-D images, volume name for slices);
+    sources: image file per item.
     """
 
     site: str
@@ -484,9 +485,15 @@ def load_site(
 
 
 def _disambiguate_names(items: list[_Item]) -> None:
-    """Prefix ``<folder>/`` to names (and subjects) that occur in more than one merged folder."""
-    counts = Counter(item.name for item in items)
+    """Prefix ``<folder>/`` to the subject and every name of each subject (image, volume, study)
+    that shares its subject or one of its names with another merged folder: all slices of one
+    volume keep one subject, so the validation split never puts parts of it on both sides."""
+    folders: dict[tuple[str, str], set[str]] = defaultdict(set)
     for item in items:
-        if counts[item.name] > 1:
+        folders["subject", item.subject].add(item.folder)
+        folders["name", item.name].add(item.folder)
+    clashing = {(i.folder, i.subject) for i in items if len(folders["subject", i.subject]) > 1 or len(folders["name", i.name]) > 1}
+    for item in items:
+        if (item.folder, item.subject) in clashing:
             item.subject = f"{item.folder}/{item.subject}"
             item.name = f"{item.folder}/{item.name}"

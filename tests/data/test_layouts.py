@@ -197,6 +197,25 @@ def test_nifti_shape_mismatch_and_non_integer_labels(tmp_path):
         load_site("nifti", tmp_path, "Site", "train", img_size=(4, 4), num_classes=2, channels=1)
 
 
+
+def test_merged_folders_keep_every_volume_one_subject(tmp_path):
+    """Volume 'case1' in folders A (4 slices) and B (2 slices): all 4 of A's slices are 'A/case1',
+    so the validation split keeps each volume on one side."""
+    from relaylearn.data.split import validation_split
+
+    for folder, volumes in (("A", {"case1": 4, "case2": 2}), ("B", {"case1": 2})):
+        for name, depth in volumes.items():
+            _nifti(tmp_path / folder / "train" / "image" / f"{name}.nii.gz", np.zeros((4, 4, depth), np.float32))
+            _nifti(tmp_path / folder / "train" / "label" / f"{name}.nii.gz", np.zeros((4, 4, depth), np.uint8))
+    data = load_site("nifti", tmp_path, ["A", "B"], "train", img_size=(4, 4), num_classes=2, channels=1)
+    assert data.subjects == ["A/case1"] * 4 + ["case2"] * 2 + ["B/case1"] * 2
+    assert data.names[3:6] == ["A/case1_0003", "case2_0000", "case2_0001"] and len(set(data.names)) == len(data)
+    volume = [f"{source.parent.parent.parent.name}/{source.name}" for source in data.sources]
+    for seed in range(5):
+        train, val = validation_split(len(data), 0.3, seed, groups=data.subjects)
+        assert not {volume[i] for i in train} & {volume[i] for i in val}
+
+
 # ----- errors ------------------------------------------------------------------------------------
 def test_missing_paths(tmp_path):
     with pytest.raises(DataError, match="data root not found"):
