@@ -96,7 +96,12 @@ class DatasetKwargs(Strict):
     channels: int = Field(3, ge=1, le=64, description="Image channels (3 for RGB fundus).")
     num_replica: int = Field(1, ge=1, le=MAX_NUM_REPLICA, description=f"Each epoch visits every training image this many times (at most {MAX_NUM_REPLICA}).")
     augment: Union[str, dict[str, Any], None] = Field(
-        None, description="Augmentation of REAL training images: none | light | original (the original never augments real data)."
+        None,
+        description=(
+            "Augmentation of REAL training images: none | light | original (the original never augments real data), or a mapping "
+            "{strength, block_p, params, image_fill}; image_fill fills what a geometric transform moves into the frame: "
+            "min (out_range minimum, mask class 0; default) | border | reflection (image and mask padded alike)."
+        ),
     )
     # CT layouts (ct_nifti, ct_slices): one folder per site, split study-wise inside it
     train_ratio: float = Field(
