@@ -240,7 +240,7 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
     if not root.is_dir():
         raise DataError("data root not found", root)
     folder_list = [folders] if isinstance(folders, str) else list(folders)
-    items: list[_Item] = []
+    pairs: list[tuple[_Item, np.ndarray | None]] = []
     for folder in folder_list:
         site_dir = root / folder
         if not site_dir.is_dir():
@@ -248,18 +248,18 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
         if layout == "ct_nifti":
             volumes = _nifti_studies(site_dir)
             chosen = split_studies(list(volumes), k.train_ratio, k.split_seed, site_dir)[0 if split == "train" else 1]
-            pairs = [pair for study in sorted(chosen) for pair in _read_nifti_study(study, *volumes[study])]
+            folder_pairs = [pair for study in sorted(chosen) for pair in _read_nifti_study(study, *volumes[study])]
         else:
             meta = site_dir / META_FILE
             studies = _slice_pairs_from_meta(meta) if meta.is_file() else _slice_pairs_from_folders(site_dir)
             chosen = split_studies(list(studies), k.train_ratio, k.split_seed, site_dir)[0 if split == "train" else 1]
-            pairs = [
+            folder_pairs = [
                 _read_slice(study, image, mask, k) for study in sorted(chosen) for image, mask in sorted(studies[study], key=lambda p: _natural_key(p[0].name))
             ]
-        folder_items = _finish_items(pairs, k)
-        for item in folder_items:
+        for item, _ in folder_pairs:
             item.folder = folder
-        items.extend(folder_items)
+        pairs.extend(folder_pairs)
+    items = _finish_items(pairs, k)  # over all folders: one bit depth per site, not per folder
     if not items:
         raise DataError(f"no slice left in the {split} split (drop_negative removed every slice?)", root / folder_list[0])
     _check_classes(items, k.num_classes)
@@ -282,9 +282,7 @@ def _finish_items(pairs: list[tuple[_Item, np.ndarray | None]], k) -> list[_Item
     if len(kinds) > 1:  # 8-bit grey and 16-bit HU would land on two different intensity scales
         odd = next(item for item, hu in pairs if (hu is None) != (pairs[0][1] is None))
         first = "16-bit (HU)" if pairs[0][1] is not None else "8-bit (grey)"
-        raise DataError(
-            f"this slice's bit depth differs from {pairs[0][0].source.name}, which is {first}: a site's slices must all be 16-bit or all 8-bit", odd.source
-        )
+        raise DataError(f"this slice's bit depth differs from {pairs[0][0].source}, which is {first}: a site's slices must all be 16-bit or all 8-bit", odd.source)
     out = []
     for item, hu in pairs:
         if k.drop_negative and not (item.label > 0).any():

@@ -247,6 +247,30 @@ def test_a_site_mixing_8_bit_and_16_bit_slices_is_refused(tmp_path):
         _both_splits("ct_slices", tmp_path, "CT1", img_size=(16, 16))
 
 
+
+def _slice_site(root: Path, site: str, pixels: np.ndarray, mask: np.ndarray | None = None, studies: int = 2) -> list[Path]:
+    """``studies`` study folders of one slice ``0.png`` (``pixels`` [16, 16]) and ``mask_0.png``
+    (``mask``, default a 4×4 square of class 1); returns the study folders."""
+    from PIL import Image
+
+    if mask is None:
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:8, 4:8] = 1
+    folders = []
+    for s in range(studies):
+        folders.append(root / site / f"st{s}")
+        folders[-1].mkdir(parents=True)
+        Image.fromarray(pixels).save(folders[-1] / "0.png")
+        Image.fromarray(mask).save(folders[-1] / "mask_0.png")
+    return folders
+
+
+def test_a_site_merged_from_a_16_bit_and_an_8_bit_folder_is_refused(tmp_path):
+    _slice_site(tmp_path, "A", np.full((16, 16), 200, np.uint16))
+    _slice_site(tmp_path, "B", np.full((16, 16), 200, np.uint8))
+    with pytest.raises(DataError, match=r"B[/\\]st\d[/\\]0\.png: this slice's bit depth differs from .*A[/\\]st\d[/\\]0\.png, which is 16-bit \(HU\)"):
+        load_ct_site("ct_slices", tmp_path, ["A", "B"], "train", kwargs(img_size=(16, 16), train_ratio=0.5))
+
 def _meta(site: Path, extra: list[str], bom: bool = False) -> None:
     rows = ["study_id,img_file,label_file"]
     for study in sorted(p.name for p in site.iterdir() if p.is_dir()):
