@@ -86,7 +86,10 @@ class DatasetKwargs(Strict):
     """One site's data. ``root_path``/``img_folder`` locate it; the rest is preprocessing."""
 
     root_path: Union[str, dict[str, str]] = Field("data/synth", description="Dataset root; may be a dict keyed by OS name (Linux/Windows/Darwin).")
-    img_folder: Union[str, list[str], None] = Field(None, description="Site folder(s) under root_path; a list merges several folders into one site (an image, volume or study whose name occurs in more than one is named <folder>/<name>, all its slices alike).")
+    img_folder: Union[str, list[str], None] = Field(
+        None,
+        description="Site folder(s) under root_path; a list merges several folders into one site (an image, volume or study whose name occurs in more than one is named <folder>/<name>, all its slices alike).",
+    )
     task_id: Optional[int] = Field(None, ge=0, le=MAX_TASK_ID, description="Integer id of the site (1-based, defines the relay order in the original).")
     task_name: Optional[str] = Field(None, description="Unique site name (pseudonymous name in bundles, conditioning key for the replay GAN).")
     use_roi: bool = Field(True, description="DoFE layout: read images from the ROIs/ sub-folder.")

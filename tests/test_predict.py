@@ -66,7 +66,6 @@ def test_16_bit_images_reach_the_model_as_training_reads_them(tmp_path):
     assert len(torch.unique(predicted_from)) == 4096
 
 
-
 def test_predict_refuses_float_and_signed_images_as_training_does(tmp_path):
     """A mode-F TIFF read as constant black in predict and training; both refuse it with one line now."""
     from relaylearn.data.layouts import load_site

@@ -70,7 +70,6 @@ def test_geometry_moves_image_and_label_together(out_range):
     assert (out_labels == 0).float().mean() > (labels == 0).float().mean()
 
 
-
 @pytest.mark.parametrize("image_fill", ["border", "reflection"])
 def test_border_and_reflection_fill_pad_the_label_like_the_image(image_fill):
     """A lesion [B, 10, 10] in the corner of 32×32 images: its padded / mirrored copies keep class 1."""

@@ -58,7 +58,9 @@ def test_a_16_bit_grey_mask_decodes_like_its_8_bit_original(tmp_path):
     ids=["class_ids", "binary", "black"],
 )
 def test_a_mask_of_class_ids_is_refused_not_read_as_all_cup(tmp_path, mask, says):
-    with pytest.raises(DataError, match=rf"m\.png: mask holds no background or disc rim \(every grey level {says}\): it looks like class ids.*'folder' layout") as error:
+    with pytest.raises(
+        DataError, match=rf"m\.png: mask holds no background or disc rim \(every grey level {says}\): it looks like class ids.*'folder' layout"
+    ) as error:
         get_layout("fundus").decode_label(Image.fromarray(mask), tmp_path / "m.png")
     assert "\n" not in str(error.value)
 

@@ -143,7 +143,6 @@ def test_folder_layout_grey_channel_and_palette_mask(tmp_path):
     assert torch.equal(data.labels[0], torch.eye(8, dtype=torch.int64))
 
 
-
 @pytest.mark.parametrize(
     ("pixels", "says"),
     [
@@ -226,7 +225,6 @@ def test_nifti_shape_mismatch_and_non_integer_labels(tmp_path):
     _nifti(base / "label" / "v.nii.gz", np.full((4, 4, 2), 0.5, np.float32))
     with pytest.raises(DataError, match="non-integer"):
         load_site("nifti", tmp_path, "Site", "train", img_size=(4, 4), num_classes=2, channels=1)
-
 
 
 def test_merged_folders_keep_every_volume_one_subject(tmp_path):
