@@ -86,7 +86,10 @@ class DatasetKwargs(Strict):
     """One site's data. ``root_path``/``img_folder`` locate it; the rest is preprocessing."""
 
     root_path: Union[str, dict[str, str]] = Field("data/synth", description="Dataset root; may be a dict keyed by OS name (Linux/Windows/Darwin).")
-    img_folder: Union[str, list[str], None] = Field(None, description="Site folder(s) under root_path; a list merges several folders into one site.")
+    img_folder: Union[str, list[str], None] = Field(
+        None,
+        description="Site folder(s) under root_path; a list merges several folders into one site (an image, volume or study whose name occurs in more than one is named <folder>/<name>, all its slices alike).",
+    )
     task_id: Optional[int] = Field(None, ge=0, le=MAX_TASK_ID, description="Integer id of the site (1-based, defines the relay order in the original).")
     task_name: Optional[str] = Field(None, description="Unique site name (pseudonymous name in bundles, conditioning key for the replay GAN).")
     use_roi: bool = Field(True, description="DoFE layout: read images from the ROIs/ sub-folder.")
@@ -96,7 +99,12 @@ class DatasetKwargs(Strict):
     channels: int = Field(3, ge=1, le=64, description="Image channels (3 for RGB fundus).")
     num_replica: int = Field(1, ge=1, le=MAX_NUM_REPLICA, description=f"Each epoch visits every training image this many times (at most {MAX_NUM_REPLICA}).")
     augment: Union[str, dict[str, Any], None] = Field(
-        None, description="Augmentation of REAL training images: none | light | original (the original never augments real data)."
+        None,
+        description=(
+            "Augmentation of REAL training images: none | light | original (the original never augments real data), or a mapping "
+            "{strength, block_p, params, image_fill}; image_fill fills what a geometric transform moves into the frame: "
+            "min (out_range minimum, mask class 0; default) | border | reflection (image and mask padded alike)."
+        ),
     )
     # CT layouts (ct_nifti, ct_slices): one folder per site, split study-wise inside it
     train_ratio: float = Field(

@@ -15,8 +15,9 @@ layouts) is segmented slice by slice along its last axis, as training slices vol
 ``masks/<stem>.nii.gz``: class ids (uint8) on the input's grid (same shape and affine); its row
 counts voxels per class and their volume in mL (from the voxel size in the header).
 
-Pre-processing matches training: 8-bit images are read as RGB (or grey for 1-channel models) /
-255, 16-bit grey images / 65535 at full precision; CT models window Hounsfield units (16-bit slices
+Pre-processing matches training (the same decoder): 8-bit images are read as RGB (or grey for
+1-channel models) / 255, 16-bit grey images (1-channel models) / 65535 at full precision; float
+images and integer images with values outside 0..65535 are refused; CT models window Hounsfield units (16-bit slices
 hold HU − ``hu_min``; volumes hold HU) to the training window; ``nifti`` models normalise each
 volume by its 0.5 / 99.5 percentiles. The image is resized to the model's ``img_size`` bilinearly
 with antialiasing and scaled to ``out_range``. Going back to the original size, the *logits* are
@@ -117,31 +118,27 @@ def expand_inputs(inputs: Sequence[str | Path]) -> Inputs:
 
 
 def read_image(path: Path, channels: int, hu: tuple[float, float, float] | None = None) -> np.ndarray:
-    """Decode an image as float32 [H, W, C] in 0..1 exactly as training decodes it (RGB for 3
-    channels, grey for 1; 8-bit / 255, 16-bit / 65535); DataError if unreadable.
+    """Decode an image as float32 [H, W, C] in 0..1 with training's decoder (RGB for 3 channels,
+    grey for 1; 8-bit / 255, 16-bit / 65535; float and signed images refused); DataError if unreadable.
 
     ``hu`` (CT models): a 16-bit slice holds HU − hu_min; it is windowed to (low, high) HU."""
     from relaylearn.data.ct import window_hu
+    from relaylearn.data.layouts import _pil_pixels
 
     if channels not in (1, 3):
         raise UserError(f"predict supports 1- or 3-channel models, this one has {channels} channels")
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                pixels = np.asarray(im, dtype=np.float32)
-                if hu is not None:  # CT slice: HU window as in training
-                    hu_min, low, high = hu
-                    grey = window_hu(pixels + np.float32(hu_min), (low, high))
-                else:
-                    grey = np.clip(pixels / np.float32(65535.0), 0.0, 1.0)
-                array = np.repeat(grey[:, :, None], channels, axis=2)
-            else:
-                array = np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / np.float32(255.0)
+            pixels, full_scale = _pil_pixels(im, channels, path)  # [C, H, W]
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", path) from None
-    if array.ndim == 2:
-        array = array[:, :, None]
+    if hu is not None and full_scale == 65535.0:  # CT slice: HU window as in training
+        hu_min, low, high = hu
+        array = window_hu(pixels + np.float32(hu_min), (low, high))
+    else:
+        array = pixels.astype(np.float32) / np.float32(full_scale)
+    array = array.transpose(1, 2, 0)
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise DataError("image is empty", path)
     return array

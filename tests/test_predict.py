@@ -66,6 +66,23 @@ def test_16_bit_images_reach_the_model_as_training_reads_them(tmp_path):
     assert len(torch.unique(predicted_from)) == 4096
 
 
+def test_predict_refuses_float_and_signed_images_as_training_does(tmp_path):
+    """A mode-F TIFF read as constant black in predict and training; both refuse it with one line now."""
+    from relaylearn.data.layouts import load_site
+    from relaylearn.predict import read_image
+
+    for part in ("image", "mask"):
+        (tmp_path / "S" / "test" / part).mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "S" / "test" / "mask" / "x.png")
+    for pixels, says in ((np.full((4, 4), 0.5, np.float32), "floating-point"), (np.full((4, 4), -3, np.int32), "outside 0..65535")):
+        Image.fromarray(pixels).save(tmp_path / "S" / "test" / "image" / "x.tif")
+        with pytest.raises(DataError, match=rf"x\.tif: image holds .*{says}") as predicted:
+            read_image(tmp_path / "S" / "test" / "image" / "x.tif", 1)
+        with pytest.raises(DataError) as trained:
+            load_site("folder", tmp_path, "S", "test", img_size=(4, 4), num_classes=2, channels=1)
+        assert str(predicted.value) == str(trained.value)
+
+
 def test_model_input_is_resized_and_scaled():
     x = to_model_input(np.ones((50, 70, 3), dtype=np.float32), (32, 32), (-1.0, 1.0))
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.ones_like(x))

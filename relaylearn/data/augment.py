@@ -14,9 +14,11 @@ subset of ``min_ops``..``max_ops`` of its operations, in the listed order:
 
 Intensity operations work on 0..1 (``out_range`` mapped linearly); blur sizes are given for the
 original 64-pixel images and scale with ``min(H, W) / 64``. The selected geometric operations
-are composed into one affine matrix per sample and applied once: bilinear for images (outside
-the frame: the ``out_range`` minimum, i.e. black, as imgaug's default ``cval=0``) and nearest for
-labels (outside the frame: class 0), so labels stay valid class ids and aligned with the image.
+are composed into one affine matrix per sample and applied once: bilinear for images and nearest
+for labels, so labels stay valid class ids and aligned with the image. Outside the frame
+(``image_fill``): ``"min"`` gives the ``out_range`` minimum, i.e. black, as imgaug's default
+``cval=0``, and class 0; ``"border"`` / ``"reflection"`` pad image and label alike (the edge
+pixel repeated / the image mirrored), so a mirrored lesion keeps its class.
 
 Randomness comes from torch's global generator on the input's device, so results repeat under
 ``torch.manual_seed``. On accelerators every operation runs on the whole batch and is blended
@@ -178,8 +180,8 @@ class SegmentationAugment(nn.Module):
     ``strength``: ``"original"`` (§4.4 blocks), ``"light"`` (flips, small affine, mild colour),
     ``"none"`` (identity). ``block_p`` overrides block probabilities by name (``colour``,
     ``degrade``, ``geometry``), ``params`` overrides fields of :class:`AugmentParams`.
-    ``image_fill``: ``"min"`` (out-of-frame pixels = ``out_range`` minimum), ``"border"`` or
-    ``"reflection"``. ``compute_all``: run expensive ops on the whole batch and blend (no host
+    ``image_fill``: ``"min"`` (out-of-frame pixels = ``out_range`` minimum, label 0), ``"border"`` or
+    ``"reflection"`` (image and label padded alike). ``compute_all``: run expensive ops on the whole batch and blend (no host
     sync; default on accelerators) or only on the samples that use them (default on the CPU).
     Both give the same result.
     """
@@ -321,7 +323,7 @@ class SegmentationAugment(nn.Module):
 
         def warp(x: Tensor, m: Tensor) -> Tensor:
             image = warp_affine(x[:, :-1], m, (height, width), mode="bilinear", padding_mode=padding, align_corners=True)
-            label = warp_affine(x[:, -1:], m, (height, width), mode="nearest", padding_mode="zeros", align_corners=True)
+            label = warp_affine(x[:, -1:], m, (height, width), mode="nearest", padding_mode=padding, align_corners=True)
             return torch.cat([image, label], dim=1)
 
         both = self._on(moved, both, warp, matrix)

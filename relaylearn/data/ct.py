@@ -6,8 +6,10 @@ Layouts (one folder per site, no ``train``/``test`` sub-folders: the split is ma
   (same name, same shape). Voxels are Hounsfield units (nibabel applies the header's scaling);
   every volume becomes slices along its last axis (``volume[:, :, k]``).
 * ``"ct_slices"``: ``<root>/<site>/<study>/<name>.png`` with the mask ``mask_<name>.png`` beside
-  it (class ids), one sub-folder per study. A 16-bit PNG holds ``HU − hu_min`` (pixel 0 =
-  ``hu_min`` HU); an 8-bit image is grey 0..255, scaled to ``out_range`` without a HU window.
+  it (class ids, paired by stem and decoded as the ``folder`` layout does: an alpha channel is
+  ignored, a float mask must hold whole numbers, two files of one stem are an error), one
+  sub-folder per study. A 16-bit PNG holds ``HU − hu_min`` (pixel 0 = ``hu_min`` HU); an 8-bit
+  image is grey 0..255, scaled to ``out_range`` without a HU window; one bit depth per site.
   Instead of study folders a site may hold a ``meta.txt`` CSV with the columns ``study_id``,
   ``img_file`` and ``label_file`` (paths relative to the site folder).
 
@@ -41,6 +43,7 @@ from relaylearn.data.layouts import (
     _by_name,
     _check_classes,
     _check_nifti_pair,
+    _class_id_label,
     _disambiguate_names,
     _Item,
     _load_nifti,
@@ -146,8 +149,9 @@ def _slice_pairs_from_folders(site_dir: Path) -> dict[str, list[tuple[Path, Path
         raise DataError("no study folders found (expected one sub-folder per study, or a meta.txt)", site_dir)
     for folder in folders:
         files = _visible_files(folder, (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
-        masks = {p.stem[len(MASK_PREFIX) :]: p for p in files if p.name.startswith(MASK_PREFIX)}
-        slices = [p for p in files if not p.name.startswith(MASK_PREFIX)]
+        # by stem, as the folder layout pairs: 0.png beside 0.tif (or two masks of one slice) is an error
+        masks = _by_name([p for p in files if p.name.startswith(MASK_PREFIX)], lambda p: _stem(p)[len(MASK_PREFIX) :])
+        slices = _by_name([p for p in files if not p.name.startswith(MASK_PREFIX)], _stem)
         if not slices:
             if masks:
                 raise DataError(f"study folder has {len(masks)} mask(s) but no images", folder)
@@ -155,11 +159,11 @@ def _slice_pairs_from_folders(site_dir: Path) -> dict[str, list[tuple[Path, Path
         if not masks:
             raise DataError(f"study folder has {len(slices)} image(s) but no masks (expected {MASK_PREFIX}<name>.png)", folder)
         pairs = []
-        for image in slices:
-            if image.stem not in masks:
-                raise DataError(f"slice has no mask {MASK_PREFIX}{image.stem}.png", image)
-            pairs.append((image, masks[image.stem]))
-        orphans = sorted(set(masks) - {image.stem for image in slices})
+        for name, image in slices.items():
+            if name not in masks:
+                raise DataError(f"slice has no mask {MASK_PREFIX}{name}.png", image)
+            pairs.append((image, masks[name]))
+        orphans = sorted(set(masks) - set(slices))
         if orphans:
             raise DataError("mask has no image", masks[orphans[0]])
         studies[folder.name] = pairs
@@ -205,20 +209,16 @@ def _slice_pairs_from_meta(meta: Path) -> dict[str, list[tuple[Path, Path]]]:
 def _read_slice(study: str, image_path: Path, mask_path: Path, k) -> tuple[_Item, np.ndarray | None]:
     """(item with image in 0..1, HU slice or None for 8-bit images)."""
     pixels, full_scale = _pil_pixels(_open_pil(image_path), 1, image_path)
-    mask = np.asarray(_open_pil(mask_path))
-    if mask.ndim == 3:
-        if not (mask == mask[..., :1]).all():
-            raise DataError("mask must be single-channel class ids (its colour channels differ)", mask_path)
-        mask = mask[..., 0]
+    mask = _class_id_label(_open_pil(mask_path), mask_path)  # the folder layout's decoder
     if mask.shape != pixels.shape[1:]:
         raise DataError(f"image is {pixels.shape[2]}×{pixels.shape[1]} but its mask is {mask.shape[1]}×{mask.shape[0]} pixels", mask_path)
     name = f"{study}_{_stem(image_path)}"
     if full_scale == 65535.0:  # 16-bit: HU − hu_min
         hu = pixels[0].astype(np.float32) + float(k.hu_min)
-        return _Item(hu[None], mask.astype(np.int64), name, study, image_path, mask_path), hu
+        return _Item(hu[None], mask, name, study, image_path, mask_path), hu
     if k.add_bone_label or k.add_bg_label:
         raise DataError("add_bone_label / add_bg_label need Hounsfield units, but this slice is an 8-bit image", image_path)
-    return _Item(pixels.astype(np.float32) / 255.0, mask.astype(np.int64), name, study, image_path, mask_path), None
+    return _Item(pixels.astype(np.float32) / 255.0, mask, name, study, image_path, mask_path), None
 
 
 def _natural_key(name: str) -> tuple:
@@ -240,7 +240,7 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
     if not root.is_dir():
         raise DataError("data root not found", root)
     folder_list = [folders] if isinstance(folders, str) else list(folders)
-    items: list[_Item] = []
+    pairs: list[tuple[_Item, np.ndarray | None]] = []
     for folder in folder_list:
         site_dir = root / folder
         if not site_dir.is_dir():
@@ -248,18 +248,18 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
         if layout == "ct_nifti":
             volumes = _nifti_studies(site_dir)
             chosen = split_studies(list(volumes), k.train_ratio, k.split_seed, site_dir)[0 if split == "train" else 1]
-            pairs = [pair for study in sorted(chosen) for pair in _read_nifti_study(study, *volumes[study])]
+            folder_pairs = [pair for study in sorted(chosen) for pair in _read_nifti_study(study, *volumes[study])]
         else:
             meta = site_dir / META_FILE
             studies = _slice_pairs_from_meta(meta) if meta.is_file() else _slice_pairs_from_folders(site_dir)
             chosen = split_studies(list(studies), k.train_ratio, k.split_seed, site_dir)[0 if split == "train" else 1]
-            pairs = [
+            folder_pairs = [
                 _read_slice(study, image, mask, k) for study in sorted(chosen) for image, mask in sorted(studies[study], key=lambda p: _natural_key(p[0].name))
             ]
-        folder_items = _finish_items(pairs, k)
-        for item in folder_items:
+        for item, _ in folder_pairs:
             item.folder = folder
-        items.extend(folder_items)
+        pairs.extend(folder_pairs)
+    items = _finish_items(pairs, k)  # over all folders: one bit depth per site, not per folder
     if not items:
         raise DataError(f"no slice left in the {split} split (drop_negative removed every slice?)", root / folder_list[0])
     _check_classes(items, k.num_classes)
@@ -283,7 +283,7 @@ def _finish_items(pairs: list[tuple[_Item, np.ndarray | None]], k) -> list[_Item
         odd = next(item for item, hu in pairs if (hu is None) != (pairs[0][1] is None))
         first = "16-bit (HU)" if pairs[0][1] is not None else "8-bit (grey)"
         raise DataError(
-            f"this slice's bit depth differs from {pairs[0][0].source.name}, which is {first}: a site's slices must all be 16-bit or all 8-bit", odd.source
+            f"this slice's bit depth differs from {pairs[0][0].source}, which is {first}: a site's slices must all be 16-bit or all 8-bit", odd.source
         )
     out = []
     for item, hu in pairs:

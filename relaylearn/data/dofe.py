@@ -5,7 +5,10 @@ Layout: ``<root>/<folder>/<split>/ROIs/image/*.png`` with masks of the same file
 ``.../ROIs/mask/`` (without ``use_roi`` the ``ROIs/`` level is dropped). Mask grey level v
 (channel mean of an RGB mask, or the single channel) → class ``round(2·(255 − v)/255)``:
 255 → 0 background, 128 → 1 disc rim, 0 → 2 cup. Levels further than ±20 from 0/128/255 are an
-error. The mask encoding, class names and cup-to-disc ratio apply to 3-class models.
+error, and so is a mask without background or rim (every level near 0): masks of class ids 0/1/2
+or binary 0/1 would otherwise read as all cup. A 16-bit mask is scaled back to 8 bits (/257)
+unless its maximum is at most 255 (then it holds the 8-bit levels unscaled). The mask encoding,
+class names and cup-to-disc ratio apply to 3-class models.
 """
 
 from __future__ import annotations
@@ -38,9 +41,12 @@ _FUNDUS_LOOKUP = {1: _fundus_lookup(1), 3: _fundus_lookup(3)}
 
 
 def decode_fundus_mask(mask: Image.Image, path: Path) -> np.ndarray:
-    """DoFE mask -> int64 [h, w] class ids ``round(2·(255 − v)/255)``, v = channel mean; checks v is near 0/128/255."""
+    """DoFE mask -> int64 [h, w] class ids ``round(2·(255 − v)/255)``, v = channel mean; checks v is near 0/128/255
+    and that some pixel is background or rim (an all-cup mask is class ids read as grey levels)."""
     if mask.mode.startswith("I"):  # 16-bit grey: 0..65535 back to 0..255 (convert() would clip, not scale)
-        array = np.round(np.asarray(mask, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        wide = np.asarray(mask, dtype=np.float64)
+        full_scale = wide.max(initial=0) > 255  # else the 8-bit levels stored unscaled
+        array = np.round(wide / 257.0 if full_scale else wide).clip(0, 255).astype(np.uint8)
     else:
         array = np.asarray(mask if mask.mode in ("L", "RGB") else mask.convert("RGB"))
     channel_sum = array.sum(axis=2, dtype=np.int64) if array.ndim == 3 else array.astype(np.int64)
@@ -49,6 +55,13 @@ def decode_fundus_mask(mask: Image.Image, path: Path) -> np.ndarray:
     if label.min() < 0:
         value = channel_sum[label < 0][0] / (3 if array.ndim == 3 else 1)
         raise DataError(f"mask grey level {value:g} is not near 255 (background), 128 (disc rim) or 0 (cup) (tolerance ±{FUNDUS_TOLERANCE})", path)
+    if label.min() == 2:  # no background and no rim: class ids 0/1/2 or a binary 0/1 mask, not DoFE grey levels
+        top = channel_sum.max() / (3 if array.ndim == 3 else 1)
+        raise DataError(
+            f"mask holds no background or disc rim (every grey level ≤ {top:g}): it looks like class ids, but the fundus layout "
+            "expects grey 255 (background), 128 (disc rim) and 0 (cup); use the 'folder' layout for class-id masks",
+            path,
+        )
     return label
 
 

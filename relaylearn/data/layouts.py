@@ -16,7 +16,8 @@ Built-in layouts (docs/design.md#data-layouts), for each folder of ``folders`` u
   range and mapped to ``out_range``. ``subjects`` holds the volume name of each slice.
 
 Preprocessing follows the original: 8-bit image → float / 255 → ``out_range`` (16-bit images use
-/ 65535), resized to ``img_size`` bilinearly **with antialiasing** (``antialias=True``; the
+/ 65535; a 32-bit integer image counts as 16-bit when its values lie in 0..65535; float images
+and other integer images are a DataError), resized to ``img_size`` bilinearly **with antialiasing** (``antialias=True``; the
 original's torchvision 0.12 resize had none, which aliases when shrinking), labels with
 nearest-neighbour (``nearest-exact``, pixel-centre aligned). Files whose names start with ``.``
 are ignored; everything is sorted, so the order is deterministic.
@@ -25,7 +26,7 @@ are ignored; everything is sorted, so the order is deterministic.
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,10 @@ class SiteData:
     """One split of one site, in memory.
 
     images: float32 [N, C, H, W] in ``out_range``; labels: int64 [N, H, W] class ids;
-    names: file stem per item (``<volume>_<slice>`` for NIfTI slices; ``<folder>/<stem>`` where a
-    stem occurs in several merged folders); subjects: subject id per item (== name for 2-D images,
-    volume name for slices); sources: image file per item.
+    names: file stem per item (``<volume>_<slice>`` for NIfTI slices; ``<folder>/`` in front of
+    the name and subject of every item of a subject whose subject or names occur in several merged
+    folders); subjects: subject id per item (== name for 2-D images, volume name for slices);
+    sources: image file per item.
     """
 
     site: str
@@ -139,12 +141,25 @@ def _open_pil(path: Path) -> Image.Image:
     return image
 
 
+_UINT16_MODES = ("I;16", "I;16B", "I;16L")
+_STORE_UNSIGNED = "store images as 8- or 16-bit unsigned integers"
+
+
 def _pil_pixels(image: Image.Image, channels: int, path: Path) -> tuple[np.ndarray, float]:
-    """PIL image -> ([channels, h, w] integer array, full-scale value: 255 for 8-bit, 65535 for 16-bit)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """PIL image -> ([channels, h, w] array in 0..full scale, full scale: 255 for 8-bit, 65535 for 16-bit).
+
+    Training and ``predict`` decode with this. A 32-bit integer image (mode ``I``, e.g. a signed
+    16-bit TIFF) is read as 16-bit when every value lies in 0..65535; float images and integer
+    images outside that range are a DataError."""
+    if image.mode == "F":
+        raise DataError(f"image holds floating-point pixels (mode F): {_STORE_UNSIGNED}", path)
+    if image.mode.startswith("I"):
         if channels != 1:
             raise DataError(f"16-bit image has 1 channel, but channels={channels} is configured", path)
-        return np.asarray(image, dtype=np.float32)[None], 65535.0
+        pixels = np.asarray(image)
+        if image.mode not in _UINT16_MODES and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise DataError(f"image holds values {pixels.min()}..{pixels.max()}, outside 0..65535 (mode {image.mode}): {_STORE_UNSIGNED}", path)
+        return pixels.astype(np.float32)[None], 65535.0
     if channels == 1:
         return np.array(image.convert("L"))[None], 255.0
     if channels == 3:
@@ -411,8 +426,8 @@ def _resize_stack(items: list[_Item], img_size: tuple[int, int], out_range: tupl
         label = torch.from_numpy(np.stack([items[i].label for i in indices]))
         if shape != tuple(img_size):
             image = F.interpolate(image, size=img_size, mode="bilinear", align_corners=False, antialias=True)
-            image = image.clamp_(min(low, high), max(low, high))
             label = F.interpolate(label[:, None].float(), size=img_size, mode="nearest-exact")[:, 0].long()
+        image = image.clamp_(min(low, high), max(low, high))  # resizing overshoots; every size is clamped alike
         image_parts.append(image)
         label_parts.append(label)
         order.extend(indices)
@@ -484,9 +499,15 @@ def load_site(
 
 
 def _disambiguate_names(items: list[_Item]) -> None:
-    """Prefix ``<folder>/`` to names (and subjects) that occur in more than one merged folder."""
-    counts = Counter(item.name for item in items)
+    """Prefix ``<folder>/`` to the subject and every name of each subject (image, volume, study)
+    that shares its subject or one of its names with another merged folder: all slices of one
+    volume keep one subject, so the validation split never puts parts of it on both sides."""
+    folders: dict[tuple[str, str], set[str]] = defaultdict(set)
     for item in items:
-        if counts[item.name] > 1:
+        folders["subject", item.subject].add(item.folder)
+        folders["name", item.name].add(item.folder)
+    clashing = {(i.folder, i.subject) for i in items if len(folders["subject", i.subject]) > 1 or len(folders["name", i.name]) > 1}
+    for item in items:
+        if (item.folder, item.subject) in clashing:
             item.subject = f"{item.folder}/{item.subject}"
             item.name = f"{item.folder}/{item.name}"

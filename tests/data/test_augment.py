@@ -70,6 +70,18 @@ def test_geometry_moves_image_and_label_together(out_range):
     assert (out_labels == 0).float().mean() > (labels == 0).float().mean()
 
 
+@pytest.mark.parametrize("image_fill", ["border", "reflection"])
+def test_border_and_reflection_fill_pad_the_label_like_the_image(image_fill):
+    """A lesion [B, 10, 10] in the corner of 32×32 images: its padded / mirrored copies keep class 1."""
+    labels = torch.zeros(32, 32, 32, dtype=torch.long)
+    labels[:, :10, :10] = 1
+    images = _label_image(labels, -1.0, 1.0, channels=1)
+    torch.manual_seed(0)
+    out_images, out_labels = SegmentationAugment("light", block_p={"colour": 0.0, "geometry": 1.0}, image_fill=image_fill)(images, labels)
+    lesion = out_images[:, 0] > -0.5
+    assert (lesion & (out_labels == 0)).float().sum() < 0.01 * lesion.sum()  # was 9 %: the label was padded with 0
+
+
 def test_flips_are_exact():
     torch.manual_seed(3)
     labels = _blobs(16, 24, seed=2)

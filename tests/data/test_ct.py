@@ -257,6 +257,61 @@ def test_a_site_mixing_8_bit_and_16_bit_slices_is_refused(tmp_path):
         _both_splits("ct_slices", tmp_path, "CT1", img_size=(16, 16))
 
 
+def _slice_site(root: Path, site: str, pixels: np.ndarray, mask: np.ndarray | None = None, studies: int = 2) -> list[Path]:
+    """``studies`` study folders of one slice ``0.png`` (``pixels`` [16, 16]) and ``mask_0.png``
+    (``mask``, default a 4×4 square of class 1); returns the study folders."""
+    from PIL import Image
+
+    if mask is None:
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:8, 4:8] = 1
+    folders = []
+    for s in range(studies):
+        folders.append(root / site / f"st{s}")
+        folders[-1].mkdir(parents=True)
+        Image.fromarray(pixels).save(folders[-1] / "0.png")
+        Image.fromarray(mask).save(folders[-1] / "mask_0.png")
+    return folders
+
+
+def test_a_site_merged_from_a_16_bit_and_an_8_bit_folder_is_refused(tmp_path):
+    _slice_site(tmp_path, "A", np.full((16, 16), 200, np.uint16))
+    _slice_site(tmp_path, "B", np.full((16, 16), 200, np.uint8))
+    with pytest.raises(DataError, match=r"B[/\\]st\d[/\\]0\.png: this slice's bit depth differs from .*A[/\\]st\d[/\\]0\.png, which is 16-bit \(HU\)"):
+        load_ct_site("ct_slices", tmp_path, ["A", "B"], "train", kwargs(img_size=(16, 16), train_ratio=0.5))
+
+
+@pytest.mark.parametrize("channels", [2, 4], ids=["LA", "RGBA"])
+def test_slice_masks_with_alpha_decode_as_the_folder_layout_decodes_them(tmp_path, channels):
+    """An opaque alpha channel is dropped (it was compared with the class ids: 'colour channels differ')."""
+    square = np.zeros((16, 16), np.uint8)
+    square[4:8, 4:8] = 1
+    mask = np.dstack([square] * (channels - 1) + [np.full_like(square, 255)])
+    _slice_site(tmp_path, "S", np.full((16, 16), 200, np.uint16), mask)
+    data = load_ct_site("ct_slices", tmp_path, "S", "train", kwargs(img_size=(16, 16), train_ratio=0.5))
+    assert torch.equal(data.labels[0], torch.from_numpy(square).long())
+
+
+@pytest.mark.parametrize(
+    ("extra", "pixels", "replaces", "says"),
+    [
+        ("mask_0.tif", np.full((16, 16), 0.5, np.float32), "mask_0.png", r"mask_0\.tif: mask holds non-integer values"),  # was truncated to 0
+        ("0.tif", np.full((16, 16), 200, np.uint16), None, r"0\.tif: several files share the name '0' \(0\.png and 0\.tif\)"),
+        ("mask_0.tiff", np.zeros((16, 16), np.uint8), None, r"mask_0\.tiff: several files share the name '0' \(mask_0\.png and mask_0\.tiff\)"),
+    ],
+    ids=["float_mask", "two_slices", "two_masks"],
+)
+def test_slice_folders_refuse_float_masks_and_two_files_of_one_name(tmp_path, extra, pixels, replaces, says):
+    from PIL import Image
+
+    study = _slice_site(tmp_path, "S", np.full((16, 16), 200, np.uint16))[0]
+    if replaces:
+        (study / replaces).unlink()
+    Image.fromarray(pixels).save(study / extra)
+    with pytest.raises(DataError, match=says):
+        _both_splits("ct_slices", tmp_path, "S", img_size=(16, 16))
+
+
 def _meta(site: Path, extra: list[str], bom: bool = False) -> None:
     rows = ["study_id,img_file,label_file"]
     for study in sorted(p.name for p in site.iterdir() if p.is_dir()):

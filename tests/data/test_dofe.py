@@ -46,3 +46,27 @@ def test_a_16_bit_grey_mask_decodes_like_its_8_bit_original(tmp_path):
     wide = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit PNG mode
     assert wide.mode.startswith("I")
     assert decode_fundus_mask(wide, tmp_path / "m.png").tolist() == decode_fundus_mask(Image.fromarray(grey), tmp_path / "m.png").tolist() == [[0, 1, 2, 0]]
+
+
+@pytest.mark.parametrize(
+    ("mask", "says"),
+    [
+        (np.array([[0, 1], [2, 0]], np.uint8), "≤ 2"),  # class ids
+        (np.array([[0, 1], [1, 0]], np.uint8), "≤ 1"),  # binary
+        (np.zeros((2, 2), np.uint8), "≤ 0"),  # all black
+    ],
+    ids=["class_ids", "binary", "black"],
+)
+def test_a_mask_of_class_ids_is_refused_not_read_as_all_cup(tmp_path, mask, says):
+    with pytest.raises(
+        DataError, match=rf"m\.png: mask holds no background or disc rim \(every grey level {says}\): it looks like class ids.*'folder' layout"
+    ) as error:
+        get_layout("fundus").decode_label(Image.fromarray(mask), tmp_path / "m.png")
+    assert "\n" not in str(error.value)
+
+
+def test_a_16_bit_mask_holding_unscaled_8_bit_levels_decodes_as_those_levels(tmp_path):
+    """A uint16 mask [1, 4] of 255/128/0 (not ×257) is read as 8-bit grey levels, not as all cup."""
+    unscaled = Image.fromarray(np.array([[255, 128, 0, 255]], dtype=np.uint16))
+    assert unscaled.mode.startswith("I")
+    assert get_layout("fundus").decode_label(unscaled, tmp_path / "m.png").tolist() == [[0, 1, 2, 0]]

@@ -143,6 +143,36 @@ def test_folder_layout_grey_channel_and_palette_mask(tmp_path):
     assert torch.equal(data.labels[0], torch.eye(8, dtype=torch.int64))
 
 
+@pytest.mark.parametrize(
+    ("pixels", "says"),
+    [
+        (np.full((6, 6), 0.5, np.float32), r"floating-point pixels \(mode F\)"),  # became constant black
+        (np.full((6, 6), 70000, np.int32), r"values 70000\.\.70000, outside 0\.\.65535 \(mode I\)"),
+        (np.full((6, 6), -5, np.int32), r"values -5\.\.-5, outside 0\.\.65535 \(mode I\)"),  # signed 16-bit
+    ],
+    ids=["float", "32_bit", "signed"],
+)
+def test_float_signed_and_32_bit_images_are_refused(tmp_path, pixels, says):
+    base = tmp_path / "Site" / "train"
+    _save(base / "image" / "x.tif", pixels)
+    _save(base / "mask" / "x.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(DataError, match=rf"x\.tif: image holds {says}: store images as 8- or 16-bit unsigned integers") as error:
+        load_site("folder", tmp_path, "Site", "train", img_size=(6, 6), num_classes=2, channels=1)
+    assert "\n" not in str(error.value)
+
+
+def test_a_32_bit_integer_image_within_0_to_65535_reads_as_16_bit(tmp_path):
+    """Mode-I TIFF [6, 6] of 0..35000 gives the same pixels as the uint16 PNG."""
+    base = tmp_path / "Site" / "train"
+    values = np.arange(36).reshape(6, 6) * 1000
+    _save(base / "image" / "wide.tif", values.astype(np.int32))
+    _save(base / "image" / "deep.png", values.astype(np.uint16))
+    for name in ("wide", "deep"):
+        _save(base / "mask" / f"{name}.png", np.zeros((6, 6), np.uint8))
+    data = load_site("folder", tmp_path, "Site", "train", img_size=(6, 6), out_range=(0.0, 1.0), num_classes=2, channels=1)
+    assert torch.equal(data.images[0], data.images[1]) and data.images.max() == np.float32(35000 / 65535)
+
+
 def test_folder_class_id_out_of_range(tmp_path):
     base = tmp_path / "Site" / "train"
     _save(base / "image" / "a.png", np.zeros((8, 8, 3), np.uint8))
@@ -195,6 +225,24 @@ def test_nifti_shape_mismatch_and_non_integer_labels(tmp_path):
     _nifti(base / "label" / "v.nii.gz", np.full((4, 4, 2), 0.5, np.float32))
     with pytest.raises(DataError, match="non-integer"):
         load_site("nifti", tmp_path, "Site", "train", img_size=(4, 4), num_classes=2, channels=1)
+
+
+def test_merged_folders_keep_every_volume_one_subject(tmp_path):
+    """Volume 'case1' in folders A (4 slices) and B (2 slices): all 4 of A's slices are 'A/case1',
+    so the validation split keeps each volume on one side."""
+    from relaylearn.data.split import validation_split
+
+    for folder, volumes in (("A", {"case1": 4, "case2": 2}), ("B", {"case1": 2})):
+        for name, depth in volumes.items():
+            _nifti(tmp_path / folder / "train" / "image" / f"{name}.nii.gz", np.zeros((4, 4, depth), np.float32))
+            _nifti(tmp_path / folder / "train" / "label" / f"{name}.nii.gz", np.zeros((4, 4, depth), np.uint8))
+    data = load_site("nifti", tmp_path, ["A", "B"], "train", img_size=(4, 4), num_classes=2, channels=1)
+    assert data.subjects == ["A/case1"] * 4 + ["case2"] * 2 + ["B/case1"] * 2
+    assert data.names[3:6] == ["A/case1_0003", "case2_0000", "case2_0001"] and len(set(data.names)) == len(data)
+    volume = [f"{source.parent.parent.parent.name}/{source.name}" for source in data.sources]
+    for seed in range(5):
+        train, val = validation_split(len(data), 0.3, seed, groups=data.subjects)
+        assert not {volume[i] for i in train} & {volume[i] for i in val}
 
 
 # ----- errors ------------------------------------------------------------------------------------
