@@ -20,8 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
+from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.metrics import continual_metrics
+from relaylearn.runner import resolved_config
 from tests.test_export import make_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,8 +142,7 @@ def write_run(
         "current_tasks": {"task_ids": [SITES.index(s) + 1 for s in configured]},
     }  # fmt: skip
     (path / "config.yaml").write_text(yaml.safe_dump(config))
-    resolved = [{"dataset": {"name": "fundus", "kwargs": {"task_id": SITES.index(s) + 1, "task_name": s, "img_folder": s}}} for s in configured]
-    (path / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
+    (path / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config(load_config(str(path / "config.yaml")))))
     (path / "run.json").write_text(
         json.dumps(
             {
@@ -209,9 +210,24 @@ def assert_self_contained(page: str) -> int:
     return len(sources)
 
 
+def relayed(first: Path, hops: int) -> Path:
+    """The bundle ``first`` passed on (same weights) until it has ``hops`` hops: what a run training
+    ``hops`` sites writes last."""
+    from relaylearn.bundle import read_bundle, write_bundle
+    from relaylearn.files import utc_now
+
+    path = first
+    for k in range(2, hops + 1):
+        parent = read_bundle(path, trust=None, allow_unsigned=True)
+        path = write_bundle(first.with_name(f"hop{k}_{first.name}"), parent.tensors, strategy=parent.strategy, config=parent.config,
+                            registry=parent.registry, site=f"Site{k}", hop_started_utc=utc_now(), parent=parent, signing_key=None)  # fmt: skip
+    return path
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "task.relay", img=IMG, seed=2)
+    """The last bundle of a run training four sites."""
+    return relayed(make_bundle(tmp_path_factory.mktemp("bundle") / "task.relay", img=IMG, seed=2), 4)
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +243,9 @@ def demo_report(tmp_path_factory, bundle) -> Path:
     write_run(demo / "sequential" / "other", "sequential", SITES[:2], seed=4)
     real_loader = samples.load_final_model
 
-    def final_model(path):
-        model = real_loader(path)
-        if "relay" in str(path):
+    def final_model(bundle):
+        model = real_loader(bundle)
+        if "relay" in str(bundle.path.parent.parent):
             model.strategy = ReplayStub(model.strategy.solver).eval()
         return model
 
@@ -264,7 +280,7 @@ def test_demo_report_shows_every_strategy_side_by_side(demo_report):
     assert images_in(page, "predictions") == 2 * 5 * 9, "relay + sequential: 5 sites x (worst, median, best) x (image, truth, prediction)"
     assert images_in(page, "replay") == 3 * (6 + 6 + 5 + 5), "3 sites: 6 replayed pairs, 5 real pairs"
     assert n_images == 8 + 90 + 66
-    assert "joint: no bundle in bundles/" in page
+    assert "joint: no bundles/task_1.relay (the bundle of the last trained row, Domain1+Domain2+Domain3+Domain4)" in page
     assert "joint: no forgetting per site (pooled training)" in page
     assert "Domain1 → Domain2 → Domain3 → Domain4" in page
     assert page.count("signer key") == 2 and "unsigned (single-machine simulation)" in page
@@ -297,7 +313,7 @@ def test_single_run_with_real_test_data_and_missing_pieces(tmp_path, bundle):
     assert "Domain1: no per-image scores of the final model" in page
     shutil.rmtree(run / "bundles")
     page = write_report(run).read_text()
-    assert "no bundle in bundles/" in page and assert_self_contained(page) == 4
+    assert "no bundles/task_4.relay" in page and assert_self_contained(page) == 4
     assert "Replayed" not in page, "not a relay run"
 
 
