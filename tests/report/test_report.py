@@ -416,8 +416,8 @@ def test_an_unfinished_run_says_so_is_never_best_and_counts_only_test_only_sites
 
 def _legend_colours(uri) -> dict[str, tuple]:
     """Legend label → bar colour of a chart (``uri``: the figure itself, see the test below)."""
-    handles, labels = uri.axes[0].get_legend_handles_labels()
-    return {label: tuple(handle.patches[0].get_facecolor()) for handle, label in zip(handles, labels)}
+    legend = uri.axes[0].get_legend()
+    return {text.get_text(): tuple(handle.get_facecolor()) for handle, text in zip(legend.legend_handles, legend.get_texts())}
 
 
 def test_a_run_has_the_same_colour_in_every_chart(tmp_path, monkeypatch):
@@ -450,3 +450,15 @@ def test_an_empty_matrix_or_an_undefined_forgetting_is_a_note_not_a_broken_chart
     assert images_in(page, "matrix") == images_in(page, "dice") == images_in(page, "final") == 0
     page = build_report(_run_with_matrix(tmp_path / "nan", SITES[:2], [[0.8, float("nan"), 0.2], [float("nan"), 0.7, 0.1]]))
     assert images_in(page, "forgetting") == 0 and "no forgetting per site (undefined: R holds NaN)" in section_of(page, "forgetting")
+
+
+def test_a_failure_note_says_what_failed_even_when_the_message_starts_with_a_blank_line():
+    from relaylearn.report import _guarded
+
+    def fail(message: str):
+        raise ValueError(message)
+
+    notes: list[str] = []
+    for message in ("\nWard_$\\1$\n     ^", ""):  # matplotlib's mathtext error starts with a line break
+        _guarded(notes, "heat-map", lambda message=message: fail(message))
+    assert notes == ["heat-map: ValueError: Ward_$\\1$", "heat-map: ValueError"]
