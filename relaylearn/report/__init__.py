@@ -298,7 +298,7 @@ class ReportBuilder:
         final = per_class.get(run.trained[-1]) if run.trained and isinstance(per_class, dict) else None
         if not isinstance(final, dict) or not final:
             return ""
-        keys = sorted({k for v in final.values() if isinstance(v, dict) for k in v})
+        keys = sorted({k for v in final.values() if isinstance(v, dict) for k in v}, key=_class_order)
         if not keys:
             return ""
         names = _class_names(run)
@@ -518,13 +518,19 @@ def _colour_legend(run: Run) -> str:
 
     names = _class_names(run)
     swatches = []
-    for k in range(1, min(_dataset(run)[1], 10)):
+    for k in range(1, _dataset(run)[1]):
         r, g, b = class_colour(k)
         label = names.get(f"dice_class_{k}", f"class {k}")
         swatches.append(
             f'<span style="display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b});margin:0 4px 0 10px;border-radius:2px"></span>{escape(label)}'
         )
     return "Colours:" + "".join(swatches)
+
+
+def _class_order(key: str) -> tuple[float, str]:
+    """Sort key of a per-class column: ``dice_class_10`` after ``dice_class_9`` (by class number)."""
+    number = key.rsplit("_", 1)[-1]
+    return (int(number) if number.isdigit() else math.inf, key)
 
 
 def _embedded(rows) -> list[tuple[str, list[tuple[str, str]]]]:

@@ -462,3 +462,17 @@ def test_a_failure_note_says_what_failed_even_when_the_message_starts_with_a_bla
     for message in ("\nWard_$\\1$\n     ^", ""):  # matplotlib's mathtext error starts with a line break
         _guarded(notes, "heat-map", lambda message=message: fail(message))
     assert notes == ["heat-map: ValueError: Ward_$\\1$", "heat-map: ValueError"]
+
+
+def test_classes_are_in_numeric_order_and_every_class_has_a_colour(tmp_path):
+    from relaylearn.report import _colour_legend, build_report
+    from relaylearn.report.runs import load_run
+
+    run = write_run(tmp_path / "seq" / "r", "sequential", SITES[:2])
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config(load_config(str(run / "config.yaml"), ["dataset.kwargs.num_classes=12"]))))
+    matrix = json.loads((run / "metrics" / "matrix.json").read_text())
+    matrix["per_class"] = {SITES[1]: {s: {f"dice_class_{k}": 0.5 for k in range(1, 12)} for s in SITES}}
+    (run / "metrics" / "matrix.json").write_text(json.dumps(matrix))
+    header = section_of(build_report(run), "final").split("<thead>")[1].split("</thead>")[0]
+    assert re.findall(r"<th>class (\d+)</th>", header) == [str(k) for k in range(1, 12)]
+    assert [f"class {k}" in _colour_legend(load_run(run)) for k in (1, 9, 10, 11)] == [True] * 4
