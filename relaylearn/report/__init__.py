@@ -256,14 +256,7 @@ class ReportBuilder:
         uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
         for run in self.runs:
             if not plots.forgetting_values(run):
-                why = (
-                    "pooled training"
-                    if any("+" in t for t in run.trained)
-                    else "fewer than two sites trained"
-                    if len(run.trained) < 2
-                    else "undefined: R holds NaN"
-                )
-                notes.append(f"{run.label}: no forgetting per site ({why})")
+                notes.append(f"{run.label}: no forgetting per site ({_no_forgetting(run)})")
         body = (
             html.figure(
                 uri,
@@ -525,6 +518,20 @@ def _colour_legend(run: Run) -> str:
             f'<span style="display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b});margin:0 4px 0 10px;border-radius:2px"></span>{escape(label)}'
         )
     return "Colours:" + "".join(swatches)
+
+
+def _no_forgetting(run: Run) -> str:
+    """Why ``run`` has no forgetting per site."""
+    untested = [t for t, cols in zip(run.trained, run.trained_columns()) if not cols]
+    if any("+" in t for t in run.trained):
+        return "pooled training"
+    if len(run.trained) < 2:
+        return "fewer than two sites trained"
+    if not run.sites:
+        return "no test sites"
+    if untested:
+        return f"trained site {untested[0]} is not among the test sites"
+    return "undefined: R holds NaN"
 
 
 def _class_order(key: str) -> tuple[float, str]:

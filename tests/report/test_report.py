@@ -476,3 +476,16 @@ def test_classes_are_in_numeric_order_and_every_class_has_a_colour(tmp_path):
     header = section_of(build_report(run), "final").split("<thead>")[1].split("</thead>")[0]
     assert re.findall(r"<th>class (\d+)</th>", header) == [str(k) for k in range(1, 12)]
     assert [f"class {k}" in _colour_legend(load_run(run)) for k in (1, 9, 10, 11)] == [True] * 4
+
+
+def test_no_forgetting_says_why(tmp_path):
+    from relaylearn.report import build_report
+
+    def why(name: str, sites: list[str], trained: list[str]) -> str:
+        (tmp_path / name / "metrics").mkdir(parents=True)
+        R = [[0.5] * len(sites) for _ in trained]
+        (tmp_path / name / "metrics" / "matrix.json").write_text(json.dumps({"sites": sites, "trained": trained, "R": R}))
+        return section_of(build_report(tmp_path / name), "forgetting")
+
+    assert "no forgetting per site (no test sites)" in why("none", [], SITES[:2])
+    assert "no forgetting per site (trained site Domain2 is not among the test sites)" in why("other", ["Domain1", "Domain3"], SITES[:2])
