@@ -10,7 +10,8 @@ registry (no other site's data is needed). Three kinds of check:
   training set than unseen real images do) and the share of *near copies*: generated images
   closer to a training image than the 5th percentile of test→train distances. A generator that
   draws fresh images of the site's distribution gives about 5 % near copies by construction, so a
-  share whose 95 % interval lies above 5 % is flagged. Images are compared in pixel space (RMS
+  share whose 95 % interval lies above 5 % is flagged (without intervals, ``n_bootstrap`` 0: a
+  share above 5 %). Images are compared in pixel space (RMS
   difference) and in the feature space of the bundle's own solver (its encoder's deepest stage,
   average-pooled); label maps by the share of pixels whose class differs.
 * **Membership inference, black box** (GAN-Leaks, Chen et al. 2020): every train and test image
@@ -161,11 +162,12 @@ def memorisation_check(space: str, generated: Tensor, train: Tensor, test: Tenso
     ratio = bootstrap_statistic(_median_ratio, [g, t], options.n_bootstrap, options.level, seed)
     copies = bootstrap_statistic(_near_copy_share, [g, t], options.n_bootstrap, options.level, seed + 1)
     reference = NEAR_COPY_PERCENTILE / 100
+    bounded = not math.isnan(copies[1])  # no interval with n_bootstrap 0: the share itself decides, as the AUC does for membership
     check = {
         "check": "memorisation",
         "space": space,
-        "flagged": bool(copies[1] > reference),
-        "rule": f"flagged when the {options.level:.0%} interval of the near-copy share lies above {reference:.0%} (what fresh images of the site give)",
+        "flagged": bool((copies[1] if bounded else copies[0]) > reference),
+        "rule": f"flagged when {f'the {options.level:.0%} interval of ' if bounded else ''}the near-copy share lies above {reference:.0%} (what fresh images of the site give)",
         "ratio_of_medians": _interval(*ratio),
         "near_copies": _interval(*copies),
         "near_copy_distance": float(np.percentile(t, NEAR_COPY_PERCENTILE)),

@@ -357,7 +357,11 @@ class AuditConfig(Strict):
     )
     n_generated: int = Field(1000, ge=2, le=MAX_AUDIT_PAIRS, description=f"Generated pairs per site for the per-hop audit (2 to {MAX_AUDIT_PAIRS}).")
     threshold: float = Field(0.6, ge=0.5, le=1.0, description="Membership-inference ROC AUC above which a check is flagged.")
-    n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the audit's 95 % intervals.")
+    n_bootstrap: int = Field(
+        1000,
+        ge=0,
+        description="Bootstrap resamples for the audit's 95 % intervals; 0: no intervals (a near-copy share above 5 % is then flagged, not its interval's lower bound).",
+    )
 
 
 class CommonConfig(Strict):

@@ -79,6 +79,18 @@ def test_memorising_generator_is_flagged():
     assert np.array_equal(picture[:16, :16], picture[18:, :16])
 
 
+def test_without_bootstrap_intervals_memorisation_is_decided_by_the_near_copy_share():
+    """n_bootstrap 0 gives no interval (null bounds): the point estimate decides, as for the AUCs."""
+    from relaylearn.audit import memorisation_check
+
+    train, test, other = (_site_like(40, seed).images.flatten(1) for seed in (0, 1, 2))
+    no_intervals = AuditOptions(n_generated=40, n_bootstrap=0, seed=1)
+    copied, _, _ = memorisation_check("image pixels", train, train, test, no_intervals, seed=0)
+    assert math.isnan(copied["near_copies"]["low"]) and copied["flagged"] and "interval" not in copied["rule"]
+    fresh, _, _ = memorisation_check("image pixels", other, train, test, no_intervals, seed=0)
+    assert fresh["near_copies"]["value"] <= 0.05 and not fresh["flagged"]
+
+
 def test_noise_generator_is_not_flagged():
     train, test = _site_like(60, 0), _site_like(60, 1)
     g = torch.Generator().manual_seed(3)

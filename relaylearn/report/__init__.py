@@ -22,7 +22,8 @@ sheet: it opens offline, can be mailed, and shows
   command that resumes it, and is never marked best.
 
 Whatever is missing (no bundle, data moved, no per-image CSV) is skipped with a note; only an
-unusable ``metrics/matrix.json`` (or none at all) is an error.
+unusable ``metrics/matrix.json`` (or none at all) is an error. What the run trained with is read
+from its ``resolved_config.yaml``; a plug-in it names is never imported (no predictions then).
 """
 
 from __future__ import annotations
@@ -63,17 +64,28 @@ def _guarded(notes: list[str], what: str, draw: Callable[[], Any]) -> Any:
     try:
         return draw()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a visible note
-        notes.append(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        notes.append(f"{what}: {_reason(exc)}")
         return None
 
 
+def _reason(exc: Exception) -> str:
+    """An exception as one line: a relaylearn error's message, else its type and first line (the
+    type alone when the message is empty)."""
+    from relaylearn.errors import RelayError
+
+    if isinstance(exc, RelayError):
+        return exc.message.splitlines()[0] if exc.message else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def _dataset(run: Run) -> tuple[str, int]:
-    """(data layout, number of classes) from the run's config.yaml; ('fundus', 3) by default."""
-    try:
-        ds = run.config["common"].get("dataset", {})
-        return str(ds.get("name", "fundus")), int(ds.get("kwargs", {}).get("num_classes", 3))
-    except (TypeError, KeyError, AttributeError, ValueError):
-        return "fundus", 3
+    """(data layout, number of classes) the run trained with (:meth:`Run.setting`); ('fundus', 3) by default."""
+    name, num_classes = run.setting("dataset", "name"), run.setting("dataset", "kwargs", "num_classes")
+    return (
+        name if isinstance(name, str) else "fundus",
+        num_classes if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0 else 3,
+    )
 
 
 def _class_names(run: Run) -> dict[str, str]:
@@ -108,24 +120,42 @@ class ReportBuilder:
         self.runs = runs
         self.where = where
         self.multi = len(runs) > 1
-        self._models: dict[str, Any] = {}
-        self._model_notes: dict[str, str] = {}
+        self._loaded: dict[tuple[str, str], Any] = {}  # (run label, "bundle" or "model") → what was read
+        self._why: dict[tuple[str, str], str] = {}  # ... → why it could not be
         self._data_cache: dict = {}
 
     # ----- shared helpers -------------------------------------------------------------------
+    def _once(self, run: Run, what: str, load: Callable[[], Any]) -> Any:
+        """``load()`` the first time ``what`` of ``run`` is asked for; None when it failed (the
+        reason in ``self._why``)."""
+        key = (run.label, what)
+        if key not in self._loaded and key not in self._why:
+            try:
+                self._loaded[key] = load()
+            except Exception as exc:  # noqa: BLE001 - a note, not a crash
+                self._why[key] = _reason(exc)
+        return self._loaded.get(key)
+
+    def final_bundle(self, run: Run):
+        from relaylearn.report.samples import read_final_bundle
+
+        return self._once(run, "bundle", lambda: read_final_bundle(run))
+
     def final_model(self, run: Run):
+        """The strategy of the run's final bundle; None for a run with plug-ins (never imported
+        from a run folder) or without a usable final bundle."""
+        from relaylearn.errors import DataError
         from relaylearn.report.samples import load_final_model
 
-        if run.label not in self._models and run.label not in self._model_notes:
-            path = run.final_bundle()
-            if path is None:
-                self._model_notes[run.label] = "no bundle in bundles/: the final model cannot be re-run"
-            else:
-                try:
-                    self._models[run.label] = load_final_model(path)
-                except Exception as exc:  # noqa: BLE001
-                    self._model_notes[run.label] = f"bundle {path.name} could not be read: {str(exc).splitlines()[0]}"
-        return self._models.get(run.label)
+        def load():
+            if run.plugins():
+                raise DataError(f"{run.plugins()[0]}: the final model needs the plug-in, which is never imported from a run folder")
+            bundle = self.final_bundle(run)
+            if bundle is None:
+                raise DataError(self._why[(run.label, "bundle")])
+            return load_final_model(bundle)
+
+        return self._once(run, "model", load)
 
     def _data_for(self, run: Run, model) -> Callable[[str], Any]:
         from relaylearn.report.samples import load_test_split
@@ -226,14 +256,7 @@ class ReportBuilder:
         uri = _guarded(notes, "forgetting chart", lambda: plots.forgetting_bars(self.runs))
         for run in self.runs:
             if not plots.forgetting_values(run):
-                why = (
-                    "pooled training"
-                    if any("+" in t for t in run.trained)
-                    else "fewer than two sites trained"
-                    if len(run.trained) < 2
-                    else "undefined: R holds NaN"
-                )
-                notes.append(f"{run.label}: no forgetting per site ({why})")
+                notes.append(f"{run.label}: no forgetting per site ({_no_forgetting(run)})")
         body = (
             html.figure(
                 uri,
@@ -268,7 +291,7 @@ class ReportBuilder:
         final = per_class.get(run.trained[-1]) if run.trained and isinstance(per_class, dict) else None
         if not isinstance(final, dict) or not final:
             return ""
-        keys = sorted({k for v in final.values() if isinstance(v, dict) for k in v})
+        keys = sorted({k for v in final.values() if isinstance(v, dict) for k in v}, key=_class_order)
         if not keys:
             return ""
         names = _class_names(run)
@@ -276,20 +299,21 @@ class ReportBuilder:
         rows = [[escape(site)] + [_fmt(v.get(k)) for k in keys] for site, v in final.items() if isinstance(v, dict)]
         return html.table(header, rows, numeric=set(range(1, len(header))))
 
-    def _runs_with_model(self, runs, notes: list[str]):
-        """(run, final model) for each run whose final bundle loads; a note for each that does not."""
+    def _runs_with(self, what: str, runs, notes: list[str]):
+        """(run, final bundle or model: ``what``) for each run where it loads; a note for each other."""
+        load = self.final_model if what == "model" else self.final_bundle
         for run in runs:
-            model = self.final_model(run)
-            if model is None:
-                notes.append(f"{run.label}: {self._model_notes.get(run.label)}")
+            value = load(run)
+            if value is None:
+                notes.append(f"{run.label}: {self._why[(run.label, what)]}")
             else:
-                yield run, model
+                yield run, value
 
     def predictions(self) -> str:
         from relaylearn.report.samples import prediction_rows
 
         parts, notes = [], []
-        for run, model in self._runs_with_model(self.runs, notes):
+        for run, model in self._runs_with("model", self.runs, notes):
             run_notes: list[str] = []
             rows = _guarded(
                 run_notes, "predictions", lambda run=run, model=model, run_notes=run_notes: prediction_rows(run, model, self._data_for(run, model), run_notes)
@@ -312,7 +336,7 @@ class ReportBuilder:
         if not relay_runs:
             return None
         parts, notes = [], []
-        for run, model in self._runs_with_model(relay_runs, notes):
+        for run, model in self._runs_with("model", relay_runs, notes):
             run_notes: list[str] = []
             grids = (
                 _guarded(
@@ -399,8 +423,7 @@ class ReportBuilder:
         from relaylearn.report.samples import hop_rows
 
         parts, notes = [], []
-        for run, model in self._runs_with_model(self.runs, notes):
-            b = model.bundle
+        for run, b in self._runs_with("bundle", self.runs, notes):
             rows = [
                 [r["order"], escape(r["site"]), r["started"], r["finished"], r["duration"], _hash(r["signer"], 16), _hash(r["parent"]), _hash(r["bundle"])]
                 for r in hop_rows(b)
@@ -488,13 +511,33 @@ def _colour_legend(run: Run) -> str:
 
     names = _class_names(run)
     swatches = []
-    for k in range(1, min(_dataset(run)[1], 10)):
+    for k in range(1, _dataset(run)[1]):
         r, g, b = class_colour(k)
         label = names.get(f"dice_class_{k}", f"class {k}")
         swatches.append(
             f'<span style="display:inline-block;width:10px;height:10px;background:rgb({r},{g},{b});margin:0 4px 0 10px;border-radius:2px"></span>{escape(label)}'
         )
     return "Colours:" + "".join(swatches)
+
+
+def _no_forgetting(run: Run) -> str:
+    """Why ``run`` has no forgetting per site."""
+    untested = [t for t, cols in zip(run.trained, run.trained_columns()) if not cols]
+    if any("+" in t for t in run.trained):
+        return "pooled training"
+    if len(run.trained) < 2:
+        return "fewer than two sites trained"
+    if not run.sites:
+        return "no test sites"
+    if untested:
+        return f"trained site {untested[0]} is not among the test sites"
+    return "undefined: R holds NaN"
+
+
+def _class_order(key: str) -> tuple[float, str]:
+    """Sort key of a per-class column: ``dice_class_10`` after ``dice_class_9`` (by class number)."""
+    number = key.rsplit("_", 1)[-1]
+    return (int(number) if number.isdigit() else math.inf, key)
 
 
 def _embedded(rows) -> list[tuple[str, list[tuple[str, str]]]]:

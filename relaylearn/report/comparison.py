@@ -12,12 +12,14 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from relaylearn import __version__
 from relaylearn.compare import _fmt as mean_std_text
+from relaylearn.errors import UserError
 from relaylearn.report import html
 from relaylearn.report.html import escape
 
@@ -36,12 +38,23 @@ def is_comparison(folder: Path) -> bool:
     return (folder / "table.csv").is_file() and (folder / "matrices.json").is_file()
 
 
-def _number(text: str | None) -> float | None:
+def _number(text: Any) -> float | None:
+    """``text`` as a number; None where it is missing, NaN or not a number."""
+    if isinstance(text, bool):
+        return None
     try:
-        value = float(text)  # type: ignore[arg-type]
+        value = float(text)
     except (TypeError, ValueError):
         return None
     return None if math.isnan(value) else value
+
+
+def _read(path: Path, parse: Callable[[str], Any]) -> Any:
+    """``parse`` of the text of ``path``; UserError naming the file when it cannot be read."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise UserError(f"cannot read the comparison's {path.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", path) from None
 
 
 def _cell(row: dict[str, str], metric: str, signed: bool = False, digits: int = 3) -> str:
@@ -86,17 +99,17 @@ def _paired(paired: dict[str, Any] | None) -> str:
 
     if not paired:
         return html.note("No paired test: it needs a relay config and another non-pooled strategy.")
-    p = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
+    p = lambda v: "–" if _number(v) is None else f"{_number(v):.3g}"  # noqa: E731
     rows = []
     for metric in ("acc", "forgetting"):
-        t = paired.get(metric) or {}
-        mean, std = t.get("mean_difference"), t.get("std_difference")
-        diff = "–" if mean is None else f"{mean:+.3f}" + ("" if std is None else f" ± {std:.3f}")
-        rows.append([escape(metric), diff, p(t.get("wilcoxon_p")), p(t.get("t_test_p"))])
+        t = paired.get(metric) if isinstance(paired.get(metric), dict) else {}
+        mean, std = _number(t.get("mean_difference")), _number(t.get("std_difference"))
+        rows.append([escape(metric), mean_std_text(mean, std, signed=True) if mean is not None else "–", p(t.get("wilcoxon_p")), p(t.get("t_test_p"))])
+    runs = len(paired["runs"]) if isinstance(paired.get("runs"), list) else 0
     lead = (
         f"{escape(str(paired.get('relay')))} − {escape(str(paired.get('other')))} (the other method with the highest mean ACC; "
-        f"joint excluded), paired by order and seed over {len(paired.get('runs') or [])} run(s); two-sided p-values. "
-        f"{escape(wilcoxon_floor_note(len(paired.get('runs') or [])))}"
+        f"joint excluded), paired by order and seed over {runs} run(s); two-sided p-values. "
+        f"{escape(wilcoxon_floor_note(runs))}"
     )
     return f'<p class="lead">{lead}</p>' + html.table(["metric", "mean difference", "Wilcoxon signed-rank p", "paired t-test p"], rows, numeric={1, 2, 3})
 
@@ -112,9 +125,11 @@ def _tuned_note(folder: Path) -> str:
 
 def build_comparison_page(folder: Path) -> str:
     """The whole page for the comparison in ``folder``."""
-    rows = list(csv.DictReader(io.StringIO((folder / "table.csv").read_text(encoding="utf-8"))))
+    rows = _read(folder / "table.csv", lambda text: list(csv.DictReader(io.StringIO(text), restval="")))
     paired_path = folder / "paired_test.json"
-    paired = json.loads(paired_path.read_text()) if paired_path.is_file() else None
+    paired = _read(paired_path, json.loads) if paired_path.is_file() else None
+    if paired is not None and not isinstance(paired, dict):
+        raise UserError("the comparison's paired_test.json must hold a JSON object or null", paired_path)
     lead = "Marked: the highest ACC and the least forgetting among the methods that do not pool the sites' data."
     sections = [("table", "Table", html.section("table", "Strategies, mean ± std over orders × seeds", _table(rows) + _tuned_note(folder), lead))]
     sections.append(("paired", "Paired test", html.section("paired", "Relay against the best other method", _paired(paired))))

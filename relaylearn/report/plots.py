@@ -80,11 +80,31 @@ def forgetting_values(run: Run) -> dict[str, float]:
     return {site: v for site, v in forgetting_per_site(run.matrix).items() if not math.isnan(v)}
 
 
-def _short(name: str, width: int = 14) -> str:
-    """Tick label: long names shortened; pooled training rows ('A+B+C') as 'pooled (3 sites)'."""
-    if "+" in name and len(name) > width:
-        return f"pooled ({name.count('+') + 1} sites)"
-    return name if len(name) <= width else name[: width - 1] + "…"
+def _text(name: object) -> str:
+    """A name (site, run) as matplotlib text: every ``$`` literal (not mathtext)."""
+    return str(name).replace("$", r"\$")
+
+
+def _short(names: Sequence[str], width: int = 14) -> list[str]:
+    """Tick labels of ``names``: long ones shortened (head…tail), pooled training rows ('A+B+C') as
+    'pooled (3 sites)'; a name whose short form another name shares keeps its full length."""
+
+    def short(name: str) -> str:
+        if len(name) <= width:
+            return name
+        if "+" in name:
+            return f"pooled ({name.count('+') + 1} sites)"
+        return name[: width - 5] + "…" + name[-4:]
+
+    names = [str(n) for n in names]
+    shorts = [short(n) for n in names]
+    return [_text(s if shorts.count(s) == 1 else n) for s, n in zip(shorts, names)]
+
+
+def _legend(ax, handles: list, labels: list[str], **kwargs) -> None:
+    """A legend of exactly ``handles`` and ``labels`` (matplotlib drops labels starting with "_"
+    from the ones it collects itself)."""
+    ax.legend(handles, [_text(label) for label in labels], loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
 
 
 @_with_style
@@ -97,8 +117,8 @@ def matrix_heatmap(run: Run) -> str:
     ax = fig.add_subplot()
     im = ax.imshow(R, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     external = set(run.external_columns())
-    ax.set_xticks(range(cols), [_short(s) + (" *" if j in external else "") for j, s in enumerate(run.sites)], rotation=30, ha="right")
-    ax.set_yticks(range(rows), [f"{i + 1}. {_short(t, 22)}" for i, t in enumerate(run.trained)])
+    ax.set_xticks(range(cols), [s + (" *" if j in external else "") for j, s in enumerate(_short(run.sites))], rotation=30, ha="right")
+    ax.set_yticks(range(rows), [f"{i + 1}. {t}" for i, t in enumerate(_short(run.trained, 22))])
     ax.set_xlabel("test site")
     ax.set_ylabel("after training through")
     for i in range(rows):
@@ -119,11 +139,12 @@ def dice_over_hops(run: Run) -> str:
     ax = fig.add_subplot()
     external = run.external_sites()
     width = 0.35 / max(1, len(series) - 1) if len(series) > 1 else 0.0
+    handles, labels = [], []
     for k, (site, values) in enumerate(series.items()):
         x = np.arange(hops) + (k - (len(series) - 1) / 2) * width
         mean = np.array([v[0] for v in values])
         err = np.array([[m - lo for m, lo, _ in values], [hi - m for m, _, hi in values]]).clip(min=0)
-        ax.errorbar(
+        handle = ax.errorbar(
             x,
             mean,
             yerr=err,
@@ -134,10 +155,11 @@ def dice_over_hops(run: Run) -> str:
             elinewidth=0.9,
             linestyle="--" if site in external else "-",
             color=RUN_COLOURS[k % len(RUN_COLOURS)],
-            label=site + (" (external)" if site in external else ""),
         )
+        handles.append(handle)
+        labels.append(site + (" (external)" if site in external else ""))
     ax.set_xticks(
-        range(hops), [f"{i + 1}. {_short(t)}" for i, t in enumerate(run.trained)], rotation=20 if hops > 3 else 0, ha="right" if hops > 3 else "center"
+        range(hops), [f"{i + 1}. {t}" for i, t in enumerate(_short(run.trained))], rotation=20 if hops > 3 else 0, ha="right" if hops > 3 else "center"
     )
     ax.set_xlim(-0.5, hops - 0.5)
     ax.set_ylim(0.0, 1.02)
@@ -145,7 +167,7 @@ def dice_over_hops(run: Run) -> str:
     ax.set_xlabel("after training through")
     ax.grid(axis="y", alpha=0.3)
     _style(ax)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="test site", title_fontsize=7.5)
+    _legend(ax, handles, labels, title="test site", title_fontsize=7.5)
     return data_uri(fig)
 
 
@@ -168,22 +190,24 @@ def forgetting_bars(runs: Sequence[Run]) -> str | None:
     fig = new_figure(max(3.4, 1.2 + 0.32 * len(sites) * max(2, len(values))), 2.7)
     ax = fig.add_subplot()
     offsets, width = _grouped_positions(len(sites), len(values))
+    handles = []
     for k, (label, per_site) in enumerate(values.items()):
         heights = [per_site.get(s, math.nan) for s in sites]
-        bars = ax.bar(np.arange(len(sites)) + offsets[k], heights, width, label=label, color=colours[label])
+        bars = ax.bar(np.arange(len(sites)) + offsets[k], heights, width, color=colours[label])
+        handles.append(bars)
         if len(values) * len(sites) <= 24:
             ax.bar_label(bars, fmt="%.3f", fontsize=6.5, padding=1.5)
     ax.axhline(0.0, color="#444", linewidth=0.8)
     pad = 0.5 if len(sites) < 3 else 0.0  # keep lone bars from filling the whole chart
     ax.set_xlim(-0.5 - pad, len(sites) - 0.5 + pad)
-    ax.set_xticks(range(len(sites)), [_short(s) for s in sites])
+    ax.set_xticks(range(len(sites)), _short(sites))
     ax.set_ylabel("forgetting (Dice)")
     ax.set_xlabel("trained site")
     ax.margins(y=0.18)
     ax.grid(axis="y", alpha=0.3)
     _style(ax)
     if len(values) > 1:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        _legend(ax, handles, list(values))
     return data_uri(fig)
 
 
@@ -199,31 +223,23 @@ def final_dice_bars(runs: Sequence[Run]) -> str | None:
     fig = new_figure(max(3.8, 1.2 + 0.32 * len(sites) * max(2, len(runs))), 2.9)
     ax = fig.add_subplot()
     offsets, width = _grouped_positions(len(sites), len(runs))
+    handles = []
     for k, run in enumerate(runs):
         finals = {site: values[-1] for site, values in dice_series(run).items() if values}
         mean = np.array([finals.get(s, (math.nan,) * 3)[0] for s in sites])
         low = np.array([finals.get(s, (math.nan,) * 3)[1] for s in sites])
         high = np.array([finals.get(s, (math.nan,) * 3)[2] for s in sites])
         err = np.nan_to_num(np.stack([mean - low, high - mean]).clip(min=0))
-        ax.bar(
-            np.arange(len(sites)) + offsets[k],
-            mean,
-            width,
-            yerr=err,
-            capsize=2,
-            error_kw={"elinewidth": 0.8},
-            label=run.label,
-            color=colours[run.label],
-        )
+        handles.append(ax.bar(np.arange(len(sites)) + offsets[k], mean, width, yerr=err, capsize=2, error_kw={"elinewidth": 0.8}, color=colours[run.label]))
     external = {s for s in sites if all(s in run.external_sites() for run in runs if s in run.sites)}
-    ax.set_xticks(range(len(sites)), [_short(s) + (" *" if s in external else "") for s in sites])
+    ax.set_xticks(range(len(sites)), [short + (" *" if s in external else "") for s, short in zip(sites, _short(sites))])
     ax.set_ylim(0.0, 1.02)
     ax.set_ylabel("final Dice (95 % CI)")
     ax.set_xlabel("test site")
     ax.grid(axis="y", alpha=0.3)
     _style(ax)
     if len(runs) > 1:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        _legend(ax, handles, [run.label for run in runs])
     return data_uri(fig)
 
 
@@ -238,8 +254,8 @@ def fidelity_heatmap(replay: dict) -> str:
     fig = new_figure(1.0 + 0.85 * cols, 0.9 + 0.5 * rows)
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(F), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(cols), [_short(s) for s in sites], rotation=30, ha="right")
-    ax.set_yticks(range(rows), [f"{i + 1}. {_short(t, 22)}" for i, t in enumerate(sites[:rows])])
+    ax.set_xticks(range(cols), _short(sites), rotation=30, ha="right")
+    ax.set_yticks(range(rows), [f"{i + 1}. {t}" for i, t in enumerate(_short(sites[:rows], 22))])
     ax.set_xlabel("replayed site")
     ax.set_ylabel("generators after hop")
     for i in range(rows):

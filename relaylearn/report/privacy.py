@@ -35,15 +35,25 @@ def read_privacy(run: Run) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def _number(value: Any) -> float | None:
+    """A finite or infinite number of privacy.json; None for null, NaN and anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
 def _cell(check: dict[str, Any] | None, figure: str) -> str:
+    """One figure: value, its interval in brackets ("[–]" without one, e.g. ``audit.n_bootstrap: 0``)
+    and ⚑ when the check is flagged; "–" when the figure is undefined."""
     if check is None:
         return "–"
     f = check[figure]
-    if any(not isinstance(f.get(k), (int, float)) or math.isnan(f[k]) for k in ("value", "low", "high")):
-        return "–" if f.get("value") is None else escape(str(f.get("value")))
-    percent = figure == "near_copies"
-    text = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.2f}")
-    body = f"{text(f['value'])} <small>[{text(f['low'])}, {text(f['high'])}]</small>"
+    value, low, high = (_number(f.get(k)) for k in ("value", "low", "high"))
+    if value is None:
+        return "–"
+    text = (lambda v: f"{100 * v:.1f} %") if figure == "near_copies" else (lambda v: f"{v:.2f}")
+    interval = "[–]" if low is None or high is None else f"[{text(low)}, {text(high)}]"
+    body = f"{text(value)} <small>{interval}</small>"
     flagged = check["flagged"] and figure in ("near_copies", "auc")
     return f"<b>{body} ⚑</b>" if flagged else body
 
@@ -101,6 +111,6 @@ def privacy_section(runs: Sequence[Run], multi: bool) -> str | None:
         "on that site's own train and test images. Near copies: generated images closer to a training image than the 5th "
         "percentile of test→train distances (fresh images of the site give about 5 %). Median ratio: median gen→train over "
         "median test→train distance (below 1: generated images hug the training set). AUC: membership inference separating "
-        "training from test images (0.5 = nothing learnt). 95 % bootstrap intervals in brackets; ⚑ = flagged."
+        "training from test images (0.5 = nothing learnt). 95 % bootstrap intervals in brackets ([–]: none, audit.n_bootstrap 0); ⚑ = flagged."
     )
     return html.section("privacy", "Privacy audit of what travels", "".join(parts) + html.notes(notes), lead)

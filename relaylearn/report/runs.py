@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from relaylearn import results
-from relaylearn.errors import UserError
+from relaylearn.errors import DataError, UserError
 
 MATRIX = Path("metrics") / "matrix.json"
 
@@ -26,7 +26,8 @@ class Run:
     path: Path
     matrix: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # run.json
-    config: dict[str, Any] | None = None  # config.yaml (raw)
+    config: dict[str, Any] | None = None  # config.yaml (raw: without --set overrides)
+    resolved: list[dict[str, Any]] | None = None  # resolved_config.yaml: each trained site's config as it ran; None: unreadable
     configured: list[str] | None = None  # the sites the config trains, in order (resolved_config.yaml); None: unknown
     results: list[dict[str, Any]] = field(default_factory=list)  # summary rows of one results CSV
     per_image: list[dict[str, Any]] = field(default_factory=list)
@@ -45,12 +46,32 @@ class Run:
     def R(self) -> list[list[float]]:
         return [[float(v) for v in row] for row in self.matrix.get("R", [])]
 
+    def setting(self, *keys: str) -> Any:
+        """A setting the run trained with: from resolved_config.yaml (``--set`` overrides and an
+        adopted recipe included), else from config.yaml's ``common`` (older run folders); None if unknown."""
+        for tree in ((self.resolved or [None])[0], (self.config or {}).get("common")):
+            value = _get(tree, *keys)
+            if value is not None:
+                return value
+        return None
+
     @property
     def strategy(self) -> str | None:
-        try:
-            return self.config["common"]["strategy"]["name"]
-        except (TypeError, KeyError):
-            return None
+        name = self.setting("strategy", "name")
+        return name if isinstance(name, str) else None
+
+    def plugins(self) -> list[str]:
+        """ "plug-in <what> '<name>'" for each strategy, model or data layout of the run named as a
+        plug-in (``package.module:Name``): code the report never imports from a run folder."""
+        from relaylearn.plugins import is_plugin
+
+        found: dict[str, str] = {}
+        for tree in (*(self.resolved or []), (self.config or {}).get("common")):
+            for block, what in (("strategy", "strategy"), ("model", "model"), ("dataset", "data layout")):
+                name = _get(tree, block, "name")
+                if isinstance(name, str) and is_plugin(name):
+                    found.setdefault(name, what)
+        return [f"plug-in {what} '{name}'" for name, what in found.items()]
 
     def trained_columns(self) -> list[list[int]]:
         """Columns of R belonging to each trained row (several for pooled training 'A+B')."""
@@ -69,22 +90,34 @@ class Run:
         return [site for site in self.configured or [] if site not in done]
 
     def final_task_id(self) -> str | None:
-        """task_id of the last trained row, from the results CSV."""
+        """task_id of the last trained row: from the results CSV, else resolved_config.yaml (a
+        pooled row 'A+B' has the id of its first site)."""
         if not self.trained:
             return None
         for row in self.results:
             if row.get("trained_site") == self.trained[-1]:
                 return str(row.get("task_id"))
-        return None
+        first = self.trained[-1].split("+")[0]
+        ids = [_get(t, "dataset", "kwargs", "task_id") for t, site in zip(self.resolved or [], self.configured or []) if site == first]
+        return str(ids[0]) if ids and ids[0] is not None else None
 
-    def final_bundle(self) -> Path | None:
-        """The bundle written after the last trained site (by task id, else the newest)."""
-        folder = self.path / "bundles"
+    def final_bundle(self) -> Path:
+        """``bundles/task_<id>.relay`` of the last trained row; DataError naming what is missing
+        (never another bundle: its predictions would not be the final model's)."""
         task_id = self.final_task_id()
-        if task_id is not None and (folder / f"task_{task_id}.relay").is_file():
-            return folder / f"task_{task_id}.relay"
-        bundles = sorted(folder.glob("*.relay"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-        return bundles[-1] if bundles else None
+        if task_id is None:
+            raise DataError("no final bundle: the last trained row's task id is unknown (no results CSV, no resolved_config.yaml)")
+        path = self.path / "bundles" / f"task_{task_id}.relay"
+        if not path.is_file():
+            raise DataError(f"no bundles/{path.name} (the bundle of the last trained row, {self.trained[-1]}): the final model cannot be re-run")
+        return path
+
+
+def _get(tree: Any, *keys: str) -> Any:
+    """``tree[k1][k2]...``, None where a level is missing or not a mapping."""
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
 def _number(value: str) -> Any:
@@ -178,7 +211,8 @@ def load_run(path: Path, label: str | None = None) -> Run:
         run.config = config
     else:
         run.notes.append("no readable config.yaml")
-    run.configured = configured_sites(path)
+    run.resolved = read_resolved(path)
+    run.configured = configured_sites(run.resolved)
     missing = run.missing_sites()
     if missing:
         done = len(run.configured) - len(missing)
@@ -189,17 +223,26 @@ def load_run(path: Path, label: str | None = None) -> Run:
     return run
 
 
-def configured_sites(path: Path) -> list[str] | None:
-    """The sites the run's config trains (``current_tasks``, in order) from its
-    ``resolved_config.yaml``; None where it is missing or unreadable."""
+def read_resolved(path: Path) -> list[dict[str, Any]] | None:
+    """The run's ``resolved_config.yaml`` (one mapping per trained site); None where it is
+    missing or not such a list."""
+    try:
+        tasks = yaml.safe_load((path / "resolved_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return tasks if isinstance(tasks, list) and tasks and all(isinstance(t, dict) for t in tasks) else None
+
+
+def configured_sites(resolved: list[dict[str, Any]] | None) -> list[str] | None:
+    """The sites the run's config trains (``current_tasks``, in order) from its resolved config;
+    None where it is unknown."""
     from pydantic import ValidationError
 
     from relaylearn.config import DatasetConfig
 
     try:
-        tasks = yaml.safe_load((path / "resolved_config.yaml").read_text())
-        return [DatasetConfig.model_validate(task["dataset"]).site for task in tasks]
-    except (OSError, yaml.YAMLError, TypeError, KeyError, ValidationError):
+        return [DatasetConfig.model_validate(task["dataset"]).site for task in resolved or []] or None
+    except (KeyError, ValidationError):
         return None
 
 

@@ -4,6 +4,7 @@ the hop chain of the last bundle."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from relaylearn.errors import DataError
 from relaylearn.imaging import colour_mask, overlay, rgb_or_grey, to_uint8
@@ -32,51 +32,74 @@ class FinalModel:
     task: Any  # relaylearn.config.TaskConfig
 
 
-def load_final_model(path: Path) -> FinalModel:
-    from relaylearn.assembly import strategy_from_bundle
+def read_final_bundle(run: Run) -> Any:
+    """The run's final bundle (relaylearn.bundle.Bundle; its signature is not checked); DataError
+    when it is missing, unreadable or has fewer hops than the run trained sites (not the final model)."""
     from relaylearn.bundle import read_bundle
+    from relaylearn.errors import RelayError
 
-    bundle = read_bundle(path, trust=None, allow_unsigned=True)
-    strategy, task = strategy_from_bundle(bundle, _run_plugins(path.parent.parent))
+    path = run.final_bundle()
+    try:
+        bundle = read_bundle(path, trust=None, allow_unsigned=True)
+    except RelayError as exc:
+        raise DataError(f"bundle {path.name} could not be read: {exc.message}") from None
+    if len(bundle.hops) < len(run.trained):
+        raise DataError(f"bundles/{path.name} has {len(bundle.hops)} hop(s) but the run trained {len(run.trained)} site(s): it is not the final model's bundle")
+    return bundle
+
+
+def load_final_model(bundle: Any) -> FinalModel:
+    """The strategy that wrote ``bundle``. Only built-in names resolve: a plug-in named by the
+    bundle or the run folder is never imported (VerificationError)."""
+    from relaylearn.assembly import strategy_from_bundle
+
+    strategy, task = strategy_from_bundle(bundle)
     return FinalModel(bundle, strategy.to("cpu").eval(), task)
 
 
-def _run_plugins(run_dir: Path) -> set[str]:
-    """Plug-in names (``package.module:Name``) the run's own local config used: the only ones its
-    bundles may name (nothing named by a bundle alone is imported)."""
-    try:
-        tasks = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
-        names = {t[block]["name"] for t in tasks for block in ("strategy", "model", "dataset")}
-    except (OSError, yaml.YAMLError, TypeError, KeyError):
-        return set()
-    return {n for n in names if isinstance(n, str) and ":" in n}
+def test_dataset(run: Run, site: str) -> Any:
+    """The DatasetConfig the run tested ``site`` with: its resolved_config.yaml entry for a trained
+    site, else :func:`_test_only_dataset`. DataError/ConfigError where it cannot be told."""
+    from relaylearn.config import DatasetConfig
+    from relaylearn.plugins import is_plugin
+
+    trained = dict(zip(run.configured or [], run.resolved or []))
+    ds = DatasetConfig.model_validate(trained[site]["dataset"]) if site in trained else _test_only_dataset(run, site)
+    if is_plugin(ds.name):
+        raise DataError(f"plug-in data layout '{ds.name}' is never imported from a run folder")
+    return ds
 
 
-def _training_root(run: Run) -> str | None:
-    """The data root the run really trained on (``--data-root`` is not in config.yaml)."""
-    try:
-        tasks = yaml.safe_load((run.path / "resolved_config.yaml").read_text())
-        root = tasks[0]["dataset"]["kwargs"]["root_path"]
-    except (OSError, yaml.YAMLError, TypeError, KeyError, IndexError):
-        return None
-    return root if isinstance(root, str) else None
-
-
-def load_test_split(run: Run, site: str, task: Any, cache: dict) -> Any:
-    """Test split of ``site`` (SiteData) as the run's config locates it, preprocessed as the
-    model expects (its img_size, out_range, channels). Raises DataError/ConfigError if missing."""
-    from relaylearn.assembly import load_split
+def _test_only_dataset(run: Run, site: str) -> Any:
+    """config.yaml's entry for ``site`` with the run's changes to ``dataset`` (``--set``, an adopted
+    recipe: where resolved_config.yaml differs from config.yaml) applied as the run applied them;
+    older run folders without resolved_config.yaml: config.yaml as it is."""
     from relaylearn.config import load_config
+    from relaylearn.recipe import flatten
 
     config_path = run.path / "config.yaml"
     if not config_path.is_file():
         raise DataError("no config.yaml: cannot locate the test data", run.path)
-    cfg = load_config(str(config_path), data_root=_training_root(run))
+    root = run.setting("dataset", "kwargs", "root_path")  # where the run read its data (--data-root is not in config.yaml)
+    root = root if isinstance(root, str) else None
+    cfg = load_config(str(config_path), data_root=root)
+    if run.resolved:
+        ran, given = flatten(run.resolved[0].get("dataset") or {}), flatten(cfg.tasks[0].dataset.model_dump(mode="json"))
+        changes = [f"dataset.{k}={json.dumps(v)}" for k, v in ran.items() if k in given and given[k] != v]
+        cfg = load_config(str(config_path), changes, data_root=root) if changes else cfg
     matches = [d for d in cfg.test_datasets if d.site == site]
     if not matches:
         raise DataError(f"site {site} is not in the run's config", config_path)
+    return matches[0]
+
+
+def load_test_split(run: Run, site: str, task: Any, cache: dict) -> Any:
+    """Test split of ``site`` (SiteData) as the run located it (:func:`test_dataset`), preprocessed
+    as the model expects (its img_size, out_range, channels). Raises DataError/ConfigError if missing."""
+    from relaylearn.assembly import load_split
+
     k = task.dataset.kwargs
-    ds = matches[0]
+    ds = test_dataset(run, site)
     ds = ds.model_copy(update={"kwargs": ds.kwargs.model_copy(update={"img_size": tuple(k.img_size), "out_range": tuple(k.out_range), "channels": k.channels})})
     key = ds.model_dump_json() + ds.root
     if key not in cache:

@@ -44,3 +44,27 @@ def test_names_from_the_files_are_escaped(tmp_path):
     _write_comparison(tmp_path / "cmp", strategy="<script>alert(1)</script>")
     page = build_report(tmp_path / "cmp")
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page and "No paired test" in page
+
+
+def test_a_broken_comparison_file_is_one_line_naming_it_and_exit_2(tmp_path, capsys):
+    from relaylearn.cli import main
+
+    folder = tmp_path / "cmp"
+    _write_comparison(folder, paired={"relay": "relay", "runs": ["a"]})
+    for name, content in (("paired_test.json", b'{"relay": "rel'), ("paired_test.json", b"[1, 2]"), ("table.csv", b"strategy,config\n\xff\xfe,x\n")):
+        good = (folder / name).read_bytes()
+        (folder / name).write_bytes(content)
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder / name}: " in err and "internal error" not in err and len(err.strip().splitlines()) == 1, err
+        (folder / name).write_bytes(good)
+    assert not (folder / "report.html").exists(), "nothing half-written"
+
+
+def test_values_that_are_not_numbers_are_a_dash(tmp_path):
+    not_numbers = {"mean_difference": "big", "std_difference": [1], "wilcoxon_p": "0.5x", "t_test_p": True}
+    _write_comparison(tmp_path / "cmp", paired={"relay": "relay", "other": "sequential", "runs": 3, "acc": not_numbers, "forgetting": "x"})
+    table = tmp_path / "cmp" / "table.csv"
+    table.write_text(table.read_text().replace("0.75,0.02", "high,0.02") + "short,row\n")
+    paired = build_report(tmp_path / "cmp").split('<section id="paired">')[1]
+    assert paired.count('<td class="num">–</td>') == 6 and "over 0 run(s)" in paired

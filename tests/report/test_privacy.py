@@ -24,3 +24,11 @@ def test_every_check_of_the_audit_has_a_column_so_a_flag_on_label_map_memorisati
     site = {"n_generated": 10, "checks": memorisation + membership, "flagged": ["memorisation (label maps)"]}
     table = hop_table({"hops": [{"hop": 2, "trained": "Domain2", "sites": {"Domain1": site}}]})
     assert "<th>near copies, labels</th>" in table and table.count("⚑") == 1
+
+
+def test_a_figure_without_interval_keeps_its_format_and_flag():
+    """audit.n_bootstrap: 0 writes null bounds: the value is formatted as usual, the interval a dash."""
+    copies = {"flagged": True, "near_copies": {"value": 0.123456, "low": None, "high": None}}
+    assert _cell(copies, "near_copies") == "<b>12.3 % <small>[–]</small> ⚑</b>"
+    auc = {"flagged": False, "auc": {"value": 0.5123, "low": None, "high": None}}
+    assert _cell(auc, "auc") == "0.51 <small>[–]</small>"

@@ -20,8 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
+from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.metrics import continual_metrics
+from relaylearn.runner import resolved_config
 from tests.test_export import make_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,8 +142,7 @@ def write_run(
         "current_tasks": {"task_ids": [SITES.index(s) + 1 for s in configured]},
     }  # fmt: skip
     (path / "config.yaml").write_text(yaml.safe_dump(config))
-    resolved = [{"dataset": {"name": "fundus", "kwargs": {"task_id": SITES.index(s) + 1, "task_name": s, "img_folder": s}}} for s in configured]
-    (path / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
+    (path / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config(load_config(str(path / "config.yaml")))))
     (path / "run.json").write_text(
         json.dumps(
             {
@@ -209,9 +210,24 @@ def assert_self_contained(page: str) -> int:
     return len(sources)
 
 
+def relayed(first: Path, hops: int) -> Path:
+    """The bundle ``first`` passed on (same weights) until it has ``hops`` hops: what a run training
+    ``hops`` sites writes last."""
+    from relaylearn.bundle import read_bundle, write_bundle
+    from relaylearn.files import utc_now
+
+    path = first
+    for k in range(2, hops + 1):
+        parent = read_bundle(path, trust=None, allow_unsigned=True)
+        path = write_bundle(first.with_name(f"hop{k}_{first.name}"), parent.tensors, strategy=parent.strategy, config=parent.config,
+                            registry=parent.registry, site=f"Site{k}", hop_started_utc=utc_now(), parent=parent, signing_key=None)  # fmt: skip
+    return path
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "task.relay", img=IMG, seed=2)
+    """The last bundle of a run training four sites."""
+    return relayed(make_bundle(tmp_path_factory.mktemp("bundle") / "task.relay", img=IMG, seed=2), 4)
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +243,9 @@ def demo_report(tmp_path_factory, bundle) -> Path:
     write_run(demo / "sequential" / "other", "sequential", SITES[:2], seed=4)
     real_loader = samples.load_final_model
 
-    def final_model(path):
-        model = real_loader(path)
-        if "relay" in str(path):
+    def final_model(bundle):
+        model = real_loader(bundle)
+        if "relay" in str(bundle.path.parent.parent):
             model.strategy = ReplayStub(model.strategy.solver).eval()
         return model
 
@@ -264,7 +280,7 @@ def test_demo_report_shows_every_strategy_side_by_side(demo_report):
     assert images_in(page, "predictions") == 2 * 5 * 9, "relay + sequential: 5 sites x (worst, median, best) x (image, truth, prediction)"
     assert images_in(page, "replay") == 3 * (6 + 6 + 5 + 5), "3 sites: 6 replayed pairs, 5 real pairs"
     assert n_images == 8 + 90 + 66
-    assert "joint: no bundle in bundles/" in page
+    assert "joint: no bundles/task_1.relay (the bundle of the last trained row, Domain1+Domain2+Domain3+Domain4)" in page
     assert "joint: no forgetting per site (pooled training)" in page
     assert "Domain1 → Domain2 → Domain3 → Domain4" in page
     assert page.count("signer key") == 2 and "unsigned (single-machine simulation)" in page
@@ -297,7 +313,7 @@ def test_single_run_with_real_test_data_and_missing_pieces(tmp_path, bundle):
     assert "Domain1: no per-image scores of the final model" in page
     shutil.rmtree(run / "bundles")
     page = write_report(run).read_text()
-    assert "no bundle in bundles/" in page and assert_self_contained(page) == 4
+    assert "no bundles/task_4.relay" in page and assert_self_contained(page) == 4
     assert "Replayed" not in page, "not a relay run"
 
 
@@ -400,8 +416,8 @@ def test_an_unfinished_run_says_so_is_never_best_and_counts_only_test_only_sites
 
 def _legend_colours(uri) -> dict[str, tuple]:
     """Legend label → bar colour of a chart (``uri``: the figure itself, see the test below)."""
-    handles, labels = uri.axes[0].get_legend_handles_labels()
-    return {label: tuple(handle.patches[0].get_facecolor()) for handle, label in zip(handles, labels)}
+    legend = uri.axes[0].get_legend()
+    return {text.get_text(): tuple(handle.get_facecolor()) for handle, text in zip(legend.legend_handles, legend.get_texts())}
 
 
 def test_a_run_has_the_same_colour_in_every_chart(tmp_path, monkeypatch):
@@ -434,3 +450,42 @@ def test_an_empty_matrix_or_an_undefined_forgetting_is_a_note_not_a_broken_chart
     assert images_in(page, "matrix") == images_in(page, "dice") == images_in(page, "final") == 0
     page = build_report(_run_with_matrix(tmp_path / "nan", SITES[:2], [[0.8, float("nan"), 0.2], [float("nan"), 0.7, 0.1]]))
     assert images_in(page, "forgetting") == 0 and "no forgetting per site (undefined: R holds NaN)" in section_of(page, "forgetting")
+
+
+def test_a_failure_note_says_what_failed_even_when_the_message_starts_with_a_blank_line():
+    from relaylearn.report import _guarded
+
+    def fail(message: str):
+        raise ValueError(message)
+
+    notes: list[str] = []
+    for message in ("\nWard_$\\1$\n     ^", ""):  # matplotlib's mathtext error starts with a line break
+        _guarded(notes, "heat-map", lambda message=message: fail(message))
+    assert notes == ["heat-map: ValueError: Ward_$\\1$", "heat-map: ValueError"]
+
+
+def test_classes_are_in_numeric_order_and_every_class_has_a_colour(tmp_path):
+    from relaylearn.report import _colour_legend, build_report
+    from relaylearn.report.runs import load_run
+
+    run = write_run(tmp_path / "seq" / "r", "sequential", SITES[:2])
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config(load_config(str(run / "config.yaml"), ["dataset.kwargs.num_classes=12"]))))
+    matrix = json.loads((run / "metrics" / "matrix.json").read_text())
+    matrix["per_class"] = {SITES[1]: {s: {f"dice_class_{k}": 0.5 for k in range(1, 12)} for s in SITES}}
+    (run / "metrics" / "matrix.json").write_text(json.dumps(matrix))
+    header = section_of(build_report(run), "final").split("<thead>")[1].split("</thead>")[0]
+    assert re.findall(r"<th>class (\d+)</th>", header) == [str(k) for k in range(1, 12)]
+    assert [f"class {k}" in _colour_legend(load_run(run)) for k in (1, 9, 10, 11)] == [True] * 4
+
+
+def test_no_forgetting_says_why(tmp_path):
+    from relaylearn.report import build_report
+
+    def why(name: str, sites: list[str], trained: list[str]) -> str:
+        (tmp_path / name / "metrics").mkdir(parents=True)
+        R = [[0.5] * len(sites) for _ in trained]
+        (tmp_path / name / "metrics" / "matrix.json").write_text(json.dumps({"sites": sites, "trained": trained, "R": R}))
+        return section_of(build_report(tmp_path / name), "forgetting")
+
+    assert "no forgetting per site (no test sites)" in why("none", [], SITES[:2])
+    assert "no forgetting per site (trained site Domain2 is not among the test sites)" in why("other", ["Domain1", "Domain3"], SITES[:2])
