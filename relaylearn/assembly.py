@@ -96,11 +96,14 @@ def check_task_builds(task: TaskConfig, load_pretrained: bool) -> Strategy:
     builds (with ``load_pretrained``, a configured ``pretrained_path`` is read into it), takes a
     training batch of ``train.batch_size`` at ``dataset.kwargs.img_size`` (a solver may say what
     it needs with ``check_training_input(batch_size, height, width)``), maps a batch of 2 zero
-    images to logits of the configured classes, the strategy builds on it, and its loss (a
-    ``criterion``, where it has one) takes those logits. Returns the strategy; a ConfigError
-    naming the key (not the file) otherwise."""
+    images to logits of the configured classes (refused first where that would not fit in this
+    machine's memory), the strategy builds on it, and its loss (a ``criterion``, where it has one)
+    takes those logits. Returns the strategy; a ConfigError naming the key (not the file) otherwise."""
+    from relaylearn.memory import require_memory
+
     k = task.dataset.kwargs
     height, width = k.img_size
+    require_memory(k.img_size, 2, "cpu")
     model = f"model '{task.model.name}'"
     solver = _built(lambda: build_task_solver(task, load_pretrained), f"common.model: {model} does not build")
     check_input = getattr(solver, "check_training_input", None)

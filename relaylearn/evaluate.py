@@ -1,4 +1,10 @@
-"""``relaylearn test``: evaluate the solver of a saved bundle on the configured test sites."""
+"""``relaylearn test``: evaluate the solver of a saved bundle on the configured test sites.
+
+The test sites are prepared as the bundle's model was trained (:func:`relaylearn.recipe.test_sites_for`):
+preprocessing keys the local config leaves unset take the bundle's values (a note says which), one
+it sets to another value stops the run (exit code 2) naming the key and both values. A model that
+would not fit in memory at the bundle's ``img_size`` is refused before any pass (exit code 3, or 2
+when the local config sets that size); test batches shrink to what fits."""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ from pathlib import Path
 from relaylearn.assembly import load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
 from relaylearn.config import RunConfig
 from relaylearn.devices import inference_device
-from relaylearn.errors import UserError
 from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, local_stamp, software_versions, utc_now
+from relaylearn.memory import fitting_batch, out_of_memory_as_error
 from relaylearn.results import per_image_rows, summary_row, write_results_csv
 
 
@@ -29,6 +35,7 @@ def run_test(
     unverified when no ``trust`` is given. ``results_<stamp>.json`` records which were verified,
     the config, test sites, bootstrap size, command and software versions."""
     from relaylearn.engine import evaluate_site
+    from relaylearn.recipe import test_sites_for
     from relaylearn.strategies import get_strategy_class
 
     name = name.lstrip("=")
@@ -40,7 +47,7 @@ def run_test(
     paths = [Path(bundle)] if bundle else [run_dir / "bundles" / f"task_{tid}.relay" for tid in task_ids]
     device = inference_device(devices, cfg.tasks[0].train.lightning)
     summary, per_image = [], []
-    test_data = {ds.site: load_split(ds, "test") for ds in cfg.test_datasets}
+    test_data: dict[str, tuple] = {}  # site → (its config, its decoded test split)
     sources = []
     for task_id, path in zip(task_ids, paths):
         b = read_any_bundle(path, trust, no_verify=no_verify or bundle is None)
@@ -48,12 +55,19 @@ def run_test(
         if bundle:  # a given bundle: its rows are numbered by the hops it has been through
             task_id = len(b.manifest.get("hops", [])) or task_id
         strategy, task = strategy_from_bundle(b, local_plugins(cfg))
+        test_sites, adopted = test_sites_for(cfg, task)
+        if adopted:
+            print(f"note: testing with the bundle's {', '.join(f'{k} {v}' for k, v in adopted.items())} (the local config leaves them unset)")
+        img_size = task.dataset.kwargs.img_size
+        size_from = {"bundle": b.path} if "dataset.kwargs.img_size" in adopted else {"path": cfg.path}
+        batch = fitting_batch(img_size, cfg.tasks[0].test.batch_size, device, **size_from)
         solver = strategy.solver.to(device)
         trained = "+".join(h["site"] for h in b.manifest.get("hops", [])[-1:]) or f"task_{task_id}"
-        for ds in cfg.test_datasets:
-            if ds.kwargs.num_classes != task.dataset.kwargs.num_classes:
-                raise UserError(f"test site {ds.site} has {ds.kwargs.num_classes} classes but the model predicts {task.dataset.kwargs.num_classes}", cfg.path)
-            res = evaluate_site(solver, test_data[ds.site], ds.kwargs.num_classes, cfg.tasks[0].test.batch_size, device, cfg.tasks[0].test.bootstrap)
+        for ds in test_sites:
+            if test_data.get(ds.site, (None,))[0] != ds:
+                test_data[ds.site] = (ds, load_split(ds, "test"))
+            with out_of_memory_as_error("testing the model", img_size, batch):
+                res = evaluate_site(solver, test_data[ds.site][1], ds.kwargs.num_classes, batch, device, cfg.tasks[0].test.bootstrap)
             summary.append(summary_row(task_id, trained, ds.site, res))
             per_image.extend(per_image_rows(task_id, trained, ds.site, res))
             d = res["summary"]["dice_sample"]

@@ -9,7 +9,9 @@ SHA-256 of the bundle it came from — is stored inside the file (ONNX ``metadat
 ``relaylearn``; TorchScript extra file ``relaylearn.json``) and in a sidecar ``<out>.json``.
 
 ONNX uses the TorchScript-based exporter (``dynamo=False``): the torch.export-based one needs
-``onnxscript``, which relaylearn does not depend on. Files appear atomically.
+``onnxscript``, which relaylearn does not depend on. Files appear atomically. A bundle whose
+``img_size`` would not fit in this machine's memory for tracing is refused first (exit code 3,
+:mod:`relaylearn.memory`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from relaylearn import __version__
 from relaylearn.assembly import LoadedModel, load_model
 from relaylearn.errors import UserError
 from relaylearn.files import atomic_write
+from relaylearn.memory import out_of_memory_as_error, require_memory
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
 METADATA_KEY = "relaylearn"
 TORCHSCRIPT_EXTRA_FILE = "relaylearn.json"
+EXAMPLE_BATCH = 2  # images in the example input the solver is traced with (on the CPU)
 
 
 def preprocessing(model: LoadedModel) -> str:
@@ -70,7 +74,7 @@ def export_metadata(model: LoadedModel, fmt: str) -> dict:
     }  # fmt: skip
 
 
-def _example_input(model: LoadedModel, batch: int = 2) -> torch.Tensor:
+def _example_input(model: LoadedModel, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
     low, high = model.out_range
     g = torch.Generator().manual_seed(0)
     return torch.rand(batch, model.channels, *model.img_size, generator=g) * (high - low) + low
@@ -130,7 +134,8 @@ def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise UserError("--out must be a file path, but a folder is there", out)
-    data = onnx_bytes(model) if fmt == "onnx" else torchscript_bytes(model)
+    with out_of_memory_as_error("tracing the model for export", model.img_size, EXAMPLE_BATCH):
+        data = onnx_bytes(model) if fmt == "onnx" else torchscript_bytes(model)
     sidecar = out.with_name(out.name + ".json")
     atomic_write(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
     atomic_write(out, data)
@@ -146,4 +151,6 @@ def run_export(
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if Path(out).resolve() == Path(bundle).resolve():
         raise UserError("--out is the bundle itself; export to a new file name", out)
-    return export_model(load_model(bundle, trust, no_verify=no_verify, plugins=plugins), fmt, out)
+    model = load_model(bundle, trust, no_verify=no_verify, plugins=plugins)
+    require_memory(model.img_size, EXAMPLE_BATCH, "cpu", bundle=bundle)  # the bundle's size: exit 3 before tracing
+    return export_model(model, fmt, out)

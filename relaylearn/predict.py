@@ -29,6 +29,11 @@ All outputs are written into a hidden staging folder first and renamed into plac
 every input succeeded, so an unreadable image (DataError naming it, exit code 2) leaves nothing
 half-written under a final name. An ``--out`` folder that already holds predictions is refused
 unless ``overwrite`` is set, which replaces its ``masks/`` and ``overlays/`` as a whole.
+
+Images go through the model ``BATCH_SIZE`` at a time, fewer where that many would not fit in
+memory; a model whose ``img_size`` needs more memory than this machine has for one image is
+refused before any pass (exit code 3, :mod:`relaylearn.memory`), and an allocation that fails
+anyway is one line (exit code 2), the staging folder removed.
 """
 
 from __future__ import annotations
@@ -52,10 +57,11 @@ from relaylearn.devices import inference_device
 from relaylearn.errors import DataError, UserError
 from relaylearn.files import atomic_write, csv_text
 from relaylearn.imaging import overlay, png_bytes
+from relaylearn.memory import fitting_batch, out_of_memory_as_error
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 VOLUME_LAYOUTS = ("nifti", "ct_nifti", "ct_slices")  # layouts whose models read NIfTI volumes
-BATCH_SIZE = 8
+BATCH_SIZE = 8  # images per forward pass at most; fewer where they would not fit in memory
 EXIF_ORIENTATION = 0x0112
 OUTPUT_NAMES = ("masks", "overlays", "predictions.csv", "predictions.json")
 
@@ -198,14 +204,16 @@ def to_model_input(image: np.ndarray, img_size: Sequence[int], out_range: Sequen
 def predict_class_maps(
     solver: nn.Module, images: Sequence[np.ndarray], img_size: Sequence[int], out_range: Sequence[float], device: torch.device | str = "cpu"
 ) -> list[np.ndarray]:
-    """Class maps (int64 [H, W] at each image's own size) for images float [H, W, C] in 0..1."""
-    batch = torch.stack([to_model_input(im, img_size, out_range) for im in images]).to(device)
-    logits = solver(batch).float()
-    maps = []
-    for im, lg in zip(images, logits):
-        if tuple(lg.shape[1:]) != im.shape[:2]:
-            lg = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
-        maps.append(lg.argmax(0).cpu().numpy())
+    """Class maps (int64 [H, W] at each image's own size) for images float [H, W, C] in 0..1; a
+    failed allocation is a UserError (exit 2)."""
+    with out_of_memory_as_error("segmenting images", img_size, len(images)):
+        batch = torch.stack([to_model_input(im, img_size, out_range) for im in images]).to(device)
+        logits = solver(batch).float()
+        maps = []
+        for im, lg in zip(images, logits):
+            if tuple(lg.shape[1:]) != im.shape[:2]:
+                lg = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
+            maps.append(lg.argmax(0).cpu().numpy())
     return maps
 
 
@@ -236,15 +244,15 @@ def volume_rows(model: LoadedModel, path: Path, class_map: np.ndarray, image) ->
     return row
 
 
-def segment_volume(model: LoadedModel, path: Path, staging: Path, device: torch.device | str) -> dict:
-    """Segment one NIfTI volume slice by slice; write ``masks/<stem>.nii.gz`` (uint8 class ids on the
-    input's grid) under ``staging``; return its CSV row."""
+def segment_volume(model: LoadedModel, path: Path, staging: Path, device: torch.device | str, batch_size: int = BATCH_SIZE) -> dict:
+    """Segment one NIfTI volume slice by slice, ``batch_size`` slices at a time; write
+    ``masks/<stem>.nii.gz`` (uint8 class ids on the input's grid) under ``staging``; return its CSV row."""
     import nibabel as nib
 
     slices, image = read_volume(path, model)
     maps = []
-    for start in range(0, len(slices), BATCH_SIZE):
-        maps.extend(predict_class_maps(model.solver, list(slices[start : start + BATCH_SIZE]), model.img_size, model.out_range, device))
+    for start in range(0, len(slices), batch_size):
+        maps.extend(predict_class_maps(model.solver, list(slices[start : start + batch_size]), model.img_size, model.out_range, device))
     class_map = np.stack(maps, axis=2).astype(np.uint8)  # [X, Y, Z], as the input
     mask = nib.Nifti1Image(class_map, image.affine)
     mask.set_qform(image.affine, code=int(image.header["qform_code"]) or 1)
@@ -269,9 +277,11 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out already holds predictions ({', '.join(earlier)}); choose a new folder, or pass --overwrite to replace them", out)
 
 
-def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu", overwrite: bool = False) -> Path:
-    """Segment ``files`` (images and NIfTI volumes) with ``model``; write masks/, overlays/ and
-    predictions.csv under ``out``.
+def predict_images(
+    model: LoadedModel, files: Sequence[Path], out: Path, device: torch.device | str = "cpu", overwrite: bool = False, batch_size: int | None = None
+) -> Path:
+    """Segment ``files`` (images and NIfTI volumes) with ``model``, ``batch_size`` (default
+    ``BATCH_SIZE``) at a time; write masks/, overlays/ and predictions.csv under ``out``.
 
     Returns the CSV path. Nothing appears under a final name unless every input succeeded; with
     ``overwrite`` the earlier masks/ and overlays/ are replaced as a whole."""
@@ -283,14 +293,15 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
     except OSError as exc:
         raise UserError(f"cannot write: {exc.strerror or exc}", out) from None
     subfolders = ("masks", "overlays")
+    batch_size = batch_size or BATCH_SIZE
     rows = []
     done = False
     try:
         for sub in subfolders:
             (staging / sub).mkdir()
         images_2d = [f for f in files if not is_volume(f)]
-        for start in range(0, len(images_2d), BATCH_SIZE):
-            chunk = images_2d[start : start + BATCH_SIZE]
+        for start in range(0, len(images_2d), batch_size):
+            chunk = images_2d[start : start + batch_size]
             images = [read_image(f, model.channels, model.hu) for f in chunk]
             maps = predict_class_maps(model.solver, images, model.img_size, model.out_range, device)
             for f, image, class_map in zip(chunk, images, maps):
@@ -301,7 +312,7 @@ def predict_images(model: LoadedModel, files: Sequence[Path], out: Path, device:
                 row.update({f"area_px_{name}": a for name, a in zip(model.class_names, class_areas(class_map, model.num_classes))})
                 row.update(model.layout.measures(class_map, model.num_classes))
                 rows.append(row)
-        rows.extend(segment_volume(model, f, staging, device) for f in files if is_volume(f))
+        rows.extend(segment_volume(model, f, staging, device, batch_size) for f in files if is_volume(f))
         order = {str(f): i for i, f in enumerate(files)}
         rows.sort(key=lambda row: order[row["image"]])
         for sub in subfolders:  # every input succeeded: move the files to their final names
@@ -343,7 +354,8 @@ def run_predict(
     model = load_model(bundle, trust, device, no_verify=no_verify, plugins=plugins)
     if hu_min is not None and model.hu is not None:
         model = replace(model, hu=(float(hu_min), *model.hu[1:]))
-    csv_path = predict_images(model, found.files, Path(out), device, overwrite=overwrite)
+    batch_size = fitting_batch(model.img_size, BATCH_SIZE, device, bundle=bundle)  # the bundle's size: refused (exit 3) before any pass
+    csv_path = predict_images(model, found.files, Path(out), device, overwrite=overwrite, batch_size=batch_size)
     rotated = [f for f in found.files if not is_volume(f) and exif_rotated(f)]
     if rotated:
         print(

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from relaylearn.config import IGNORED_KEYS, PARTIAL, UNSUPPORTED_KEYS, RunConfig, TaskConfig
+from relaylearn.config import IGNORED_KEYS, PARTIAL, UNSUPPORTED_KEYS, DatasetConfig, RunConfig, TaskConfig
 from relaylearn.errors import ConfigError, UserError, VerificationError
 
 #: dotted keys of a site's resolved config (``TaskConfig``) that make the recipe; a key belongs to
@@ -82,6 +82,14 @@ SITE_KEYS: tuple[str, ...] = (
     "bundle",
     "audit",
     "checkpoint",
+)
+
+#: recipe keys that decide how a test site's images and labels are prepared for the model (the
+#: dataset's recipe keys but those that shape training only)
+TEST_KEYS: tuple[str, ...] = tuple(
+    key
+    for key in RECIPE_KEYS
+    if key.startswith("dataset.") and key not in ("dataset.kwargs.num_replica", "dataset.kwargs.augment", "dataset.kwargs.neg_pos_ratio")
 )
 
 RecipeSource = Literal["bundle", "local"]
@@ -283,6 +291,34 @@ def reconcile(cfg: RunConfig, bundle, source: RecipeSource = "bundle", plugins: 
     )
     record["adopted"] = {k: _show(v) for k, v in adopted.items()}
     return cfg.model_copy(update={"tasks": tasks, "test_datasets": tests}), record
+
+
+def test_sites_for(cfg: RunConfig, bundle_task: TaskConfig) -> tuple[list[DatasetConfig], dict[str, Any]]:
+    """``cfg``'s test sites prepared as the model of ``bundle_task`` (a bundle's config) was trained
+    (:data:`TEST_KEYS`), as :func:`reconcile` does for ``train --in``: keys a test site leaves unset
+    take the bundle's values (returned {key: value} for a note); a key it sets to another value is a
+    ConfigError (exit 2) naming every such key with both values."""
+
+    def values(ds: DatasetConfig) -> dict[str, Any]:
+        flat = flatten({"dataset": ds.model_dump(mode="json")})
+        return {key: flat[key] for key in TEST_KEYS if key in flat}
+
+    theirs = values(bundle_task.dataset)
+    sites, adopted, differences = [], {}, []
+    for i, ds in enumerate(cfg.test_datasets):
+        given = _set_keys(ds, "dataset.")
+        changed = {key: there for key, there in theirs.items() if values(ds).get(key) != there}
+        differences += [f"test site {ds.site}: {k}: {_show(values(ds).get(k))} here, {_show(v)} in the bundle" for k, v in changed.items() if k in given]
+        adopt = {k.removeprefix("dataset."): v for k, v in changed.items() if k not in given}
+        sites.append(_adopt(ds, adopt, cfg.path, f"all_tasks_datasets[{i}]") if adopt else ds)
+        adopted.update({k: v for k, v in changed.items() if k not in given})
+    if differences:
+        raise ConfigError(
+            f"the test sites would prepare images differently from how the bundle's model was trained, in {len(differences)} key(s): "
+            f"{'; '.join(differences)} (remove them from the local config to test with the bundle's values)",
+            cfg.path,
+        )
+    return sites, adopted
 
 
 def _tree_with(tree: dict, values: dict[str, Any]) -> dict:

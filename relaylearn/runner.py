@@ -20,6 +20,7 @@ from relaylearn.devices import inference_device, parse_devices, resolve_precisio
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
 from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
 from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, check_output_name, local_stamp, software_versions, utc_now
+from relaylearn.memory import out_of_memory_as_error
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
 from relaylearn.strategies.base import Strategy, parse_options
@@ -130,6 +131,8 @@ class RelayRun:
 
             self.cfg, self.recipe_record = reconcile(self.cfg, self.incoming, self.opts.recipe, local_plugins(self.cfg))
             strategy = check_bundle_fits(self.incoming, self.cfg.tasks[0])
+            adopted = self.recipe_record["adopted"]
+            self._check_memory(self.cfg.tasks[0], self.incoming.path if {"dataset.kwargs.img_size", "train.batch_size"} & set(adopted) else None)
             try:  # the local recipe passed above: what fails now came with the bundle
                 self._check_augmentation(self.cfg.tasks[0])
             except UserError as exc:
@@ -232,12 +235,21 @@ class RelayRun:
             key = json.dumps([recipe, reads_weights], sort_keys=True, default=str)
             if key not in checked:
                 checked.add(key)
+                self._check_memory(task)
                 with self._naming_the_config():
                     built = check_task_builds(task, load_pretrained=reads_weights)
                 if strategy is None:
                     strategy = built
         self._log(f"networks: {len(checked)} site config(s) built and checked ({time.time() - started:.1f} s)")
         return strategy
+
+    def _check_memory(self, task: TaskConfig, bundle: Path | None = None) -> None:
+        """Refuse before training when ``task``'s batches at its ``img_size`` would not fit on its
+        device: exit 3 naming ``bundle`` when that size (or batch size) came from it, else exit 2."""
+        from relaylearn.memory import require_memory
+
+        device = inference_device(self.opts.devices, task.train.lightning)  # training's first device
+        require_memory(task.dataset.kwargs.img_size, task.train.batch_size, device, training=True, bundle=bundle, path=self.cfg.path)
 
     @contextlib.contextmanager
     def _naming_the_config(self):
@@ -554,22 +566,24 @@ class RelayRun:
         if is_main_process():
             self._check_same_data(task, site_name, images, labels)
         strategy = restore_strategy(task, parent)
-        fit = fit_site(
-            strategy,
-            images,
-            labels,
-            task,
-            site_name=site_name,
-            seed=seed,
-            run_dir=self.run_dir,
-            checkpoint_dir=self._checkpoint_dir(task),
-            devices=self.opts.devices,
-            resume=self.opts.resume,
-            log=self._log,
-            progress=None if self.opts.quiet else f"site {position + 1}/{len(self.cfg.tasks)} {site_name}",
-        )
+        with out_of_memory_as_error("training", task.dataset.kwargs.img_size, task.train.batch_size):
+            fit = fit_site(
+                strategy,
+                images,
+                labels,
+                task,
+                site_name=site_name,
+                seed=seed,
+                run_dir=self.run_dir,
+                checkpoint_dir=self._checkpoint_dir(task),
+                devices=self.opts.devices,
+                resume=self.opts.resume,
+                log=self._log,
+                progress=None if self.opts.quiet else f"site {position + 1}/{len(self.cfg.tasks)} {site_name}",
+            )
         self._barrier = fit.barrier
-        row, results, validation = self._evaluate(strategy.solver, task, fit.device, site_name)
+        with out_of_memory_as_error("testing the model", task.dataset.kwargs.img_size, task.test.batch_size):
+            row, results, validation = self._evaluate(strategy.solver, task, fit.device, site_name)
         tb = fit.tensorboard
         if tb is not None:
             for s, v in zip(results, row):

@@ -12,16 +12,18 @@ import torch
 from relaylearn.errors import UserError
 
 
-def make_bundle(path: Path, *, channels: int = 3, num_classes: int = 3, img: int = 32, dataset: str = "fundus", seed: int = 0) -> Path:
+def make_bundle(
+    path: Path, *, channels: int = 3, num_classes: int = 3, img: int = 32, dataset: str = "fundus", seed: int = 0, train: dict | None = None
+) -> Path:
     """An unsigned one-hop 'sequential' bundle with a freshly initialised U-Net (shared by the
-    predict and report tests)."""
+    predict and report tests); ``train``: its recipe's train block (default: one step)."""
     from relaylearn.assembly import build_strategy, shipped_config
     from relaylearn.bundle import write_bundle
     from relaylearn.config import TaskConfig
     from relaylearn.files import utc_now
 
     task = TaskConfig.model_validate({
-        "train": {"num_steps": 1},
+        "train": train or {"num_steps": 1},
         "strategy": {"name": "sequential"},
         "dataset": {"name": dataset, "kwargs": {"img_size": [img, img], "num_classes": num_classes, "channels": channels, "task_id": 1, "task_name": "Site1"}},
     })  # fmt: skip

@@ -161,3 +161,39 @@ def test_cli_recipe_local_trains_and_records_it_in_run_json(tmp_path, tiny_fundu
     assert info["recipe"]["differs"]["train.optimizer.lr"] == {"local": "0.01", "bundle": "0.001"}
     resolved = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
     assert resolved[0]["train"]["optimizer"]["lr"] == 0.01
+
+
+# ----- relaylearn test --bundle: the test sites are prepared as the bundle's model was trained ------
+def test_cli_test_names_a_preprocessing_key_set_otherwise_than_the_bundles(tmp_path, tiny_fundus):
+    from tests.test_export import make_bundle
+
+    grey = make_bundle(tmp_path / "grey.relay", channels=1)
+    config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,))
+    for sets, key, here, there in (
+        (["dataset.kwargs.channels=3"], "dataset.kwargs.channels", "3", "1"),  # crashed in the first convolution
+        (["dataset.kwargs.channels=1", "dataset.kwargs.img_size=[64,64]"], "dataset.kwargs.img_size", "[64, 64]", "[32, 32]"),  # evaluated silently
+        (["dataset.kwargs.channels=1", "dataset.kwargs.out_range=[0,1]"], "dataset.kwargs.out_range", "[0.0, 1.0]", "[-1.0, 1.0]"),
+    ):
+        overrides = [a for s in sets for a in ("--set", s)]
+        result = run_cli(tmp_path, "test", "-c", config, "-n", "t", "-g", "cpu", "--bundle", grey, "--no-verify", *overrides)
+        assert result.code == 2, result.err
+        line = one_line_error(result.err)
+        assert f"test site Domain1: {key}: {here} here, {there} in the bundle" in line and "internal error" not in line
+    assert not (tmp_path / "exps" / config.stem / "t" / "test_results").exists()
+
+
+def test_cli_test_adopts_the_bundles_preprocessing_where_the_config_is_silent(tmp_path, tiny_fundus):
+    from tests.test_export import make_bundle
+
+    bundle = make_bundle(tmp_path / "b.relay")  # 32 px
+    config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,))
+    raw = yaml.safe_load(config.read_text())
+    del raw["common"]["dataset"]["kwargs"]["img_size"]  # the default, 64, is not the model's
+    silent = tmp_path / "silent.yaml"
+    silent.write_text(yaml.safe_dump(raw))
+    adopted = run_cli(tmp_path, "test", "-c", silent, "-n", "t", "-g", "cpu", "--bundle", bundle, "--no-verify")
+    assert adopted.code == 0, adopted.err
+    assert "note: testing with the bundle's dataset.kwargs.img_size [32, 32]" in adopted.out
+    stated = run_cli(tmp_path, "test", "-c", config, "-n", "t", "-g", "cpu", "--bundle", bundle, "--no-verify")
+    dice = lambda out: [line for line in out.splitlines() if "Dice" in line]  # noqa: E731
+    assert dice(adopted.out) == dice(stated.out), "tested at the model's 32 px, as a config stating it"

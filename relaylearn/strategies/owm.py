@@ -67,7 +67,6 @@ modules, ``max_projector_bytes`` = 2 GiB.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
@@ -78,6 +77,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from relaylearn.errors import ConfigError
+from relaylearn.memory import available_host_memory, format_bytes
 from relaylearn.strategies import register_strategy
 from relaylearn.strategies.base import BundleState, SiteContext, StepContext, StrategyOptions, unprefixed
 from relaylearn.strategies.penalties import ParameterTensors
@@ -317,30 +317,6 @@ def projector_plan(layers: list[OwmLayer]) -> list[tuple[str, tuple[int, ...], i
                 numel *= n
             plan.append((f"{layer.name}.{slot}", shape, numel * FLOAT_BYTES))
     return sorted(plan, key=lambda row: -row[2])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def available_host_memory() -> int | None:
-    """Bytes of memory available to a new allocation: Linux's MemAvailable (free + reclaimable
-    cache), else the free physical pages; None where unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_projector_memory(plan: list[tuple[str, tuple[int, ...], int]], limit: int, available: int | None) -> int:
