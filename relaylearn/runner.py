@@ -235,21 +235,27 @@ class RelayRun:
             key = json.dumps([recipe, reads_weights], sort_keys=True, default=str)
             if key not in checked:
                 checked.add(key)
-                self._check_memory(task)
                 with self._naming_the_config():
                     built = check_task_builds(task, load_pretrained=reads_weights)
+                self._check_memory(task)
                 if strategy is None:
                     strategy = built
         self._log(f"networks: {len(checked)} site config(s) built and checked ({time.time() - started:.1f} s)")
         return strategy
 
     def _check_memory(self, task: TaskConfig, bundle: Path | None = None) -> None:
-        """Refuse before training when ``task``'s batches at its ``img_size`` would not fit on its
-        device: exit 3 naming ``bundle`` when that size (or batch size) came from it, else exit 2."""
+        """Before training: when ``task``'s batches at its ``img_size`` would not fit on its device,
+        refuse (exit 3 naming ``bundle``) if that size or batch size came from it; for the local
+        config's own sizes only warn, since the estimate (fp32, the built-in U-Net) can be too high
+        for mixed precision on a GPU, and an allocation that fails is one line anyway."""
         from relaylearn.memory import require_memory
 
         device = inference_device(self.opts.devices, task.train.lightning)  # training's first device
-        require_memory(task.dataset.kwargs.img_size, task.train.batch_size, device, training=True, bundle=bundle, path=self.cfg.path)
+        try:
+            require_memory(task.dataset.kwargs.img_size, task.train.batch_size, device, training=True, bundle=bundle, path=self.cfg.path)
+        except ConfigError as exc:
+            if is_main_process():
+                print(f"WARNING: {exc.message}; training may run out of memory", file=sys.stderr)
 
     @contextlib.contextmanager
     def _naming_the_config(self):

@@ -129,6 +129,18 @@ def test_a_local_img_size_too_big_for_this_machine_is_exit_2(tmp_path, tiny_fund
     assert "common.dataset.kwargs.img_size: the model at 256x256 needs about" in line and str(config) in line
 
 
+def test_a_local_training_batch_over_the_estimate_is_a_warning_not_a_refusal(tmp_path, tiny_fundus, monkeypatch):
+    """The local config's own sizes: the fp32 estimate can be too high (mixed precision, a GPU),
+    so training goes on after one warning; the inference check of the build still refuses."""
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 3 * MB)  # 32 px: a batch of 2 needs 4 MB
+    config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,), steps=1)
+    assert run_cli(tmp_path, "train", "-c", config, "-n", "r", "-g", "cpu", "-q").code == 2
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 6 * MB)  # a batch of 4 for training needs 12 MB
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "r", "-g", "cpu", "-q")
+    assert result.code == 0, result.err
+    assert "WARNING: common.dataset.kwargs.img_size: the model at 32x32 needs about 12.6 MB to train on a batch of 4" in result.err
+
+
 def test_an_allocation_failure_in_training_is_one_line_exit_2(tmp_path, tiny_fundus, monkeypatch):
     from relaylearn import runner
 
