@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from relaylearn.config import CONFIG_DIR, load_config
 from relaylearn.errors import RelayError, resumes_by_rerunning
-from relaylearn.files import atomic_write
+from relaylearn.files import atomic_write, json_text
 from relaylearn.replay_fidelity import final_fidelity
 from relaylearn.results import format_matrix, headline
 from relaylearn.runner import TrainOptions, run_training
@@ -65,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             if r["lowest_replay_site"] is None
             else f"{r['replay_fidelity_x_reference']:.2f}, {r['lowest_replay_fidelity_x_reference']:.2f} ({r['lowest_replay_site']})"
         )
-        print(f"{r['strategy']:<11} {r['acc']:6.3f} {r['bwt']:+7.3f} {r['forgetting']:10.3f} {r['external_dice']:9.3f} {r['wall_s']:8.0f}  {replay}")
+        bwt, forgetting = (f"{r['bwt']:+7.3f}", f"{r['forgetting']:10.3f}") if math.isfinite(r["bwt"]) else (f"{'n/a':>7}", f"{'n/a':>10}")
+        print(f"{r['strategy']:<11} {r['acc']:6.3f} {bwt} {forgetting} {r['external_dice']:9.3f} {r['wall_s']:8.0f}  {replay}")
     print(f"total {time.time() - t_all:.0f} s")
     summary = Path("exps") / "demo" / f"summary_{args.name}.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(summary, json.dumps(rows, indent=2))
+    atomic_write(summary, json_text(rows))
     try:
         from relaylearn.report import write_report
 

@@ -34,9 +34,9 @@ def matrix_json(sites: list[str], trained: list[str], rows: list[list[float]], c
     if rows:
         if all(len(cols) == 1 for cols in columns):
             out.update({k: float(v) for k, v in continual_metrics(rows, [c[0] for c in columns]).items()})
-        else:  # pooled training (joint): one row stands for all its sites
+        else:  # pooled training (joint): one row stands for all its sites, nothing can be forgotten
             cols = columns[-1]
-            out.update({"acc": float(sum(rows[-1][c] for c in cols) / len(cols)), "bwt": 0.0, "forgetting": 0.0})
+            out.update({"acc": float(sum(rows[-1][c] for c in cols) / len(cols)), "bwt": None, "forgetting": None})
         out["acc_all_sites"] = float(sum(rows[-1]) / len(rows[-1]))
     out["per_class"] = per_class
     return out
@@ -73,19 +73,26 @@ def format_matrix(matrix: dict[str, Any]) -> str:
     lines = ["R (rows: after training through site; columns: test site; sample-wise Dice)", " " * (width + 2) + "".join(f"{s:>{width}}" for s in sites)]
     lines += [f"{name[:width]:>{width}}  " + "".join(f"{v:>{width}.3f}" for v in row) for name, row in zip(matrix["trained"], matrix["R"])]
     if "acc" in matrix:
-        lines.append(f"ACC={matrix['acc']:.3f}  BWT={matrix['bwt']:+.3f}  forgetting={matrix['forgetting']:.3f}")
+        if matrix.get("bwt") is None:  # pooled training: one model for all sites
+            lines.append(f"ACC={matrix['acc']:.3f}  BWT and forgetting: not measured (one model trained on the pooled sites)")
+        else:
+            lines.append(f"ACC={matrix['acc']:.3f}  BWT={matrix['bwt']:+.3f}  forgetting={matrix['forgetting']:.3f}")
     return "\n".join(lines)
 
 
 def headline(matrix: dict[str, Any], configured: list[str] | None = None) -> dict[str, float]:
     """The numbers a summary table shows of one run: ``acc``, ``bwt``, ``forgetting``,
     ``mean_all_sites`` (final row's mean) and ``external_dice`` (``configured``: as for
-    :func:`external_columns`); NaN where undefined."""
+    :func:`external_columns`); NaN where undefined (BWT and forgetting of pooled training)."""
     final = [float(v) for v in matrix["R"][-1]] if matrix.get("R") else []
     external = external_dice(matrix, configured)
+
+    def number(key: str) -> float:
+        value = matrix.get(key)
+        return math.nan if value is None else float(value)
+
     return {
-        "acc": float(matrix.get("acc", math.nan)), "bwt": float(matrix.get("bwt", math.nan)),
-        "forgetting": float(matrix.get("forgetting", math.nan)),
+        "acc": number("acc"), "bwt": number("bwt"), "forgetting": number("forgetting"),
         "mean_all_sites": float(matrix.get("acc_all_sites", sum(final) / len(final) if final else math.nan)),
         "external_dice": math.nan if external is None else external,
     }  # fmt: skip

@@ -19,7 +19,10 @@ def test_matrix_json_acc_bwt_forgetting_over_trained_columns():
     assert m["forgetting"] == pytest.approx(((0.8 - 0.5) + (0.7 - 0.65)) / 2)
     assert m["acc_all_sites"] == pytest.approx(sum(R[-1]) / 4)
     pooled = matrix_json(SITES, ["A+B"], [R[0]], [[0, 1]], {})
-    assert pooled["acc"] == pytest.approx(0.5) and pooled["bwt"] == 0.0
+    assert pooled["acc"] == pytest.approx(0.5) and pooled["bwt"] is None and pooled["forgetting"] is None  # not measured
+    assert "BWT and forgetting: not measured" in format_matrix(pooled)
+    h = headline(pooled)
+    assert math.isnan(h["bwt"]) and math.isnan(h["forgetting"]) and h["acc"] == pytest.approx(0.5)
 
 
 def test_external_sites_and_forgetting_per_site():

@@ -95,7 +95,7 @@ def write_run(
     ``configured``; Domain5 is test-only), resolved config, run.json."""
     R = fake_matrix(trained, seed)
     sequential = all("+" not in t for t in trained)
-    metrics = continual_metrics(R, [SITES.index(t) for t in trained]) if sequential else {"acc": float(np.mean(R[-1][:4])), "bwt": 0.0, "forgetting": 0.0}
+    metrics = continual_metrics(R, [SITES.index(t) for t in trained]) if sequential else {"acc": float(np.mean(R[-1][:4])), "bwt": None, "forgetting": None}
     per_class = {t: {s: {"dice_class_1": R[i][j] + 0.03, "dice_class_2": R[i][j] - 0.03} for j, s in enumerate(SITES)} for i, t in enumerate(trained)}
     matrix = {
         "metric": "dice_sample",
@@ -275,6 +275,8 @@ def test_demo_report_shows_every_strategy_side_by_side(demo_report):
     assert all(f"<td>{s}</td>" in summary for s in ("relay", "sequential", "joint")) and "other" not in summary
     assert summary.count("<tr>") == 1 + 3
     assert 'class="num best"' in summary, "best values highlighted"
+    joint_row = next(row for row in summary.split("<tr>") if "<td>joint</td>" in row)
+    assert joint_row.count('<td class="num">–</td>') == 2, "pooled training: BWT and forgetting not measured, never best"
     n_images = assert_self_contained(page)
     assert (images_in(page, "matrix"), images_in(page, "dice"), images_in(page, "forgetting"), images_in(page, "final")) == (3, 3, 1, 1)
     assert images_in(page, "predictions") == 2 * 5 * 9, "relay + sequential: 5 sites x (worst, median, best) x (image, truth, prediction)"
