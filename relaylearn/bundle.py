@@ -627,6 +627,15 @@ def _non_finite(tensor: Tensor) -> bool:
     return bool(tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all())
 
 
+def existing_bundle(path: str | Path) -> Path:
+    """The bundle file a command was given; a path that is not a file is bad input (UserError,
+    exit 2), not a failed verification (exit 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("is a folder, not a bundle file" if path.is_dir() else "bundle not found" if not path.exists() else "bundle is not a file", path)
+    return path
+
+
 def read_bundle(
     path: str | Path,
     *,

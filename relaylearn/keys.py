@@ -16,7 +16,6 @@ first 32 hex digits (128 bits) of the SHA-256 of the raw 32-byte Ed25519 public 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from relaylearn.errors import UserError
+from relaylearn.files import atomic_write
 
 SITE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _SITE_NAME_RE = re.compile(SITE_NAME_PATTERN)
@@ -115,31 +115,9 @@ class TrustStore:
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` with permissions ``mode``; never overwrite, never leave half a file.
-
-    The bytes go to a temporary file created with ``mode`` from the start (O_EXCL), are fsynced,
-    and are then hard-linked to the final name (atomic and refuses an existing name); file systems
-    without hard links fall back to a rename after an existence check.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise UserError("refusing to overwrite an existing key file", path) from None
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            if path.exists():
-                raise UserError("refusing to overwrite an existing key file", path) from None
-            os.rename(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` with permissions ``mode`` from the start; never overwrite, never
+    leave half a file (:func:`~relaylearn.files.atomic_write` with ``exists_error``)."""
+    atomic_write(path, data, mode=mode, exists_error="refusing to overwrite an existing key file")
 
 
 def generate_keypair(out_dir: str | Path, site: str) -> tuple[Path, Path]:

@@ -339,11 +339,10 @@ class RelayRun:
         process wrote itself (single-machine simulation); ``--insecure-unsigned`` warns. ``own``: a
         bundle this site wrote, which also verifies with the site's own key (a trust folder need
         not hold it; the first site may have none)."""
-        from relaylearn.bundle import read_bundle
+        from relaylearn.bundle import existing_bundle, read_bundle
         from relaylearn.keys import TrustStore
 
-        if not path.is_file():
-            raise UserError("bundle not found", path)
+        existing_bundle(path)
         if warn and allow_unsigned:
             print(f"WARNING: --insecure-unsigned: {path} is accepted without a signature check", file=sys.stderr)
         trust = self.trust
