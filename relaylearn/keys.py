@@ -37,6 +37,8 @@ PRIVATE_KEY_SUFFIX = ".key"
 PUBLIC_KEY_SUFFIX = ".pub"
 _MAX_KEY_FILE_BYTES = 64 * 1024
 SITE_LINE_PREFIX = "relaylearn-site: "
+_PEM_BEGIN_RE = re.compile(rb"^[ \t]*-----BEGIN ([A-Z0-9 ]+)-----[ \t]*\r?$", re.MULTILINE)
+LEAKED_KEY = "treat that key as leaked (make a new pair with keygen)"
 
 
 def validate_site_name(site: str) -> str:
@@ -225,6 +227,11 @@ def load_public_key(path: str | Path, *, check_site: bool = True) -> TrustedKey:
     (``check_site``) if the site name keygen wrote inside disagrees with the file name."""
     path = Path(path)
     data = _read_key_file(path)
+    blocks = _pem_blocks(data)
+    if _is_private_pem(data):
+        raise UserError(f"this is a private key, not a public key: remove it from here, and {LEAKED_KEY}", path)
+    if len(blocks) > 1:
+        raise UserError(f"holds {len(blocks)} keys; one key per <site>{PUBLIC_KEY_SUFFIX}", path)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -248,15 +255,15 @@ def load_trust_dir(path: str | Path) -> TrustStore:
         entries = sorted(path.iterdir())
     except OSError as exc:
         raise UserError(f"cannot list the trust folder: {exc.strerror}", path) from None
-    candidates = [p for p in entries if p.suffix == PUBLIC_KEY_SUFFIX and not p.is_dir()]
+    candidates = [p for p in entries if p.suffix.lower() == PUBLIC_KEY_SUFFIX and not p.is_dir()]
     # a private key without its .pub beside it was copied here instead of the public key (a site's
-    # own keys folder, holding both halves, may serve as a trust folder)
-    private = [p for p in entries if p.is_file() and (p.suffix == ".key" or b"PRIVATE KEY" in _head(p))]
-    stray = [p for p in private if not p.with_suffix(PUBLIC_KEY_SUFFIX).is_file()]
+    # own keys folder, holding both halves, may serve as a trust folder); one saved as .pub is
+    # refused by load_public_key
+    public_stems = {p.stem for p in candidates}
+    private = [p for p in entries if p.is_file() and (p.suffix.lower() == PRIVATE_KEY_SUFFIX or _is_private_pem(_head(p)))]
+    stray = [p for p in private if p.stem not in public_stems]
     if stray:
-        raise UserError(
-            "a private key is in the trust folder instead of its public key: remove it, and treat that key as leaked (make a new pair with keygen)", stray[0]
-        )
+        raise UserError(f"a private key is in the trust folder instead of its public key: remove it, and {LEAKED_KEY}", stray[0])
     if not candidates:
         raise UserError(f"trust folder holds no public keys (*{PUBLIC_KEY_SUFFIX})", path)
     keys: dict[str, TrustedKey] = {}
@@ -266,6 +273,16 @@ def load_trust_dir(path: str | Path) -> TrustStore:
             raise UserError(f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate)
         keys[trusted.fingerprint] = load_public_key(candidate)
     return TrustStore(keys)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """The labels of the PEM blocks in ``data`` (``b"PUBLIC KEY"``, ...), from their BEGIN lines."""
+    return _PEM_BEGIN_RE.findall(data)
+
+
+def _is_private_pem(data: bytes) -> bool:
+    """``data`` holds a PEM private key (a ``-----BEGIN ... PRIVATE KEY-----`` line, not merely the words)."""
+    return any(label.endswith(b"PRIVATE KEY") for label in _pem_blocks(data))
 
 
 def _head(path: Path, size: int = 4096) -> bytes:
@@ -285,6 +302,8 @@ def read_relay_id(trust_dir: str | Path) -> str | None:
     (one line; None when the folder has no such file). UserError if it is not a valid relay id."""
     path = Path(trust_dir) / RELAY_ID_FILE
     if not path.is_file():
+        if path.exists() or path.is_symlink():
+            raise UserError("is not a file; the relay id goes into a one-line file named relay-id", path)
         return None
     try:
         text = path.read_text(encoding="ascii").strip()
