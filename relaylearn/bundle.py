@@ -941,14 +941,19 @@ class SiteLedger:
             return None
         try:
             state = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
             lineage, last = state["lineage"], state["last"]
             if (
                 state["format"] != LEDGER_FORMAT
                 or last not in ("received", "written")
+                or not isinstance(lineage, list)
                 or not lineage
                 or not all(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in lineage)
             ):
                 raise ValueError("unexpected content")
+        except RecursionError:
+            raise UserError("site ledger is unreadable (nested too deeply); restore it, or delete it to start over", self.path) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"site ledger is unreadable ({exc}); restore it, or delete it to start over", self.path) from None
         return lineage, last
