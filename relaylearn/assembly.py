@@ -234,19 +234,15 @@ def read_any_bundle(path: Path, trust_dir: str | None, *, no_verify: bool = Fals
     their signers' sites, the trust folder's relay id). Without it only with ``no_verify``: the
     container, hashes, tensor index and values are checked but not the signature, and the returned
     bundle's ``signed_by`` is None (outputs record it as not verified). UserError otherwise."""
-    from relaylearn.bundle import read_bundle
+    from relaylearn.bundle import existing_bundle, read_bundle
     from relaylearn.keys import load_trust_dir, read_relay_id
 
     if trust_dir:
         trust = load_trust_dir(trust_dir)
-        if not path.is_file():
-            raise UserError("bundle not found", path)
-        return read_bundle(path, trust=trust, expect_relay_id=read_relay_id(trust_dir), bind_sites=True)
+        return read_bundle(existing_bundle(path), trust=trust, expect_relay_id=read_relay_id(trust_dir), bind_sites=True)
     if not no_verify:
         raise UserError("pass --trust DIR to verify the bundle, or --no-verify to use it unverified", path)
-    if not path.is_file():
-        raise UserError("bundle not found", path)
-    return read_bundle(path, trust=None, allow_unsigned=True)
+    return read_bundle(existing_bundle(path), trust=None, allow_unsigned=True)
 
 
 def provenance(bundle) -> dict:

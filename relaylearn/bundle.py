@@ -627,6 +627,15 @@ def _non_finite(tensor: Tensor) -> bool:
     return bool(tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all())
 
 
+def existing_bundle(path: str | Path) -> Path:
+    """The bundle file a command was given; a path that is not a file is bad input (UserError,
+    exit 2), not a failed verification (exit 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("is a folder, not a bundle file" if path.is_dir() else "bundle not found" if not path.exists() else "bundle is not a file", path)
+    return path
+
+
 def read_bundle(
     path: str | Path,
     *,
@@ -932,14 +941,19 @@ class SiteLedger:
             return None
         try:
             state = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
             lineage, last = state["lineage"], state["last"]
             if (
                 state["format"] != LEDGER_FORMAT
                 or last not in ("received", "written")
+                or not isinstance(lineage, list)
                 or not lineage
                 or not all(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in lineage)
             ):
                 raise ValueError("unexpected content")
+        except RecursionError:
+            raise UserError("site ledger is unreadable (nested too deeply); restore it, or delete it to start over", self.path) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"site ledger is unreadable ({exc}); restore it, or delete it to start over", self.path) from None
         return lineage, last

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trust", default=None, help="folder of trusted public keys: verify the bundle")
     export.add_argument("--no-verify", action="store_true", help="use the bundle without checking its signature (recorded in the metadata)")
     export.add_argument("-c", "--config", default=None, help="local config whose plug-in model/strategy the bundle may use")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out and its sidecar <out>.json")
 
     report = sub.add_parser("report", help="write report.html for a run folder")
     report.add_argument("run_dir")
@@ -259,21 +260,13 @@ def cmd_keygen(args) -> int:
     return 0
 
 
-def _existing_bundle(path: str) -> Path:
-    """The bundle file a command was given; a path that is not a file is bad input (exit 2), not
-    a failed verification (exit 3)."""
-    if not Path(path).is_file():
-        raise UserError("bundle not found" if not Path(path).exists() else "bundle is not a file", path)
-    return Path(path)
-
-
 def cmd_verify(args) -> int:
-    from relaylearn.bundle import escape_text, verify_bundle
+    from relaylearn.bundle import escape_text, existing_bundle, verify_bundle
     from relaylearn.keys import load_trust_dir, read_relay_id
 
     relay_id = read_relay_id(args.trust)
     trust = load_trust_dir(args.trust)
-    bundle = verify_bundle(_existing_bundle(args.bundle), trust, expect_relay_id=relay_id)
+    bundle = verify_bundle(existing_bundle(args.bundle), trust, expect_relay_id=relay_id)
     hops = bundle.manifest.get("hops", [])
     print(
         escape_text(f"OK: {args.bundle} signed by {bundle.signed_by}; relay {bundle.manifest['relay_id']}; {len(hops)} hop(s): ")
@@ -288,9 +281,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from relaylearn.bundle import format_inspect, inspect_bundle
+    from relaylearn.bundle import existing_bundle, format_inspect, inspect_bundle
 
-    info = inspect_bundle(_existing_bundle(args.bundle))
+    info = inspect_bundle(existing_bundle(args.bundle))
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
     return 0
 
@@ -316,7 +309,7 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from relaylearn.export import run_export
 
-    run_export(args.bundle, args.format, args.out, trust=args.trust, no_verify=args.no_verify, plugins=_plugins(args.config))
+    run_export(args.bundle, args.format, args.out, trust=args.trust, no_verify=args.no_verify, plugins=_plugins(args.config), overwrite=args.overwrite)
     print(f"exported {args.format}: {args.out}")
     return 0
 

@@ -9,9 +9,10 @@ SHA-256 of the bundle it came from — is stored inside the file (ONNX ``metadat
 ``relaylearn``; TorchScript extra file ``relaylearn.json``) and in a sidecar ``<out>.json``.
 
 ONNX uses the TorchScript-based exporter (``dynamo=False``): the torch.export-based one needs
-``onnxscript``, which relaylearn does not depend on. Files appear atomically. A bundle whose
-``img_size`` would not fit in this machine's memory for tracing is refused first (exit code 3,
-:mod:`relaylearn.memory`).
+``onnxscript``, which relaylearn does not depend on. Files appear atomically, the model and its
+sidecar as a pair; an existing ``--out`` or sidecar is refused unless ``overwrite`` is set. A
+bundle whose ``img_size`` would not fit in this machine's memory for tracing is refused first
+(exit code 3, :mod:`relaylearn.memory`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from relaylearn import __version__
 from relaylearn.assembly import LoadedModel, load_model
 from relaylearn.errors import UserError
-from relaylearn.files import atomic_write
+from relaylearn.files import atomic_write_all, check_output_file
 from relaylearn.memory import out_of_memory_as_error, require_memory
 
 FORMATS = ("onnx", "torchscript")
@@ -127,23 +128,44 @@ def torchscript_bytes(model: LoadedModel) -> bytes:
     return buf.getvalue()
 
 
-def export_model(model: LoadedModel, fmt: str, out: str | Path) -> Path:
-    """Write ``model``'s solver to ``out`` in ``fmt`` plus the sidecar ``<out>.json``."""
+EXISTS_ERROR = "already exists; export never replaces a file unless asked: choose another --out, or pass --overwrite"
+
+
+def check_export_out(out: Path, overwrite: bool = False) -> None:
+    """``out`` and its sidecar ``<out>.json`` can be written: no folder there, a writable folder, and
+    (unless ``overwrite``) no file yet. UserError naming the path otherwise (checked before the model is read)."""
+    for path, option in ((out, "--out"), (sidecar_path(out), "the sidecar <out>.json")):
+        check_output_file(path, None if overwrite else EXISTS_ERROR, option)
+
+
+def sidecar_path(out: Path) -> Path:
+    """The metadata file beside an exported model: ``<out>.json``."""
+    return out.with_name(out.name + ".json")
+
+
+def export_model(model: LoadedModel, fmt: str, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model``'s solver to ``out`` in ``fmt`` plus the sidecar ``<out>.json``: both new files
+    (or, with ``overwrite``, replacing earlier ones), written as a pair or not at all."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.is_dir():
-        raise UserError("--out must be a file path, but a folder is there", out)
+    check_export_out(out, overwrite)
     with out_of_memory_as_error("tracing the model for export", model.img_size, EXAMPLE_BATCH):
         data = onnx_bytes(model) if fmt == "onnx" else torchscript_bytes(model)
-    sidecar = out.with_name(out.name + ".json")
-    atomic_write(sidecar, (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode())
-    atomic_write(out, data)
+    sidecar = (json.dumps(export_metadata(model, fmt), indent=2) + "\n").encode()
+    atomic_write_all([(out, data), (sidecar_path(out), sidecar)], exists_error=None if overwrite else EXISTS_ERROR)
     return out
 
 
 def run_export(
-    bundle: str | Path, fmt: str, out: str | Path, trust: str | None = None, *, no_verify: bool = False, plugins: set[str] | tuple[str, ...] = ()
+    bundle: str | Path,
+    fmt: str,
+    out: str | Path,
+    trust: str | None = None,
+    *,
+    no_verify: bool = False,
+    plugins: set[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> Path:
     """``relaylearn export``: read and verify ``bundle`` (with ``trust``; else only with
     ``no_verify``, recorded as ``bundle_verified: false``); write its solver."""
@@ -151,6 +173,7 @@ def run_export(
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if Path(out).resolve() == Path(bundle).resolve():
         raise UserError("--out is the bundle itself; export to a new file name", out)
+    check_export_out(Path(out), overwrite)
     model = load_model(bundle, trust, no_verify=no_verify, plugins=plugins)
     require_memory(model.img_size, EXAMPLE_BATCH, "cpu", bundle=bundle)  # the bundle's size: exit 3 before tracing
-    return export_model(model, fmt, out)
+    return export_model(model, fmt, out, overwrite=overwrite)

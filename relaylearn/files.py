@@ -4,6 +4,7 @@ software versions recorded beside results."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -127,12 +128,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes | str) -> None:
+def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes | str, *, mode: int = 0o644, exists_error: str | None = None) -> None:
     """The one way relaylearn writes an output file: the bytes (or UTF-8 text, or a sequence of
-    byte chunks) go to a random temporary name in the same folder, created exclusively and never
-    through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``), are fsynced, then renamed over
-    ``path`` (a link planted at ``path`` is replaced, not followed). UserError if it cannot write."""
-    path = Path(path)
+    byte chunks) go to a random temporary name in the same folder, created exclusively with
+    permissions ``mode`` and never through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``), are
+    fsynced, then renamed over ``path`` (a link planted at ``path`` is replaced, not followed).
+    With ``exists_error`` the file must be new: it is hard-linked into place, which refuses a name
+    that exists (also one that appeared meanwhile), with UserError(``exists_error``). UserError if
+    it cannot write."""
+    atomic_write_all([(Path(path), parts)], mode=mode, exists_error=exists_error)
+
+
+def atomic_write_all(files: Sequence[tuple[Path, Sequence[bytes | memoryview] | bytes | str]], *, mode: int = 0o644, exists_error: str | None = None) -> None:
+    """:func:`atomic_write` for files that belong together (a model and its sidecar): all are
+    written to temporary names first, then renamed into place in order; if a rename fails, the
+    files already renamed are removed again, so no mismatched set is left. UserError naming the file."""
+    staged: list[tuple[Path, Path]] = []
+    installed: list[Path] = []
+    try:
+        for path, parts in files:
+            staged.append((path, _staged_copy(path, parts, mode)))
+        for path, tmp in staged:
+            _install(tmp, path, exists_error)
+            installed.append(path)
+    except BaseException:
+        for path in installed:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, tmp in staged:
+            tmp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(path.parent for path, _ in files):
+        _fsync_dir(folder)
+
+
+def _staged_copy(path: Path, parts: Sequence[bytes | memoryview] | bytes | str, mode: int) -> Path:
+    """``parts`` written and fsynced under a new random temporary name beside ``path``."""
     if isinstance(parts, str):
         parts = [parts.encode("utf-8")]
     elif isinstance(parts, (bytes, bytearray, memoryview)):
@@ -140,7 +171,7 @@ def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes |
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     except OSError as exc:
         raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
     try:
@@ -149,12 +180,33 @@ def atomic_write(path: str | Path, parts: Sequence[bytes | memoryview] | bytes |
                 handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
+        raise
+    return tmp
+
+
+def _install(tmp: Path, path: Path, exists_error: str | None) -> None:
+    """Rename ``tmp`` to ``path``; with ``exists_error`` only if ``path`` is new (a hard link refuses
+    an existing name atomically; file systems without hard links get a rename after a check)."""
+    try:
+        if exists_error is None:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            raise UserError(exists_error, path) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if path.exists() or path.is_symlink():
+                raise UserError(exists_error, path) from None
+            os.rename(tmp, path)
     except OSError as exc:
         raise UserError(f"cannot write: {exc.strerror or exc}", path) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def check_new_bundle_path(path: Path) -> None:
@@ -162,12 +214,24 @@ def check_new_bundle_path(path: Path) -> None:
     can be made, and lets us write. Checked before any work, so hours of training never end in an
     unwritable ``--out``, and no file already there (the only copy of an earlier hop, say) is
     replaced. UserError otherwise."""
+    check_output_file(path, "already exists; a bundle is never overwritten: choose another name or move that file away")
+
+
+def check_output_file(path: Path, exists_error: str | None, option: str = "--out") -> None:
+    """``path`` (given as ``option``) is a file name whose folder exists or can be made and lets us
+    write, and (``exists_error`` given) nothing is there yet: UserError(``exists_error``)."""
     if path.is_dir():
-        raise UserError("is a folder; --out needs a file name", path)
-    if path.exists() or path.is_symlink():
-        raise UserError("already exists; a bundle is never overwritten: choose another name or move that file away", path)
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
+        raise UserError(f"is a folder; {option} needs a file name", path)
+    if exists_error is not None and (path.exists() or path.is_symlink()):
+        raise UserError(exists_error, path)
+    check_writable_folder(path.parent, path)
+
+
+def check_writable_folder(folder: Path, path: Path | None = None) -> None:
+    """``folder`` exists or can be made, and lets us write; UserError naming ``path`` (default:
+    ``folder``) otherwise."""
+    path = folder if path is None else path
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write here: {folder} is not a writable folder", path)

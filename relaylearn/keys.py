@@ -16,7 +16,6 @@ first 32 hex digits (128 bits) of the SHA-256 of the raw 32-byte Ed25519 public 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from relaylearn.errors import UserError
+from relaylearn.files import atomic_write
 
 SITE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _SITE_NAME_RE = re.compile(SITE_NAME_PATTERN)
@@ -37,6 +37,8 @@ PRIVATE_KEY_SUFFIX = ".key"
 PUBLIC_KEY_SUFFIX = ".pub"
 _MAX_KEY_FILE_BYTES = 64 * 1024
 SITE_LINE_PREFIX = "relaylearn-site: "
+_PEM_BEGIN_RE = re.compile(rb"^[ \t]*-----BEGIN ([A-Z0-9 ]+)-----[ \t]*\r?$", re.MULTILINE)
+LEAKED_KEY = "treat that key as leaked (make a new pair with keygen)"
 
 
 def validate_site_name(site: str) -> str:
@@ -115,31 +117,9 @@ class TrustStore:
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` with permissions ``mode``; never overwrite, never leave half a file.
-
-    The bytes go to a temporary file created with ``mode`` from the start (O_EXCL), are fsynced,
-    and are then hard-linked to the final name (atomic and refuses an existing name); file systems
-    without hard links fall back to a rename after an existence check.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise UserError("refusing to overwrite an existing key file", path) from None
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            if path.exists():
-                raise UserError("refusing to overwrite an existing key file", path) from None
-            os.rename(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` with permissions ``mode`` from the start; never overwrite, never
+    leave half a file (:func:`~relaylearn.files.atomic_write` with ``exists_error``)."""
+    atomic_write(path, data, mode=mode, exists_error="refusing to overwrite an existing key file")
 
 
 def generate_keypair(out_dir: str | Path, site: str) -> tuple[Path, Path]:
@@ -247,6 +227,11 @@ def load_public_key(path: str | Path, *, check_site: bool = True) -> TrustedKey:
     (``check_site``) if the site name keygen wrote inside disagrees with the file name."""
     path = Path(path)
     data = _read_key_file(path)
+    blocks = _pem_blocks(data)
+    if _is_private_pem(data):
+        raise UserError(f"this is a private key, not a public key: remove it from here, and {LEAKED_KEY}", path)
+    if len(blocks) > 1:
+        raise UserError(f"holds {len(blocks)} keys; one key per <site>{PUBLIC_KEY_SUFFIX}", path)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -270,15 +255,15 @@ def load_trust_dir(path: str | Path) -> TrustStore:
         entries = sorted(path.iterdir())
     except OSError as exc:
         raise UserError(f"cannot list the trust folder: {exc.strerror}", path) from None
-    candidates = [p for p in entries if p.suffix == PUBLIC_KEY_SUFFIX and not p.is_dir()]
+    candidates = [p for p in entries if p.suffix.lower() == PUBLIC_KEY_SUFFIX and not p.is_dir()]
     # a private key without its .pub beside it was copied here instead of the public key (a site's
-    # own keys folder, holding both halves, may serve as a trust folder)
-    private = [p for p in entries if p.is_file() and (p.suffix == ".key" or b"PRIVATE KEY" in _head(p))]
-    stray = [p for p in private if not p.with_suffix(PUBLIC_KEY_SUFFIX).is_file()]
+    # own keys folder, holding both halves, may serve as a trust folder); one saved as .pub is
+    # refused by load_public_key
+    public_stems = {p.stem for p in candidates}
+    private = [p for p in entries if p.is_file() and (p.suffix.lower() == PRIVATE_KEY_SUFFIX or _is_private_pem(_head(p)))]
+    stray = [p for p in private if p.stem not in public_stems]
     if stray:
-        raise UserError(
-            "a private key is in the trust folder instead of its public key: remove it, and treat that key as leaked (make a new pair with keygen)", stray[0]
-        )
+        raise UserError(f"a private key is in the trust folder instead of its public key: remove it, and {LEAKED_KEY}", stray[0])
     if not candidates:
         raise UserError(f"trust folder holds no public keys (*{PUBLIC_KEY_SUFFIX})", path)
     keys: dict[str, TrustedKey] = {}
@@ -288,6 +273,16 @@ def load_trust_dir(path: str | Path) -> TrustStore:
             raise UserError(f"same key as {keys[trusted.fingerprint].path.name} ({trusted.fingerprint}); keep one", candidate)
         keys[trusted.fingerprint] = load_public_key(candidate)
     return TrustStore(keys)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """The labels of the PEM blocks in ``data`` (``b"PUBLIC KEY"``, ...), from their BEGIN lines."""
+    return _PEM_BEGIN_RE.findall(data)
+
+
+def _is_private_pem(data: bytes) -> bool:
+    """``data`` holds a PEM private key (a ``-----BEGIN ... PRIVATE KEY-----`` line, not merely the words)."""
+    return any(label.endswith(b"PRIVATE KEY") for label in _pem_blocks(data))
 
 
 def _head(path: Path, size: int = 4096) -> bytes:
@@ -307,6 +302,8 @@ def read_relay_id(trust_dir: str | Path) -> str | None:
     (one line; None when the folder has no such file). UserError if it is not a valid relay id."""
     path = Path(trust_dir) / RELAY_ID_FILE
     if not path.is_file():
+        if path.exists() or path.is_symlink():
+            raise UserError("is not a file; the relay id goes into a one-line file named relay-id", path)
         return None
     try:
         text = path.read_text(encoding="ascii").strip()

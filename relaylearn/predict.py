@@ -25,10 +25,12 @@ upsampled bilinearly and the argmax is taken there (smoother boundaries than nea
 the low-resolution class map). Images are read in their stored pixel grid, as training reads them
 (an EXIF rotation is reported, not applied).
 
-All outputs are written into a hidden staging folder first and renamed into place only when
-every input succeeded, so an unreadable image (DataError naming it, exit code 2) leaves nothing
-half-written under a final name. An ``--out`` folder that already holds predictions is refused
-unless ``overwrite`` is set, which replaces its ``masks/`` and ``overlays/`` as a whole.
+All outputs are written into a hidden staging folder first (``.predict-*``, locked while in use;
+one a killed run left behind is removed by the next) and renamed into place only when every input
+succeeded and every output was written, so an unreadable image (DataError naming it, exit code 2)
+or a full disk leaves nothing half-written under a final name. An ``--out`` folder that already
+holds predictions is refused unless ``overwrite`` is set, which replaces its ``masks/``,
+``overlays/`` and tables as a whole (the earlier ones stay if a rename fails).
 
 Images go through the model ``BATCH_SIZE`` at a time, fewer where that many would not fit in
 memory; a model whose ``img_size`` needs more memory than this machine has for one image is
@@ -269,12 +271,64 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
     for name in OUTPUT_NAMES:
         if (out / name).is_symlink():
             raise UserError(f"{name} inside --out is a link; predict does not write through links", out / name)
-    for name in ("masks", "overlays"):
-        if (out / name).exists() and not (out / name).is_dir():
-            raise UserError(f"{name} inside --out is not a folder; move it away or choose another --out", out / name)
+    for name in OUTPUT_NAMES:
+        folder = name in ("masks", "overlays")
+        if (out / name).exists() and (out / name).is_dir() != folder:
+            raise UserError(f"{name} inside --out is {'not ' if folder else ''}a folder; move it away or choose another --out", out / name)
     earlier = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if earlier and not overwrite:
         raise UserError(f"--out already holds predictions ({', '.join(earlier)}); choose a new folder, or pass --overwrite to replace them", out)
+
+
+STAGING_PREFIX = ".predict-"
+
+
+def _hold_staging(staging: Path):
+    """An exclusive lock on the staging folder while this process writes into it (None without
+    ``fcntl``): :func:`_remove_stale_staging` leaves it alone."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, no clean-up of stale folders
+        return None
+    fd = os.open(staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders a killed ``predict`` left in ``out``: ours by name, and not locked
+    by a running one."""
+    for folder in out.glob(STAGING_PREFIX + "*"):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            fd = _hold_staging(folder)
+        except OSError:
+            continue
+        if fd is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.close(fd)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename every output in ``staging`` to ``out``; the earlier ones there are kept as
+    ``staging/earlier-*`` until all renames succeeded, and put back if one fails. UserError then."""
+    earlier = [(out / name, staging / f"earlier-{name}") for name in OUTPUT_NAMES if (out / name).exists()]
+    moves = [*earlier, *((staging / name, out / name) for name in OUTPUT_NAMES)]
+    done: list[tuple[Path, Path]] = []  # undone in reverse order on failure
+    for source, target in moves:
+        try:
+            os.replace(source, target)
+        except OSError as exc:
+            for back_to, moved in reversed(done):
+                os.replace(moved, back_to)
+            where = source if target.parent == staging else target
+            raise UserError(f"cannot write: {exc.strerror or exc}; the earlier predictions are left as they were", where) from None
+        done.append((source, target))
 
 
 def predict_images(
@@ -283,13 +337,15 @@ def predict_images(
     """Segment ``files`` (images and NIfTI volumes) with ``model``, ``batch_size`` (default
     ``BATCH_SIZE``) at a time; write masks/, overlays/ and predictions.csv under ``out``.
 
-    Returns the CSV path. Nothing appears under a final name unless every input succeeded; with
-    ``overwrite`` the earlier masks/ and overlays/ are replaced as a whole."""
+    Returns the CSV path. Nothing appears under a final name unless every input succeeded and every
+    output was written; with ``overwrite`` the earlier outputs are replaced as a whole."""
     check_out_folder(out, overwrite)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+        _remove_stale_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+        lock = _hold_staging(staging)
     except OSError as exc:
         raise UserError(f"cannot write: {exc.strerror or exc}", out) from None
     subfolders = ("masks", "overlays")
@@ -315,18 +371,16 @@ def predict_images(
         rows.extend(segment_volume(model, f, staging, device, batch_size) for f in files if is_volume(f))
         order = {str(f): i for i, f in enumerate(files)}
         rows.sort(key=lambda row: order[row["image"]])
-        for sub in subfolders:  # every input succeeded: move the files to their final names
-            if (out / sub).is_dir():  # overwrite: the earlier predictions go as a whole
-                os.replace(out / sub, staging / f"earlier-{sub}")
-            os.replace(staging / sub, out / sub)
-        csv_path = out / "predictions.csv"
-        atomic_write(csv_path, csv_text(rows, float_format="{:.4f}", lineterminator="\n"))
+        atomic_write(staging / "predictions.csv", csv_text(rows, float_format="{:.4f}", lineterminator="\n"))
         info = {"bundle_sha256": model.bundle_sha256, "strategy": model.strategy, "verified": model.verified, "signed_by": model.signed_by, "images": len(rows)}
-        atomic_write(out / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
+        atomic_write(staging / "predictions.json", (json.dumps(info, indent=2) + "\n").encode())
+        _move_into_place(staging, out)  # every input succeeded and every output is written
         done = True
-        return csv_path
+        return out / "predictions.csv"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
         if not done and created and not any(out.iterdir()):  # a failed run leaves no empty --out folder behind
             out.rmdir()
 

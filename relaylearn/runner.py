@@ -19,7 +19,7 @@ from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
 from relaylearn.errors import ConfigError, DataError, UserError, VerificationError
-from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, check_output_name, local_stamp, software_versions, utc_now
+from relaylearn.files import EXPS_ROOT, atomic_write, check_new_bundle_path, check_output_name, check_writable_folder, local_stamp, software_versions, utc_now
 from relaylearn.memory import out_of_memory_as_error
 from relaylearn.results import class_dice, final_dice, matrix_json, per_image_rows, summary_row, write_results_csv
 from relaylearn.strategies import get_strategy_class
@@ -107,6 +107,12 @@ class RelayRun:
         for task in self.cfg.tasks:  # a bad -g or augmentation fails before anything is written
             parse_devices(self.opts.devices, task.train.lightning)
             self._check_augmentation(task)
+        ledger_folder = self._ledger_folder() if (self.opts.in_bundle or self.signing_key) and is_main_process() else None
+        if ledger_folder is not None:  # checked now: the ledger records this site's bundle after training
+            try:
+                check_writable_folder(ledger_folder)
+            except UserError as exc:
+                raise UserError(f"site ledger: {exc.message} (--ledger DIR puts it elsewhere)", exc.path) from None
         if self.opts.out_bundle:
             check_new_bundle_path(Path(self.opts.out_bundle))
             if self.signing_key is None and (self.opts.in_bundle or self.opts.trust) and not self.opts.insecure_unsigned and is_main_process():
@@ -357,11 +363,10 @@ class RelayRun:
         process wrote itself (single-machine simulation); ``--insecure-unsigned`` warns. ``own``: a
         bundle this site wrote, which also verifies with the site's own key (a trust folder need
         not hold it; the first site may have none)."""
-        from relaylearn.bundle import read_bundle
+        from relaylearn.bundle import existing_bundle, read_bundle
         from relaylearn.keys import TrustStore
 
-        if not path.is_file():
-            raise UserError("bundle not found", path)
+        existing_bundle(path)
         if warn and allow_unsigned:
             print(f"WARNING: --insecure-unsigned: {path} is accepted without a signature check", file=sys.stderr)
         trust = self.trust
@@ -412,16 +417,21 @@ class RelayRun:
         None (no ledger) when the site has neither key nor trust folder."""
         from relaylearn.bundle import SiteLedger
 
-        if self.opts.ledger:
-            folder = Path(self.opts.ledger)
-        elif self.opts.key:
-            folder = Path(self.opts.key).resolve().parent / "ledger"
-        elif self.opts.trust:
-            folder = Path(self.opts.trust).resolve() / "ledger"
-        else:
+        folder = self._ledger_folder()
+        if folder is None:
             return None
         owner = self.signing_key.site if self.signing_key is not None else site  # a hospital is its key, whatever its config calls the site
         return SiteLedger(folder / f"{relay_id}.{owner}.json")
+
+    def _ledger_folder(self) -> Path | None:
+        """The folder of the site ledger (see :meth:`_ledger`); None without key and trust folder."""
+        if self.opts.ledger:
+            return Path(self.opts.ledger)
+        if self.opts.key:
+            return Path(self.opts.key).resolve().parent / "ledger"
+        if self.opts.trust:
+            return Path(self.opts.trust).resolve() / "ledger"
+        return None
 
     # -- main loop --
     def run(self) -> RunResult:
@@ -527,7 +537,13 @@ class RelayRun:
             parent, from_outside = self._write_bundle(bundle_path, hop, task, parent, site_name), False
             ledger = self._ledger(task.dataset.site, parent.manifest["relay_id"]) if deployed else None
             if ledger is not None:
-                ledger.record(parent, written=True)
+                try:
+                    ledger.record(parent, written=True)
+                except UserError as exc:  # checked before training; the disk may still fill up or go away
+                    raise UserError(
+                        f"{exc.message}; this site's bundle {bundle_path} is kept: fix that, then run the same command again with --resume to record it and finish",
+                        exc.path,
+                    ) from None
             self._privacy_audit(strategy, _hop_number(parent, position), site_name)
             self._sync()
             self._remove_resume_point(task)

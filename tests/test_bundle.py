@@ -666,6 +666,25 @@ def test_ledger_file_errors_are_user_errors(tmp_path, chain):
         SiteLedger(path).lineage()
 
 
+@pytest.mark.parametrize("edit", ["lineage as an object", "nested too deeply", "a list"])
+def test_a_hand_edited_ledger_is_a_user_error_naming_it(tmp_path, chain, edit):
+    b1, b2, _, _ = chain
+    path = tmp_path / "ledger.json"
+    SiteLedger(path).record(b1)
+    state = json.loads(path.read_text())
+    text = {
+        "lineage as an object": json.dumps({**state, "lineage": {h: 1 for h in state["lineage"]}}),
+        "nested too deeply": "[" * 100_000,
+        "a list": json.dumps([state]),
+    }[edit]
+    path.write_text(text)
+    for use in (lambda: SiteLedger(path).check(b2), lambda: SiteLedger(path).record(b2)):
+        with pytest.raises(UserError, match="site ledger is unreadable") as refused:
+            use()
+        assert refused.value.path == str(path) and refused.value.exit_code == 2
+    assert path.read_text() == text, "left as it was"
+
+
 # ----- hardening: relay id, key <-> site binding, non-finite tensors, escaping, atomic writes ------
 
 

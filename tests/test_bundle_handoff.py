@@ -364,7 +364,7 @@ def test_using_a_bundle_without_trust_needs_no_verify_and_is_recorded(relay, tmp
 def test_verify_and_inspect_take_a_missing_path_as_bad_input_and_escape_the_name(relay, tmp_path):
     for command in (["verify", tmp_path / "nope.relay", "--trust", relay.trust], ["inspect", tmp_path / "nope.relay"], ["inspect", tmp_path]):
         result = run_cli(relay.root, *command)
-        assert result.code == 2 and ("bundle not found" in result.err or "bundle is not a file" in result.err), result.err
+        assert result.code == 2 and ("bundle not found" in result.err or "is a folder, not a bundle file" in result.err), result.err
     odd = tmp_path / "evil\x1b[31mRED.relay"
     odd.write_bytes(relay.hops[-1].read_bytes())
     ok = run_cli(relay.root, "verify", odd, "--trust", relay.trust)

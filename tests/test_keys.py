@@ -156,3 +156,53 @@ def test_a_public_key_given_as_the_private_key_says_which_file_to_pass(tmp_path)
     generate_keypair(tmp_path / "keys", "a")
     with pytest.raises(UserError, match=r"this is a public key; pass the private key \(a\.key\)"):
         load_private_key(tmp_path / "keys" / "a.pub")
+
+
+def _trust_with(tmp_path, **files: bytes):
+    """A trust folder with site a's public key and ``files`` (name → bytes)."""
+    generate_keypair(tmp_path / "keys", "a")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "a.pub").write_bytes((tmp_path / "keys" / "a.pub").read_bytes())
+    for name, data in files.items():
+        (trust / name.replace("_", ".")).write_bytes(data)
+    return trust
+
+
+def test_a_pub_file_with_several_keys_is_refused_naming_it(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def bare_pem() -> bytes:  # no relaylearn-site line: the second key was read by nobody
+        return Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    trust = _trust_with(tmp_path)
+    (trust / "b.pub").write_bytes(bare_pem() + bare_pem())
+    with pytest.raises(UserError, match=r"holds 2 keys; one key per <site>\.pub") as refused:
+        load_trust_dir(trust)
+    assert refused.value.path == str(trust / "b.pub")
+
+
+def test_only_a_pem_private_key_counts_as_leaked_and_one_saved_as_pub_does(tmp_path):
+    trust = _trust_with(tmp_path, README_txt=b"Never put a PRIVATE KEY here, only <site>.pub files.\n")
+    assert [k.site for k in load_trust_dir(trust)] == ["a"]
+    (trust / "b.pub").write_bytes((tmp_path / "keys" / "a.key").read_bytes().replace(b"site: a", b"site: b"))
+    with pytest.raises(UserError, match="this is a private key, not a public key.*leaked") as refused:
+        load_trust_dir(trust)
+    assert refused.value.path == str(trust / "b.pub")
+
+
+def test_an_upper_case_pub_suffix_is_read(tmp_path):
+    _, other = generate_keypair(tmp_path / "other", "HospB")
+    trust = _trust_with(tmp_path)
+    (trust / "HospB.PUB").write_bytes(other.read_bytes())
+    assert sorted(k.site for k in load_trust_dir(trust)) == ["HospB", "a"]
+
+
+def test_a_relay_id_that_is_a_folder_is_named(tmp_path):
+    from relaylearn.keys import read_relay_id
+
+    (tmp_path / "relay-id").mkdir()
+    with pytest.raises(UserError, match="is not a file; the relay id goes into a one-line file") as refused:
+        read_relay_id(tmp_path)
+    assert refused.value.path == str(tmp_path / "relay-id")
+    assert read_relay_id(tmp_path / "elsewhere") is None

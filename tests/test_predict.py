@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
@@ -201,6 +202,68 @@ def test_a_file_where_an_output_folder_goes_is_named(tmp_path):
     with pytest.raises(UserError, match="masks inside --out is not a folder") as refused:
         predict_images(_stub_model(), [tmp_path / "a.png"], tmp_path / "out", overwrite=True)
     assert refused.value.path == str(tmp_path / "out" / "masks") and (tmp_path / "out" / "masks").read_text() == "notes"
+
+
+def _earlier_run(tmp_path):
+    """An --out holding a.png's predictions, and b.png to replace them with."""
+    for name in ("a", "b"):
+        Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / f"{name}.png")
+    predict_images(_stub_model(), [tmp_path / "a.png"], tmp_path / "out")
+    return tmp_path / "out", tmp_path / "b.png"
+
+
+def _outputs(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.relative_to(out).parts[0].startswith("."))
+
+
+def test_a_folder_where_a_table_goes_is_refused_before_anything_is_replaced(tmp_path):
+    out, image = _earlier_run(tmp_path)
+    (out / "predictions.csv").unlink()
+    (out / "predictions.csv").mkdir()
+    before = _outputs(out)
+    with pytest.raises(UserError, match="predictions.csv inside --out is a folder") as refused:
+        predict_images(_stub_model(), [image], out, overwrite=True)
+    assert refused.value.path == str(out / "predictions.csv")
+    assert _outputs(out) == before and (out / "masks" / "a.png").is_file(), "the earlier masks are still there"
+
+
+def test_a_failed_rename_puts_the_earlier_predictions_back(tmp_path, monkeypatch):
+    out, image = _earlier_run(tmp_path)
+    before = {name: (out / name).read_bytes() for name in ("predictions.csv", "predictions.json")}
+    real_replace = os.replace
+
+    failed = []
+
+    def full_disk(src, dst, **kwargs):  # the new predictions.json fails once to reach --out
+        if str(dst) == str(out / "predictions.json") and not failed:
+            failed.append(src)
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(UserError, match="cannot write: No space left"):
+        predict_images(_stub_model(), [image], out, overwrite=True)
+    monkeypatch.undo()
+    assert _outputs(out) == ["masks", "masks/a.png", "overlays", "overlays/a.png", "predictions.csv", "predictions.json"]
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".predict-*")), "no staging folder left"
+
+
+def test_a_staging_folder_of_a_killed_run_is_removed_but_not_one_in_use(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out, image = _earlier_run(tmp_path)
+    stale, busy = out / ".predict-killed1", out / ".predict-running"
+    for folder in (stale, busy):
+        (folder / "masks").mkdir(parents=True)
+        (folder / "masks" / "x.png").write_bytes(b"half a mask")
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        predict_images(_stub_model(), [image], out, overwrite=True)
+    finally:
+        os.close(fd)
+    assert not stale.exists() and (busy / "masks" / "x.png").is_file()
+    assert _outputs(out) == ["masks", "masks/b.png", "overlays", "overlays/b.png", "predictions.csv", "predictions.json"]
 
 
 # ----- end to end with a bundle ------------------------------------------------------------------

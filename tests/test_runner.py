@@ -294,3 +294,42 @@ def test_a_bundle_whose_relay_is_full_is_refused_before_anything_is_written(tmp_
     opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(first.bundles[0]), insecure_unsigned=True)
     says = _refused_before_training(tmp_path, monkeypatch, cfg, opts)
     assert says.startswith("strategy.kwargs.site_capacity: site 'Domain2' would be site number 2")
+
+
+def test_an_unwritable_ledger_folder_is_refused_before_training(tmp_path, tiny_fundus, monkeypatch):
+    from relaylearn import runner
+    from relaylearn.keys import generate_keypair
+
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: pytest.fail("trained although the ledger cannot be written"))
+    key, _ = generate_keypair(tmp_path / "keys", "HospA")
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1,))))
+    opts = TrainOptions(
+        quiet=True, exps_root=tmp_path / "exps", key=str(key), ledger=str(tmp_path / "a_file" / "ledger"), out_bundle=str(tmp_path / "hop1.relay")
+    )
+    with pytest.raises(UserError, match="site ledger: cannot write here: .*a_file is not a writable folder") as refused:
+        run_training(cfg, "t", opts)
+    assert refused.value.path == str(tmp_path / "a_file" / "ledger")
+    assert not (tmp_path / "exps").exists() and not (tmp_path / "hop1.relay").exists()
+
+
+def test_a_ledger_that_fails_after_training_says_resume_and_resume_finishes(tmp_path, tiny_fundus, monkeypatch):
+    from relaylearn.bundle import SiteLedger
+    from relaylearn.keys import generate_keypair
+
+    key, _ = generate_keypair(tmp_path / "keys", "HospA")
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, task_ids=(1,), steps=1)))
+    out = tmp_path / "hop1.relay"
+    opts = {"quiet": True, "exps_root": tmp_path / "exps", "key": str(key), "out_bundle": str(out)}
+    real_record = SiteLedger.record
+
+    def disk_gone(self, bundle, written=False):
+        raise UserError("cannot write: Read-only file system", self.path)
+
+    monkeypatch.setattr(SiteLedger, "record", disk_gone)
+    with pytest.raises(UserError, match=r"Read-only file system; this site's bundle .*task_1\.relay is kept: .*--resume"):
+        run_training(cfg, "t", TrainOptions(**opts))
+    assert not out.exists()
+    monkeypatch.setattr(SiteLedger, "record", real_record)
+    run_training(cfg, "t", TrainOptions(**opts, resume=True))
+    assert out.is_file() and len(list((tmp_path / "keys" / "ledger").glob("*.HospA.json"))) == 1
