@@ -124,6 +124,14 @@ class DatasetKwargs(Strict):
         False,
         description="CT layouts: pixels below −500 HU become class 0 (other classes +1); with ct_slices, hu_min must be below −500 (pixel 0 = hu_min HU).",
     )
+    score_helper_classes: bool = Field(
+        False,
+        description=(
+            "CT layouts with add_bone_label / add_bg_label: also score the classes those options put between class 0 and the tumour "
+            "(soft tissue, bone) in Dice, R, ACC/BWT/forgetting, validation and replay fidelity, as the original code did; "
+            "default: only the real foreground classes are scored."
+        ),
+    )
     val_fraction: float = Field(
         0.15,
         ge=0,

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from relaylearn.assembly import load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
+from relaylearn.assembly import first_scored_class, load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
 from relaylearn.config import RunConfig
 from relaylearn.devices import inference_device
 from relaylearn.errors import UserError
@@ -53,7 +53,9 @@ def run_test(
         for ds in cfg.test_datasets:
             if ds.kwargs.num_classes != task.dataset.kwargs.num_classes:
                 raise UserError(f"test site {ds.site} has {ds.kwargs.num_classes} classes but the model predicts {task.dataset.kwargs.num_classes}", cfg.path)
-            res = evaluate_site(solver, test_data[ds.site], ds.kwargs.num_classes, cfg.tasks[0].test.batch_size, device, cfg.tasks[0].test.bootstrap)
+            res = evaluate_site(
+                solver, test_data[ds.site], ds.kwargs.num_classes, cfg.tasks[0].test.batch_size, device, cfg.tasks[0].test.bootstrap, first_scored_class(ds)
+            )
             summary.append(summary_row(task_id, trained, ds.site, res))
             per_image.extend(per_image_rows(task_id, trained, ds.site, res))
             d = res["summary"]["dice_sample"]
