@@ -31,6 +31,12 @@ def load_split(ds: DatasetConfig, split: str):
     return data if parts is None else part_of(data, parts[0] if split == "train" else parts[1])
 
 
+def first_scored_class(ds: DatasetConfig) -> int:
+    """The lowest class id the metrics score on ``ds``'s data (its layout's
+    :meth:`~relaylearn.data.layouts.Layout.first_scored_class`)."""
+    return get_layout(ds.name).first_scored_class(ds.kwargs)
+
+
 def load_training_folder(ds: DatasetConfig):
     """The site's ``train`` folder, decoded, and the indices (training part, validation part) of
     its items; None instead of the indices when ``val_fraction`` is 0 (everything trains)."""

@@ -263,7 +263,9 @@ def closest_pairs_picture(
 def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: AuditOptions, discriminators_travel: bool) -> AuditResult:
     """Audit the generators (and, if they travel, the discriminators) of a replaying ``strategy``
     for one site it can replay (``strategy.replay_sites()``), against that site's own train and
-    test splits."""
+    test splits. ``discriminators_travel``: the bundle carries discriminators; the report's
+    ``discriminators_audited`` says whether white-box checks actually ran (the strategy has
+    discriminator scorers, e.g. not with ``ship_discriminators: false``)."""
     started = time.perf_counter()
     registry = strategy.replay_sites()
     if site not in registry:
@@ -273,6 +275,7 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
         raise UserError(
             f"site {printable(site)}: need at least 2 train and 2 test images of the same size (got {tuple(train.images.shape)} and {tuple(test.images.shape)})"
         )
+    scorers = strategy.discriminator_scorers(site_id) if discriminators_travel else {}
     gen_images, gen_labels = generate_site_pairs(strategy, site_id, options.n_generated, options.seed, options.batch_size)
     if gen_images.shape[1:] != train.images.shape[1:]:
         raise UserError(
@@ -286,7 +289,7 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
         data.num_classes,
         options,
         features=lambda x: encoder_features(strategy.solver, x, options.batch_size),
-        discriminators=(strategy.discriminator_scorers(site_id) or None) if discriminators_travel else None,
+        discriminators=scorers or None,
         out_range=tuple(data.out_range),
     )
     report = {
@@ -300,7 +303,7 @@ def audit_site(strategy, site: str, train: SplitData, test: SplitData, options: 
         "level": options.level,
         "n_bootstrap": options.n_bootstrap,
         "seed": options.seed,
-        "discriminators_audited": bool(discriminators_travel),
+        "discriminators_audited": bool(scorers),
         "checks": checks,
         "flagged": [f"{c['check']} ({c['space']})" for c in checks if c["flagged"]],
         "seconds": round(time.perf_counter() - started, 2),
@@ -447,7 +450,8 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
         if site not in datasets:
             continue
         train, test = load(datasets[site], "train"), load(datasets[site], "test")
-        result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, True)
+        travels = bool(strategy.discriminator_scorers(strategy.replay_sites()[site]))  # none with ship_discriminators: false
+        result = audit_site(strategy, site, SplitData(train.images, train.labels), SplitData(test.images, test.labels), options, travels)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
         png = Path("privacy") / f"hop{hop}_{safe}_closest_pairs.png"
         atomic_write(run_dir / "metrics" / png, png_bytes(result.closest_pairs))

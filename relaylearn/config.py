@@ -91,7 +91,9 @@ class DatasetKwargs(Strict):
         description="Site folder(s) under root_path; a list merges several folders into one site (an image, volume or study whose name occurs in more than one is named <folder>/<name>, all its slices alike).",
     )
     task_id: Optional[int] = Field(None, ge=0, le=MAX_TASK_ID, description="Integer id of the site (1-based, defines the relay order in the original).")
-    task_name: Optional[str] = Field(None, description="Unique site name (pseudonymous name in bundles, conditioning key for the replay GAN).")
+    task_name: Optional[str] = Field(
+        None, description="Unique site name (pseudonymous name in bundles, conditioning key for the replay GAN); no '+' (it joins pooled sites, A+B)."
+    )
     use_roi: bool = Field(True, description="DoFE layout: read images from the ROIs/ sub-folder.")
     img_size: tuple[int, int] = Field((64, 64), description="Training resolution (H, W) in pixels.")
     out_range: tuple[float, float] = Field((-1.0, 1.0), description="Intensity range images are scaled to.")
@@ -121,6 +123,14 @@ class DatasetKwargs(Strict):
     add_bg_label: bool = Field(
         False,
         description="CT layouts: pixels below −500 HU become class 0 (other classes +1); with ct_slices, hu_min must be below −500 (pixel 0 = hu_min HU).",
+    )
+    score_helper_classes: bool = Field(
+        False,
+        description=(
+            "CT layouts with add_bone_label / add_bg_label: also score the classes those options put between class 0 and the tumour "
+            "(soft tissue, bone) in Dice, R, ACC/BWT/forgetting, validation and replay fidelity, as the original code did; "
+            "default: only the real foreground classes are scored."
+        ),
     )
     val_fraction: float = Field(
         0.15,
@@ -183,6 +193,18 @@ class DatasetConfig(Strict):
                     f"kwargs.add_bg_label: air (< {AIR_HU:g} HU) never occurs in ct_slices with kwargs.hu_min={k.hu_min:g} "
                     f"(a 16-bit slice holds HU − hu_min, nothing below hu_min); use slices written with hu_min below {AIR_HU:g}, or no add_bg_label"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _plain_site_name(self):
+        """'+' joins the sites of a pooled result row (``A+B``, joint training) in matrix.json and the
+        results CSVs, so a site named ``B+C`` would be read as two sites."""
+        if "+" in self.site:
+            source = "kwargs.task_name" if self.kwargs.task_name else "kwargs.img_folder (the site's name without a task_name)"
+            raise ValueError(
+                f"site name {self.site!r} from {source} contains '+', which joins the sites of a pooled result row (A+B); "
+                "set kwargs.task_name to a name without '+'"
+            )
         return self
 
     @property

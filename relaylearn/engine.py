@@ -454,16 +454,19 @@ def predict_logits(solver: torch.nn.Module, images: Tensor, batch_size: int = 64
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def evaluate_site(solver: torch.nn.Module, data, num_classes: int, batch_size: int = 64, device: Any = "cpu", bootstrap: int = 5000) -> dict:
-    """Per-image and summary segmentation metrics of ``solver`` on one site's test data, whose
-    labels have ``num_classes`` classes: UserError when the solver predicts another number (a
-    class it cannot predict would count as a perfect Dice wherever it is absent)."""
+def evaluate_site(
+    solver: torch.nn.Module, data, num_classes: int, batch_size: int = 64, device: Any = "cpu", bootstrap: int = 5000, first_class: int = 1
+) -> dict:
+    """Per-image and summary segmentation metrics (:class:`~relaylearn.metrics.SegmentationScores`
+    of the classes ``first_class``..K−1, bootstrapped over ``data.subjects``) of ``solver`` on one
+    site's test data, whose labels have ``num_classes`` classes: UserError when the solver predicts
+    another number (a class it cannot predict would count as a perfect Dice wherever it is absent)."""
     from relaylearn.errors import UserError
     from relaylearn.metrics import SegmentationScores
 
-    scores = SegmentationScores(num_classes=num_classes, n_bootstrap=bootstrap)
+    scores = SegmentationScores(num_classes=num_classes, n_bootstrap=bootstrap, first_class=first_class)
     logits = predict_logits(solver, data.images, batch_size, device)
     if logits.numel() and logits.shape[1] != num_classes:
         raise UserError(f"the test data has {num_classes} classes but the model predicts {logits.shape[1]}")
-    scores.update(logits.argmax(1), data.labels, data.names)
+    scores.update(logits.argmax(1), data.labels, data.names, getattr(data, "subjects", None))  # none: each image is its own subject
     return scores.compute()

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from relaylearn.assembly import load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
+from relaylearn.assembly import first_scored_class, load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
 from relaylearn.config import RunConfig
 from relaylearn.devices import inference_device
 from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, local_stamp, software_versions, utc_now
@@ -67,7 +67,7 @@ def run_test(
             if test_data.get(ds.site, (None,))[0] != ds:
                 test_data[ds.site] = (ds, load_split(ds, "test"))
             with out_of_memory_as_error("testing the model", img_size, batch):
-                res = evaluate_site(solver, test_data[ds.site][1], ds.kwargs.num_classes, batch, device, cfg.tasks[0].test.bootstrap)
+                res = evaluate_site(solver, test_data[ds.site][1], ds.kwargs.num_classes, batch, device, cfg.tasks[0].test.bootstrap, first_scored_class(ds))
             summary.append(summary_row(task_id, trained, ds.site, res))
             per_image.extend(per_image_rows(task_id, trained, ds.site, res))
             d = res["summary"]["dice_sample"]

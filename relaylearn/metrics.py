@@ -1,7 +1,9 @@
 """Segmentation metrics and the continual-learning matrix metrics (docs/design.md#metrics).
 
-Conventions: class 0 is background; metrics are reported for the foreground classes 1..K−1, so a
-per-class result has K−1 columns (column k−1 is class k). Distances are in pixels.
+Conventions: class 0 is background; metrics are reported for the *scored* classes f..K−1, where
+``first_class`` f is 1 unless a data layout adds helper classes below the real foreground (the CT
+options ``add_bg_label`` / ``add_bone_label``, :meth:`relaylearn.data.layouts.Layout.first_scored_class`),
+so a per-class result has K−f columns (column k−f is class k). Distances are in pixels.
 
 * Dice per image and class = 2tp / (2tp + fp + fn), and 1.0 when the class is absent from both
   prediction and truth.
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from relaylearn.errors import DataError
 
-FOREGROUND_FROM = 1
+FOREGROUND_FROM = 1  #: default first scored class (class 0 is the background)
 
 
 def _as_ids(pred: Tensor) -> Tensor:
@@ -49,8 +51,14 @@ def _check_pair(pred: Tensor, target: Tensor) -> None:
         raise DataError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, H, W] class ids")
 
 
-def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image tp, fp, fn of the foreground classes: ids [B,H,W] x2 -> int64 [B, K−1] each."""
+def _check_first_class(num_classes: int, first_class: int) -> None:
+    if not FOREGROUND_FROM <= first_class < num_classes:
+        raise DataError(f"the first scored class must lie in {FOREGROUND_FROM}..{num_classes - 1} (num_classes={num_classes}), got {first_class}")
+
+
+def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int, first_class: int = FOREGROUND_FROM) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image tp, fp, fn of the scored classes f..K−1: ids [B,H,W] x2 -> int64 [B, K−f] each."""
+    _check_first_class(num_classes, first_class)
     for name, ids in (("prediction", pred), ("target", target)):
         if ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
             raise DataError(f"{name} holds class ids outside 0..{num_classes - 1}")
@@ -61,7 +69,7 @@ def _confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[T
     tp = confusion.diagonal(dim1=1, dim2=2)
     fp = confusion.sum(dim=1) - tp
     fn = confusion.sum(dim=2) - tp
-    return tp[:, FOREGROUND_FROM:], fp[:, FOREGROUND_FROM:], fn[:, FOREGROUND_FROM:]
+    return tp[:, first_class:], fp[:, first_class:], fn[:, first_class:]
 
 
 def _dice_from_counts(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
@@ -70,16 +78,16 @@ def _dice_from_counts(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
     return torch.where(denominator == 0, torch.ones_like(dice), dice)
 
 
-def dice_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """Dice of each image and foreground class: ids [B,H,W] x2 -> float64 [B, K−1]."""
+def dice_per_image(pred: Tensor, target: Tensor, num_classes: int, first_class: int = FOREGROUND_FROM) -> Tensor:
+    """Dice of each image and scored class f..K−1: ids [B,H,W] x2 -> float64 [B, K−f]."""
     _check_pair(pred, target)
-    return _dice_from_counts(*_confusion_counts(pred, target, num_classes))
+    return _dice_from_counts(*_confusion_counts(pred, target, num_classes, first_class))
 
 
-def pooled_dice(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """Voxel-wise Dice over the whole set: ids [B,H,W] x2 -> float64 [K−1] (1.0 if absent everywhere)."""
+def pooled_dice(pred: Tensor, target: Tensor, num_classes: int, first_class: int = FOREGROUND_FROM) -> Tensor:
+    """Voxel-wise Dice over the whole set: ids [B,H,W] x2 -> float64 [K−f] (1.0 if absent everywhere)."""
     _check_pair(pred, target)
-    return _dice_from_counts(*(count.sum(0) for count in _confusion_counts(pred, target, num_classes)))
+    return _dice_from_counts(*(count.sum(0) for count in _confusion_counts(pred, target, num_classes, first_class)))
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -114,46 +122,65 @@ def surface_metrics(pred_mask: np.ndarray, target_mask: np.ndarray, empty_distan
     return float(hd95), float(asd)
 
 
-def per_image_metrics(pred: Tensor, target: Tensor, num_classes: int, *, empty_distance: float | None = None) -> dict[str, Tensor]:
-    """Dice, HD95 and ASD of each image and foreground class.
+def per_image_metrics(
+    pred: Tensor, target: Tensor, num_classes: int, *, empty_distance: float | None = None, first_class: int = FOREGROUND_FROM
+) -> dict[str, Tensor]:
+    """Dice, HD95 and ASD of each image and scored class f..K−1 (f = ``first_class``).
 
     pred, target: class ids [B,H,W] (any integer dtype, any device). Returns float64 CPU tensors
-    ``{"dice": [B,K−1], "hd95": [B,K−1], "asd": [B,K−1]}``. ``empty_distance``: the HD95/ASD
+    ``{"dice": [B,K−f], "hd95": [B,K−f], "asd": [B,K−f]}``. ``empty_distance``: the HD95/ASD
     when exactly one of prediction and truth is empty (default: image diagonal √(H²+W²)).
     """
     _check_pair(pred, target)
     height, width = pred.shape[-2:]
     if empty_distance is None:
         empty_distance = math.hypot(height, width)
-    dice = dice_per_image(pred, target, num_classes).cpu()
+    dice = dice_per_image(pred, target, num_classes, first_class).cpu()
     pred_np, target_np = pred.cpu().numpy(), target.cpu().numpy()
-    surface = np.zeros((pred_np.shape[0], num_classes - FOREGROUND_FROM, 2))
+    surface = np.zeros((pred_np.shape[0], num_classes - first_class, 2))
     for image in range(pred_np.shape[0]):
-        for column, cls in enumerate(range(FOREGROUND_FROM, num_classes)):
+        for column, cls in enumerate(range(first_class, num_classes)):
             surface[image, column] = surface_metrics(pred_np[image] == cls, target_np[image] == cls, empty_distance)
     surface_t = torch.from_numpy(surface)
     return {"dice": dice, "hd95": surface_t[..., 0], "asd": surface_t[..., 1]}
 
 
-def bootstrap_ci(values: np.ndarray | Tensor | Sequence[float], n_resamples: int = 5000, level: float = 0.95, seed: int = 1234) -> tuple[float, float, float]:
-    """Percentile bootstrap of the mean of a 1-D sample: returns (mean, low, high).
+def bootstrap_ci(
+    values: np.ndarray | Tensor | Sequence[float],
+    n_resamples: int = 5000,
+    level: float = 0.95,
+    seed: int = 1234,
+    groups: Sequence[str] | None = None,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap of the mean of a 1-D sample [N]: returns (mean, low, high).
 
     Draws ``n_resamples`` resamples with replacement (``numpy.random.default_rng(seed)``), so the
-    result is deterministic for a given seed. An empty sample gives NaNs; one value or
-    ``n_resamples=0`` gives the mean with NaN bounds (one value says nothing about the spread).
+    result is deterministic for a given seed. ``groups`` [N] (e.g. the study of each CT slice):
+    a cluster bootstrap that resamples whole groups and takes the mean over all values of the
+    drawn groups; without groups, or when every group holds one value, values are resampled (the
+    same draws). An empty sample gives NaNs; one value (one group) or ``n_resamples=0`` gives the
+    mean with NaN bounds (one value says nothing about the spread).
     """
     sample = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
+    if groups is not None and len(groups) != sample.size:
+        raise DataError(f"{len(groups)} groups given for {sample.size} values")
     if sample.size == 0:
         return math.nan, math.nan, math.nan
-    if n_resamples <= 0 or sample.size == 1:
+    sums, sizes = sample, np.ones_like(sample)
+    if groups is not None:  # one sum and count per group, groups in order of first appearance
+        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        cluster = np.array([index[g] for g in groups])
+        sums, sizes = np.bincount(cluster, weights=sample), np.bincount(cluster).astype(np.float64)
+    if n_resamples <= 0 or sums.size == 1:
         return float(sample.mean()), math.nan, math.nan
     rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // sample.size)  # bound the index array to about 16 MB
-    means = np.concatenate(
-        [sample[rng.integers(0, sample.size, size=(min(chunk, n_resamples - start), sample.size))].mean(axis=1) for start in range(0, n_resamples, chunk)]
-    )
+    chunk = max(1, 2_000_000 // sums.size)  # bound the index array to about 16 MB
+    means = []
+    for start in range(0, n_resamples, chunk):
+        drawn = rng.integers(0, sums.size, size=(min(chunk, n_resamples - start), sums.size))
+        means.append(sums[drawn].mean(axis=1) if sums.size == sample.size else sums[drawn].sum(axis=1) / sizes[drawn].sum(axis=1))
     tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
+    low, high = np.percentile(np.concatenate(means), [tail, 100.0 - tail])
     return float(sample.mean()), float(low), float(high)
 
 
@@ -193,21 +220,34 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
 class SegmentationScores:
     """Accumulates per-image metrics over batches, then summarises them.
 
-    ``update(pred [B,K,H,W] logits or [B,H,W] ids, target [B,H,W] ids, names [B])``;
+    ``update(pred [B,K,H,W] logits or [B,H,W] ids, target [B,H,W] ids, names [B], subjects [B])``;
     ``compute()`` returns::
 
-        {"per_image": [{"name", "dice_sample", "dice_class_k", "hd95_class_k", "asd_class_k"}, ...],
+        {"per_image": [{"name", "subject", "dice_sample", "dice_class_k", "hd95_class_k", "asd_class_k"}, ...],
          "summary": {"<metric>": {"mean", "low", "high"} for dice_sample and each per-class column,
                      "pooled_dice_class_k": float, "pooled_dice": float (mean over classes),
-                     "n_images": int}}
+                     "n_images": int, "n_subjects": int}}
 
-    ``dice_sample`` is an image's Dice averaged over the foreground classes; k runs over 1..K−1.
+    k runs over the scored classes ``first_class``..K−1 (default 1..K−1); ``dice_sample`` is an
+    image's Dice averaged over them. ``subject`` (default: the image's name) is the bootstrap's
+    resampling unit: images of one subject (the slices of a CT study) are resampled together.
     """
 
-    def __init__(self, num_classes: int, *, empty_distance: float | None = None, n_bootstrap: int = 5000, level: float = 0.95, seed: int = 1234):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        empty_distance: float | None = None,
+        n_bootstrap: int = 5000,
+        level: float = 0.95,
+        seed: int = 1234,
+        first_class: int = FOREGROUND_FROM,
+    ):
         if num_classes < 2:
             raise DataError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+        _check_first_class(num_classes, first_class)
         self.num_classes = num_classes
+        self.first_class = first_class
         self.empty_distance = empty_distance
         self.n_bootstrap = n_bootstrap
         self.level = level
@@ -216,37 +256,44 @@ class SegmentationScores:
 
     def reset(self) -> None:
         self._names: list[str] = []
+        self._subjects: list[str] = []
         self._per_image: list[dict[str, Tensor]] = []
-        self._counts = torch.zeros(3, self.num_classes - FOREGROUND_FROM, dtype=torch.int64)
+        self._counts = torch.zeros(3, self.num_classes - self.first_class, dtype=torch.int64)
 
-    def update(self, pred: Tensor, target: Tensor, names: Sequence[str] | None = None) -> None:
+    def update(self, pred: Tensor, target: Tensor, names: Sequence[str] | None = None, subjects: Sequence[str] | None = None) -> None:
         pred, target = _as_ids(pred).cpu(), torch.as_tensor(target).cpu()
         _check_pair(pred, target)
         if names is None:
             names = [str(len(self._names) + i) for i in range(pred.shape[0])]
-        if len(names) != pred.shape[0]:
-            raise DataError(f"{len(names)} names given for a batch of {pred.shape[0]} images")
+        for what, given in (("names", names), ("subjects", subjects)):
+            if given is not None and len(given) != pred.shape[0]:
+                raise DataError(f"{len(given)} {what} given for a batch of {pred.shape[0]} images")
         self._names.extend(str(name) for name in names)
-        self._per_image.append(per_image_metrics(pred, target, self.num_classes, empty_distance=self.empty_distance))
-        self._counts += torch.stack([count.sum(0) for count in _confusion_counts(pred, target, self.num_classes)])
+        self._subjects.extend(str(subject) for subject in (names if subjects is None else subjects))
+        self._per_image.append(per_image_metrics(pred, target, self.num_classes, empty_distance=self.empty_distance, first_class=self.first_class))
+        self._counts += torch.stack([count.sum(0) for count in _confusion_counts(pred, target, self.num_classes, self.first_class)])
 
     def compute(self) -> dict:
         columns: dict[str, np.ndarray] = {}
+        classes = range(self.first_class, self.num_classes)
         if self._per_image:
             stacked = {key: torch.cat([batch[key] for batch in self._per_image]).numpy() for key in ("dice", "hd95", "asd")}
         else:
-            stacked = {key: np.zeros((0, self.num_classes - FOREGROUND_FROM)) for key in ("dice", "hd95", "asd")}
+            stacked = {key: np.zeros((0, len(classes))) for key in ("dice", "hd95", "asd")}
         columns["dice_sample"] = stacked["dice"].mean(axis=1)
         for metric in ("dice", "hd95", "asd"):
-            for column, cls in enumerate(range(FOREGROUND_FROM, self.num_classes)):
+            for column, cls in enumerate(classes):
                 columns[f"{metric}_class_{cls}"] = stacked[metric][:, column]
-        per_image = [{"name": name, **{key: float(values[row]) for key, values in columns.items()}} for row, name in enumerate(self._names)]
-        summary: dict = {"n_images": len(self._names)}
+        per_image = [
+            {"name": name, "subject": subject, **{key: float(values[row]) for key, values in columns.items()}}
+            for row, (name, subject) in enumerate(zip(self._names, self._subjects))
+        ]
+        summary: dict = {"n_images": len(self._names), "n_subjects": len(set(self._subjects))}
         for key, values in columns.items():
-            mean, low, high = bootstrap_ci(values, self.n_bootstrap, self.level, self.seed)
+            mean, low, high = bootstrap_ci(values, self.n_bootstrap, self.level, self.seed, groups=self._subjects)
             summary[key] = {"mean": mean, "low": low, "high": high}
         pooled = _dice_from_counts(*self._counts)
-        for column, cls in enumerate(range(FOREGROUND_FROM, self.num_classes)):
+        for column, cls in enumerate(classes):
             summary[f"pooled_dice_class_{cls}"] = float(pooled[column])
         summary["pooled_dice"] = float(pooled.mean())
         return {"per_image": per_image, "summary": summary}

@@ -56,6 +56,7 @@ RECIPE_KEYS: tuple[str, ...] = (
     "dataset.kwargs.drop_negative",
     "dataset.kwargs.add_bone_label",
     "dataset.kwargs.add_bg_label",
+    "dataset.kwargs.score_helper_classes",
 )
 #: everything about where and how a site runs; listed so that every key is classified on purpose
 SITE_KEYS: tuple[str, ...] = (

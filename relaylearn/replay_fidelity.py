@@ -4,7 +4,8 @@ For an earlier site s, ``N`` (image, mask) pairs are generated for s and an *ora
 solver that segments s's real images well, in a simulated relay the run's own solver right after
 training on s — segments the generated images. Fidelity is the mean sample-wise foreground Dice
 between the oracle's prediction and the generated mask: high when the generated image really
-shows the anatomy its mask claims. It is read next to the *reference*, the oracle's Dice on s's
+shows the anatomy its mask claims. The classes scored are the run's (``first_class``..K−1, see
+:meth:`relaylearn.data.layouts.Layout.first_scored_class`), as for R. It is read next to the *reference*, the oracle's Dice on s's
 real test images (the best a perfect generator could score).
 
 ``metrics/replay.json`` of a run holds ``F[k][s]`` (after hop k, for site s, training order;
@@ -55,13 +56,13 @@ def class_fractions(masks: Tensor, num_classes: int) -> list[float]:
 
 
 @torch.no_grad()
-def oracle_dice(oracle: nn.Module, images: Tensor, masks: Tensor, num_classes: int, batch_size: int = 64, device: Any = "cpu") -> Tensor:
+def oracle_dice(oracle: nn.Module, images: Tensor, masks: Tensor, num_classes: int, batch_size: int = 64, device: Any = "cpu", first_class: int = 1) -> Tensor:
     """Sample-wise foreground Dice [N] of ``oracle``'s argmax prediction on images [N,C,H,W]
-    against masks [N,H,W] (mean over foreground classes; 1 for a class absent from both)."""
+    against masks [N,H,W] (mean over the scored classes ``first_class``..K−1; 1 for a class absent from both)."""
     from relaylearn.engine import predict_logits
 
     pred = predict_logits(oracle, images, batch_size=batch_size, device=device).argmax(1).cpu()  # in eval mode
-    return dice_per_image(pred, masks.cpu(), num_classes).mean(1)
+    return dice_per_image(pred, masks.cpu(), num_classes, first_class).mean(1)
 
 
 def replay_fidelity(
@@ -73,10 +74,11 @@ def replay_fidelity(
     seed: int = 0,
     batch_size: int = 64,
     device: Any = "cpu",
+    first_class: int = 1,
 ) -> FidelityScore:
-    """Generate ``n`` pairs of ``site`` from ``source`` and score them with ``oracle``."""
+    """Generate ``n`` pairs of ``site`` from ``source`` and score them with ``oracle`` (classes ``first_class``..K−1)."""
     images, masks = source.generate_replay(site, n, seed=seed)
-    per_sample = oracle_dice(oracle, images, masks, num_classes, batch_size=batch_size, device=device)
+    per_sample = oracle_dice(oracle, images, masks, num_classes, batch_size=batch_size, device=device, first_class=first_class)
     fidelity = float(per_sample.mean()) if per_sample.numel() else math.nan
     return FidelityScore(fidelity, per_sample, class_fractions(masks, num_classes))
 
@@ -140,19 +142,27 @@ class FidelityRecorder:
     only, never shipped), and after every hop k scores the generators leaving hop k on every
     earlier site. Writes ``<run>/metrics/replay.json`` and a sample grid per hop and earlier site
     (``<run>/metrics/replay_samples/hop<k>_site<s>.png``, 1-based, training order).
+    ``first_class``: the lowest class scored (as for R).
     """
 
     GRID = 8  # pairs shown per site and hop
 
     def __init__(
-        self, run_dir, num_classes: int, samples: int = DEFAULT_SAMPLES, seed: int = 0, resume: bool = False, out_range: tuple[float, float] = (-1.0, 1.0)
+        self,
+        run_dir,
+        num_classes: int,
+        samples: int = DEFAULT_SAMPLES,
+        seed: int = 0,
+        resume: bool = False,
+        out_range: tuple[float, float] = (-1.0, 1.0),
+        first_class: int = 1,
     ):
         import json
         from pathlib import Path
 
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics" / "replay.json"
-        self.num_classes, self.samples, self.seed, self.out_range = num_classes, samples, seed, out_range
+        self.num_classes, self.samples, self.seed, self.out_range, self.first_class = num_classes, samples, seed, out_range, first_class
         self.data: dict[str, Any] = {
             "metric": "oracle foreground Dice on generated pairs",
             "samples": samples,
@@ -198,7 +208,7 @@ class FidelityRecorder:
         oracle = copy.deepcopy(strategy.solver).cpu()
         for s in range(position):
             oracle.load_state_dict(load_file(str(self.oracle_path(s))))
-            score = replay_fidelity(strategy, d["sites"][s], oracle, self.num_classes, n=self.samples, seed=self.seed + s)
+            score = replay_fidelity(strategy, d["sites"][s], oracle, self.num_classes, n=self.samples, seed=self.seed + s, first_class=self.first_class)
             row[s], generated[s] = score.fidelity, score.class_fractions
             images, masks = strategy.generate_replay(d["sites"][s], self.GRID, seed=self.seed + s)
             atomic_write(

@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 
-from relaylearn.assembly import check_bundle_fits, check_task_builds, load_split, load_training_folder, local_plugins, part_of, restore_strategy, shipped_config
+from relaylearn.assembly import (
+    check_bundle_fits,
+    check_task_builds,
+    first_scored_class,
+    load_split,
+    load_training_folder,
+    local_plugins,
+    part_of,
+    restore_strategy,
+    shipped_config,
+)
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
@@ -622,7 +632,9 @@ class RelayRun:
     def _evaluate(self, solver, task: TaskConfig, device, site_name: str) -> tuple[list[float], dict[str, dict], list[float] | None]:
         """(row of R, test site → evaluation, validation row) of ``solver`` after ``site_name``."""
         results = {
-            ds.site: evaluate_site(solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap)
+            ds.site: evaluate_site(
+                solver, self._test_data(ds), ds.kwargs.num_classes, task.test.batch_size, device, task.test.bootstrap, first_scored_class(ds)
+            )
             for ds in self.cfg.test_datasets
         }
         row = [final_dice(results[ds.site]) for ds in self.cfg.test_datasets]
@@ -687,7 +699,7 @@ class RelayRun:
         for task in self.cfg.tasks:
             data = self._validation_data()[task.dataset.site]
             predicted = predict_logits(solver, data.images, batch_size, device).argmax(1)
-            row.append(float(dice_per_image(predicted, data.labels, task.dataset.kwargs.num_classes).mean()))
+            row.append(float(dice_per_image(predicted, data.labels, task.dataset.kwargs.num_classes, first_scored_class(task.dataset)).mean()))
         return row
 
     def _has_validation(self) -> bool:
@@ -736,7 +748,15 @@ class RelayRun:
         from relaylearn.replay_fidelity import FidelityRecorder
 
         k = first.dataset.kwargs
-        return FidelityRecorder(self.run_dir, k.num_classes, n, seed=first.random_seed, resume=self.opts.resume, out_range=tuple(k.out_range))
+        return FidelityRecorder(
+            self.run_dir,
+            k.num_classes,
+            n,
+            seed=first.random_seed,
+            resume=self.opts.resume,
+            out_range=tuple(k.out_range),
+            first_class=first_scored_class(first.dataset),
+        )
 
     def _test_data(self, ds: DatasetConfig):
         if ds.site not in self._test_cache:

@@ -253,3 +253,20 @@ def test_the_number_of_generated_pairs_is_bounded_before_anything_is_read(tmp_pa
     assert f"--n-generated {n}: expected 2 to 100000 generated pairs" in one_line_error(result.err)
     with pytest.raises(UserError, match="expected 2 to 100000"):
         AuditOptions(n_generated=100_001)
+
+
+def test_the_per_hop_audit_says_no_discriminators_were_audited_when_none_travel(relay_run, tmp_path):
+    """ship_discriminators: false → no white-box check and ``discriminators_audited`` false."""
+    from types import SimpleNamespace
+
+    from relaylearn.audit import audit_after_hop
+    from relaylearn.bundle import read_bundle
+
+    result, _, _ = relay_run
+    strategy, task = strategy_from_bundle(read_bundle(result.bundles[-1], trust=None, allow_unsigned=True))
+    strategy.options = strategy.options.model_copy(update={"ship_discriminators": False})
+    pairs = generate_site_pairs(strategy, 0, 8, seed=3)
+    tasks = [task.model_copy(update={"dataset": task.dataset.model_copy(update={"kwargs": task.dataset.kwargs.model_copy(update={"task_name": "Domain1"})})})]
+    entry = audit_after_hop(strategy, tasks, 2, "Domain2", tmp_path, load_split_fn=lambda ds, split: SimpleNamespace(images=pairs[0], labels=pairs[1]))
+    site = entry["sites"]["Domain1"]
+    assert site["discriminators_audited"] is False and not any(c["check"] == "membership white box" for c in site["checks"])

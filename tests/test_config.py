@@ -376,3 +376,13 @@ def test_a_config_without_a_strategy_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({"common": common, "all_tasks_datasets": [{"kwargs": {"task_id": 1}}], "current_tasks": {"task_ids": [1]}}))
     with pytest.raises(ConfigError, match="common.strategy: Field required"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("kwargs", [{"task_name": "B+C"}, {"img_folder": "B+C"}])
+def test_a_site_name_with_a_plus_is_refused(tmp_path, kwargs):
+    """'+' joins the sites of a pooled row (A+B): a site B+C would be read as the sites B and C."""
+    raw = yaml.safe_load(tiny_config(tmp_path, tmp_path).read_text())
+    raw["all_tasks_datasets"][1]["kwargs"] = {"task_id": 2, **kwargs}
+    (tmp_path / "plus.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"all_tasks_datasets\[1\].*site name 'B\+C'.*contains '\+'.*task_name"):
+        load_config(str(tmp_path / "plus.yaml"))

@@ -78,3 +78,39 @@ def test_tiny_ct_relay_trains_end_to_end(tmp_path, monkeypatch):
     assert main(["export", "--no-verify", "--bundle", str(result.bundles[-1]), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
     meta = json.loads((tmp_path / "m.pt.json").read_text())
     assert meta["hu_window"] == [-160.0, 240.0] and "window [-160, 240]" in meta["input"]["preprocessing"]
+
+
+def test_a_ct_run_scores_the_tumour_only_and_names_each_slice_study(tmp_path, monkeypatch):
+    """With add_bg_label (class 1 = soft tissue, class 2 = tumour) R, per_class, the validation
+    matrix and the CSVs score class 2 only; per_image CSV rows carry their study."""
+    import csv
+
+    from relaylearn import metrics
+
+    data = tmp_path / "ct"
+    write_synthetic_ct(data, size=32, seed=3, studies={"CT1": 5, "CT2": 5})
+    overrides = ["dataset.kwargs.add_bg_label=true", "dataset.kwargs.num_classes=3", "train.loss.kwargs.ce_weight=[1,1,2]", "train.num_steps=1"]
+    overrides += [
+        "train.batch_size=4",
+        "dataset.kwargs.train_ratio=0.6",
+        "dataset.kwargs.val_fraction=0.34",
+        "dataset.kwargs.neg_pos_ratio=null",
+        "test.bootstrap=100",
+    ]
+    raw = yaml.safe_load((load_config("demo/ct_sequential").path).read_text())
+    raw["all_tasks_datasets"], raw["current_tasks"]["task_ids"] = raw["all_tasks_datasets"][:2], [1, 2]
+    config = tmp_path / "ct_seq.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    scored = []
+    dice_per_image = metrics.dice_per_image
+    monkeypatch.setattr(metrics, "dice_per_image", lambda *a, **k: scored.append(a[3:]) or dice_per_image(*a, **k))  # the validation row's
+    result = run_training(load_config(str(config), overrides, str(data)), "t", TrainOptions(devices="cpu", quiet=True, exps_root=tmp_path / "exps"))
+    matrix = json.loads((result.run_dir / "metrics" / "matrix.json").read_text())
+    assert {key for row in matrix["per_class"].values() for cell in row.values() for key in cell} == {"dice_class_2"}
+    assert matrix["validation"] is not None and scored and set(scored) == {(2,)}
+    folder = result.run_dir / "test_results"
+    rows = list(csv.DictReader(next(folder.glob("per_image_*.csv")).open()))
+    ct1 = [r for r in rows if r["test_site"] == "CT1" and r["task_id"] == "1"]
+    assert all(r["name"].startswith(r["subject"] + "_") for r in rows) and len({r["subject"] for r in ct1}) == 2 < len(ct1)
+    summary = list(csv.DictReader(next(folder.glob("results_*.csv")).open()))
+    assert {r["n_subjects"] for r in summary} == {"2"} and "dice_class_1" not in summary[0]

@@ -20,6 +20,7 @@ from relaylearn.metrics import (
     SegmentationScores,
     bootstrap_ci,
     continual_metrics,
+    dice_per_image,
     per_image_metrics,
     pooled_dice,
 )
@@ -197,6 +198,59 @@ def test_segmentation_scores_accumulates_and_summarises():
     assert summary["n_images"] == 5
     with pytest.raises(DataError, match="1 names given for a batch of 2"):
         scores.update(pred[:2], target[:2], ["x"])
+
+
+def test_helper_classes_below_the_first_scored_class_are_left_out():
+    """A model perfect on a helper class 1 (soft tissue) that never predicts the tumour (class 2)
+    scores 0 with first_class=2; from class 1 (the original's average) it scored (24/28 + 0) / 2."""
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:6, 2:6] = 1
+    target[:, 3:5, 3:5] = 2
+    pred = target.clone()
+    pred[pred == 2] = 1
+    scores = SegmentationScores(num_classes=3, n_bootstrap=0, first_class=2)
+    scores.update(pred, target)
+    summary, row = scores.compute()["summary"], scores.compute()["per_image"][0]
+    assert summary["dice_sample"]["mean"] == 0.0 and summary["pooled_dice"] == 0.0
+    assert "dice_class_1" not in row and "pooled_dice_class_1" not in summary and row["dice_class_2"] == 0.0
+    assert per_image_metrics(pred, target, 3, first_class=2)["hd95"].shape == (2, 1)
+    assert pooled_dice(pred, target, 3).mean().item() == pytest.approx(3 / 7)  # default: from class 1, as the original
+    assert dice_per_image(pred, target, 3, first_class=2).tolist() == [[0.0], [0.0]]
+    with pytest.raises(DataError, match="first scored class"):
+        SegmentationScores(num_classes=3, first_class=3)
+
+
+def test_cluster_bootstrap_resamples_whole_subjects():
+    """Slices of one study are resampled together: with every study's slices alike the interval
+    is that of the study means, much wider than the slice-level one; one group per value is the
+    plain bootstrap, one group alone gives no interval."""
+    studies = np.repeat(np.arange(5.0), 20)  # 5 studies of 20 identical slices
+    groups = [f"s_{int(v)}" for v in studies]
+    mean, low, high = bootstrap_ci(studies, 2000, groups=groups)
+    per_study = bootstrap_ci(np.arange(5.0), 2000)
+    assert mean == 2.0 and (low, high) == pytest.approx(per_study[1:], abs=0.2)
+    slices = bootstrap_ci(studies, 2000)
+    assert high - low > 2.5 * (slices[2] - slices[1])
+    values = np.random.default_rng(1).uniform(size=30)
+    assert bootstrap_ci(values, 500, groups=[str(i) for i in range(30)]) == bootstrap_ci(values, 500)
+    one = bootstrap_ci(values, 500, groups=["a"] * 30)
+    assert one[0] == pytest.approx(values.mean()) and math.isnan(one[1]) and math.isnan(one[2])
+    with pytest.raises(DataError, match="2 groups given for 30 values"):
+        bootstrap_ci(values, groups=["a", "b"])
+
+
+def test_segmentation_scores_record_the_subject_of_each_image():
+    target = random_blob_labels(4, 16, 16, seed=5)
+    scores = SegmentationScores(num_classes=3, n_bootstrap=200)
+    scores.update(target, target, ["s1_0", "s1_1", "s2_0", "s2_1"], ["s1", "s1", "s2", "s2"])
+    result = scores.compute()
+    assert [r["subject"] for r in result["per_image"]] == ["s1", "s1", "s2", "s2"]
+    assert result["summary"]["n_images"] == 4 and result["summary"]["n_subjects"] == 2
+    plain = SegmentationScores(num_classes=3, n_bootstrap=0)
+    plain.update(target, target, ["a", "b", "c", "d"])
+    assert [r["subject"] for r in plain.compute()["per_image"]] == ["a", "b", "c", "d"]  # a 2-D image is its own subject
+    with pytest.raises(DataError, match="1 subjects given for a batch of 4"):
+        scores.update(target, target, None, ["s1"])
 
 
 def test_continual_metrics_3x3_hand_computed():

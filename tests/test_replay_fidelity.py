@@ -45,6 +45,33 @@ def test_fidelity_is_one_for_pairs_that_agree_and_low_for_pairs_that_do_not():
     assert good.class_fractions == pytest.approx([48 / 64, 12 / 64, 4 / 64])
 
 
+class _HidesTheTumour(_Source):
+    """Images show the tumour (class 2) of the masks as the helper class 1."""
+
+    def generate_replay(self, site, n, seed=0):
+        images, masks = super().generate_replay(site, n, seed)
+        return images.clamp(max=1.0), masks
+
+
+def test_fidelity_scores_the_classes_from_first_class(tmp_path):
+    from relaylearn.replay_fidelity import FidelityRecorder
+
+    helper = replay_fidelity(_HidesTheTumour(True), "A", _ChannelOracle(), num_classes=3, n=4)
+    tumour = replay_fidelity(_HidesTheTumour(True), "A", _ChannelOracle(), num_classes=3, n=4, first_class=2)
+    assert tumour.fidelity == 0.0 < helper.fidelity
+
+    class Strategy(_HidesTheTumour, nn.Module):
+        def __init__(self):
+            nn.Module.__init__(self)
+            _HidesTheTumour.__init__(self, True)
+            self.solver = nn.Sequential(nn.Identity(), _ChannelOracle())
+
+    recorder = FidelityRecorder(tmp_path, 3, samples=4, first_class=2)
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    recorder.record(0, "A", Strategy(), None, masks)
+    assert recorder.record(1, "B", Strategy(), None, masks)["fidelity"][1] == [0.0, None]
+
+
 def test_class_fractions_drift_and_mean_final_fidelity():
     assert class_fractions(torch.tensor([[0, 0, 1, 2]]), 4) == pytest.approx([0.5, 0.25, 0.25, 0.0])
     F_ = [[None, None, None], [0.8, None, None], [0.6, 0.7, None]]

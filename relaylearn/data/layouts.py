@@ -304,6 +304,12 @@ class Layout:
         """CT layouts: (hu_min, window low, window high) for reading 16-bit slices in ``predict``."""
         return None
 
+    def first_scored_class(self, kwargs: Any) -> int:
+        """The lowest class id the metrics score (``kwargs``: ``dataset.kwargs``): 1, class 0 being
+        the background. A layout that adds helper classes below the real foreground returns the
+        first real one, so that Dice, R and ACC average only the real foreground classes."""
+        return 1
+
     def read_pairs(self, pairs: list[tuple[Path, Path]], channels: int) -> list[_Item]:
         """Decode (image, mask) pairs, in order. Default: 2-D images with :meth:`decode_label`."""
         return _read_2d_pairs(pairs, channels, self.decode_label)
@@ -392,6 +398,12 @@ class _CTLayout(Layout):
 
     def hu_window(self, kwargs: Any) -> tuple[float, float, float] | None:
         return (kwargs.hu_min, *kwargs.hu_window)
+
+    def first_scored_class(self, kwargs: Any) -> int:
+        """The tumour's class after ``add_bone_label`` / ``add_bg_label``; 1 with ``score_helper_classes`` (as the original)."""
+        from relaylearn.data.ct import first_foreground_class
+
+        return 1 if kwargs.score_helper_classes else first_foreground_class(kwargs.add_bone_label, kwargs.add_bg_label)
 
 
 @register_layout

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from relaylearn.config import DatasetKwargs
-from relaylearn.data.ct import NegPosBatchSampler, load_ct_site, positive_slices, split_studies, window_hu
+from relaylearn.data.ct import NegPosBatchSampler, first_foreground_class, load_ct_site, positive_slices, split_studies, window_hu
 from relaylearn.data.synth_ct import SCANNERS, write_synthetic_ct
 from relaylearn.errors import DataError
 
@@ -340,3 +340,48 @@ def test_a_folder_listed_twice_in_img_folder_is_a_config_error():
 
     with pytest.raises(ValidationError, match="listed twice"):
         kwargs(img_folder=["A", "A"])
+
+
+class _Fixed(torch.nn.Module):
+    """A 'solver' whose logits [N, K, H, W] are given: one-hot of fixed class ids [N, H, W]."""
+
+    def __init__(self, ids: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(ids, num_classes).permute(0, 3, 1, 2).float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+@pytest.mark.parametrize(("bone", "air"), [(False, True), (True, True)])
+def test_only_the_tumour_is_scored_after_add_bg_and_bone_labels(ct_nifti, bone, air):
+    """A model perfect on air / bone / soft tissue that never predicts the tumour scores what it
+    scores without the helper classes (the original averaged them in: Dice ≈ 1 each)."""
+    from relaylearn.assembly import first_scored_class
+    from relaylearn.config import DatasetConfig
+    from relaylearn.engine import evaluate_site
+
+    def scores(**over):
+        ds = DatasetConfig(name="ct_nifti", kwargs=kwargs(train_ratio=0.6, **over))
+        data = load_ct_site("ct_nifti", ct_nifti, "CT1", "test", ds.kwargs)
+        first = first_foreground_class(ds.kwargs.add_bone_label, ds.kwargs.add_bg_label)
+        never_tumour = data.labels.clamp(max=first - 1)
+        num = ds.kwargs.num_classes
+        return evaluate_site(_Fixed(never_tumour, num), data, num, batch_size=len(data), bootstrap=0, first_class=first_scored_class(ds))["summary"]
+
+    plain, helpers = scores(), scores(num_classes=2 + bone + air, add_bone_label=bone, add_bg_label=air)
+    assert helpers["pooled_dice"] == plain["pooled_dice"] == 0.0
+    assert helpers["dice_sample"]["mean"] == plain["dice_sample"]["mean"] < 1.0
+    assert [k for k in helpers if k.startswith("dice_class")] == [f"dice_class_{1 + bone + air}"]  # the tumour's id
+    original = scores(num_classes=2 + bone + air, add_bone_label=bone, add_bg_label=air, score_helper_classes=True)
+    assert original["pooled_dice"] > 0.4 and original["dice_sample"]["mean"] > plain["dice_sample"]["mean"]
+    assert first_scored_class(DatasetConfig(name="fundus", kwargs=kwargs(add_bg_label=True, num_classes=3))) == 1  # CT options only
+
+
+def test_ct_results_name_each_slice_study_and_bootstrap_studies(ct_nifti):
+    from relaylearn.engine import evaluate_site
+
+    data = load_ct_site("ct_nifti", ct_nifti, "CT1", "test", kwargs(train_ratio=0.4))
+    result = evaluate_site(_Fixed(data.labels, 2), data, 2, batch_size=len(data), bootstrap=50)
+    assert [r["subject"] for r in result["per_image"]] == data.subjects
+    assert result["summary"]["n_subjects"] == len(set(data.subjects)) == 3 < result["summary"]["n_images"]

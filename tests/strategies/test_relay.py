@@ -815,3 +815,18 @@ def test_adam_betas_of_the_solver_are_bounded(tmp_path, tiny_fundus):
 
     with pytest.raises(ConfigError, match=r"train\.optimizer\.betas"):
         load_config(str(tiny_config(tmp_path, tiny_fundus)), ["train.optimizer.betas=[0.9, 1.0]"])
+
+
+def test_snapshot_scores_leave_out_the_ct_helper_classes(tmp_path, tiny_fundus, monkeypatch):
+    """With add_bg_label the tumour is class 2: the snapshot choice scores it alone, as the metrics do."""
+    from types import SimpleNamespace
+
+    from relaylearn import replay_fidelity
+    from relaylearn.config import DatasetConfig
+
+    strategy, _ = _replaying(tmp_path, tiny_fundus)
+    kwargs = strategy.config.dataset.kwargs.model_copy(update={"add_bg_label": True})
+    strategy.config = strategy.config.model_copy(update={"dataset": DatasetConfig(name="ct_nifti", kwargs=kwargs)})
+    seen = []
+    monkeypatch.setattr(replay_fidelity, "replay_fidelity", lambda *a, **k: seen.append(k["first_class"]) or SimpleNamespace(fidelity=0.5))
+    assert strategy._score_generators(["A"]) == [0.5] and seen == [2]
