@@ -197,7 +197,10 @@ class RelayOptions(StrategyOptions):
         description="Candidate copies of the leaving generators, spread over the last snapshot_window of a site; at its end the candidate (or the final weights) whose replay the site's solver segments best on its weakest known site leaves. 0 = off: the final weights, as in the paper.",
     )
     snapshot_window: float = Field(
-        0.5, gt=0, le=1, description="Fraction of the site's batches, counted back from its end, over which generator_snapshots are spread."
+        0.5,
+        gt=0,
+        le=1,
+        description="Fraction of the site's batches, counted back from its end, over which generator_snapshots are spread (none before the first batch, nor before the mid-site merge with num_stages 2).",
     )
     snapshot_samples: int = Field(64, ge=1, description="Generated pairs per known site to score each generator snapshot.")
     gen_align_weight: float = Field(
@@ -512,10 +515,13 @@ class Relay(Strategy):
     def _snapshot_due(self, step: StepContext) -> bool:
         """After batch ``step.step``: is it one of the generator_snapshots batches, spread evenly
         over the last snapshot_window of the site (the final batch excluded: its weights are
-        always a candidate)?"""
+        always a candidate), none before the first batch or, with num_stages=2 after the first
+        site, before the mid-site merge (an unmerged generator has seen only this site)?"""
         k, total = self.options.generator_snapshots, step.site.total_steps
         span = self.options.snapshot_window * total
-        return k > 0 and step.step < total - 1 and any(step.step == total - 1 - round(j * span / k) for j in range(1, k + 1))
+        first = total // 2 if self.options.num_stages == 2 and self.previous is not None else 0
+        due = {max(first, total - 1 - round(j * span / k)) for j in range(1, k + 1)} if k > 0 else set()
+        return step.step < total - 1 and step.step in due
 
     def _leaving_generators(self) -> dict[str, nn.Module]:
         """The generators that would leave the site now (the moving average when on)."""

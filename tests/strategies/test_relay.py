@@ -526,12 +526,18 @@ def test_generator_alignment_is_zero_for_unchanged_generators_and_pulls_drifted_
 
 
 def test_generator_snapshots_are_spread_over_the_end_of_the_site(tmp_path, tiny_fundus):
-    strategy, site = _replaying(tmp_path, tiny_fundus, generator_snapshots=3, snapshot_window=0.5)
+    strategy, site = _replaying(tmp_path, tiny_fundus, generator_snapshots=3, snapshot_window=0.5, num_stages=1)
     site.budget_steps = 12  # the last 6 batches; the final one (11) is always a candidate
     assert [t for t in range(12) if strategy._snapshot_due(_step(site, index=t))] == [5, 7, 9]
     off, site = _replaying(tmp_path / "off", tiny_fundus)
     site.budget_steps = 12
     assert not any(off._snapshot_due(_step(site, index=t)) for t in range(12))  # off by default (the paper)
+    whole, site = _replaying(tmp_path / "whole", tiny_fundus, generator_snapshots=2, snapshot_window=1.0, num_stages=1)
+    site.budget_steps = 10
+    assert [t for t in range(10) if whole._snapshot_due(_step(site, index=t))] == [0, 4]  # the earliest was at batch -1: lost
+    merged, site = _replaying(tmp_path / "merged", tiny_fundus, generator_snapshots=4, num_stages=2)
+    site.budget_steps = 100  # the merge is at batch 50: the earliest candidate (49) would be unmerged
+    assert [t for t in range(100) if merged._snapshot_due(_step(site, index=t))] == [50, 61, 74, 87]
 
 
 def test_snapshot_selection_keeps_the_generators_whose_weakest_site_scores_best(tmp_path, tiny_fundus, monkeypatch):
