@@ -215,8 +215,9 @@ class Strategy(nn.Module):
     # ----- helpers for subclasses ----------------------------------------------------------
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, step: StepContext) -> Tensor | float:
         """zero_grad → backward (DDP-aware) → replace NaN/inf gradients → :meth:`adjust_gradients`
-        → clip → optimizer step. Returns the factor clipping scaled the gradients by (see
-        :meth:`clip_gradients`); ``p.grad`` still holds the gradients the step used."""
+        → clip → optimizer step → :meth:`after_optimizer_step`. Returns the factor clipping scaled
+        the gradients by (see :meth:`clip_gradients`); ``p.grad`` still holds the gradients the
+        step used."""
         optimizer.zero_grad(set_to_none=True)
         step.backward(loss)
         return self.apply_gradients(optimizer, step)
@@ -224,17 +225,24 @@ class Strategy(nn.Module):
     def apply_gradients(self, optimizer: torch.optim.Optimizer, step: StepContext) -> Tensor | float:
         """The end of :meth:`optimize`, once the gradients are in: replace NaN/inf gradients (not
         under ``16-mixed``, whose loss scaler must see them) → :meth:`adjust_gradients` → clip →
-        optimizer step. Returns the clipping factor."""
+        optimizer step → :meth:`after_optimizer_step`. Returns the clipping factor."""
         if step.sanitize:
             sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
         self.adjust_gradients(optimizer, step)
         factor = self.clip_gradients(optimizer)
         step_optimizer(optimizer)
+        self.after_optimizer_step(optimizer, step)
         return factor
 
     def adjust_gradients(self, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
         """Hook: change ``optimizer``'s gradients in place before they are clipped and applied
-        (OWM projects them). Under ``16-mixed`` they are still loss-scaled here. Default: nothing."""
+        (OWM with ``projection: gradient`` projects them). Under ``16-mixed`` they are still loss-scaled here. Default: nothing."""
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer, step: StepContext) -> None:
+        """Hook: called right after ``optimizer`` stepped (through the loop's wrapper: under
+        ``16-mixed`` the loss scaler may have skipped the step, leaving the weights unchanged; under
+        DDP every rank calls it after the same step). OWM projects the step's weight change here.
+        Default: nothing."""
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer) -> Tensor | float:
         """``train.gradient_clip`` > 0: scale the gradients of ``optimizer``'s parameters so their

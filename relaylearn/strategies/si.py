@@ -3,13 +3,15 @@
 During a site every optimizer step adds to a running importance per parameter::
 
     ω += −g · Δθ            (importance: path_integral, the default)
-    ω += lr · g²            (importance: squared_gradient, the original code's variant)
+    ω += lr · ĝ²            (importance: squared_gradient, the original code's variant)
 
 where g is the gradient of the task loss **without** the penalty (obtained by subtracting the
 penalty's analytic gradient 2·c·Ω·(θ − θ*), evaluated at the weights before the step, from the
-gradient of the total loss) and Δθ the change the optimizer made in that step. ``lr`` is the
-optimizer's current learning rate. The two variants agree for plain SGD; with Adam only the path
-integral measures how much each weight really reduced the loss.
+gradient of the total loss) and Δθ the change the optimizer made in that step (Zenke et al.).
+ĝ is the gradient the step used, as in the original: of the total loss, penalty included, after
+gradient clipping. ``lr`` is the optimizer's current learning rate. On the first site (no
+penalty, no clipping) the two variants agree for plain SGD; with Adam only the path integral
+measures how much each weight really reduced the loss.
 
 At the end of a site, with θ* the weights the site started from::
 
@@ -47,7 +49,8 @@ class SIOptions(StrategyOptions):
     c: float = Field(0.5, ge=0, description="Penalty strength c in c Σ Ω (θ − θ*)².")
     xi: float = Field(1e-3, gt=0, description="Damping ξ in Ω += ω / ((θ − θ*)² + ξ).")
     importance: Literal["path_integral", "squared_gradient"] = Field(
-        "path_integral", description="ω += −g·Δθ (Zenke et al.) or ω += lr·g² (the original code)."
+        "path_integral",
+        description="ω += −g·Δθ (Zenke et al.; g without the penalty) or ω += lr·ĝ² (the original code; ĝ the total loss' gradient the step used).",
     )
 
 
@@ -86,8 +89,8 @@ class SI(AnchoredPenalty):
                 task_grad = p.grad.float() / clip - self.penalty_gradient(name, before[name])
                 if self.options.importance == "path_integral":
                     contribution = -task_grad * (p.detach() - before[name])
-                else:
-                    contribution = lr * task_grad.pow(2)
+                else:  # the original's: the gradient the step used, penalty and clipping included
+                    contribution = lr * p.grad.float().pow(2)
                 # a step the 16-mixed loss scaler skipped (inf gradients) adds nothing
                 self.running[name].add_(torch.where(torch.isfinite(contribution), contribution, 0.0))
 

@@ -80,6 +80,28 @@ def test_a_forward_after_a_step_in_the_same_autocast_region_sees_the_new_weights
     torch.testing.assert_close(after, expected)  # ... to what the new weights give
 
 
+def test_after_optimizer_step_runs_once_after_the_step():
+    from types import SimpleNamespace
+
+    from relaylearn.strategies.sequential import Sequential
+
+    seen = []
+
+    class Watching(Sequential):
+        def adjust_gradients(self, optimizer, step):
+            seen.append(("adjust", self.solver.weight.detach().clone()))
+
+        def after_optimizer_step(self, optimizer, step):
+            seen.append(("after", self.solver.weight.detach().clone()))
+
+    solver = torch.nn.Linear(2, 1, bias=False)
+    strategy = Watching(Sequential.Options(), solver, SimpleNamespace(train=SimpleNamespace(gradient_clip=0.0, loss=SimpleNamespace(kwargs={}))))
+    optimizer = torch.optim.SGD(solver.parameters(), lr=0.5)
+    strategy.optimize(solver(torch.ones(1, 2)).sum(), optimizer, StepContext(step=0, global_step=0, epoch=0, site=None))
+    assert [kind for kind, _ in seen] == ["adjust", "after"]
+    assert torch.equal(seen[1][1], seen[0][1] - 0.5), "the hook sees the stepped weights"
+
+
 class ToyReplay(get_strategy_class("sequential")):
     """A replaying plug-in that overrides only ``generate_replay`` (as the README says a
     replaying strategy does): noise images with empty masks."""

@@ -230,3 +230,145 @@ def test_two_site_relay_ships_the_projectors(tmp_path, tiny_fundus):
     head = first["owm.head.input"]
     assert head.shape == (65, 65) and not torch.allclose(head, torch.eye(65))
     assert not torch.equal(second["owm.head.input"], head), "site 2 keeps updating P"
+
+
+# ----- projection: update (the optimizer's step) vs gradient (the original's) under Adam ---------
+class PixelLinear(nn.Module):
+    """A per-pixel Linear(6 → 3): images [B, 6, H, W] → logits [B, 3, H, W]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def site_b_change_on_site_a(**options) -> float:
+    """Train site A then site B (30 batches each) with the Adam the engine builds; return
+    |ΔW x̄_A| / (|ΔW| |x̄_A|) for the change ΔW = [W | b] that site B made (0: site A's mean
+    response kept, as OWM promises; ≈ 0.3: a random direction)."""
+    owm = make_strategy("owm", PixelLinear(), alpha=1e-3, a_lambda=1.0, **options)
+    (optimizer,) = owm.optimizers
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == owm.train_cfg.optimizer.lr
+    g = torch.Generator().manual_seed(1)
+    xa, ya = torch.randn(16, 6, 4, 4, generator=g), torch.randint(0, 3, (16, 4, 4), generator=g)
+    xb, yb = torch.randn(16, 6, 4, 4, generator=g) + 1.5, torch.randint(0, 3, (16, 4, 4), generator=g)
+    lin = owm.solver.lin
+
+    def weights():
+        return torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1).clone()
+
+    for position, (x, y, name) in enumerate([(xa, ya, "A"), (xb, yb, "B")]):
+        site = make_site(x, y, position=position, steps=30, name=name)
+        owm.on_site_start(site)
+        owm.train()
+        if position == 1:
+            before = weights()
+        for t in range(30):
+            owm.training_step((x, y), make_step(site, t))
+        owm.on_site_end(site)
+    change = weights() - before
+    mean_input_a = torch.cat([xa.mean((0, 2, 3)), torch.ones(1)])
+    assert change.norm() > 1e-3, "site B trained"
+    return ((change @ mean_input_a).norm() / (change.norm() * mean_input_a.norm())).item()
+
+
+def test_default_projection_keeps_the_earlier_site_response_under_adam():
+    """OWM's guarantee needs ΔW = (step) Pᵀ; Adam's per-element rescaling of a projected gradient
+    breaks it (ratio 0.33 before ``projection: update`` existed), projecting the step keeps it."""
+    assert site_b_change_on_site_a() < 1e-3  # the default options
+    assert make_strategy("owm", PixelLinear()).options.projection == "update"
+
+
+def test_gradient_projection_under_adam_does_not_keep_it():
+    """``projection: gradient`` (the original code) hands the projected gradient to Adam."""
+    assert site_b_change_on_site_a(projection="gradient") > 0.1
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_update_projection_keeps_the_output_of_every_layer_type_under_adam(case):
+    build, shape, protected = CASES[case]
+    torch.manual_seed(0)
+    owm = make_strategy("owm", build(), alpha=1e-9, a_lambda=1.0)
+    site = make_site(torch.zeros(1, 1), torch.zeros(1))
+    owm.on_site_start(site)
+    owm.train()
+    layer, (adam,) = owm.solver, owm.optimizers
+
+    def adam_step(x, seed):
+        out = layer(x)
+        owm.optimize((out * randn(*out.shape, seed=seed)).sum(), adam, make_step(site))
+
+    earlier, new, unseen = randn(*shape, seed=10), randn(4, *shape[1:], seed=11), randn(*shape, seed=12)
+    adam_step(earlier, seed=20)
+    with torch.no_grad():
+        before_earlier, before_unseen = protected(layer(earlier)), protected(layer(unseen))
+    for t in range(3):
+        adam_step(new, seed=21 + t)
+    with torch.no_grad():
+        change_earlier = (protected(layer(earlier)) - before_earlier).abs().max().item()
+        change_unseen = (protected(layer(unseen)) - before_unseen).abs().max().item()
+    assert change_earlier < 1e-6
+    assert owm._weights_before_step is None, "the copies are dropped after the step"
+    if case != "batchnorm":  # in training mode BN's mean output is β, which OWM freezes
+        assert change_unseen > 1e-3, "the layer still learns elsewhere"
+
+
+def test_update_projection_of_a_step_the_loss_scaler_skipped_changes_nothing():
+    from relaylearn.strategies.base import StepContext
+
+    class SkipsNonFinite(torch.optim.Adam):
+        def step(self, closure=None):
+            if all(torch.isfinite(p.grad).all() for group in self.param_groups for p in group["params"] if p.grad is not None):
+                super().step(closure)
+
+    owm = make_strategy("owm", unet_like())
+    site = make_site(IMAGES, LABELS)
+    owm.on_site_start(site)
+    owm.optimizers = [SkipsNonFinite(owm.solver.parameters(), lr=1e-3)]
+    weights = {n: p.detach().clone() for n, p in owm.solver.named_parameters()}
+
+    def overflowing_backward(loss):
+        loss.backward()
+        owm.solver[0].weight.grad[0, 0, 0, 0] = float("inf")
+
+    owm.training_step((IMAGES, LABELS), StepContext(step=0, global_step=0, epoch=0, site=site, backward=overflowing_backward, sanitize=False))
+    assert all(torch.equal(p.detach(), weights[n]) for n, p in owm.solver.named_parameters())
+    assert not torch.equal(owm.projectors["0.input"], torch.eye(28)), "the projectors were updated"
+
+
+def test_projection_option_validates_and_round_trips(tmp_path):
+    from relaylearn.config import load_config
+    from relaylearn.strategies.base import parse_options
+    from relaylearn.strategies.owm import OWM
+    from tests.conftest import tiny_config
+
+    for value in ("gradient", "update"):
+        cfg = load_config(str(tiny_config(tmp_path / value, tmp_path, strategy="owm", strategy_kwargs={"projection": value})))
+        options = parse_options(OWM, cfg.tasks[0].strategy.kwargs)
+        assert options.projection == value
+        assert parse_options(OWM, options.model_dump()) == options
+    assert parse_options(OWM, {}).projection == "update"
+    with pytest.raises(ConfigError, match="projection"):
+        parse_options(OWM, {"projection": "weights"})
+
+
+def test_bundle_is_the_same_whatever_the_projection():
+    states = {}
+    for projection in ("update", "gradient"):
+        owm = make_strategy("owm", unet_like(), projection=projection)
+        site = make_site(IMAGES, LABELS, steps=2)
+        owm.on_site_start(site)
+        owm.training_step((IMAGES, LABELS), make_step(site))
+        owm.on_site_end(site)
+        states[projection] = owm.state_to_bundle()
+    update, gradient = states["update"], states["gradient"]
+    assert update.meta == gradient.meta
+    assert {k: v.shape for k, v in update.tensors.items()} == {k: v.shape for k, v in gradient.tensors.items()}
+    for name in (k for k in update.tensors if k.startswith("owm.")):  # the projectors see the same first batch
+        assert torch.allclose(update.tensors[name], gradient.tensors[name]), name
+    again = make_strategy("owm", unet_like(), projection="gradient")
+    again.state_from_bundle(update)  # either loads the other's bundle
+    assert all(torch.equal(again.projectors[n], update.tensors[f"owm.{n}"]) for n in again.projectors.names)

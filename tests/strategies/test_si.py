@@ -107,6 +107,23 @@ def test_gradient_of_the_penalty_is_not_counted_in_omega():
     assert logs["penalty"].item() == pytest.approx((c * omega_big * (theta - anchor) ** 2).sum().item(), rel=1e-5)
 
 
+def test_squared_gradient_counts_the_full_gradient_as_the_original_did():
+    """``importance: squared_gradient`` is the original's lr·g² with g the gradient of the total
+    loss (penalty included) that the step used."""
+    c = 0.5
+    si = quadratic_si(c=c, xi=0.1, importance="squared_gradient")
+    train(si, 10)
+    si.on_site_end(SITE)
+    omega_big, anchor = si.importance["theta"].clone(), si.anchor["theta"].clone()
+    with torch.no_grad():
+        si.solver.theta.add_(torch.tensor([0.3, -0.2]))
+    theta = si.solver.theta.detach().clone()
+    si.on_site_start(SITE)
+    si.training_step(BATCH, make_step(SITE))
+    full_grad = A * (theta - CENTRE) + 2 * c * omega_big * (theta - anchor)
+    assert torch.allclose(si.running["theta"], LR * full_grad**2, rtol=1e-5)
+
+
 def test_gradient_clipping_shrinks_the_step_not_the_task_gradient_in_omega():
     si = quadratic_si(xi=0.1)
     si.train_cfg = si.train_cfg.model_copy(update={"gradient_clip": 0.05})
