@@ -18,17 +18,49 @@ from relaylearn.errors import Interrupted, RelayError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        raise UserError(f"{self.prog}: {message}")
+    """argparse with whole option names only, and errors as one line naming the subcommand (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --overwrit is a typo, not --overwrite
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a subcommand reports its own unknown options (argparse leaves them to the top level)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("relaylearn").strip()
+        raise UserError(f"{command}: {message} (see 'relaylearn {command} --help')" if command else message)
+
+
+CONFIG_HELP = "config path, or name under configs/ without .yaml (e.g. fundus/relay)"
+GPUS_HELP = "GPU ids (0 or 0,1) or 'cpu' (default: GPU 0 if present, else CPU)"
+DATA_ROOT_HELP = "replace the dataset root folder of every site"
+SET_HELP = "override a key of the config's common section, e.g. train.batch_size=4 (repeatable)"
+QUIET_HELP = "no progress bars (they are also off when standard error is not a terminal)"
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, help="config path, or name under configs/ without .yaml (e.g. fundus/relay)")
+    p.add_argument("-c", "--config", required=True, help=CONFIG_HELP)
     p.add_argument("-n", "--name", "--note", dest="name", required=True, help="run name (folder under exps/<config>/)")
-    p.add_argument("-g", "--gpus", default=None, help="GPU ids (0 or 0,1) or 'cpu'; default: GPU 0 if present, else CPU")
-    p.add_argument("--data-root", default=None, help="replace the dataset root of every site")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a key of the config's common section (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-g", "--gpus", default=None, help=GPUS_HELP)
+    p.add_argument("--data-root", default=None, metavar="DIR", help=DATA_ROOT_HELP)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+def _add_sweep_args(p: argparse.ArgumentParser, output: str, orders: int) -> None:
+    """The options compare and tune share; ``output``: what -n names; ``orders``: the --orders default."""
+    p.add_argument("-c", "--configs", nargs="+", required=True, metavar="CONFIG", help=f"the configs to run, one per strategy; each a {CONFIG_HELP}")
+    p.add_argument("-n", "--name", required=True, help=output)
+    p.add_argument("--orders", type=int, default=orders, help=f"site orders per config: as configured, reversed, then seeded shuffles (default {orders})")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per site order; seed s adds s to the config's random_seed (default 1)")
+    p.add_argument("--data-root", default=None, metavar="DIR", help=DATA_ROOT_HELP)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("-g", "--gpus", default=None, help=GPUS_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _seed(text: str) -> int:
@@ -47,21 +79,30 @@ def _seed(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relaylearn", description="Relay Learning: train one model across hospitals that never connect.")
     parser.add_argument("--version", action="version", version=f"relaylearn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     data = sub.add_parser("data", help="datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    synth = data_sub.add_parser("synth", help="write the embedded synthetic multi-site fundus benchmark (DoFE layout)")
-    synth.add_argument("out_dir")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True, parser_class=_Parser)
+    synth = data_sub.add_parser("synth", help="write a synthetic multi-site benchmark: fundus (DoFE layout, default) or CT (--kind ct)")
+    synth.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the site folders into (created if missing)")
     synth.add_argument("--size", type=int, default=None, help="image side in pixels (default 128; --kind ct: 64)")
-    synth.add_argument("--seed", type=_seed, default=0)
-    synth.add_argument("--overwrite", action="store_true")
-    synth.add_argument("--kind", choices=["fundus", "ct"], default="fundus", help="fundus (DoFE layout, 5 sites) or ct (4 CT scanners, ct_nifti layout)")
+    synth.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed writes the same images (default 0)")
+    synth.add_argument("--overwrite", action="store_true", help="replace site folders that already exist and are not empty")
+    synth.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    synth.add_argument(
+        "--kind", choices=["fundus", "ct"], default="fundus", help="fundus (default: DoFE layout, 5 sites) or ct (4 CT scanners, ct_nifti layout)"
+    )
     synth.add_argument("--studies", type=int, default=10, help="--kind ct: studies per site (default 10)")
-    synth.add_argument("--layout", choices=["nifti", "slices"], default="nifti", help="--kind ct: NIfTI volumes or study folders of 16-bit PNG slices")
+    synth.add_argument(
+        "--layout",
+        choices=["nifti", "slices"],
+        default="nifti",
+        help="--kind ct: nifti (default: NIfTI volumes) or slices (study folders of 16-bit PNG slices)",
+    )
 
     train = sub.add_parser("train", help="train the config's tasks in order (the whole relay, or one hospital's step)")
     _add_run_args(train)
+    train.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     train.add_argument("--in", dest="in_bundle", default=None, help="bundle that arrived from the previous site")
     train.add_argument("--out", dest="out_bundle", default=None, help="where to write the outgoing bundle")
     train.add_argument("--key", default=None, help="this site's private key (signs the outgoing bundle)")
@@ -80,48 +121,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     test = sub.add_parser("test", help="evaluate saved weights on the configured test sites")
     _add_run_args(test)
+    test.add_argument("-q", "--quiet", action="store_true", help="print only the results file, not each site's Dice")
     test.add_argument("--bundle", default=None, help="bundle to evaluate (default: the run's bundle of each task)")
     test.add_argument("--trust", default=None, help="verify the bundle's signature against these public keys")
     test.add_argument("--no-verify", action="store_true", help="evaluate --bundle without checking its signature (recorded in the results)")
 
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for a site")
-    keygen.add_argument("out_dir")
-    keygen.add_argument("--site", required=True)
+    keygen.add_argument("out_dir", metavar="OUT_DIR", help="folder for <site>.key (private) and <site>.pub (public)")
+    keygen.add_argument("--site", required=True, help="this site's name, as the relay's configs name it")
 
     verify = sub.add_parser("verify", help="verify a bundle (exit 0, or 3 with the reason)")
-    verify.add_argument("bundle")
-    verify.add_argument("--trust", required=True)
+    verify.add_argument("bundle", metavar="BUNDLE", help="the .relay bundle file")
+    verify.add_argument("--trust", required=True, metavar="DIR", help="folder of trusted public keys (*.pub) and the file relay-id")
 
     inspect = sub.add_parser("inspect", help="show a bundle's hop chain, strategy, config and sizes (no trust needed)")
-    inspect.add_argument("bundle")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("bundle", metavar="BUNDLE", help="the .relay bundle file")
+    inspect.add_argument("--json", action="store_true", help="print everything as JSON")
 
     predict = sub.add_parser("predict", help="segment new images with a bundle's model")
-    predict.add_argument("--bundle", required=True)
-    predict.add_argument("--out", required=True)
+    predict.add_argument("--bundle", required=True, help="the .relay bundle whose model segments")
+    predict.add_argument("--out", required=True, metavar="DIR", help="folder for masks/, overlays/ and the predictions tables (created if missing)")
     predict.add_argument("--trust", default=None, help="folder of trusted public keys: verify the bundle")
     predict.add_argument("--no-verify", action="store_true", help="use the bundle without checking its signature (recorded in predictions.json)")
     predict.add_argument(
         "-c", "--config", default=None, help="local config: its plug-in model/strategy the bundle may use, and its dataset.kwargs.hu_min (16-bit CT slices)"
     )
-    predict.add_argument("-g", "--gpus", default=None)
+    predict.add_argument("-g", "--gpus", default=None, help=GPUS_HELP)
     predict.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out (masks/, overlays/ and the tables as a whole)")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images, NIfTI volumes, or folders of them (not read recursively)")
 
     export = sub.add_parser("export", help="export the segmentation model (never the generators)")
-    export.add_argument("--bundle", required=True)
-    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
-    export.add_argument("--out", required=True)
+    export.add_argument("--bundle", required=True, help="the .relay bundle whose model to export")
+    export.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="onnx or torchscript")
+    export.add_argument("--out", required=True, metavar="FILE", help="the model file to write (a sidecar <out>.json is written beside it)")
     export.add_argument("--trust", default=None, help="folder of trusted public keys: verify the bundle")
     export.add_argument("--no-verify", action="store_true", help="use the bundle without checking its signature (recorded in the metadata)")
     export.add_argument("-c", "--config", default=None, help="local config whose plug-in model/strategy the bundle may use")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out and its sidecar <out>.json")
 
     report = sub.add_parser("report", help="write report.html for a run folder")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder under exps/ (holds run.json)")
 
     audit = sub.add_parser("audit", help="privacy audit: what a relay bundle's generators and discriminators reveal about this site's training images")
-    audit.add_argument("bundle")
+    audit.add_argument("bundle", metavar="BUNDLE", help="the .relay bundle to audit")
     audit.add_argument("--site", required=True, help="this hospital's site name in the bundle's registry")
     audit.add_argument("--data-root", required=True, help="data root holding this site's train and test splits")
     audit.add_argument("-c", "--config", default=None, help="config that locates the site's folder (default: the folder named like the site)")
@@ -129,19 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-verify", action="store_true", help="audit the bundle without checking its signature (recorded in the report)")
     audit.add_argument("--n-generated", type=int, default=1000, help="generated pairs (default 1000)")
     audit.add_argument("--threshold", type=float, default=0.6, help="membership-inference AUC above which a check is flagged (default 0.6)")
-    audit.add_argument("--seed", type=_seed, default=0)
+    audit.add_argument("--seed", type=_seed, default=0, help="random seed of the generated pairs (default 0)")
     audit.add_argument("--out", default=None, help="folder for <site>.json and <site>_closest_pairs.png (default exps/audit/<bundle name>)")
     audit.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     compare = sub.add_parser("compare", help="run several strategies over site orders and seeds; one table")
-    compare.add_argument("-c", "--configs", nargs="+", required=True)
-    compare.add_argument("-n", "--name", required=True)
-    compare.add_argument("--orders", type=int, default=2)
-    compare.add_argument("--seeds", type=int, default=1)
-    compare.add_argument("--data-root", default=None)
-    compare.add_argument("--set", dest="sets", action="append", default=[])
-    compare.add_argument("-g", "--gpus", default=None)
-    compare.add_argument("-q", "--quiet", action="store_true")
+    _add_sweep_args(compare, "output folder exps/compare/<NAME> (re-run to resume)", orders=2)
     imp = sub.add_parser("import-original", help="turn a checkpoint of the original Relay Learning code (.ckpt) into a bundle")
     imp.add_argument("ckpt", help="Lightning .ckpt written by the original code (read with a weights-only loader)")
     imp.add_argument("-c", "--config", required=True, help="config whose model matches the checkpoint (e.g. fundus/relay_test)")
@@ -151,10 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tuned", default=None, metavar="DIR", help="train each strategy at its pick from 'relaylearn tune' (exps/tune/<NAME>)")
 
     tune = sub.add_parser("tune", help="pick each strategy's strength (EWC λ, SI c/ξ, LwF α/τ, OWM α, relay distillation) by ACC on validation parts")
-    tune.add_argument("-c", "--configs", nargs="+", required=True)
-    tune.add_argument("-n", "--name", required=True, help="output folder exps/tune/<NAME> (re-run to resume)")
-    tune.add_argument("--orders", type=int, default=1)
-    tune.add_argument("--seeds", type=int, default=1)
+    _add_sweep_args(tune, "output folder exps/tune/<NAME> (re-run to resume)", orders=1)
     tune.add_argument("--grid", default=None, metavar="FILE", help="YAML {strategy: {option: [values]}} replacing the built-in grid of the strategies it names")
     tune.add_argument(
         "--select-on",
@@ -162,12 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="val",
         help="val (default): the validation parts; test: the test split (optimistic, the original's protocol)",
     )
-    tune.add_argument("--data-root", default=None)
-    tune.add_argument("--set", dest="sets", action="append", default=[])
-    tune.add_argument("-g", "--gpus", default=None)
-    tune.add_argument("-q", "--quiet", action="store_true")
     for command in (compare, tune):
-        command.add_argument("--workers", type=int, default=1, help="processes that share the runs (CPU: up to the number of cores; each gets cores/N threads)")
+        command.add_argument(
+            "--workers", type=int, default=1, help="processes that share the runs (CPU: up to the number of cores; each gets cores/N threads; default 1)"
+        )
         command.add_argument("--claim-only", action="store_true", help=argparse.SUPPRESS)  # a --workers helper
     return parser
 
@@ -183,15 +213,23 @@ def cmd_data(args) -> int:
         summary = write_synthetic_ct(
             Path(args.out_dir), size=64 if args.size is None else args.size, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite
         )
-        print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
+        print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s:")
+        _print_summary(summary)
         return 0
     args.size = 128 if args.size is None else args.size
     if args.size < 32 or args.size > 2048:
         raise UserError(f"--size {args.size}: expected 32..2048 pixels")
     t0 = time.time()
-    summary = write_synthetic_benchmark(Path(args.out_dir), size=args.size, seed=args.seed, progress=True, overwrite=args.overwrite)
-    print(f"wrote the synthetic benchmark to {args.out_dir} in {time.time() - t0:.1f} s: {summary}")
+    summary = write_synthetic_benchmark(Path(args.out_dir), size=args.size, seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote the synthetic fundus benchmark to {args.out_dir} in {time.time() - t0:.1f} s:")
+    _print_summary(summary)
     return 0
+
+
+def _print_summary(summary: dict[str, dict[str, int]]) -> None:
+    """One line per site, e.g. ``  site1: train 50, test 20``."""
+    for site, counts in summary.items():
+        print(f"  {site}: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in counts.items()))
 
 
 def _name(value: str) -> str:
@@ -246,7 +284,7 @@ def cmd_test(args) -> int:
     from relaylearn.evaluate import run_test
 
     cfg = load_config(_name(args.config), args.sets, args.data_root)
-    out = run_test(cfg, _name(args.name), bundle=args.bundle, trust=args.trust, devices=args.gpus, no_verify=args.no_verify)
+    out = run_test(cfg, _name(args.name), bundle=args.bundle, trust=args.trust, devices=args.gpus, no_verify=args.no_verify, quiet=args.quiet)
     print(f"test results: {out}")
     return 0
 
@@ -397,11 +435,76 @@ COMMANDS = {
 }
 
 
+class _OutputError(Exception):
+    """Writing standard output or standard error failed (a closed pipe, a full disk)."""
+
+    def __init__(self, stream: str, error: OSError):
+        super().__init__(f"cannot write to {stream}: {error.strerror or error}")
+        self.error = error
+
+
+class _Guarded:
+    """A text stream whose write errors raise :class:`_OutputError` (told apart from file errors)."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name = stream, name
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise _OutputError(self._name, exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _OutputError(self._name, exc) from exc
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _discard_stdout() -> None:
+    """Point standard output at os.devnull, so that Python's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests): nothing is flushed at exit
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A closed standard output (``relaylearn inspect --json B | head -1``) ends it
+    quietly with exit code 1, as https://docs.python.org/3/library/signal.html#note-on-sigpipe does;
+    any other failure to write standard output or error (a full disk) is exit 2 with one line."""
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Guarded(stdout, "standard output"), _Guarded(stderr, "standard error")
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except _OutputError as exc:
+        sys.stdout, sys.stderr = stdout, stderr
+        _discard_stdout()
+        if isinstance(exc.error, BrokenPipeError):
+            return 1
+        try:
+            print(f"relaylearn: error: {exc}", file=sys.stderr)
+        except OSError:
+            pass
+        return 2
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # a --workers helper re-runs the same command
         return COMMANDS[args.command](args)
+    except _OutputError:
+        raise
     except RelayError as exc:
         from relaylearn.bundle import escape_text
 

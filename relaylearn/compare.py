@@ -76,6 +76,13 @@ class CompareRun:
         return f"order{self.order_index}_seed{self.seed_index}"
 
 
+def check_distinct(config_specs: list[str]) -> None:
+    """UserError naming the first config that ``-c`` lists twice."""
+    twice = next((spec for i, spec in enumerate(config_specs) if spec in config_specs[:i]), None)
+    if twice is not None:
+        raise UserError(f"-c: the config {twice} is listed twice")
+
+
 def site_orders(task_ids: list[int], count: int) -> list[list[int]]:
     """``count`` distinct orders: as given, reversed, then seeded random permutations."""
     total = math.factorial(len(task_ids))
@@ -401,8 +408,7 @@ def compare_strategies(
     (:mod:`relaylearn.workers`); ``claim_only``: be such a helper (train claimed runs, write nothing)."""
     check_workers(workers)
     check_output_name(name, "comparison")
-    if len(set(config_specs)) != len(config_specs):
-        raise UserError("-c: a config is listed twice")
+    check_distinct(config_specs)
     configs = [load_config(spec.lstrip("="), overrides, data_root) for spec in config_specs]
     tuned_note = ""
     if tuned is not None:

@@ -510,6 +510,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 def resolve_config_path(spec: str) -> tuple[str, Path]:
     """``-c`` takes a path or a name under configs/ without .yaml. Returns (name, path)."""
     spec = spec.lstrip("=")
+    if not spec.strip():
+        raise ConfigError("-c: the config name is empty (give a config path or a name under configs/)")
     if spec.endswith((".yaml", ".yml")):
         spec = spec.rsplit(".", 1)[0] if not Path(spec).is_file() else spec
     candidates = [Path(spec), Path(spec + ".yaml"), CONFIG_DIR / spec, CONFIG_DIR / (spec + ".yaml")]
@@ -521,6 +523,9 @@ def resolve_config_path(spec: str) -> tuple[str, Path]:
             except ValueError:
                 name = path.with_suffix("").name
             return name, path
+    folder = next((cand for cand in candidates if cand.is_dir()), None)
+    if folder is not None:
+        raise ConfigError("is a folder, not a config file (give one of its .yaml files)", folder)
     raise ConfigError(f"config not found (looked for {spec}, {spec}.yaml and configs/{spec}.yaml)", spec)
 
 

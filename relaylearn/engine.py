@@ -214,7 +214,9 @@ class SiteProgressBar(Callback):
 
         if trainer.is_global_zero:
             done = pl_module._local_step() + 1 if trainer.fit_loop.epoch_loop.batch_progress.current.ready else 0
-            self.bar = tqdm(total=pl_module.max_batches, initial=max(0, done), desc=self.label, unit="batch", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=pl_module.max_batches, initial=max(0, done), desc=self.label, unit="batch", dynamic_ncols=True, leave=True, disable=None
+            )  # None: off when not a terminal
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is not None:

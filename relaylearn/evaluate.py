@@ -28,8 +28,10 @@ def run_test(
     devices: str | None = None,
     exps_root: Path = EXPS_ROOT,
     no_verify: bool = False,
+    quiet: bool = False,
 ) -> Path:
-    """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV.
+    """Evaluate each task's bundle (or ``bundle``) on every test site; returns the results CSV
+    (``quiet``: without a line per site).
 
     A ``bundle`` from elsewhere needs ``trust`` (or ``no_verify``); the run's own bundles are read
     unverified when no ``trust`` is given. ``results_<stamp>.json`` records which were verified,
@@ -71,7 +73,8 @@ def run_test(
             summary.append(summary_row(task_id, trained, ds.site, res))
             per_image.extend(per_image_rows(task_id, trained, ds.site, res))
             d = res["summary"]["dice_sample"]
-            print(f"{trained} on {ds.site}: Dice {d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}] (n={len(res['per_image'])})")
+            if not quiet:
+                print(f"{trained} on {ds.site}: Dice {d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}] (n={len(res['per_image'])})")
     stamp = local_stamp()
     out = run_dir / "test_results" / f"results_{stamp}.csv"
     write_results_csv(out, summary)

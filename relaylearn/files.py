@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from relaylearn import __version__
-from relaylearn.errors import UserError
+from relaylearn.errors import DataError, UserError
 
 #: where run folders go: ``exps/<config name>/<run name>/``
 EXPS_ROOT = Path("exps")
@@ -26,10 +26,21 @@ EXPS_ROOT = Path("exps")
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
+MAX_NAME = 100  # -n: folder names stay well inside the file system's limit of 255 bytes
+
+
 def check_output_name(name: str, what: str) -> None:
     """``-n NAME`` names one folder under ``exps/``: UserError unless it is a plain folder name."""
     if not name or any(c in name for c in " /\\") or not name.isprintable() or name in (".", ".."):
         raise UserError(f"-n {name!r}: {what} name must be non-empty, printable, without spaces or slashes, and not . or ..")
+    if len(name) > MAX_NAME:
+        raise UserError(f"-n {name[:20]}...: {what} name is {len(name)} characters long; at most {MAX_NAME}")
+
+
+def check_data_root(root: Path) -> None:
+    """DataError unless the data root ``root`` is a folder."""
+    if not root.is_dir():
+        raise DataError("data root is a file, not a folder" if root.exists() else "data root not found", root)
 
 
 def utc_now() -> str:

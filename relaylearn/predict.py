@@ -125,6 +125,13 @@ def expand_inputs(inputs: Sequence[str | Path]) -> Inputs:
     return Inputs(list(dict.fromkeys(found_files)), skipped_files, skipped_folders)
 
 
+def skipped_note(found: Inputs) -> str:
+    """The note on what the given folders held besides inputs (parts that are zero left out)."""
+    parts = [f"{found.skipped_files} file(s) that are neither images nor NIfTI volumes"] * bool(found.skipped_files)
+    parts += [f"{found.skipped_folders} sub-folder(s) (folders are not read recursively)"] * bool(found.skipped_folders)
+    return f"note: skipped {' and '.join(parts)}"
+
+
 def read_image(path: Path, channels: int, hu: tuple[float, float, float] | None = None) -> np.ndarray:
     """Decode an image as float32 [H, W, C] in 0..1 with training's decoder (RGB for 3 channels,
     grey for 1; 8-bit / 255, 16-bit / 65535; float and signed images refused); DataError if unreadable.
@@ -417,8 +424,6 @@ def run_predict(
             "images; their masks are in that grid, so a viewer that turns the image shows it turned against its mask"
         )
     if found.skipped_files or found.skipped_folders:
-        print(
-            f"note: skipped {found.skipped_files} file(s) that are neither images nor NIfTI volumes and {found.skipped_folders} sub-folder(s) (folders are not read recursively)"
-        )
+        print(skipped_note(found))
     print(f"segmented {len(found.files)} input(s): masks and overlays in {out}, table {csv_path}")
     return csv_path

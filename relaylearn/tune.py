@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from relaylearn.compare import _fmt, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
+from relaylearn.compare import _fmt, check_distinct, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
 from relaylearn.config import RunConfig, load_config, read_yaml
 from relaylearn.errors import ConfigError, UserError
 from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name
@@ -236,8 +236,7 @@ def tune_strategies(
     check_output_name(name, "tuning")
     if select_on not in SELECT_ON:
         raise UserError(f"--select-on {select_on}: expected one of {', '.join(SELECT_ON)}")
-    if len(set(config_specs)) != len(config_specs):
-        raise UserError("-c: a config is listed twice")
+    check_distinct(config_specs)
     grids = load_grids(grid_file)
     configs = [load_config(spec.lstrip("="), overrides, data_root) for spec in config_specs]
     plans = []  # (label, config, points, skipped keys)
@@ -278,7 +277,7 @@ def tune_strategies(
             print(f"{problem}; its unfinished run is resumed here", file=sys.stderr)
     summary: dict[str, Any] = {"name": name, "select_on": select_on, "orders": orders, "seeds": seeds, "overrides": list(overrides or []), "strategies": {}}
     total = sum(len(points) for _, _, points, _ in plans) * orders * seeds
-    bar = tqdm(total=total, desc=f"tune {name}", unit="run", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, desc=f"tune {name}", unit="run", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
     for label, cfg, points, skipped in plans:
         strategy = cfg.tasks[0].strategy.name
         entry: dict[str, Any] = {
@@ -323,6 +322,8 @@ def _write(root: Path, summary: dict[str, Any]) -> None:
 def load_picks(path: Path) -> dict[str, Any]:
     """The ``strategies`` of a ``tune.json`` (``path`` is the file or its folder)."""
     file = path / "tune.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"--tuned: no tune.json in {path} (give the folder exps/tune/<NAME> of a 'relaylearn tune' run)")
     try:
         summary = json.loads(file.read_text())
         strategies = summary["strategies"]

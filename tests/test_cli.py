@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from relaylearn.cli import build_parser
+from relaylearn.predict import Inputs, skipped_note
 from tests.conftest import tiny_config
 from tests.test_deploy import run_cli
 
@@ -181,3 +185,134 @@ def test_a_config_the_solver_cannot_train_with_is_one_line_before_anything_is_wr
     line = one_line_error(result.err)
     assert f"{config}: {says}" in line
     assert not (tmp_path / "exps").exists()
+
+
+def _console(args: list[str], cwd: Path, stdout) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relaylearn", *args], cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+
+
+def test_a_closed_standard_output_ends_quietly_with_exit_1(tmp_path):
+    """``relaylearn ... | head -1``: no 'internal error', no traceback (Python's note on SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = _console(["keygen", str(tmp_path / "keys"), "--site", "a"], tmp_path, write_end)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, "")
+
+
+def test_a_full_standard_output_is_one_line_and_exit_2(tmp_path):
+    with open("/dev/full", "w") as full:
+        result = _console(["keygen", str(tmp_path / "keys"), "--site", "a"], tmp_path, full)
+    assert result.returncode == 2
+    assert "cannot write to standard output: No space left on device" in one_line_error(result.stderr)
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every (sub)command parser below ``parser``, ``parser`` included."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _subparsers(child)
+
+
+def test_every_option_of_every_command_is_explained_with_its_default():
+    for parser in _subparsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            where = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where}: no help"
+            if action.default not in (None, False, []):
+                assert any(f in action.help for f in (f"default {action.default}", f"{action.default} (default", f"'{action.default}' (default")), (
+                    f"{where}: default unsaid"
+                )
+            assert action.dest != "sets" or action.metavar == "KEY=VALUE", where
+
+
+def test_abbreviated_options_are_refused(tmp_path):
+    result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--overwrit")
+    assert result.code == 2
+    assert "data synth: unrecognized arguments: --overwrit" in one_line_error(result.err)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        ([], "relaylearn: error: the following arguments are required: COMMAND"),
+        (["data"], "relaylearn: error: data: the following arguments are required: COMMAND"),
+        (["train", "-c", "x", "-n", "x", "--bogus"], "relaylearn: error: train: unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_name_the_subcommand_once(tmp_path, args, says):
+    result = run_cli(tmp_path, *args)
+    assert result.code == 2
+    assert one_line_error(result.err).startswith(says)
+
+
+def test_data_synth_quiet_turns_the_bar_off(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("relaylearn.data.write_synthetic_benchmark", lambda *args, **kwargs: seen.update(kwargs) or {})
+    assert run_cli(tmp_path, "data", "synth", tmp_path / "d", "-q").code == 0
+    assert seen["progress"] is False
+
+
+def test_data_synth_prints_one_line_per_site(tmp_path):
+    result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--kind", "ct", "--size", "32", "--studies", "2")
+    assert result.code == 0
+    assert "{" not in result.out and "  CT1: studies 2, slices" in result.out
+
+
+def test_no_progress_bar_when_standard_error_is_not_a_terminal(tmp_path):
+    result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--size", "32")
+    assert result.code == 0 and result.err == ""
+    assert "  Domain1: train " in result.out
+
+
+def test_test_quiet_is_passed_on(monkeypatch, tmp_path, config):
+    seen = {}
+    monkeypatch.setattr("relaylearn.evaluate.run_test", lambda *args, **kwargs: seen.update(kwargs) or tmp_path / "r.csv")
+    assert run_cli(tmp_path, "test", "-c", config, "-n", "x", "-q").code == 0
+    assert seen["quiet"] is True
+
+
+def test_a_data_root_that_is_a_file_says_so(tmp_path, config):
+    (tmp_path / "r.sh").write_text("")
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q", "-g", "cpu", "--data-root", tmp_path / "r.sh")
+    assert result.code == 2
+    assert "r.sh: data root is a file, not a folder" in one_line_error(result.err)
+
+
+@pytest.mark.parametrize("spec, says", [("", "config name is empty"), ("c4.yaml", "c4.yaml: is a folder, not a config file")])
+def test_an_empty_or_folder_config_says_so(tmp_path, spec, says):
+    (tmp_path / "c4.yaml").mkdir()
+    result = run_cli(tmp_path, "train", "-c", spec, "-n", "x")
+    assert result.code == 2
+    assert says in one_line_error(result.err)
+
+
+def test_a_config_listed_twice_is_named(tmp_path, config):
+    result = run_cli(tmp_path, "compare", "-c", config, config, "-n", "x")
+    assert result.code == 2
+    assert f"the config {config} is listed twice" in one_line_error(result.err)
+
+
+def test_a_missing_tune_folder_leaks_no_exception_name(tmp_path, config):
+    result = run_cli(tmp_path, "compare", "-c", config, "-n", "x", "--tuned", tmp_path / "nonexist")
+    assert result.code == 2
+    line = one_line_error(result.err)
+    assert "no tune.json in" in line and "Error" not in line
+
+
+def test_a_very_long_run_name_is_refused_before_anything_is_written(tmp_path, config):
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "a" * 300, "-q")
+    assert result.code == 2
+    assert "300 characters long; at most 100" in one_line_error(result.err)
+    assert not (tmp_path / "exps").exists()
+
+
+def test_the_skipped_note_leaves_out_zero_parts():
+    assert skipped_note(Inputs([], 0, 1)) == "note: skipped 1 sub-folder(s) (folders are not read recursively)"
+    assert skipped_note(Inputs([], 2, 0)) == "note: skipped 2 file(s) that are neither images nor NIfTI volumes"

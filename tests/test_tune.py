@@ -106,7 +106,7 @@ def test_bad_input_exits_2(tmp_path, tiny_fundus, capsys, monkeypatch):
         (["tune", "-c", lwf, "-n", "x", "--select-on", "train"], "invalid choice"),
         (["tune", "-c", lwf, "-n", "x", "--set", "dataset.kwargs.val_fraction=0"], "no validation part"),
         (["tune", "-c", lwf, "-n", "x", "--grid", str(tmp_path / "missing.yaml")], "cannot read YAML"),
-        (["compare", "-c", lwf, "-n", "x", "--tuned", str(tmp_path / "nowhere")], "not a relaylearn tune output"),
+        (["compare", "-c", lwf, "-n", "x", "--tuned", str(tmp_path / "nowhere")], "no tune.json in"),
     ]
     (tmp_path / "bad_value.yaml").write_text("lwf: {alpha: [-1.0]}\n")
     cases.append((["tune", "-c", lwf, "-n", "x", "--grid", str(tmp_path / "bad_value.yaml")], "alpha"))

@@ -55,6 +55,7 @@ from relaylearn.data.layouts import (
 )
 from relaylearn.data.sampling import SiteBatchSampler
 from relaylearn.errors import DataError
+from relaylearn.files import check_data_root
 
 CT_LAYOUTS = ("ct_nifti", "ct_slices")
 BONE_HU = 150.0
@@ -237,8 +238,7 @@ def load_ct_site(layout: str, root: Path | str, folders: str | list[str], split:
     if k.channels != 1:
         raise DataError(f"CT layouts have 1 channel, but dataset.kwargs.channels={k.channels}")
     root = Path(root)
-    if not root.is_dir():
-        raise DataError("data root not found", root)
+    check_data_root(root)
     folder_list = [folders] if isinstance(folders, str) else list(folders)
     pairs: list[tuple[_Item, np.ndarray | None]] = []
     for folder in folder_list:

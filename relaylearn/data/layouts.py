@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from relaylearn.errors import ConfigError, DataError, UserError
+from relaylearn.files import check_data_root
 
 NIFTI_PERCENTILES = (0.5, 99.5)
 
@@ -486,8 +487,7 @@ def load_site(
             raise DataError(f"unknown data layout '{layout}' (expected one of {', '.join(sorted(_builtin_layouts()))})")
         layout = get_layout(layout)
     root = Path(root)
-    if not root.is_dir():
-        raise DataError("data root not found", root)
+    check_data_root(root)
     folder_list = [folders] if isinstance(folders, str) else list(folders)
     if not folder_list:
         raise DataError("no site folder given", root)

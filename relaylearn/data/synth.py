@@ -407,7 +407,7 @@ def write_synthetic_benchmark(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="synthetic fundus", unit="img")
+        bar = tqdm(total=total, desc="synthetic fundus", unit="img", disable=None)  # None: off when not a terminal
     summary: dict[str, dict[str, int]] = {}
     staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
     try:
