@@ -465,6 +465,11 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     return entry
 
 
+def flagged_checks(privacy: dict[str, Any]) -> int:
+    """How many checks a privacy.json flags, summed over its hops and sites."""
+    return sum(len(site.get("flagged", [])) for hop in privacy.get("hops") or [] for site in hop.get("sites", {}).values())
+
+
 def final_mia_auc(privacy: dict[str, Any], attack: str = "membership black box", space: str = "image pixels") -> Optional[float]:
     """Mean over sites of one attack's AUC after the last audited hop of a privacy.json (None if absent)."""
     hops = privacy.get("hops") or []

@@ -28,7 +28,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--gpus", default=None, help="GPU ids (0 or 0,1) or 'cpu'; default: GPU 0 if present, else CPU")
     p.add_argument("--data-root", default=None, help="replace the dataset root of every site")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a key of the config's common section (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines (warnings and errors are still printed)")
 
 
 def _seed(text: str) -> int:
@@ -220,6 +220,8 @@ def cmd_train(args) -> int:
     result = run_training(cfg, _name(args.name), opts)
     print_matrix(result.matrix)
     print(f"run folder: {result.run_dir}  ({result.wall_seconds:.0f} s)")
+    if result.privacy_flagged:
+        print(f"privacy: {result.privacy_flagged} check(s) flagged ({result.run_dir / 'metrics' / 'privacy.json'})")
     if result.bundles:
         print(f"bundle: {args.out_bundle or result.bundles[-1]}")
     _auto_report(result.run_dir, args.quiet)

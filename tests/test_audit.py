@@ -270,3 +270,23 @@ def test_the_per_hop_audit_says_no_discriminators_were_audited_when_none_travel(
     entry = audit_after_hop(strategy, tasks, 2, "Domain2", tmp_path, load_split_fn=lambda ds, split: SimpleNamespace(images=pairs[0], labels=pairs[1]))
     site = entry["sites"]["Domain1"]
     assert site["discriminators_audited"] is False and not any(c["check"] == "membership white box" for c in site["checks"])
+
+
+def test_a_flagged_privacy_check_is_a_warning_even_with_quiet(tmp_path, tiny_fundus, monkeypatch):
+    """-q mutes status lines, never a flagged privacy check: a warning per hop and a summary line."""
+    import relaylearn.audit as audit
+
+    def flagging(strategy, tasks, hop, trained, run_dir, load_split_fn=None):
+        entry = {"hop": hop, "trained": trained, "seconds": 0.0, "sites": {trained: {"flagged": ["membership black box (image pixels)"]}}}
+        path = run_dir / "metrics" / "privacy.json"
+        hops = json.loads(path.read_text())["hops"] if path.is_file() else []
+        path.write_text(json.dumps({"schema": SCHEMA, "hops": [*hops, entry]}))
+        return entry
+
+    monkeypatch.setattr(audit, "audit_after_hop", flagging)
+    config = tiny_config(tmp_path, tiny_fundus, steps=1)
+    out = run_cli(tmp_path, "train", "-c", config, "-n", "q", "-g", "cpu", "-q")
+    assert out.code == 0, out.err
+    assert "WARNING: [Domain2] privacy audit of 1 site(s): 1 check(s) flagged" in out.err
+    assert "privacy: 2 check(s) flagged (" in out.out and "metrics/privacy.json)" in out.out
+    assert "Dice on" not in out.err  # the status lines stay muted
