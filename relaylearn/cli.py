@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=_seed, default=0)
     audit.add_argument("--out", default=None, help="folder for <site>.json and <site>_closest_pairs.png (default exps/audit/<bundle name>)")
     audit.add_argument("--json", action="store_true", help="print the figures as JSON")
+    audit.add_argument("--overwrite", action="store_true", help="replace <site>.json and <site>_closest_pairs.png of an earlier audit in --out")
 
     compare = sub.add_parser("compare", help="run several strategies over site orders and seeds; one table")
     compare.add_argument("-c", "--configs", nargs="+", required=True)
@@ -351,7 +352,7 @@ def cmd_audit(args) -> int:
 
     options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
     report, path = run_audit(
-        args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify
+        args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify, overwrite=args.overwrite
     )
     print(json_text(report) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
     return 0
@@ -403,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # a --workers helper re-runs the same command
+        if getattr(args, "trust", None) and getattr(args, "no_verify", False):
+            raise UserError(f"relaylearn {args.command}: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to")
         return COMMANDS[args.command](args)
     except RelayError as exc:
         from relaylearn.bundle import escape_text

@@ -227,6 +227,22 @@ def test_audit_bad_input_exits_2_with_one_line(relay_run, tmp_path, case):
     assert not (tmp_path / "o").exists()
 
 
+def test_audit_checks_its_out_folder_first_and_replaces_an_earlier_audit_only_with_overwrite(relay_run, tmp_path):
+    result, data, _ = relay_run
+    audit = ["audit", result.bundles[-1], "--site", "Domain1", "--data-root", data, "--no-verify", "--n-generated", "20", "--out"]
+    (tmp_path / "r.sh").write_text("echo\n")
+    blocked = run_cli(tmp_path, *audit, tmp_path / "r.sh")
+    assert blocked.code == 2 and one_line_error(blocked.err).endswith("r.sh: is a file; --out names a folder")
+    assert run_cli(tmp_path, *audit, tmp_path / "a").code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    again = run_cli(tmp_path, *audit, tmp_path / "a", "--seed", "3")
+    assert again.code == 2 and "Domain1.json: already exists (an earlier audit): pass --overwrite" in one_line_error(again.err)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    replaced = run_cli(tmp_path, *audit, tmp_path / "a", "--seed", "3", "--overwrite")
+    assert replaced.code == 0, replaced.err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(before) and (tmp_path / "a" / "Domain1.json").read_bytes() != before["Domain1.json"]
+
+
 def test_report_has_a_privacy_section_per_site_per_hop(relay_run):
     from relaylearn.report import build_report
 
