@@ -537,7 +537,10 @@ def _authenticate(manifest_raw: memoryview, signature: bytes, *, trust: TrustSto
     """The trusted key whose signature covers the manifest (checked before the JSON is parsed)."""
     if signature == UNSIGNED_MARKER:
         if not allow_unsigned:
-            raise _fail("bundle is unsigned; unsigned bundles are accepted only in a one-machine simulation, or for testing: by train --insecure-unsigned, by test/predict/export/audit --no-verify", path)
+            raise _fail(
+                "bundle is unsigned; unsigned bundles are accepted only in a one-machine simulation, or for testing: by train --insecure-unsigned, by test/predict/export/audit --no-verify",
+                path,
+            )
         return None
     if trust is None:
         if allow_unsigned:

@@ -352,7 +352,15 @@ def cmd_audit(args) -> int:
 
     options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
     report, path = run_audit(
-        args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify, overwrite=args.overwrite
+        args.bundle,
+        args.site,
+        args.data_root,
+        config=args.config,
+        trust=args.trust,
+        options=options,
+        out_dir=args.out,
+        no_verify=args.no_verify,
+        overwrite=args.overwrite,
     )
     print(json_text(report) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
     return 0
@@ -405,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # a --workers helper re-runs the same command
         if getattr(args, "trust", None) and getattr(args, "no_verify", False):
-            raise UserError(f"relaylearn {args.command}: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to")
+            raise UserError(
+                f"relaylearn {args.command}: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to"
+            )
         return COMMANDS[args.command](args)
     except RelayError as exc:
         from relaylearn.bundle import escape_text

@@ -117,7 +117,9 @@ def read_original_checkpoint(path: str | Path) -> dict[str, Any]:
         found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported class|global) ([\w.]+)", str(exc), re.IGNORECASE)
         if found is None:  # not a pickled object to refuse: a pickle torch.save did not write, or no pickle
             stopped = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
-            raise UserError(f"not a readable PyTorch checkpoint ({stopped.group(1) if stopped else 'not a pickle'})" if magic[:1] == b"\x80" else not_checkpoint, path) from None
+            raise UserError(
+                f"not a readable PyTorch checkpoint ({stopped.group(1) if stopped else 'not a pickle'})" if magic[:1] == b"\x80" else not_checkpoint, path
+            ) from None
         what = f"a pickled object '{found.group(1)}'"
         raise VerificationError(
             f"refused: the checkpoint holds {what} that is not a tensor or plain container (only weights are read; nothing else is unpickled)", path

@@ -593,7 +593,10 @@ def test_an_unsigned_bundle_names_the_options_of_every_command_that_takes_one(tm
     assert "train --insecure-unsigned" in str(err.value) and "test/predict/export/audit --no-verify" in str(err.value)
     assert "--no-verify" in format_inspect(inspect_bundle(path))
     assert main(["export", "--bundle", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--trust", str(tmp_path), "--no-verify"]) == 2
-    assert capsys.readouterr().err == "relaylearn: error: relaylearn export: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to\n"
+    assert (
+        capsys.readouterr().err
+        == "relaylearn: error: relaylearn export: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to\n"
+    )
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -288,7 +288,9 @@ def test_a_strategy_option_that_fits_no_member_of_its_union_names_them_all():
         parse_options(Relay, {"gan_pairs_side_by_side": "maybe"})
     want = "common.strategy.kwargs.gan_pairs_side_by_side: Input should be 'auto' or a valid boolean (got 'maybe') (strategy 'relay')"
     assert str(err.value) == want  # not the first member's tag and message alone
-    with pytest.raises(ConfigError, match=r"common\.strategy\.kwargs\.overlap_solver_stepp: unknown key \(did you mean overlap_solver_step\?\) \(strategy 'relay'\)"):
+    with pytest.raises(
+        ConfigError, match=r"common\.strategy\.kwargs\.overlap_solver_stepp: unknown key \(did you mean overlap_solver_step\?\) \(strategy 'relay'\)"
+    ):
         parse_options(Relay, {"overlap_solver_stepp": True})
 
 
