@@ -387,16 +387,26 @@ def run_audit(
     options: AuditOptions | None = None,
     out_dir: Optional[str] = None,
     no_verify: bool = False,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """``relaylearn audit``: read (verify with ``trust``) the bundle, audit ``site`` on its own data,
-    write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png``. Returns (report, json path)."""
+    write ``<out_dir>/<site>.json`` and ``<site>_closest_pairs.png`` (new files unless
+    ``overwrite``; checked before any work). Returns (report, json path)."""
     from relaylearn.assembly import load_split, read_any_bundle, strategy_from_bundle
-    from relaylearn.files import atomic_write, json_text
+    from relaylearn.files import atomic_write_all, check_output_file, json_text
     from relaylearn.imaging import png_bytes
     from relaylearn.strategies import available_strategies, get_strategy_class
 
     options = options or AuditOptions()
     path = Path(bundle_path)
+    out = Path(out_dir) if out_dir else Path("exps") / "audit" / path.stem
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
+    png, json_path = out / f"{safe}_closest_pairs.png", out / f"{safe}.json"
+    exists = None if overwrite else "already exists (an earlier audit): pass --overwrite to replace it, or choose another --out"
+    if out.exists() and not out.is_dir():
+        raise UserError("is a file; --out names a folder", out)
+    for output in (json_path, png):
+        check_output_file(output, exists)
     if not Path(data_root).is_dir():
         raise UserError("--data-root: folder not found", data_root)
     bundle = read_any_bundle(path, trust, no_verify=no_verify)
@@ -418,13 +428,8 @@ def run_audit(
         "verified": bundle.signed_by is not None,
         "hops": [printable(h.get("site", "?")) for h in bundle.manifest.get("hops", [])],
     }
-    out = Path(out_dir) if out_dir else Path("exps") / "audit" / path.stem
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in site)
-    png = out / f"{safe}_closest_pairs.png"
-    atomic_write(png, png_bytes(result.closest_pairs))
     result.report["closest_pairs_png"] = str(png)
-    json_path = out / f"{safe}.json"
-    atomic_write(json_path, json_text(result.report))
+    atomic_write_all([(png, png_bytes(result.closest_pairs)), (json_path, json_text(result.report))], exists_error=exists)
     return result.report, json_path
 
 
@@ -463,6 +468,11 @@ def audit_after_hop(strategy, tasks: list, hop: int, trained: str, run_dir: Path
     existing["hops"] = sorted([h for h in existing.get("hops", []) if h.get("hop") != hop] + [entry], key=lambda h: h["hop"])
     atomic_write(path, json_text(existing))
     return entry
+
+
+def flagged_checks(privacy: dict[str, Any]) -> int:
+    """How many checks a privacy.json flags, summed over its hops and sites."""
+    return sum(len(site.get("flagged", [])) for hop in privacy.get("hops") or [] for site in hop.get("sites", {}).values())
 
 
 def final_mia_auc(privacy: dict[str, Any], attack: str = "membership black box", space: str = "image pixels") -> Optional[float]:

@@ -537,7 +537,10 @@ def _authenticate(manifest_raw: memoryview, signature: bytes, *, trust: TrustSto
     """The trusted key whose signature covers the manifest (checked before the JSON is parsed)."""
     if signature == UNSIGNED_MARKER:
         if not allow_unsigned:
-            raise _fail("bundle is unsigned; unsigned bundles are accepted only in a one-machine simulation, or by train --insecure-unsigned for testing", path)
+            raise _fail(
+                "bundle is unsigned; unsigned bundles are accepted only in a one-machine simulation, or for testing: by train --insecure-unsigned, by test/predict/export/audit --no-verify",
+                path,
+            )
         return None
     if trust is None:
         if allow_unsigned:
@@ -875,7 +878,7 @@ def format_inspect(info: dict) -> str:
     if info["signed"]:
         signature = f"signed by {info['signer']} (NOT checked here; use 'relaylearn verify BUNDLE --trust DIR')"
     else:
-        signature = "UNSIGNED (simulation bundle; accepted only with --insecure-unsigned)"
+        signature = "UNSIGNED (simulation bundle; accepted only by train --insecure-unsigned, test/predict/export/audit --no-verify)"
     lines = [
         f"Relay bundle {info['path']}",
         f"  size        {_mb(info['file_bytes'])} ({info['file_bytes']:,} bytes)",

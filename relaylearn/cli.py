@@ -40,7 +40,7 @@ CONFIG_HELP = "config path, or name under configs/ without .yaml (e.g. fundus/re
 GPUS_HELP = "GPU ids (0 or 0,1) or 'cpu' (default: GPU 0 if present, else CPU)"
 DATA_ROOT_HELP = "replace the dataset root folder of every site"
 SET_HELP = "override a key of the config's common section, e.g. train.batch_size=4 (repeatable)"
-QUIET_HELP = "no progress bars (they are also off when standard error is not a terminal)"
+QUIET_HELP = "no progress bars or status lines (warnings and errors are still printed)"
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=_seed, default=0, help="random seed of the generated pairs (default 0)")
     audit.add_argument("--out", default=None, help="folder for <site>.json and <site>_closest_pairs.png (default exps/audit/<bundle name>)")
     audit.add_argument("--json", action="store_true", help="print the figures as JSON")
+    audit.add_argument("--overwrite", action="store_true", help="replace <site>.json and <site>_closest_pairs.png of an earlier audit in --out")
 
     compare = sub.add_parser("compare", help="run several strategies over site orders and seeds; one table")
     _add_sweep_args(compare, "output folder exps/compare/<NAME> (re-run to resume)", orders=2)
@@ -258,6 +259,8 @@ def cmd_train(args) -> int:
     result = run_training(cfg, _name(args.name), opts)
     print_matrix(result.matrix)
     print(f"run folder: {result.run_dir}  ({result.wall_seconds:.0f} s)")
+    if result.privacy_flagged:
+        print(f"privacy: {result.privacy_flagged} check(s) flagged ({result.run_dir / 'metrics' / 'privacy.json'})")
     if result.bundles:
         print(f"bundle: {args.out_bundle or result.bundles[-1]}")
     _auto_report(result.run_dir, args.quiet)
@@ -387,7 +390,15 @@ def cmd_audit(args) -> int:
 
     options = AuditOptions(n_generated=args.n_generated, threshold=args.threshold, seed=args.seed)
     report, path = run_audit(
-        args.bundle, args.site, args.data_root, config=args.config, trust=args.trust, options=options, out_dir=args.out, no_verify=args.no_verify
+        args.bundle,
+        args.site,
+        args.data_root,
+        config=args.config,
+        trust=args.trust,
+        options=options,
+        out_dir=args.out,
+        no_verify=args.no_verify,
+        overwrite=args.overwrite,
     )
     print(json_text(report) if args.json else f"{format_report(report)}\nwritten: {path}, {report['closest_pairs_png']}")
     return 0
@@ -502,6 +513,10 @@ def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # a --workers helper re-runs the same command
+        if getattr(args, "trust", None) and getattr(args, "no_verify", False):
+            raise UserError(
+                f"relaylearn {args.command}: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to"
+            )
         return COMMANDS[args.command](args)
     except _OutputError:
         raise

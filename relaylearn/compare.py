@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from relaylearn.config import RunConfig, load_config
-from relaylearn.devices import release_memory
-from relaylearn.errors import ConfigError, UserError, resumes_by_rerunning
+from relaylearn.devices import parse_devices, release_memory
+from relaylearn.errors import ConfigError, DataError, UserError, resumes_by_rerunning
 from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, csv_text
 from relaylearn.replay_fidelity import mean_final_fidelity
 from relaylearn.results import external_dice
@@ -350,6 +350,16 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def check_before_runs(configs: list[RunConfig], devices: str | None) -> None:
+    """``-g`` and every site's data root, checked before the first of many runs (inside a run they
+    would fail only after the configs and networks were built, amid the progress output)."""
+    parse_devices(devices)
+    for cfg in configs:
+        for ds in [*cfg.test_datasets, *(t.dataset for t in cfg.tasks)]:
+            if not Path(ds.root).is_dir():
+                raise DataError("data root not found", ds.root)
+
+
 def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str | None = None, quiet: bool = False, header: str = "") -> dict[str, Any]:
     """Train ``run`` under ``run_root`` unless its matrix is complete (an interrupted run resumes).
 
@@ -415,6 +425,7 @@ def compare_strategies(
         from relaylearn.tune import apply_picks
 
         configs, tuned_note = apply_picks(configs, Path(tuned.lstrip("=")))
+    check_before_runs(configs, devices)
     runs = plan_runs(configs, orders, seeds)
     root = Path(exps_root) / "compare" / name
     results: dict[str, dict[str, dict[str, Any]]] = {}

@@ -9,6 +9,7 @@ Unknown keys and wrong types are errors naming the file and the key.
 from __future__ import annotations
 
 import copy
+import difflib
 import platform
 import re
 import types
@@ -479,9 +480,9 @@ UNSUPPORTED_KEYS: dict[tuple[str, ...], str] = {
 }
 
 
-def _drop_legacy_keys(section: dict, where: str, path: Path) -> None:
+def _drop_legacy_keys(section: dict, where: str, path: Path, sets: dict | None = None) -> None:
     """Remove ``IGNORED_KEYS`` from a ``common`` or ``task_confs.<id>`` mapping (in place) with a
-    warning; ConfigError for ``UNSUPPORTED_KEYS``."""
+    warning; ConfigError for ``UNSUPPORTED_KEYS`` (naming the ``--set`` item of ``sets`` that wrote one)."""
     for keys, reason in {**IGNORED_KEYS, **UNSUPPORTED_KEYS}.items():
         node = section
         for k in keys[:-1]:
@@ -490,7 +491,8 @@ def _drop_legacy_keys(section: dict, where: str, path: Path) -> None:
             continue
         key = f"{where}.{'.'.join(keys)}"
         if keys in UNSUPPORTED_KEYS:
-            raise ConfigError(f"{key}: not supported by this version; {reason}", path)
+            item = _set_origin(sets or {}, list(keys))
+            raise ConfigError(f"{f'--set {item}' if item else key}: not supported by this version; {reason}", None if item else path)
         del node[keys[-1]]
         warnings.warn(f"{path}: {key} is ignored: {reason}", stacklevel=3)
 
@@ -576,27 +578,66 @@ def _union_members(errors: list[dict]) -> list[dict]:
     return members if len(members) > 1 else [first]
 
 
-def validation_message(exc: ValidationError, prefix: str) -> str:
-    """A pydantic error as one line: the key under ``prefix`` and what is wrong with its value."""
+def _error_parts(exc: ValidationError) -> tuple[list[str], str]:
+    """(key path, what is wrong) of a pydantic error's first problem."""
     errors = exc.errors()
     members = _union_members(errors)
     err = members[0]
     loc_parts = err["loc"][:-1] if len(members) > 1 else err["loc"]
-    loc = ".".join(str(p) for p in loc_parts if not str(p).startswith("function-after") and not _TYPED_MEMBER_TAG.fullmatch(str(p)))
-    key = f"{prefix}.{loc}" if loc else prefix
+    loc = [str(p) for p in loc_parts if not str(p).startswith("function-after") and not _TYPED_MEMBER_TAG.fullmatch(str(p))]
     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")  # a validator's own message
     if len(members) > 1:  # "Input should be 'auto' or a valid boolean", not the first member's alone
         msg = " or ".join([members[0]["msg"].split(",")[0]] + [m["msg"].split(",")[0].removeprefix("Input should be ") for m in members[1:]])
     if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
         msg += f" (got {err['input']!r})"
-    return f"{key}: {msg}"
+    return loc, msg
 
 
-def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path, context: dict | None = None) -> Any:
+def _did_you_mean(model: type[BaseModel] | None, loc: list[str]) -> str:
+    """`` (did you mean X?)`` for an unknown key ``loc`` of ``model`` close to a known one, else ''."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if model is None or not loc:
+        return ""
+    close = difflib.get_close_matches(loc[-1], [f.alias or name for name, f in model.model_fields.items()], n=1)
+    return f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)" if close else ""
+
+
+def validation_message(exc: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error as one line: the key under ``prefix`` and what is wrong with its value
+    (for an unknown key of ``model``, the closest known key)."""
+    loc, msg = _error_parts(exc)
+    if msg == "unknown key":
+        msg += _did_you_mean(model, loc)
+    return f"{'.'.join([prefix, *loc]) if loc else prefix}: {msg}"
+
+
+def _set_origin(sets: dict[tuple[str, ...], str], key: list[str]) -> str | None:
+    """The last ``--set`` item that wrote ``key`` (or a key inside it, or the mapping holding it)."""
+    found = None
+    for keys, item in sets.items():
+        if key and (list(keys[: len(key)]) == key or key[: len(keys)] == list(keys)):
+            found = item
+    return found
+
+
+def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path, context: dict | None = None, sets: dict | None = None, base: tuple = ()) -> Any:
+    """``model`` validated from ``data``; ConfigError naming ``path`` and the key, or, when the
+    key came from ``sets`` (``--set`` key path under ``common`` → item; ``data`` sits at ``base``),
+    the ``--set`` item and not the file."""
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(validation_message(exc, prefix), path) from None
+        loc, msg = _error_parts(exc)
+        item = _set_origin(sets or {}, [*base, *loc]) if loc else None  # a check of the whole model: the file's keys take part
+        if item is None:
+            raise ConfigError(validation_message(exc, prefix, model), path) from None
+        if msg == "unknown key":
+            msg += _did_you_mean(model, loc)
+        where = "" if tuple(base) + tuple(loc) in sets else f"{'.'.join(['common', *base, *loc])}: "  # a key the item did not name itself
+        raise ConfigError(f"--set {item}: {where}{msg}") from None
 
 
 class _NoDuplicateKeysLoader(yaml.SafeLoader):
@@ -633,9 +674,11 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
         raise ConfigError("expected a mapping with common / all_tasks_datasets / current_tasks", path)
     cfg = _validate(RawConfig, raw, "config", path)
     common = copy.deepcopy(cfg.common)
-    for keys, value in parse_set(overrides or []):
+    sets = {}  # key path → the --set item that wrote it: errors there name --set, not the file
+    for (keys, value), item in zip(parse_set(overrides or []), overrides or []):
         _apply_set(common, keys, value)
-    _drop_legacy_keys(common, "common", path)
+        sets[tuple(keys)] = item
+    _drop_legacy_keys(common, "common", path, sets)
     datasets = [d.model_dump(exclude_none=True) for d in cfg.all_tasks_datasets]
     task_confs = copy.deepcopy(cfg.current_tasks.task_confs)
     for task_id, conf in task_confs.items():
@@ -648,13 +691,13 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
             kw = conf.get("dataset", {}).get("kwargs", {})
             if "root_path" in kw:
                 kw["root_path"] = str(data_root)
-    _validate(CommonConfig, common, "common", path, PARTIAL)  # each site's keys are merged over it below
+    _validate(CommonConfig, common, "common", path, PARTIAL, sets)  # each site's keys are merged over it below
 
     test_datasets: list[DatasetConfig] = []
     by_id: dict[int, dict] = {}
     for i, partial in enumerate(datasets):
         merged = deep_merge(common.get("dataset", {}), partial)
-        ds = _validate(DatasetConfig, merged, f"all_tasks_datasets[{i}]", path)
+        ds = _validate(DatasetConfig, merged, f"all_tasks_datasets[{i}]", path, sets=sets, base=("dataset",))
         test_datasets.append(ds)
         if ds.kwargs.task_id is not None:
             if ds.kwargs.task_id in by_id:
@@ -673,7 +716,7 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
             raise ConfigError(f"current_tasks.task_confs: ids {sorted(extra)} are not in task_ids", path)
         task_override = deep_merge({"dataset": by_id[task_id]}, task_confs.get(task_id, {}))
         merged = deep_merge(common, task_override)
-        tasks.append(_validate(TaskConfig, merged, f"current_tasks.task_confs.{task_id}", path))
+        tasks.append(_validate(TaskConfig, merged, f"current_tasks.task_confs.{task_id}", path, sets=sets))
     return RunConfig(name=name, path=path, raw=raw, tasks=tasks, test_datasets=test_datasets)
 
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,9 +215,16 @@ class SiteProgressBar(Callback):
 
         if trainer.is_global_zero:
             done = pl_module._local_step() + 1 if trainer.fit_loop.epoch_loop.batch_progress.current.ready else 0
+            in_a_log = not sys.stderr.isatty()  # a long run's log still shows progress, one frame per 30 s
             self.bar = tqdm(
-                total=pl_module.max_batches, initial=max(0, done), desc=self.label, unit="batch", dynamic_ncols=True, leave=True, disable=None
-            )  # None: off when not a terminal
+                total=pl_module.max_batches,
+                initial=max(0, done),
+                desc=self.label,
+                unit="batch",
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=30 if in_a_log else 0.1,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from relaylearn.assembly import first_scored_class, load_split, local_plugins, provenance, read_any_bundle, strategy_from_bundle
 from relaylearn.config import RunConfig
 from relaylearn.devices import inference_device
-from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, local_stamp, software_versions, utc_now
+from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name, check_writable_folder, local_stamp, software_versions, utc_now
 from relaylearn.memory import fitting_batch, out_of_memory_as_error
 from relaylearn.results import per_image_rows, summary_row, write_results_csv
 
@@ -43,6 +43,7 @@ def run_test(
     name = name.lstrip("=")
     check_output_name(name, "run")
     run_dir = Path(exps_root) / cfg.name / name
+    check_writable_folder(run_dir / "test_results")  # before any pass: results that cannot be written are lost
     task_ids = [t.dataset.kwargs.task_id for t in cfg.tasks]
     if get_strategy_class(cfg.tasks[0].strategy.name).pooled_training:
         task_ids = task_ids[:1]  # one model for all sites, written as the first task's bundle

@@ -5,7 +5,8 @@ Such a file is a pickle. It is read with PyTorch's weights-only unpickler, which
 but tensors and plain containers (dict, list, tuple, str, numbers). Two names that every
 Lightning 1.3 checkpoint holds are admitted as inert stand-ins: ``AttributeDict`` (hyper-parameters,
 read as a plain dict) and the ``ModelCheckpoint`` class used as a key of the callback state
-(replaced by a marker class, never instantiated). Anything else is refused (exit 3).
+(replaced by a marker class, never instantiated). Anything else is refused (exit 3); a file that
+is not such a checkpoint at all (a folder, text, another pickle) is bad input (exit 2).
 
 Name mapping (``state_dict`` entries carry the prefix ``model.``):
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,30 +95,44 @@ class ImportedCheckpoint:
 def read_original_checkpoint(path: str | Path) -> dict[str, Any]:
     """Unpickle ``path`` with the weights-only loader; returns the checkpoint dict.
 
-    Raises VerificationError (exit 3) for a file that holds any other pickled object, is not a
-    PyTorch checkpoint, or has no ``state_dict`` of tensors; UserError (exit 2) when missing.
+    Raises VerificationError (exit 3) for a checkpoint that holds any other pickled object (unsafe
+    content, never built); UserError (exit 2) for the wrong file: missing, a folder, not a PyTorch
+    checkpoint (a zip or pickle), unreadable, or without a ``state_dict`` of tensors.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError("is a folder; give the checkpoint file (.ckpt)", path)
     if not path.is_file():
         raise UserError("checkpoint not found", path)
+    not_checkpoint = "not a PyTorch checkpoint (zip or pickle): give the .ckpt file that the original code wrote"
+    with path.open("rb") as handle:
+        magic = handle.read(2)
+    if not zipfile.is_zipfile(path) and not magic.startswith(b"\x80"):  # torch.save writes a zip, or (legacy) a pickle of protocol >= 2
+        raise UserError(not_checkpoint, path)
     try:
-        with torch.serialization.safe_globals(_ADMITTED_GLOBALS):
+        with torch.serialization.safe_globals(_ADMITTED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says what matters, in one line
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # local-only: weights_only loader, never full unpickling
     except pickle.UnpicklingError as exc:
-        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported class|global) ([\w.]+)", str(exc))
-        what = f"a pickled object '{found.group(1)}'" if found else "a pickled object"
+        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported class|global) ([\w.]+)", str(exc), re.IGNORECASE)
+        if found is None:  # not a pickled object to refuse: a pickle torch.save did not write, or no pickle
+            stopped = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+            raise UserError(
+                f"not a readable PyTorch checkpoint ({stopped.group(1) if stopped else 'not a pickle'})" if magic[:1] == b"\x80" else not_checkpoint, path
+            ) from None
+        what = f"a pickled object '{found.group(1)}'"
         raise VerificationError(
             f"refused: the checkpoint holds {what} that is not a tensor or plain container (only weights are read; nothing else is unpickled)", path
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as exc:
         text = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise VerificationError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {text})", path) from None
+        raise UserError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {text})", path) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise VerificationError("not a Lightning checkpoint: no 'state_dict' mapping at the top level", path)
+        raise UserError("not a Lightning checkpoint: no 'state_dict' mapping at the top level", path)
     state = checkpoint["state_dict"]
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
     if bad is not None:
-        raise VerificationError(f"state_dict entry {str(bad)[:80]!r} is not a tensor", path)
+        raise UserError(f"not a Lightning checkpoint of the original code: state_dict entry {str(bad)[:80]!r} is not a tensor", path)
     return checkpoint
 
 

@@ -60,6 +60,7 @@ class RunResult:
     bundles: list[Path] = field(default_factory=list)
     wall_seconds: float = 0.0
     is_main: bool = True  # False in a DDP worker rank: rank 0 writes every file and prints
+    privacy_flagged: int = 0  # checks flagged by the per-hop privacy audits (metrics/privacy.json), every hop counted
 
 
 @dataclass
@@ -567,7 +568,7 @@ class RelayRun:
                 atomic_write(Path(self.opts.out_bundle), bundles[-1].read_bytes())
             except UserError as exc:  # checked before training; the disk may still fill up or go away
                 raise UserError(f"{exc.message}; the bundle this site wrote is {bundles[-1]}: copy that file instead", exc.path) from None
-        return RunResult(self.run_dir, matrix, bundles, time.time() - started)
+        return RunResult(self.run_dir, matrix, bundles, time.time() - started, privacy_flagged=self._privacy_flagged())
 
     def _remove_resume_point(self, task: TaskConfig) -> None:
         """The site is done: its resume point is its bundle now."""
@@ -724,12 +725,24 @@ class RelayRun:
 
     def _privacy_audit(self, strategy: Strategy, hop: int, site_name: str) -> None:
         """What the generators written after this hop reveal about every site so far (metrics/privacy.json)."""
-        from relaylearn.audit import audit_after_hop
+        from relaylearn.audit import audit_after_hop, flagged_checks
 
         entry = audit_after_hop(strategy, self.cfg.tasks, hop, site_name, self.run_dir)
-        if entry is not None:
-            flagged = sum(len(s["flagged"]) for s in entry["sites"].values())
-            self._log(f"[{site_name}] privacy audit of {len(entry['sites'])} site(s): {flagged} check(s) flagged ({entry['seconds']:.0f} s)")
+        if entry is None:
+            return
+        flagged = flagged_checks({"hops": [entry]})
+        message = f"[{site_name}] privacy audit of {len(entry['sites'])} site(s): {flagged} check(s) flagged ({entry['seconds']:.0f} s)"
+        if flagged:  # a warning: printed with -q too
+            print(f"WARNING: {message}; see {self.run_dir / 'metrics' / 'privacy.json'}", file=sys.stderr, flush=True)
+        else:
+            self._log(message)
+
+    def _privacy_flagged(self) -> int:
+        """Checks flagged in metrics/privacy.json (also by hops of an earlier, resumed part of the run)."""
+        from relaylearn.audit import flagged_checks
+
+        path = self.run_dir / "metrics" / "privacy.json"
+        return flagged_checks(json.loads(path.read_text())) if path.is_file() else 0
 
     def _fidelity_recorder(self, strategy_cls):
         """Replay fidelity needs every site on this machine (its oracles) and a replaying strategy."""

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from relaylearn.compare import _fmt, check_distinct, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
+from relaylearn.compare import _fmt, check_before_runs, check_distinct, mean_std, plan_runs, strategy_labels, train_or_resume, with_strategy_kwargs
 from relaylearn.config import RunConfig, load_config, read_yaml
 from relaylearn.errors import ConfigError, UserError
 from relaylearn.files import EXPS_ROOT, atomic_write, check_output_name
@@ -239,6 +239,7 @@ def tune_strategies(
     check_distinct(config_specs)
     grids = load_grids(grid_file)
     configs = [load_config(spec.lstrip("="), overrides, data_root) for spec in config_specs]
+    check_before_runs(configs, devices)
     plans = []  # (label, config, points, skipped keys)
     for cfg, label in zip(configs, strategy_labels(configs)):
         strategy = cfg.tasks[0].strategy.name
@@ -278,38 +279,40 @@ def tune_strategies(
     summary: dict[str, Any] = {"name": name, "select_on": select_on, "orders": orders, "seeds": seeds, "overrides": list(overrides or []), "strategies": {}}
     total = sum(len(points) for _, _, points, _ in plans) * orders * seeds
     bar = tqdm(total=total, desc=f"tune {name}", unit="run", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
-    for label, cfg, points, skipped in plans:
-        strategy = cfg.tasks[0].strategy.name
-        entry: dict[str, Any] = {
-            "config": cfg.name,
-            "strategy": strategy,
-            "reference": strategy not in grids,
-            "grid": {k: v for k, v in grids.get(strategy, {}).items() if k not in skipped},
-            "skipped_keys": skipped,
-            "points": [],
-            "complete": False,
-        }
-        summary["strategies"][label] = entry
-        for point in points:
-            runs = {}
-            for run in plan_runs([with_strategy_kwargs(cfg, point)], orders, seeds):
-                bar.set_postfix_str(f"{label} {point_folder(point)} {run.key}")
-                result = train_or_resume(run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True)
-                runs[run.key] = run_scores(result, select_on)
-                bar.update(1)
-            entry["points"].append(summarise_point(point, runs))
-            if not quiet:
-                score = entry["points"][-1]
-                bar.write(
-                    f"{label} {point_folder(point)}: ACC {_fmt(score['score_mean'], score['score_std'])} "
-                    f"on the {'validation parts' if select_on == 'val' else 'test split'}",
-                    file=sys.stderr,
-                )
-            _write(root, summary)  # partial results survive an interruption
-        best = None if entry["reference"] else pick_best(entry["points"])
-        entry.update({"complete": True, "pick_index": best, "pick": entry["points"][best]["values"] if best is not None else None})
-        _write(root, summary)
-    bar.close()
+    try:
+        for label, cfg, points, skipped in plans:
+            strategy = cfg.tasks[0].strategy.name
+            entry: dict[str, Any] = {
+                "config": cfg.name,
+                "strategy": strategy,
+                "reference": strategy not in grids,
+                "grid": {k: v for k, v in grids.get(strategy, {}).items() if k not in skipped},
+                "skipped_keys": skipped,
+                "points": [],
+                "complete": False,
+            }
+            summary["strategies"][label] = entry
+            for point in points:
+                runs = {}
+                for run in plan_runs([with_strategy_kwargs(cfg, point)], orders, seeds):
+                    bar.set_postfix_str(f"{label} {point_folder(point)} {run.key}")
+                    result = train_or_resume(run, root / label / point_folder(point) / run.key, name, devices=devices, quiet=True)
+                    runs[run.key] = run_scores(result, select_on)
+                    bar.update(1)
+                entry["points"].append(summarise_point(point, runs))
+                if not quiet:
+                    score = entry["points"][-1]
+                    bar.write(
+                        f"{label} {point_folder(point)}: ACC {_fmt(score['score_mean'], score['score_std'])} "
+                        f"on the {'validation parts' if select_on == 'val' else 'test split'}",
+                        file=sys.stderr,
+                    )
+                _write(root, summary)  # partial results survive an interruption
+            best = None if entry["reference"] else pick_best(entry["points"])
+            entry.update({"complete": True, "pick_index": best, "pick": entry["points"][best]["values"] if best is not None else None})
+            _write(root, summary)
+    finally:  # an error is printed below the bar, not onto it
+        bar.close()
     print(tune_markdown(summary))
     return root / "tune.json"
 

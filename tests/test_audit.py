@@ -227,6 +227,22 @@ def test_audit_bad_input_exits_2_with_one_line(relay_run, tmp_path, case):
     assert not (tmp_path / "o").exists()
 
 
+def test_audit_checks_its_out_folder_first_and_replaces_an_earlier_audit_only_with_overwrite(relay_run, tmp_path):
+    result, data, _ = relay_run
+    audit = ["audit", result.bundles[-1], "--site", "Domain1", "--data-root", data, "--no-verify", "--n-generated", "20", "--out"]
+    (tmp_path / "r.sh").write_text("echo\n")
+    blocked = run_cli(tmp_path, *audit, tmp_path / "r.sh")
+    assert blocked.code == 2 and one_line_error(blocked.err).endswith("r.sh: is a file; --out names a folder")
+    assert run_cli(tmp_path, *audit, tmp_path / "a").code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    again = run_cli(tmp_path, *audit, tmp_path / "a", "--seed", "3")
+    assert again.code == 2 and "Domain1.json: already exists (an earlier audit): pass --overwrite" in one_line_error(again.err)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    replaced = run_cli(tmp_path, *audit, tmp_path / "a", "--seed", "3", "--overwrite")
+    assert replaced.code == 0, replaced.err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(before) and (tmp_path / "a" / "Domain1.json").read_bytes() != before["Domain1.json"]
+
+
 def test_report_has_a_privacy_section_per_site_per_hop(relay_run):
     from relaylearn.report import build_report
 
@@ -270,3 +286,23 @@ def test_the_per_hop_audit_says_no_discriminators_were_audited_when_none_travel(
     entry = audit_after_hop(strategy, tasks, 2, "Domain2", tmp_path, load_split_fn=lambda ds, split: SimpleNamespace(images=pairs[0], labels=pairs[1]))
     site = entry["sites"]["Domain1"]
     assert site["discriminators_audited"] is False and not any(c["check"] == "membership white box" for c in site["checks"])
+
+
+def test_a_flagged_privacy_check_is_a_warning_even_with_quiet(tmp_path, tiny_fundus, monkeypatch):
+    """-q mutes status lines, never a flagged privacy check: a warning per hop and a summary line."""
+    import relaylearn.audit as audit
+
+    def flagging(strategy, tasks, hop, trained, run_dir, load_split_fn=None):
+        entry = {"hop": hop, "trained": trained, "seconds": 0.0, "sites": {trained: {"flagged": ["membership black box (image pixels)"]}}}
+        path = run_dir / "metrics" / "privacy.json"
+        hops = json.loads(path.read_text())["hops"] if path.is_file() else []
+        path.write_text(json.dumps({"schema": SCHEMA, "hops": [*hops, entry]}))
+        return entry
+
+    monkeypatch.setattr(audit, "audit_after_hop", flagging)
+    config = tiny_config(tmp_path, tiny_fundus, steps=1)
+    out = run_cli(tmp_path, "train", "-c", config, "-n", "q", "-g", "cpu", "-q")
+    assert out.code == 0, out.err
+    assert "WARNING: [Domain2] privacy audit of 1 site(s): 1 check(s) flagged" in out.err
+    assert "privacy: 2 check(s) flagged (" in out.out and "metrics/privacy.json)" in out.out
+    assert "Dice on" not in out.err  # the status lines stay muted

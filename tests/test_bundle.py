@@ -583,6 +583,23 @@ def test_inspect_without_trust(tmp_path, keys):
     assert "UNSIGNED" in format_inspect(unsigned)
 
 
+def test_an_unsigned_bundle_names_the_options_of_every_command_that_takes_one(tmp_path, keys, capsys):
+    """train takes --insecure-unsigned; test/predict/export/audit take --no-verify (with --trust: refused)."""
+    from relaylearn.cli import main
+
+    path = write(tmp_path / "u.relay", None, site="Sim")
+    with pytest.raises(VerificationError) as err:
+        read_bundle(path, trust=keys["trust"])
+    assert "train --insecure-unsigned" in str(err.value) and "test/predict/export/audit --no-verify" in str(err.value)
+    assert "--no-verify" in format_inspect(inspect_bundle(path))
+    assert main(["export", "--bundle", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--trust", str(tmp_path), "--no-verify"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "relaylearn: error: relaylearn export: --trust and --no-verify exclude each other: give --trust DIR to verify the bundle, or --no-verify not to\n"
+    )
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_inspect_still_checks_structure_and_hashes(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
     weights = bytearray(members_of(path)[WEIGHTS_NAME])

@@ -41,7 +41,7 @@ def test_unknown_key_in_set_names_the_key(tmp_path, config):
     result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "--set", "train.bacth_size=4")
     assert result.code == 2
     line = one_line_error(result.err)
-    assert "train.bacth_size" in line and "unknown key" in line and str(config) in line
+    assert line == "relaylearn: error: --set train.bacth_size=4: unknown key (did you mean train.batch_size?)"  # not the file: it has no such key
 
 
 def test_bad_value_in_set_names_the_key_and_value(tmp_path, config):
@@ -145,12 +145,12 @@ def test_a_hold_out_that_leaves_one_training_image_is_one_line(tmp_path, config)
 @pytest.mark.parametrize(
     "override, says",
     [
-        ("train.loss.kwargs.foo=1", "common.train.loss.kwargs.foo: unknown key"),
-        ("train.lightning.devices=abc", "common.train.lightning.devices: Input should be a valid integer"),
+        ("train.loss.kwargs.foo=1", "--set train.loss.kwargs.foo=1: unknown key"),
+        ("train.lightning.devices=abc", "--set train.lightning.devices=abc: Input should be a valid integer"),
         ("dataset.kwargs.augment={params: 3}", "augment.params: expected a mapping, got 3"),
         ("common=5", "--set 'common=5': empty key"),
         ("train..batch_size=4", "--set 'train..batch_size=4': empty key segment"),
-        ("train.batch_size=true", "common.train.batch_size: Input should be a number, not a boolean"),
+        ("train.batch_size=true", "--set train.batch_size=true: Input should be a number, not a boolean"),
     ],
 )
 def test_free_form_and_malformed_overrides_are_one_line_before_anything_is_written(tmp_path, config, override, says):

@@ -97,12 +97,18 @@ def test_compare_two_strategies_two_orders(tmp_path, tiny_fundus, monkeypatch, c
     assert (root / "sequential" / "order0_seed0" / "sequential" / "tiny-o0-s0" / "metrics" / "matrix.json").stat().st_mtime_ns == untouched
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path, tiny_fundus, capsys):
+def test_bad_arguments_are_one_line_errors(tmp_path, tiny_fundus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = str(tiny_config(tmp_path, tiny_fundus))
     assert main(["compare", "-c", config, config, "-n", "x"]) == 2
     assert "listed twice" in capsys.readouterr().err
     assert main(["compare", "-c", config, "-n", "x", "--orders", "3"]) == 2
     assert "only 2 distinct order(s)" in capsys.readouterr().err
+    assert main(["compare", "-c", config, "-n", "x", "-g", "banana"]) == 2  # before the first run, not inside it
+    assert capsys.readouterr().err == "relaylearn: error: -g 'banana': expected GPU ids such as 0 or 0,1, or 'cpu'\n"
+    assert main(["compare", "-c", config, "-n", "x", "--data-root", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == f"relaylearn: error: {tmp_path / 'none'}: data root not found\n"
+    assert not (tmp_path / "exps").exists()
 
 
 def test_paired_test_on_hand_made_numbers():

@@ -74,13 +74,25 @@ def test_data_root_replaces_every_site_root(tmp_path):
         ("audit.n_generated=99999999999", "common.audit.n_generated: Input should be less than or equal to 100000"),
     ],
 )
-def test_bad_keys_name_the_key_and_file(tmp_path, override, key):
+def test_bad_set_values_name_the_set_item_not_the_file(tmp_path, override, key):
+    """The file holds no such key: the error names the --set item (and the problem)."""
     path = tiny_config(tmp_path, tmp_path)
     with pytest.raises(ConfigError) as err:
         load_config(str(path), [override])
-    assert key in str(err.value)
-    assert str(path) in str(err.value)
+    assert str(err.value).startswith(f"--set {override}: ")
+    assert key.split(": ", 1)[-1] in str(err.value) if ": " in key else True
+    assert str(path) not in str(err.value)
     assert err.value.exit_code == 2
+
+
+def test_bad_keys_in_the_file_name_the_file_and_suggest_a_known_key(tmp_path):
+    path = tiny_config(tmp_path, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["common"]["test"]["bootstap"] = 200
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), ["train.batch_size=2"])  # a --set elsewhere is not blamed
+    assert str(err.value) == f"{path}: common.test.bootstap: unknown key (did you mean test.bootstrap?)"
 
 
 def test_original_local_typo_is_an_error_not_silently_sequential(tmp_path):
@@ -276,7 +288,9 @@ def test_a_strategy_option_that_fits_no_member_of_its_union_names_them_all():
         parse_options(Relay, {"gan_pairs_side_by_side": "maybe"})
     want = "common.strategy.kwargs.gan_pairs_side_by_side: Input should be 'auto' or a valid boolean (got 'maybe') (strategy 'relay')"
     assert str(err.value) == want  # not the first member's tag and message alone
-    with pytest.raises(ConfigError, match=r"common\.strategy\.kwargs\.overlap_solver_stepp: unknown key \(strategy 'relay'\)"):
+    with pytest.raises(
+        ConfigError, match=r"common\.strategy\.kwargs\.overlap_solver_stepp: unknown key \(did you mean overlap_solver_step\?\) \(strategy 'relay'\)"
+    ):
         parse_options(Relay, {"overlap_solver_stepp": True})
 
 

@@ -334,7 +334,7 @@ def test_insecure_unsigned_accepts_with_a_warning(relay, tmp_path, tiny_fundus):
         lab, "train", "-c", config, "-n", "lab", "-g", "cpu", "-q", "--in", unsigned, "--insecure-unsigned", "--hop", "5", "--out", lab / "out.relay"
     )
     assert result.code == 0, result.err
-    warnings = [line for line in result.err.splitlines() if "WARNING" in line]
+    warnings = [line for line in result.err.splitlines() if "WARNING" in line and "privacy audit" not in line]  # a tiny run may flag a privacy check
     assert len(warnings) == 1 and "--insecure-unsigned" in warnings[0] and "unsigned.relay" in warnings[0]
     hops = read_bundle(lab / "out.relay", trust=None, allow_unsigned=True).hops
     assert len(hops) == 5 and hops[-2]["signer"] is None  # the chain shows the unsigned hop

@@ -4,6 +4,7 @@ of its state dicts in tests/fixtures/original_checkpoint) become bundles that ev
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -189,6 +190,29 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     assert proc.returncode == 3
     assert proc.stderr.count("\n") == 1 and "refused" in proc.stderr
     assert not marker.exists() and not (tmp_path / "o.relay").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_bad_input_exit_2(tmp_path, capsys):
+    """Exit 3 is kept for a checkpoint with refused content (above); the wrong file is exit 2."""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    listed = tmp_path / "list.ckpt"
+    torch.save([torch.zeros(1)], listed)
+    pickled = tmp_path / "plain.pkl"
+    pickled.write_bytes(pickle.dumps({"state_dict": {}}))
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    cases = {
+        script: "not a PyTorch checkpoint (zip or pickle)",
+        listed: "not a Lightning checkpoint: no 'state_dict'",
+        pickled: "not a readable PyTorch checkpoint",
+        folder: "is a folder; give the checkpoint file",
+    }
+    for path, message in cases.items():
+        assert main(["import-original", str(path), "-c", "others/sequential", "--out", str(tmp_path / "o.relay")]) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith(f"relaylearn: error: {path}: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o.relay").exists()
 
 
 def test_wrong_shape_is_refused(tmp_path):

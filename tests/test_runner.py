@@ -76,7 +76,7 @@ def test_local_restarts_every_site_from_the_same_weights(tmp_path, tiny_fundus):
     assert seq.matrix["R"][1] != result.matrix["R"][1]
 
 
-def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus):
+def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus, capsys):
     result = _run(tmp_path, tiny_fundus, "joint")
     assert result.matrix["trained"] == ["Domain1+Domain2"]
     assert len(result.matrix["R"]) == 1
@@ -97,6 +97,12 @@ def test_joint_pools_every_site_into_one_row(tmp_path, tiny_fundus):
     record = json.loads(given.with_suffix(".json").read_text())  # what a paper needs to say how it was tested
     assert (record["config"], record["test_sites"], record["bootstrap"]) == (cfg.name, result.matrix["sites"], cfg.tasks[0].test.bootstrap)
     assert record["versions"]["torch"] == torch.__version__ and record["bundles"][0]["verified"] is False
+    # results that could not be written: refused before any pass, not after printing every Dice
+    (tmp_path / "exps" / cfg.name / "blocked").write_text("")
+    capsys.readouterr()
+    with pytest.raises(UserError, match="not a writable folder"):
+        run_test(cfg, "blocked", bundle=str(result.bundles[-1]), no_verify=True, exps_root=tmp_path / "exps")
+    assert capsys.readouterr().out == ""
 
 
 def test_existing_run_needs_resume(tmp_path, tiny_fundus):

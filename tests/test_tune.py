@@ -206,3 +206,27 @@ def test_bad_grids_and_names_are_refused_before_anything_trains(tmp_path, tiny_f
         assert message in err and err.count("\n") == 1, (argv, err)
         assert grid is None or f"grid{i}.yaml: " in err, err
     assert not (tmp_path / "exps").exists()
+
+
+def test_bad_gpus_and_data_root_are_refused_before_the_first_run_and_errors_leave_the_bar(tmp_path, tiny_fundus, capsys, monkeypatch):
+    import relaylearn.tune as tune
+    from relaylearn.errors import UserError
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(tune, "train_or_resume", no_training)
+    monkeypatch.chdir(tmp_path)
+    lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
+    for extra, message in ((["-g", "banana"], "-g 'banana': expected GPU ids"), (["--data-root", "nonexist"], "nonexist: data root not found")):
+        assert main(["tune", "-c", lwf, "-n", "x", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+
+    def failing(*args, **kwargs):
+        raise UserError("disk full")
+
+    monkeypatch.setattr(tune, "train_or_resume", failing)
+    assert main(["tune", "-c", lwf, "-n", "x"]) == 2
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert last == "relaylearn: error: disk full"  # on a line of its own, not on the progress bar's

@@ -305,4 +305,4 @@ def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str
     try:
         return cls.Options(**(kwargs or {}))
     except ValidationError as exc:
-        raise ConfigError(f"{validation_message(exc, where)} (strategy '{cls.name}')", path) from None
+        raise ConfigError(f"{validation_message(exc, where, cls.Options)} (strategy '{cls.name}')", path) from None
