@@ -177,14 +177,19 @@ def test_relative_grid_values_scale_the_configs_own_value(tmp_path, tiny_fundus)
     assert points == [{"distil_weight": 2 * 0.5}]
 
 
-def test_bad_grids_and_names_are_refused_before_anything_trains(tmp_path, tiny_fundus, capsys, monkeypatch):
+@pytest.fixture
+def no_training(monkeypatch, tmp_path):
+    """tune in ``tmp_path`` where training any run fails the test."""
     import relaylearn.tune as tune
 
-    def no_training(*args, **kwargs):
+    def trained(*args, **kwargs):
         raise AssertionError("trained")
 
-    monkeypatch.setattr(tune, "train_or_resume", no_training)
+    monkeypatch.setattr(tune, "train_or_resume", trained)
     monkeypatch.chdir(tmp_path)
+
+
+def test_bad_grids_and_names_are_refused_before_anything_trains(tmp_path, tiny_fundus, capsys, no_training):
     lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
     ewc = str(tiny_config(tmp_path / "e", tiny_fundus, strategy="ewc"))
     relay = str(tiny_config(tmp_path / "r", tiny_fundus, strategy="relay"))
@@ -208,15 +213,10 @@ def test_bad_grids_and_names_are_refused_before_anything_trains(tmp_path, tiny_f
     assert not (tmp_path / "exps").exists()
 
 
-def test_bad_gpus_and_data_root_are_refused_before_the_first_run_and_errors_leave_the_bar(tmp_path, tiny_fundus, capsys, monkeypatch):
+def test_bad_gpus_and_data_root_are_refused_before_the_first_run_and_errors_leave_the_bar(tmp_path, tiny_fundus, capsys, monkeypatch, no_training):
     import relaylearn.tune as tune
     from relaylearn.errors import UserError
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("trained")
-
-    monkeypatch.setattr(tune, "train_or_resume", no_training)
-    monkeypatch.chdir(tmp_path)
     lwf = str(tiny_config(tmp_path / "l", tiny_fundus, strategy="lwf"))
     for extra, message in ((["-g", "banana"], "-g 'banana': expected GPU ids"), (["--data-root", "nonexist"], "nonexist: data root not found")):
         assert main(["tune", "-c", lwf, "-n", "x", *extra]) == 2, extra
