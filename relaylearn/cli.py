@@ -46,6 +46,11 @@ QUIET_HELP = "no progress bars or status lines (warnings and errors are still pr
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help=CONFIG_HELP)
     p.add_argument("-n", "--name", "--note", dest="name", required=True, help="run name (folder under exps/<config>/)")
+    _add_where_args(p)
+
+
+def _add_where_args(p: argparse.ArgumentParser) -> None:
+    """-g, --data-root and --set: where the runs of a command train, and on which data."""
     p.add_argument("-g", "--gpus", default=None, help=GPUS_HELP)
     p.add_argument("--data-root", default=None, metavar="DIR", help=DATA_ROOT_HELP)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
@@ -57,9 +62,7 @@ def _add_sweep_args(p: argparse.ArgumentParser, output: str, orders: int) -> Non
     p.add_argument("-n", "--name", required=True, help=output)
     p.add_argument("--orders", type=int, default=orders, help=f"site orders per config: as configured, reversed, then seeded shuffles (default {orders})")
     p.add_argument("--seeds", type=int, default=1, help="seeds per site order; seed s adds s to the config's random_seed (default 1)")
-    p.add_argument("--data-root", default=None, metavar="DIR", help=DATA_ROOT_HELP)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    p.add_argument("-g", "--gpus", default=None, help=GPUS_HELP)
+    _add_where_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
 
 
