@@ -148,8 +148,8 @@ class RelayRun:
 
             self.cfg, self.recipe_record = reconcile(self.cfg, self.incoming, self.opts.recipe, local_plugins(self.cfg))
             strategy = check_bundle_fits(self.incoming, self.cfg.tasks[0])
-            adopted = self.recipe_record["adopted"]
-            self._check_memory(self.cfg.tasks[0], self.incoming.path if {"dataset.kwargs.img_size", "train.batch_size"} & set(adopted) else None)
+            if {"dataset.kwargs.img_size", "train.batch_size"} & set(self.recipe_record["adopted"]):  # local sizes: checked with the networks
+                self._check_memory(self.cfg.tasks[0], self.incoming.path)
             try:  # the local recipe passed above: what fails now came with the bundle
                 self._check_augmentation(self.cfg.tasks[0])
             except UserError as exc:
