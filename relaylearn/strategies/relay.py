@@ -541,12 +541,12 @@ class Relay(Strategy):
     def _score_generators(self, sites: list[str]) -> list[float]:
         """Per known site: the replay fidelity of the current generators with the site's solver as
         the oracle, on ``snapshot_samples`` pairs (fixed seeds), over the classes the metrics score."""
-        from relaylearn.data.layouts import get_layout
+        from relaylearn.assembly import first_scored_class
         from relaylearn.replay_fidelity import replay_fidelity
 
         device = next(self.solver.parameters()).device
         n = self.options.snapshot_samples
-        first = get_layout(self.config.dataset.name).first_scored_class(self.config.dataset.kwargs)
+        first = first_scored_class(self.config.dataset)
         return [
             replay_fidelity(self, name, self.solver, self.num_classes, n=n, seed=_SNAPSHOT_SEED + self.site_id(name), device=device, first_class=first).fidelity
             for name in sites
