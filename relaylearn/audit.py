@@ -362,7 +362,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _site_dataset(task, site: str, data_root: str, config: Optional[str]):
     """The DatasetConfig of ``site``'s data, preprocessed as the bundle's model expects: location
     (layout, folder, ROI sub-folder) from ``config`` if given, else the folder named like the site."""
-    from relaylearn.config import DatasetConfig, _validate, load_config
+    from relaylearn.config import DatasetConfig, validate_section, load_config
 
     kwargs = task.dataset.kwargs.model_dump(mode="json")
     layout = task.dataset.name
@@ -375,7 +375,7 @@ def _site_dataset(task, site: str, data_root: str, config: Optional[str]):
         mine = found[0]
         layout = mine.name
         kwargs.update(img_folder=mine.kwargs.img_folder if mine.kwargs.img_folder is not None else site, use_roi=mine.kwargs.use_roi)
-    return _validate(DatasetConfig, {"name": layout, "kwargs": kwargs}, f"site {printable(site)}'s dataset (the bundle's preprocessing)", config)
+    return validate_section(DatasetConfig, {"name": layout, "kwargs": kwargs}, f"site {printable(site)}'s dataset (the bundle's preprocessing)", config)
 
 
 def run_audit(

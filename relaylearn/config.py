@@ -461,6 +461,8 @@ class RunConfig(BaseModel):
     raw: dict[str, Any]
     tasks: list[TaskConfig]
     test_datasets: list[DatasetConfig]
+    #: key path under ``common`` → the ``--set`` item that wrote it (errors found later name the item)
+    sets: dict[tuple[str, ...], str] = Field(default_factory=dict, exclude=True)
 
     @property
     def common(self) -> TaskConfig:
@@ -623,7 +625,9 @@ def _set_origin(sets: dict[tuple[str, ...], str], key: list[str]) -> str | None:
     return found
 
 
-def _validate(model: type[BaseModel], data: Any, prefix: str, path: Path, context: dict | None = None, sets: dict | None = None, base: tuple = ()) -> Any:
+def validate_section(
+    model: type[BaseModel], data: Any, prefix: str, path: Path, context: dict | None = None, sets: dict | None = None, base: tuple = ()
+) -> Any:
     """``model`` validated from ``data``; ConfigError naming ``path`` and the key, or, when the
     key came from ``sets`` (``--set`` key path under ``common`` → item; ``data`` sits at ``base``),
     the ``--set`` item and not the file."""
@@ -672,7 +676,7 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping with common / all_tasks_datasets / current_tasks", path)
-    cfg = _validate(RawConfig, raw, "config", path)
+    cfg = validate_section(RawConfig, raw, "config", path)
     common = copy.deepcopy(cfg.common)
     sets = {}  # key path → the --set item that wrote it: errors there name --set, not the file
     for (keys, value), item in zip(parse_set(overrides or []), overrides or []):
@@ -691,13 +695,13 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
             kw = conf.get("dataset", {}).get("kwargs", {})
             if "root_path" in kw:
                 kw["root_path"] = str(data_root)
-    _validate(CommonConfig, common, "common", path, PARTIAL, sets)  # each site's keys are merged over it below
+    validate_section(CommonConfig, common, "common", path, PARTIAL, sets)  # each site's keys are merged over it below
 
     test_datasets: list[DatasetConfig] = []
     by_id: dict[int, dict] = {}
     for i, partial in enumerate(datasets):
         merged = deep_merge(common.get("dataset", {}), partial)
-        ds = _validate(DatasetConfig, merged, f"all_tasks_datasets[{i}]", path, sets=sets, base=("dataset",))
+        ds = validate_section(DatasetConfig, merged, f"all_tasks_datasets[{i}]", path, sets=sets, base=("dataset",))
         test_datasets.append(ds)
         if ds.kwargs.task_id is not None:
             if ds.kwargs.task_id in by_id:
@@ -716,8 +720,8 @@ def load_config(spec: str, overrides: list[str] | None = None, data_root: str | 
             raise ConfigError(f"current_tasks.task_confs: ids {sorted(extra)} are not in task_ids", path)
         task_override = deep_merge({"dataset": by_id[task_id]}, task_confs.get(task_id, {}))
         merged = deep_merge(common, task_override)
-        tasks.append(_validate(TaskConfig, merged, f"current_tasks.task_confs.{task_id}", path, sets=sets))
-    return RunConfig(name=name, path=path, raw=raw, tasks=tasks, test_datasets=test_datasets)
+        tasks.append(validate_section(TaskConfig, merged, f"current_tasks.task_confs.{task_id}", path, sets=sets))
+    return RunConfig(name=name, path=path, raw=raw, tasks=tasks, test_datasets=test_datasets, sets=sets)
 
 
 def dump_yaml(data: Any) -> str:

@@ -241,9 +241,9 @@ def compare(local: TaskConfig, theirs: dict[str, Any]) -> tuple[dict[str, tuple[
 def _adopt(model: BaseModel, values: dict[str, Any], path: Any, where: str = "common") -> Any:
     """``model`` (a site's config or a test site's dataset) with ``values`` (dotted keys) put in;
     ConfigError if the result is not valid."""
-    from relaylearn.config import _validate
+    from relaylearn.config import validate_section
 
-    return _validate(type(model), _tree_with(model.model_dump(mode="json"), values), f"(bundle recipe adopted) {where}", path)
+    return validate_section(type(model), _tree_with(model.model_dump(mode="json"), values), f"(bundle recipe adopted) {where}", path)
 
 
 def reconcile(cfg: RunConfig, bundle, source: RecipeSource = "bundle", plugins: set[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:

@@ -140,6 +140,7 @@ class RelayRun:
                 self.run_dir,
             )
         self._check_sites_agree()
+        self._check_strategy_options()
         strategy = self._check_networks()
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
@@ -157,8 +158,7 @@ class RelayRun:
             ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
             if is_main_process() and ledger is not None and not self._resumed_past(ledger):
                 ledger.check(self.incoming)
-        for task in self.cfg.tasks:  # a bad strategy option fails before anything is written, naming the config
-            parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path)
+        self._check_strategy_options()  # again: a bundle's recipe may have changed them
         with self._naming_the_config():  # the sites the run adds fit the strategy (the relay's site capacity)
             strategy.check_sites(["+".join(t.dataset.site for t in group) for group in self._groups()])
         del strategy
@@ -259,6 +259,12 @@ class RelayRun:
                     strategy = built
         self._log(f"networks: {len(checked)} site config(s) built and checked ({time.time() - started:.1f} s)")
         return strategy
+
+    def _check_strategy_options(self) -> None:
+        """A bad strategy option fails before anything is written, naming the config file or the
+        ``--set`` item that gave it."""
+        for task in self.cfg.tasks:
+            parse_options(get_strategy_class(task.strategy.name), task.strategy.kwargs, path=self.cfg.path, sets=self.cfg.sets)
 
     def _check_memory(self, task: TaskConfig, bundle: Path | None = None) -> None:
         """Before training: when ``task``'s batches at its ``img_size`` would not fit on its device,

@@ -151,6 +151,11 @@ def test_a_hold_out_that_leaves_one_training_image_is_one_line(tmp_path, config)
         ("common=5", "--set 'common=5': empty key"),
         ("train..batch_size=4", "--set 'train..batch_size=4': empty key segment"),
         ("train.batch_size=true", "--set train.batch_size=true: Input should be a number, not a boolean"),
+        ("strategy.kwargs.bogus=1", "relaylearn: error: --set strategy.kwargs.bogus=1: unknown key (strategy 'sequential')"),
+        (
+            "strategy.kwargs={bogus: 1}",
+            "relaylearn: error: --set strategy.kwargs={bogus: 1}: common.strategy.kwargs.bogus: unknown key (strategy 'sequential')",
+        ),
     ],
 )
 def test_free_form_and_malformed_overrides_are_one_line_before_anything_is_written(tmp_path, config, override, says):

@@ -295,14 +295,15 @@ def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def parse_options(cls: type[Strategy], kwargs: dict[str, Any] | None, where: str = "common.strategy.kwargs", path: str | Path | None = None) -> StrategyOptions:
-    """Validate a strategy's kwargs; an unknown key or wrong type is a ConfigError naming it (and
-    the config file ``path``, when given)."""
-    from pydantic import ValidationError
-
-    from relaylearn.config import validation_message
+def parse_options(
+    cls: type[Strategy], kwargs: dict[str, Any] | None, where: str = "common.strategy.kwargs", path: str | Path | None = None, sets: dict | None = None
+) -> StrategyOptions:
+    """Validate a strategy's kwargs; an unknown key or wrong type is a ConfigError naming it and
+    the config file ``path`` or, for a key a ``--set`` item wrote (``sets``, as
+    :attr:`relaylearn.config.RunConfig.sets`), that item."""
+    from relaylearn.config import validate_section
 
     try:
-        return cls.Options(**(kwargs or {}))
-    except ValidationError as exc:
-        raise ConfigError(f"{validation_message(exc, where, cls.Options)} (strategy '{cls.name}')", path) from None
+        return validate_section(cls.Options, kwargs or {}, where, path, sets=sets, base=("strategy", "kwargs"))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.message} (strategy '{cls.name}')", exc.path) from None
