@@ -362,7 +362,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _site_dataset(task, site: str, data_root: str, config: Optional[str]):
     """The DatasetConfig of ``site``'s data, preprocessed as the bundle's model expects: location
     (layout, folder, ROI sub-folder) from ``config`` if given, else the folder named like the site."""
-    from relaylearn.config import DatasetConfig, validate_section, load_config
+    from relaylearn.config import DatasetConfig, load_config, validate_section
 
     kwargs = task.dataset.kwargs.model_dump(mode="json")
     layout = task.dataset.name
