@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from relaylearn.errors import UserError
+from relaylearn.errors import RelayError, UserError
 
 CLAIMS = ".claims"
 
@@ -53,10 +53,16 @@ def start_helpers(argv: list[str], workers: int, root: Path) -> list[subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "relaylearn", *argv, "--claim-only", "-q"]
     (root / CLAIMS).mkdir(parents=True, exist_ok=True)
-    helpers = []
-    for i in range(1, workers):  # error output to a file: a pipe nobody reads while training could fill and stall the helper
-        with open(root / CLAIMS / f"helper{i}.log", "w") as log:
-            helpers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log))
+    helpers: list[subprocess.Popen] = []
+    try:
+        for i in range(1, workers):  # error output to a file: a pipe nobody reads while training could fill and stall the helper
+            with open(root / CLAIMS / f"helper{i}.log", "w") as log:
+                helpers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log))
+    except BaseException as exc:  # none of those already started is left training alone
+        stop_helpers(helpers)
+        if isinstance(exc, OSError):
+            raise RelayError(f"cannot start helper {len(helpers) + 1} of --workers {workers}: {exc.strerror or exc}") from None
+        raise
     return helpers
 
 

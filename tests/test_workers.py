@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from relaylearn.workers import CLAIMS, claim, finish_helpers
+from relaylearn.errors import RelayError
+from relaylearn.workers import CLAIMS, claim, finish_helpers, start_helpers
 
 
 def test_a_run_is_claimed_once_and_names_its_process(tmp_path):
@@ -45,3 +46,27 @@ def test_helpers_are_stopped_when_the_first_process_fails(tmp_path, monkeypatch,
     finally:
         helper.kill()
         helper.wait()
+
+
+def test_helpers_already_started_are_stopped_when_the_next_one_cannot_start(tmp_path, monkeypatch):
+    """--workers 3: the second helper fails to start (no process slots left) — the first one
+    was left training on its own after the command had failed."""
+    import relaylearn.workers as workers
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen(command, **kwargs):
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(120)"]))
+        return started[-1]
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    monkeypatch.setattr(workers, "threads_per_worker", lambda n: 1)
+    try:
+        with pytest.raises(RelayError, match="cannot start helper 2 of --workers 3: Resource temporarily unavailable"):
+            start_helpers(["compare"], 3, tmp_path)
+        assert started[0].poll() is not None, "the first helper was left running"
+    finally:
+        started[0].kill()
+        started[0].wait()
