@@ -154,6 +154,10 @@ class RelayOptions(StrategyOptions):
     ada_target: float = Field(0.6, ge=0, le=1)
     ada_interval: int = Field(4, ge=1)
     ada_kimg: float = Field(500, gt=0)
+    ada_faithful_hue_saturation: bool = Field(
+        False,
+        description="true: the image discriminator's colour augmentation (ada_img letter c) leaves out hue and saturation, as the original does for its 4-channel image + label input; false: they apply to the RGB part.",
+    )
     # replay
     replay: bool = Field(True, description="false: no generative replay at all (ablation: merge and distillation only).")
     replay_ratio: Literal["half", "even"] = "half"
@@ -336,7 +340,7 @@ class Relay(Strategy):
         self.d_label = ProjectionDiscriminator(
             1, c, img_resolution=res, channel_base=o.d_label.channel_base, channel_max=o.d_label.channel_max, mapping_layers=o.d_label.mapping_layers
         )
-        self.ada_img = AdaptiveAugment(o.ada_img, num_channels=in_ch + 1)
+        self.ada_img = AdaptiveAugment(o.ada_img, num_channels=in_ch + 1, faithful_hue_saturation=o.ada_faithful_hue_saturation)
         self.ada_label = AdaptiveAugment(o.ada_label, num_channels=1)
         self.ada_img_ctl = AdaController(target=o.ada_target, interval=o.ada_interval, kimg=o.ada_kimg, batch_size=train_cfg.batch_size)
         self.ada_label_ctl = AdaController(target=o.ada_target, interval=o.ada_interval, kimg=o.ada_kimg, batch_size=train_cfg.batch_size)

@@ -836,3 +836,22 @@ def test_snapshot_scores_leave_out_the_ct_helper_classes(tmp_path, tiny_fundus, 
     seen = []
     monkeypatch.setattr(replay_fidelity, "replay_fidelity", lambda *a, **k: seen.append(k["first_class"]) or SimpleNamespace(fidelity=0.5))
     assert strategy._score_generators(["A"]) == [0.5] and seen == [2]
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_ada_faithful_hue_saturation_reaches_the_image_pipe(tmp_path, tiny_fundus, faithful):
+    strategy, _ = _strategy(tmp_path, tiny_fundus, ada_img="c", ada_faithful_hue_saturation=faithful)
+    pipe = strategy.ada_img
+    assert pipe.faithful_hue_saturation is faithful and not strategy.ada_label.faithful_hue_saturation
+    with torch.no_grad():
+        pipe.p.fill_(1.0)
+        x = torch.rand(16, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        torch.manual_seed(1)
+        y = pipe(x)
+
+    def chroma(t):  # the RGB part off the luma axis
+        return (t[:, :3] - t[:, :3].mean(dim=1, keepdim=True)).flatten(1)
+
+    # brightness, contrast and luma flip keep the chroma direction (up to sign); hue and saturation turn it
+    kept = torch.nn.functional.cosine_similarity(chroma(y), chroma(x)).abs()
+    assert bool((kept > 1 - 1e-4).all()) is faithful
