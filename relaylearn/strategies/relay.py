@@ -174,7 +174,7 @@ class RelayOptions(StrategyOptions):
     replay_stock: int = Field(
         256,
         ge=0,
-        description="Replayed pairs the frozen generators make in one call and hand out batch by batch: the same distribution as one call per batch (they do not change within a site), with the calls' fixed cost shared; resumes exactly. 0 = generate each batch's replay when it is needed.",
+        description="Replayed pairs the frozen generators make in one call and hand out batch by batch: the same distribution as one call per batch (in eval mode they do not change within a site), with the calls' fixed cost shared; resumes exactly. 0 = generate each batch's replay when it is needed; replay_generator_mode: train always does (there a pair depends on the size of the call that made it).",
     )
     replay_generator_mode: Literal["eval", "train"] = Field(
         "eval",
@@ -446,7 +446,7 @@ class Relay(Strategy):
         self.snapshot_selection = None
         self._stock, self._stock_drawn = None, 0
         # drawn only where a stock will be used, so runs without one keep their random stream
-        self._stock_seed = int(torch.randint(0, 2**62, ()).item()) if (self.previous is not None and self.options.replay_stock) else 0
+        self._stock_seed = int(torch.randint(0, 2**62, ()).item()) if (self.previous is not None and self._uses_stock) else 0
         if self.options.generator_ema_steps > 0:
             self.generator_ema = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in GENERATORS}).requires_grad_(False)
 
@@ -606,12 +606,20 @@ class Relay(Strategy):
     def replay(self, n: int, device, generators: nn.ModuleDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """n generated (images [n,C,H,W] in the data's range, labels [n,H,W], site ids [n]) of earlier
         sites, from the frozen generators of the previous site (taken from the site's replay stock
-        when ``replay_stock`` > 0), or freshly from ``generators``."""
-        if generators is None and self.options.replay_stock > 0:
+        when ``_uses_stock``), or freshly from ``generators``."""
+        if generators is None and self._uses_stock:
             return self._replay_from_stock(n, device)
         ids = self._draw_ids(n, "previous", device)
         images, labels = self._generate(generators if generators is not None else self.previous, ids)
         return images, labels, ids
+
+    @property
+    def _uses_stock(self) -> bool:
+        """Replay comes from a stock: ``replay_stock`` > 0 and the frozen generators in eval mode. In
+        train mode SPADE normalises with the statistics of the call's batch, so a pair depends on
+        the size of the call that made it: each batch's replay is generated on its own, as the
+        original did."""
+        return self.options.replay_stock > 0 and self.options.replay_generator_mode == "eval"
 
     def _replay_from_stock(self, n: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """The site's next n replayed pairs, as ``replay``. Refill k (S = ``replay_stock`` pairs,
