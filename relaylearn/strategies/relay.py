@@ -165,7 +165,10 @@ class RelayOptions(StrategyOptions):
         "replace",
         description="replace: the solver trains on the GANs' mixed batch (replay replaces reals, batch size B, as in the paper); append: on all B reals plus as many replayed pairs as replay_ratio asks of the whole batch (B for half), reusing the GAN steps' replay.",
     )
-    replay_site_selection: Literal["uniform", "distribution"] = "uniform"
+    replay_site_selection: Literal["uniform", "distribution"] = Field(
+        "uniform",
+        description="Which earlier site a replayed pair comes from: uniform, or distribution: in proportion to the real images each site's batches held during its first stage, counted with repetition (every epoch counts again; with num_stages 2 the first site counts its whole budget, later sites the half before the merge), as in the original.",
+    )
     replay_truncation: float = 1.0
     replay_augment: Any = Field("original", description="Augmentation of replayed pairs for the solver: none | light | original.")
     replay_once_per_batch: bool = Field(

@@ -872,3 +872,23 @@ def test_ada_faithful_hue_saturation_reaches_the_image_pipe(tmp_path, tiny_fundu
     # brightness, contrast and luma flip keep the chroma direction (up to sign); hue and saturation turn it
     kept = torch.nn.functional.cosine_similarity(chroma(y), chroma(x)).abs()
     assert bool((kept > 1 - 1e-4).all()) is faithful
+
+
+def test_distribution_selection_weighs_sites_by_their_stage_one_images_counted_with_repetition(tmp_path, tiny_fundus):
+    # as documented: the first site (no merge) counts its whole budget, later sites the half before the merge
+    from relaylearn.strategies.base import StepContext
+
+    strategy, _ = _strategy(tmp_path, tiny_fundus, num_stages=2, replay_site_selection="distribution", overlap_solver_step=False)
+    strategy._gan_step = lambda *a, **k: {}
+    strategy._solver_step = lambda *a, **k: {}
+    strategy._solver_batch = lambda images, labels, mixes: (images, labels, images.shape[0])
+    for position, name in enumerate(["A", "B", "C"]):
+        site = _site(name, position, n=8, steps=10)  # the same 8 images and 10 batches of 4 per site
+        strategy.on_site_start(site)
+        strategy.optimizers = strategy.configure_optimizers()
+        for i in range(10):
+            strategy.training_step(_batch(4), StepContext(step=i, global_step=i, epoch=0, site=site))
+        strategy.on_site_end(site)
+    assert {k: v["frequency"] for k, v in strategy.registry_previous.items()} == {"A": 40, "B": 20, "C": 20}
+    ids, weights = strategy._bank("previous")
+    assert torch.allclose(weights / weights.sum(), torch.tensor([0.5, 0.25, 0.25]))
