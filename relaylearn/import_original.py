@@ -390,6 +390,9 @@ def import_original(ckpt: str | Path, config: str, out: str | Path, key: str | N
             raise UserError(f"RL_meta lists site ids beyond strategy.kwargs.site_capacity={strategy.options.site_capacity}", ckpt)
         meta.update(site_registry=imported.registry, site_registry_current={}, merge_weight=imported.merge_weight, stage=imported.stage)
         meta["sites_seen"] = list(imported.registry) or meta["sites_seen"]
+        # the original's SPADE convolutions are plain: state_from_bundle rescales them when this
+        # config uses equalised lr (spade_equalized_lr), so the generator computes the same function
+        meta["spade_conv"] = "plain"
     try:
         strategy.state_from_bundle(BundleState(tensors=tensors, meta=meta))
     except (RuntimeError, KeyError, ValueError) as exc:

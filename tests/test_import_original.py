@@ -361,3 +361,25 @@ def test_a_bad_tensor_is_refused_naming_the_file_and_its_name(tmp_path, capsys):
     ckpt = save_lightning_checkpoint(tmp_path / "f64.ckpt", {**state, bias: state[bias].double()})
     assert main(["import-original", str(ckpt), "-c", "others/sequential", "--out", str(tmp_path / "f64.relay")]) == 0
     assert _read(tmp_path / "f64.relay")[0].tensors["solver.head.bias"].dtype == torch.float32
+
+
+def test_an_import_with_equalised_spade_computes_the_same_image_generator(tmp_path, capsys):
+    # the original's SPADE convolutions are plain: with spade_equalized_lr they are rescaled on import
+    ckpt = save_lightning_checkpoint(tmp_path / "relay.ckpt", _relay_state())
+    generated = []
+    for equalized in (False, True):
+        out = tmp_path / f"r{equalized}.relay"
+        argv = ["import-original", str(ckpt), "-c", "fundus/relay_test", "--out", str(out)]
+        argv += ["--set", "strategy.kwargs.spade_equalized_lr=true"] if equalized else []
+        assert main(argv) == 0, capsys.readouterr().err
+        bundle, strategy = _read(out)
+        assert strategy.options.spade_equalized_lr is equalized and bundle.registry["spade_conv"] == ("equalized" if equalized else "plain")
+        g = strategy.g_img.eval()
+        size, n = g.synthesis.img_resolution, 2
+        gen = torch.Generator().manual_seed(4)
+        z = torch.randn(n, g.z_dim, generator=gen)
+        c = torch.eye(g.c_dim)[:n]
+        seg = torch.rand(n, g.synthesis.label_channels, size, size, generator=gen) * 2 - 1
+        with torch.no_grad():
+            generated.append(g(z, c, seg, noise_mode="const"))
+    assert torch.allclose(generated[0], generated[1], atol=1e-5, rtol=1e-4)

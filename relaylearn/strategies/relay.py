@@ -154,6 +154,10 @@ class RelayOptions(StrategyOptions):
     ada_target: float = Field(0.6, ge=0, le=1)
     ada_interval: int = Field(4, ge=1)
     ada_kimg: float = Field(500, gt=0)
+    ada_faithful_hue_saturation: bool = Field(
+        False,
+        description="true: the image discriminator's colour augmentation (ada_img letter c) leaves out hue and saturation, as the original does for its 4-channel image + label input; false: they apply to the RGB part.",
+    )
     # replay
     replay: bool = Field(True, description="false: no generative replay at all (ablation: merge and distillation only).")
     replay_ratio: Literal["half", "even"] = "half"
@@ -161,7 +165,10 @@ class RelayOptions(StrategyOptions):
         "replace",
         description="replace: the solver trains on the GANs' mixed batch (replay replaces reals, batch size B, as in the paper); append: on all B reals plus as many replayed pairs as replay_ratio asks of the whole batch (B for half), reusing the GAN steps' replay.",
     )
-    replay_site_selection: Literal["uniform", "distribution"] = "uniform"
+    replay_site_selection: Literal["uniform", "distribution"] = Field(
+        "uniform",
+        description="Which earlier site a replayed pair comes from: uniform, or distribution: in proportion to the real images each site's batches held during its first stage, counted with repetition (every epoch counts again; with num_stages 2 the first site counts its whole budget, later sites the half before the merge), as in the original.",
+    )
     replay_truncation: float = 1.0
     replay_augment: Any = Field("original", description="Augmentation of replayed pairs for the solver: none | light | original.")
     replay_once_per_batch: bool = Field(
@@ -170,7 +177,7 @@ class RelayOptions(StrategyOptions):
     replay_stock: int = Field(
         256,
         ge=0,
-        description="Replayed pairs the frozen generators make in one call and hand out batch by batch: the same distribution as one call per batch (they do not change within a site), with the calls' fixed cost shared; resumes exactly. 0 = generate each batch's replay when it is needed.",
+        description="Replayed pairs the frozen generators make in one call and hand out batch by batch: the same distribution as one call per batch (in eval mode they do not change within a site), with the calls' fixed cost shared; resumes exactly. 0 = generate each batch's replay when it is needed; replay_generator_mode: train always does (there a pair depends on the size of the call that made it).",
     )
     replay_generator_mode: Literal["eval", "train"] = Field(
         "eval",
@@ -336,7 +343,7 @@ class Relay(Strategy):
         self.d_label = ProjectionDiscriminator(
             1, c, img_resolution=res, channel_base=o.d_label.channel_base, channel_max=o.d_label.channel_max, mapping_layers=o.d_label.mapping_layers
         )
-        self.ada_img = AdaptiveAugment(o.ada_img, num_channels=in_ch + 1)
+        self.ada_img = AdaptiveAugment(o.ada_img, num_channels=in_ch + 1, faithful_hue_saturation=o.ada_faithful_hue_saturation)
         self.ada_label = AdaptiveAugment(o.ada_label, num_channels=1)
         self.ada_img_ctl = AdaController(target=o.ada_target, interval=o.ada_interval, kimg=o.ada_kimg, batch_size=train_cfg.batch_size)
         self.ada_label_ctl = AdaController(target=o.ada_target, interval=o.ada_interval, kimg=o.ada_kimg, batch_size=train_cfg.batch_size)
@@ -442,7 +449,7 @@ class Relay(Strategy):
         self.snapshot_selection = None
         self._stock, self._stock_drawn = None, 0
         # drawn only where a stock will be used, so runs without one keep their random stream
-        self._stock_seed = int(torch.randint(0, 2**62, ()).item()) if (self.previous is not None and self.options.replay_stock) else 0
+        self._stock_seed = int(torch.randint(0, 2**62, ()).item()) if (self.previous is not None and self._uses_stock) else 0
         if self.options.generator_ema_steps > 0:
             self.generator_ema = nn.ModuleDict({k: copy.deepcopy(getattr(self, k)) for k in GENERATORS}).requires_grad_(False)
 
@@ -602,12 +609,20 @@ class Relay(Strategy):
     def replay(self, n: int, device, generators: nn.ModuleDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """n generated (images [n,C,H,W] in the data's range, labels [n,H,W], site ids [n]) of earlier
         sites, from the frozen generators of the previous site (taken from the site's replay stock
-        when ``replay_stock`` > 0), or freshly from ``generators``."""
-        if generators is None and self.options.replay_stock > 0:
+        when ``_uses_stock``), or freshly from ``generators``."""
+        if generators is None and self._uses_stock:
             return self._replay_from_stock(n, device)
         ids = self._draw_ids(n, "previous", device)
         images, labels = self._generate(generators if generators is not None else self.previous, ids)
         return images, labels, ids
+
+    @property
+    def _uses_stock(self) -> bool:
+        """Replay comes from a stock: ``replay_stock`` > 0 and the frozen generators in eval mode. In
+        train mode SPADE normalises with the statistics of the call's batch, so a pair depends on
+        the size of the call that made it: each batch's replay is generated on its own, as the
+        original did."""
+        return self.options.replay_stock > 0 and self.options.replay_generator_mode == "eval"
 
     def _replay_from_stock(self, n: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """The site's next n replayed pairs, as ``replay``. Refill k (S = ``replay_stock`` pairs,
