@@ -382,6 +382,19 @@ def _foreign_format(head: bytes) -> str | None:
     return None
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names a key twice (``json.loads`` would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_safetensors_index(weights: memoryview, path: Path) -> dict[str, dict]:
     """Validate a safetensors buffer without materialising tensors; return name → {dtype, shape}.
 
@@ -398,7 +411,9 @@ def _parse_safetensors_index(weights: memoryview, path: Path) -> dict[str, dict]
             raise _fail("weights.safetensors is too short", path)
         raise _fail(f"weights.safetensors header length {header_len} is impossible", path)
     try:
-        header = json.loads(bytes(weights[8 : 8 + header_len]).decode("utf-8"), parse_constant=_reject_constant)
+        header = json.loads(bytes(weights[8 : 8 + header_len]).decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _fail(f"weights.safetensors header names tensor {exc.args[0]!r} twice", path) from None
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise _fail("weights.safetensors header is not valid UTF-8 JSON", path) from None
     if not isinstance(header, dict):
