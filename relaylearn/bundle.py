@@ -826,6 +826,24 @@ def write_bundle(
     return path
 
 
+#: what one more hop may add to a manifest (its hop entry, the site's registry entries, a local
+#: recipe's config): an incoming bundle must leave this much room under MAX_MANIFEST_BYTES
+NEXT_HOP_MANIFEST_ROOM = 64 << 10
+
+
+def check_room_for_next_hop(bundle: Bundle) -> None:
+    """Before training on ``bundle``: VerificationError (exit 3) naming it when its manifest leaves
+    too little room under the size limit for the bundle this site will write (which would fail only
+    after the whole hop had trained)."""
+    size = len(_dump_manifest(bundle.manifest))
+    if size > MAX_MANIFEST_BYTES - NEXT_HOP_MANIFEST_ROOM:
+        raise VerificationError(
+            f"manifest takes {size} bytes, which leaves no room for the next hop under the limit of {MAX_MANIFEST_BYTES} "
+            f"(at most {MAX_MANIFEST_BYTES - NEXT_HOP_MANIFEST_ROOM} bytes are accepted for training)",
+            bundle.path,
+        )
+
+
 # ----- inspection ---------------------------------------------------------------------------
 
 

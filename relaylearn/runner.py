@@ -144,6 +144,9 @@ class RelayRun:
         strategy = self._check_networks()
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
+            from relaylearn.bundle import check_room_for_next_hop
+
+            check_room_for_next_hop(self.incoming)
             self._check_position(self.incoming)
             from relaylearn.recipe import reconcile
 
