@@ -371,3 +371,23 @@ def test_a_ledger_that_fails_after_training_says_resume_and_resume_finishes(tmp_
     monkeypatch.setattr(SiteLedger, "record", real_record)
     run_training(cfg, "t", TrainOptions(**opts, resume=True))
     assert out.is_file() and len(list((tmp_path / "keys" / "ledger").glob("*.HospA.json"))) == 1
+
+
+def test_the_insecure_unsigned_warning_escapes_the_bundle_file_name(tmp_path, tiny_fundus, monkeypatch, capsys):
+    """A bundle's file name comes from whoever sent it: an escape sequence in it never reaches the terminal."""
+    import shutil
+
+    from relaylearn import runner
+
+    class Trained(Exception):
+        pass
+
+    incoming = shutil.copy(_first_hop(tmp_path, tiny_fundus), tmp_path / "hop1\x1b]0;PWN\x07\x1b[31m.relay")
+    capsys.readouterr()
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: (_ for _ in ()).throw(Trained()))
+    cfg = load_config(str(tiny_config(tmp_path / "b", tiny_fundus, strategy="sequential", task_ids=(2,), steps=1)))
+    with pytest.raises(Trained):
+        run_training(cfg, "second", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(incoming), insecure_unsigned=True))
+    err = capsys.readouterr().err
+    assert "WARNING: --insecure-unsigned:" in err and "hop1\\x1b]0;PWN\\x07\\x1b[31m.relay" in err
+    assert "\x1b" not in err and "\x07" not in err
