@@ -149,6 +149,37 @@ def _first_line(exc: BaseException) -> str:
     return escape_text(text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
+    """Before the strategy of a bundle's recipe is allocated: built on the meta device (no memory),
+    it must not ship more values than the bundle carries, and all its networks must fit this machine's available memory.
+    VerificationError (exit 3) naming the bundle otherwise: a signed recipe may ask for networks of
+    tens of GB within every option's limits."""
+    from relaylearn.memory import available_host_memory, format_bytes
+
+    try:
+        with torch.device("meta"):
+            probe = build_strategy(task, load_pretrained=False)
+            shipped = sum(t.numel() for t in probe.state_to_bundle().tensors.values())
+    except RelayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - what the recipe makes the constructors do
+        if is_plugin(task.strategy.name) or is_plugin(task.model.name):
+            return  # local code this site chose: it need not build on the meta device
+        raise VerificationError(f"the bundle's recipe does not build here: {_first_line(exc)}", bundle.path) from None
+    carried = sum(t.numel() for t in bundle.tensors.values())
+    if shipped > carried:
+        raise VerificationError(
+            f"bundle does not fit strategy '{task.strategy.name}': its recipe builds networks that ship {shipped} values, the bundle carries {carried}",
+            bundle.path,
+        )
+    need = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    have = available_host_memory()
+    if have is not None and need > have:
+        raise VerificationError(
+            f"the networks of the bundle's recipe take about {format_bytes(need)}, this machine has {format_bytes(have)} available", bundle.path
+        )
+
+
 def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
     """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
     shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
@@ -177,6 +208,7 @@ def restore_strategy(task: TaskConfig, bundle=None) -> Strategy:
     ``bundle``, else restored from the verified ``bundle`` with an exact fit (exit 3 otherwise)."""
     if bundle is None:
         return build_strategy(task, load_pretrained=True)
+    _measure_bundle_networks(task, bundle)
     try:
         strategy = build_strategy(task, load_pretrained=False)
     except RelayError:
