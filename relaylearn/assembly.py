@@ -151,7 +151,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
     """Before the strategy of a bundle's recipe is allocated: built on the meta device (no memory),
-    it must not ship more values than the bundle carries, and all its networks must fit this machine's available memory.
+    it must take the recipe's image size (the solver's ``check_training_input``), must not ship more
+    values than the bundle carries, and all its networks must fit this machine's available memory.
     VerificationError (exit 3) naming the bundle otherwise: a signed recipe may ask for networks of
     tens of GB within every option's limits."""
     from relaylearn.memory import available_host_memory, format_bytes
@@ -166,6 +167,13 @@ def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
         if is_plugin(task.strategy.name) or is_plugin(task.model.name):
             return  # local code this site chose: it need not build on the meta device
         raise VerificationError(f"the bundle's recipe does not build here: {_first_line(exc)}", bundle.path) from None
+    check_input = getattr(probe.solver, "check_training_input", None)
+    if check_input is not None:
+        height, width = task.dataset.kwargs.img_size
+        try:  # a batch of 2 or more: only the size is in question here
+            check_input(max(2, task.train.batch_size), height, width)
+        except UserError as exc:
+            raise VerificationError(f"the bundle's recipe does not build here: {exc.message}", bundle.path) from None
     carried = sum(t.numel() for t in bundle.tensors.values())
     if shipped > carried:
         raise VerificationError(

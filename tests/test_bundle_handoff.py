@@ -218,6 +218,17 @@ def test_a_recipe_asking_for_huge_networks_is_refused_before_they_are_built(rela
         assert line.startswith(f"relaylearn: error: {bomb}: bundle does not fit strategy 'relay': its recipe builds networks that ship "), (command, line)
 
 
+def test_a_recipe_whose_image_size_the_solver_cannot_take_is_refused(relay, tmp_path):
+    def img_size(size):
+        return lambda m: m["config"]["dataset"]["kwargs"].update(img_size=size)
+
+    for size in ([48, 48], [4096, 1]):
+        odd = resign(relay.hops[0], tmp_path / f"odd{size[0]}.relay", relay.sites[0], edit=img_size(size))
+        for command, line in uses_refused(relay, odd, tmp_path, formats=("torchscript", "onnx")):
+            assert line.startswith(f"relaylearn: error: {odd}: the bundle's recipe does not build here: "), (command, line)
+            assert f"image size {size[0]}x{size[1]} is not divisible by 32" in line, (command, line)
+
+
 def test_a_plug_in_is_used_only_when_the_local_config_names_the_same_one(relay, tmp_path, monkeypatch, tiny_fundus):
     (tmp_path / "relaylearn_plug_ok.py").write_text("from relaylearn.models.unet import UNetResNet18 as Net\nclass Other(Net):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
