@@ -160,7 +160,7 @@ def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
     try:
         with torch.device("meta"):
             probe = build_strategy(task, load_pretrained=False)
-            shipped = sum(t.numel() for t in probe.state_to_bundle().tensors.values())
+            shipped = probe.state_to_bundle().tensors
     except RelayError:
         raise
     except Exception as exc:  # noqa: BLE001 - what the recipe makes the constructors do
@@ -174,12 +174,10 @@ def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
             check_input(max(2, task.train.batch_size), height, width)
         except UserError as exc:
             raise VerificationError(f"the bundle's recipe does not build here: {exc.message}", bundle.path) from None
-    carried = sum(t.numel() for t in bundle.tensors.values())
-    if shipped > carried:
-        raise VerificationError(
-            f"bundle does not fit strategy '{task.strategy.name}': its recipe builds networks that ship {shipped} values, the bundle carries {carried}",
-            bundle.path,
-        )
+    values, carried = sum(t.numel() for t in shipped.values()), sum(t.numel() for t in bundle.tensors.values())
+    if values > carried:  # a fresh strategy ships no more than a trained one
+        problem = _tensor_mismatch(shipped, bundle.tensors) or f"its recipe builds networks that ship {values} values, the bundle carries {carried}"
+        raise VerificationError(f"bundle does not fit strategy '{task.strategy.name}': {problem}", bundle.path)
     need = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
     have = available_host_memory()
     if have is not None and need > have:
@@ -188,18 +186,25 @@ def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
         )
 
 
+def _tensor_mismatch(expected: dict, carried: dict) -> str | None:
+    """The first tensor (by name) that the strategy's ``expected`` and a bundle's ``carried``
+    tensors disagree on (absent, shape, dtype), in words; None when they agree."""
+    from relaylearn.bundle import escape_text
+
+    describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
+    for name in sorted(set(expected) | set(carried)):
+        want, got = expected.get(name), carried.get(name)
+        if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
+            return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
+    return None
+
+
 def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
     """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
     shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
-    from relaylearn.bundle import escape_text
 
     def mismatch(expected: dict) -> str | None:
-        describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
-        for name in sorted(set(expected) | set(bundle.tensors)):
-            want, got = expected.get(name), bundle.tensors.get(name)
-            if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
-                return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
-        return None
+        return _tensor_mismatch(expected, bundle.tensors)
 
     fresh = strategy.state_to_bundle().tensors
     try:
