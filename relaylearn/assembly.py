@@ -149,18 +149,62 @@ def _first_line(exc: BaseException) -> str:
     return escape_text(text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+def _measure_bundle_networks(task: TaskConfig, bundle) -> None:
+    """Before the strategy of a bundle's recipe is allocated: built on the meta device (no memory),
+    it must take the recipe's image size (the solver's ``check_training_input``), must not ship more
+    values than the bundle carries, and all its networks must fit this machine's available memory.
+    VerificationError (exit 3) naming the bundle otherwise: a signed recipe may ask for networks of
+    tens of GB within every option's limits."""
+    from relaylearn.memory import available_host_memory, format_bytes
+
+    try:
+        with torch.device("meta"):
+            probe = build_strategy(task, load_pretrained=False)
+            shipped = probe.state_to_bundle().tensors
+    except RelayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - what the recipe makes the constructors do
+        if is_plugin(task.strategy.name) or is_plugin(task.model.name):
+            return  # local code this site chose: it need not build on the meta device
+        raise VerificationError(f"the bundle's recipe does not build here: {_first_line(exc)}", bundle.path) from None
+    check_input = getattr(probe.solver, "check_training_input", None)
+    if check_input is not None:
+        height, width = task.dataset.kwargs.img_size
+        try:  # a batch of 2 or more: only the size is in question here
+            check_input(max(2, task.train.batch_size), height, width)
+        except UserError as exc:
+            raise VerificationError(f"the bundle's recipe does not build here: {exc.message}", bundle.path) from None
+    values, carried = sum(t.numel() for t in shipped.values()), sum(t.numel() for t in bundle.tensors.values())
+    if values > carried:  # a fresh strategy ships no more than a trained one
+        problem = _tensor_mismatch(shipped, bundle.tensors) or f"its recipe builds networks that ship {values} values, the bundle carries {carried}"
+        raise VerificationError(f"bundle does not fit strategy '{task.strategy.name}': {problem}", bundle.path)
+    need = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    have = available_host_memory()
+    if have is not None and need > have:
+        raise VerificationError(
+            f"the networks of the bundle's recipe take about {format_bytes(need)}, this machine has {format_bytes(have)} available", bundle.path
+        )
+
+
+def _tensor_mismatch(expected: dict, carried: dict) -> str | None:
+    """The first tensor (by name) that the strategy's ``expected`` and a bundle's ``carried``
+    tensors disagree on (absent, shape, dtype), in words; None when they agree."""
+    from relaylearn.bundle import escape_text
+
+    describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
+    for name in sorted(set(expected) | set(carried)):
+        want, got = expected.get(name), carried.get(name)
+        if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
+            return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
+    return None
+
+
 def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
     """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
     shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
-    from relaylearn.bundle import escape_text
 
     def mismatch(expected: dict) -> str | None:
-        describe = lambda t: "absent" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"  # noqa: E731
-        for name in sorted(set(expected) | set(bundle.tensors)):
-            want, got = expected.get(name), bundle.tensors.get(name)
-            if want is None or got is None or want.shape != got.shape or want.dtype != got.dtype:
-                return f"tensor '{escape_text(name)}' is {describe(got)} in the bundle, {describe(want)} in the strategy"
-        return None
+        return _tensor_mismatch(expected, bundle.tensors)
 
     fresh = strategy.state_to_bundle().tensors
     try:
@@ -177,6 +221,7 @@ def restore_strategy(task: TaskConfig, bundle=None) -> Strategy:
     ``bundle``, else restored from the verified ``bundle`` with an exact fit (exit 3 otherwise)."""
     if bundle is None:
         return build_strategy(task, load_pretrained=True)
+    _measure_bundle_networks(task, bundle)
     try:
         strategy = build_strategy(task, load_pretrained=False)
     except RelayError:

@@ -382,6 +382,19 @@ def _foreign_format(head: bytes) -> str | None:
     return None
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names a key twice (``json.loads`` would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_safetensors_index(weights: memoryview, path: Path) -> dict[str, dict]:
     """Validate a safetensors buffer without materialising tensors; return name → {dtype, shape}.
 
@@ -398,7 +411,9 @@ def _parse_safetensors_index(weights: memoryview, path: Path) -> dict[str, dict]
             raise _fail("weights.safetensors is too short", path)
         raise _fail(f"weights.safetensors header length {header_len} is impossible", path)
     try:
-        header = json.loads(bytes(weights[8 : 8 + header_len]).decode("utf-8"), parse_constant=_reject_constant)
+        header = json.loads(bytes(weights[8 : 8 + header_len]).decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise _fail(f"weights.safetensors header names tensor {exc.args[0]!r} twice", path) from None
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise _fail("weights.safetensors header is not valid UTF-8 JSON", path) from None
     if not isinstance(header, dict):
@@ -809,6 +824,24 @@ def write_bundle(
     members = [(MANIFEST_NAME, manifest_bytes), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, signature)]
     atomic_write(path, _container_parts(members))
     return path
+
+
+#: what one more hop may add to a manifest (its hop entry, the site's registry entries, a local
+#: recipe's config): an incoming bundle must leave this much room under MAX_MANIFEST_BYTES
+NEXT_HOP_MANIFEST_ROOM = 64 << 10
+
+
+def check_room_for_next_hop(bundle: Bundle) -> None:
+    """Before training on ``bundle``: VerificationError (exit 3) naming it when its manifest leaves
+    too little room under the size limit for the bundle this site will write (which would fail only
+    after the whole hop had trained)."""
+    size = len(_dump_manifest(bundle.manifest))
+    if size > MAX_MANIFEST_BYTES - NEXT_HOP_MANIFEST_ROOM:
+        raise VerificationError(
+            f"manifest takes {size} bytes, which leaves no room for the next hop under the limit of {MAX_MANIFEST_BYTES} "
+            f"(at most {MAX_MANIFEST_BYTES - NEXT_HOP_MANIFEST_ROOM} bytes are accepted for training)",
+            bundle.path,
+        )
 
 
 # ----- inspection ---------------------------------------------------------------------------

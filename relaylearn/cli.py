@@ -241,6 +241,7 @@ def _name(value: str) -> str:
 
 
 def cmd_train(args) -> int:
+    from relaylearn.bundle import escape_text
     from relaylearn.config import load_config
     from relaylearn.runner import TrainOptions, run_training
 
@@ -265,7 +266,7 @@ def cmd_train(args) -> int:
     if result.privacy_flagged:
         print(f"privacy: {result.privacy_flagged} check(s) flagged ({result.run_dir / 'metrics' / 'privacy.json'})")
     if result.bundles:
-        print(f"bundle: {args.out_bundle or result.bundles[-1]}")
+        print(f"bundle: {escape_text(args.out_bundle or result.bundles[-1])}")
     _auto_report(result.run_dir, args.quiet)
     return 0
 
@@ -351,10 +352,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from relaylearn.bundle import escape_text
     from relaylearn.export import run_export
 
     run_export(args.bundle, args.format, args.out, trust=args.trust, no_verify=args.no_verify, plugins=_plugins(args.config), overwrite=args.overwrite)
-    print(f"exported {args.format}: {args.out}")
+    print(f"exported {args.format}: {escape_text(args.out)}")
     return 0
 
 
@@ -416,11 +418,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_import_original(args) -> int:
+    from relaylearn.bundle import escape_text
     from relaylearn.import_original import describe, import_original
 
     path, imported = import_original(args.ckpt, _name(args.config), args.out, key=args.key, sets=args.sets)
     print(describe(imported))
-    print(f"bundle: {path} ({'signed' if args.key else 'unsigned'})")
+    print(f"bundle: {escape_text(path)} ({'signed' if args.key else 'unsigned'})")
     return 0
 
 

@@ -25,6 +25,7 @@ from relaylearn.assembly import (
     restore_strategy,
     shipped_config,
 )
+from relaylearn.bundle import escape_text
 from relaylearn.config import DatasetConfig, RunConfig, TaskConfig, dump_yaml
 from relaylearn.devices import inference_device, parse_devices, resolve_precision
 from relaylearn.engine import evaluate_site, fit_site, is_main_process, quiet_lightning, real_data_augmentation, require_training_images, seed_site
@@ -128,14 +129,14 @@ class RelayRun:
             check_new_bundle_path(Path(self.opts.out_bundle))
             if self.signing_key is None and (self.opts.in_bundle or self.opts.trust) and not self.opts.insecure_unsigned and is_main_process():
                 print(
-                    f"WARNING: no --key: {self.opts.out_bundle} will be UNSIGNED, and the next hospital will refuse it; pass --key keys/<site>.key",
+                    f"WARNING: no --key: {escape_text(self.opts.out_bundle)} will be UNSIGNED, and the next hospital will refuse it; pass --key keys/<site>.key",
                     file=sys.stderr,
                 )
         bundles = self.run_dir / "bundles"
         if bundles.is_dir() and any(bundles.glob("*.relay")) and not self.opts.resume:
             finished = max(bundles.glob("*.relay"), key=lambda p: p.stat().st_mtime)
             raise UserError(
-                f"run folder already has results (its last bundle: {finished}; if a copy was lost, copy that file again); "
+                f"run folder already has results (its last bundle: {escape_text(finished)}; if a copy was lost, copy that file again); "
                 "use --resume to continue an unfinished run, or another -n",
                 self.run_dir,
             )
@@ -144,6 +145,9 @@ class RelayRun:
         strategy = self._check_networks()
         if self.opts.in_bundle:  # verify what arrived, and that it fits, before anything is written
             self.incoming = self._read_bundle(Path(self.opts.in_bundle), allow_unsigned=self.opts.insecure_unsigned, warn=True)
+            from relaylearn.bundle import check_room_for_next_hop
+
+            check_room_for_next_hop(self.incoming)
             self._check_position(self.incoming)
             from relaylearn.recipe import reconcile
 
@@ -385,7 +389,7 @@ class RelayRun:
 
         existing_bundle(path)
         if warn and allow_unsigned:
-            print(f"WARNING: --insecure-unsigned: {path} is accepted without a signature check", file=sys.stderr)
+            print(f"WARNING: --insecure-unsigned: {escape_text(path)} is accepted without a signature check", file=sys.stderr)
         trust = self.trust
         if own and self.signing_key is not None:
             keys = dict(trust.keys) if trust is not None else {}

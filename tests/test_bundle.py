@@ -468,6 +468,12 @@ def test_safetensors_metadata_and_bad_headers_are_rejected(tmp_path, keys):
     header = json.dumps({"a": entry, "b": entry}).encode()
     forge(path, tmp_path / "overlap.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 8)
     rejects(tmp_path / "overlap.relay", "overlap or leave gaps", trust=keys["trust"])
+    # a name given twice: json.loads kept the last entry, so the index the bundle was read with
+    # was not the header every other safetensors reader sees
+    header = b'{"a": %s, "a": %s}' % (json.dumps({**entry, "shape": [2], "data_offsets": [0, 8]}).encode(), json.dumps(entry).encode())
+    index = {"a": {"dtype": "float32", "shape": [1]}}
+    forge(path, tmp_path / "dup.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 4, edit=lambda m: m.update(tensors=index))
+    rejects(tmp_path / "dup.relay", "names tensor 'a' twice", trust=keys["trust"])
     forge(path, tmp_path / "huge.relay", keys["a"], weights=struct.pack("<Q", 2**63) + b"{}")
     rejects(tmp_path / "huge.relay", "header length", trust=keys["trust"])
     # a shape of 200 000 huge dimensions (the last 0, so the declared size is 0): refused before

@@ -174,19 +174,59 @@ def test_code_named_by_a_bundle_is_never_imported(relay, tmp_path, monkeypatch, 
             manifest["strategy"] = f"{module}:Net"
 
     evil = resign(relay.hops[0], tmp_path / "evil.relay", relay.sites[0], edit=plug)
+    for command, line in uses_refused(relay, evil, tmp_path):
+        assert "never imported" in line
+        assert not marker.exists(), f"{command} imported code named by the bundle"
+
+
+def uses_refused(relay: Relay, bundle: Path, tmp_path: Path, *, formats=("torchscript",)) -> list[tuple[str, str]]:
+    """``test``, ``predict`` and ``export`` (in each of ``formats``) with ``bundle``: each exits 3
+    with one line and writes nothing. Returns (command, line) pairs."""
     image = tmp_path / "eye.png"
     Image.new("RGB", (40, 40), (120, 40, 20)).save(image)
     site = relay.sites[2]
-    for command in (
-        ["test", "-c", site.config, "-n", "probe", "-g", "cpu", "--bundle", evil, "--trust", relay.trust],
-        ["predict", "--bundle", evil, "--trust", relay.trust, "--out", tmp_path / "pred", "-g", "cpu", image],
-        ["export", "--bundle", evil, "--trust", relay.trust, "--format", "torchscript", "--out", tmp_path / "m.pt"],
-    ):
+    commands = [
+        ["test", "-c", site.config, "-n", "probe", "-g", "cpu", "--bundle", bundle, "--trust", relay.trust],
+        ["predict", "--bundle", bundle, "--trust", relay.trust, "--out", tmp_path / "pred", "-g", "cpu", image],
+    ] + [["export", "--bundle", bundle, "--trust", relay.trust, "--format", f, "--out", tmp_path / f"m.{f}"] for f in formats]
+    lines = []
+    for command in commands:
         result = run_cli(site.folder, *command)
         assert result.code == 3, (command[0], result.err)
-        assert "never imported" in only_line(result.err)
-        assert not marker.exists(), f"{command[0]} imported code named by the bundle"
-    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "pred" / "predictions.csv").exists()
+        lines.append((" ".join(map(str, command[:1] + command[-4:-2])), only_line(result.err)))
+    assert not list(tmp_path.glob("m.*")) and not (tmp_path / "pred" / "predictions.csv").exists()
+    return lines
+
+
+def test_a_recipe_asking_for_huge_networks_is_refused_before_they_are_built(relay, tmp_path, monkeypatch):
+    """Four GANs at the largest sizes each option allows take GBs: the networks the recipe asks for
+    are measured (built on the meta device) against the bundle's tensors first, never allocated."""
+    from relaylearn.strategies import relay as relay_strategy
+
+    real_init = relay_strategy.Relay.__init__
+
+    def measured_only(self, *args, **kwargs):
+        if torch.get_default_device().type != "meta":
+            pytest.fail("the bundle's networks were built in memory")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(relay_strategy.Relay, "__init__", measured_only)
+    size = {"channel_base": relay_strategy.MAX_CHANNEL_BASE, "channel_max": relay_strategy.MAX_CHANNELS, "mapping_layers": relay_strategy.MAX_MAPPING_LAYERS}
+    huge = {"name": "relay", "kwargs": dict.fromkeys(("g_img", "g_label", "d_img", "d_label"), size)}
+    bomb = resign(relay.hops[0], tmp_path / "bomb.relay", relay.sites[0], edit=lambda m: m.update(strategy="relay", config={**m["config"], "strategy": huge}))
+    for command, line in uses_refused(relay, bomb, tmp_path):
+        assert line.startswith(f"relaylearn: error: {bomb}: bundle does not fit strategy 'relay': tensor "), (command, line)
+
+
+def test_a_recipe_whose_image_size_the_solver_cannot_take_is_refused(relay, tmp_path):
+    def img_size(size):
+        return lambda m: m["config"]["dataset"]["kwargs"].update(img_size=size)
+
+    for size in ([48, 48], [4096, 1]):
+        odd = resign(relay.hops[0], tmp_path / f"odd{size[0]}.relay", relay.sites[0], edit=img_size(size))
+        for command, line in uses_refused(relay, odd, tmp_path, formats=("torchscript", "onnx")):
+            assert line.startswith(f"relaylearn: error: {odd}: the bundle's recipe does not build here: "), (command, line)
+            assert f"image size {size[0]}x{size[1]} is not divisible by 32" in line, (command, line)
 
 
 def test_a_plug_in_is_used_only_when_the_local_config_names_the_same_one(relay, tmp_path, monkeypatch, tiny_fundus):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from relaylearn.config import load_config
-from relaylearn.errors import UserError
+from relaylearn.errors import RelayError, UserError, VerificationError
 from relaylearn.runner import TrainOptions, run_training
 from tests.conftest import tiny_config
 
@@ -289,17 +289,49 @@ def test_sites_of_a_run_share_classes_and_channels(tmp_path, tiny_fundus, monkey
 def test_a_bundle_whose_relay_is_full_is_refused_before_anything_is_written(tmp_path, tiny_fundus, monkeypatch):
     """With --in, the sites already in the incoming bundle's registry count against the site capacity."""
     kwargs = {**SMALL_RELAY, "site_capacity": 1}
-    first = run_training(
-        load_config(
-            str(tiny_config(tmp_path / "a", tiny_fundus, strategy="relay", task_ids=(1,), steps=1, strategy_kwargs=kwargs)), ["audit.after_each_hop=false"]
-        ),
-        "first",
-        TrainOptions(quiet=True, exps_root=tmp_path / "exps"),
-    )
+    first_hop = _first_hop(tmp_path, tiny_fundus, "relay", kwargs)
     cfg = load_config(str(tiny_config(tmp_path / "b", tiny_fundus, strategy="relay", task_ids=(2,), steps=1, strategy_kwargs=kwargs)))
-    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(first.bundles[0]), insecure_unsigned=True)
+    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(first_hop), insecure_unsigned=True)
     says = _refused_before_training(tmp_path, monkeypatch, cfg, opts)
     assert says.startswith("strategy.kwargs.site_capacity: site 'Domain2' would be site number 2")
+
+
+def _first_hop(tmp_path, data, strategy="sequential", strategy_kwargs=None):
+    """The (unsigned) bundle of a one-step run of site 1 with ``strategy``."""
+    cfg = load_config(
+        str(tiny_config(tmp_path / "a", data, strategy=strategy, task_ids=(1,), steps=1, strategy_kwargs=strategy_kwargs)), ["audit.after_each_hop=false"]
+    )
+    return run_training(cfg, "first", TrainOptions(quiet=True, exps_root=tmp_path / "exps")).bundles[0]
+
+
+def _second_hop_refused(tmp_path, data, monkeypatch, incoming):
+    """The error ``train --in incoming --insecure-unsigned`` (site 2, sequential) stops with before training."""
+    from relaylearn import runner
+
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: pytest.fail("trained on a bundle that should have been refused"))
+    cfg = load_config(str(tiny_config(tmp_path / "b", data, strategy="sequential", task_ids=(2,), steps=1)))
+    opts = TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(incoming), insecure_unsigned=True)
+    with pytest.raises(RelayError) as caught:
+        run_training(cfg, "second", opts)
+    assert not (tmp_path / "exps" / cfg.name / "second" / "checkpoints").exists()
+    return caught.value
+
+
+def test_a_manifest_without_room_for_one_more_hop_is_refused_before_training(tmp_path, tiny_fundus, monkeypatch):
+    """A manifest just under the size limit verifies, but the next hop's could not be written: the
+    hop would train in full and then fail writing its own bundle."""
+    from relaylearn.bundle import MAX_MANIFEST_BYTES, read_bundle, write_bundle
+
+    first = read_bundle(_first_hop(tmp_path, tiny_fundus), trust=None, allow_unsigned=True)
+    padded = tmp_path / "padded.relay"
+    hop = first.hops[-1]
+    write_bundle(
+        padded, first.tensors, strategy=first.strategy, config=first.config, registry=first.registry, site=hop["site"],
+        hop_started_utc=hop["started_utc"], finished_utc=hop["finished_utc"], parent=None, signing_key=None, extra={"pad": "x" * (MAX_MANIFEST_BYTES - 40_000)},
+    )  # fmt: skip
+    refused = _second_hop_refused(tmp_path, tiny_fundus, monkeypatch, padded)
+    assert isinstance(refused, VerificationError) and refused.path == str(padded)
+    assert "leaves no room for the next hop" in refused.message
 
 
 def test_an_unwritable_ledger_folder_is_refused_before_training(tmp_path, tiny_fundus, monkeypatch):
@@ -339,3 +371,23 @@ def test_a_ledger_that_fails_after_training_says_resume_and_resume_finishes(tmp_
     monkeypatch.setattr(SiteLedger, "record", real_record)
     run_training(cfg, "t", TrainOptions(**opts, resume=True))
     assert out.is_file() and len(list((tmp_path / "keys" / "ledger").glob("*.HospA.json"))) == 1
+
+
+def test_the_insecure_unsigned_warning_escapes_the_bundle_file_name(tmp_path, tiny_fundus, monkeypatch, capsys):
+    """A bundle's file name comes from whoever sent it: an escape sequence in it never reaches the terminal."""
+    import shutil
+
+    from relaylearn import runner
+
+    class Trained(Exception):
+        pass
+
+    incoming = shutil.copy(_first_hop(tmp_path, tiny_fundus), tmp_path / "hop1\x1b]0;PWN\x07\x1b[31m.relay")
+    capsys.readouterr()
+    monkeypatch.setattr(runner, "fit_site", lambda *a, **k: (_ for _ in ()).throw(Trained()))
+    cfg = load_config(str(tiny_config(tmp_path / "b", tiny_fundus, strategy="sequential", task_ids=(2,), steps=1)))
+    with pytest.raises(Trained):
+        run_training(cfg, "second", TrainOptions(quiet=True, exps_root=tmp_path / "exps", in_bundle=str(incoming), insecure_unsigned=True))
+    err = capsys.readouterr().err
+    assert "WARNING: --insecure-unsigned:" in err and "hop1\\x1b]0;PWN\\x07\\x1b[31m.relay" in err
+    assert "\x1b" not in err and "\x07" not in err

@@ -21,6 +21,7 @@ safetensors) and JSON-able metadata. Nothing else crosses a site boundary.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from torch import Tensor, nn
 
 from relaylearn.config import Strict
 from relaylearn.errors import ConfigError
+
+#: the most sites a strategy's history (``sites_seen``) may name: a relay's largest site capacity
+MAX_SITES_SEEN = 1024
 
 
 class StrategyOptions(Strict):
@@ -168,9 +172,11 @@ class Strategy(nn.Module):
     def load_meta(self, meta: dict[str, Any]) -> None:
         """Read :meth:`meta` back (from a bundle or a checkpoint); ValueError for a value of the
         wrong type or range (a bundle that does not fit), never a silent coercion."""
+        from relaylearn.bundle import HOP_SITE_PATTERN
+
         seen = meta.get("sites_seen", [])
-        if not (isinstance(seen, list) and all(isinstance(name, str) for name in seen)):
-            raise ValueError("sites_seen: expected a list of site names")
+        if not (isinstance(seen, list) and len(seen) <= MAX_SITES_SEEN and all(isinstance(n, str) and re.fullmatch(HOP_SITE_PATTERN, n) for n in seen)):
+            raise ValueError(f"sites_seen: expected a list of at most {MAX_SITES_SEEN} site names")
         self.sites_seen = list(seen)
         self.global_step = meta_number(meta, "global_step", 0, integer=True)
 

@@ -67,9 +67,11 @@ from relaylearn.models import in_eval_mode
 from relaylearn.strategies import register_strategy
 from relaylearn.strategies.base import BundleState, SiteContext, StepContext, Strategy, StrategyOptions, meta_number, prefixed, unprefixed
 
-#: upper bounds of the GAN sizes a config (or an incoming bundle's recipe) may ask for: far above
-#: the paper's (8192 / 256 / 8), low enough that building the networks cannot exhaust memory
-MAX_CHANNEL_BASE, MAX_CHANNELS, MAX_MAPPING_LAYERS, MAX_LATENT = 1 << 20, 4096, 32, 4096
+#: upper bounds of the GAN sizes a config (or an incoming bundle's recipe) may ask for: well above
+#: the paper's (8192 / 256 / 8, latents 256). They do not bound memory by themselves (four GANs at
+#: these limits take tens of GB): a bundle's networks are measured before they are built
+#: (:func:`relaylearn.assembly.restore_strategy`)
+MAX_CHANNEL_BASE, MAX_CHANNELS, MAX_MAPPING_LAYERS, MAX_LATENT = 1 << 16, 1024, 16, 1024
 
 
 class GeneratorSize(StrategyOptions):

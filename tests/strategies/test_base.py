@@ -137,3 +137,18 @@ def test_a_strategy_file_without_the_decorator_is_found(tmp_path, monkeypatch):
     monkeypatch.delitem(__import__("sys").modules, "relaylearn.strategies.my_anchor", raising=False)
     assert get_strategy_class("my_anchor").__name__ == "MyAnchor", "a subclass that inherits the name does not replace it"
     assert "sequential" in available_strategies()
+
+
+@pytest.mark.parametrize(
+    "seen",
+    [["Domain1", "bad\x1b[31mname"], ["Domain1", "x" * 300], [f"site{i}" for i in range(1025)], "Domain1"],
+    ids=["escape sequence", "too long", "too many", "not a list"],
+)
+def test_sites_seen_from_a_bundle_are_site_names_and_bounded(tmp_path, tiny_fundus, seen):
+    """A signer could pad sites_seen up to the manifest limit (the next hop's manifest then did not fit)."""
+    task = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="sequential"))).tasks[0]
+    strategy = build_strategy(task, load_pretrained=False)
+    strategy.load_meta({"sites_seen": ["Domain1", "Domain2+Domain3"], "global_step": 3})
+    assert strategy.sites_seen == ["Domain1", "Domain2+Domain3"]
+    with pytest.raises(ValueError, match="sites_seen: expected a list of at most 1024 site names"):
+        strategy.load_meta({"sites_seen": seen, "global_step": 3})

@@ -83,9 +83,10 @@ def _unit_impulse(taps: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return delta
 
 
-def _cross_product_matrix(axis: Tensor) -> Tensor:
-    """[3, 3] matrix K with K @ v = axis × v."""
-    a0, a1, a2 = axis.tolist()
+def _cross_product_matrix(axis: tuple[float, float, float]) -> Tensor:
+    """[3, 3] matrix K with K @ v = axis × v (from numbers, not a tensor: the networks also build
+    on the meta device, to measure them before they are allocated)."""
+    a0, a1, a2 = axis
     return torch.tensor([[0.0, -a2, a1], [a2, 0.0, -a0], [-a1, a0, 0.0]])
 
 
@@ -182,7 +183,7 @@ class AdaptiveAugment(nn.Module):
         self.register_buffer("quarter_turn_sin", torch.tensor([0.0, 1.0, 0.0, -1.0]), persistent=False)
         luma = torch.full((3,), 1 / math.sqrt(3))
         self.register_buffer("luma_projection", torch.outer(luma, luma), persistent=False)
-        self.register_buffer("luma_cross", _cross_product_matrix(luma), persistent=False)
+        self.register_buffer("luma_cross", _cross_product_matrix((1 / math.sqrt(3),) * 3), persistent=False)
 
     def extra_repr(self) -> str:
         return f"spec='{self.spec}', num_channels={self.num_channels}"
