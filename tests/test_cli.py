@@ -54,16 +54,30 @@ def test_bad_value_in_set_names_the_key_and_value(tmp_path, config):
 @pytest.mark.parametrize(
     "strategy, option, says",
     [
-        ("sequential", "strategy.kwargs.lamda=3", "common.strategy.kwargs.lamda: unknown key (strategy 'sequential')"),
-        ("relay", "strategy.kwargs.gan_pairs_side_by_side=maybe", "gan_pairs_side_by_side: Input should be 'auto' or a valid boolean (got 'maybe')"),
+        ("sequential", "strategy.kwargs.lamda=3", "relaylearn: error: --set strategy.kwargs.lamda=3: unknown key (strategy 'sequential')"),
+        (
+            "relay",
+            "strategy.kwargs.gan_pairs_side_by_side=maybe",
+            "--set strategy.kwargs.gan_pairs_side_by_side=maybe: Input should be 'auto' or a valid boolean (got 'maybe')",
+        ),
+        ("sequential", "strategy.kwargs={bogus: 1}", "--set strategy.kwargs={bogus: 1}: common.strategy.kwargs.bogus: unknown key (strategy 'sequential')"),
     ],
 )
-def test_bad_strategy_option_names_the_config_before_anything_is_written(tmp_path, tiny_fundus, strategy, option, says):
+def test_bad_strategy_option_names_the_set_item_before_anything_is_written(tmp_path, tiny_fundus, strategy, option, says):
+    """The option came from --set: the line names that item, not the config file (which has no such key)."""
     config = tiny_config(tmp_path, tiny_fundus, strategy=strategy, task_ids=(1,), steps=1)
     result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q", "--set", option)
     assert result.code == 2
     line = one_line_error(result.err)
-    assert says in line and str(config) in line
+    assert says in line and str(config) not in line
+    assert not (tmp_path / "exps").exists()
+
+
+def test_bad_strategy_option_in_the_file_names_the_config(tmp_path, tiny_fundus):
+    config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,), steps=1, strategy_kwargs={"lamda": 3})
+    result = run_cli(tmp_path, "train", "-c", config, "-n", "x", "-q")
+    assert result.code == 2
+    assert one_line_error(result.err) == f"relaylearn: error: {config}: common.strategy.kwargs.lamda: unknown key (strategy 'sequential')"
     assert not (tmp_path / "exps").exists()
 
 
