@@ -297,6 +297,17 @@ def quiet_lightning() -> None:
     )
 
 
+def lightning_strategy(name: str, strategy: Strategy, world_size: int) -> str:
+    """The Lightning strategy for ``train.lightning.strategy`` ``name``: where DDP runs (``ddp``,
+    or ``auto`` with several processes) for a strategy whose batch leaves parameters unused
+    (``uses_every_parameter_each_step`` False), ``ddp_find_unused_parameters_true`` (plain DDP
+    stops at the first batch there); else ``name`` unchanged."""
+    runs_ddp = name == "ddp" or (name == "auto" and world_size > 1)
+    if runs_ddp and not strategy.uses_every_parameter_each_step:
+        return "ddp_find_unused_parameters_true"
+    return name
+
+
 def seed_site(seed: int) -> None:
     """Seed every random stream (torch, numpy, python, loader workers) before a site starts."""
     L.seed_everything(seed, workers=True, verbose=False)
@@ -417,7 +428,7 @@ def fit_site(
         accelerator=accelerator,
         devices=devs,
         num_nodes=train.lightning.num_nodes,
-        strategy=train.lightning.strategy,  # on the CPU Lightning picks gloo for ddp
+        strategy=lightning_strategy(train.lightning.strategy, strategy, world),  # on the CPU Lightning picks gloo for ddp
         precision=precision,
         max_epochs=epochs,
         max_steps=-1,

@@ -8,7 +8,7 @@ import torch
 
 from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
-from relaylearn.engine import prepare_networks
+from relaylearn.engine import lightning_strategy, prepare_networks
 from relaylearn.strategies.base import SiteContext, StepContext
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY
@@ -118,6 +118,19 @@ def test_a_relay_trained_through_the_loop_with_two_threads_overlaps_its_solver_s
     first, second = (read_bundle(r.bundles[-1], trust=None, allow_unsigned=True) for r in runs)
     assert [name for name in first.tensors if not torch.equal(first.tensors[name], second.tensors[name])] == []
     assert runs[0].matrix["R"] == runs[1].matrix["R"]
+
+
+def test_a_relay_under_ddp_lets_lightning_find_the_parameters_a_step_leaves_unused(tmp_path):
+    """Plain DDP stops a relay at its first batch (each G, D or solver step leaves the other
+    networks without gradients): auto with several processes and ddp become
+    ddp_find_unused_parameters_true for it; a strategy that uses all its parameters keeps them."""
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)))
+    relay = build_strategy(cfg.tasks[0], load_pretrained=False)
+    sequential = build_strategy(load_config(str(tiny_config(tmp_path, tmp_path))).tasks[0], load_pretrained=False)
+    unused = "ddp_find_unused_parameters_true"
+    assert [lightning_strategy(name, relay, 2) for name in ("auto", "ddp", unused)] == [unused, unused, unused]
+    assert [lightning_strategy(name, relay, 1) for name in ("auto", "ddp")] == ["auto", unused]
+    assert [lightning_strategy(name, sequential, 2) for name in ("auto", "ddp", unused)] == ["auto", "ddp", unused]
 
 
 def test_evaluate_site_refuses_test_data_with_other_classes_than_the_model_predicts(tmp_path):

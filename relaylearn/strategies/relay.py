@@ -301,6 +301,7 @@ def merge_parameters(current: nn.Module, previous: nn.Module, previous_weight: f
 class Relay(Strategy):
     name = "relay"
     Options = RelayOptions
+    uses_every_parameter_each_step = False  # G, D and solver steps each leave the other networks unused
 
     def __init__(self, options: RelayOptions, solver, config):
         super().__init__(options, solver, config)
