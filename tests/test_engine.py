@@ -8,7 +8,7 @@ import torch
 
 from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
-from relaylearn.engine import SiteModule, lightning_strategy, prepare_networks
+from relaylearn.engine import SiteModule, lightning_strategy, prepare_networks, quiet_lightning
 from relaylearn.strategies.base import SiteContext, StepContext
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY
@@ -174,6 +174,27 @@ def test_each_rank_resumes_with_its_own_random_stream_and_state(tmp_path, monkey
     assert torch.equal(torch.rand(4), expected_draws)
     assert strategy._stock_seed == 1001 and float(norm.running_mean[0]) == 1.0
     assert module.resumed_at == 3
+
+
+def test_ddp_stride_warnings_of_one_by_one_kernels_are_quiet():
+    """DDP's reducer warns when a gradient's strides differ from its bucket's: the solver's 1x1
+    convolutions, whose weights are in the default layout, get channels_last-strided gradients
+    from channels_last inputs; for a 1x1 kernel both strides order the elements the same, so
+    it is noise (a 3x3 kernel's warning still shows)."""
+    import warnings
+
+    def warning(size: str) -> str:
+        return (
+            "Grad strides do not match bucket view strides. This may indicate grad was not created according to the gradient layout contract\n"
+            f"grad.sizes() = [{size}], strides() = [64, 1, 64, 64]\nbucket_view.sizes() = [{size}], strides() = [64, 1, 1, 1]"
+        )
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        warnings.warn(warning("3, 64, 1, 1"), UserWarning, stacklevel=1)
+        warnings.warn(warning("3, 64, 3, 3"), UserWarning, stacklevel=1)
+    assert [str(w.message).splitlines()[1][:30] for w in shown] == ["grad.sizes() = [3, 64, 3, 3], "]
 
 
 def test_evaluate_site_refuses_test_data_with_other_classes_than_the_model_predicts(tmp_path):
