@@ -305,7 +305,8 @@ class LossConfig(Strict):
 
 class LightningConfig(Strict):
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true"] = Field(
-        "auto", description="Lightning strategy: auto, ddp or ddp_find_unused_parameters_true (the ones the engine's per-rank batches are made for)."
+        "auto",
+        description="Lightning strategy: auto, ddp or ddp_find_unused_parameters_true (the ones the engine's per-rank batches are made for). A strategy whose batch leaves some parameters unused (the relay: each G, D and solver step trains its own networks) runs ddp_find_unused_parameters_true where auto (several processes) or ddp would pick plain DDP, which stops at the first batch there.",
     )
     num_nodes: int = Field(1, ge=1, description="Machines per site for multi-node training (Lightning).")
     devices: Optional[int] = Field(

@@ -89,7 +89,7 @@ class SiteModule(L.LightningModule):
         self.start_global_step = strategy.global_step
         self.site_sampler = sampler  # told where to continue when resuming from a local checkpoint
         self.resumed_at = 0  # batches of this site already trained when it resumed from a local checkpoint
-        self._rng_to_restore: dict | None = None
+        self._rank_to_restore: dict | None = None  # on resume: this rank's saved random state and strategy state
         self._site_started = False
         self.last_logs: dict[str, Tensor] = {}  # scalars of the latest batch (the progress bar shows the loss)
 
@@ -102,29 +102,50 @@ class SiteModule(L.LightningModule):
     def configure_optimizers(self):
         return self.strategy.configure_optimizers()
 
-    # local resume checkpoints (never shipped): where the site stood, and the random state
+    # local resume checkpoints (never shipped): where the site stood, and every rank's random state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        position = {"batches_done": self._local_step() + 1}
-        if self.trainer.world_size == 1:  # each DDP rank has its own stream; only rank 0's would be saved
-            position["rng_torch"] = torch.get_rng_state()
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                position["rng_cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["relaylearn_site"] = position
+        checkpoint["relaylearn_site"] = {"batches_done": self._local_step() + 1, "ranks": self._per_rank_states()}
+
+    def _per_rank_states(self) -> list[dict]:
+        """Per rank (all ranks call it together): its random streams and, with several processes,
+        its strategy state besides the parameters (buffers and extra state: DDP keeps only the
+        parameters equal; the file's modules are rank 0's)."""
+        mine: dict[str, Any] = {"rng_torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            mine["rng_cuda"] = torch.cuda.get_rng_state_all()
+        world = self.trainer.world_size
+        if world == 1:
+            return [mine]
+        params = {name for name, _ in self.strategy.named_parameters(remove_duplicate=False)}
+        mine["state"] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.strategy.state_dict().items() if k not in params}
+        ranks: list[Any] = [None] * world
+        torch.distributed.all_gather_object(ranks, mine)
+        return ranks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         position = checkpoint.get("relaylearn_site", {})
         self.resumed_at = int(position.get("batches_done", 0))
-        self._rng_to_restore = {k: v for k, v in position.items() if k.startswith("rng_")} or None
+        ranks = position.get("ranks") or [{k: v for k, v in position.items() if k.startswith("rng_")}]  # older: rank 0's stream only
+        rank = self.trainer.global_rank
+        self._rank_to_restore = ranks[rank] if rank < len(ranks) and ranks[rank] else None
         if self.site_sampler is not None and self.resumed_at:
             # Lightning restores the loop counters but restarts a plain dataloader at the epoch's start
             self.site_sampler.resume(*divmod(self.resumed_at, self.site.steps_per_epoch))
 
+    def _restore_rank_state(self) -> None:
+        """On resume: this rank's random streams and state as an uninterrupted run has them (after
+        Lightning loaded the file's, rank 0's, modules)."""
+        saved, self._rank_to_restore = self._rank_to_restore, None
+        if saved is None:
+            return
+        if "state" in saved:
+            self.strategy.load_state_dict(saved["state"], strict=False)
+        torch.set_rng_state(saved["rng_torch"])
+        if "rng_cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+
     def on_train_start(self) -> None:
-        if self._rng_to_restore is not None:  # the same random stream as an uninterrupted run
-            torch.set_rng_state(self._rng_to_restore["rng_torch"])
-            if "rng_cuda" in self._rng_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_to_restore["rng_cuda"])
-            self._rng_to_restore = None
+        self._restore_rank_state()
         # Lightning's wrappers: their step() goes through the precision plugin (loss scaling)
         opts = self.optimizers()
         self.strategy.optimizers = list(opts) if isinstance(opts, (list, tuple)) else [opts]
@@ -295,6 +316,21 @@ def quiet_lightning() -> None:
         "ignore",
         message=r".*(does not have many workers|smaller than the logging interval|LeafSpec|litlogger|module\(s\) in eval mode|dataloader is not resumable).*",
     )
+    # DDP: the solver's 1x1 convolutions keep their weights in the default layout and get
+    # channels_last-strided gradients from channels_last inputs; for a 1x1 kernel both strides
+    # order the elements the same, so the reducer's warning is noise (another kernel's still shows)
+    warnings.filterwarnings("ignore", message=r"(?s)Grad strides do not match bucket view strides.*grad\.sizes\(\) = \[\d+, \d+, 1, 1\]")
+
+
+def lightning_strategy(name: str, strategy: Strategy, world_size: int) -> str:
+    """The Lightning strategy for ``train.lightning.strategy`` ``name``: where DDP runs (``ddp``,
+    or ``auto`` with several processes) for a strategy whose batch leaves parameters unused
+    (``uses_every_parameter_each_step`` False), ``ddp_find_unused_parameters_true`` (plain DDP
+    stops at the first batch there); else ``name`` unchanged."""
+    runs_ddp = name == "ddp" or (name == "auto" and world_size > 1)
+    if runs_ddp and not strategy.uses_every_parameter_each_step:
+        return "ddp_find_unused_parameters_true"
+    return name
 
 
 def seed_site(seed: int) -> None:
@@ -417,7 +453,7 @@ def fit_site(
         accelerator=accelerator,
         devices=devs,
         num_nodes=train.lightning.num_nodes,
-        strategy=train.lightning.strategy,  # on the CPU Lightning picks gloo for ddp
+        strategy=lightning_strategy(train.lightning.strategy, strategy, world),  # on the CPU Lightning picks gloo for ddp
         precision=precision,
         max_epochs=epochs,
         max_steps=-1,

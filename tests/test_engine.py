@@ -8,7 +8,7 @@ import torch
 
 from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
-from relaylearn.engine import prepare_networks
+from relaylearn.engine import SiteModule, lightning_strategy, prepare_networks, quiet_lightning
 from relaylearn.strategies.base import SiteContext, StepContext
 from tests.conftest import tiny_config
 from tests.strategies.test_relay import TINY
@@ -118,6 +118,83 @@ def test_a_relay_trained_through_the_loop_with_two_threads_overlaps_its_solver_s
     first, second = (read_bundle(r.bundles[-1], trust=None, allow_unsigned=True) for r in runs)
     assert [name for name in first.tensors if not torch.equal(first.tensors[name], second.tensors[name])] == []
     assert runs[0].matrix["R"] == runs[1].matrix["R"]
+
+
+def test_a_relay_under_ddp_lets_lightning_find_the_parameters_a_step_leaves_unused(tmp_path):
+    """Plain DDP stops a relay at its first batch (each G, D or solver step leaves the other
+    networks without gradients): auto with several processes and ddp become
+    ddp_find_unused_parameters_true for it; a strategy that uses all its parameters keeps them."""
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)))
+    relay = build_strategy(cfg.tasks[0], load_pretrained=False)
+    sequential = build_strategy(load_config(str(tiny_config(tmp_path, tmp_path))).tasks[0], load_pretrained=False)
+    unused = "ddp_find_unused_parameters_true"
+    assert [lightning_strategy(name, relay, 2) for name in ("auto", "ddp", unused)] == [unused, unused, unused]
+    assert [lightning_strategy(name, relay, 1) for name in ("auto", "ddp")] == ["auto", unused]
+    assert [lightning_strategy(name, sequential, 2) for name in ("auto", "ddp", unused)] == ["auto", "ddp", unused]
+
+
+def test_each_rank_resumes_with_its_own_random_stream_and_state(tmp_path, monkeypatch):
+    """Under DDP each rank draws its own random numbers and keeps its own buffers and extra state
+    (BatchNorm statistics, the relay's replay stock seed): the local checkpoint holds every rank's,
+    and a resumed rank continues from its own, not from rank 0's modules in the file nor from the
+    site start's random state. This process plays both ranks through the checkpoint hooks."""
+    import pickle
+    from types import SimpleNamespace
+
+    cfg = load_config(str(tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)))
+    strategy = build_strategy(cfg.tasks[0], load_pretrained=False)
+    norm = next(m for m in strategy.solver.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    module = SiteModule(strategy, SimpleNamespace(steps_per_epoch=6, total_steps=6))
+    monkeypatch.setattr(module, "optimizers", lambda: [])
+    saved = []
+
+    def gather(out: list, mine) -> None:  # pickled across ranks; rank 1 saves last and gets both
+        saved.append(pickle.loads(pickle.dumps(mine)))
+        out[:] = (saved + saved[-1:] * len(out))[: len(out)]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+
+    def be_rank(rank: int) -> None:
+        batches = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=3))))
+        module.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0, fit_loop=batches)
+        torch.manual_seed(100 + rank)
+        norm.running_mean.fill_(rank)
+        strategy._stock_seed = 1000 + rank
+
+    checkpoint: dict = {}
+    for rank in (0, 1):
+        be_rank(rank)
+        module.on_save_checkpoint(checkpoint)  # rank 1's dict holds what rank 0 writes (the same gathered list)
+    expected_draws = torch.rand(4)  # rank 1's next draws
+
+    be_rank(0)  # what Lightning loads from the file: rank 0's modules; the site start's random state
+    module.trainer.global_rank = 1
+    module.on_load_checkpoint(checkpoint)
+    module.on_train_start()
+    assert torch.equal(torch.rand(4), expected_draws)
+    assert strategy._stock_seed == 1001 and float(norm.running_mean[0]) == 1.0
+    assert module.resumed_at == 3
+
+
+def test_ddp_stride_warnings_of_one_by_one_kernels_are_quiet():
+    """DDP's reducer warns when a gradient's strides differ from its bucket's: the solver's 1x1
+    convolutions, whose weights are in the default layout, get channels_last-strided gradients
+    from channels_last inputs; for a 1x1 kernel both strides order the elements the same, so
+    it is noise (a 3x3 kernel's warning still shows)."""
+    import warnings
+
+    def warning(size: str) -> str:
+        return (
+            "Grad strides do not match bucket view strides. This may indicate grad was not created according to the gradient layout contract\n"
+            f"grad.sizes() = [{size}], strides() = [64, 1, 64, 64]\nbucket_view.sizes() = [{size}], strides() = [64, 1, 1, 1]"
+        )
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        warnings.warn(warning("3, 64, 1, 1"), UserWarning, stacklevel=1)
+        warnings.warn(warning("3, 64, 3, 3"), UserWarning, stacklevel=1)
+    assert [str(w.message).splitlines()[1][:30] for w in shown] == ["grad.sizes() = [3, 64, 3, 3], "]
 
 
 def test_evaluate_site_refuses_test_data_with_other_classes_than_the_model_predicts(tmp_path):

@@ -110,6 +110,10 @@ class Strategy(nn.Module):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: True for strategies that train on all sites' data at once (the joint baseline).
     pooled_training: ClassVar[bool] = False
+    #: False for strategies whose batch leaves some trainable parameters without a gradient (the
+    #: relay: its G, D and solver steps each train their own networks); with several processes the
+    #: engine then runs Lightning's DDP with ``find_unused_parameters`` (plain DDP fails there).
+    uses_every_parameter_each_step: ClassVar[bool] = True
 
     def __init__(self, options: StrategyOptions, solver: nn.Module, config: Any):
         """``options``: validated ``Options``; ``solver``: the segmentation network; ``config``:

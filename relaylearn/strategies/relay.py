@@ -303,6 +303,7 @@ def merge_parameters(current: nn.Module, previous: nn.Module, previous_weight: f
 class Relay(Strategy):
     name = "relay"
     Options = RelayOptions
+    uses_every_parameter_each_step = False  # G, D and solver steps each leave the other networks unused
 
     def __init__(self, options: RelayOptions, solver, config):
         super().__init__(options, solver, config)
@@ -1161,14 +1162,16 @@ class Relay(Strategy):
             out[name] = {"id": site_id, "frequency": frequency}
         return out
 
-    # local resume checkpoints: where the site's replay stock stood (never shipped)
+    # local resume checkpoints: where the site's replay stock stood, and the generator snapshots taken so far (never shipped)
     def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "replay_stock": {"seed": self._stock_seed, "drawn": self._stock_drawn}}
+        stock = {"seed": self._stock_seed, "drawn": self._stock_drawn}
+        return {**super().get_extra_state(), "replay_stock": stock, "generator_snapshots": self.generator_snapshots}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         stock = state.get("replay_stock", {})
         self._stock, self._stock_seed, self._stock_drawn = None, int(stock.get("seed", 0)), int(stock.get("drawn", 0))
+        self.generator_snapshots = [(int(batch), weights) for batch, weights in state.get("generator_snapshots", [])]
 
     # ----- previews for TensorBoard and the report ----------------------------------------------
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """Relay strategy: merge formula, replay mixing, site registry, bundle state, a 2-site run."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -411,6 +412,19 @@ def test_replay_stock_resumes_where_a_local_checkpoint_left_it(tmp_path, tiny_fu
     resumed.set_extra_state(saved)
     for x, y in zip(expected, _draws(resumed, [3, 7])):
         assert torch.equal(x, y)
+
+
+def test_generator_snapshots_resume_where_a_local_checkpoint_left_them(tmp_path, tiny_fundus):
+    """The candidates taken before a local checkpoint still compete at the site's end after --resume
+    (they were lost, and the resumed site could keep other generators than an uninterrupted one)."""
+    strategy, _ = _replaying(tmp_path, tiny_fundus, generator_snapshots=2)
+    strategy._take_generator_snapshot(1)
+    saved = pickle.loads(pickle.dumps(strategy.get_extra_state()))  # through the checkpoint file
+    resumed, _ = _replaying(tmp_path / "r", tiny_fundus, generator_snapshots=2)
+    resumed.set_extra_state(saved)
+    ((batch, weights),), ((_, expected),) = resumed.generator_snapshots, strategy.generator_snapshots
+    assert batch == 1 and weights.keys() == expected.keys() == {"g_img", "g_label"}
+    assert all(torch.equal(weights[k][n], t) for k in expected for n, t in expected[k].items())
 
 
 def test_without_a_replay_stock_each_request_is_generated_and_the_stream_is_as_before(tmp_path, tiny_fundus):
