@@ -1161,14 +1161,20 @@ class Relay(Strategy):
             out[name] = {"id": site_id, "frequency": frequency}
         return out
 
-    # local resume checkpoints: where the site's replay stock stood (never shipped)
+    # local resume checkpoints: where the site's replay stock stood and the generator snapshots
+    # taken so far (candidates of the selection at the site's end; never shipped)
     def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "replay_stock": {"seed": self._stock_seed, "drawn": self._stock_drawn}}
+        snapshots = [{"batch": batch, "weights": weights} for batch, weights in self.generator_snapshots]
+        return {**super().get_extra_state(), "replay_stock": {"seed": self._stock_seed, "drawn": self._stock_drawn}, "generator_snapshots": snapshots}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         stock = state.get("replay_stock", {})
         self._stock, self._stock_seed, self._stock_drawn = None, int(stock.get("seed", 0)), int(stock.get("drawn", 0))
+        device = next(self.g_img.parameters()).device
+        self.generator_snapshots = [
+            (int(s["batch"]), {k: {n: t.to(device) for n, t in sd.items()} for k, sd in s["weights"].items()}) for s in state.get("generator_snapshots", [])
+        ]
 
     # ----- previews for TensorBoard and the report ----------------------------------------------
     @torch.no_grad()
