@@ -427,7 +427,7 @@ def compare_strategies(
     if tuned is not None:
         from relaylearn.tune import apply_picks
 
-        configs, tuned_note = apply_picks(configs, Path(tuned.lstrip("=")))
+        configs, tuned_note = apply_picks(configs, Path(tuned.lstrip("=")), overrides)
     check_before_runs(configs, devices)
     runs = plan_runs(configs, orders, seeds)
     root = Path(exps_root) / "compare" / name

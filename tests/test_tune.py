@@ -51,7 +51,22 @@ def test_apply_picks_by_config_then_by_strategy(tmp_path, tiny_fundus):
     (tuned_ewc, tuned_lwf, same_seq), note = apply_picks([ewc, lwf, seq], tmp_path)
     assert tuned_ewc.tasks[0].strategy.kwargs["lambda_"] == 1e4
     assert tuned_lwf.tasks[1].strategy.kwargs == {"alpha": 2.0, "tau": 1.0}
-    assert same_seq is seq and "alpha=2.0, tau=1.0 (tuned on demo/lwf)" in note
+    assert same_seq is seq and "alpha=2.0, tau=1.0 (tuned on demo/lwf, selection split not recorded)" in note
+
+
+def test_tuned_values_say_their_selection_split_and_a_tuning_at_another_budget_is_warned_of(tmp_path, tiny_fundus, capsys):
+    ewc = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="ewc")))
+    pick = {"config": "demo/ewc", "strategy": "ewc", "complete": True, "pick": {"lambda_": 1e3}}
+    for select_on, words in [("test", "selected on the TEST split: optimistic"), ("val", "selected on the validation parts")]:
+        summary = {"select_on": select_on, "overrides": ["train.num_steps=999"], "strategies": {"ewc": pick}}
+        (tmp_path / "tune.json").write_text(json.dumps(summary))
+        _, note = apply_picks([ewc], tmp_path, ["train.num_steps=2"])
+        assert f"lambda_=1000.0 (tuned on demo/ewc, {words})" in note
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("WARNING: --tuned:"), err
+        assert "--set train.num_steps=999" in err[0] and "--set train.num_steps=2" in err[0]
+    apply_picks([ewc], tmp_path, ["train.num_steps=999"])  # the tuning's own budget: nothing to warn of
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
