@@ -102,10 +102,30 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]], source: str | Path |
             values.append(_resolve_relative(grid[k], base))
         else:
             values.append(grid[k])
+        _refuse_equal_values(get_strategy_class(strategy).Options, field_of[k], f"{strategy}.{k}", values[-1], source or cfg.path)
     points = [dict(zip(keys, combination)) for combination in itertools.product(*values)] if keys else []
     for point in points:
         with_strategy_kwargs(cfg, point)  # a ConfigError (exit 2) before anything trains
     return points, skipped
+
+
+def _refuse_equal_values(options_class: Any, field: str, where: str, values: list[Any], source: str | Path | None) -> None:
+    """ConfigError when two of a grid key's values are one value once read as the option reads
+    them (YAML loads ``1e4`` as the text "1e4", which the option reads as 10000.0): two points
+    would train the same thing. A value the option refuses is left to the check of each point."""
+
+    def read(value: Any) -> Any:
+        try:
+            return getattr(options_class.model_validate({field: value}), field)
+        except ValueError:  # pydantic's ValidationError
+            return value
+
+    seen: list[Any] = []
+    for value in values:
+        normal = read(value)
+        if any(normal == other and type(normal) is type(other) for other in seen):
+            raise ConfigError(f"{where}: the value {value!r} is listed twice (the option reads it as {normal!r}, as another value of the grid)", source)
+        seen.append(normal)
 
 
 RELATIVE = re.compile(r"x(\d+(?:\.\d+)?)")  # "x2": twice the config's own value

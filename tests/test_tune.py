@@ -10,7 +10,8 @@ import pytest
 from relaylearn.cli import main
 from relaylearn.compare import with_strategy_kwargs
 from relaylearn.config import load_config
-from relaylearn.tune import GRIDS, apply_picks, grid_points, pick_best, point_folder
+from relaylearn.errors import ConfigError
+from relaylearn.tune import GRIDS, apply_picks, grid_points, load_grids, pick_best, point_folder
 from tests.conftest import tiny_config
 
 
@@ -21,6 +22,16 @@ def test_grid_points_cover_the_product_and_skip_unknown_keys(tmp_path, tiny_fund
     assert {(p["c"], p["xi"]) for p in points} == {(c, x) for c in (0.5, 5.0) for x in (1e-3, 1e-1, 1.0)}
     assert point_folder({"c": 0.5, "xi": 0.001}) == "c=0.5_xi=0.001"
     assert set(GRIDS) >= {"ewc", "si", "lwf", "owm", "relay"}
+
+
+def test_grid_values_the_option_reads_as_one_value_are_refused(tmp_path, tiny_fundus):
+    """YAML loads 1e4 as the text "1e4" and 10000.0 as a number: the option reads both as 10000.0."""
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="ewc")))
+    (tmp_path / "grid.yaml").write_text("ewc: {lambda_: [1e4, 10000.0]}\n")
+    grid = load_grids(str(tmp_path / "grid.yaml"))["ewc"]
+    with pytest.raises(ConfigError, match=r"ewc.lambda_: the value 10000.0 is listed twice"):
+        grid_points(cfg, grid, tmp_path / "grid.yaml")
+    assert len(grid_points(cfg, {"lambda_": ["1e4", 1e5]})[0]) == 2  # different values stay
 
 
 def test_pick_best_is_the_highest_mean_score_first_on_ties():
