@@ -377,13 +377,16 @@ def train_or_resume(run: CompareRun, run_root: Path, name: str, *, devices: str 
     else:
         _say(quiet or not header, f"{header}: training")
         started = time.time()
-        with resumes_by_rerunning():
-            result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
-        matrix = result.matrix
-        del result
-        release_memory()  # the next run of this process starts from the same footprint
-        wall += time.time() - started
-        atomic_write(timing_path, json.dumps({"wall_seconds": wall}))
+        try:
+            with resumes_by_rerunning():
+                result = run_training(run.config, run_name, TrainOptions(devices=devices, quiet=quiet, resume=True, exps_root=run_root))
+            matrix = result.matrix
+            del result
+            release_memory()  # the next run of this process starts from the same footprint
+        finally:  # also when stopped (Ctrl-C, an error): the time trained so far counts when the run resumes
+            wall += time.time() - started
+            timing_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(timing_path, json.dumps({"wall_seconds": wall}))
     replay_path = matrix_path.with_name("replay.json")
     return {
         "order": run.order,
@@ -424,7 +427,7 @@ def compare_strategies(
     if tuned is not None:
         from relaylearn.tune import apply_picks
 
-        configs, tuned_note = apply_picks(configs, Path(tuned.lstrip("=")))
+        configs, tuned_note = apply_picks(configs, Path(tuned.lstrip("=")), overrides)
     check_before_runs(configs, devices)
     runs = plan_runs(configs, orders, seeds)
     root = Path(exps_root) / "compare" / name

@@ -102,10 +102,30 @@ def grid_points(cfg: RunConfig, grid: dict[str, list[Any]], source: str | Path |
             values.append(_resolve_relative(grid[k], base))
         else:
             values.append(grid[k])
+        _refuse_equal_values(get_strategy_class(strategy).Options, field_of[k], f"{strategy}.{k}", values[-1], source or cfg.path)
     points = [dict(zip(keys, combination)) for combination in itertools.product(*values)] if keys else []
     for point in points:
         with_strategy_kwargs(cfg, point)  # a ConfigError (exit 2) before anything trains
     return points, skipped
+
+
+def _refuse_equal_values(options_class: Any, field: str, where: str, values: list[Any], source: str | Path | None) -> None:
+    """ConfigError when two of a grid key's values are one value once read as the option reads
+    them (YAML loads ``1e4`` as the text "1e4", which the option reads as 10000.0): two points
+    would train the same thing. A value the option refuses is left to the check of each point."""
+
+    def read(value: Any) -> Any:
+        try:
+            return getattr(options_class.model_validate({field: value}), field)
+        except ValueError:  # pydantic's ValidationError
+            return value
+
+    seen: list[Any] = []
+    for value in values:
+        normal = read(value)
+        if any(normal == other and type(normal) is type(other) for other in seen):
+            raise ConfigError(f"{where}: the value {value!r} is listed twice (the option reads it as {normal!r}, as another value of the grid)", source)
+        seen.append(normal)
 
 
 RELATIVE = re.compile(r"x(\d+(?:\.\d+)?)")  # "x2": twice the config's own value
@@ -324,6 +344,11 @@ def _write(root: Path, summary: dict[str, Any]) -> None:
 
 def load_picks(path: Path) -> dict[str, Any]:
     """The ``strategies`` of a ``tune.json`` (``path`` is the file or its folder)."""
+    return load_tuning(path)["strategies"]
+
+
+def load_tuning(path: Path) -> dict[str, Any]:
+    """A ``tune.json`` (``path`` is the file or its folder), its ``strategies`` checked."""
     file = path / "tune.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"--tuned: no tune.json in {path} (give the folder exps/tune/<NAME> of a 'relaylearn tune' run)")
@@ -334,13 +359,37 @@ def load_picks(path: Path) -> dict[str, Any]:
             raise ValueError("strategies: expected {label: {config, strategy, pick}}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--tuned: not a relaylearn tune output ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file) from None
-    return strategies
+    return summary
 
 
-def apply_picks(configs: list[RunConfig], path: Path) -> tuple[list[RunConfig], str]:
+def selection_words(select_on: Any) -> str:
+    """How a tuning picked, for the note beside tuned values."""
+    if select_on == "val":
+        return "selected on the validation parts"
+    if select_on == "test":
+        return "selected on the TEST split: optimistic"
+    return "selection split not recorded"
+
+
+def apply_picks(configs: list[RunConfig], path: Path, overrides: list[str] | None = None) -> tuple[list[RunConfig], str]:
     """``configs`` at the picks of the tuning in ``path`` (matched by config name, else by strategy
-    name if that is unambiguous), and a markdown note saying which values came from where."""
-    strategies = load_picks(path)
+    name if that is unambiguous), and a markdown note saying which values came from where and on
+    which split they were selected. A WARNING line on stderr when the tuning's ``--set`` items
+    differ from ``overrides`` (the comparison's): its picks were made at another budget."""
+    summary = load_tuning(path)
+    strategies = summary["strategies"]
+    tuned_sets = summary.get("overrides")
+    if isinstance(tuned_sets, list) and sorted(map(str, tuned_sets)) != sorted(overrides or []):
+
+        def said(items: list[Any]) -> str:
+            return " ".join(f"--set {item}" for item in items) or "no --set"
+
+        print(
+            f"WARNING: --tuned: the tuning in {path} was made with {said(tuned_sets)}, this comparison runs with {said(overrides or [])}; "
+            "its picks may not fit this budget (use the same --set for both)",
+            file=sys.stderr,
+        )
+    how = selection_words(summary.get("select_on"))
     picked = {label: e for label, e in strategies.items() if e.get("complete") and isinstance(e.get("pick"), dict)}
     out, notes = [], []
     for cfg in configs:
@@ -355,7 +404,7 @@ def apply_picks(configs: list[RunConfig], path: Path) -> tuple[list[RunConfig], 
             out.append(cfg)
             continue
         out.append(with_strategy_kwargs(cfg, entry["pick"]))
-        notes.append(f"{cfg.name}: " + ", ".join(f"{k}={v}" for k, v in entry["pick"].items()) + f" (tuned on {entry['config']})")
+        notes.append(f"{cfg.name}: " + ", ".join(f"{k}={v}" for k, v in entry["pick"].items()) + f" (tuned on {entry['config']}, {how})")
     note = f"Strategy values from the tuning in {path}:\n\n" + "".join(f"- {n}\n" for n in notes) + "\n" if notes else ""
     return out, note
 

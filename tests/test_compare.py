@@ -161,13 +161,8 @@ def test_runs_are_paired_by_their_order_and_seed_not_their_position():
     assert "Left out (the two configs' site orders or seeds differ there): order1_seed0." in paired_markdown(paired)
 
 
-def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_path, tiny_fundus, monkeypatch):
-    import relaylearn.compare as compare
-
-    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)))
-    run = compare.plan_runs([cfg], 1, 1)[0]
-    matrix = {"R": [[0.5, 0.1], [0.4, 0.6]], "acc": 0.5}
-    released = []
+def _training_that_writes(matrix):
+    """A stand-in for ``run_training`` that only writes ``matrix`` as the run's matrix.json."""
 
     class Result:
         def __init__(self):
@@ -179,12 +174,51 @@ def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_p
         (folder / "matrix.json").write_text(json.dumps(matrix))
         return Result()
 
-    monkeypatch.setattr(compare, "run_training", fake_training)
+    return fake_training
+
+
+def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_path, tiny_fundus, monkeypatch):
+    import relaylearn.compare as compare
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)))
+    run = compare.plan_runs([cfg], 1, 1)[0]
+    matrix = {"R": [[0.5, 0.1], [0.4, 0.6]], "acc": 0.5}
+    released = []
+
+    monkeypatch.setattr(compare, "run_training", _training_that_writes(matrix))
     monkeypatch.setattr(compare, "release_memory", lambda: released.append(True))
     assert compare.train_or_resume(run, tmp_path / "r", "n")["matrix"] == matrix
     assert released == [True]
     compare.train_or_resume(run, tmp_path / "r", "n")  # complete: skipped, nothing to release
     assert released == [True]
+
+
+def test_the_wall_time_of_a_run_counts_the_time_before_it_was_stopped(tmp_path, tiny_fundus, monkeypatch):
+    """Ctrl-C after 0.3 s of training, then a re-run that trains 0.2 s more: 0.5 s or more are stored."""
+    import time
+
+    import relaylearn.compare as compare
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)))
+    run = compare.plan_runs([cfg], 1, 1)[0]
+    finish = _training_that_writes({"R": [[0.5, 0.1], [0.4, 0.6]], "acc": 0.5})
+
+    def stopped_training(*args):
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    def finished_training(*args):
+        time.sleep(0.2)
+        return finish(*args)
+
+    monkeypatch.setattr(compare, "release_memory", lambda: None)
+    monkeypatch.setattr(compare, "run_training", stopped_training)
+    with pytest.raises(KeyboardInterrupt):
+        compare.train_or_resume(run, tmp_path / "r", "n")
+    assert json.loads((tmp_path / "r" / "wall_seconds.json").read_text())["wall_seconds"] >= 0.3
+    monkeypatch.setattr(compare, "run_training", finished_training)
+    assert compare.train_or_resume(run, tmp_path / "r", "n")["wall_seconds"] >= 0.5
+    assert json.loads((tmp_path / "r" / "wall_seconds.json").read_text())["wall_seconds"] >= 0.5
 
 
 def test_workers_share_the_runs_and_give_the_same_table(tmp_path, tiny_fundus, monkeypatch):

@@ -10,7 +10,8 @@ import pytest
 from relaylearn.cli import main
 from relaylearn.compare import with_strategy_kwargs
 from relaylearn.config import load_config
-from relaylearn.tune import GRIDS, apply_picks, grid_points, pick_best, point_folder
+from relaylearn.errors import ConfigError
+from relaylearn.tune import GRIDS, apply_picks, grid_points, load_grids, pick_best, point_folder
 from tests.conftest import tiny_config
 
 
@@ -21,6 +22,16 @@ def test_grid_points_cover_the_product_and_skip_unknown_keys(tmp_path, tiny_fund
     assert {(p["c"], p["xi"]) for p in points} == {(c, x) for c in (0.5, 5.0) for x in (1e-3, 1e-1, 1.0)}
     assert point_folder({"c": 0.5, "xi": 0.001}) == "c=0.5_xi=0.001"
     assert set(GRIDS) >= {"ewc", "si", "lwf", "owm", "relay"}
+
+
+def test_grid_values_the_option_reads_as_one_value_are_refused(tmp_path, tiny_fundus):
+    """YAML loads 1e4 as the text "1e4" and 10000.0 as a number: the option reads both as 10000.0."""
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="ewc")))
+    (tmp_path / "grid.yaml").write_text("ewc: {lambda_: [1e4, 10000.0]}\n")
+    grid = load_grids(str(tmp_path / "grid.yaml"))["ewc"]
+    with pytest.raises(ConfigError, match=r"ewc.lambda_: the value 10000.0 is listed twice"):
+        grid_points(cfg, grid, tmp_path / "grid.yaml")
+    assert len(grid_points(cfg, {"lambda_": ["1e4", 1e5]})[0]) == 2  # different values stay
 
 
 def test_pick_best_is_the_highest_mean_score_first_on_ties():
@@ -51,7 +62,22 @@ def test_apply_picks_by_config_then_by_strategy(tmp_path, tiny_fundus):
     (tuned_ewc, tuned_lwf, same_seq), note = apply_picks([ewc, lwf, seq], tmp_path)
     assert tuned_ewc.tasks[0].strategy.kwargs["lambda_"] == 1e4
     assert tuned_lwf.tasks[1].strategy.kwargs == {"alpha": 2.0, "tau": 1.0}
-    assert same_seq is seq and "alpha=2.0, tau=1.0 (tuned on demo/lwf)" in note
+    assert same_seq is seq and "alpha=2.0, tau=1.0 (tuned on demo/lwf, selection split not recorded)" in note
+
+
+def test_tuned_values_say_their_selection_split_and_a_tuning_at_another_budget_is_warned_of(tmp_path, tiny_fundus, capsys):
+    ewc = load_config(str(tiny_config(tmp_path, tiny_fundus, strategy="ewc")))
+    pick = {"config": "demo/ewc", "strategy": "ewc", "complete": True, "pick": {"lambda_": 1e3}}
+    for select_on, words in [("test", "selected on the TEST split: optimistic"), ("val", "selected on the validation parts")]:
+        summary = {"select_on": select_on, "overrides": ["train.num_steps=999"], "strategies": {"ewc": pick}}
+        (tmp_path / "tune.json").write_text(json.dumps(summary))
+        _, note = apply_picks([ewc], tmp_path, ["train.num_steps=2"])
+        assert f"lambda_=1000.0 (tuned on demo/ewc, {words})" in note
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("WARNING: --tuned:"), err
+        assert "--set train.num_steps=999" in err[0] and "--set train.num_steps=2" in err[0]
+    apply_picks([ewc], tmp_path, ["train.num_steps=999"])  # the tuning's own budget: nothing to warn of
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

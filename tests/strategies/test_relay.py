@@ -613,6 +613,20 @@ def test_snapshot_selection_scores_with_the_sites_solver_and_leaves_the_random_s
     assert strategy._score_generators(["A", "B"]) == sel["scores"][sel["chosen"]]
 
 
+def test_a_resumed_site_keeps_the_generator_snapshots_taken_before_it_stopped(tmp_path, tiny_fundus, monkeypatch):
+    """The snapshot taken after batch 2 is in the checkpoint written after it: a site stopped at
+    batch 3 and resumed still picks it (the scores prefer the earliest candidate, so a lost
+    snapshot would leave the final generators and other tensors than an uninterrupted run)."""
+    import itertools
+
+    from relaylearn.strategies.relay import Relay
+    from tests.test_resume import test_resumed_site_equals_an_uninterrupted_one as resumed_equals_uninterrupted
+
+    calls = itertools.count()
+    monkeypatch.setattr(Relay, "_score_generators", lambda self, sites: [-float(next(calls))] * len(sites))
+    resumed_equals_uninterrupted(tmp_path, tiny_fundus, monkeypatch, "relay", 2, 4, 1, 3, {"generator_snapshots": 2, "snapshot_samples": 4})
+
+
 def test_generator_moving_average_follows_its_formula_and_leaves_the_site(tmp_path, tiny_fundus):
     """With generator_ema_steps the generators that leave a site are the average of their weights
     after every G step (β = 0.5^(1/h), h ramped up as 0.05·steps); off (the default) there is none."""
