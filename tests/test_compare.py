@@ -161,6 +161,18 @@ def test_runs_are_paired_by_their_order_and_seed_not_their_position():
     assert "Left out (the two configs' site orders or seeds differ there): order1_seed0." in paired_markdown(paired)
 
 
+def test_seeds_are_consecutive_from_the_configs_seed(tmp_path, tiny_fundus):
+    from relaylearn.compare import plan_runs
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)))  # random_seed 7
+    runs = plan_runs([cfg], 1, 3)
+    assert [r.seed_index for r in runs] == [0, 1, 2]
+    assert [r.key for r in runs] == ["order0_seed0", "order0_seed1", "order0_seed2"]
+    for run, seed in zip(runs, (7, 8, 9)):
+        assert [t.random_seed for t in run.config.tasks] == [seed, seed]
+        assert run.config.raw["common"]["random_seed"] == seed
+
+
 def test_memory_is_released_after_each_trained_run_not_after_a_skipped_one(tmp_path, tiny_fundus, monkeypatch):
     import relaylearn.compare as compare
 
