@@ -24,10 +24,7 @@ from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.metrics import bootstrap_statistic, roc_auc
 from relaylearn.runner import TrainOptions, run_training
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
-from tests.test_cli import one_line_error
-from tests.test_deploy import run_cli
+from tests.conftest import TINY, one_line_error, run_cli, strict_json, tiny_config
 
 
 def _site_like(n: int, seed: int) -> SplitData:
@@ -143,7 +140,6 @@ def test_a_zero_median_distance_gives_null_figures_in_strict_json_without_warnin
 
     from relaylearn.audit import memorisation_check
     from relaylearn.files import json_text
-    from tests.test_files import strict_json
 
     train = torch.eye(12)
     test = train[:8].clone()  # exact copies: every test→train distance is 0

@@ -12,16 +12,7 @@ import pytest
 
 from relaylearn.cli import build_parser
 from relaylearn.predict import Inputs, skipped_note
-from tests.conftest import tiny_config
-from tests.test_deploy import run_cli
-
-
-def one_line_error(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {text!r}"
-    assert "Traceback" not in text
-    assert lines[0].startswith("relaylearn: error: ")
-    return lines[0]
+from tests.conftest import one_line_error, run_cli, tiny_config
 
 
 @pytest.fixture

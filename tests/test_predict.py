@@ -17,7 +17,7 @@ from relaylearn.data.dofe import DOFE_LEVELS
 from relaylearn.data.layouts import get_layout
 from relaylearn.errors import DataError, UserError
 from relaylearn.predict import class_areas, expand_inputs, predict_images, to_model_input
-from tests.test_export import make_bundle
+from tests.conftest import make_bundle
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -20,9 +20,7 @@ from relaylearn.bundle import read_bundle
 from relaylearn.config import load_config
 from relaylearn.keys import generate_keypair, load_private_key
 from relaylearn.runner import TrainOptions, run_training
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
-from tests.test_deploy import run_cli
+from tests.conftest import TINY, run_cli, tiny_config
 
 TOTAL_STEPS = 20
 EVERY = 5

@@ -9,7 +9,7 @@ from torch import nn
 
 from relaylearn.losses import distillation_loss
 from relaylearn.strategies.lwf import distillation_divergence
-from tests.strategies.test_ewc import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites  # first: it discovers every strategy
+from tests.conftest import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
 
 IMAGES = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 LABELS = torch.randint(0, 3, (4, 8, 8), generator=torch.Generator().manual_seed(1))

@@ -13,22 +13,7 @@ from relaylearn.models.gan.loss import alignment_loss_image, alignment_loss_labe
 from relaylearn.runner import TrainOptions, run_training
 from relaylearn.strategies.base import SiteContext
 from relaylearn.strategies.relay import decode_labels, encode_labels, merge_parameters
-from tests.conftest import tiny_config
-
-TINY = {
-    "z_img": 8,
-    "z_label": 8,
-    "w_img": 16,
-    "w_label": 16,
-    "site_capacity": 3,
-    "spade_hidden": 8,
-    "g_img": {"mapping_layers": 1, "channel_base": 128, "channel_max": 16},
-    "g_label": {"mapping_layers": 1, "channel_base": 64, "channel_max": 8},
-    "d_img": {"channel_base": 128, "channel_max": 16, "mapping_layers": 1},
-    "d_label": {"channel_base": 64, "channel_max": 8, "mapping_layers": 1},
-    "ada_kimg": 1,
-    "replay_augment": "light",
-}
+from tests.conftest import TINY, tiny_config
 
 
 def _strategy(tmp_path, data, **kw):
