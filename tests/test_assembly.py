@@ -10,7 +10,7 @@ from relaylearn.bundle import read_bundle
 from relaylearn.config import TaskConfig
 from relaylearn.errors import VerificationError
 from relaylearn.strategies import available_strategies
-from tests.test_export import make_bundle
+from tests.conftest import make_bundle
 
 
 def test_networks_that_do_not_fit_the_available_memory_are_refused_before_they_are_built(tmp_path, monkeypatch):

@@ -24,10 +24,7 @@ from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.metrics import bootstrap_statistic, roc_auc
 from relaylearn.runner import TrainOptions, run_training
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
-from tests.test_cli import one_line_error
-from tests.test_deploy import run_cli
+from tests.conftest import TINY, one_line_error, run_cli, strict_json, tiny_config
 
 
 def _site_like(n: int, seed: int) -> SplitData:
@@ -91,6 +88,36 @@ def test_without_bootstrap_intervals_memorisation_is_decided_by_the_near_copy_sh
     assert fresh["near_copies"]["value"] <= 0.05 and not fresh["flagged"]
 
 
+def test_memorisation_is_flagged_on_the_interval_lower_bound_not_the_point_estimate():
+    """A few near copies among many fresh images: the near-copy share (4 of 50 = 8 %) is above the
+    5 % reference, but with 50 draws its bootstrap interval reaches well below 5 %, so the check
+    must not flag it; without intervals the same share decides and is flagged."""
+    from relaylearn.audit import memorisation_check
+
+    train = torch.zeros(1, 2)  # one training point at the origin
+    test = torch.tensor([[float(d), 0.0] for d in range(1, 101)])  # test→train distances 1..100: 5th percentile 5.95
+    generated = torch.tensor([[0.5, 0.0]] * 4 + [[50.0, 0.0]] * 46)  # 4 near copies (0.5 < 5.95), 46 far
+    bounded, _, _ = memorisation_check("image pixels", generated, train, test, AuditOptions(n_generated=50, n_bootstrap=500, seed=1), seed=0)
+    assert bounded["near_copy_distance"] == pytest.approx(5.95)
+    assert bounded["near_copies"]["value"] == pytest.approx(4 / 50)
+    assert bounded["near_copies"]["low"] < 0.05 < bounded["near_copies"]["value"]
+    assert not bounded["flagged"], "the lower bound, not the point estimate, decides"
+    point, _, _ = memorisation_check("image pixels", generated, train, test, AuditOptions(n_generated=50, n_bootstrap=0, seed=1), seed=0)
+    assert point["flagged"], "without an interval the share itself decides"
+
+
+@pytest.mark.parametrize("threshold, flagged", [(0.7, True), (0.8, False)])
+def test_membership_verdict_follows_the_threshold(threshold, flagged):
+    """Members (2, 4) against non-members (1, 3): 3 of the 4 pairs rank the member higher, AUC 0.75."""
+    from relaylearn.audit import membership_check
+
+    options = AuditOptions(n_generated=2, n_bootstrap=0, threshold=threshold)
+    check = membership_check("membership black box", "image pixels", np.array([2.0, 4.0]), np.array([1.0, 3.0]), options, seed=0)
+    assert check["auc"]["value"] == pytest.approx(0.75)
+    assert check["flagged"] is flagged
+    assert f"{threshold:.2f}" in check["rule"]
+
+
 def test_noise_generator_is_not_flagged():
     train, test = _site_like(60, 0), _site_like(60, 1)
     g = torch.Generator().manual_seed(3)
@@ -113,7 +140,6 @@ def test_a_zero_median_distance_gives_null_figures_in_strict_json_without_warnin
 
     from relaylearn.audit import memorisation_check
     from relaylearn.files import json_text
-    from tests.test_files import strict_json
 
     train = torch.eye(12)
     test = train[:8].clone()  # exact copies: every test→train distance is 0

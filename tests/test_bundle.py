@@ -24,7 +24,6 @@ from relaylearn.bundle import (
     UNSIGNED_MARKER,
     WEIGHTS_NAME,
     SiteLedger,
-    _container_parts,
     _dump_manifest,
     atomic_write,
     format_inspect,
@@ -35,6 +34,7 @@ from relaylearn.bundle import (
 )
 from relaylearn.errors import RelayError, UserError, VerificationError
 from relaylearn.keys import generate_keypair, load_private_key, load_trust_dir
+from tests.conftest import container_bytes, forge_bundle
 
 STARTED = "2024-05-01T08:00:00Z"
 FINISHED = "2024-05-01T09:30:00Z"
@@ -88,34 +88,13 @@ def members_of(path) -> dict[str, bytes]:
 
 
 def save_container(path, members: list[tuple[str, bytes]]) -> Path:
-    Path(path).write_bytes(b"".join(bytes(part) for part in _container_parts(members)))
+    Path(path).write_bytes(container_bytes(members))
     return Path(path)
 
 
 def save_members(path, manifest: bytes, weights: bytes, signature: bytes) -> Path:
     """A canonical container holding exactly these three members."""
     return save_container(path, [(MANIFEST_NAME, manifest), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, signature)])
-
-
-def forge(src, dst, key, *, edit=None, weights=None, dump=_dump_manifest, update_hash=True) -> Path:
-    """Rebuild ``src`` with an edited manifest and/or new weights, signed by ``key`` (canonical container).
-
-    This models the strongest attacker: one holding a trusted key (or a buggy trusted site).
-    """
-    parts = members_of(src)
-    manifest = json.loads(parts[MANIFEST_NAME])
-    if weights is not None:
-        parts[WEIGHTS_NAME] = weights
-        if update_hash:
-            manifest["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-            manifest["weights_bytes"] = len(weights)
-    if key is not None:
-        manifest["hops"][-1]["signer"] = key.fingerprint
-    if edit is not None:
-        edit(manifest)
-    manifest_bytes = dump(manifest)
-    signature = key.sign(manifest_bytes) if key is not None else parts[SIGNATURE_NAME]
-    return save_members(dst, manifest_bytes, parts[WEIGHTS_NAME], signature)
 
 
 def rejects(path, match, **kwargs):
@@ -235,7 +214,7 @@ def test_valid_bundle_resigned_by_unknown_key_is_rejected(tmp_path, keys):
     forged = keys["outsider"].sign(parts[MANIFEST_NAME])
     save_members(tmp_path / "resigned.relay", parts[MANIFEST_NAME], parts[WEIGHTS_NAME], forged)
     rejects(tmp_path / "resigned.relay", "does not verify with any trusted key", trust=keys["trust"])
-    forge(path, tmp_path / "edited.relay", keys["outsider"], edit=lambda m: m["config"].update(lr=1.0))
+    forge_bundle(path, tmp_path / "edited.relay", keys["outsider"], edit=lambda m: m["config"].update(lr=1.0))
     rejects(tmp_path / "edited.relay", "untrusted key", trust=keys["trust"])
 
 
@@ -250,20 +229,20 @@ def test_manifest_edited_after_signing_is_rejected(tmp_path, keys):
 
 def test_last_hop_must_name_the_real_signer(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
-    forge(path, tmp_path / "f.relay", keys["a"], edit=lambda m: m["hops"][-1].update(signer=keys["b"].fingerprint))
+    forge_bundle(path, tmp_path / "f.relay", keys["a"], edit=lambda m: m["hops"][-1].update(signer=keys["b"].fingerprint))
     rejects(tmp_path / "f.relay", "last hop names signer", trust=keys["trust"])
 
 
 def test_signed_flag_must_match_the_signature_member(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
-    forge(path, tmp_path / "f.relay", keys["a"], edit=lambda m: m.update(signed=False))
+    forge_bundle(path, tmp_path / "f.relay", keys["a"], edit=lambda m: m.update(signed=False))
     rejects(tmp_path / "f.relay", "says unsigned but the last hop names a signer", trust=keys["trust"])
 
     def unsigned_but_signature_present(manifest):
         manifest["signed"] = False
         manifest["hops"][-1]["signer"] = None
 
-    forge(path, tmp_path / "g.relay", keys["a"], edit=unsigned_but_signature_present)
+    forge_bundle(path, tmp_path / "g.relay", keys["a"], edit=unsigned_but_signature_present)
     rejects(tmp_path / "g.relay", "'signed' flag disagrees", trust=keys["trust"])
     parts = members_of(path)
     save_members(tmp_path / "s.relay", parts[MANIFEST_NAME], parts[WEIGHTS_NAME], b"x" * 63)
@@ -386,19 +365,19 @@ def test_crc_mismatch_is_rejected(tmp_path, keys):
 
 def test_manifest_must_be_canonical_json(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
-    forge(path, tmp_path / "compact.relay", keys["a"], dump=lambda m: json.dumps(m, sort_keys=True).encode())
+    forge_bundle(path, tmp_path / "compact.relay", keys["a"], dump=lambda m: json.dumps(m, sort_keys=True).encode())
     rejects(tmp_path / "compact.relay", "canonical form", trust=keys["trust"])
 
     def with_duplicate_key(manifest):
         text = _dump_manifest(manifest).decode()
         return text.replace('{\n "config": {', '{\n "config": {"evil": 1},\n "config": {', 1).encode()
 
-    forge(path, tmp_path / "dup.relay", keys["a"], dump=with_duplicate_key)
+    forge_bundle(path, tmp_path / "dup.relay", keys["a"], dump=with_duplicate_key)
     rejects(tmp_path / "dup.relay", "canonical form", trust=keys["trust"])
     with_nan = lambda m: _dump_manifest(m).replace(b'"epochs": 2', b'"epochs": NaN')  # noqa: E731
-    forge(path, tmp_path / "nan.relay", keys["a"], dump=with_nan)
+    forge_bundle(path, tmp_path / "nan.relay", keys["a"], dump=with_nan)
     rejects(tmp_path / "nan.relay", "not valid JSON", trust=keys["trust"])
-    forge(path, tmp_path / "latin.relay", keys["a"], dump=lambda m: _dump_manifest(m).replace(b'"note"', b'"n\xe9te"'))
+    forge_bundle(path, tmp_path / "latin.relay", keys["a"], dump=lambda m: _dump_manifest(m).replace(b'"note"', b'"n\xe9te"'))
     rejects(tmp_path / "latin.relay", "UTF-8", trust=keys["trust"])
 
 
@@ -423,27 +402,27 @@ def test_manifest_must_be_canonical_json(tmp_path, keys):
 )
 def test_manifest_schema_and_consistency(tmp_path, keys, edit, match):
     path = write(tmp_path / "b.relay", keys["a"])
-    forge(path, tmp_path / "f.relay", keys["a"], edit=edit)
+    forge_bundle(path, tmp_path / "f.relay", keys["a"], edit=edit)
     rejects(tmp_path / "f.relay", match, trust=keys["trust"])
 
 
 def test_second_hop_without_parent_hash_is_rejected(tmp_path, keys):
     first = read_bundle(write(tmp_path / "b1.relay", keys["a"]), trust=keys["trust"])
     second = write(tmp_path / "b2.relay", keys["b"], parent=first)
-    forge(second, tmp_path / "f.relay", keys["b"], edit=lambda m: m["hops"][1].update(parent_sha256=None))
+    forge_bundle(second, tmp_path / "f.relay", keys["b"], edit=lambda m: m["hops"][1].update(parent_sha256=None))
     rejects(tmp_path / "f.relay", "hop 2 names no parent", trust=keys["trust"])
 
 
 def test_tensor_index_disagreeing_with_weights_is_rejected(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
     reshaped = lambda m: m["tensors"]["solver.conv.weight"].update(shape=[4, 9])  # noqa: E731
-    forge(path, tmp_path / "shape.relay", keys["a"], edit=reshaped)
+    forge_bundle(path, tmp_path / "shape.relay", keys["a"], edit=reshaped)
     expected = r"disagrees.*'solver.conv.weight': manifest float32\[4, 9\], weights float32\[4, 3, 3, 3\]"
     rejects(tmp_path / "shape.relay", expected, trust=keys["trust"])
-    forge(path, tmp_path / "name.relay", keys["a"], edit=lambda m: m["tensors"].pop("gen.mask"))
+    forge_bundle(path, tmp_path / "name.relay", keys["a"], edit=lambda m: m["tensors"].pop("gen.mask"))
     rejects(tmp_path / "name.relay", r"'gen.mask': manifest absent", trust=keys["trust"])
     other = safetensors.torch.save({"solver.conv.weight": torch.zeros(4, 3, 3, 3)})
-    forge(path, tmp_path / "weights.relay", keys["a"], weights=other)
+    forge_bundle(path, tmp_path / "weights.relay", keys["a"], weights=other)
     rejects(tmp_path / "weights.relay", "disagrees", trust=keys["trust"])
 
 
@@ -451,7 +430,7 @@ def test_weights_altered_after_signing_is_rejected(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
     weights = bytearray(members_of(path)[WEIGHTS_NAME])
     weights[-1] ^= 0x40
-    forge(path, tmp_path / "w.relay", None, weights=bytes(weights), update_hash=False)
+    forge_bundle(path, tmp_path / "w.relay", None, weights=bytes(weights), update_hash=False)
     rejects(tmp_path / "w.relay", "SHA-256 of weights", trust=keys["trust"])
 
 
@@ -459,27 +438,27 @@ def test_safetensors_metadata_and_bad_headers_are_rejected(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
     tensors = {name: tensor.contiguous() for name, tensor in sample_tensors().items()}
     with_metadata = safetensors.torch.save(tensors, metadata={"x": "y"})
-    forge(path, tmp_path / "meta.relay", keys["a"], weights=with_metadata)
+    forge_bundle(path, tmp_path / "meta.relay", keys["a"], weights=with_metadata)
     rejects(tmp_path / "meta.relay", "__metadata__", trust=keys["trust"])
     header = json.dumps({"w": {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [0, 4]}}).encode()
-    forge(path, tmp_path / "size.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    forge_bundle(path, tmp_path / "size.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 4)
     rejects(tmp_path / "size.relay", "does not match its dtype and shape", trust=keys["trust"])
     entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
     header = json.dumps({"a": entry, "b": entry}).encode()
-    forge(path, tmp_path / "overlap.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    forge_bundle(path, tmp_path / "overlap.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 8)
     rejects(tmp_path / "overlap.relay", "overlap or leave gaps", trust=keys["trust"])
     # a name given twice: json.loads kept the last entry, so the index the bundle was read with
     # was not the header every other safetensors reader sees
     header = b'{"a": %s, "a": %s}' % (json.dumps({**entry, "shape": [2], "data_offsets": [0, 8]}).encode(), json.dumps(entry).encode())
     index = {"a": {"dtype": "float32", "shape": [1]}}
-    forge(path, tmp_path / "dup.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 4, edit=lambda m: m.update(tensors=index))
+    forge_bundle(path, tmp_path / "dup.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header + b"\0" * 4, edit=lambda m: m.update(tensors=index))
     rejects(tmp_path / "dup.relay", "names tensor 'a' twice", trust=keys["trust"])
-    forge(path, tmp_path / "huge.relay", keys["a"], weights=struct.pack("<Q", 2**63) + b"{}")
+    forge_bundle(path, tmp_path / "huge.relay", keys["a"], weights=struct.pack("<Q", 2**63) + b"{}")
     rejects(tmp_path / "huge.relay", "header length", trust=keys["trust"])
     # a shape of 200 000 huge dimensions (the last 0, so the declared size is 0): refused before
     # any arithmetic on it (a product over it took minutes), by a signer the site trusts
     header = json.dumps({"w": {"dtype": "F32", "shape": [2**40] * 200_000 + [0], "data_offsets": [0, 0]}}).encode()
-    forge(path, tmp_path / "dims.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header)
+    forge_bundle(path, tmp_path / "dims.relay", keys["a"], weights=struct.pack("<Q", len(header)) + header)
     started = time.perf_counter()
     rejects(tmp_path / "dims.relay", "malformed", trust=keys["trust"])
     assert time.perf_counter() - started < 10
@@ -500,15 +479,15 @@ def test_pickled_weights_are_never_unpickled(tmp_path, keys):
     payload = pickle.dumps(_WritesMarker(marker), protocol=4)
     assert payload[:1] == b"\x80"
     path = write(tmp_path / "b.relay", keys["a"])
-    forge(path, tmp_path / "swapped.relay", None, weights=payload, update_hash=False)  # swapped on the USB stick
+    forge_bundle(path, tmp_path / "swapped.relay", None, weights=payload, update_hash=False)  # swapped on the USB stick
     rejects(tmp_path / "swapped.relay", r"SHA-256 of weights.*holds a pickle", trust=keys["trust"])
-    forge(path, tmp_path / "signed.relay", keys["a"], weights=payload)  # even when a trusted key signed it
+    forge_bundle(path, tmp_path / "signed.relay", keys["a"], weights=payload)  # even when a trusted key signed it
     rejects(tmp_path / "signed.relay", "pickle", trust=keys["trust"])
     with pytest.raises(VerificationError, match="pickle"):
         inspect_bundle(tmp_path / "signed.relay")
     buffer = io.BytesIO()
     torch.save({"w": torch.zeros(2), "x": _WritesMarker(marker)}, buffer)
-    forge(path, tmp_path / "torchsave.relay", keys["a"], weights=buffer.getvalue())
+    forge_bundle(path, tmp_path / "torchsave.relay", keys["a"], weights=buffer.getvalue())
     rejects(tmp_path / "torchsave.relay", "torch.save", trust=keys["trust"])
     assert not marker.exists()
 
@@ -610,10 +589,10 @@ def test_inspect_still_checks_structure_and_hashes(tmp_path, keys):
     path = write(tmp_path / "b.relay", keys["a"])
     weights = bytearray(members_of(path)[WEIGHTS_NAME])
     weights[-1] ^= 0x01
-    forge(path, tmp_path / "w.relay", None, weights=bytes(weights), update_hash=False)
+    forge_bundle(path, tmp_path / "w.relay", None, weights=bytes(weights), update_hash=False)
     with pytest.raises(VerificationError, match="SHA-256"):
         inspect_bundle(tmp_path / "w.relay")
-    forge(path, tmp_path / "other_key.relay", keys["outsider"])  # signature is not checked by inspect
+    forge_bundle(path, tmp_path / "other_key.relay", keys["outsider"])  # signature is not checked by inspect
     assert inspect_bundle(tmp_path / "other_key.relay")["signer"] == keys["outsider"].fingerprint
 
 
@@ -723,9 +702,9 @@ def test_relay_id_is_fixed_at_the_first_hop_and_checked(tmp_path, keys):
     assert "'glaucoma-2026'" in error.message and "'other-relay'" in error.message
     # the default id is derived from the first hop (deterministic), and a changed id breaks the signature
     assert write(tmp_path / "d.relay", keys["a"]).read_bytes() == write(tmp_path / "e.relay", keys["a"]).read_bytes()
-    forged = forge(tmp_path / "b2.relay", tmp_path / "moved.relay", None, edit=lambda m: m.update(relay_id="other-relay"))
+    forged = forge_bundle(tmp_path / "b2.relay", tmp_path / "moved.relay", None, edit=lambda m: m.update(relay_id="other-relay"))
     rejects(forged, "signature", trust=keys["trust"])
-    rejects(forge(tmp_path / "b1.relay", tmp_path / "bad_id.relay", keys["a"], edit=lambda m: m.update(relay_id="../x")),
+    rejects(forge_bundle(tmp_path / "b1.relay", tmp_path / "bad_id.relay", keys["a"], edit=lambda m: m.update(relay_id="../x")),
             "relay_id", trust=keys["trust"])  # fmt: skip
 
 
@@ -772,7 +751,7 @@ def test_non_finite_tensors_are_refused_on_reading_and_writing(tmp_path, keys):
     good = write(tmp_path / "good.relay", keys["a"])
     tensors = sample_tensors()
     tensors["gen.w_avg"][2] = float("nan")  # bfloat16 as well
-    forged = forge(good, tmp_path / "forged.relay", keys["a"], weights=safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+    forged = forge_bundle(good, tmp_path / "forged.relay", keys["a"], weights=safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
     rejects(forged, "'gen.w_avg' holds NaN or infinite", trust=keys["trust"])
 
 
@@ -781,14 +760,14 @@ def test_bool_tensors_hold_only_zero_and_one(tmp_path, keys):
     good = write(tmp_path / "good.relay", keys["a"])
     tensors = sample_tensors()
     tensors["gen.mask"] = torch.tensor([2, 0, 1], dtype=torch.uint8).view(torch.bool)
-    forged = forge(good, tmp_path / "forged.relay", keys["a"], weights=safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+    forged = forge_bundle(good, tmp_path / "forged.relay", keys["a"], weights=safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
     rejects(forged, "'gen.mask' is bool but holds bytes other than 0 and 1", trust=keys["trust"])
 
 
 def test_inspect_escapes_every_string_from_the_bundle(tmp_path, keys):
     nasty = "\x1b[2J\x1b[1;1HOK: verified\r\u202e"
     good = write(tmp_path / "good.relay", keys["a"], extra={nasty: nasty})
-    path = forge(good, tmp_path / "nasty.relay", keys["a"], edit=lambda m: (
+    path = forge_bundle(good, tmp_path / "nasty.relay", keys["a"], edit=lambda m: (
         m.update(strategy=nasty[:60]), m["software"].update(torch=nasty, relaylearn=nasty)))  # fmt: skip
     text = format_inspect(inspect_bundle(path))
     assert "\x1b" not in text and "\r" not in text and "\u202e" not in text

@@ -36,6 +36,7 @@ from relaylearn.bundle import (
 )
 from relaylearn.errors import VerificationError
 from relaylearn.keys import generate_keypair, load_private_key, load_trust_dir
+from tests.conftest import signed_container
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -215,9 +216,7 @@ _manifest_paths = st.sampled_from([
 
 
 def _signed_container(setup, manifest_bytes: bytes, weights: bytes) -> bytes:
-    signature = setup["key"].sign(manifest_bytes)
-    parts = _container_parts([(MANIFEST_NAME, manifest_bytes), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, signature)])
-    return b"".join(bytes(p) for p in parts)
+    return signed_container(manifest_bytes, weights, setup["key"])
 
 
 def _members(setup) -> dict[str, bytes]:

@@ -8,23 +8,19 @@ Three hospitals (keys bound to their names, one trust folder stating relay ``r1`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import yaml
 from PIL import Image
 
-from relaylearn.bundle import MANIFEST_NAME, SIGNATURE_NAME, WEIGHTS_NAME, _container_parts, _dump_manifest, read_bundle
+from relaylearn.bundle import read_bundle
 from relaylearn.keys import load_private_key
-from tests.conftest import tiny_config
-from tests.test_deploy import Result, only_line, run_cli
+from tests.conftest import Result, forge_bundle, only_line, run_cli, tiny_config
 
 RELAY = "r1"
 
@@ -79,26 +75,6 @@ def relay(tmp_path_factory, tiny_fundus) -> Relay:
 
 def key_of(site: Site):
     return load_private_key(site.key)
-
-
-def resign(src: Path, dst: Path, site: Site, *, edit=None, tensors=None) -> Path:
-    """``src`` with an edited manifest and/or other tensors, validly signed by ``site``'s trusted key
-    (the strongest attacker: a trusted site gone rogue, or a stolen key)."""
-    with zipfile.ZipFile(src) as archive:
-        manifest = json.loads(archive.read(MANIFEST_NAME))
-        weights = archive.read(WEIGHTS_NAME)
-    if tensors is not None:
-        weights = safetensors.torch.save(tensors)
-        manifest["tensors"] = {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for n, t in tensors.items()}
-        manifest["weights_sha256"], manifest["weights_bytes"] = hashlib.sha256(weights).hexdigest(), len(weights)
-    if edit is not None:
-        edit(manifest)
-    key = key_of(site)
-    manifest["hops"][-1]["signer"] = key.fingerprint
-    data = _dump_manifest(manifest)
-    parts = _container_parts([(MANIFEST_NAME, data), (WEIGHTS_NAME, weights), (SIGNATURE_NAME, key.sign(data))])
-    dst.write_bytes(b"".join(bytes(p) for p in parts))
-    return dst
 
 
 def fresh(site: Site, tmp_path: Path) -> Site:
@@ -173,7 +149,7 @@ def test_code_named_by_a_bundle_is_never_imported(relay, tmp_path, monkeypatch, 
         if field == "strategy":
             manifest["strategy"] = f"{module}:Net"
 
-    evil = resign(relay.hops[0], tmp_path / "evil.relay", relay.sites[0], edit=plug)
+    evil = forge_bundle(relay.hops[0], tmp_path / "evil.relay", key_of(relay.sites[0]), edit=plug)
     for command, line in uses_refused(relay, evil, tmp_path):
         assert "never imported" in line
         assert not marker.exists(), f"{command} imported code named by the bundle"
@@ -213,7 +189,9 @@ def test_a_recipe_asking_for_huge_networks_is_refused_before_they_are_built(rela
     monkeypatch.setattr(relay_strategy.Relay, "__init__", measured_only)
     size = {"channel_base": relay_strategy.MAX_CHANNEL_BASE, "channel_max": relay_strategy.MAX_CHANNELS, "mapping_layers": relay_strategy.MAX_MAPPING_LAYERS}
     huge = {"name": "relay", "kwargs": dict.fromkeys(("g_img", "g_label", "d_img", "d_label"), size)}
-    bomb = resign(relay.hops[0], tmp_path / "bomb.relay", relay.sites[0], edit=lambda m: m.update(strategy="relay", config={**m["config"], "strategy": huge}))
+    bomb = forge_bundle(
+        relay.hops[0], tmp_path / "bomb.relay", key_of(relay.sites[0]), edit=lambda m: m.update(strategy="relay", config={**m["config"], "strategy": huge})
+    )
     for command, line in uses_refused(relay, bomb, tmp_path):
         assert line.startswith(f"relaylearn: error: {bomb}: bundle does not fit strategy 'relay': tensor "), (command, line)
 
@@ -223,7 +201,7 @@ def test_a_recipe_whose_image_size_the_solver_cannot_take_is_refused(relay, tmp_
         return lambda m: m["config"]["dataset"]["kwargs"].update(img_size=size)
 
     for size in ([48, 48], [4096, 1]):
-        odd = resign(relay.hops[0], tmp_path / f"odd{size[0]}.relay", relay.sites[0], edit=img_size(size))
+        odd = forge_bundle(relay.hops[0], tmp_path / f"odd{size[0]}.relay", key_of(relay.sites[0]), edit=img_size(size))
         for command, line in uses_refused(relay, odd, tmp_path, formats=("torchscript", "onnx")):
             assert line.startswith(f"relaylearn: error: {odd}: the bundle's recipe does not build here: "), (command, line)
             assert f"image size {size[0]}x{size[1]} is not divisible by 32" in line, (command, line)
@@ -232,7 +210,7 @@ def test_a_recipe_whose_image_size_the_solver_cannot_take_is_refused(relay, tmp_
 def test_a_plug_in_is_used_only_when_the_local_config_names_the_same_one(relay, tmp_path, monkeypatch, tiny_fundus):
     (tmp_path / "relaylearn_plug_ok.py").write_text("from relaylearn.models.unet import UNetResNet18 as Net\nclass Other(Net):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    bundle = resign(relay.hops[0], tmp_path / "plug.relay", relay.sites[0],
+    bundle = forge_bundle(relay.hops[0], tmp_path / "plug.relay", key_of(relay.sites[0]),
                     edit=lambda m: m["config"]["model"].update(name="relaylearn_plug_ok:Net"))  # fmt: skip
 
     def config(model: str) -> Path:
@@ -285,10 +263,10 @@ def test_a_signed_bundle_that_does_not_fit_moves_nothing_and_the_genuine_one_sti
     tensors = hop1_tensors(relay)
     missing = sorted(tensors)[0]
     tensors.pop(missing)
-    short = resign(relay.hops[0], tmp_path / "short.relay", relay.sites[0], tensors=tensors)
+    short = forge_bundle(relay.hops[0], tmp_path / "short.relay", key_of(relay.sites[0]), tensors=tensors)
     line = refused(relay, site, short, f"tensor '{missing}' is absent in the bundle", tmp_path)
     assert "does not fit strategy 'sequential'" in line
-    other = resign(relay.hops[0], tmp_path / "other.relay", relay.sites[0], edit=lambda m: m.update(strategy="relay"))
+    other = forge_bundle(relay.hops[0], tmp_path / "other.relay", key_of(relay.sites[0]), edit=lambda m: m.update(strategy="relay"))
     refused(relay, site, other, "written by strategy 'relay' but this site's config uses 'sequential'", tmp_path)
     assert not site.ledger.exists()
     genuine = site.train("genuine", "--in", relay.hops[0], "--trust", relay.trust, "--out", tmp_path / "hop2.relay")
@@ -301,7 +279,7 @@ def test_non_finite_weights_are_refused_at_load(relay, tmp_path):
     name = next(n for n, t in sorted(tensors.items()) if t.is_floating_point() and t.numel())
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
-    poisoned = resign(relay.hops[0], tmp_path / "nan.relay", relay.sites[0], tensors=tensors)
+    poisoned = forge_bundle(relay.hops[0], tmp_path / "nan.relay", key_of(relay.sites[0]), tensors=tensors)
     refused(relay, fresh(relay.sites[1], tmp_path), poisoned, "holds NaN or infinite values", tmp_path)
 
 
@@ -314,7 +292,7 @@ def test_a_skipped_hop_is_refused_naming_expected_and_arrived(relay, tmp_path):
 
 
 def test_a_bundle_of_another_relay_is_refused(relay, tmp_path):
-    other = resign(relay.hops[0], tmp_path / "other-relay.relay", relay.sites[0], edit=lambda m: m.update(relay_id="other"))
+    other = forge_bundle(relay.hops[0], tmp_path / "other-relay.relay", key_of(relay.sites[0]), edit=lambda m: m.update(relay_id="other"))
     refused(relay, fresh(relay.sites[1], tmp_path), other, "belongs to relay 'other' but this site is in relay 'r1'", tmp_path)
     verify = run_cli(relay.root, "verify", other, "--trust", relay.trust)
     assert verify.code == 3 and "relay 'other'" in only_line(verify.err)
@@ -332,7 +310,7 @@ def test_a_site_must_state_its_relay(relay, tmp_path):
 
 
 def test_a_hop_signed_by_one_site_in_the_name_of_another_is_refused(relay, tmp_path):
-    impostor = resign(relay.hops[0], tmp_path / "impostor.relay", relay.sites[2])  # C signs hop 1, which says Hospital-A
+    impostor = forge_bundle(relay.hops[0], tmp_path / "impostor.relay", key_of(relay.sites[2]))  # C signs hop 1, which says Hospital-A
     line = refused(relay, fresh(relay.sites[1], tmp_path), impostor, "names site 'Hospital-A' but was signed by the key of site 'Hospital-C'", tmp_path)
     assert "hop 1" in line
     assert run_cli(relay.root, "verify", impostor, "--trust", relay.trust).code == 3
@@ -363,7 +341,7 @@ def test_a_rollback_is_refused_from_any_working_directory(relay, tmp_path):
 
 def test_bundle_text_reaches_the_terminal_escaped(relay, tmp_path):
     fake = "\x1b[2J\x1b[HOK: verified\x07"
-    nasty = resign(relay.hops[0], tmp_path / "nasty.relay", relay.sites[0], edit=lambda m: (
+    nasty = forge_bundle(relay.hops[0], tmp_path / "nasty.relay", key_of(relay.sites[0]), edit=lambda m: (
         m.update(strategy=fake), m["extra"].update({fake: fake}), m["software"].update(torch=fake)))  # fmt: skip
     shown = run_cli(relay.root, "inspect", nasty)
     assert shown.code == 0, shown.err

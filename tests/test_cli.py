@@ -12,16 +12,7 @@ import pytest
 
 from relaylearn.cli import build_parser
 from relaylearn.predict import Inputs, skipped_note
-from tests.conftest import tiny_config
-from tests.test_deploy import run_cli
-
-
-def one_line_error(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {text!r}"
-    assert "Traceback" not in text
-    assert lines[0].startswith("relaylearn: error: ")
-    return lines[0]
+from tests.conftest import one_line_error, run_cli, tiny_config
 
 
 @pytest.fixture
@@ -282,6 +273,17 @@ def test_data_synth_prints_one_line_per_site(tmp_path):
     result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--kind", "ct", "--size", "32", "--studies", "2")
     assert result.code == 0
     assert "{" not in result.out and "  CT1: studies 2, slices" in result.out
+
+
+def test_data_synth_ct_slices_layout_writes_png_study_folders(tmp_path):
+    result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--kind", "ct", "--layout", "slices", "--size", "16", "--studies", "2")
+    assert result.code == 0, result.err
+    assert "(slices)" in result.out
+    assert not list((tmp_path / "d").rglob("*.nii.gz"))
+    for site in ("CT1", "CT2", "CT3", "CT4"):
+        studies = [p for p in (tmp_path / "d" / site).iterdir() if p.is_dir()]
+        assert len(studies) == 2, studies
+        assert list(studies[0].glob("[0-9]*.png")) and list(studies[0].glob("mask_*.png"))
 
 
 def test_no_progress_bar_when_standard_error_is_not_a_terminal(tmp_path):

@@ -14,7 +14,7 @@ from relaylearn.compare import markdown_table, mean_std, site_orders, summarise
 from relaylearn.config import load_config
 from relaylearn.errors import UserError
 from relaylearn.results import external_dice
-from tests.conftest import tiny_config
+from tests.conftest import stopped_training, tiny_config
 
 
 def test_site_orders_are_given_reversed_then_distinct_seeded_permutations():
@@ -159,6 +159,18 @@ def test_runs_are_paired_by_their_order_and_seed_not_their_position():
     assert paired["runs"] == ["order0_seed0", "order2_seed0"] and paired["unpaired"] == ["order1_seed0"]
     assert paired["acc"]["n"] == 2
     assert "Left out (the two configs' site orders or seeds differ there): order1_seed0." in paired_markdown(paired)
+
+
+def test_seeds_are_consecutive_from_the_configs_seed(tmp_path, tiny_fundus):
+    from relaylearn.compare import plan_runs
+
+    cfg = load_config(str(tiny_config(tmp_path, tiny_fundus)))  # random_seed 7
+    runs = plan_runs([cfg], 1, 3)
+    assert [r.seed_index for r in runs] == [0, 1, 2]
+    assert [r.key for r in runs] == ["order0_seed0", "order0_seed1", "order0_seed2"]
+    for run, seed in zip(runs, (7, 8, 9)):
+        assert [t.random_seed for t in run.config.tasks] == [seed, seed]
+        assert run.config.raw["common"]["random_seed"] == seed
 
 
 def _training_that_writes(matrix):
@@ -311,24 +323,14 @@ def test_a_finished_comparison_re_run_with_another_budget_is_refused(tmp_path, t
     assert "random_seed: 99 now, 7 before" in capsys.readouterr().err
 
 
-def _stopped_training(*args, **kwargs):
-    """A training stopped by SIGTERM, raised through the engine's own handler."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from relaylearn.engine import _stops_as_interrupted
-
-    with _stops_as_interrupted(None, "Domain1"):
-        raise SIGTERMException
-
-
 def test_an_interrupted_run_says_how_its_command_continues(tmp_path, tiny_fundus, monkeypatch, capsys):
     """train takes --resume; compare and tune resume by running the same command again (they
     have no --resume), so their line must not send the user to it."""
     import relaylearn.runner as runner
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "run_training", _stopped_training)
-    monkeypatch.setattr("relaylearn.compare.run_training", _stopped_training)
+    monkeypatch.setattr(runner, "run_training", stopped_training)
+    monkeypatch.setattr("relaylearn.compare.run_training", stopped_training)
     lwf = str(tiny_config(tmp_path, tiny_fundus, strategy="lwf"))
     (tmp_path / "grid.yaml").write_text("lwf: {alpha: [0.5]}\n")
     for argv, resume in [

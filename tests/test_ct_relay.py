@@ -17,7 +17,7 @@ from relaylearn.data.ct import window_hu
 from relaylearn.data.synth_ct import write_synthetic_ct
 from relaylearn.predict import load_model, read_image
 from relaylearn.runner import TrainOptions, run_training
-from tests.strategies.test_relay import TINY
+from tests.conftest import TINY
 
 
 def test_tiny_ct_relay_trains_end_to_end(tmp_path, monkeypatch):

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from relaylearn.bundle import read_bundle
-from tests.conftest import ROOT, tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import ROOT, TINY, tiny_config
 
 pytestmark = pytest.mark.slow
 

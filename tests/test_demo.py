@@ -40,10 +40,10 @@ def test_summary_gives_mean_and_lowest_replay_fidelity(tmp_path, monkeypatch, ca
 
 def test_an_interrupted_demo_says_run_it_again(tmp_path, monkeypatch, capsys):
     """The demo resumes when run again; it has no --resume to send the user to."""
-    from tests.test_compare import _stopped_training
+    from tests.conftest import stopped_training
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo, "run_training", _stopped_training)
+    monkeypatch.setattr(demo, "run_training", stopped_training)
     assert demo.main(["--only", "sequential", "-q"]) == 143
     err = capsys.readouterr().err
     assert "run the same command again" in err and "--resume" not in err

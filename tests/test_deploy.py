@@ -8,10 +8,7 @@ with tiny GANs.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 import stat
 from dataclasses import dataclass
@@ -20,11 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relaylearn import cli
 from relaylearn.bundle import inspect_bundle, read_bundle, write_bundle
 from relaylearn.keys import generate_keypair, load_private_key
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import TINY, Result, only_line, run_cli, tiny_config
 
 HOSPITALS = {  # key name -> task id; task 4 reuses Domain1's images under its own site name
     "Hospital-A": 1,
@@ -34,30 +29,6 @@ HOSPITALS = {  # key name -> task id; task 4 reuses Domain1's images under its o
 }
 STEPS = 2
 RELAY_ID = "test-relay"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(cwd: Path, *args: str) -> Result:
-    """``relaylearn ARGS`` in-process, in the folder ``cwd`` (where its ``exps/`` lives).
-
-    The HTML report that ``train`` writes at the end is skipped (seconds each; tested elsewhere).
-    """
-    out, err = io.StringIO(), io.StringIO()
-    previous = Path.cwd()
-    os.chdir(cwd)
-    try:
-        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            patch.setattr(cli, "_auto_report", lambda run_dir, quiet: None)
-            code = cli.main([str(a) for a in args])
-    finally:
-        os.chdir(previous)
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def write_config(folder: Path, data: Path, name: str, task_ids: tuple[int, ...]) -> Path:
@@ -72,13 +43,6 @@ def write_config(folder: Path, data: Path, name: str, task_ids: tuple[int, ...])
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def only_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got: {text!r}"
-    assert "Traceback" not in text
-    return lines[0]
 
 
 @dataclass
@@ -223,22 +187,29 @@ def test_tampered_bundle_is_rejected(relay, tmp_path):
     assert result.code == 3 and "tampered.relay" in only_line(result.err)
 
 
+def rewrite_hop(hop, path: Path, *, site: str, parent, signing_key, config: dict | None = None, **extra) -> Path:
+    """``hop``'s tensors, strategy, registry and start time (and recipe, unless ``config`` replaces it)
+    written again at ``path`` as a hop of ``site`` after ``parent``, signed by ``signing_key``."""
+    return write_bundle(
+        path,
+        hop.tensors,
+        strategy=hop.strategy,
+        config=hop.config if config is None else config,
+        registry=hop.registry,
+        site=site,
+        hop_started_utc=hop.hops[-1]["started_utc"],
+        parent=parent,
+        signing_key=signing_key,
+        **extra,
+    )
+
+
 def test_bundle_signed_by_a_key_outside_the_trust_folder_is_rejected(relay, tmp_path):
     generate_keypair(tmp_path / "keys", "Mallory")
     mallory = load_private_key(tmp_path / "keys" / "Mallory.key")
     hop1 = read_bundle(relay.hops[0], trust=None, allow_unsigned=True)
     forged = tmp_path / "forged.relay"
-    write_bundle(
-        forged,
-        hop1.tensors,
-        strategy=hop1.strategy,
-        config=hop1.config,
-        registry=hop1.registry,
-        site="Domain1",
-        hop_started_utc=hop1.hops[-1]["started_utc"],
-        parent=hop1,
-        signing_key=mallory,
-    )
+    rewrite_hop(hop1, forged, site="Domain1", parent=hop1, signing_key=mallory)
     line = expect_rejected(relay, relay.hospitals[1], forged, mallory.fingerprint)
     assert "untrusted" in line
 
@@ -252,18 +223,7 @@ def test_a_trusted_bundle_whose_recipe_does_not_build_here_is_rejected_before_an
     config = json.loads(json.dumps(hop1.config))
     config["dataset"]["kwargs"]["augment"] = {"\x1b[31mbogus": 1}
     odd = tmp_path / "odd_recipe.relay"
-    write_bundle(
-        odd,
-        hop1.tensors,
-        strategy=hop1.strategy,
-        config=config,
-        registry=hop1.registry,
-        site=signer.site,
-        hop_started_utc=hop1.hops[-1]["started_utc"],
-        parent=None,
-        signing_key=signer,
-        relay_id=RELAY_ID,
-    )
+    rewrite_hop(hop1, odd, site=signer.site, parent=None, signing_key=signer, config=config, relay_id=RELAY_ID)
     hospital = relay.hospitals[1]
     line = expect_rejected(relay, hospital, odd, "odd_recipe.relay")
     assert "recipe does not build here" in line and "\\x1b" in line
@@ -302,19 +262,7 @@ def test_rollback_to_an_older_bundle_is_rejected(relay):
 
 def unsigned_copy(relay: Relay, tmp_path: Path) -> Path:
     hop = read_bundle(relay.hops[-1], trust=None, allow_unsigned=True)
-    path = tmp_path / "unsigned.relay"
-    write_bundle(
-        path,
-        hop.tensors,
-        strategy=hop.strategy,
-        config=hop.config,
-        registry=hop.registry,
-        site="Domain4",
-        hop_started_utc=hop.hops[-1]["started_utc"],
-        parent=read_bundle(relay.hops[-2], trust=None, allow_unsigned=True),
-        signing_key=None,
-    )
-    return path
+    return rewrite_hop(hop, tmp_path / "unsigned.relay", site="Domain4", parent=read_bundle(relay.hops[-2], trust=None, allow_unsigned=True), signing_key=None)
 
 
 def test_unsigned_bundle_needs_insecure_unsigned(relay, tmp_path):

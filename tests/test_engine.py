@@ -10,8 +10,7 @@ from relaylearn.assembly import build_strategy
 from relaylearn.config import load_config
 from relaylearn.engine import SiteModule, lightning_strategy, prepare_networks, quiet_lightning
 from relaylearn.strategies.base import SiteContext, StepContext
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import TINY, tiny_config
 
 
 def _conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -5,49 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from relaylearn.errors import UserError
-
-
-def make_bundle(
-    path: Path, *, channels: int = 3, num_classes: int = 3, img: int = 32, dataset: str = "fundus", seed: int = 0, train: dict | None = None
-) -> Path:
-    """An unsigned one-hop 'sequential' bundle with a freshly initialised U-Net (shared by the
-    predict and report tests); ``train``: its recipe's train block (default: one step)."""
-    from relaylearn.assembly import build_strategy, shipped_config
-    from relaylearn.bundle import write_bundle
-    from relaylearn.config import TaskConfig
-    from relaylearn.files import utc_now
-
-    task = TaskConfig.model_validate({
-        "train": train or {"num_steps": 1},
-        "strategy": {"name": "sequential"},
-        "dataset": {"name": dataset, "kwargs": {"img_size": [img, img], "num_classes": num_classes, "channels": channels, "task_id": 1, "task_name": "Site1"}},
-    })  # fmt: skip
-    torch.manual_seed(seed)
-    strategy = build_strategy(task, load_pretrained=False)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
-        for module in strategy.solver.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    state = strategy.state_to_bundle()
-    return write_bundle(
-        path,
-        state.tensors,
-        strategy=task.strategy.name,
-        config=shipped_config(task),
-        registry=state.meta,
-        site="Site1",
-        hop_started_utc=utc_now(),
-        parent=None,
-        signing_key=None,
-    )
+from tests.conftest import make_bundle
 
 
 @pytest.fixture(scope="module")

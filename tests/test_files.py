@@ -13,6 +13,7 @@ import pytest
 
 from relaylearn.errors import UserError
 from relaylearn.files import TIMESTAMP_FORMAT, atomic_write, check_output_name, csv_text, json_text, software_versions, source_commit, utc_now
+from tests.conftest import strict_json
 
 
 def test_csv_text_formats_floats_and_empty_cells(tmp_path):
@@ -45,15 +46,6 @@ def test_source_commit_of_a_checkout(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "new.py").write_text("")  # untracked files are not changes to the source
     assert source_commit(tmp_path) == head
-
-
-def strict_json(text: str):
-    """json.loads that refuses NaN / Infinity, as JavaScript's JSON.parse and jq do."""
-
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_json_text_writes_undefined_figures_as_null():

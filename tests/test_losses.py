@@ -31,6 +31,21 @@ def test_explog_matches_hand_computation():
     assert loss_fn(logits, target).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_generalised_dice_matches_hand_computation():
+    """soft_dice false: class weights 1/volume², an absent class weighted like the heaviest present one."""
+    # 4 pixels, 4 classes (0 = background, left out); probabilities per pixel, targets (1, 2, 2, 0)
+    probs = torch.tensor([[1 / 4, 1 / 2, 1 / 8, 1 / 8], [1 / 8, 1 / 4, 1 / 2, 1 / 8], [1 / 8, 1 / 8, 1 / 4, 1 / 2], [1 / 2, 1 / 8, 1 / 8, 1 / 4]])
+    logits = probs.log().T.reshape(1, 4, 1, 4)
+    target = torch.tensor([[[1, 2, 2, 0]]])
+    # class 1: p = (1/2, 1/4, 1/8, 1/8), y = (1, 0, 0, 0): tp 1/2, fp 1/2, fn 1/2; volume 1 -> w 1
+    # class 2: p = (1/8, 1/2, 1/4, 1/8), y = (0, 1, 1, 0): tp 3/4, fp 1/4, fn 5/4; volume 2 -> w 1/4
+    # class 3: p = (1/8, 1/8, 1/2, 1/4), absent: tp 0, fp 1, fn 0; weight of the heaviest present class, 1
+    numerator = 2 * (1 * 1 / 2 + 1 / 4 * 3 / 4 + 1 * 0)  # 11/8
+    denominator = 1 * (1 + 1 / 2 + 1 / 2) + 1 / 4 * (3 / 2 + 1 / 4 + 5 / 4) + 1 * (0 + 1 + 0)  # 15/4
+    expected = (numerator + 1e-5) / (denominator + 1e-5)  # ≈ 11/30
+    assert ExpLogLoss(soft_dice=False).mean_dice(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_options_change_the_terms_as_documented():
     logits, target = two_pixel_case()
     # background included: class 0 has p = (1/2, 1/3), y = (1, 0): tp 1/2, fp 1/3, fn 1/2

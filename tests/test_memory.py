@@ -14,9 +14,7 @@ from PIL import Image
 
 from relaylearn import memory
 from relaylearn.errors import UserError
-from tests.conftest import tiny_config
-from tests.test_deploy import only_line, run_cli
-from tests.test_export import make_bundle
+from tests.conftest import make_bundle, only_line, run_cli, tiny_config
 
 MB = 1 << 20
 ALLOCATION_FAILED = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes"

@@ -17,7 +17,7 @@ from relaylearn.data.dofe import DOFE_LEVELS
 from relaylearn.data.layouts import get_layout
 from relaylearn.errors import DataError, UserError
 from relaylearn.predict import class_areas, expand_inputs, predict_images, to_model_input
-from tests.test_export import make_bundle
+from tests.conftest import make_bundle
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -304,6 +304,28 @@ def test_predict_any_size_writes_masks_overlays_and_table(bundle, tmp_path):
     mask = np.asarray(Image.open(out / "masks" / "exact.png"))
     assert (mask == np.asarray(DOFE_LEVELS, dtype=np.uint8)[expected]).all(), "at the model's size the mask is the solver's argmax"
     assert not list(out.rglob("*.tmp")) and not list(out.glob(".predict-*"))
+
+
+def test_an_exif_rotation_is_reported_not_applied(bundle, tmp_path, capsys):
+    """README: images are segmented in their stored pixel grid; an EXIF orientation is only noted."""
+    from relaylearn.predict import run_predict
+
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    pixels = _rgb(24, 40, 5)  # wider than high: a turned mask would be 40 × 24
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    Image.fromarray(pixels).save(inputs / "turned.png", exif=exif)
+    Image.fromarray(pixels).save(inputs / "upright.png")
+    assert Image.open(inputs / "turned.png").getexif()[0x0112] == 6
+    out = tmp_path / "out"
+    run_predict(bundle, out, [inputs], devices="cpu", no_verify=True)
+
+    turned = np.asarray(Image.open(out / "masks" / "turned.png"))
+    assert turned.shape == (24, 40), "the mask is in the stored pixel grid"
+    assert np.array_equal(turned, np.asarray(Image.open(out / "masks" / "upright.png"))), "same pixels, same mask: no rotation applied"
+    notes = [line for line in capsys.readouterr().out.splitlines() if "EXIF rotation" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: 1 image(s)") and "turned.png" in notes[0]
 
 
 def test_unreadable_image_exits_2_and_writes_nothing(bundle, tmp_path, capsys, monkeypatch):

@@ -15,9 +15,7 @@ from relaylearn.config import TaskConfig, _rows, load_config
 from relaylearn.errors import ConfigError, VerificationError
 from relaylearn.recipe import RECIPE_KEYS, SITE_KEYS, _under, is_recipe_key, reconcile
 from relaylearn.runner import shipped_config
-from tests.conftest import tiny_config
-from tests.test_cli import one_line_error
-from tests.test_deploy import run_cli
+from tests.conftest import make_bundle, one_line_error, run_cli, tiny_config
 
 
 def bundle_of(task: TaskConfig, **edits) -> SimpleNamespace:
@@ -165,7 +163,6 @@ def test_cli_recipe_local_trains_and_records_it_in_run_json(tmp_path, tiny_fundu
 
 # ----- relaylearn test --bundle: the test sites are prepared as the bundle's model was trained ------
 def test_cli_test_names_a_preprocessing_key_set_otherwise_than_the_bundles(tmp_path, tiny_fundus):
-    from tests.test_export import make_bundle
 
     grey = make_bundle(tmp_path / "grey.relay", channels=1)
     config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,))
@@ -183,7 +180,6 @@ def test_cli_test_names_a_preprocessing_key_set_otherwise_than_the_bundles(tmp_p
 
 
 def test_cli_test_adopts_the_bundles_preprocessing_where_the_config_is_silent(tmp_path, tiny_fundus):
-    from tests.test_export import make_bundle
 
     bundle = make_bundle(tmp_path / "b.relay")  # 32 px
     config = tiny_config(tmp_path, tiny_fundus, task_ids=(1,))

@@ -10,8 +10,7 @@ from torch import nn
 from relaylearn.config import load_config
 from relaylearn.replay_fidelity import class_fractions, final_fidelity, mean_final_fidelity, replay_drift, replay_fidelity
 from relaylearn.runner import TrainOptions, run_training
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import TINY, tiny_config
 
 
 class _ChannelOracle(nn.Module):

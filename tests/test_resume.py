@@ -20,9 +20,7 @@ from relaylearn.bundle import read_bundle
 from relaylearn.config import load_config
 from relaylearn.keys import generate_keypair, load_private_key
 from relaylearn.runner import TrainOptions, run_training
-from tests.conftest import tiny_config
-from tests.strategies.test_relay import TINY
-from tests.test_deploy import run_cli
+from tests.conftest import TINY, run_cli, tiny_config
 
 TOTAL_STEPS = 20
 EVERY = 5
@@ -167,6 +165,19 @@ def test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeyp
     got = read_bundle(resumed.bundles[0], trust=None, allow_unsigned=True)
     assert got.registry == expected.registry
     assert [name for name in expected.tensors if not torch.equal(expected.tensors[name], got.tensors[name])] == []
+
+
+def test_a_resumed_site_keeps_the_generator_snapshots_taken_before_it_stopped(tmp_path, tiny_fundus, monkeypatch):
+    """The snapshot taken after batch 2 is in the checkpoint written after it: a site stopped at
+    batch 3 and resumed still picks it (the scores prefer the earliest candidate, so a lost
+    snapshot would leave the final generators and other tensors than an uninterrupted run)."""
+    import itertools
+
+    from relaylearn.strategies.relay import Relay
+
+    calls = itertools.count()
+    monkeypatch.setattr(Relay, "_score_generators", lambda self, sites: [-float(next(calls))] * len(sites))
+    test_resumed_site_equals_an_uninterrupted_one(tmp_path, tiny_fundus, monkeypatch, "relay", 2, 4, 1, 3, {"generator_snapshots": 2, "snapshot_samples": 4})
 
 
 @pytest.mark.parametrize(("stop", "code", "words"), [("ctrl-c", 130, "interrupted (Ctrl-C)"), ("sigterm", 143, "terminated (SIGTERM)")])

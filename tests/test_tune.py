@@ -11,7 +11,7 @@ from relaylearn.cli import main
 from relaylearn.compare import with_strategy_kwargs
 from relaylearn.config import load_config
 from relaylearn.errors import ConfigError
-from relaylearn.tune import GRIDS, apply_picks, grid_points, load_grids, pick_best, point_folder
+from relaylearn.tune import GRIDS, apply_picks, grid_points, load_grids, pick_best, point_folder, run_scores
 from tests.conftest import tiny_config
 
 
@@ -38,6 +38,19 @@ def test_pick_best_is_the_highest_mean_score_first_on_ties():
     points = [{"score_mean": 0.4}, {"score_mean": 0.6}, {"score_mean": None}, {"score_mean": 0.6}]
     assert pick_best(points) == 1
     assert pick_best([{"score_mean": None}]) is None
+
+
+def test_run_scores_select_on_test_scores_the_test_matrix_and_val_the_validation_parts():
+    run = {
+        "matrix": {"acc": 0.7, "forgetting": 0.1, "bwt": -0.1, "validation": {"acc": 0.5, "forgetting": 0.2, "bwt": -0.2}},
+        "wall_seconds": 3.0,
+    }
+    on_test = run_scores(run, "test")
+    assert (on_test["score"], on_test["forgetting"], on_test["bwt"]) == (0.7, 0.1, -0.1)
+    on_val = run_scores(run, "val")
+    assert (on_val["score"], on_val["forgetting"], on_val["bwt"]) == (0.5, 0.2, -0.2)
+    assert on_test["test_acc"] == on_val["test_acc"] == 0.7 and on_val["wall_seconds"] == 3.0
+    assert run_scores({"matrix": {"acc": 0.7}, "wall_seconds": 1.0}, "val")["score"] is None, "no validation parts: no score"
 
 
 def test_strategy_values_replace_aliases(tmp_path, tiny_fundus):

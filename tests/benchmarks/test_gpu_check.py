@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, load_benchmark, tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import ROOT, TINY, load_benchmark, tiny_config
 
 BENCH = ROOT / "benchmarks"
 

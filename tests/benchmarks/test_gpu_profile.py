@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import load_benchmark, tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import TINY, load_benchmark, tiny_config
 
 
 def test_profile_times_the_parts_lists_operators_and_checks_the_fir_variants(tmp_path, capsys):

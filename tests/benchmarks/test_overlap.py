@@ -7,8 +7,7 @@ import json
 
 import torch
 
-from tests.conftest import load_benchmark, tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import TINY, load_benchmark, tiny_config
 
 
 def test_even_batches_overlap_and_odd_ones_run_in_turn(tmp_path, tiny_fundus, monkeypatch, capsys):

@@ -10,8 +10,7 @@ from argparse import Namespace
 
 import pytest
 
-from tests.conftest import ROOT, load_benchmark, tiny_config
-from tests.strategies.test_relay import TINY
+from tests.conftest import ROOT, TINY, load_benchmark, tiny_config
 
 SPEED = ROOT / "benchmarks" / "speed.py"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,20 +194,6 @@ def test_parameter_overrides_keep_their_types():
     augment = from_config({"params": {"motion_kernel": 5, "jpeg_quality": [80, 90], "translate": 0}})
     assert augment.params.motion_kernel == 5 and type(augment.params.motion_kernel) is int
     assert augment.params.jpeg_quality == (80.0, 90.0) and augment.params.translate == 0.0
-
-
-def test_speed_is_reported():
-    """Batch 64 × 3×64×64 on the CPU: measured and printed, not asserted (the machine is shared)."""
-    images = torch.rand(64, 3, 64, 64) * 2 - 1
-    labels = _blobs(64, 64)
-    augment = SegmentationAugment("original")
-    augment(images, labels)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        augment(images, labels)
-        times.append(time.perf_counter() - start)
-    print(f"SegmentationAugment('original'): {1000 * sorted(times)[2]:.1f} ms per batch of 64×3×64×64 (median of 5)")
 
 
 def test_ops_outside_the_block_are_never_applied():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.report.test_report import images_in, section_of
+from tests.report.conftest import images_in, section_of
 
 #: a leading "_" (matplotlib drops such legend labels), "$" pairs (mathtext), long names alike at the start
 NAMES = ["_hospitalA", "Ward_$\\1$", "cost$5 and $6", "Hospital_Beijing_North", "Hospital_Beijing_South"]

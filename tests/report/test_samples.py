@@ -13,8 +13,8 @@ import yaml
 
 from relaylearn.config import load_config
 from relaylearn.runner import resolved_config
-from tests.report.test_report import SITES, fake_split, relayed, section_of, write_run
-from tests.test_export import make_bundle
+from tests.conftest import make_bundle
+from tests.report.conftest import SITES, fake_split, relayed, section_of, write_run
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Online EWC: the per-sample Fisher and the penalty on a hand-computed 2-parameter model; bundle
-round trip; a 2-site tiny relay. Also holds the helpers the other strategy tests import."""
+round trip; a 2-site tiny relay."""
 
 from __future__ import annotations
 
@@ -9,58 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from relaylearn.strategies import available_strategies, get_strategy_class
+from relaylearn.errors import ConfigError
+from relaylearn.strategies.base import parse_options
+from relaylearn.strategies.ewc import EWC
+from tests.conftest import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
 
-# Discover every strategy BEFORE importing one module directly: the registry only runs discovery
-# while it is empty, so a direct import first would hide the others from later tests.
-available_strategies()
-
-from relaylearn.config import TaskConfig, load_config  # noqa: E402
-from relaylearn.errors import ConfigError  # noqa: E402
-from relaylearn.runner import TrainOptions, run_training  # noqa: E402
-from relaylearn.strategies.base import SiteContext, StepContext, parse_options  # noqa: E402
-from relaylearn.strategies.ewc import EWC  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
-
-
-# ----- helpers shared by the strategy tests ------------------------------------------------------
-def make_strategy(name: str, solver: nn.Module, **kwargs):
-    """A strategy around ``solver`` with a minimal resolved config (Adam lr 1e-3, ExpLogLoss)."""
-    cls = get_strategy_class(name)
-    task = TaskConfig.model_validate({"train": {"num_steps": 1}, "strategy": {"name": name, "kwargs": kwargs}})
-    strategy = cls(parse_options(cls, kwargs), solver, task)
-    strategy.optimizers = strategy.configure_optimizers()
-    return strategy
-
-
-def make_site(images: torch.Tensor, labels: torch.Tensor, position: int = 0, steps: int = 1, name: str = "A") -> SiteContext:
-    return SiteContext(
-        name=name,
-        task_id=position + 1,
-        position=position,
-        num_images=len(images),
-        num_epochs=1,
-        steps_per_epoch=steps,
-        train_images=images,
-        train_labels=labels,
-        batch_size=len(images),
-    )
-
-
-def make_step(site: SiteContext, step: int = 0) -> StepContext:
-    return StepContext(step=step, global_step=step, epoch=0, site=site)
-
-
-def relay_two_sites(tmp_path, data, strategy: str, **strategy_kwargs):
-    """Train Domain1 → Domain2 for 2 batches each; returns the runner's result."""
-    cfg = load_config(str(tiny_config(tmp_path, data, strategy=strategy, steps=2, strategy_kwargs=strategy_kwargs)))
-    return run_training(cfg, "t", TrainOptions(quiet=True, exps_root=tmp_path / "exps"))
-
-
-def read_bundle_tensors(path) -> dict[str, torch.Tensor]:
-    from relaylearn.bundle import read_bundle
-
-    return read_bundle(path, trust=None, allow_unsigned=True).tensors
+# (importing one strategy module directly before the others is harmless: the registry discovers
+# every built-in strategy once, on first use, whatever was imported before; see ``_DISCOVERED`` in
+# relaylearn/strategies/__init__.py)
 
 
 # ----- a 2-parameter model: out = w1·x1 + w2·x2, loss = ½ (out − y)² ------------------------------

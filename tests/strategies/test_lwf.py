@@ -9,7 +9,7 @@ from torch import nn
 
 from relaylearn.losses import distillation_loss
 from relaylearn.strategies.lwf import distillation_divergence
-from tests.strategies.test_ewc import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites  # first: it discovers every strategy
+from tests.conftest import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
 
 IMAGES = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 LABELS = torch.randint(0, 3, (4, 8, 8), generator=torch.Generator().manual_seed(1))
@@ -63,6 +63,31 @@ def test_teacher_is_a_frozen_copy_and_distillation_starts_at_zero():
     assert logs["distillation"].item() > 0
     assert all(torch.equal(a, b) for a, b in zip(before, lwf.teacher.parameters())), "the teacher never trains"
     assert logs["loss"].item() == pytest.approx(lwf.criterion(lwf.solver(IMAGES), LABELS).item() + logs["distillation"].item(), rel=0.05)
+
+
+def test_solver_loss_adds_alpha_times_the_divergence_from_a_different_teacher():
+    """With a teacher that differs from the student the distillation term is sizable, so the loss
+    minus the plain criterion must be alpha · KL exactly (and scale with alpha)."""
+    losses = {}
+    for alpha in (0.0, 10.0):
+        lwf = make_strategy("lwf", tiny_solver(), alpha=alpha, tau=2.0)
+        site = make_site(IMAGES, LABELS, position=1)
+        lwf.on_site_start(site)
+        with torch.no_grad():
+            for p in lwf.teacher.parameters():
+                p.mul_(-3.0)  # a teacher far from the student
+        loss = lwf.solver_loss(IMAGES, LABELS, make_step(site))
+        with torch.no_grad():
+            student = lwf.solver(IMAGES)
+            teacher = lwf.teacher(IMAGES)
+            ce = lwf.criterion(student, LABELS).item()
+            # KL(t ‖ s) over classes at τ=2, averaged over pixels, written out by hand
+            p_t = torch.softmax(teacher / 2.0, dim=1)
+            kl = (p_t * (torch.log_softmax(teacher / 2.0, dim=1) - torch.log_softmax(student / 2.0, dim=1))).sum(1).mean().item()
+        assert kl > 0.05, "the test needs a sizable distillation term"
+        assert loss.item() - ce == pytest.approx(alpha * kl, abs=1e-4)
+        losses[alpha] = loss.item()
+    assert losses[10.0] - losses[0.0] == pytest.approx(10.0 * kl, abs=1e-4)
 
 
 def test_bundle_carries_only_the_solver():

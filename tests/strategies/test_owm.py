@@ -13,7 +13,7 @@ from torch import nn
 
 from relaylearn.errors import ConfigError
 from relaylearn.strategies.owm import ConvTranspose2dOwm, check_projector_memory, projector_plan, select_layers
-from tests.strategies.test_ewc import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites  # first: it discovers every strategy
+from tests.conftest import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
 
 
 def randn(*shape, seed=0):

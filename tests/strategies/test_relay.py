@@ -14,22 +14,7 @@ from relaylearn.models.gan.loss import alignment_loss_image, alignment_loss_labe
 from relaylearn.runner import TrainOptions, run_training
 from relaylearn.strategies.base import SiteContext
 from relaylearn.strategies.relay import decode_labels, encode_labels, merge_parameters
-from tests.conftest import tiny_config
-
-TINY = {
-    "z_img": 8,
-    "z_label": 8,
-    "w_img": 16,
-    "w_label": 16,
-    "site_capacity": 3,
-    "spade_hidden": 8,
-    "g_img": {"mapping_layers": 1, "channel_base": 128, "channel_max": 16},
-    "g_label": {"mapping_layers": 1, "channel_base": 64, "channel_max": 8},
-    "d_img": {"channel_base": 128, "channel_max": 16, "mapping_layers": 1},
-    "d_label": {"channel_base": 64, "channel_max": 8, "mapping_layers": 1},
-    "ada_kimg": 1,
-    "replay_augment": "light",
-}
+from tests.conftest import TINY, tiny_config
 
 
 def _strategy(tmp_path, data, **kw):
@@ -611,20 +596,6 @@ def test_snapshot_selection_scores_with_the_sites_solver_and_leaves_the_random_s
     assert min(sel["scores"][sel["chosen"]]) == max(min(row) for row in sel["scores"])
     # the kept generators score as they did: same pairs (fixed seeds), same solver
     assert strategy._score_generators(["A", "B"]) == sel["scores"][sel["chosen"]]
-
-
-def test_a_resumed_site_keeps_the_generator_snapshots_taken_before_it_stopped(tmp_path, tiny_fundus, monkeypatch):
-    """The snapshot taken after batch 2 is in the checkpoint written after it: a site stopped at
-    batch 3 and resumed still picks it (the scores prefer the earliest candidate, so a lost
-    snapshot would leave the final generators and other tensors than an uninterrupted run)."""
-    import itertools
-
-    from relaylearn.strategies.relay import Relay
-    from tests.test_resume import test_resumed_site_equals_an_uninterrupted_one as resumed_equals_uninterrupted
-
-    calls = itertools.count()
-    monkeypatch.setattr(Relay, "_score_generators", lambda self, sites: [-float(next(calls))] * len(sites))
-    resumed_equals_uninterrupted(tmp_path, tiny_fundus, monkeypatch, "relay", 2, 4, 1, 3, {"generator_snapshots": 2, "snapshot_samples": 4})
 
 
 def test_generator_moving_average_follows_its_formula_and_leaves_the_site(tmp_path, tiny_fundus):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.strategies.test_ewc import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
+from tests.conftest import make_site, make_step, make_strategy, read_bundle_tensors, relay_two_sites
 
 A = torch.tensor([1.0, 4.0])  # curvatures
 CENTRE = torch.tensor([2.0, -1.0])
