@@ -233,11 +233,15 @@ def site_context(name: str, position: int, images: torch.Tensor, labels: torch.T
 
 
 def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int, trained: bool = False, gan_budget: str = "one") -> TaskConfig:
-    """The config of one measurement: the relay's (with the switches, unless ``trained``: as
-    configured) or the sequential baseline's. ``gan_budget``: "one" G+D step per solver step
+    """The config of one measurement: the relay's or the sequential baseline's, with the switches
+    (the relay's ``fused_optimizers`` and the optimizer's ``fused`` flag among them) unless
+    ``trained``: as configured. ``gan_budget``: "one" G+D step per solver step
     (comparable across checkouts), or the "config"'s own budget (what a batch of training does)."""
     data = base.model_dump(mode="python")
     data["train"]["batch_size"] = batch
+    if not trained and "fused" in data["train"].get("optimizer", {}):
+        # the switch decides, not the config's own flag (demo configs set ``fused: true``)
+        data["train"]["optimizer"]["fused"] = switches.fused_adam
     if measurement == "sequential":
         data["strategy"] = {"name": "sequential", "kwargs": {}}
     else:

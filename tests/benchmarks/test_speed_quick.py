@@ -130,6 +130,19 @@ def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_
     assert kwargs["gan_steps_per_solver_step"] == 8 and kwargs["gan_warmup_steps"] == 5
 
 
+def test_the_sequential_baseline_is_fused_only_when_the_switch_says_so(tmp_path):
+    """A config with ``optimizer.fused: true`` (the demo's) no longer makes the sequential baseline
+    fused when ``--fused-adam`` is off; the trained preset keeps the config's flag."""
+    speed = load_benchmark("speed")
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
+    data = speed.load_config(str(config)).tasks[0].model_dump(mode="python")
+    data["train"]["optimizer"]["fused"] = True
+    base = speed.TaskConfig.model_validate(data)
+    assert speed.task_for(base, "sequential", speed.Switches(), 4).train.optimizer.fused is False
+    assert speed.task_for(base, "sequential", speed.Switches(fused_adam=True), 4).train.optimizer.fused is True
+    assert speed.task_for(base, "sequential", speed.Switches(), 4, trained=True).train.optimizer.fused is True
+
+
 def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay():
     speed = load_benchmark("speed")
     env = speed.worker_environment(ROOT / "ref", {"PYTHONPATH": "/tmp/site", "HOME": "/h"})
