@@ -444,10 +444,12 @@ def measure(
         record["fused_effective"] = all(bool(g.get("fused")) for o in prepared.strategy.optimizers for g in o.param_groups)
         n_flop = flop_iters if flop_iters is not None else prepared.flop_cycle
         key = (measurement, switches.replay_per_substep, switches.aug_device, n_flop)
+        counted_now = 0  # iterations the FLOP count ran here (none when another variant's count is reused)
         if flop_cache is not None and key in flop_cache:  # the same work in another precision / layout
             flops = flop_cache[key]
         else:
             flops = count_flops(prepared.step, 0, n_flop) if n_flop else float("nan")  # eager, before any compilation
+            counted_now = n_flop
             if flop_cache is not None:
                 flop_cache[key] = flops
         if switches.compile and not trained:
@@ -455,7 +457,14 @@ def measure(
         first = n_flop
         for i in range(first, first + warmup):
             prepared.step(i)
-        cycle = timing_cycle(prepared, first + warmup)
+        ran = counted_now + warmup
+        cycle_key = ("cycle", *key)
+        if ran == 0 and flop_cache is not None and cycle_key in flop_cache:  # nothing ran here to tell the refill period
+            cycle = flop_cache[cycle_key]
+        else:
+            cycle = timing_cycle(prepared, ran)
+            if flop_cache is not None and ran:
+                flop_cache.setdefault(cycle_key, cycle)
         if round_to_cycle:
             iters = whole_cycles(iters, cycle)
         record.update(iters=iters, cycle=cycle)
