@@ -6,7 +6,10 @@
     <out>/<Site>/image/<study>.nii.gz   int16 Hounsfield units, size × size × slices
     <out>/<Site>/label/<study>.nii.gz   uint8: 0 background, 1 tumour
 
-Anatomy per study (axial slices, last axis = head→feet): air outside an elliptical body (fat rim
+Axes of every volume: axis 0 (rows) runs front to back (anterior → posterior: the spine sits
+at high row numbers), axis 1 (columns) from the patient's right to left (radiological display),
+the last axis head→feet; the NIfTI affine says the same (orientation codes P, L, I), so a viewer that
+follows it shows the front of the chest at the top. Anatomy per study (axial slices): air outside an elliptical body (fat rim
 −100 HU, soft tissue 40 HU), two lungs (−850 HU) that shrink towards both ends, the mediastinum
 between them (30 HU), a vertebra (700 HU) behind it, and in about two studies out of three a
 tumour-like ellipsoid blob in the mediastinum (60–90 HU, lobulated) that covers some of the
@@ -110,7 +113,10 @@ def _render_study(rng: np.random.Generator, size: int, scanner: Scanner) -> tupl
 def _save_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
     import nibabel as nib
 
-    affine = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
+    # RAS+ world axes (x: towards the right, y: anterior, z: superior); the array's rows run to
+    # posterior (−y), its columns to the patient's left (−x), its slices to the feet (−z)
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[0, 1], affine[2, 2], affine[3, 3] = -spacing[0], -spacing[1], -spacing[2], 1.0
     image = nib.Nifti1Image(volume, affine)
     image.header.set_xyzt_units("mm")
     nib.save(image, str(path))
