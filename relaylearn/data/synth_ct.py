@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from relaylearn.data.synth import publish_staged_sites
+from relaylearn.data.synth import check_site_targets, publish_staged_sites
 from relaylearn.errors import DataError
 
 SCAN_LENGTH_MM = 60.0  # cranio-caudal extent of every synthetic scan
@@ -54,6 +54,7 @@ SCANNERS = {
     "CT4": Scanner(noise_hu=45.0, kernel=0.3, hu_offset=15.0, slice_mm=2.0),
 }
 STUDIES_PER_SITE = 10
+MAX_STUDIES_PER_SITE = 10_000  # the random streams of all studies are drawn up front
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -158,13 +159,12 @@ def write_synthetic_ct(
             raise DataError(f"unknown synthetic CT site '{site}' (known: {', '.join(SCANNERS)})")
         if n < 2:
             raise DataError(f"synthetic CT site '{site}' needs at least 2 studies (one to train, one to test), got {n}")
+        if n > MAX_STUDIES_PER_SITE:
+            raise DataError(f"synthetic CT site '{site}': at most {MAX_STUDIES_PER_SITE} studies, got {n}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError("output path exists and is not a folder", out)
-    for site in counts:
-        target = out / site
-        if not overwrite and target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise DataError("site folder already exists and is not empty (pass --overwrite to replace it)", target)
+    check_site_targets(out, counts, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, int]] = {}
     staging = Path(tempfile.mkdtemp(prefix=".synth-ct-", dir=out))
