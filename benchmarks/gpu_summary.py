@@ -58,6 +58,8 @@ def summarize(lines: list[str]) -> str:
             for k, ms in r["iter_ms"].items():
                 out.append(f"  {k:>3}: {ms:.1f} ms, {r['peak_mem_bytes'][k] / 2**30:.2f} GiB, bundle {r['bundle_bytes'][k]:,} bytes")
             out.append(f"  ratios {json.dumps(r['ratio'])} -> {'flat' if r['flat'] else 'NOT flat'}")
+        if r.get("name") == "replay_smoke_ms_fallback":
+            out.append(f"replay smoke: {r['note']}")
         if r.get("name") == "replay_smoke_exit":
             out.append(f"replay smoke: {r['note']}")
         if r.get("name") == "replay_smoke":

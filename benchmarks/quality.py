@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-from relaylearn.compare import compare_strategies
-from relaylearn.results import external_dice
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path[:1]:  # run from a checkout without installing: this checkout's relaylearn first
+    sys.path.insert(0, str(ROOT))
+
+from relaylearn.compare import compare_strategies  # noqa: E402
+from relaylearn.results import external_dice  # noqa: E402
 
 STRATEGIES = ["demo/relay", "demo/sequential", "demo/joint"]
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             "forgetting": statistics.mean(m["forgetting"] for m in mats),
             "forgetting_std": statistics.pstdev(m["forgetting"] for m in mats),
             "bwt": statistics.mean(m["bwt"] for m in mats),
-            "external_dice": statistics.mean(external_dice(m) or float("nan") for m in mats),
+            "external_dice": statistics.mean(float("nan") if (d := external_dice(m)) is None else d for m in mats),
             "runs": len(mats),
             "wall_s": statistics.mean(r["wall_seconds"] for r in runs.values()),
         }

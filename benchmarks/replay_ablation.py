@@ -1,6 +1,6 @@
 """Attribution benchmark of Relay Learning's parts on the embedded synthetic benchmark.
 
-Twenty-two variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
+Twenty-six variants, each over ``--seeds`` seeds (site order of the config), through ``relaylearn
 compare`` (so every run is resumable and a finished run is skipped when the command is re-run):
 
 * ``relay`` — configs/demo/relay.yaml as is (replay + distillation, the generator average and
@@ -69,10 +69,14 @@ import sys
 import time
 from pathlib import Path
 
-from relaylearn.compare import compare_strategies
-from relaylearn.files import atomic_write
-from relaylearn.replay_fidelity import final_fidelity, mean_final_fidelity
-from relaylearn.results import external_dice
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path[:1]:  # run from a checkout without installing: this checkout's relaylearn first
+    sys.path.insert(0, str(ROOT))
+
+from relaylearn.compare import compare_strategies  # noqa: E402
+from relaylearn.files import atomic_write  # noqa: E402
+from relaylearn.replay_fidelity import final_fidelity, mean_final_fidelity  # noqa: E402
+from relaylearn.results import external_dice  # noqa: E402
 
 #: variant -> (config, extra overrides)
 #: configs/demo/relay.yaml as it was before its generator average, snapshots, distillation weight 2 and reused D-step fakes

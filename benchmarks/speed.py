@@ -233,11 +233,15 @@ def site_context(name: str, position: int, images: torch.Tensor, labels: torch.T
 
 
 def task_for(base: TaskConfig, measurement: str, switches: Switches, batch: int, trained: bool = False, gan_budget: str = "one") -> TaskConfig:
-    """The config of one measurement: the relay's (with the switches, unless ``trained``: as
-    configured) or the sequential baseline's. ``gan_budget``: "one" G+D step per solver step
+    """The config of one measurement: the relay's or the sequential baseline's, with the switches
+    (the relay's ``fused_optimizers`` and the optimizer's ``fused`` flag among them) unless
+    ``trained``: as configured. ``gan_budget``: "one" G+D step per solver step
     (comparable across checkouts), or the "config"'s own budget (what a batch of training does)."""
     data = base.model_dump(mode="python")
     data["train"]["batch_size"] = batch
+    if not trained and "fused" in data["train"].get("optimizer", {}):
+        # the switch decides, not the config's own flag (demo configs set ``fused: true``)
+        data["train"]["optimizer"]["fused"] = switches.fused_adam
     if measurement == "sequential":
         data["strategy"] = {"name": "sequential", "kwargs": {}}
     else:
@@ -440,10 +444,12 @@ def measure(
         record["fused_effective"] = all(bool(g.get("fused")) for o in prepared.strategy.optimizers for g in o.param_groups)
         n_flop = flop_iters if flop_iters is not None else prepared.flop_cycle
         key = (measurement, switches.replay_per_substep, switches.aug_device, n_flop)
+        counted_now = 0  # iterations the FLOP count ran here (none when another variant's count is reused)
         if flop_cache is not None and key in flop_cache:  # the same work in another precision / layout
             flops = flop_cache[key]
         else:
             flops = count_flops(prepared.step, 0, n_flop) if n_flop else float("nan")  # eager, before any compilation
+            counted_now = n_flop
             if flop_cache is not None:
                 flop_cache[key] = flops
         if switches.compile and not trained:
@@ -451,7 +457,14 @@ def measure(
         first = n_flop
         for i in range(first, first + warmup):
             prepared.step(i)
-        cycle = timing_cycle(prepared, first + warmup)
+        ran = counted_now + warmup
+        cycle_key = ("cycle", *key)
+        if ran == 0 and flop_cache is not None and cycle_key in flop_cache:  # nothing ran here to tell the refill period
+            cycle = flop_cache[cycle_key]
+        else:
+            cycle = timing_cycle(prepared, ran)
+            if flop_cache is not None and ran:
+                flop_cache.setdefault(cycle_key, cycle)
         if round_to_cycle:
             iters = whole_cycles(iters, cycle)
         record.update(iters=iters, cycle=cycle)

@@ -95,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--kind", choices=["fundus", "ct"], default="fundus", help="fundus (default: DoFE layout, 5 sites) or ct (4 CT scanners, ct_nifti layout)"
     )
-    synth.add_argument("--studies", type=int, default=10, help="--kind ct: studies per site (default 10)")
+    synth.add_argument("--studies", type=int, default=None, help="--kind ct: studies per site (2..10000, default 10)")
     synth.add_argument(
         "--layout",
         choices=["nifti", "slices"],
-        default="nifti",
+        default=None,
         help="--kind ct: nifti (default: NIfTI volumes) or slices (study folders of 16-bit PNG slices)",
     )
 
@@ -211,8 +211,10 @@ def cmd_data(args) -> int:
     from relaylearn.data import write_synthetic_benchmark
 
     if args.kind == "ct":
-        from relaylearn.data.synth_ct import write_synthetic_ct
+        from relaylearn.data.synth_ct import STUDIES_PER_SITE, write_synthetic_ct
 
+        args.studies = STUDIES_PER_SITE if args.studies is None else args.studies
+        args.layout = args.layout or "nifti"
         t0 = time.time()
         summary = write_synthetic_ct(
             Path(args.out_dir), size=64 if args.size is None else args.size, seed=args.seed, studies=args.studies, layout=args.layout, overwrite=args.overwrite
@@ -220,6 +222,9 @@ def cmd_data(args) -> int:
         print(f"wrote synthetic CT ({args.layout}) to {args.out_dir} in {time.time() - t0:.1f} s:")
         _print_summary(summary)
         return 0
+    given = [option for option, value in (("--studies", args.studies), ("--layout", args.layout)) if value is not None]
+    if given:
+        raise UserError(f"{' and '.join(given)}: only for --kind ct (the fundus benchmark has fixed DoFE counts and layout)")
     args.size = 128 if args.size is None else args.size
     if args.size < 32 or args.size > 2048:
         raise UserError(f"--size {args.size}: expected 32..2048 pixels")

@@ -337,3 +337,18 @@ def test_a_very_long_run_name_is_refused_before_anything_is_written(tmp_path, co
 def test_the_skipped_note_leaves_out_zero_parts():
     assert skipped_note(Inputs([], 0, 1)) == "note: skipped 1 sub-folder(s) (folders are not read recursively)"
     assert skipped_note(Inputs([], 2, 0)) == "note: skipped 2 file(s) that are neither images nor NIfTI volumes"
+
+
+@pytest.mark.parametrize("extra", [["--studies", "3"], ["--layout", "slices"], ["--studies", "3", "--layout", "nifti"]])
+def test_data_synth_refuses_ct_options_for_the_fundus_benchmark(tmp_path, extra):
+    result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--size", "32", *extra)
+    assert result.code == 2
+    assert "only for --kind ct" in one_line_error(result.err)
+    assert not (tmp_path / "d").exists()
+
+
+def test_data_synth_ct_refuses_too_many_studies_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("relaylearn.data.synth_ct._render_study", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rendered")))
+    result = run_cli(tmp_path, "data", "synth", tmp_path / "d", "--kind", "ct", "--studies", "10001")
+    assert result.code == 2
+    assert "at most 10000 studies" in one_line_error(result.err)

@@ -362,6 +362,18 @@ def _site_is_occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def check_site_targets(out: Path, sites, overwrite: bool) -> None:
+    """Refuse, before anything is rendered, the site folders that cannot be replaced: one that is
+    a symbolic link (replacing it would delete or follow the link), and one that already holds
+    something unless ``overwrite``."""
+    for site in sites:
+        target = out / site
+        if target.is_symlink():
+            raise DataError("site folder is a symbolic link; remove the link or write the sites elsewhere", target)
+        if not overwrite and _site_is_occupied(target):
+            raise DataError("site folder already exists and is not empty (pass --overwrite to replace it)", target)
+
+
 def publish_staged_sites(staging: Path, out: Path, sites) -> None:
     """Move each fully written ``staging/<site>`` over ``out/<site>`` (replacing what was there)."""
     for site in sites:
@@ -396,10 +408,7 @@ def write_synthetic_benchmark(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError("output path exists and is not a folder", out)
-    if not overwrite:
-        for site in counts:
-            if _site_is_occupied(out / site):
-                raise DataError("site folder already exists and is not empty (pass --overwrite to replace it)", out / site)
+    check_site_targets(out, counts, overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     total = sum(train + test for train, test in counts.values())

@@ -6,7 +6,10 @@
     <out>/<Site>/image/<study>.nii.gz   int16 Hounsfield units, size × size × slices
     <out>/<Site>/label/<study>.nii.gz   uint8: 0 background, 1 tumour
 
-Anatomy per study (axial slices, last axis = head→feet): air outside an elliptical body (fat rim
+Axes of every volume: axis 0 (rows) runs front to back (anterior → posterior: the spine sits
+at high row numbers), axis 1 (columns) from the patient's right to left (radiological display),
+the last axis head→feet; the NIfTI affine says the same (orientation codes P, L, I), so a viewer that
+follows it shows the front of the chest at the top. Anatomy per study (axial slices): air outside an elliptical body (fat rim
 −100 HU, soft tissue 40 HU), two lungs (−850 HU) that shrink towards both ends, the mediastinum
 between them (30 HU), a vertebra (700 HU) behind it, and in about two studies out of three a
 tumour-like ellipsoid blob in the mediastinum (60–90 HU, lobulated) that covers some of the
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from relaylearn.data.synth import publish_staged_sites
+from relaylearn.data.synth import check_site_targets, publish_staged_sites
 from relaylearn.errors import DataError
 
 SCAN_LENGTH_MM = 60.0  # cranio-caudal extent of every synthetic scan
@@ -51,6 +54,7 @@ SCANNERS = {
     "CT4": Scanner(noise_hu=45.0, kernel=0.3, hu_offset=15.0, slice_mm=2.0),
 }
 STUDIES_PER_SITE = 10
+MAX_STUDIES_PER_SITE = 10_000  # the random streams of all studies are drawn up front
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -110,7 +114,10 @@ def _render_study(rng: np.random.Generator, size: int, scanner: Scanner) -> tupl
 def _save_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
     import nibabel as nib
 
-    affine = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
+    # RAS+ world axes (x: towards the right, y: anterior, z: superior); the array's rows run to
+    # posterior (−y), its columns to the patient's left (−x), its slices to the feet (−z)
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[0, 1], affine[2, 2], affine[3, 3] = -spacing[0], -spacing[1], -spacing[2], 1.0
     image = nib.Nifti1Image(volume, affine)
     image.header.set_xyzt_units("mm")
     nib.save(image, str(path))
@@ -152,13 +159,12 @@ def write_synthetic_ct(
             raise DataError(f"unknown synthetic CT site '{site}' (known: {', '.join(SCANNERS)})")
         if n < 2:
             raise DataError(f"synthetic CT site '{site}' needs at least 2 studies (one to train, one to test), got {n}")
+        if n > MAX_STUDIES_PER_SITE:
+            raise DataError(f"synthetic CT site '{site}': at most {MAX_STUDIES_PER_SITE} studies, got {n}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError("output path exists and is not a folder", out)
-    for site in counts:
-        target = out / site
-        if not overwrite and target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise DataError("site folder already exists and is not empty (pass --overwrite to replace it)", target)
+    check_site_targets(out, counts, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, int]] = {}
     staging = Path(tempfile.mkdtemp(prefix=".synth-ct-", dir=out))

@@ -191,3 +191,18 @@ def test_site_profile_times_the_generator_average_snapshots_fidelity_and_audit(m
     for name in set(parts.values()):
         assert seconds[name] >= 0.009 * list(parts.values()).count(name), name
     assert {key: getattr(*key) for key in parts} == stand_ins, "uninstall puts every method back"
+
+
+def test_without_a_matrix_timing_the_smoke_budget_fallback_is_recorded(tmp_path):
+    """gpu_check.sh sizes the smoke from the fastest fp32 relay_replay timing; when the matrix gave
+    none it assumes 1000 ms per iteration, and now writes that into the results (and the summary)."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("MS=$($PY - \"$RESULTS\" <<'EOF'\n") + len("MS=$($PY - \"$RESULTS\" <<'EOF'\n")
+    snippet = script[start : script.index("\nEOF\n", start)]
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"name": "relay_replay", "precision": "fp32", "error": "timed out"}) + "\n")
+    proc = subprocess.run([sys.executable, "-", str(results)], input=snippet, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and float(proc.stdout) == 1000.0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert rows[-1]["name"] == "replay_smoke_ms_fallback" and "1000 ms" in rows[-1]["note"]
+    assert "assumed 1000 ms" in load_benchmark("gpu_summary").summarize(results.read_text().splitlines())

@@ -129,6 +129,35 @@ def test_a_relay_iteration_is_one_gan_step_and_one_solver_step_whatever_the_gan_
     assert kwargs["gan_steps_per_solver_step"] == 8 and kwargs["gan_warmup_steps"] == 5
 
 
+def test_the_sequential_baseline_is_fused_only_when_the_switch_says_so(tmp_path):
+    """A config with ``optimizer.fused: true`` (the demo's) no longer makes the sequential baseline
+    fused when ``--fused-adam`` is off; the trained preset keeps the config's flag."""
+    speed = load_benchmark("speed")
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs=TINY)
+    data = speed.load_config(str(config)).tasks[0].model_dump(mode="python")
+    data["train"]["optimizer"]["fused"] = True
+    base = speed.TaskConfig.model_validate(data)
+    assert speed.task_for(base, "sequential", speed.Switches(), 4).train.optimizer.fused is False
+    assert speed.task_for(base, "sequential", speed.Switches(fused_adam=True), 4).train.optimizer.fused is True
+    assert speed.task_for(base, "sequential", speed.Switches(), 4, trained=True).train.optimizer.fused is True
+
+
+def test_variants_that_reuse_the_flop_count_find_the_same_timing_cycle(tmp_path, capsys):
+    """The second variant reuses the first one's FLOP count and runs no FLOP iterations; its refill
+    period was found as if it had (16 / (2 pairs over 2 iterations) = 16 against 8)."""
+    speed = load_benchmark("speed")
+    config = tiny_config(tmp_path, tmp_path, strategy="relay", strategy_kwargs={**TINY, "replay_stock": 16})
+    args = ["--device", "cpu", "--config", str(config), "--threads", "1", "--batch", "2", "--warmup", "1", "--iters", "1", "--flop-iters", "1"]
+    before = speed.torch.get_num_threads()
+    try:
+        speed.main([*args, "--only", "relay_replay", "--variants", "fp32;channels_last"])
+    finally:
+        speed.torch.set_num_threads(before)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(records) == 2 and all("error" not in r for r in records), records
+    assert records[0]["cycle"] == records[1]["cycle"]
+
+
 def test_a_compared_checkout_comes_first_on_the_path_and_installed_packages_stay():
     speed = load_benchmark("speed")
     env = speed.worker_environment(ROOT / "ref", {"PYTHONPATH": "/tmp/site", "HOME": "/h"})

@@ -146,3 +146,29 @@ def test_preview_grid(tiny, tmp_path):
     out = preview_grid(root, tmp_path / "preview.png", n=2)
     image = Image.open(out)
     assert image.size[0] > 100 and image.size[1] > 100
+
+
+@pytest.mark.parametrize("kind", ["fundus", "ct"])
+def test_a_symlinked_site_folder_is_refused_before_anything_is_rendered(tmp_path, monkeypatch, kind):
+    """--overwrite onto a site folder that is a symbolic link failed only after rendering every
+    site, at rmtree ("Cannot call rmtree on a symbolic link"); now a one-line DataError up front."""
+    import relaylearn.data.synth as synth
+    import relaylearn.data.synth_ct as synth_ct
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours")
+    out = tmp_path / "out"
+    out.mkdir()
+    site = "Domain1" if kind == "fundus" else "CT1"
+    (out / site).symlink_to(elsewhere, target_is_directory=True)
+    rendered = []
+    if kind == "fundus":
+        monkeypatch.setattr(synth, "_render_fundus", lambda *a, **k: rendered.append(1) or (_ for _ in ()).throw(AssertionError("rendered")))
+        write = lambda: synth.write_synthetic_benchmark(out, size=32, seed=1, counts={site: (1, 1)}, overwrite=True)  # noqa: E731
+    else:
+        monkeypatch.setattr(synth_ct, "_render_study", lambda *a, **k: rendered.append(1) or (_ for _ in ()).throw(AssertionError("rendered")))
+        write = lambda: synth_ct.write_synthetic_ct(out, size=16, seed=1, studies={site: 2}, overwrite=True)  # noqa: E731
+    with pytest.raises(DataError, match="symbolic link"):
+        write()
+    assert rendered == [] and (elsewhere / "keep.txt").exists() and (out / site).is_symlink()
