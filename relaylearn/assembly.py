@@ -203,15 +203,12 @@ def load_bundle_state(strategy: Strategy, bundle, strategy_name: str) -> None:
     """Load ``bundle``'s tensors into ``strategy``, requiring an exact fit: the same tensor names,
     shapes and dtypes as the strategy's own state afterwards. VerificationError (exit 3) otherwise."""
 
-    def mismatch(expected: dict) -> str | None:
-        return _tensor_mismatch(expected, bundle.tensors)
-
     fresh = strategy.state_to_bundle().tensors
     try:
         strategy.state_from_bundle(BundleState(tensors=bundle.tensors, meta=bundle.manifest.get("registry", {})))
-        problem = mismatch(strategy.state_to_bundle().tensors)
+        problem = _tensor_mismatch(strategy.state_to_bundle().tensors, bundle.tensors)
     except Exception as exc:  # noqa: BLE001 - whatever the tensors or registry do to the strategy
-        problem = mismatch(fresh) or _first_line(exc)
+        problem = _tensor_mismatch(fresh, bundle.tensors) or _first_line(exc)
     if problem:
         raise VerificationError(f"bundle does not fit strategy '{strategy_name}': {problem}", bundle.path)
 

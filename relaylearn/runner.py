@@ -162,7 +162,7 @@ class RelayRun:
             ledger = self._ledger(self.cfg.tasks[0].dataset.site, self.incoming.manifest["relay_id"])
             if is_main_process() and ledger is not None and not self._resumed_past(ledger):
                 ledger.check(self.incoming)
-        self._check_strategy_options()  # again: a bundle's recipe may have changed them
+            self._check_strategy_options()  # again: the bundle's recipe may have changed them
         with self._naming_the_config():  # the sites the run adds fit the strategy (the relay's site capacity)
             strategy.check_sites(["+".join(t.dataset.site for t in group) for group in self._groups()])
         del strategy
